@@ -1,0 +1,5 @@
+import sys
+
+from vq2pc.cli import main
+
+sys.exit(main())

@@ -1,0 +1,67 @@
+"""Atomic writes and safe loads of checkpoints and other run files.
+
+Every file vq2pc writes goes to ``<name>.tmp`` first and is moved into place
+with ``os.replace``, so an interrupted run never leaves a half-written file
+under the final name. Checkpoints are loaded with ``torch.load(weights_only=True)``:
+a file a user hands in is never unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+__all__ = ["CheckpointError", "atomic_write", "save_checkpoint", "load_checkpoint", "write_json"]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, truncated, corrupt or of another kind."""
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp_path)`` then rename ``tmp_path`` to ``path``; clean up on failure."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json(path: str | Path, obj: Any) -> Path:
+    """Write ``obj`` as indented JSON, atomically."""
+    text = json.dumps(obj, indent=2, sort_keys=False, default=str)
+    return atomic_write(path, lambda p: p.write_text(text + "\n"))
+
+
+def save_checkpoint(path: str | Path, kind: str, payload: dict[str, Any]) -> Path:
+    """Save ``payload`` (tensors, dicts, lists, numbers, strings) tagged ``vq2pc/<kind>``."""
+    data = {"format": f"vq2pc/{kind}", **payload}
+    return atomic_write(path, lambda p: torch.save(data, p))
+
+
+def load_checkpoint(path: str | Path, kind: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint written by :func:`save_checkpoint` and check its kind.
+
+    Raises :class:`CheckpointError` naming the file when it is missing, not a
+    torch file, truncated, or a checkpoint of another kind.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        data = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises many types for corrupt files
+        raise CheckpointError(f"{path} is not a readable vq2pc checkpoint (corrupt or truncated?): {exc}") from None
+    fmt = data.get("format") if isinstance(data, dict) else None
+    if fmt != f"vq2pc/{kind}":
+        raise CheckpointError(f"{path} is not a vq2pc {kind} checkpoint (format tag: {fmt!r})")
+    return data
