@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
 __all__ = ["TrainConfig", "TrainResult", "fit", "batches", "evaluate_loss"]
 
@@ -68,6 +68,15 @@ def evaluate_loss(model: nn.Module, loss_fn: LossFn, data: Sequence[Tensor], bat
     return total / max(count, 1)
 
 
+def _check_resumable(ck: dict[str, Any], path: str | Path, meta: dict[str, Any] | None) -> None:
+    """Refuse to resume from a checkpoint written for another model configuration."""
+    old, new = (ck.get("meta") or {}).get("config"), (meta or {}).get("config")
+    if old is not None and new is not None and old != new:
+        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        raise CheckpointError(f"{path} was written for another configuration (differs in {diff}); "
+                              "delete it or re-run with --force to train from scratch")
+
+
 def fit(
     model: nn.Module,
     loss_fn: LossFn,
@@ -95,8 +104,13 @@ def fit(
     if checkpoint is not None and Path(checkpoint).exists():
         ck = load_checkpoint(checkpoint, kind)
         if "train_state" in ck:
-            model.load_state_dict(ck["last_state_dict"])
-            opt.load_state_dict(ck["optimizer"])
+            _check_resumable(ck, checkpoint, meta)
+            try:
+                model.load_state_dict(ck["last_state_dict"])
+                opt.load_state_dict(ck["optimizer"])
+            except (RuntimeError, ValueError, KeyError) as exc:
+                raise CheckpointError(f"{checkpoint} does not fit this model ({str(exc).splitlines()[0]}); "
+                                      "delete it or re-run with --force to train from scratch") from None
             gen.set_state(ck["rng"])
             state = ck["train_state"]
             best_state = ck["state_dict"]
@@ -113,7 +127,7 @@ def fit(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
         val = evaluate_loss(model, loss_fn, val_data, max(cfg.batch_size, 256), device)
         state["epoch"] += 1
         state["history"].append({"epoch": state["epoch"], "train": sum(losses) / len(losses), "val": val})

@@ -1,0 +1,137 @@
+"""Speed and memory of MixtureCircuit queries against the machine's matmul rate and the slow way.
+
+Prints one JSON line per case: query, leaf, N, B, S, seconds, fraction_of_matmul
+(seconds of one float32 matmul of the log_prob shape [B, 2S] x [2S, N], measured
+in this process, divided by the query's seconds), speedup_vs_slow (the slow way's
+seconds divided by the query's), peak_rss_mib (ru_maxrss so far) and note.
+
+The slow way is the published code's: a loop over chunks of 8 components with a
+B x 8 x S broadcast; it is timed on a few chunks and scaled to N (said in note).
+
+Parameters: Gaussian means ~ U[0, 1], std ~ U[0.1, 0.5] (every pixel on the float32
+path); ``gaussian-floor``: means 0.5 ± 0.01, std = 1e-3 (every pixel on the float64
+path, see vq2pc.circuit_kernels). Categorical: random logits over --levels levels;
+its table is N·S·L floats, so it runs with --cat-N components (default: the largest
+power of two whose table fits in 1 GiB) and its fraction is against a matmul of that N.
+
+    python benchmarks/circuit_queries.py --N 2048 --B 1000       # quick
+    python benchmarks/circuit_queries.py                          # N=16384, S=784, B=10000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import time
+from typing import Callable
+
+import torch
+
+from vq2pc.circuit import MixtureCircuit
+from vq2pc.leaves import Categorical, Gaussian
+
+
+def _timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _matmul_seconds(b: int, s: int, n: int, g: torch.Generator) -> float:
+    x, w = torch.rand(b, 2 * s, generator=g), torch.rand(2 * s, n, generator=g)
+    _timed(lambda: x[:64] @ w)  # warm-up
+    return _timed(lambda: x @ w)
+
+
+def _circuit(leaf: str, n: int, s: int, levels: int, g: torch.Generator) -> tuple[MixtureCircuit, torch.Tensor]:
+    lw = torch.randn(n, generator=g)
+    if leaf == "gaussian":
+        mean, std = torch.rand(n, s, generator=g), 0.1 + 0.4 * torch.rand(n, s, generator=g)
+    elif leaf == "gaussian-floor":
+        mean, std = 0.5 + 0.01 * torch.randn(n, s, generator=g), torch.full((n, s), 1e-3)
+    else:
+        return MixtureCircuit(Categorical(torch.randn(n, s, levels, generator=g)), lw), lw
+    return MixtureCircuit(Gaussian(mean, std), lw), lw
+
+
+def _data(c: MixtureCircuit, b: int, g: torch.Generator) -> torch.Tensor:
+    if c.leaf.kind == "categorical":
+        return torch.randint(0, c.leaf.num_levels, (b, c.num_variables), generator=g).float()
+    idx = torch.randint(0, len(c), (b,), generator=g)
+    return c.leaf.loc[idx] + 0.01 * torch.randn(b, c.num_variables, generator=g)
+
+
+def _slow_log_prob_seconds(c: MixtureCircuit, x: torch.Tensor, chunks: int) -> float:
+    """The published code's way, timed on ``chunks`` chunks of 8 components and scaled to N."""
+    total = (len(c) + 7) // 8
+    chunks = min(chunks, total)
+
+    def run() -> torch.Tensor:
+        lls = [c.leaf[i * 8 : (i + 1) * 8].log_prob(x[:, None, :]).sum(-1) for i in range(chunks)]
+        return torch.logsumexp(torch.cat(lls, 1) + c.log_weights[: chunks * 8], 1)
+
+    return _timed(run) * total / chunks
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--N", type=int, default=16384)
+    ap.add_argument("--S", type=int, default=784)
+    ap.add_argument("--B", type=int, default=10000)
+    ap.add_argument("--leaves", default="gaussian,categorical", help="comma list of gaussian, gaussian-floor, categorical")
+    ap.add_argument("--levels", type=int, default=256)
+    ap.add_argument("--cat-N", type=int, default=None, help="components of the categorical circuit (see module doc)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--slow-chunks", type=int, default=4, help="chunks of 8 components timed for the slow way")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    g = torch.Generator().manual_seed(args.seed)
+    cat_n = args.cat_N or min(args.N, 1 << max(0, ((1 << 30) // (args.S * args.levels * 4)).bit_length() - 1))
+    matmul: dict[int, float] = {}
+    for leaf in args.leaves.split(","):
+        n = cat_n if leaf == "categorical" else args.N
+        if n not in matmul:
+            matmul[n] = _matmul_seconds(args.B, args.S, n, g)
+            _emit("matmul_f32", "-", n, args, matmul[n], matmul[n], None, f"[B,2S]x[2S,N] float32, {args.threads} threads")
+        c, _ = _circuit(leaf, n, args.S, args.levels, g)
+        x = _data(c, args.B, g)
+        mask = torch.rand(x.shape, generator=g) < 0.5
+        slow = _slow_log_prob_seconds(c, x, args.slow_chunks)
+        note = f"slow way timed on {min(args.slow_chunks, (n + 7) // 8)} of {(n + 7) // 8} chunks of 8 components, scaled"
+        queries: dict[str, Callable[[], object]] = {
+            "log_prob": lambda: c.log_prob(x),
+            "log_prob_masked": lambda: c.log_prob(x, mask=mask),
+            "posterior": lambda: c.posterior(x, mask=mask),
+            "conditional_mean": lambda: c.conditional_mean(x, mask=mask),
+        }
+        c.log_prob(x[:8], mask=mask[:8])  # warm-up (and component-mean cache outside the timings)
+        c.component_means()
+        for name, fn in queries.items():
+            _emit(name, leaf, n, args, _timed(fn), matmul[n], slow, note)
+        del c, x
+
+
+def _emit(query: str, leaf: str, n: int, args: argparse.Namespace, sec: float, mm: float, slow: float | None, note: str) -> None:
+    line = {
+        "query": query,
+        "leaf": leaf,
+        "N": n,
+        "B": args.B,
+        "S": args.S,
+        "seconds": round(sec, 4),
+        "fraction_of_matmul": round(mm / sec, 3),
+        "speedup_vs_slow": None if slow is None else round(slow / sec, 1),
+        "peak_rss_mib": round(_rss_mib(), 1),
+        "note": note,
+    }
+    print(json.dumps(line), flush=True)
+
+
+if __name__ == "__main__":
+    main()

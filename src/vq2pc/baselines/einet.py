@@ -1,0 +1,398 @@
+"""EiNet baseline: a Poon–Domingos einsum network built and compiled with libcirkit.
+
+The paper's EiNets (App. C) use "a single-layer Poon–Domingos image decomposition
+structure" with piece counts {2, 4, 7} and I ∈ {1, 5, 10, 20, 30, 40} input
+distributions per patch. We build exactly that with libcirkit 0.3.1 (GPLv3, an
+optional dependency: ``pip install libcirkit==0.3.1`` or ``pip install vq2pc[baselines]``):
+
+* region graph ``PoonDomingos(image_shape, delta=[[H/p, W/p] for p in pieces])``.
+  ``pieces`` is EiNet's ``pd_num_pieces`` (its reference code builds the graph with
+  ``pd_delta = [[height / d, width / d] for d in pd_num_pieces]``): ``pieces=(4,)``
+  on 28×28 cuts at multiples of 7, leaving 4×4 patches of 7×7 pixels. The paper's
+  ``{{2}, {4}, {7}}`` is that list-of-lists syntax: one piece count per model.
+* every patch is a fully factorized product of per-pixel input layers with
+  ``num_input_units`` units (Gaussian, std in ``[min_std, max_std]`` by a scaled
+  sigmoid, means initialized in ``[0, 1]``; or categorical over ``levels``);
+* every partition is a Tucker layer (``sum_product="tucker"``: Kronecker product
+  then dense sum = EiNet's einsum layer ``W_kij x_i y_j``), regions with several
+  partitions get a mixing layer, as in EiNet;
+* trained by maximum likelihood with Adam (:func:`train_einet`).
+
+Why a default-compiled libcirkit circuit returns one constant (-708.40) for every
+input and does not learn: libcirkit's ``lse-sum`` semiring (the default of
+``cirkit.pipeline.compile``) clamps the result of every sum and product layer from
+below at ``LOG_CLAMP_MIN = -708.3964`` (``log`` of the smallest normal float64;
+``cirkit/backend/torch/semiring.py``, ``utils.py``). An image's log-density is a
+sum of S per-pixel terms; at initialization (means ~ N(0, 1), std ~ 0.5) it is
+far below -708 for 784 pixels, so the root (and every large region) is clamped to
+exactly -708.3964 whatever the input, and ``clamp_min`` has zero gradient there.
+It is not the input layout ([B, D] is required and checked), not folding, not the
+stddev parameterization: 8×8 images already give -708.40 for x = 3 and distinct
+values for x = 0 or 0.5. The clamp also silently biases legitimate likelihoods
+(categorical MNIST images have log P ≈ -500 .. -1500 nats). We therefore compile
+with our own semiring ``lse-sum-unclamped`` (the same log-sum-exp algebra without
+the clamp, registered with identity morphisms to ``lse-sum``); tests check that
+the likelihood depends on the input and that the circuit normalizes.
+
+Queries, all exact:
+
+* ``log_prob(x, mask)``: marginals by integrating the unobserved pixels' input
+  units (libcirkit's integration semantics: their log output becomes the layer's
+  log partition function, 0);
+* ``conditional_mean`` / ``conditional_probs``: the circuit is multilinear in the
+  input units of each variable, so with ``δ_u`` the derivative of ``log p(x_o)``
+  with respect to the log output of input unit ``u`` of an integrated variable,
+  ``p(x_i | x_o) = Σ_u δ_u p_u(x_i)`` (Σ_u δ_u = 1) — one backward pass gives every
+  pixel's conditional marginal, hence E[x_i | x_o];
+* ``inpaint``: the conditional mean (Gaussian) or each hidden pixel's conditional
+  mode (categorical; per-pixel marginal modes, not a joint MAP);
+* ``sample``: libcirkit's ancestral ``SamplingQuery``, except that its Kronecker
+  layer sampler is broken in 0.3.1 (it assumes an extra axis and fails with
+  "index out of bounds") and is replaced by a correct one here. libcirkit pads
+  every sample to all S variables at every fold, so sampling costs
+  O(folds·units·S) memory per sample; we draw in chunks. Conditional sampling is
+  not offered by libcirkit (its ``SamplingQuery`` is joint-only).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from ..checkpoint import load_checkpoint, save_checkpoint
+from ..data import DataSplits, to_model_space
+from ..train import TrainConfig, TrainResult, fit
+
+__all__ = ["EiNetConfig", "EiNet", "train_einet", "require_cirkit"]
+
+_SEMIRING = "lse-sum-unclamped"
+_SUM_PRODUCT = ("tucker", "cp", "cp-t")
+_SAMPLE_BUDGET_BYTES = 256 << 20
+
+
+def require_cirkit() -> Any:
+    """Import libcirkit (with our unclamped semiring registered) or explain how to install it."""
+    try:
+        import cirkit  # noqa: F401
+        from cirkit.backend.torch.semiring import LSESumSemiring, SemiringImpl, SumProductSemiring
+    except ImportError as exc:
+        raise ModuleNotFoundError(
+            "the EiNet baseline needs libcirkit: `pip install libcirkit==0.3.1` (or `pip install vq2pc[baselines]`)"
+        ) from exc
+    if _SEMIRING not in set(SemiringImpl.list()):
+        _register_semiring(SemiringImpl, LSESumSemiring, SumProductSemiring)
+    return cirkit
+
+
+def _register_semiring(base: Any, lse: Any, sp: Any) -> None:
+    """Register ``lse-sum-unclamped``: libcirkit's log-sum-exp semiring without its -708.4 floor."""
+
+    class UnclampedLSESum(lse):  # type: ignore[misc, valid-type]
+        @classmethod
+        def sum(cls, x: Tensor, dim: int, *, keepdim: bool = False) -> Tensor:
+            return x.logsumexp(dim=dim, keepdim=keepdim)
+
+        @classmethod
+        def add(cls, *xs: Tensor) -> Tensor:
+            return functools.reduce(torch.logaddexp, xs)
+
+        @classmethod
+        def prod(cls, x: Tensor, dim: int, *, keepdim: bool = False) -> Tensor:
+            return x.sum(dim=dim, keepdim=keepdim)
+
+        @classmethod
+        def mul(cls, *xs: Tensor) -> Tensor:
+            return functools.reduce(torch.add, xs)
+
+        @classmethod
+        def apply_reduce(cls, func: Any, *xs: Tensor, dim: int, keepdim: bool) -> Tensor:
+            tops = [torch.amax(x, dim=dim, keepdim=True).clamp(min=torch.finfo(x.dtype).min) for x in xs]
+            out = func(*[torch.exp(x - t) for x, t in zip(xs, tops)])
+            shift = functools.reduce(torch.add, tops)
+            return torch.log(out) + (shift if keepdim else shift.squeeze(dim))
+
+    base.register(_SEMIRING)(UnclampedLSESum)
+    UnclampedLSESum.register_map_from(lse)(lambda x: x)
+    lse.register_map_from(UnclampedLSESum)(lambda x: x)
+    UnclampedLSESum.register_map_from(sp)(torch.log)
+    sp.register_map_from(UnclampedLSESum)(torch.exp)
+
+
+@dataclass
+class EiNetConfig:
+    """Structure of an EiNet; ``pieces`` are EiNet's ``pd_num_pieces`` (pieces per axis)."""
+
+    image_shape: tuple[int, int, int]
+    leaf: str = "gaussian"
+    levels: int = 256
+    pieces: tuple[int, ...] = (4,)
+    num_input_units: int = 10
+    num_sum_units: int = 10
+    sum_product: str = "tucker"
+    min_std: float = 1e-3
+    max_std: float = 1.0
+    seed: int = 0  # parameter initialization (train_einet sets it to the training seed)
+
+    def __post_init__(self) -> None:
+        self.image_shape = tuple(int(s) for s in self.image_shape)  # type: ignore[assignment]
+        self.pieces = tuple(int(p) for p in self.pieces)
+        if len(self.image_shape) != 3 or min(self.image_shape) < 1:
+            raise ValueError(f"image_shape must be (C, H, W) with positive sizes, got {self.image_shape}")
+        if self.leaf not in ("gaussian", "categorical"):
+            raise ValueError(f"EiNet leaf must be 'gaussian' or 'categorical', got {self.leaf!r}")
+        if self.levels < 2:
+            raise ValueError(f"levels must be >= 2, got {self.levels}")
+        if not self.pieces or min(self.pieces) < 1:
+            raise ValueError(f"pieces must be positive piece counts per axis, got {self.pieces}")
+        if min(self.num_input_units, self.num_sum_units) < 1:
+            raise ValueError("num_input_units and num_sum_units must be >= 1")
+        if self.sum_product not in _SUM_PRODUCT:
+            raise ValueError(f"sum_product must be one of {_SUM_PRODUCT}, got {self.sum_product!r}")
+        if not 0 < self.min_std < self.max_std:
+            raise ValueError(f"need 0 < min_std < max_std, got {self.min_std}, {self.max_std}")
+
+    @property
+    def num_variables(self) -> int:
+        return math.prod(self.image_shape)
+
+    def deltas(self) -> list[list[float]]:
+        """libcirkit ``PoonDomingos`` deltas: ``[H/p, W/p]`` per piece count (at least 1)."""
+        _, h, w = self.image_shape
+        return [[max(1.0, h / p), max(1.0, w / p)] for p in self.pieces]
+
+
+def _build_circuit(cfg: EiNetConfig) -> nn.Module:
+    """Symbolic Poon–Domingos circuit -> folded torch circuit in the unclamped log semiring."""
+    require_cirkit()
+    from cirkit.pipeline import PipelineContext
+    from cirkit.symbolic.initializers import NormalInitializer, UniformInitializer
+    from cirkit.symbolic.layers import CategoricalLayer, GaussianLayer
+    from cirkit.symbolic.parameters import Parameter, ScaledSigmoidParameter, TensorParameter, mixing_weight_factory
+    from cirkit.templates.region_graph import PoonDomingos
+    from cirkit.templates.utils import Parameterization, parameterization_to_factory
+
+    def std_factory(shape: tuple[int, ...]) -> Any:
+        op = ScaledSigmoidParameter(shape, vmin=cfg.min_std, vmax=cfg.max_std)
+        return Parameter.from_unary(op, TensorParameter(*shape, initializer=NormalInitializer()))
+
+    def mean_factory(shape: tuple[int, ...]) -> Any:
+        return Parameter.from_input(TensorParameter(*shape, initializer=UniformInitializer(0.0, 1.0)))
+
+    if cfg.leaf == "gaussian":
+        input_factory = functools.partial(GaussianLayer, mean_factory=mean_factory, stddev_factory=std_factory)
+    else:
+        input_factory = functools.partial(CategoricalLayer, num_categories=cfg.levels)
+    weights = parameterization_to_factory(Parameterization(activation="softmax", initialization="normal"))
+    rg = PoonDomingos(cfg.image_shape, delta=cfg.deltas())
+    symbolic = rg.build_circuit(
+        input_factory=input_factory, sum_product=cfg.sum_product, sum_weight_factory=weights,
+        nary_sum_weight_factory=functools.partial(mixing_weight_factory, param_factory=weights),
+        num_input_units=cfg.num_input_units, num_sum_units=cfg.num_sum_units, num_classes=1,
+        factorize_multivariate=True,
+    )
+    # optimize=False: libcirkit's fused Tucker layer has no sampler.
+    with torch.random.fork_rng(devices=[]), PipelineContext(backend="torch", semiring=_SEMIRING, fold=True,
+                                                              optimize=False) as ctx:
+        torch.manual_seed(cfg.seed)
+        return ctx.compile(symbolic)
+
+
+def _kronecker_sample(x: Tensor) -> Tensor:
+    """Correct Kronecker sampler: ``x [F, H, K, n, S]`` -> ``[F, K**H, n, S]`` (scopes are disjoint)."""
+    y = x[:, 0]
+    for i in range(1, x.shape[1]):
+        y = (y.unsqueeze(2) + x[:, i].unsqueeze(1)).flatten(1, 2)
+    return y
+
+
+class EiNet(nn.Module):
+    """A trained-by-likelihood Poon–Domingos PC over ``S = C·H·W`` pixels (model space, see data.py)."""
+
+    def __init__(self, cfg: EiNetConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.circuit = _build_circuit(cfg)
+
+    @property
+    def num_params(self) -> int:
+        """Trainable scalar parameters of the circuit."""
+        return sum(p.numel() for p in self.circuit.parameters())
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.circuit.parameters()).device
+
+    # --- inputs -------------------------------------------------------------------
+    def _prepare(self, x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """``x [B,S]`` or ``[B,C,H,W]`` -> ``[B,S]`` with hidden entries zeroed; mask -> bool ``[B,S]``."""
+        s = self.cfg.num_variables
+        if not isinstance(x, Tensor) or x.dim() < 2 or math.prod(x.shape[1:]) != s:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"x must be [B, {s}] or [B, *{self.cfg.image_shape}], got {shape}")
+        x = x.reshape(x.shape[0], s).to(self.device, torch.float32)
+        if mask is not None:
+            if mask.shape not in (x.shape, torch.Size([s])) and tuple(mask.shape[1:]) != self.cfg.image_shape:
+                raise ValueError(f"mask must be bool [B, {s}], [{s}] or [B, *image_shape], got {tuple(mask.shape)}")
+            mask = mask.reshape(-1, s).to(self.device, torch.bool)
+            if mask.shape[0] not in (1, x.shape[0]):
+                raise ValueError(f"mask has {mask.shape[0]} rows but x has {x.shape[0]}")
+            mask = mask.expand(x.shape[0], s)
+            x = torch.where(mask, x, torch.zeros_like(x))
+        seen = x if mask is None else x[mask]
+        if not torch.isfinite(seen).all():
+            raise ValueError("x contains NaN or inf at observed entries")
+        if self.cfg.leaf == "categorical" and ((seen < 0) | (seen >= self.cfg.levels) | (seen != seen.round())).any():
+            raise ValueError(f"categorical x must hold integer levels in [0, {self.cfg.levels - 1}]")
+        return x, mask
+
+    def _evaluate(self, x: Tensor, hidden: Tensor | None, probes: dict | None = None) -> Tensor:
+        """``[B]`` log p(x_o); hidden variables' input units output their log partition (0).
+
+        With ``probes``, a zero tensor with gradient is added to every input layer's
+        log output and stored under the layer (for conditional marginals).
+        """
+        from cirkit.backend.torch.layers import TorchInputLayer
+
+        def layer_fn(layer: nn.Module, *inputs: Tensor) -> Tensor:
+            out = layer(*inputs)  # (F, B, K)
+            if not isinstance(layer, TorchInputLayer):
+                return out
+            if hidden is not None:
+                out = torch.where(hidden[:, layer.scope_idx[:, 0]].T.unsqueeze(-1), layer.integrate(), out)
+            if probes is not None:
+                probes[layer] = torch.zeros_like(out, requires_grad=True)
+                out = out + probes[layer]
+            return out
+
+        return self.circuit.evaluate(x, module_fn=layer_fn)[0, :, 0]  # (O, B, K) -> (B,)
+
+    # --- queries --------------------------------------------------------------------
+    def log_prob(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """``[B]`` log p(x), or the exact log marginal of the observed entries (mask True = observed)."""
+        x, mask = self._prepare(x, mask)
+        return self._evaluate(x, None if mask is None else ~mask)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.log_prob(x)
+
+    def _conditional(self, x: Tensor, mask: Tensor) -> list[tuple[Any, Tensor]]:
+        """Per input layer, ``δ [F, B, K]``: unit weights of the conditionals ``p(x_i | x_o)``."""
+        x, mask = self._prepare(x, mask)
+        probes: dict = {}
+        with torch.enable_grad():
+            lp = self._evaluate(x, ~mask, probes)
+            grads = torch.autograd.grad(lp.sum(), list(probes.values()))
+        return list(zip(probes.keys(), grads))
+
+    def conditional_probs(self, x: Tensor, mask: Tensor) -> Tensor:
+        """Categorical leaves: ``[B, S, L]`` exact p(x_i = l | x_o) for every pixel (hidden ones are meaningful)."""
+        if self.cfg.leaf != "categorical":
+            raise ValueError("conditional_probs needs categorical leaves; use conditional_mean")
+        b = x.shape[0]
+        out = torch.zeros(b, self.cfg.num_variables, self.cfg.levels, device=self.device)
+        for layer, delta in self._conditional(x, mask):
+            probs = _categorical_log_probs(layer).exp()  # (F, K, L)
+            out.index_add_(1, layer.scope_idx[:, 0], torch.einsum("fbk,fkl->bfl", delta, probs))
+        return out
+
+    def conditional_mean(self, x: Tensor, mask: Tensor) -> Tensor:
+        """``[B, S]`` exact E[x_i | x_o] for hidden pixels (levels for categorical); observed copied."""
+        xp, mp = self._prepare(x, mask)
+        if self.cfg.leaf == "categorical":
+            levels = torch.arange(self.cfg.levels, device=self.device, dtype=torch.float32)
+            mean = self.conditional_probs(xp, mp) @ levels
+        else:
+            mean = torch.zeros_like(xp)
+            for layer, delta in self._conditional(xp, mp):
+                mean.index_add_(1, layer.scope_idx[:, 0], torch.einsum("fbk,fk->bf", delta, layer.mean()))
+        return torch.where(mp, xp, mean.detach())
+
+    def inpaint(self, x: Tensor, mask: Tensor) -> Tensor:
+        """``[B, S]``: conditional mean (Gaussian) or per-pixel conditional mode (categorical) of hidden pixels."""
+        if self.cfg.leaf == "gaussian":
+            return self.conditional_mean(x, mask)
+        xp, mp = self._prepare(x, mask)
+        return torch.where(mp, xp, self.conditional_probs(xp, mp).argmax(-1).float())
+
+    @torch.no_grad()
+    def sample(self, n: int, *, generator: torch.Generator | None = None) -> Tensor:
+        """``[n, S]`` exact ancestral samples (libcirkit's sampler, chunked; seeded by ``generator``)."""
+        if int(n) < 1:
+            raise ValueError(f"n must be a positive number of samples, got {n}")
+        from cirkit.backend.torch.layers import TorchKroneckerLayer
+        from cirkit.backend.torch.queries import SamplingQuery
+
+        query = SamplingQuery(self.circuit)
+        units = max(self.cfg.num_input_units, self.cfg.num_sum_units)
+        chunk = max(1, _SAMPLE_BUDGET_BYTES // (16 * self.cfg.num_variables ** 2 * units))
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        dev = self.device
+
+        def layer_fn(layer: nn.Module, *inputs: Tensor, m: int) -> Tensor:
+            if isinstance(layer, TorchKroneckerLayer):
+                return _kronecker_sample(*inputs)
+            return query._layer_fn(layer, *inputs, num_samples=m, mixture_samples=[])
+
+        parts = []
+        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+            torch.manual_seed(seed)
+            for start in range(0, int(n), chunk):
+                m = min(chunk, int(n) - start)
+                out = self.circuit.evaluate(module_fn=functools.partial(layer_fn, m=m))  # (O, K, m, S)
+                parts.append(out[0, 0].float())
+        return torch.cat(parts)
+
+    # --- persistence -------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        """Write config + weights as a ``vq2pc/einet`` checkpoint, atomically."""
+        return save_checkpoint(path, "einet", {"meta": {"config": asdict(self.cfg)}, "state_dict": self.state_dict()})
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device | None = None) -> "EiNet":
+        """Load from :meth:`save` or from a :func:`train_einet` checkpoint (its best weights)."""
+        payload = load_checkpoint(path, "einet")
+        config = payload.get("meta", {}).get("config")
+        if config is None:
+            raise ValueError(f"{path}: EiNet checkpoint has no config")
+        model = cls(EiNetConfig(**config))
+        model.load_state_dict(payload["state_dict"])
+        return model.to(device or "cpu").eval()
+
+
+def _categorical_log_probs(layer: Any) -> Tensor:
+    """``[F, K, L]`` normalized log-probabilities of a libcirkit categorical input layer."""
+    if layer.logits is None:
+        return torch.log(layer.probs())
+    return torch.log_softmax(layer.logits(), -1)
+
+
+def _nll_loss(leaf: str, levels: int, seed: int) -> Callable[[nn.Module, tuple[Tensor, ...]], Tensor]:
+    """Mean NLL in nats per dimension of a batch of uint8 images, dequantized per batch."""
+    train_gen = torch.Generator().manual_seed(seed)
+
+    def loss(model: nn.Module, batch: tuple[Tensor, ...]) -> Tensor:
+        gen = train_gen if model.training else torch.Generator().manual_seed(seed + 1)
+        x = to_model_space(batch[0], leaf, levels, gen).flatten(1)
+        return -model.log_prob(x).mean() / x.shape[1]
+
+    return loss
+
+
+def train_einet(
+    splits: DataSplits, cfg: EiNetConfig, train_cfg: TrainConfig, checkpoint: str | Path | None = None
+) -> tuple[EiNet, TrainResult]:
+    """Fit an EiNet by maximum likelihood (Adam, :func:`train.fit`, kind ``einet``) on ``splits``."""
+    if tuple(splits.image_shape) != cfg.image_shape or splits.levels != cfg.levels:
+        raise ValueError(f"config (shape {cfg.image_shape}, L={cfg.levels}) does not match the data "
+                         f"(shape {tuple(splits.image_shape)}, L={splits.levels})")
+    cfg = replace(cfg, seed=train_cfg.seed)
+    model = EiNet(cfg)
+    result = fit(model, _nll_loss(cfg.leaf, cfg.levels, train_cfg.seed), (splits.train_x,), (splits.val_x,),
+                 train_cfg, checkpoint=checkpoint, kind="einet", meta={"config": asdict(cfg)}, desc="einet")
+    return model, result

@@ -1,0 +1,236 @@
+"""Per-leaf log-likelihood kernels of :class:`vq2pc.circuit.MixtureCircuit`.
+
+A kernel turns a leaf with parameters for ``N`` components over ``S``
+variables into the matrix of component log-likelihoods
+
+    ``ℓ[b, n] = Σ_i m[b, i] · log p(x[b, i] | θ_n)``        ``[B, N]``
+
+for a batch ``x [B, S]`` and an optional mask ``m [B, S]`` (True = observed),
+at matrix-multiply speed and for any slice ``n0:n1`` of the components.
+
+* **Gaussian**: ``log N(x; μ, σ) = a·x'² + b·x' + c`` with ``x' = x - t`` for a
+  per-pixel shift ``t``, ``a = -1/(2σ²)``, ``b = μ'/σ²``, ``c = -μ'²/(2σ²) - log σ
+  - ½ log 2π`` and ``μ' = μ - t``. Unmasked: ``[x'², x'] @ [a; b] + Σ_i c`` (a
+  ``[B, 2S] × [2S, N]`` product); masked: ``[m·x'², m·x', m] @ [a; b; c]``
+  (``[B, 3S] × [3S, N]``).
+  *Cancellation.* When σ is tiny (the 1e-3 floor) the three terms are huge and
+  cancel: ``x ≈ μ = 0.5`` gives ``|a·x²| ≈ 1.25e5`` per pixel for a result of ≈ 6,
+  which float32 cannot resolve (errors of tens of nats over 784 pixels). Two
+  measures keep the result at float32 round-off of the *result*:
+  (1) the shift ``t_i`` is the weighted mean of the component means at pixel ``i``,
+  so the terms are of size ``(x - t)²/σ²`` instead of ``x²/σ²``; (2) pixels where
+  some component mean lies more than ``SAFE_RATIO`` of its std from ``t``
+  ("wide" pixels, where cancellation could still be large) go into a second,
+  float64 product. The float32 terms are then bounded by ``SAFE_RATIO²/2`` per
+  pixel whenever the data is near a component (the only case with
+  cancellation); far from every component the result is itself as large as its
+  terms. All coefficients are computed in float64 before they are cast.
+* **Bernoulli**: ``x·log σ(l) + (1-x)·log σ(-l)``: ``[m·x, m·(1-x)] @
+  [log σ(l); log σ(-l)]``, one ``[B, 2S] × [2S, N]`` product; every term is ≤ 0,
+  so there is no cancellation.
+* **Categorical** (``L`` levels): a one-hot product would be ``[B, S·L] × [S·L,
+  N]`` (200k wide for MNIST). Instead the log-probability table is stored once
+  as ``[S·L, N]`` (component-minor) and ``ℓ[b] = Σ_i table[i·L + x[b, i]]`` is an
+  ``embedding_bag`` sum of ``S`` rows (exact; masked entries are dropped from
+  the bags). Row sums cannot be sliced over ``N`` without a copy, so this
+  kernel always covers all components and the circuit chunks over ``B`` only.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .leaves import Bernoulli, Categorical, Gaussian, Leaf
+
+__all__ = ["Kernel", "GaussianKernel", "BernoulliKernel", "CategoricalKernel", "make_kernel", "SAFE_RATIO"]
+
+SAFE_RATIO = 8.0
+"""Pixels where some ``|μ - t| > SAFE_RATIO·σ`` are evaluated in float64."""
+
+_HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
+
+
+class Kernel:
+    """Computes ``ℓ [B, Nc]`` for a slice of components (see module docstring)."""
+
+    slices_components: ClassVar[bool] = True
+    """False when the kernel always returns all ``N`` columns (then ``n0:n1`` must be ``0:N``)."""
+
+    def cell_bytes(self) -> int:
+        """Peak temporary bytes per output cell ``(b, n)``."""
+        return 16
+
+    def row_bytes(self) -> int:
+        """Peak temporary bytes per batch row (features)."""
+        raise NotImplementedError
+
+    def fill_value(self) -> Tensor:
+        """``[S]`` values put into unobserved entries of ``x`` (any value in the support)."""
+        raise NotImplementedError
+
+    def loglik(self, x: Tensor, mask: Tensor | None, n0: int, n1: int, bias: Tensor | None = None) -> Tensor:
+        """``[B, n1-n0]`` log p(x_observed | component n) (+ ``bias [n1-n0]``, fused into the product).
+
+        ``x [B, S]`` must be valid on observed entries."""
+        raise NotImplementedError
+
+
+class GaussianKernel(Kernel):
+    """Shifted quadratic-form kernel with a float64 part for wide pixels."""
+
+    def __init__(self, leaf: Gaussian, log_weights: Tensor) -> None:
+        mu, sd = leaf.loc.double(), leaf.scale.double()
+        w = log_weights.double().exp()
+        self.dtype = leaf.loc.dtype
+        shift = (w[:, None] * mu).sum(0)  # [S]
+        mu_c = mu - shift
+        a = -0.5 / (sd * sd)
+        b = mu_c / (sd * sd)
+        c = a * mu_c * mu_c - torch.log(sd) - _HALF_LOG_2PI
+        wide = ((mu_c.abs() / sd) > SAFE_RATIO).any(0)  # [S]
+        self.shift = shift.to(self.dtype)
+        self.narrow_idx = (~wide).nonzero().squeeze(1)
+        self.wide_idx = wide.nonzero().squeeze(1)
+        # Σ_i c over each part, [N]: added when nothing is masked (float64 for the wide part).
+        self.const32 = c[:, ~wide].sum(1).to(self.dtype)
+        self.const64 = c[:, wide].sum(1)
+        self.s_narrow, self.s_wide = int(self.narrow_idx.numel()), int(self.wide_idx.numel())
+        # Coefficient matrices [N, 3·S_part] = [a | b | c], component-major so that row slices are contiguous.
+        self.w32 = torch.cat([t[:, ~wide] for t in (a, b, c)], 1).to(self.dtype).contiguous()
+        self.w64 = torch.cat([t[:, wide] for t in (a, b, c)], 1).contiguous()
+
+    def row_bytes(self) -> int:
+        return 4 * 3 * self.s_narrow + 8 * 3 * self.s_wide + 8 * self.s_wide
+
+    def cell_bytes(self) -> int:
+        return 16 + (16 if self.s_wide else 0)
+
+    def fill_value(self) -> Tensor:
+        return self.shift
+
+    @staticmethod
+    def _features(xc: Tensor, m: Tensor | None) -> Tensor:
+        """``[x², x]`` or ``[m·x², m·x, m]`` along the last axis."""
+        if m is None:
+            return torch.cat([xc * xc, xc], 1)
+        mx = xc * m
+        return torch.cat([mx * xc, mx, m], 1)
+
+    def _part(self, xc: Tensor, m: Tensor | None, w: Tensor, s_part: int, n0: int, n1: int, bias: Tensor) -> Tensor:
+        width = (2 if m is None else 3) * s_part
+        return torch.addmm(bias, self._features(xc, m), w[n0:n1, :width].T)
+
+    def loglik(self, x: Tensor, mask: Tensor | None, n0: int, n1: int, bias: Tensor | None = None) -> Tensor:
+        xc = x - self.shift
+        m = None if mask is None else mask.to(x.dtype)
+        b32 = self.const32[n0:n1] if mask is None else torch.zeros_like(self.const32[n0:n1])
+        if bias is not None:
+            b32 = b32 + bias
+        out = self._part(*_columns(xc, m, self.narrow_idx, self.s_wide == 0), self.w32, self.s_narrow, n0, n1, b32)
+        if self.s_wide:
+            xw, mw = _columns(xc.double(), None if m is None else m.double(), self.wide_idx, self.s_narrow == 0)
+            b64 = self.const64[n0:n1] if mask is None else torch.zeros_like(self.const64[n0:n1])
+            wide = self._part(xw, mw, self.w64, self.s_wide, n0, n1, b64)
+            out = (out.double() + wide).to(out.dtype)  # the parts may cancel: add in float64
+        return out
+
+
+def _columns(x: Tensor, m: Tensor | None, idx: Tensor, take_all: bool) -> tuple[Tensor, Tensor | None]:
+    """``x[:, idx]`` and ``m[:, idx]`` (no copy when ``idx`` is every column)."""
+    if take_all:
+        return x, m
+    return x[:, idx], None if m is None else m[:, idx]
+
+
+class BernoulliKernel(Kernel):
+    """``[m·x, m·(1-x)] @ [log σ(l); log σ(-l)]``: sums of non-positive terms."""
+
+    def __init__(self, leaf: Bernoulli) -> None:
+        logits = leaf.logits.double()
+        self.dtype = leaf.logits.dtype
+        self.w = torch.cat([F.logsigmoid(logits), F.logsigmoid(-logits)], 1).to(self.dtype).contiguous()
+        self.s = int(logits.shape[1])
+
+    def row_bytes(self) -> int:
+        return 4 * 4 * self.s
+
+    def fill_value(self) -> Tensor:
+        return torch.zeros(self.s, dtype=self.dtype, device=self.w.device)
+
+    def loglik(self, x: Tensor, mask: Tensor | None, n0: int, n1: int, bias: Tensor | None = None) -> Tensor:
+        if mask is None:
+            feats = torch.cat([x, 1.0 - x], 1)
+        else:
+            m = mask.to(x.dtype)
+            feats = torch.cat([x * m, (1.0 - x) * m], 1)
+        if bias is None:
+            return feats @ self.w[n0:n1].T
+        return torch.addmm(bias, feats, self.w[n0:n1].T)
+
+
+class CategoricalKernel(Kernel):
+    """``embedding_bag`` sums over a ``[S·L, N]`` table (see module docstring)."""
+
+    slices_components = False
+
+    def __init__(self, table: Tensor, num_levels: int) -> None:
+        self.table = table  # [S·L, N], contiguous
+        self.levels = num_levels
+        self.s = table.shape[0] // num_levels
+
+    @staticmethod
+    def table_from_logits(logits: Tensor) -> Tensor:
+        """``[N, S, L]`` normalized log-probabilities -> contiguous ``[S·L, N]``."""
+        n, s, l = logits.shape
+        return logits.permute(1, 2, 0).reshape(s * l, n).contiguous()
+
+    def row_bytes(self) -> int:
+        return 8 * 3 * self.s
+
+    def cell_bytes(self) -> int:
+        return 12
+
+    def fill_value(self) -> Tensor:
+        return torch.zeros(self.s, dtype=self.table.dtype, device=self.table.device)
+
+    def loglik(self, x: Tensor, mask: Tensor | None, n0: int, n1: int, bias: Tensor | None = None) -> Tensor:
+        if (n0, n1) != (0, self.table.shape[1]):
+            raise ValueError("the categorical kernel evaluates all components at once")
+        base = torch.arange(self.s, device=x.device) * self.levels
+        idx = x.long() + base  # [B, S]
+        if mask is None:
+            out = F.embedding_bag(idx, self.table, mode="sum")
+        else:
+            counts = mask.sum(1)
+            offsets = torch.cumsum(counts, 0) - counts
+            out = F.embedding_bag(idx[mask], self.table, offsets, mode="sum")
+        return out if bias is None else out + bias
+
+
+def categorical_view(table: Tensor, num_levels: int) -> Categorical:
+    """A :class:`Categorical` whose ``logits [N, S, L]`` is a view of ``table [S·L, N]``.
+
+    Bypasses ``Categorical.__init__`` (which would copy through ``log_softmax``): the
+    table already holds normalized log-probabilities and the circuit keeps one copy.
+    """
+    s_l, n = table.shape
+    leaf = Categorical.__new__(Categorical)
+    leaf.logits = table.T.reshape(n, s_l // num_levels, num_levels)
+    return leaf
+
+
+def make_kernel(leaf: Leaf, log_weights: Tensor) -> tuple[Leaf, Kernel]:
+    """The kernel for ``leaf`` (and the leaf the circuit keeps; categorical shares memory with its kernel)."""
+    if isinstance(leaf, Gaussian):
+        return leaf, GaussianKernel(leaf, log_weights)
+    if isinstance(leaf, Bernoulli):
+        return leaf, BernoulliKernel(leaf)
+    if isinstance(leaf, Categorical):
+        table = CategoricalKernel.table_from_logits(leaf.logits)
+        return categorical_view(table, leaf.num_levels), CategoricalKernel(table, leaf.num_levels)
+    raise ValueError(f"unsupported leaf type {type(leaf).__name__}; expected Gaussian, Categorical or Bernoulli")

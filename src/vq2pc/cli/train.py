@@ -1,0 +1,166 @@
+"""Stage verbs: `train-vqvae`, `train-prior`, `distill`, `evaluate`, `usage` — one step of the pipeline each."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from ..circuit import MixtureCircuit
+from ..data import DATASET_NAMES, DataSplits, load_dataset
+from ..distill import distill
+from ..prior import PixelCNNPrior, PriorConfig, train_prior
+from ..selection import select
+from ..train import TrainConfig
+from ..vqvae import VQVAE, VQVAEConfig, train_vqvae
+
+_FMT = argparse.ArgumentDefaultsHelpFormatter
+
+
+def _data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", default="digits", choices=DATASET_NAMES, help="dataset")
+    p.add_argument("--data-dir", help="directory with the dataset files (else $VQ2PC_DATA, else ~/.cache/vq2pc)")
+    p.add_argument("--limit", type=int, help="cap every split at this many images")
+    p.add_argument("--seed", type=int, default=0, help="random seed (split, init, noise)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--epochs", type=int, default=40, help="maximum epochs")
+    p.add_argument("--patience", type=int, default=8, help="early-stopping patience (epochs without improvement)")
+    p.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate")
+    p.add_argument("--batch-size", type=int, default=64, help="mini-batch size")
+
+
+def _train_cfg(a: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(epochs=a.epochs, patience=a.patience, lr=a.lr, batch_size=a.batch_size, seed=a.seed,
+                       device=a.device)
+
+
+def _splits(a: argparse.Namespace) -> DataSplits:
+    return load_dataset(a.dataset, a.data_dir, seed=a.seed, limit=a.limit)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train-vqvae", help="train a VQ-VAE (checkpoint = resume point)", formatter_class=_FMT,
+                       description="Train a VQ-VAE with a per-pixel leaf head. Re-running with the same --out resumes.")
+    _data_args(p), _train_args(p)
+    p.add_argument("--leaf", default="gaussian", choices=["gaussian", "categorical", "bernoulli"], help="pixel model")
+    p.add_argument("--grid", type=int, nargs=2, default=[2, 2], metavar=("H", "W"), help="latent grid")
+    p.add_argument("--K", type=int, default=16, help="codebook size")
+    p.add_argument("--D", type=int, default=16, help="codeword length")
+    p.add_argument("--hidden", type=int, default=32, help="channels of the conv nets")
+    p.add_argument("--res-blocks", type=int, default=1, help="residual blocks at the latent level")
+    p.add_argument("--out", default="vqvae.pt", help="checkpoint to write")
+    p.set_defaults(func=_train_vqvae)
+
+    p = sub.add_parser("train-prior", help="train the class-conditional PixelCNN prior over a VQ-VAE's codes",
+                       formatter_class=_FMT, description="Encode the dataset with --vqvae and fit the prior.")
+    _data_args(p), _train_args(p)
+    p.add_argument("--vqvae", required=True, help="VQ-VAE checkpoint")
+    p.add_argument("--hidden", type=int, default=64, help="PixelCNN channels")
+    p.add_argument("--layers", type=int, default=4, help="gated PixelCNN layers")
+    p.add_argument("--unlabeled", action="store_true", help="ignore labels (C = 1)")
+    p.add_argument("--out", default="prior.pt", help="checkpoint to write")
+    p.set_defaults(func=_train_prior)
+
+    p = sub.add_parser("distill", help="select latents and distill a circuit", formatter_class=_FMT,
+                       description="Select N latents with a strategy and decode them into a MixtureCircuit.")
+    p.add_argument("--vqvae", required=True, help="VQ-VAE checkpoint")
+    p.add_argument("--prior", required=True, help="prior checkpoint")
+    p.add_argument("--strategy", default="beam", choices=["exhaustive", "sample", "gumbel", "beam", "topk"])
+    p.add_argument("--N", type=int, default=256, help="number of components (ignored by exhaustive)")
+    p.add_argument("--weights", default=None, choices=["uniform", "prior"],
+                   help="mixture weights (default: prior for exhaustive, uniform otherwise)")
+    p.add_argument("--starts", type=int, default=10, help="beam: starting tokens per class")
+    p.add_argument("--max-space", type=int, default=2**24, help="refuse exhaustive selection above this size")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--device", default="cpu", help="torch device")
+    p.add_argument("--out", default="circuit.safetensors", help="circuit file to write")
+    p.set_defaults(func=_distill)
+
+    p = sub.add_parser("evaluate", help="test BPD of a saved circuit", formatter_class=_FMT,
+                       description="Print the test BPD of a circuit (JSON), averaged over dequantization draws.")
+    _data_args(p)
+    p.add_argument("circuit", help="circuit file (.safetensors)")
+    p.add_argument("--draws", type=int, default=3, help="dequantization draws (continuous leaves)")
+    p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser("usage", help="latent-space usage of a prior (paper Fig. 1)", formatter_class=_FMT,
+                       description="Enumerate p(z) over the whole latent space and plot its sorted CDF.")
+    p.add_argument("--prior", required=True, help="prior checkpoint")
+    p.add_argument("--device", default="cpu", help="torch device")
+    p.add_argument("--max-space", type=int, default=2**27, help="refuse spaces larger than this")
+    p.add_argument("--out", default="usage.png", help="figure to write")
+    p.set_defaults(func=_usage)
+
+
+def _train_vqvae(a: argparse.Namespace) -> int:
+    splits = _splits(a)
+    cfg = VQVAEConfig(image_shape=splits.image_shape, levels=splits.levels, leaf=a.leaf, latent_hw=tuple(a.grid),
+                      K=a.K, D=a.D, hidden=a.hidden, res_blocks=a.res_blocks)
+    model, res = train_vqvae(splits, cfg, _train_cfg(a), checkpoint=a.out)
+    print(json.dumps({"checkpoint": a.out, "best_val_loss": res.best_val_loss, "epochs": res.epochs_run,
+                      "num_params": model.num_params}))
+    return 0
+
+
+@torch.no_grad()
+def _codes(vqvae: VQVAE, v: torch.Tensor, seed: int) -> torch.Tensor:
+    from ..pipeline.models import encode_codes
+
+    return encode_codes(vqvae, v, vqvae.cfg.leaf, vqvae.cfg.levels, seed)
+
+
+def _train_prior(a: argparse.Namespace) -> int:
+    splits = _splits(a)
+    vqvae = VQVAE.load(a.vqvae, device=a.device)
+    labeled = splits.num_classes > 1 and not a.unlabeled
+    cfg = PriorConfig(K=vqvae.cfg.K, latent_hw=vqvae.cfg.latent_hw, num_classes=splits.num_classes if labeled else 1,
+                      hidden=a.hidden, layers=a.layers)
+    prior, res = train_prior(_codes(vqvae, splits.train_x, a.seed), splits.train_y if labeled else None, cfg,
+                             _train_cfg(a), _codes(vqvae, splits.val_x, a.seed), splits.val_y if labeled else None,
+                             checkpoint=a.out)
+    print(json.dumps({"checkpoint": a.out, "best_val_nll_per_latent": res.best_val_loss, "epochs": res.epochs_run}))
+    return 0
+
+
+def _distill(a: argparse.Namespace) -> int:
+    vqvae, prior = VQVAE.load(a.vqvae, device=a.device), PixelCNNPrior.load(a.prior, device=a.device)
+    if (vqvae.cfg.K, tuple(vqvae.cfg.latent_hw)) != (prior.K, tuple(prior.latent_hw)):
+        raise ValueError(f"--prior (K={prior.K}, grid {prior.latent_hw}) does not match --vqvae "
+                         f"(K={vqvae.cfg.K}, grid {vqvae.cfg.latent_hw})")
+    sel = select(prior, a.strategy, a.N, starts=a.starts, generator=torch.Generator().manual_seed(a.seed),
+                 max_space=a.max_space, device=a.device)
+    weights = a.weights or ("prior" if a.strategy == "exhaustive" else "uniform")
+    circuit = distill(vqvae, sel, weights=weights, meta={"image_shape": list(vqvae.cfg.image_shape),
+                                                         "levels": vqvae.cfg.levels, "leaf": vqvae.cfg.leaf})
+    circuit.save(a.out)
+    print(json.dumps({"circuit": a.out, "N": len(circuit), "num_params": circuit.num_params, "strategy": a.strategy}))
+    return 0
+
+
+def _evaluate(a: argparse.Namespace) -> int:
+    from ..evaluate.density import test_bpd
+
+    circuit = MixtureCircuit.load(a.circuit, device=a.device)
+    splits = _splits(a)
+    if circuit.num_variables != splits.num_variables:
+        raise ValueError(f"circuit has S={circuit.num_variables} variables but {a.dataset} images have "
+                         f"S={splits.num_variables}")
+    bpd = test_bpd(circuit, splits.test_x, circuit.leaf.kind, splits.levels, draws=a.draws,
+                   generator=torch.Generator().manual_seed(a.seed))
+    print(json.dumps({"circuit": a.circuit, "N": len(circuit), "test_bpd": bpd["mean"], "test_bpd_std": bpd["std"]}))
+    return 0
+
+
+def _usage(a: argparse.Namespace) -> int:
+    from ..enumerate import enumerate_log_prior
+    from ..evaluate.usage import latent_usage
+
+    prior = PixelCNNPrior.load(a.prior, device=a.device)
+    res = latent_usage(enumerate_log_prior(prior, device=a.device, max_space=a.max_space), Path(a.out))
+    print(json.dumps({k: v for k, v in res.items() if not isinstance(v, (list, dict))}))
+    return 0

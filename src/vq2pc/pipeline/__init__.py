@@ -1,0 +1,76 @@
+"""The whole job, as stages in a run directory: data → VQ-VAE → prior → circuits → experiments → report.
+
+A stage whose outputs exist is skipped on a re-run (``force`` names stages to
+redo); an interrupted training resumes from its last epoch checkpoint.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+import yaml
+
+from ..checkpoint import atomic_write, write_json
+from ..config import RunConfig, config_to_dict
+from ..data import load_dataset
+from .baselines import run_baselines
+from .experiments import run_experiments
+from .models import build_source_model, distill_all
+from .rundir import STAGES, RunDir
+
+__all__ = ["run_pipeline", "STAGES", "RunDir"]
+
+
+def _log(msg: str) -> None:
+    print(f"[vq2pc] {msg}", flush=True)
+
+
+def run_pipeline(cfg: RunConfig, out: str | Path, force: Iterable[str] = ()) -> dict[str, Any]:
+    """Run every stage of ``cfg`` into ``out``; returns the report (also written as report.json/report.md)."""
+    start = time.perf_counter()
+    run = RunDir(Path(out), set(force))
+    cfg_dict = config_to_dict(cfg)
+    atomic_write(run.path("config.yaml"), lambda p: p.write_text(yaml.safe_dump(cfg_dict, sort_keys=False)))
+    torch.manual_seed(cfg.seed)
+    splits = load_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seed, limit=cfg.limit)
+    _log(f"{cfg.dataset}: {len(splits.train_x)} train / {len(splits.val_x)} val / {len(splits.test_x)} test images "
+         f"of shape {tuple(splits.image_shape)}, L = {splits.levels}")
+    report: dict[str, Any] = {
+        "dataset": cfg.dataset, "description": cfg.description, "image_shape": list(splits.image_shape),
+        "levels": splits.levels, "splits": {s: len(getattr(splits, f"{s}_x")) for s in ("train", "val", "test")},
+        "device": cfg.device, "seed": cfg.seed, "config": cfg_dict,
+        "models": [], "sources": [], "experiments": {}, "notes": [],
+    }
+    for leaf in cfg.leaves:
+        main = None
+        for spec in cfg.models:
+            _log(f"[{leaf}/{spec.name}] VQ-VAE (K={spec.K}, grid {spec.latent_hw[0]}x{spec.latent_hw[1]}) and prior")
+            src = build_source_model(run, cfg, splits, leaf, spec)
+            report["sources"].append({"leaf": leaf, "model": spec.name, "K": spec.K,
+                                      "latent_hw": list(spec.latent_hw), **src.info})
+            _log(f"[{leaf}/{spec.name}] distilling {', '.join(spec.strategies)}")
+            rows, circuits = distill_all(run, cfg, splits, src)
+            report["models"] += rows
+            for row in rows:
+                _log(f"  {row['name']:<28} N={row['N']:<8} test BPD {row['test_bpd']:.4f}")
+            if spec.name == cfg.main.name:
+                main = (src, circuits)
+        baseline_rows, baselines = run_baselines(run, cfg, splits, leaf)
+        report["models"] += baseline_rows
+        assert main is not None  # cfg.main is one of cfg.models
+        _log(f"[{leaf}] experiments")
+        report["experiments"][leaf] = run_experiments(run, cfg, splits, leaf, main[0], main[1], baselines, report)
+    report["wall_seconds"] = round(time.perf_counter() - start, 2)
+    _finish_report(run, report)
+    _log(f"done in {report['wall_seconds']:.0f} s: {run.root / 'report.md'}")
+    return report
+
+
+def _finish_report(run: RunDir, report: dict[str, Any]) -> None:
+    from ..evaluate.report import write_report
+
+    write_json(run.path("report.json"), report)
+    write_report(run.root, report)

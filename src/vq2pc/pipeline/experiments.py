@@ -1,0 +1,102 @@
+"""Pipeline stage: the paper's experiments on the main source model of one leaf kind.
+
+Fig. 1 latent usage, Fig. 2 BPD vs size, Fig. 3 inpainting (pictures + numbers),
+Figs. 4–5 samples and their class balance, Fig. 6 latent correlation. Each writes
+a PNG under ``figures/`` and its numbers under ``results/<leaf>/``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import torch
+
+from .. import evaluate as ev
+from ..config import RunConfig
+from ..data import DataSplits, to_model_space
+from ..enumerate import enumerate_log_prior
+from ..masks import MASK_KINDS, make_mask
+from .models import FAMILY, SourceModel, make_circuit
+from .rundir import RunDir
+
+__all__ = ["run_experiments", "showcase_models"]
+
+
+def showcase_models(circuits: dict[str, Any], baselines: dict[str, Any]) -> dict[str, Any]:
+    """The models shown in the figures: the largest circuit of each strategy, then the baselines."""
+    best: dict[str, tuple[int, Any]] = {}
+    for key, circuit in circuits.items():
+        family = FAMILY[key.split("-N")[0]]
+        if family not in best or len(circuit) > best[family][0]:
+            best[family] = (len(circuit), circuit)
+    shown = {f"{family} (N={n})": c for family, (n, c) in best.items()}
+    einets = [k for k in baselines if k.startswith("EiNet")]
+    shown.update({k: m for k, m in baselines.items() if not k.startswith("EiNet")})
+    if einets:  # the largest EiNet stands for all of them in the pictures
+        name = max(einets, key=lambda k: baselines[k].num_params)
+        shown[name] = baselines[name]
+    return shown
+
+
+def _gen(cfg: RunConfig, offset: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(cfg.seed + offset)
+
+
+def run_experiments(
+    run: RunDir, cfg: RunConfig, splits: DataSplits, leaf: str, src: SourceModel,
+    circuits: dict[str, Any], baselines: dict[str, Any], report: dict[str, Any],
+) -> dict[str, Any]:
+    """Every enabled experiment for ``leaf``; returns the report section of this leaf."""
+    E = cfg.experiments
+    rows = [r for r in report["models"] if r.get("leaf") == leaf]
+    fig = lambda name: run.figure(f"{leaf}-{name}.png")  # noqa: E731
+    section: dict[str, Any] = {"leaf": leaf, "results": rows, "figures": {}}
+    section["figures"]["bpd_vs_params"] = str(ev.plot_bpd_vs_params(rows, fig("bpd_vs_params"),
+                                                                    title=f"{cfg.dataset}, {leaf} pixels"))
+    section["figures"]["bpd_vs_N"] = str(ev.plot_bpd_vs_N(rows, fig("bpd_vs_N"), title=f"{cfg.dataset}, {leaf} pixels"))
+    models = showcase_models(circuits, baselines)
+    if E.usage and src.info["latent_space"] <= cfg.max_exhaustive:
+        section["latent_usage"] = run.cached("usage", f"{leaf}/latent_usage", lambda: ev.latent_usage(
+            enumerate_log_prior(src.prior, device=cfg.device, max_space=cfg.max_exhaustive), fig("latent_usage"),
+            title=f"{cfg.dataset} {src.spec.name}, K={src.spec.K}"), outputs=(fig("latent_usage"),))
+    x_test = to_model_space(splits.test_x, leaf, splits.levels, _gen(cfg)).flatten(1)
+    if E.inpainting:
+        section["inpainting"] = run.cached("inpainting", f"{leaf}/inpainting",
+                                           lambda: _inpainting(cfg, splits, leaf, models, x_test, fig("inpainting")),
+                                           outputs=(fig("inpainting"),))
+        section["figures"]["inpainting"] = str(fig("inpainting"))
+    if E.samples:
+        section["class_balance"] = run.cached("samples", f"{leaf}/class_balance",
+                                              lambda: _samples(run, cfg, splits, leaf, models, fig),
+                                              outputs=(fig("samples"), fig("class_balance")))
+        section["figures"]["samples"] = str(fig("samples"))
+    if E.correlation:
+        section["correlation"] = run.cached("correlation", f"{leaf}/correlation", lambda: ev.component_correlation(
+            make_circuit(src, cfg, "sample", 4), make_circuit(src, cfg, "topk", 4),
+            x_test[: E.correlation_images], fig("correlation")), outputs=(fig("correlation"),))
+    return section
+
+
+def _inpainting(cfg: RunConfig, splits: DataSplits, leaf: str, models: dict[str, Any], x_test: torch.Tensor, png) -> dict:
+    E = cfg.experiments
+    x = x_test[: E.inpainting_eval_images]
+    masks = {k: make_mask(k, tuple(splits.image_shape), len(x), generator=_gen(cfg, 1)) for k in MASK_KINDS}
+    metrics = {name: ev.inpainting_metrics(m, x, masks, leaf, splits.levels) for name, m in models.items()}
+    pictures = {k: v[: E.inpainting_images] for k, v in masks.items()}
+    ev.plot_inpainting(models, x[: E.inpainting_images], pictures, tuple(splits.image_shape), png,
+                       leaf_kind=leaf, levels=splits.levels, generator=_gen(cfg, 2))
+    return metrics
+
+
+def _samples(run: RunDir, cfg: RunConfig, splits: DataSplits, leaf: str, models: dict[str, Any], fig) -> dict:
+    E = cfg.experiments
+    train_cfg = replace(cfg.baseline_train, seed=cfg.seed, device=cfg.device)
+    classifier, acc = ev.train_classifier(splits, train_cfg, checkpoint=run.checkpoint("samples", "classifier.pt"))
+    samples = {name: ev.draw_samples(m, E.num_samples, leaf, splits.levels, tuple(splits.image_shape),
+                                     generator=_gen(cfg, 3)) for name, m in models.items()}
+    ev.plot_samples(samples, tuple(splits.image_shape), fig("samples"))
+    hist = ev.class_balance(classifier, samples, splits.train_y, fig("class_balance"),
+                            test_images=splits.test_x, levels=splits.levels)
+    return {"classifier_accuracy": acc, "histograms": hist, "figure": str(fig("class_balance")),
+            "samples_per_model": E.num_samples}

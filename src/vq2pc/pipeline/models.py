@@ -1,0 +1,147 @@
+"""Pipeline stages that build models: VQ-VAE → prior → distilled circuits, one per selection."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+from ..circuit import MixtureCircuit
+from ..config import ModelSpec, RunConfig
+from ..data import DataSplits, to_model_space
+from ..distill import distill
+from ..evaluate.density import test_bpd
+from ..prior import PixelCNNPrior, PriorConfig, train_prior
+from ..selection import select
+from ..vqvae import VQVAE, VQVAEConfig, train_vqvae
+from .rundir import RunDir
+
+__all__ = ["SourceModel", "build_source_model", "distill_all", "circuit_row", "FAMILY"]
+
+# Report names of the selection strategies (paper: ExM, DMRS, DMBS).
+FAMILY = {"exhaustive": "ExM", "sample": "DMRS", "gumbel": "DMGS", "beam": "DMBS", "topk": "TopK", "data": "DMData"}
+
+
+@dataclass
+class SourceModel:
+    """A trained VQ-VAE + prior for one leaf kind and one ModelSpec."""
+
+    leaf: str
+    spec: ModelSpec
+    vqvae: VQVAE
+    prior: PixelCNNPrior
+    train_codes: torch.Tensor  # [n, h, w] codes of the training set
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def tag(self) -> str:
+        return f"{self.leaf}/{self.spec.name}"
+
+
+@torch.no_grad()
+def encode_codes(vqvae: VQVAE, v: torch.Tensor, leaf: str, levels: int, seed: int, batch: int = 1024) -> torch.Tensor:
+    """Codes ``[n, h, w]`` of uint8 images ``v`` (one fixed dequantization draw), computed in batches."""
+    gen = torch.Generator().manual_seed(seed)
+    device = next(vqvae.parameters()).device
+    vqvae.eval()
+    out = [vqvae.codes(to_model_space(v[i : i + batch], leaf, levels, gen).to(device)).cpu() for i in range(0, len(v), batch)]
+    return torch.cat(out)
+
+
+def codebook_perplexity(codes: torch.Tensor, K: int) -> float:
+    """exp(H) of the empirical code usage over all grid positions (1 = collapse, K = uniform use)."""
+    counts = torch.bincount(codes.flatten(), minlength=K).double()
+    p = counts / counts.sum()
+    return float(torch.exp(-(p[p > 0] * p[p > 0].log()).sum()))
+
+
+def build_source_model(run: RunDir, cfg: RunConfig, splits: DataSplits, leaf: str, spec: ModelSpec) -> SourceModel:
+    """Train (or resume, or load) the VQ-VAE and the prior of ``spec`` for ``leaf`` pixels."""
+    vq_cfg = VQVAEConfig(
+        image_shape=splits.image_shape, levels=splits.levels, leaf=leaf, latent_hw=tuple(spec.latent_hw),
+        K=spec.K, D=spec.D, hidden=spec.hidden, res_blocks=spec.res_blocks, beta=spec.beta, quantizer=spec.quantizer,
+        quantizer_opts=dict(spec.quantizer_opts),
+    )
+    train_cfg = replace(cfg.vqvae_train, seed=cfg.seed, device=cfg.device)
+    vqvae, vq_res = train_vqvae(splits, vq_cfg, train_cfg, checkpoint=run.checkpoint("vqvae", leaf, spec.name, "vqvae.pt"))
+    codes = {s: encode_codes(vqvae, getattr(splits, f"{s}_x"), leaf, splits.levels, cfg.seed) for s in ("train", "val", "test")}
+    labeled = splits.num_classes > 1
+    prior_cfg = PriorConfig(K=spec.K, latent_hw=tuple(spec.latent_hw), num_classes=splits.num_classes if labeled else 1,
+                            hidden=spec.prior_hidden, layers=spec.prior_layers)
+    prior, pr_res = train_prior(
+        codes["train"], splits.train_y if labeled else None, prior_cfg, replace(cfg.prior_train, seed=cfg.seed, device=cfg.device),
+        codes["val"], splits.val_y if labeled else None, checkpoint=run.checkpoint("prior", leaf, spec.name, "prior.pt"),
+    )
+    info = {
+        "vqvae_params": vqvae.num_params, "vqvae_val_loss": vq_res.best_val_loss, "vqvae_epochs": vq_res.epochs_run,
+        "prior_val_nll_per_latent": pr_res.best_val_loss, "prior_epochs": pr_res.epochs_run,
+        "codebook_perplexity_test": codebook_perplexity(codes["test"], spec.K),
+        "distinct_test_codes": int(torch.unique(codes["test"].flatten(1), dim=0).shape[0]),
+        "distinct_train_codes": int(torch.unique(codes["train"].flatten(1), dim=0).shape[0]),
+        "latent_space": spec.K ** (spec.latent_hw[0] * spec.latent_hw[1]),
+    }
+    return SourceModel(leaf, spec, vqvae, prior, codes["train"], info)
+
+
+def circuit_row(name: str, family: str, circuit: MixtureCircuit, bpd: dict[str, float], **extra: Any) -> dict[str, Any]:
+    """One entry of report.json's ``models`` list."""
+    return {"name": name, "family": family, "N": len(circuit), "num_params": circuit.num_params,
+            "test_bpd": bpd["mean"], "test_bpd_std": bpd.get("std", 0.0), **extra}
+
+
+def _selections(src: SourceModel, cfg: RunConfig) -> list[tuple[str, int | None]]:
+    """(strategy, N) pairs of a source model; exhaustive has no N (it takes the whole space)."""
+    pairs: list[tuple[str, int | None]] = []
+    for strategy in src.spec.strategies:
+        if strategy == "exhaustive":
+            if src.info["latent_space"] <= cfg.max_exhaustive:
+                pairs.append((strategy, None))
+            continue
+        limit = src.info["distinct_train_codes"] if strategy == "data" else src.info["latent_space"]
+        pairs += [(strategy, n) for n in src.spec.N if n <= limit]
+        if strategy == "data" and any(n > limit for n in src.spec.N):
+            pairs.append((strategy, limit))  # every distinct training code
+    return pairs
+
+
+def beam_starts(src: SourceModel, N: int) -> int:
+    """DMBS starting tokens per class: the configured s, lowered so that the width N / (s·C) is at least 1."""
+    return max(1, min(src.spec.starts, N // src.prior.num_classes))
+
+
+def make_circuit(src: SourceModel, cfg: RunConfig, strategy: str, N: int | None) -> MixtureCircuit:
+    """Select latents with ``strategy`` and distill them (exhaustive uses prior weights: the exact model)."""
+    gen = torch.Generator().manual_seed(cfg.seed)
+    selection = select(src.prior, strategy, N or 0, starts=beam_starts(src, N or 0), generator=gen, max_space=cfg.max_exhaustive,
+                       codes_from_data=src.train_codes if strategy == "data" else None, device=cfg.device)
+    weights = "prior" if strategy in ("exhaustive", "data") else src.spec.weights
+    meta = {"model": src.spec.name, "leaf": src.leaf, "levels_K": src.spec.K, "latent_hw": list(src.spec.latent_hw)}
+    return distill(src.vqvae, selection, weights=weights, meta=meta)
+
+
+def distill_all(run: RunDir, cfg: RunConfig, splits: DataSplits, src: SourceModel) -> tuple[list[dict], dict[str, MixtureCircuit]]:
+    """Every (strategy, N) circuit of ``src``: saved, evaluated on the test set; returns report rows and circuits."""
+    rows, circuits = [], {}
+    test_x = splits.test_x[: cfg.test_limit] if cfg.test_limit else splits.test_x
+    for strategy, N in _selections(src, cfg):
+        key = f"{strategy}" if N is None else f"{strategy}-N{N}"
+        path = run.path(src.leaf, src.spec.name, "circuits", f"{key}.safetensors")
+
+        def compute() -> dict[str, Any]:
+            circuit = make_circuit(src, cfg, strategy, N)
+            circuit.meta.update({"image_shape": list(splits.image_shape), "levels": splits.levels})
+            circuit.save(path)
+            bpd = test_bpd(circuit, test_x, src.leaf, splits.levels, draws=cfg.experiments.bpd_draws,
+                           generator=torch.Generator().manual_seed(cfg.seed))
+            family = FAMILY[strategy]
+            label = f"{family} {src.spec.name}" + (f" (K={src.spec.K})" if strategy == "exhaustive" else "")
+            return circuit_row(label, family, circuit, bpd, selection=strategy, model=src.spec.name, leaf=src.leaf,
+                               K=src.spec.K, source_params=src.info["vqvae_params"], requested_N=N,
+                               starts=beam_starts(src, N) if strategy == "beam" else None,
+                               test_images=len(test_x), circuit_file=str(path.relative_to(run.root)))
+
+        row = run.cached("distill", f"{src.leaf}/{src.spec.name}/{key}", compute, outputs=(path,))
+        rows.append(row)
+        circuits[key] = MixtureCircuit.load(path, device=cfg.device)
+    return rows, circuits

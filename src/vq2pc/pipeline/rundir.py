@@ -1,0 +1,79 @@
+"""The run directory: where every stage writes, and how a re-run skips finished stages.
+
+Layout (``<leaf>`` is gaussian/categorical/bernoulli, ``<model>`` a ModelSpec name)::
+
+    config.yaml                              the resolved configuration
+    <leaf>/<model>/vqvae.pt, prior.pt        training checkpoints (resume from here)
+    <leaf>/<model>/circuits/<name>.safetensors   distilled circuits
+    <leaf>/baselines/...                     EiNet / CM checkpoints and compiled CM circuit
+    results/<leaf>/.../<stage>.json          the numbers of every finished stage
+    figures/*.png                            every figure
+    report.json, report.md                   the gathered results
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from ..checkpoint import write_json
+
+__all__ = ["RunDir", "STAGES"]
+
+# Stage names accepted by --force.
+STAGES = ("vqvae", "prior", "distill", "baselines", "usage", "inpainting", "samples", "correlation", "all")
+
+
+@dataclass
+class RunDir:
+    """A run directory and the set of stages to redo even if their outputs exist."""
+
+    root: Path
+    force: set[str] = field(default_factory=set)
+    redone: set[Path] = field(default_factory=set)  # outputs already redone in this process
+
+    def __post_init__(self) -> None:
+        self.root = Path(self.root)
+        unknown = sorted(set(self.force) - set(STAGES))
+        if unknown:
+            raise ValueError(f"--force: unknown stage(s) {unknown}; expected some of {list(STAGES)}")
+        self.root.mkdir(parents=True, exist_ok=True)
+        (self.root / "figures").mkdir(exist_ok=True)
+
+    def forced(self, stage: str) -> bool:
+        return stage in self.force or "all" in self.force
+
+    def path(self, *parts: str) -> Path:
+        p = self.root.joinpath(*parts)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        return p
+
+    def figure(self, name: str) -> Path:
+        return self.path("figures", name)
+
+    def checkpoint(self, stage: str, *parts: str) -> Path:
+        """Path of a training checkpoint; removed first when ``stage`` is forced (training restarts)."""
+        p = self.path(*parts)
+        if self.forced(stage) and p.exists() and p not in self.redone:
+            p.unlink()
+            self.redone.add(p)
+        return p
+
+    def cached(
+        self, stage: str, name: str, compute: Callable[[], dict[str, Any]], outputs: tuple[Path, ...] = ()
+    ) -> dict[str, Any]:
+        """Return ``results/<name>.json`` if it and ``outputs`` exist (and ``stage`` is not forced), else compute it.
+
+        ``compute`` writes ``outputs`` (files) itself and returns the numbers, which are written last, so a
+        stage interrupted half-way is redone on the next run.
+        """
+        path = self.path("results", f"{name}.json")
+        fresh = path.exists() and all(Path(o).exists() for o in outputs)
+        if fresh and not (self.forced(stage) and path not in self.redone):
+            return json.loads(path.read_text())
+        result = compute()
+        write_json(path, result)
+        self.redone.add(path)
+        return result
