@@ -28,6 +28,7 @@ class ModelSpec:
     """One source VQ-VAE (+ its prior) and the circuits distilled from it."""
 
     name: str = "2x2"
+    group: str | None = None  # series name in plots/tables (default: name); e.g. one "2x2" line over several K
     latent_hw: tuple[int, int] = (2, 2)
     K: int = 16
     D: int = 16
@@ -50,7 +51,7 @@ class BaselineSpec:
 
     einet: bool = True
     einet_pieces: list[int] = field(default_factory=lambda: [2, 4])
-    einet_inputs: list[int] = field(default_factory=lambda: [5, 10])
+    einet_inputs: list[int] = field(default_factory=lambda: [5])
     cm: bool = True
     cm_latent_dim: int = 16
     cm_hidden: int = 64
@@ -62,6 +63,7 @@ class BaselineSpec:
 class ExperimentSpec:
     """Which experiments run, and their sizes."""
 
+    analysis_model: str | None = None  # model of Fig. 1 (usage) and Fig. 6 (correlation); default: main_model
     usage: bool = True
     inpainting: bool = True
     inpainting_images: int = 8
@@ -87,10 +89,14 @@ class RunConfig:
     leaves: list[str] = field(default_factory=lambda: ["gaussian", "categorical"])
     models: list[ModelSpec] = field(default_factory=lambda: [ModelSpec()])
     main_model: str | None = None  # model used for the experiments; default: the first
-    max_exhaustive: int = 2**22  # refuse exhaustive selection above this many latents
+    max_exhaustive: int = 2**22  # largest latent space distilled exhaustively (ExM)
+    max_usage_space: int = 2**27  # largest latent space enumerated for Fig. 1 (96^4 ≈ 2^26.3)
+    max_materialize: int = 2**27  # ExM with more leaf parameters than this is streamed (ExactModel), not stored
+    exact_test_limit: int | None = None  # test images for a streamed ExM (its BPD costs K^{HW} decodes per draw)
     vqvae_train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=60, patience=10, lr=2e-3, batch_size=64))
     prior_train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=40, patience=8, lr=2e-3, batch_size=64))
-    baseline_train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=40, patience=8, lr=5e-3, batch_size=64))
+    baseline_train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(epochs=40, patience=8, lr=5e-3, batch_size=64, max_seconds=45))
     baselines: BaselineSpec = field(default_factory=BaselineSpec)
     experiments: ExperimentSpec = field(default_factory=ExperimentSpec)
 
@@ -109,13 +115,21 @@ class RunConfig:
                 raise ValueError(f"config: model {m.name!r} needs K >= 1 and every N >= 1")
             if m.weights not in ("uniform", "prior"):
                 raise ValueError(f"config: model {m.name!r} weights must be 'uniform' or 'prior'")
-        if self.main_model is not None and self.main_model not in names:
-            raise ValueError(f"config: main_model {self.main_model!r} is not one of {names}")
+        for key in ("main_model", "analysis_model"):
+            value = getattr(self, key) if key == "main_model" else self.experiments.analysis_model
+            if value is not None and value not in names:
+                raise ValueError(f"config: {key} {value!r} is not one of {names}")
         return self
 
     @property
     def main(self) -> ModelSpec:
+        """The model of the inpainting and sample experiments."""
         return next(m for m in self.models if m.name == (self.main_model or self.models[0].name))
+
+    @property
+    def analysis(self) -> ModelSpec:
+        """The model of the latent-usage and correlation experiments."""
+        return next(m for m in self.models if m.name == (self.experiments.analysis_model or self.main.name))
 
 
 def _build(cls: type, data: dict[str, Any], where: str) -> Any:

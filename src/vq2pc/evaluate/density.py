@@ -116,7 +116,7 @@ def _draw_series(ax, series: dict[tuple[str, str], list[dict]], x_key: str, anno
                     capsize=2, label=label)
         if annotate_k:
             for r, x, y in zip(rs, xs, ys):
-                if "K" in r:
+                if "K" in r and family == "ExM":
                     ax.annotate(f"K={r['K']}", (x, y), textcoords="offset points", xytext=(4, 4),
                                 fontsize=7, color=color)
 
@@ -138,11 +138,12 @@ def plot_bpd_vs_params(rows: Sequence[dict], out_png: str | Path, title: str | N
     sources: dict[float, tuple[str, str]] = {}
     for r in rows:
         if r.get("source_params"):
-            sources.setdefault(float(r["source_params"]), (r["family"], f"{r['family']}{r.get('group', '')}"))
+            who = "CM decoder" if r["family"] == "CM" else f"VQ-VAE {r.get('group', '')}".strip()
+            sources.setdefault(float(r["source_params"]), (r["family"], who))
     for x, (family, who) in sorted(sources.items()):
         color = family_style(family)[0]
         ax.axvline(x, color=color, ls=":", lw=1.2)
-        ax.annotate(f"source of {who}", (x, 0.98), xycoords=("data", "axes fraction"), rotation=90,
+        ax.annotate(who, (x, 0.98), xycoords=("data", "axes fraction"), rotation=90,
                     va="top", ha="right", fontsize=7, color=color)
     ax.set_xscale("log")
     ax.set_xlabel("number of parameters (log scale)")

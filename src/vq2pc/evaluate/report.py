@@ -104,7 +104,9 @@ def _figures(report: dict, run_dir: Path) -> list[tuple[str, str, str]]:
 
 def _usage(u: dict) -> list[str]:
     lines = ["## Latent-space usage", ""]
-    lines.append(f"Latent space |Z| = {_fmt(u.get('space_size'))}, {u.get('seeds', 1)} prior(s).")
+    model = f" of model {u['model']}" if u.get("model") else ""
+    timing = f" Exact enumeration took {u['enumeration_seconds']:.1f} s." if u.get("enumeration_seconds") else ""
+    lines.append(f"Latent space{model}: |Z| = {_fmt(u.get('space_size'))}, {u.get('seeds', 1)} prior(s).{timing}")
     for q in ("90", "99"):
         if f"fraction_{q}" in u:
             lines.append(f"- {q}% of the prior mass lies in {100 * u[f'fraction_{q}']:.3g}% of the space "

@@ -24,19 +24,26 @@ from .rundir import STAGES, RunDir
 __all__ = ["run_pipeline", "STAGES", "RunDir"]
 
 
-def _log(msg: str) -> None:
-    print(f"[vq2pc] {msg}", flush=True)
+class _Log:
+    """Progress lines with the seconds since the run started."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+
+    def __call__(self, msg: str) -> None:
+        print(f"[vq2pc {time.perf_counter() - self.start:5.0f}s] {msg}", flush=True)
 
 
 def run_pipeline(cfg: RunConfig, out: str | Path, force: Iterable[str] = ()) -> dict[str, Any]:
     """Run every stage of ``cfg`` into ``out``; returns the report (also written as report.json/report.md)."""
-    start = time.perf_counter()
+    log = _Log()
+    start = log.start
     run = RunDir(Path(out), set(force))
     cfg_dict = config_to_dict(cfg)
     atomic_write(run.path("config.yaml"), lambda p: p.write_text(yaml.safe_dump(cfg_dict, sort_keys=False)))
     torch.manual_seed(cfg.seed)
     splits = load_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seed, limit=cfg.limit)
-    _log(f"{cfg.dataset}: {len(splits.train_x)} train / {len(splits.val_x)} val / {len(splits.test_x)} test images "
+    log(f"{cfg.dataset}: {len(splits.train_x)} train / {len(splits.val_x)} val / {len(splits.test_x)} test images "
          f"of shape {tuple(splits.image_shape)}, L = {splits.levels}")
     report: dict[str, Any] = {
         "dataset": cfg.dataset, "description": cfg.description, "image_shape": list(splits.image_shape),
@@ -45,27 +52,25 @@ def run_pipeline(cfg: RunConfig, out: str | Path, force: Iterable[str] = ()) -> 
         "models": [], "sources": [], "experiments": {}, "notes": [],
     }
     for leaf in cfg.leaves:
-        main = None
+        built = {}
         for spec in cfg.models:
-            _log(f"[{leaf}/{spec.name}] VQ-VAE (K={spec.K}, grid {spec.latent_hw[0]}x{spec.latent_hw[1]}) and prior")
+            log(f"[{leaf}/{spec.name}] VQ-VAE (K={spec.K}, grid {spec.latent_hw[0]}x{spec.latent_hw[1]}) and prior")
             src = build_source_model(run, cfg, splits, leaf, spec)
             report["sources"].append({"leaf": leaf, "model": spec.name, "K": spec.K,
                                       "latent_hw": list(spec.latent_hw), **src.info})
-            _log(f"[{leaf}/{spec.name}] distilling {', '.join(spec.strategies)}")
+            log(f"[{leaf}/{spec.name}] distilling {', '.join(spec.strategies)}")
             rows, circuits = distill_all(run, cfg, splits, src)
             report["models"] += rows
             for row in rows:
-                _log(f"  {row['name']:<28} N={row['N']:<8} test BPD {row['test_bpd']:.4f}")
-            if spec.name == cfg.main.name:
-                main = (src, circuits)
+                log(f"  {row['name']:<28} N={row['N']:<8} test BPD {row['test_bpd']:.4f}")
+            built[spec.name] = (src, circuits)
         baseline_rows, baselines = run_baselines(run, cfg, splits, leaf)
         report["models"] += baseline_rows
-        assert main is not None  # cfg.main is one of cfg.models
-        _log(f"[{leaf}] experiments")
-        report["experiments"][leaf] = run_experiments(run, cfg, splits, leaf, main[0], main[1], baselines, report)
+        log(f"[{leaf}] experiments")
+        report["experiments"][leaf] = run_experiments(run, cfg, splits, leaf, built, baselines, report)
     report["wall_seconds"] = round(time.perf_counter() - start, 2)
     _finish_report(run, report)
-    _log(f"done in {report['wall_seconds']:.0f} s: {run.root / 'report.md'}")
+    log(f"done in {report['wall_seconds']:.0f} s: {run.root / 'report.md'}")
     return report
 
 

@@ -7,6 +7,7 @@ a PNG under ``figures/`` and its numbers under ``results/<leaf>/``.
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 from typing import Any
 
@@ -44,11 +45,15 @@ def _gen(cfg: RunConfig, offset: int = 0) -> torch.Generator:
 
 
 def run_experiments(
-    run: RunDir, cfg: RunConfig, splits: DataSplits, leaf: str, src: SourceModel,
-    circuits: dict[str, Any], baselines: dict[str, Any], report: dict[str, Any],
+    run: RunDir, cfg: RunConfig, splits: DataSplits, leaf: str,
+    built: dict[str, tuple[SourceModel, dict[str, Any]]], baselines: dict[str, Any], report: dict[str, Any],
 ) -> dict[str, Any]:
-    """Every enabled experiment for ``leaf``; returns the report section of this leaf."""
+    """Every enabled experiment for ``leaf``; returns the report section of this leaf.
+
+    ``built``: model name -> (source model, its circuits by selection key).
+    """
     E = cfg.experiments
+    (src, circuits), analysis = built[cfg.main.name], built[cfg.analysis.name][0]
     rows = [r for r in report["models"] if r.get("leaf") == leaf]
     fig = lambda name: run.figure(f"{leaf}-{name}.png")  # noqa: E731
     section: dict[str, Any] = {"leaf": leaf, "results": rows, "figures": {}}
@@ -56,10 +61,10 @@ def run_experiments(
                                                                     title=f"{cfg.dataset}, {leaf} pixels"))
     section["figures"]["bpd_vs_N"] = str(ev.plot_bpd_vs_N(rows, fig("bpd_vs_N"), title=f"{cfg.dataset}, {leaf} pixels"))
     models = showcase_models(circuits, baselines)
-    if E.usage and src.info["latent_space"] <= cfg.max_exhaustive:
-        section["latent_usage"] = run.cached("usage", f"{leaf}/latent_usage", lambda: ev.latent_usage(
-            enumerate_log_prior(src.prior, device=cfg.device, max_space=cfg.max_exhaustive), fig("latent_usage"),
-            title=f"{cfg.dataset} {src.spec.name}, K={src.spec.K}"), outputs=(fig("latent_usage"),))
+    if E.usage and analysis.info["latent_space"] <= cfg.max_usage_space:
+        section["latent_usage"] = run.cached("usage", f"{leaf}/latent_usage",
+                                             lambda: _usage(cfg, analysis, fig("latent_usage")),
+                                             outputs=(fig("latent_usage"),))
     x_test = to_model_space(splits.test_x, leaf, splits.levels, _gen(cfg)).flatten(1)
     if E.inpainting:
         section["inpainting"] = run.cached("inpainting", f"{leaf}/inpainting",
@@ -72,10 +77,20 @@ def run_experiments(
                                               outputs=(fig("samples"), fig("class_balance")))
         section["figures"]["samples"] = str(fig("samples"))
     if E.correlation:
-        section["correlation"] = run.cached("correlation", f"{leaf}/correlation", lambda: ev.component_correlation(
-            make_circuit(src, cfg, "sample", 4), make_circuit(src, cfg, "topk", 4),
-            x_test[: E.correlation_images], fig("correlation")), outputs=(fig("correlation"),))
+        section["correlation"] = run.cached("correlation", f"{leaf}/correlation", lambda: {
+            **ev.component_correlation(make_circuit(analysis, cfg, "sample", 4), make_circuit(analysis, cfg, "topk", 4),
+                                       x_test[: E.correlation_images], fig("correlation")),
+            "model": analysis.spec.name}, outputs=(fig("correlation"),))
     return section
+
+
+def _usage(cfg: RunConfig, src: SourceModel, png) -> dict[str, Any]:
+    """Fig. 1 for ``src``: exact p(z) over the whole latent space (timed), sorted CDF."""
+    start = time.perf_counter()
+    log_pz = enumerate_log_prior(src.prior, device=cfg.device, max_space=cfg.max_usage_space)
+    seconds = time.perf_counter() - start
+    title = f"{cfg.dataset} {src.spec.name}: K={src.spec.K}, {src.prior.num_classes} classes"
+    return {**ev.latent_usage(log_pz, png, title=title), "model": src.spec.name, "enumeration_seconds": seconds}
 
 
 def _inpainting(cfg: RunConfig, splits: DataSplits, leaf: str, models: dict[str, Any], x_test: torch.Tensor, png) -> dict:
@@ -94,7 +109,7 @@ def _samples(run: RunDir, cfg: RunConfig, splits: DataSplits, leaf: str, models:
     train_cfg = replace(cfg.baseline_train, seed=cfg.seed, device=cfg.device)
     classifier, acc = ev.train_classifier(splits, train_cfg, checkpoint=run.checkpoint("samples", "classifier.pt"))
     samples = {name: ev.draw_samples(m, E.num_samples, leaf, splits.levels, tuple(splits.image_shape),
-                                     generator=_gen(cfg, 3)) for name, m in models.items()}
+                                     batch_size=250, generator=_gen(cfg, 3)) for name, m in models.items()}
     ev.plot_samples(samples, tuple(splits.image_shape), fig("samples"))
     hist = ev.class_balance(classifier, samples, splits.train_y, fig("class_balance"),
                             test_images=splits.test_x, levels=splits.levels)

@@ -12,6 +12,7 @@ from ..config import ModelSpec, RunConfig
 from ..data import DataSplits, to_model_space
 from ..distill import distill
 from ..evaluate.density import test_bpd
+from ..exact import ExactModel
 from ..prior import PixelCNNPrior, PriorConfig, train_prior
 from ..selection import select
 from ..vqvae import VQVAE, VQVAEConfig, train_vqvae
@@ -120,11 +121,40 @@ def make_circuit(src: SourceModel, cfg: RunConfig, strategy: str, N: int | None)
     return distill(src.vqvae, selection, weights=weights, meta=meta)
 
 
+def _leaf_params(leaf: str, S: int, levels: int) -> int:
+    """Parameters of one component's leaves."""
+    return {"gaussian": 2 * S, "categorical": S * levels, "bernoulli": S}[leaf]
+
+
+def exact_row(run: RunDir, cfg: RunConfig, splits: DataSplits, src: SourceModel) -> dict[str, Any]:
+    """Test BPD of the exact model streamed over the latent space (too large to store as a circuit)."""
+    limit = cfg.exact_test_limit or cfg.test_limit
+    test_x = splits.test_x[:limit] if limit else splits.test_x
+
+    def compute() -> dict[str, Any]:
+        model = ExactModel(src.vqvae, src.prior, max_space=cfg.max_exhaustive, device=cfg.device, progress=True)
+        bpd = test_bpd(model, test_x, src.leaf, splits.levels, draws=cfg.experiments.bpd_draws,
+                       generator=torch.Generator().manual_seed(cfg.seed))
+        return circuit_row(f"ExM {src.spec.name} (K={src.spec.K})", "ExM", model, bpd, selection="exhaustive",
+                           model=src.spec.name, leaf=src.leaf, group=src.spec.group or src.spec.name, K=src.spec.K,
+                           source_params=src.info["vqvae_params"], test_images=len(test_x), streamed=True)
+
+    return run.cached("distill", f"{src.leaf}/{src.spec.name}/exhaustive", compute)
+
+
 def distill_all(run: RunDir, cfg: RunConfig, splits: DataSplits, src: SourceModel) -> tuple[list[dict], dict[str, MixtureCircuit]]:
-    """Every (strategy, N) circuit of ``src``: saved, evaluated on the test set; returns report rows and circuits."""
+    """Every (strategy, N) circuit of ``src``: saved, evaluated on the test set; returns report rows and circuits.
+
+    An exhaustive selection whose circuit would hold more than ``cfg.max_materialize`` parameters is
+    evaluated by streaming (:class:`ExactModel`) and not stored, so it is not among the returned circuits.
+    """
     rows, circuits = [], {}
     test_x = splits.test_x[: cfg.test_limit] if cfg.test_limit else splits.test_x
+    per_component = _leaf_params(src.leaf, splits.num_variables, splits.levels)
     for strategy, N in _selections(src, cfg):
+        if strategy == "exhaustive" and src.info["latent_space"] * per_component > cfg.max_materialize:
+            rows.append(exact_row(run, cfg, splits, src))
+            continue
         key = f"{strategy}" if N is None else f"{strategy}-N{N}"
         path = run.path(src.leaf, src.spec.name, "circuits", f"{key}.safetensors")
 
@@ -137,6 +167,7 @@ def distill_all(run: RunDir, cfg: RunConfig, splits: DataSplits, src: SourceMode
             family = FAMILY[strategy]
             label = f"{family} {src.spec.name}" + (f" (K={src.spec.K})" if strategy == "exhaustive" else "")
             return circuit_row(label, family, circuit, bpd, selection=strategy, model=src.spec.name, leaf=src.leaf,
+                               group=src.spec.group or src.spec.name,
                                K=src.spec.K, source_params=src.info["vqvae_params"], requested_N=N,
                                starts=beam_starts(src, N) if strategy == "beam" else None,
                                test_images=len(test_x), circuit_file=str(path.relative_to(run.root)))
