@@ -104,17 +104,22 @@ def main() -> None:
         mask = torch.rand(x.shape, generator=g) < 0.5
         slow = _slow_log_prob_seconds(c, x, args.slow_chunks)
         note = f"slow way timed on {min(args.slow_chunks, (n + 7) // 8)} of {(n + 7) // 8} chunks of 8 components, scaled"
-        queries: dict[str, Callable[[], object]] = {
-            "log_prob": lambda: c.log_prob(x),
-            "log_prob_masked": lambda: c.log_prob(x, mask=mask),
-            "posterior": lambda: c.posterior(x, mask=mask),
-            "conditional_mean": lambda: c.conditional_mean(x, mask=mask),
-        }
+        queries = _queries(c, x, mask)
         c.log_prob(x[:8], mask=mask[:8])  # warm-up (and component-mean cache outside the timings)
         c.component_means()
         for name, fn in queries.items():
             _emit(name, leaf, n, args, _timed(fn), matmul[n], slow, note)
         del c, x
+
+
+def _queries(c: MixtureCircuit, x: torch.Tensor, mask: torch.Tensor) -> dict[str, Callable[[], object]]:
+    """The timed queries, by name."""
+    return {
+        "log_prob": lambda: c.log_prob(x),
+        "log_prob_masked": lambda: c.log_prob(x, mask=mask),
+        "posterior": lambda: c.posterior(x, mask=mask),
+        "conditional_mean": lambda: c.conditional_mean(x, mask=mask),
+    }
 
 
 def _emit(query: str, leaf: str, n: int, args: argparse.Namespace, sec: float, mm: float, slow: float | None, note: str) -> None:

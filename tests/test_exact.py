@@ -9,7 +9,7 @@ import torch
 from scipy.stats import chi2
 
 from vq2pc.circuit import MixtureCircuit
-from vq2pc.distill import distill
+from vq2pc.distillation import distill
 from vq2pc.exact import ExactModel
 from vq2pc.prior import PixelCNNPrior
 from vq2pc.selection import select

@@ -9,13 +9,6 @@ from vq2pc.quantizers import QuantizerOutput, make_quantizer
 from vq2pc.quantizers.vq import perplexity
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread avoids oversubscribing the shared cores."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def _z(B: int = 3, D: int = 5, h: int = 4, w: int = 2, seed: int = 0) -> torch.Tensor:

@@ -16,13 +16,6 @@ from vq2pc.train import TrainConfig, evaluate_loss
 from vq2pc.vqvae import VQVAE, VQVAEConfig, train_vqvae
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread avoids oversubscribing the shared cores."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")

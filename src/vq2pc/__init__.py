@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "MixtureCircuit": "vq2pc.circuit",
-    "distill": "vq2pc.distill",
+    "distill": "vq2pc.distillation",
     "ExactModel": "vq2pc.exact",
     "VQVAE": "vq2pc.vqvae",
     "VQVAEConfig": "vq2pc.vqvae",

@@ -11,11 +11,12 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable
+from dataclasses import asdict
+from typing import Any, Callable, ClassVar, TypeVar
 
 import torch
 
-__all__ = ["CheckpointError", "atomic_write", "save_checkpoint", "load_checkpoint", "write_json"]
+__all__ = ["CheckpointError", "atomic_write", "save_checkpoint", "load_checkpoint", "write_json", "SavableModel"]
 
 
 class CheckpointError(ValueError):
@@ -65,3 +66,36 @@ def load_checkpoint(path: str | Path, kind: str, map_location: str | torch.devic
     if fmt != f"vq2pc/{kind}":
         raise CheckpointError(f"{path} is not a vq2pc {kind} checkpoint (format tag: {fmt!r})")
     return data
+
+
+_M = TypeVar("_M", bound="SavableModel")
+
+
+class SavableModel:
+    """Mixin for ``nn.Module`` models built from one dataclass config (``self.cfg``).
+
+    ``save`` writes ``{"config", "state_dict"}`` as a ``vq2pc/<checkpoint_kind>`` checkpoint;
+    ``load`` reads that or a :func:`vq2pc.train.fit` checkpoint (config under ``meta``, best
+    weights), and turns every mismatch into one :class:`CheckpointError` naming the file.
+    """
+
+    checkpoint_kind: ClassVar[str]
+    config_class: ClassVar[type]
+
+    def save(self, path: str | Path) -> Path:
+        """Write config + weights atomically."""
+        return save_checkpoint(path, self.checkpoint_kind, {"config": asdict(self.cfg), "state_dict": self.state_dict()})
+
+    @classmethod
+    def load(cls: type[_M], path: str | Path, device: str | torch.device | None = None) -> _M:
+        """Load a model saved by :meth:`save` or trained with a checkpoint; eval mode, on ``device``."""
+        payload = load_checkpoint(path, cls.checkpoint_kind, map_location=device or "cpu")
+        config = payload.get("config") or (payload.get("meta") or {}).get("config")
+        if not isinstance(config, dict) or "state_dict" not in payload:
+            raise CheckpointError(f"{path} is a {cls.checkpoint_kind} checkpoint without a config or weights")
+        try:
+            model = cls(cls.config_class(**config))
+            model.load_state_dict(payload["state_dict"])
+        except (TypeError, RuntimeError, ValueError) as exc:
+            raise CheckpointError(f"{path}: config and weights do not make a {cls.__name__}: {exc}") from None
+        return model.to(device or "cpu").eval()

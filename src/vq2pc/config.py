@@ -65,6 +65,7 @@ class ExperimentSpec:
 
     analysis_model: str | None = None  # model of Fig. 1 (usage) and Fig. 6 (correlation); default: main_model
     usage: bool = True
+    usage_seeds: list[int] = field(default_factory=list)  # extra training seeds: Fig. 1 as mean ± std over models
     inpainting: bool = True
     inpainting_images: int = 8
     inpainting_eval_images: int = 500

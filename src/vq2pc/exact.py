@@ -5,7 +5,7 @@ never materialized: MNIST with a 2×2 grid and ``K = 32`` has ``2^20`` component
 (6.6 GB of Gaussian leaf parameters), ``K = 96`` has 85M. Instead ``log p(z)`` is
 enumerated once (``[K^{HW}]`` float32, :func:`vq2pc.enumerate.enumerate_log_prior`)
 and every query streams over the latent space in lexicographic chunks: a chunk of
-latents is decoded (:func:`vq2pc.distill.decode_leaf`), wrapped in a chunk
+latents is decoded (:func:`vq2pc.distillation.decode_leaf`), wrapped in a chunk
 :class:`~vq2pc.circuit.MixtureCircuit` whose ``log_likelihoods`` (the fast kernel)
 gives ``[B, n_chunk]``, ``log p(z)`` of the chunk is added, and the result is folded
 into running reductions (float64 log-sum-exp, rescaled weighted sums, running
@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from .circuit import MixtureCircuit
 from .circuit_io import prepare_input
-from .distill import decode_leaf
+from .distillation import decode_leaf
 from .enumerate import check_space, enumerate_log_prior, index_to_codes
 from .leaves import Leaf
 from .prior import PixelCNNPrior, gumbel_noise

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import SavableModel
 from .train import TrainConfig, TrainResult, fit
 
 __all__ = ["PriorConfig", "PixelCNNPrior", "train_prior", "gumbel_noise"]
@@ -98,8 +98,11 @@ class _GatedLayer(nn.Module):
         return self._gate(v_pre + cond_v), h_gated if self.first else h + h_gated
 
 
-class PixelCNNPrior(nn.Module):
+class PixelCNNPrior(SavableModel, nn.Module):
     """Class-conditional gated PixelCNN over ``[B, h, w]`` code grids (see module docstring)."""
+
+    checkpoint_kind = "prior"
+    config_class = PriorConfig
 
     class_log_prior: Tensor
 
@@ -243,21 +246,6 @@ class PixelCNNPrior(nn.Module):
             raise ValueError("labels is empty: cannot estimate p(c)")
         counts = torch.bincount(labels.cpu(), minlength=self.num_classes).double()
         self.class_log_prior.copy_((counts / counts.sum()).log().float())
-
-    def save(self, path: str | Path) -> Path:
-        """Save config + weights (incl. ``class_log_prior``) atomically as a ``vq2pc/prior`` checkpoint."""
-        return save_checkpoint(path, "prior", {"config": asdict(self.cfg), "state_dict": self.state_dict()})
-
-    @classmethod
-    def load(cls, path: str | Path, device: str | torch.device | None = None) -> "PixelCNNPrior":
-        """Load a prior saved by :meth:`save` or by :func:`train_prior`'s training checkpoint."""
-        payload = load_checkpoint(path, "prior")
-        config = payload.get("config") or payload.get("meta", {}).get("config")
-        if config is None:
-            raise ValueError(f"{path}: prior checkpoint has no config")
-        model = cls(PriorConfig(**config))
-        model.load_state_dict(payload["state_dict"])
-        return model.to(device or "cpu").eval()
 
 
 def _nll_per_latent(model: nn.Module, batch: tuple[Tensor, ...]) -> Tensor:

@@ -114,6 +114,9 @@ def fit(
             gen.set_state(ck["rng"])
             state = ck["train_state"]
             best_state = ck["state_dict"]
+            # "done" is judged by this call's budget: a larger `epochs` continues a finished run.
+            state["done"] = state["bad"] >= cfg.patience or (
+                cfg.max_seconds is not None and state["seconds"] > cfg.max_seconds)
     start = time.perf_counter() - state["seconds"]
     bar = tqdm(total=cfg.epochs, initial=state["epoch"], desc=desc, disable=not cfg.progress, leave=False)
     while not state["done"] and state["epoch"] < cfg.epochs:

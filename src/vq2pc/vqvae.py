@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .checkpoint import SavableModel, load_checkpoint
 from .data import DataSplits, to_model_space
 from .leaves import LEAF_KINDS, Leaf
 from .nets import Decoder, Encoder, halving_sizes, head_channels, head_leaf, init_head, num_downsamplings
@@ -64,8 +64,11 @@ class VQVAEConfig:
         return math.prod(self.image_shape)
 
 
-class VQVAE(nn.Module):
+class VQVAE(SavableModel, nn.Module):
     """Encoder, quantizer and decoder with a ``cfg.leaf`` pixel head (see module docstring)."""
+
+    checkpoint_kind = "vqvae"
+    config_class = VQVAEConfig
 
     def __init__(self, cfg: VQVAEConfig) -> None:
         super().__init__()
@@ -148,25 +151,6 @@ class VQVAE(nn.Module):
         total, recon, q = self._terms(x)
         return total, {"recon_nll": float(recon.detach()), "vq_loss": float(q.loss.detach()),
                        "perplexity": float(q.perplexity)}
-
-    # --- files --------------------------------------------------------------------------------------
-    def save(self, path: str | Path) -> Path:
-        """Write a ``vq2pc/vqvae`` checkpoint (config + state dict) atomically."""
-        return save_checkpoint(path, "vqvae", {"config": asdict(self.cfg), "state_dict": self.state_dict()})
-
-    @classmethod
-    def load(cls, path: str | Path, device: str | torch.device | None = None) -> "VQVAE":
-        """Load a checkpoint written by :meth:`save` or by :func:`train_vqvae` (its best weights), in eval mode."""
-        payload = load_checkpoint(path, "vqvae", map_location=device or "cpu")
-        config = payload.get("config") or payload.get("meta", {}).get("config")
-        if not isinstance(config, dict) or "state_dict" not in payload:
-            raise CheckpointError(f"{path} is a vqvae checkpoint without a config or state_dict")
-        try:
-            model = cls(VQVAEConfig(**config))
-            model.load_state_dict(payload["state_dict"])
-        except (TypeError, RuntimeError, ValueError) as exc:
-            raise CheckpointError(f"{path}: config and weights do not make a VQVAE: {exc}") from None
-        return model.to(device or "cpu").eval()
 
 
 def _completed_epochs(checkpoint: str | Path | None) -> int:

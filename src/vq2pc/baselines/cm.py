@@ -32,7 +32,7 @@ import torch
 from scipy.stats import norm, qmc
 from torch import Tensor, nn
 
-from ..checkpoint import load_checkpoint, save_checkpoint
+from ..checkpoint import SavableModel
 from ..circuit import MixtureCircuit
 from ..data import DataSplits, to_model_space
 from ..leaves import LOG_2PI, Categorical, Gaussian, Leaf
@@ -84,8 +84,11 @@ def sobol_normal(num_points: int, dim: int, seed: int | np.random.Generator | No
     return torch.from_numpy(norm.ppf(np.clip(u, eps, 1.0 - eps))).float()
 
 
-class ContinuousMixture(nn.Module):
+class ContinuousMixture(SavableModel, nn.Module):
     """Decoder ``z [M, d] -> leaf [M, S]`` (MLP: d -> h -> 2h -> S·P) and the integration-point likelihood."""
+
+    checkpoint_kind = "cm"
+    config_class = CMConfig
 
     def __init__(self, cfg: CMConfig) -> None:
         super().__init__()
@@ -139,21 +142,6 @@ class ContinuousMixture(nn.Module):
     def log_prob(self, x: Tensor, z: Tensor) -> Tensor:
         """``[B]`` integration-point estimate ``logsumexp_j log p(x | z_j) − log M``."""
         return torch.logsumexp(self.component_log_likelihoods(x, z), 1) - math.log(z.shape[0])
-
-    def save(self, path: str | Path) -> Path:
-        """Write config + decoder weights as a ``vq2pc/cm`` checkpoint, atomically."""
-        return save_checkpoint(path, "cm", {"meta": {"config": asdict(self.cfg)}, "state_dict": self.state_dict()})
-
-    @classmethod
-    def load(cls, path: str | Path, device: str | torch.device | None = None) -> "ContinuousMixture":
-        """Load from :meth:`save` or from a :func:`train_cm` checkpoint (its best weights)."""
-        payload = load_checkpoint(path, "cm")
-        config = payload.get("meta", {}).get("config")
-        if config is None:
-            raise ValueError(f"{path}: CM checkpoint has no config")
-        model = cls(CMConfig(**config))
-        model.load_state_dict(payload["state_dict"])
-        return model.to(device or "cpu").eval()
 
 
 def _cm_loss(cfg: CMConfig, seed: int) -> Callable[[nn.Module, tuple[Tensor, ...]], Tensor]:

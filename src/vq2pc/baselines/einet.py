@@ -65,7 +65,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from ..checkpoint import load_checkpoint, save_checkpoint
+from ..checkpoint import SavableModel
 from ..data import DataSplits, to_model_space
 from ..train import TrainConfig, TrainResult, fit
 
@@ -211,8 +211,11 @@ def _kronecker_sample(x: Tensor) -> Tensor:
     return y
 
 
-class EiNet(nn.Module):
+class EiNet(SavableModel, nn.Module):
     """A trained-by-likelihood Poon–Domingos PC over ``S = C·H·W`` pixels (model space, see data.py)."""
+
+    checkpoint_kind = "einet"
+    config_class = EiNetConfig
 
     def __init__(self, cfg: EiNetConfig) -> None:
         super().__init__()
@@ -347,22 +350,6 @@ class EiNet(nn.Module):
                 out = self.circuit.evaluate(module_fn=functools.partial(layer_fn, m=m))  # (O, K, m, S)
                 parts.append(out[0, 0].float())
         return torch.cat(parts)
-
-    # --- persistence -------------------------------------------------------------------
-    def save(self, path: str | Path) -> Path:
-        """Write config + weights as a ``vq2pc/einet`` checkpoint, atomically."""
-        return save_checkpoint(path, "einet", {"meta": {"config": asdict(self.cfg)}, "state_dict": self.state_dict()})
-
-    @classmethod
-    def load(cls, path: str | Path, device: str | torch.device | None = None) -> "EiNet":
-        """Load from :meth:`save` or from a :func:`train_einet` checkpoint (its best weights)."""
-        payload = load_checkpoint(path, "einet")
-        config = payload.get("meta", {}).get("config")
-        if config is None:
-            raise ValueError(f"{path}: EiNet checkpoint has no config")
-        model = cls(EiNetConfig(**config))
-        model.load_state_dict(payload["state_dict"])
-        return model.to(device or "cpu").eval()
 
 
 def _categorical_log_probs(layer: Any) -> Tensor:

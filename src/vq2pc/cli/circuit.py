@@ -18,7 +18,11 @@ from ..masks import MASK_KINDS, make_mask
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``sample`` and ``inpaint`` verbs."""
-    p = subparsers.add_parser("sample", help="draw exact samples from a saved circuit (grid PNG, optional .npy)")
+    p = subparsers.add_parser(
+        "sample", help="draw exact samples from a saved circuit (grid PNG, optional .npy)",
+        description="Draw exact samples from a saved circuit: a component from the mixture weights, then its "
+        "pixels from their leaves. Writes a grid PNG and optionally the samples as .npy.",
+    )
     _common(p)
     p.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
     p.add_argument("--out", required=True, help="grid PNG to write")
@@ -28,6 +32,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "inpaint",
         help="exact conditional mean and samples of hidden pixels; prints conditional BPD and MSE as JSON",
+        description="Hide a region of each image (--mask names the HIDDEN region) and complete it exactly from "
+        "p(x_hidden | x_observed): conditional mean and a conditional sample per image. Writes a figure and "
+        "prints the conditional BPD of the hidden pixels and the MSE of the conditional mean as JSON.",
     )
     _common(p)
     p.add_argument("--images", required=True, help=".npy of images [n, C, H, W]: integer levels or model-space floats")

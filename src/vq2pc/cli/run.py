@@ -31,6 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", help="torch device, e.g. cpu or cuda (default: the config's, cpu)")
     p.add_argument("--seed", type=int, help="random seed (default: the config's, 0)")
     p.add_argument("--limit", type=int, help="cap every data split at this many images (quick experiments)")
+    p.add_argument("--seeds", type=int, nargs="+", metavar="SEED",
+                   help="also train the latent-usage model with these seeds: Fig. 1 as mean ± std over models")
     p.add_argument("--force", nargs="+", default=[], choices=STAGES, metavar="STAGE",
                    help=f"redo these stages even if their outputs exist: {', '.join(STAGES)}")
     p.set_defaults(func=_run)
@@ -40,6 +42,8 @@ def _run(args: argparse.Namespace) -> int:
     overrides = {"dataset": args.dataset, "data_dir": args.data_dir, "device": args.device, "seed": args.seed,
                  "limit": args.limit}
     cfg = load_config(args.config, overrides)
+    if args.seeds:
+        cfg.experiments.usage_seeds = list(args.seeds)
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {cfg.device}: CUDA is not available on this machine")
     run_pipeline(cfg, args.out, force=args.force)

@@ -10,7 +10,7 @@ import torch
 
 from ..circuit import MixtureCircuit
 from ..data import DATASET_NAMES, DataSplits, load_dataset
-from ..distill import distill
+from ..distillation import distill
 from ..prior import PixelCNNPrior, PriorConfig, train_prior
 from ..selection import select
 from ..train import TrainConfig

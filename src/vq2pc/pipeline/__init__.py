@@ -18,6 +18,7 @@ from ..config import RunConfig, config_to_dict
 from ..data import load_dataset
 from .baselines import run_baselines
 from .experiments import run_experiments
+from .findings import findings
 from .models import build_source_model, distill_all
 from .rundir import STAGES, RunDir
 
@@ -64,7 +65,7 @@ def run_pipeline(cfg: RunConfig, out: str | Path, force: Iterable[str] = ()) -> 
             for row in rows:
                 log(f"  {row['name']:<28} N={row['N']:<8} test BPD {row['test_bpd']:.4f}")
             built[spec.name] = (src, circuits)
-        baseline_rows, baselines = run_baselines(run, cfg, splits, leaf)
+        baseline_rows, baselines = run_baselines(run, cfg, splits, leaf, report["notes"])
         report["models"] += baseline_rows
         log(f"[{leaf}] experiments")
         report["experiments"][leaf] = run_experiments(run, cfg, splits, leaf, built, baselines, report)
@@ -77,5 +78,6 @@ def run_pipeline(cfg: RunConfig, out: str | Path, force: Iterable[str] = ()) -> 
 def _finish_report(run: RunDir, report: dict[str, Any]) -> None:
     from ..evaluate.report import write_report
 
+    report["notes"] = findings(report) + report["notes"]
     write_json(run.path("report.json"), report)
     write_report(run.root, report)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..baselines.cm import CMConfig, compile_cm, train_cm
-from ..baselines.einet import EiNetConfig, train_einet
+from ..baselines.einet import EiNetConfig, require_cirkit, train_einet
+from ..circuit import MixtureCircuit
 from ..config import RunConfig
 from ..data import DataSplits
 from ..evaluate.density import test_bpd
@@ -17,7 +19,8 @@ from .rundir import RunDir
 __all__ = ["run_baselines"]
 
 
-def _bpd_row(run: RunDir, cfg: RunConfig, splits: DataSplits, leaf: str, key: str, model: Any, **row: Any) -> dict:
+def _bpd_row(run: RunDir, cfg: RunConfig, splits: DataSplits, leaf: str, key: str, model: Any, depends: Path,
+             **row: Any) -> dict:
     test_x = splits.test_x[: cfg.test_limit] if cfg.test_limit else splits.test_x
 
     def compute() -> dict[str, Any]:
@@ -26,35 +29,56 @@ def _bpd_row(run: RunDir, cfg: RunConfig, splits: DataSplits, leaf: str, key: st
         return {**row, "leaf": leaf, "test_bpd": bpd["mean"], "test_bpd_std": bpd.get("std", 0.0),
                 "test_images": len(test_x)}
 
-    return run.cached("baselines", f"{leaf}/baselines/{key}", compute)
+    return run.cached("baselines", f"{leaf}/baselines/{key}", compute, depends=(depends,))
 
 
-def run_baselines(run: RunDir, cfg: RunConfig, splits: DataSplits, leaf: str) -> tuple[list[dict], dict[str, Any]]:
-    """Train (or resume/load) every configured baseline for ``leaf``; returns report rows and the models by name."""
+def _einet_available(notes: list[str]) -> bool:
+    """Whether libcirkit is installed; a note for the report when it is not."""
+    try:
+        require_cirkit()
+    except ModuleNotFoundError as exc:
+        notes.append(f"EiNet baseline skipped: {exc}")
+        return False
+    return True
+
+
+def run_baselines(
+    run: RunDir, cfg: RunConfig, splits: DataSplits, leaf: str, notes: list[str]
+) -> tuple[list[dict], dict[str, Any]]:
+    """Train (or resume/load) every configured baseline for ``leaf``; returns report rows and the models by name.
+
+    Skipped baselines (bernoulli pixels, libcirkit missing) are explained in ``notes``.
+    """
     spec, rows, models = cfg.baselines, [], {}
     if leaf == "bernoulli":
+        notes.append("baselines are not run for bernoulli pixels")
         return rows, models
     train_cfg = replace(cfg.baseline_train, seed=cfg.seed, device=cfg.device)
-    if spec.einet:
+    if spec.einet and _einet_available(notes):
         for pieces in spec.einet_pieces:
             for units in spec.einet_inputs:
                 key = f"einet-p{pieces}-I{units}"
                 ecfg = EiNetConfig(image_shape=tuple(splits.image_shape), leaf=leaf, levels=splits.levels,
                                    pieces=(pieces,), num_input_units=units, num_sum_units=units)
-                model, _ = train_einet(splits, ecfg, train_cfg, checkpoint=run.checkpoint("baselines", leaf, "baselines", f"{key}.pt"))
+                ckpt = run.checkpoint("baselines", leaf, "baselines", f"{key}.pt")
+                model, _ = train_einet(splits, ecfg, train_cfg, checkpoint=ckpt)
                 name = f"EiNet (PD {pieces}, I={units})"
-                rows.append(_bpd_row(run, cfg, splits, leaf, key, model, name=name, family="EiNet", selection="einet",
+                rows.append(_bpd_row(run, cfg, splits, leaf, key, model, ckpt, name=name, family="EiNet", selection="einet",
                                      N=units, num_params=model.num_params))
                 models[name] = model
     if spec.cm:
         ccfg = CMConfig(image_shape=tuple(splits.image_shape), leaf=leaf, levels=splits.levels,
                         latent_dim=spec.cm_latent_dim, hidden=spec.cm_hidden, train_points=spec.cm_train_points)
-        model, _ = train_cm(splits, ccfg, train_cfg, checkpoint=run.checkpoint("baselines", leaf, "baselines", "cm.pt"))
-        circuit = compile_cm(model, num_points=spec.cm_points, seed=cfg.seed)
-        circuit.meta.update({"image_shape": list(splits.image_shape), "levels": splits.levels, "leaf": leaf})
+        ckpt = run.checkpoint("baselines", leaf, "baselines", "cm.pt")
+        model, _ = train_cm(splits, ccfg, train_cfg, checkpoint=ckpt)
         path = run.path(leaf, "baselines", "cm.safetensors")
-        circuit.save(path)
-        rows.append(_bpd_row(run, cfg, splits, leaf, "cm", circuit, name=f"CM (M={spec.cm_points})", family="CM",
+        if run.outdated("baselines", path, (ckpt,)):
+            circuit = compile_cm(model, num_points=spec.cm_points, seed=cfg.seed)
+            circuit.meta.update({"image_shape": list(splits.image_shape), "levels": splits.levels, "leaf": leaf})
+            circuit.save(path)
+            run.redone.add(path)
+        circuit = MixtureCircuit.load(path, device=cfg.device)
+        rows.append(_bpd_row(run, cfg, splits, leaf, "cm", circuit, path, name=f"CM (M={spec.cm_points})", family="CM",
                              selection="cm", N=len(circuit), num_params=circuit.num_params,
                              source_params=model.num_params, circuit_file=str(path.relative_to(run.root))))
         models["CM"] = circuit

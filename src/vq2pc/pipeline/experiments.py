@@ -18,7 +18,7 @@ from ..config import RunConfig
 from ..data import DataSplits, to_model_space
 from ..enumerate import enumerate_log_prior
 from ..masks import MASK_KINDS, make_mask
-from .models import FAMILY, SourceModel, make_circuit
+from .models import FAMILY, SourceModel, build_source_model, make_circuit
 from .rundir import RunDir
 
 __all__ = ["run_experiments", "showcase_models"]
@@ -53,7 +53,9 @@ def run_experiments(
     ``built``: model name -> (source model, its circuits by selection key).
     """
     E = cfg.experiments
-    (src, circuits), analysis = built[cfg.main.name], built[cfg.analysis.name][0]
+    (main, circuits), analysis = built[cfg.main.name], built[cfg.analysis.name][0]
+    inputs = main.files + tuple(run.root.glob(f"{leaf}/{main.spec.name}/circuits/*")) + tuple(
+        run.root.glob(f"{leaf}/baselines/*"))  # an experiment is redone when one of these changes
     rows = [r for r in report["models"] if r.get("leaf") == leaf]
     fig = lambda name: run.figure(f"{leaf}-{name}.png")  # noqa: E731
     section: dict[str, Any] = {"leaf": leaf, "results": rows, "figures": {}}
@@ -63,34 +65,44 @@ def run_experiments(
     models = showcase_models(circuits, baselines)
     if E.usage and analysis.info["latent_space"] <= cfg.max_usage_space:
         section["latent_usage"] = run.cached("usage", f"{leaf}/latent_usage",
-                                             lambda: _usage(cfg, analysis, fig("latent_usage")),
-                                             outputs=(fig("latent_usage"),))
+                                             lambda: _usage(run, cfg, splits, analysis, fig("latent_usage")),
+                                             outputs=(fig("latent_usage"),), depends=analysis.files)
     x_test = to_model_space(splits.test_x, leaf, splits.levels, _gen(cfg)).flatten(1)
     if E.inpainting:
         section["inpainting"] = run.cached("inpainting", f"{leaf}/inpainting",
                                            lambda: _inpainting(cfg, splits, leaf, models, x_test, fig("inpainting")),
-                                           outputs=(fig("inpainting"),))
+                                           outputs=(fig("inpainting"),), depends=inputs)
         section["figures"]["inpainting"] = str(fig("inpainting"))
     if E.samples:
         section["class_balance"] = run.cached("samples", f"{leaf}/class_balance",
                                               lambda: _samples(run, cfg, splits, leaf, models, fig),
-                                              outputs=(fig("samples"), fig("class_balance")))
+                                              outputs=(fig("samples"), fig("class_balance")), depends=inputs)
         section["figures"]["samples"] = str(fig("samples"))
     if E.correlation:
         section["correlation"] = run.cached("correlation", f"{leaf}/correlation", lambda: {
             **ev.component_correlation(make_circuit(analysis, cfg, "sample", 4), make_circuit(analysis, cfg, "topk", 4),
                                        x_test[: E.correlation_images], fig("correlation")),
-            "model": analysis.spec.name}, outputs=(fig("correlation"),))
+            "model": analysis.spec.name}, outputs=(fig("correlation"),), depends=analysis.files)
     return section
 
 
-def _usage(cfg: RunConfig, src: SourceModel, png) -> dict[str, Any]:
-    """Fig. 1 for ``src``: exact p(z) over the whole latent space (timed), sorted CDF."""
+def _usage(run: RunDir, cfg: RunConfig, splits: DataSplits, src: SourceModel, png) -> dict[str, Any]:
+    """Fig. 1 for ``src``: exact p(z) over the whole latent space (timed), sorted CDF.
+
+    With ``experiments.usage_seeds`` the same model is trained again with each extra seed and the
+    figure shows mean ± std over all of them.
+    """
+    priors = [src.prior] + [
+        build_source_model(run, replace(cfg, seed=s), splits, src.leaf, replace(src.spec, name=f"{src.spec.name}-seed{s}")).prior
+        for s in cfg.experiments.usage_seeds if s != cfg.seed
+    ]
     start = time.perf_counter()
-    log_pz = enumerate_log_prior(src.prior, device=cfg.device, max_space=cfg.max_usage_space)
-    seconds = time.perf_counter() - start
+    log_pzs = [enumerate_log_prior(p, device=cfg.device, max_space=cfg.max_usage_space) for p in priors]
+    seconds = (time.perf_counter() - start) / len(priors)
     title = f"{cfg.dataset} {src.spec.name}: K={src.spec.K}, {src.prior.num_classes} classes"
-    return {**ev.latent_usage(log_pz, png, title=title), "model": src.spec.name, "enumeration_seconds": seconds}
+    usage = ev.latent_usage(log_pzs if len(log_pzs) > 1 else log_pzs[0], png, title=title)
+    return {**usage, "model": src.spec.name, "enumeration_seconds": seconds,
+            "seeds_used": [cfg.seed] + [s for s in cfg.experiments.usage_seeds if s != cfg.seed]}
 
 
 def _inpainting(cfg: RunConfig, splits: DataSplits, leaf: str, models: dict[str, Any], x_test: torch.Tensor, png) -> dict:

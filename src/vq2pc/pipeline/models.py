@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -10,7 +11,7 @@ import torch
 from ..circuit import MixtureCircuit
 from ..config import ModelSpec, RunConfig
 from ..data import DataSplits, to_model_space
-from ..distill import distill
+from ..distillation import distill
 from ..evaluate.density import test_bpd
 from ..exact import ExactModel
 from ..prior import PixelCNNPrior, PriorConfig, train_prior
@@ -34,6 +35,7 @@ class SourceModel:
     prior: PixelCNNPrior
     train_codes: torch.Tensor  # [n, h, w] codes of the training set
     info: dict[str, Any] = field(default_factory=dict)
+    files: tuple[Path, ...] = ()  # its checkpoints: results computed from it are stale when these are newer
 
     @property
     def tag(self) -> str:
@@ -72,7 +74,8 @@ def build_source_model(run: RunDir, cfg: RunConfig, splits: DataSplits, leaf: st
                             hidden=spec.prior_hidden, layers=spec.prior_layers)
     prior, pr_res = train_prior(
         codes["train"], splits.train_y if labeled else None, prior_cfg, replace(cfg.prior_train, seed=cfg.seed, device=cfg.device),
-        codes["val"], splits.val_y if labeled else None, checkpoint=run.checkpoint("prior", leaf, spec.name, "prior.pt"),
+        codes["val"], splits.val_y if labeled else None,
+        checkpoint=run.checkpoint("prior", leaf, spec.name, "prior.pt", after=(run.path(leaf, spec.name, "vqvae.pt"),)),
     )
     info = {
         "vqvae_params": vqvae.num_params, "vqvae_val_loss": vq_res.best_val_loss, "vqvae_epochs": vq_res.epochs_run,
@@ -82,7 +85,8 @@ def build_source_model(run: RunDir, cfg: RunConfig, splits: DataSplits, leaf: st
         "distinct_train_codes": int(torch.unique(codes["train"].flatten(1), dim=0).shape[0]),
         "latent_space": spec.K ** (spec.latent_hw[0] * spec.latent_hw[1]),
     }
-    return SourceModel(leaf, spec, vqvae, prior, codes["train"], info)
+    return SourceModel(leaf, spec, vqvae, prior, codes["train"], info,
+                       files=(run.path(leaf, spec.name, "vqvae.pt"), run.path(leaf, spec.name, "prior.pt")))
 
 
 def circuit_row(name: str, family: str, circuit: MixtureCircuit, bpd: dict[str, float], **extra: Any) -> dict[str, Any]:
@@ -100,7 +104,8 @@ def _selections(src: SourceModel, cfg: RunConfig) -> list[tuple[str, int | None]
                 pairs.append((strategy, None))
             continue
         limit = src.info["distinct_train_codes"] if strategy == "data" else src.info["latent_space"]
-        pairs += [(strategy, n) for n in src.spec.N if n <= limit]
+        floor = src.prior.num_classes if strategy == "beam" else 1  # DMBS needs a width N // (s·C) >= 1
+        pairs += [(strategy, n) for n in src.spec.N if floor <= n <= limit]
         if strategy == "data" and any(n > limit for n in src.spec.N):
             pairs.append((strategy, limit))  # every distinct training code
     return pairs
@@ -139,7 +144,7 @@ def exact_row(run: RunDir, cfg: RunConfig, splits: DataSplits, src: SourceModel)
                            model=src.spec.name, leaf=src.leaf, group=src.spec.group or src.spec.name, K=src.spec.K,
                            source_params=src.info["vqvae_params"], test_images=len(test_x), streamed=True)
 
-    return run.cached("distill", f"{src.leaf}/{src.spec.name}/exhaustive", compute)
+    return run.cached("distill", f"{src.leaf}/{src.spec.name}/exhaustive", compute, depends=src.files)
 
 
 def distill_all(run: RunDir, cfg: RunConfig, splits: DataSplits, src: SourceModel) -> tuple[list[dict], dict[str, MixtureCircuit]]:
@@ -172,7 +177,8 @@ def distill_all(run: RunDir, cfg: RunConfig, splits: DataSplits, src: SourceMode
                                starts=beam_starts(src, N) if strategy == "beam" else None,
                                test_images=len(test_x), circuit_file=str(path.relative_to(run.root)))
 
-        row = run.cached("distill", f"{src.leaf}/{src.spec.name}/{key}", compute, outputs=(path,))
+        row = run.cached("distill", f"{src.leaf}/{src.spec.name}/{key}", compute, outputs=(path,),
+                         depends=src.files)
         rows.append(row)
         circuits[key] = MixtureCircuit.load(path, device=cfg.device)
     return rows, circuits

@@ -53,27 +53,40 @@ class RunDir:
     def figure(self, name: str) -> Path:
         return self.path("figures", name)
 
-    def checkpoint(self, stage: str, *parts: str) -> Path:
-        """Path of a training checkpoint; removed first when ``stage`` is forced (training restarts)."""
+    def checkpoint(self, stage: str, *parts: str, after: tuple[Path, ...] = ()) -> Path:
+        """Path of a training checkpoint, removed first (training restarts) when ``stage`` is forced
+        or when a file it was trained from (``after``, e.g. the VQ-VAE for the prior) is newer."""
         p = self.path(*parts)
-        if self.forced(stage) and p.exists() and p not in self.redone:
+        if p.exists() and p not in self.redone and (self.forced(stage) or _newer(after, p)):
             p.unlink()
             self.redone.add(p)
         return p
 
+    def outdated(self, stage: str, path: Path, depends: tuple[Path, ...] = ()) -> bool:
+        """Whether the output file ``path`` must be (re)made: missing, forced, or older than a dependency."""
+        return not path.exists() or (self.forced(stage) and path not in self.redone) or _newer(depends, path)
+
     def cached(
-        self, stage: str, name: str, compute: Callable[[], dict[str, Any]], outputs: tuple[Path, ...] = ()
+        self, stage: str, name: str, compute: Callable[[], dict[str, Any]], outputs: tuple[Path, ...] = (),
+        depends: tuple[Path, ...] = (),
     ) -> dict[str, Any]:
-        """Return ``results/<name>.json`` if it and ``outputs`` exist (and ``stage`` is not forced), else compute it.
+        """Return ``results/<name>.json`` if it and ``outputs`` exist, no file in ``depends`` is newer and
+        ``stage`` is not forced; else compute it.
 
         ``compute`` writes ``outputs`` (files) itself and returns the numbers, which are written last, so a
-        stage interrupted half-way is redone on the next run.
+        stage interrupted half-way is redone on the next run, and so is one whose inputs changed.
         """
         path = self.path("results", f"{name}.json")
-        fresh = path.exists() and all(Path(o).exists() for o in outputs)
+        fresh = path.exists() and all(Path(o).exists() for o in outputs) and not _newer(depends, path)
         if fresh and not (self.forced(stage) and path not in self.redone):
             return json.loads(path.read_text())
         result = compute()
         write_json(path, result)
         self.redone.add(path)
         return result
+
+
+def _newer(sources: tuple[Path, ...], target: Path) -> bool:
+    """Whether any existing file in ``sources`` was modified after ``target``."""
+    mtime = target.stat().st_mtime_ns
+    return any(Path(p).exists() and Path(p).stat().st_mtime_ns > mtime for p in sources)

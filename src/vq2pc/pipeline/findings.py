@@ -1,0 +1,82 @@
+"""Plain sentences, computed from a run's numbers, that check the paper's claims and flag caveats.
+
+They go to the report's "Honest notes": whether the exact model bounds the distilled ones,
+whether beam search matches random sampling at equal N, how the baselines compare, and
+where a number was measured on fewer test images or components than asked for.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["findings"]
+
+
+def _by(rows: list[dict], family: str) -> list[dict]:
+    return [r for r in rows if r.get("family") == family]
+
+
+def _exm_bound(rows: list[dict], leaf: str) -> list[str]:
+    notes = []
+    for exm in _by(rows, "ExM"):
+        same = [r for r in rows if r.get("model") == exm.get("model") and r.get("family") not in ("ExM", "CM", "EiNet")]
+        if not same:
+            continue
+        best = min(same, key=lambda r: r["test_bpd"])
+        verdict = "the exact model is the bound, as the paper says" if exm["test_bpd"] <= best["test_bpd"] else (
+            "a distilled circuit beats the exact model (the paper expects ExM to be the bound; "
+            "a subset re-weighted by prior/uniform weights can fit the test data better)")
+        notes.append(f"[{leaf}] {exm['name']}: {exm['test_bpd']:.4f} BPD vs best distilled {best['name']} "
+                     f"(N={best['N']}) {best['test_bpd']:.4f}: {verdict}.")
+    return notes
+
+
+def _beam_vs_sample(rows: list[dict], leaf: str) -> list[str]:
+    notes = []
+    for beam in _by(rows, "DMBS"):
+        target = beam.get("requested_N") or beam["N"]
+        match = [r for r in _by(rows, "DMRS") if r.get("model") == beam.get("model") and r.get("requested_N") == target]
+        if match:
+            diff = beam["test_bpd"] - match[0]["test_bpd"]
+            notes.append(f"[{leaf}] DMBS vs DMRS ({beam.get('model')}, N={target}): {beam['test_bpd']:.4f} vs "
+                         f"{match[0]['test_bpd']:.4f} BPD (DMBS {'+' if diff >= 0 else ''}{diff:.4f}).")
+    return notes
+
+
+def _baselines(rows: list[dict], leaf: str) -> list[str]:
+    distilled = [r for r in rows if r.get("family") not in ("CM", "EiNet")]
+    if not distilled:
+        return []
+    best = min(distilled, key=lambda r: r["test_bpd"])
+    notes = []
+    for family in ("CM", "EiNet"):
+        fam = _by(rows, family)
+        if fam:
+            top = min(fam, key=lambda r: r["test_bpd"])
+            rel = "better" if top["test_bpd"] < best["test_bpd"] else "worse"
+            notes.append(f"[{leaf}] best {family} {top['name']} {top['test_bpd']:.4f} BPD is {rel} than the best "
+                         f"distilled model {best['name']} (N={best['N']}) {best['test_bpd']:.4f}.")
+    return notes
+
+
+def _caveats(rows: list[dict], report: dict[str, Any]) -> list[str]:
+    notes = []
+    full = report.get("splits", {}).get("test")
+    for r in rows:
+        if full and r.get("test_images") and r["test_images"] < full:
+            notes.append(f"{r['leaf']}: {r['name']} was evaluated on {r['test_images']} of {full} test images.")
+        if r.get("requested_N") and r["N"] < r["requested_N"]:
+            why = (f"the beam width B = N // (s·C) with s = {r.get('starts')} rounds down, and a start token's "
+                   "subtree can hold fewer than the latents asked of it" if r.get("family") == "DMBS"
+                   else "fewer distinct latents were found")
+            notes.append(f"{r['leaf']}: {r['name']} has N={r['N']} for the requested {r['requested_N']}: {why}.")
+    return notes
+
+
+def findings(report: dict[str, Any]) -> list[str]:
+    """Sentences for the report's notes, from ``report["models"]`` (rows of every leaf)."""
+    notes: list[str] = []
+    for leaf in dict.fromkeys(r.get("leaf") for r in report.get("models", [])):
+        rows = [r for r in report["models"] if r.get("leaf") == leaf and r.get("test_bpd") is not None]
+        notes += _exm_bound(rows, leaf) + _beam_vs_sample(rows, leaf) + _baselines(rows, leaf)
+    return notes + _caveats(report.get("models", []), report)
