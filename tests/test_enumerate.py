@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import all_codes, make_prior
 
-from vq2pc.enumerate import check_space, codes_to_index, enumerate_log_prior, index_to_codes, latent_space_size
-
-from test_prior import all_codes, make_prior, one_thread  # noqa: F401  (fixture)
+from vq2pc.enumerate import (
+    check_space,
+    codes_to_index,
+    enumerate_log_prior,
+    index_to_codes,
+    latent_space_size,
+)
 
 
 @pytest.mark.parametrize("hw,K,C", [((2, 2), 3, 2), ((1, 3), 4, 3), ((2, 3), 3, 2), ((1, 1), 5, 2), ((3, 1), 2, 1)])

@@ -6,6 +6,7 @@ import itertools
 
 import pytest
 import torch
+from helpers import make_prior
 from scipy.stats import chi2
 
 from vq2pc.circuit import MixtureCircuit
@@ -14,8 +15,6 @@ from vq2pc.exact import ExactModel
 from vq2pc.prior import PixelCNNPrior
 from vq2pc.selection import select
 from vq2pc.vqvae import VQVAE, VQVAEConfig
-
-from test_prior import make_prior
 
 LEVELS = 17
 

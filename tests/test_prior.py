@@ -2,33 +2,14 @@
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
 import torch
+from helpers import all_codes, make_prior
 from scipy.stats import chisquare
 
 from vq2pc.checkpoint import CheckpointError
 from vq2pc.prior import PixelCNNPrior, PriorConfig, train_prior
 from vq2pc.train import TrainConfig
-
-
-
-
-def make_prior(K: int = 3, hw: tuple[int, int] = (2, 2), C: int = 2, hidden: int = 8, layers: int = 3,
-               seed: int = 0, sharpen: float = 1.0) -> PixelCNNPrior:
-    torch.manual_seed(seed)
-    prior = PixelCNNPrior(PriorConfig(K=K, latent_hw=hw, num_classes=C, hidden=hidden, layers=layers)).eval()
-    with torch.no_grad():  # sharpen > 1: further from uniform, classes further apart
-        prior.head[-1].weight.mul_(sharpen)
-        for layer in prior.layers:
-            layer.cond.weight.mul_(sharpen)
-    return prior
-
-
-def all_codes(K: int, hw: tuple[int, int]) -> torch.Tensor:
-    """Every grid in row-major lexicographic order: [K^{hw}, h, w]."""
-    return torch.tensor(list(itertools.product(range(K), repeat=hw[0] * hw[1]))).view(-1, *hw)
 
 
 @pytest.mark.parametrize("layers", [1, 4])

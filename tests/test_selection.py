@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import all_codes, make_prior
 from scipy.stats import chisquare
 
 from vq2pc.beam import beam_search
 from vq2pc.enumerate import codes_to_index, enumerate_log_prior
 from vq2pc.selection import Selection, select
-
-from test_prior import all_codes, make_prior, one_thread  # noqa: F401  (fixture)
 
 
 @pytest.fixture(scope="module")
