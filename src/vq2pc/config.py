@@ -43,6 +43,11 @@ class ModelSpec:
     N: list[int] = field(default_factory=lambda: [16, 64, 256, 1024])
     weights: str = "uniform"  # mixture weights of the non-exhaustive strategies: uniform (Eq. 2) | prior
     starts: int = 10  # DMBS: starting tokens per class (s)
+    em_strategies: list[str] = field(default_factory=lambda: ["sample"])  # also refine these strategies' circuits by EM (+EM rows)
+    em_iterations: int = 5
+    em_leaves: bool = True  # EM on the leaf parameters too, not only the weights
+    em_prior_strength: float = 2.0  # Dirichlet pseudo-count (and decoder-leaf pseudo-observations), see refine.py
+    em_train_limit: int | None = 10000  # training images used by EM
 
 
 @dataclass
@@ -114,6 +119,9 @@ class RunConfig:
                 raise ValueError(f"config: model {m.name!r} has unknown strategies {bad}; expected {list(STRATEGIES)}")
             if m.K < 1 or any(n < 1 for n in m.N):
                 raise ValueError(f"config: model {m.name!r} needs K >= 1 and every N >= 1")
+            bad = [s for s in m.em_strategies if s not in STRATEGIES]
+            if bad:
+                raise ValueError(f"config: model {m.name!r} has unknown em_strategies {bad}")
             if m.weights not in ("uniform", "prior"):
                 raise ValueError(f"config: model {m.name!r} weights must be 'uniform' or 'prior'")
         for key in ("main_model", "analysis_model"):

@@ -26,7 +26,7 @@ from .plots import family_style, new_figure, save_figure, styled
 
 __all__ = ["test_bpd", "model_log_prob", "plot_bpd_vs_params", "plot_bpd_vs_N", "FAMILY_ORDER"]
 
-FAMILY_ORDER = ("ExM", "DMRS", "DMGS", "DMBS", "TopK", "DMData", "CM", "EiNet")
+FAMILY_ORDER = ("ExM", "DMRS", "DMRS+EM", "DMGS", "DMBS", "TopK", "DMData", "CM", "EiNet")
 
 
 @torch.no_grad()

@@ -56,6 +56,7 @@ FAMILY_STYLE: dict[str, tuple[str, str, bool]] = {
     "DMGS": ("tab:red", "P", False),
     "TopK": ("tab:orange", "^", False),
     "DMData": ("tab:olive", "v", False),
+    "DMRS+EM": ("tab:pink", "s", True),
     "CM": ("tab:brown", "o", False),
     "EiNet": ("tab:gray", "o", True),
 }

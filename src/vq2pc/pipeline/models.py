@@ -14,6 +14,7 @@ from ..data import DataSplits, to_model_space
 from ..distillation import distill
 from ..evaluate.density import test_bpd
 from ..exact import ExactModel
+from ..refine import EMConfig, em_refine
 from ..prior import PixelCNNPrior, PriorConfig, train_prior
 from ..selection import select
 from ..vqvae import VQVAE, VQVAEConfig, train_vqvae
@@ -181,4 +182,28 @@ def distill_all(run: RunDir, cfg: RunConfig, splits: DataSplits, src: SourceMode
                          depends=src.files)
         rows.append(row)
         circuits[key] = MixtureCircuit.load(path, device=cfg.device)
+        if strategy in src.spec.em_strategies:
+            rows.append(em_row(run, cfg, splits, src, key, circuits[key], row, test_x))
     return rows, circuits
+
+
+def em_row(run: RunDir, cfg: RunConfig, splits: DataSplits, src: SourceModel, key: str, circuit: MixtureCircuit,
+           row: dict[str, Any], test_x: torch.Tensor) -> dict[str, Any]:
+    """The circuit ``key`` refined by EM on training data (beyond the paper), saved and evaluated."""
+    spec = src.spec
+    path = run.path(src.leaf, spec.name, "circuits", f"{key}-em.safetensors")
+    source = run.path(src.leaf, spec.name, "circuits", f"{key}.safetensors")
+
+    def compute() -> dict[str, Any]:
+        v = splits.train_x[: spec.em_train_limit] if spec.em_train_limit else splits.train_x
+        x = to_model_space(v, src.leaf, splits.levels, torch.Generator().manual_seed(cfg.seed)).to(cfg.device)
+        em_cfg = EMConfig(iterations=spec.em_iterations, leaves=spec.em_leaves, prior_strength=spec.em_prior_strength)
+        refined, history = em_refine(circuit, x, em_cfg)
+        refined.save(path)
+        bpd = test_bpd(refined, test_x, src.leaf, splits.levels, draws=cfg.experiments.bpd_draws,
+                       generator=torch.Generator().manual_seed(cfg.seed))
+        extra = {k: v for k, v in row.items() if k not in ("name", "family", "N", "num_params", "test_bpd", "test_bpd_std")}
+        return circuit_row(f"{row['name']}+EM", f"{row['family']}+EM", refined, bpd, **{
+            **extra, "em_history": history, "circuit_file": str(path.relative_to(run.root))})
+
+    return run.cached("distill", f"{src.leaf}/{spec.name}/{key}-em", compute, outputs=(path,), depends=(source,))
