@@ -112,7 +112,7 @@ def test_report_md_links_and_config(full_run: dict[str, Any]) -> None:
 def test_rerun_skips_and_force_distill_recomputes(full_run: dict[str, Any]) -> None:
     cfg, out = full_run["cfg"], full_run["out"]
     checkpoints, circuits = mtimes(out, "**/*.pt"), mtimes(out, "*/*/circuits/*.safetensors")
-    assert len(checkpoints) == 9 and len(circuits) == 2 * 8
+    assert len(checkpoints) == 9 and len(circuits) == 2 * (8 + 2)  # 8 selections + 2 EM-refined DMRS per leaf
     start = time.perf_counter()
     again = run_pipeline(cfg, out)
     seconds = time.perf_counter() - start
