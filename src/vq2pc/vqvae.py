@@ -24,7 +24,7 @@ from .nets import Decoder, Encoder, halving_sizes, head_channels, head_leaf, ini
 from .quantizers import QUANTIZER_NAMES, QuantizerOutput, make_quantizer
 from .train import TrainConfig, TrainResult, fit
 
-__all__ = ["VQVAEConfig", "VQVAE", "train_vqvae"]
+__all__ = ["VQVAEConfig", "VQVAE", "train_vqvae", "encode_images"]
 
 
 @dataclass
@@ -192,3 +192,17 @@ def train_vqvae(
     result = fit(model, loss_fn, (splits.train_x,), val, train_cfg, checkpoint,
                  kind="vqvae", meta={"config": asdict(cfg)}, desc="vqvae")
     return model, result
+
+
+@torch.no_grad()
+def encode_images(vqvae: VQVAE, v: Tensor, seed: int = 0, batch_size: int = 1024) -> Tensor:
+    """Codes ``[n, h, w]`` of raw images ``v`` (``uint8 [n, C, H, W]`` levels), in batches.
+
+    Continuous pixels are dequantized with one fixed draw (``seed``), so the codes are reproducible.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    device = next(vqvae.parameters()).device
+    vqvae.eval()
+    parts = [vqvae.codes(to_model_space(v[i : i + batch_size], vqvae.cfg.leaf, vqvae.cfg.levels, gen).to(device)).cpu()
+             for i in range(0, len(v), batch_size)]
+    return torch.cat(parts)

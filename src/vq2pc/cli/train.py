@@ -14,7 +14,7 @@ from ..distillation import distill
 from ..prior import PixelCNNPrior, PriorConfig, train_prior
 from ..selection import select
 from ..train import TrainConfig
-from ..vqvae import VQVAE, VQVAEConfig, train_vqvae
+from ..vqvae import VQVAE, VQVAEConfig, encode_images, train_vqvae
 
 _FMT = argparse.ArgumentDefaultsHelpFormatter
 
@@ -107,21 +107,14 @@ def _train_vqvae(a: argparse.Namespace) -> int:
     return 0
 
 
-@torch.no_grad()
-def _codes(vqvae: VQVAE, v: torch.Tensor, seed: int) -> torch.Tensor:
-    from ..pipeline.models import encode_codes
-
-    return encode_codes(vqvae, v, vqvae.cfg.leaf, vqvae.cfg.levels, seed)
-
-
 def _train_prior(a: argparse.Namespace) -> int:
     splits = _splits(a)
     vqvae = VQVAE.load(a.vqvae, device=a.device)
     labeled = splits.num_classes > 1 and not a.unlabeled
     cfg = PriorConfig(K=vqvae.cfg.K, latent_hw=vqvae.cfg.latent_hw, num_classes=splits.num_classes if labeled else 1,
                       hidden=a.hidden, layers=a.layers)
-    prior, res = train_prior(_codes(vqvae, splits.train_x, a.seed), splits.train_y if labeled else None, cfg,
-                             _train_cfg(a), _codes(vqvae, splits.val_x, a.seed), splits.val_y if labeled else None,
+    prior, res = train_prior(encode_images(vqvae, splits.train_x, a.seed), splits.train_y if labeled else None, cfg,
+                             _train_cfg(a), encode_images(vqvae, splits.val_x, a.seed), splits.val_y if labeled else None,
                              checkpoint=a.out)
     print(json.dumps({"checkpoint": a.out, "best_val_nll_per_latent": res.best_val_loss, "epochs": res.epochs_run}))
     return 0

@@ -17,7 +17,7 @@ from ..exact import ExactModel
 from ..refine import EMConfig, em_refine
 from ..prior import PixelCNNPrior, PriorConfig, train_prior
 from ..selection import select
-from ..vqvae import VQVAE, VQVAEConfig, train_vqvae
+from ..vqvae import VQVAE, VQVAEConfig, encode_images, train_vqvae
 from .rundir import RunDir
 
 __all__ = ["SourceModel", "build_source_model", "distill_all", "circuit_row", "FAMILY"]
@@ -43,16 +43,6 @@ class SourceModel:
         return f"{self.leaf}/{self.spec.name}"
 
 
-@torch.no_grad()
-def encode_codes(vqvae: VQVAE, v: torch.Tensor, leaf: str, levels: int, seed: int, batch: int = 1024) -> torch.Tensor:
-    """Codes ``[n, h, w]`` of uint8 images ``v`` (one fixed dequantization draw), computed in batches."""
-    gen = torch.Generator().manual_seed(seed)
-    device = next(vqvae.parameters()).device
-    vqvae.eval()
-    out = [vqvae.codes(to_model_space(v[i : i + batch], leaf, levels, gen).to(device)).cpu() for i in range(0, len(v), batch)]
-    return torch.cat(out)
-
-
 def codebook_perplexity(codes: torch.Tensor, K: int) -> float:
     """exp(H) of the empirical code usage over all grid positions (1 = collapse, K = uniform use)."""
     counts = torch.bincount(codes.flatten(), minlength=K).double()
@@ -69,7 +59,7 @@ def build_source_model(run: RunDir, cfg: RunConfig, splits: DataSplits, leaf: st
     )
     train_cfg = replace(cfg.vqvae_train, seed=cfg.seed, device=cfg.device)
     vqvae, vq_res = train_vqvae(splits, vq_cfg, train_cfg, checkpoint=run.checkpoint("vqvae", leaf, spec.name, "vqvae.pt"))
-    codes = {s: encode_codes(vqvae, getattr(splits, f"{s}_x"), leaf, splits.levels, cfg.seed) for s in ("train", "val", "test")}
+    codes = {s: encode_images(vqvae, getattr(splits, f"{s}_x"), cfg.seed) for s in ("train", "val", "test")}
     labeled = splits.num_classes > 1
     prior_cfg = PriorConfig(K=spec.K, latent_hw=tuple(spec.latent_hw), num_classes=splits.num_classes if labeled else 1,
                             hidden=spec.prior_hidden, layers=spec.prior_layers)
