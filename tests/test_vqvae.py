@@ -124,7 +124,7 @@ def test_bad_inputs_raise_clear_errors(digits: DataSplits) -> None:
         model.decode(torch.zeros(1, 4))
     with pytest.raises(ValueError, match="unknown leaf"):
         _cfg("poisson")
-    with pytest.raises(ValueError, match="do not match"):
+    with pytest.raises(ValueError, match="does not match"):
         train_vqvae(digits, _cfg(levels=256), TrainConfig(epochs=1, progress=False))
 
 

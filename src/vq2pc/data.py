@@ -27,7 +27,7 @@ from torch import Tensor
 
 from .datasets.idx import IDX_SOURCES, load_idx_dataset
 
-__all__ = ["DataSplits", "DATASET_NAMES", "load_dataset", "to_model_space", "bpd"]
+__all__ = ["DataSplits", "DATASET_NAMES", "load_dataset", "to_model_space", "bpd", "check_fits"]
 
 DATASET_NAMES: tuple[str, ...] = ("digits", *IDX_SOURCES)
 _LEAF_KINDS = ("gaussian", "categorical", "bernoulli")
@@ -52,6 +52,13 @@ class DataSplits:
     def num_variables(self) -> int:
         """``S = C·H·W``."""
         return math.prod(self.image_shape)
+
+
+def check_fits(image_shape: tuple[int, ...], levels: int, splits: DataSplits, what: str = "config") -> None:
+    """Raise ``ValueError`` unless a model made for ``image_shape`` / ``levels`` fits the data of ``splits``."""
+    if tuple(image_shape) != tuple(splits.image_shape) or levels != splits.levels:
+        raise ValueError(f"{what} (image shape {tuple(image_shape)}, L={levels}) does not match the data "
+                         f"{splits.name!r} (image shape {tuple(splits.image_shape)}, L={splits.levels})")
 
 
 def _permute_split(x: Tensor, y: Tensor, sizes: tuple[int, ...], seed: int) -> list[tuple[Tensor, Tensor]]:

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from .checkpoint import SavableModel, load_checkpoint
-from .data import DataSplits, to_model_space
+from .data import DataSplits, check_fits, to_model_space
 from .leaves import LEAF_KINDS, Leaf
 from .nets import Decoder, Encoder, halving_sizes, head_channels, head_leaf, init_head, num_downsamplings
 from .quantizers import QUANTIZER_NAMES, QuantizerOutput, make_quantizer
@@ -171,9 +171,7 @@ def train_vqvae(
     the same noise as an uninterrupted one. The validation set is dequantized
     once with a fixed seed so validation losses are comparable across epochs.
     """
-    if tuple(cfg.image_shape) != splits.image_shape or cfg.levels != splits.levels:
-        raise ValueError(f"config image_shape {cfg.image_shape} / levels {cfg.levels} do not match dataset "
-                         f"{splits.name!r} ({splits.image_shape}, L={splits.levels})")
+    check_fits(cfg.image_shape, cfg.levels, splits)
     torch.manual_seed(train_cfg.seed)
     model = VQVAE(cfg)
     steps_per_epoch = math.ceil(len(splits.train_x) / train_cfg.batch_size)

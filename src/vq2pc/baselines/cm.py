@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from ..checkpoint import SavableModel
 from ..circuit import MixtureCircuit
-from ..data import DataSplits, to_model_space
+from ..data import DataSplits, check_fits, to_model_space
 from ..leaves import LOG_2PI, Categorical, Gaussian, Leaf
 from ..train import TrainConfig, TrainResult, fit
 
@@ -165,9 +165,7 @@ def train_cm(
     splits: DataSplits, cfg: CMConfig, train_cfg: TrainConfig, checkpoint: str | Path | None = None
 ) -> tuple[ContinuousMixture, TrainResult]:
     """Fit a continuous mixture by maximum (RQMC-estimated) likelihood with :func:`train.fit` (kind ``cm``)."""
-    if tuple(splits.image_shape) != cfg.image_shape or splits.levels != cfg.levels:
-        raise ValueError(f"config (shape {cfg.image_shape}, L={cfg.levels}) does not match the data "
-                         f"(shape {tuple(splits.image_shape)}, L={splits.levels})")
+    check_fits(cfg.image_shape, cfg.levels, splits)
     with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's global RNG
         torch.manual_seed(train_cfg.seed)
         model = ContinuousMixture(cfg)

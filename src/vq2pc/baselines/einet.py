@@ -66,7 +66,7 @@ import torch
 from torch import Tensor, nn
 
 from ..checkpoint import SavableModel
-from ..data import DataSplits, to_model_space
+from ..data import DataSplits, check_fits, to_model_space
 from ..train import TrainConfig, TrainResult, fit
 
 __all__ = ["EiNetConfig", "EiNet", "train_einet", "require_cirkit"]
@@ -375,9 +375,7 @@ def train_einet(
     splits: DataSplits, cfg: EiNetConfig, train_cfg: TrainConfig, checkpoint: str | Path | None = None
 ) -> tuple[EiNet, TrainResult]:
     """Fit an EiNet by maximum likelihood (Adam, :func:`train.fit`, kind ``einet``) on ``splits``."""
-    if tuple(splits.image_shape) != cfg.image_shape or splits.levels != cfg.levels:
-        raise ValueError(f"config (shape {cfg.image_shape}, L={cfg.levels}) does not match the data "
-                         f"(shape {tuple(splits.image_shape)}, L={splits.levels})")
+    check_fits(cfg.image_shape, cfg.levels, splits)
     cfg = replace(cfg, seed=train_cfg.seed)
     model = EiNet(cfg)
     result = fit(model, _nll_loss(cfg.leaf, cfg.levels, train_cfg.seed), (splits.train_x,), (splits.val_x,),
