@@ -121,6 +121,15 @@ def _draw_series(ax, series: dict[tuple[str, str], list[dict]], x_key: str, anno
                                 fontsize=7, color=color)
 
 
+def _y_scale(ax, values: list[float]) -> None:
+    """Log y when the BPDs span more than a factor 20 (a few catastrophic models would flatten the rest)."""
+    finite = [v for v in values if np.isfinite(v) and v > 0]
+    log = bool(finite) and max(finite) / min(finite) > 20
+    if log:
+        ax.set_yscale("log")
+    ax.set_ylabel("test bits per dimension" + (" (log scale)" if log else "") + " — lower is better")
+
+
 @styled
 def plot_bpd_vs_params(rows: Sequence[dict], out_png: str | Path, title: str | None = None) -> Path:
     """Fig. 2 / 7: test BPD versus number of parameters (log x), one style per family.
@@ -147,7 +156,7 @@ def plot_bpd_vs_params(rows: Sequence[dict], out_png: str | Path, title: str | N
                     va="top", ha="right", fontsize=7, color=color)
     ax.set_xscale("log")
     ax.set_xlabel("number of parameters (log scale)")
-    ax.set_ylabel("test bits per dimension (lower is better)")
+    _y_scale(ax, [float(r["test_bpd"]) for r in rows])
     ax.set_title(title or "Density estimation: test BPD vs model size")
     ax.legend(loc="best", ncols=2)
     return save_figure(fig, out_png)
@@ -165,7 +174,7 @@ def plot_bpd_vs_N(rows: Sequence[dict], out_png: str | Path, title: str | None =
     _draw_series(ax, _series(rows, "N"), "N", annotate_k=False)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("number of mixture components N (log scale)")
-    ax.set_ylabel("test bits per dimension (lower is better)")
+    _y_scale(ax, [float(r["test_bpd"]) for r in rows])
     ax.set_title(title or "Distilled circuits: test BPD vs number of components")
     ax.legend(loc="best")
     return save_figure(fig, out_png)

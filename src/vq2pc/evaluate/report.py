@@ -56,7 +56,7 @@ def _fmt(v: Any, digits: int = 4) -> str:
     if isinstance(v, bool):
         return str(v)
     if isinstance(v, int):
-        return f"{v:,}"
+        return f"{v:,}" if abs(v) < 10**12 else f"{v:.3e}"
     if isinstance(v, float):
         return "nan" if not math.isfinite(v) else f"{v:.{digits}g}" if abs(v) < 1e5 else f"{v:.3e}"
     return str(v).replace("|", "\\|")
@@ -148,6 +148,10 @@ def _header(report: dict) -> list[str]:
     wall = report.get("wall_seconds", report.get("wall_time_s"))
     if wall is not None:
         facts.append(("wall time", f"{wall:.1f} s ({wall / 60:.1f} min)"))
+    total = report.get("total_wall_seconds")
+    if total is not None and wall is not None and total > wall + 1:
+        facts.append(("wall time of all invocations of this run directory", f"{total:.1f} s ({total / 60:.1f} min); "
+                      "later invocations reuse finished stages"))
     lines += [f"- **{k}**: {_fmt(v)}" for k, v in facts if v is not None]
     settings = report.get("settings") or {}
     if settings:

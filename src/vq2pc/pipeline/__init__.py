@@ -6,6 +6,7 @@ redo); an interrupted training resumes from its last epoch checkpoint.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any, Iterable
@@ -70,9 +71,20 @@ def run_pipeline(cfg: RunConfig, out: str | Path, force: Iterable[str] = ()) -> 
         log(f"[{leaf}] experiments")
         report["experiments"][leaf] = run_experiments(run, cfg, splits, leaf, built, baselines, report)
     report["wall_seconds"] = round(time.perf_counter() - start, 2)
+    report["total_wall_seconds"] = round(_previous_total(run) + report["wall_seconds"], 2)
     _finish_report(run, report)
     log(f"done in {report['wall_seconds']:.0f} s: {run.root / 'report.md'}")
     return report
+
+
+def _previous_total(run: RunDir) -> float:
+    """Wall seconds of the earlier invocations of this run directory (0 for a fresh one)."""
+    path = run.root / "report.json"
+    try:
+        old = json.loads(path.read_text())
+        return float(old.get("total_wall_seconds", old.get("wall_seconds", 0.0)))
+    except (OSError, ValueError, AttributeError):
+        return 0.0
 
 
 def _finish_report(run: RunDir, report: dict[str, Any]) -> None:
