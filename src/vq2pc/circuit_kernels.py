@@ -198,18 +198,28 @@ class CategoricalKernel(Kernel):
     def fill_value(self) -> Tensor:
         return torch.zeros(self.s, dtype=self.table.dtype, device=self.table.device)
 
+    # Tiles of the gather-sum: PIXEL_BLOCK pixels' table rows × ROW_BLOCK data rows at a time keep the
+    # accumulator [ROW_BLOCK, N] near the cores. Measured on 2 CPU cores (S=784, L=256, N=1024, B=10000):
+    # 0.7–1.3 s against 1.3–1.6 s for one embedding_bag over all S pixels (timings vary between runs).
+    PIXEL_BLOCK = 128
+    ROW_BLOCK = 2048
+
     def loglik(self, x: Tensor, mask: Tensor | None, n0: int, n1: int, bias: Tensor | None = None) -> Tensor:
         if (n0, n1) != (0, self.table.shape[1]):
             raise ValueError("the categorical kernel evaluates all components at once")
-        base = torch.arange(self.s, device=x.device) * self.levels
-        idx = x.long() + base  # [B, S]
-        if mask is None:
-            out = F.embedding_bag(idx, self.table, mode="sum")
-        else:
-            counts = mask.sum(1)
-            offsets = torch.cumsum(counts, 0) - counts
-            out = F.embedding_bag(idx[mask], self.table, offsets, mode="sum")
-        return out if bias is None else out + bias
+        offsets = torch.arange(self.PIXEL_BLOCK, device=x.device) * self.levels
+        idx = x.long()  # [B, S] levels
+        weights = None if mask is None else mask.to(self.table.dtype)  # unobserved pixels add 0
+        out = torch.empty((x.shape[0], self.table.shape[1]), dtype=self.table.dtype, device=x.device)
+        for r0 in range(0, x.shape[0], self.ROW_BLOCK):
+            rows = slice(r0, r0 + self.ROW_BLOCK)
+            acc = out[rows].zero_() if bias is None else out[rows].copy_(bias.expand_as(out[rows]))
+            for p0 in range(0, self.s, self.PIXEL_BLOCK):
+                p1 = min(self.s, p0 + self.PIXEL_BLOCK)
+                acc += F.embedding_bag(
+                    idx[rows, p0:p1] + offsets[: p1 - p0], self.table[p0 * self.levels : p1 * self.levels],
+                    mode="sum", per_sample_weights=None if weights is None else weights[rows, p0:p1])
+        return out
 
 
 def categorical_view(table: Tensor, num_levels: int) -> Categorical:
