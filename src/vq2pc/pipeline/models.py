@@ -113,7 +113,7 @@ def make_circuit(src: SourceModel, cfg: RunConfig, strategy: str, N: int | None)
     selection = select(src.prior, strategy, N or 0, starts=beam_starts(src, N or 0), generator=gen, max_space=cfg.max_exhaustive,
                        codes_from_data=src.train_codes if strategy == "data" else None, device=cfg.device)
     weights = "prior" if strategy in ("exhaustive", "data") else src.spec.weights
-    meta = {"model": src.spec.name, "leaf": src.leaf, "levels_K": src.spec.K, "latent_hw": list(src.spec.latent_hw)}
+    meta = {"model": src.spec.name, "leaf": src.leaf, "K": src.spec.K, "latent_hw": list(src.spec.latent_hw)}
     return distill(src.vqvae, selection, weights=weights, meta=meta)
 
 
