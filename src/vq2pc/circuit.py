@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from .checkpoint import CheckpointError
-from .circuit_io import prepare_input, read_circuit, write_circuit
+from .circuit_io import check_sample_args, prepare_input, read_circuit, write_circuit
 from .circuit_kernels import categorical_view, make_kernel
 from .leaves import Categorical, Leaf, leaf_from_tensors
 
@@ -253,17 +253,13 @@ class MixtureCircuit:
         Conditional: component by Gumbel-max over the posterior scores, then its leaf on x_u.
         """
         if x is None:
-            if mask is not None:
-                raise ValueError("mask given without x")
-            if n is None or int(n) < 1:
-                raise ValueError(f"n must be a positive number of samples, got {n}")
+            count = check_sample_args(n, x, mask)
             cdf = torch.cumsum(self.log_weights.double().exp(), 0)
-            u = torch.rand(int(n), generator=generator, device=self.device, dtype=torch.float64) * cdf[-1]
+            u = torch.rand(count, generator=generator, device=self.device, dtype=torch.float64) * cdf[-1]
             idx = torch.searchsorted(cdf, u, right=True).clamp_max(len(self) - 1)
             return self._row_apply_leaf(idx, lambda lf: lf.sample(generator))
         xp, mp = self._prepare(x, mask)
-        if n is not None and int(n) != xp.shape[0]:
-            raise ValueError(f"n={n} does not match the {xp.shape[0]} rows of x (one conditional sample per row)")
+        check_sample_args(n, x, mask, rows=xp.shape[0])
         idx = self._argmax_component(xp, mp, generator, gumbel=True)
         draw = self._row_apply_leaf(idx, lambda lf: lf.sample(generator))
         return draw if mp is None else torch.where(mp, xp, draw)

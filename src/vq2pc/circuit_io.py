@@ -23,7 +23,7 @@ from torch import Tensor
 from .checkpoint import CheckpointError, atomic_write
 from .leaves import LEAF_KINDS, Leaf
 
-__all__ = ["FORMAT_TAG", "FORMAT_VERSION", "write_circuit", "read_circuit", "prepare_input"]
+__all__ = ["FORMAT_TAG", "FORMAT_VERSION", "write_circuit", "read_circuit", "prepare_input", "check_sample_args"]
 
 FORMAT_TAG = "vq2pc/circuit"
 FORMAT_VERSION = 1
@@ -116,3 +116,20 @@ def prepare_input(
     mask = _flatten(mask, batch, s, "mask").to(fill.device)
     leaf.validate_data(x[mask], "x (observed entries)")
     return torch.where(mask, x, fill), mask
+
+
+def check_sample_args(n: int | None, x: Tensor | None, mask: Tensor | None, rows: int | None = None) -> int | None:
+    """Validate the arguments of a ``sample(n, x=, mask=)`` query; returns ``n`` as an int (None if not given).
+
+    Unconditional (``x is None``): ``n >= 1`` and no mask. Conditional: ``n``, when given, must equal
+    the ``rows`` of the prepared ``x`` (one conditional sample per row).
+    """
+    if x is None:
+        if mask is not None:
+            raise ValueError("mask given without x")
+        if n is None or int(n) < 1:
+            raise ValueError(f"n must be a positive number of samples, got {n}")
+        return int(n)
+    if n is not None and rows is not None and int(n) != rows:
+        raise ValueError(f"n={n} does not match the {rows} rows of x (one conditional sample per row)")
+    return None if n is None else int(n)

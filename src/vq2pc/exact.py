@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .circuit import MixtureCircuit
-from .circuit_io import prepare_input
+from .circuit_io import check_sample_args, prepare_input
 from .distillation import decode_leaf
 from .enumerate import check_space, enumerate_log_prior, index_to_codes
 from .leaves import Leaf
@@ -217,19 +217,15 @@ class ExactModel:
         every entry is redrawn from the leaf of a posterior latent).
         """
         if x is None:
-            if mask is not None:
-                raise ValueError("mask given without x")
-            if n is None or int(n) < 1:
-                raise ValueError(f"n must be a positive number of samples, got {n}")
+            count = check_sample_args(n, x, mask)
             log_pc = self.prior.class_log_prior.float()
-            c = (log_pc + gumbel_noise((int(n), log_pc.shape[0]), generator, self.device)).argmax(1)
+            c = (log_pc + gumbel_noise((count, log_pc.shape[0]), generator, self.device)).argmax(1)
             parts = []
-            for a in range(0, int(n), self._rows):
+            for a in range(0, count, self._rows):
                 z = self.prior.sample(c[a : a + self._rows], generator)
                 parts.append(decode_leaf(self.vqvae, z).sample(generator))
             return torch.cat(parts)
         xp, mp = self._prepare(x, mask)
-        if n is not None and int(n) != xp.shape[0]:
-            raise ValueError(f"n={n} does not match the {xp.shape[0]} rows of x (one conditional sample per row)")
+        check_sample_args(n, x, mask, rows=xp.shape[0])
         draw = self._sample_leaves(self._posterior_draw(xp, mp, generator), generator)
         return draw if mp is None else torch.where(mp, xp, draw)

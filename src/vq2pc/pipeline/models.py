@@ -158,6 +158,7 @@ def distill_all(run: RunDir, cfg: RunConfig, splits: DataSplits, src: SourceMode
             circuit = make_circuit(src, cfg, strategy, N)
             circuit.meta.update({"image_shape": list(splits.image_shape), "levels": splits.levels})
             circuit.save(path)
+            circuits[key] = circuit  # no reload of what was just made
             bpd = test_bpd(circuit, test_x, src.leaf, splits.levels, draws=cfg.experiments.bpd_draws,
                            generator=torch.Generator().manual_seed(cfg.seed))
             family = FAMILY[strategy]
@@ -171,7 +172,8 @@ def distill_all(run: RunDir, cfg: RunConfig, splits: DataSplits, src: SourceMode
         row = run.cached("distill", f"{src.leaf}/{src.spec.name}/{key}", compute, outputs=(path,),
                          depends=src.files)
         rows.append(row)
-        circuits[key] = MixtureCircuit.load(path, device=cfg.device)
+        if key not in circuits:  # reused from an earlier run
+            circuits[key] = MixtureCircuit.load(path, device=cfg.device)
         if strategy in src.spec.em_strategies:
             rows.append(em_row(run, cfg, splits, src, key, circuits[key], row, test_x))
     return rows, circuits
