@@ -175,3 +175,15 @@ def test_log_likelihoods_match_leaf() -> None:
     assert torch.allclose(c.log_likelihoods(x), ref, atol=1e-5)
     assert math.isclose(c.num_params, 9 * 7 * 5 + 9)
     assert len(c) == 9 and c.num_variables == 7
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "categorical", "bernoulli"])
+def test_rows_with_nothing_observed_have_log_marginal_zero(kind: str) -> None:
+    c, x = _circuit_and_data(kind, n=9, s=20, b=6, seed=12)
+    mask = torch.rand(x.shape, generator=_gen(13)) < 0.5
+    mask[[1, 4]] = False  # two rows with no observed entry: p(x_o) = 1, posterior = prior
+    got = c.log_prob(x, mask=mask)
+    torch.testing.assert_close(got[[1, 4]], torch.zeros(2), atol=1e-5, rtol=0)
+    torch.testing.assert_close(c.posterior(x, mask=mask)[[1, 4]], c.log_weights.expand(2, -1), atol=1e-5, rtol=0)
+    direct = c.leaf.log_prob(x[:, None]).masked_fill(~mask[:, None], 0.0).sum(-1)  # [B, N]
+    torch.testing.assert_close(c.log_likelihoods(x, mask=mask), direct, atol=1e-4, rtol=1e-5)

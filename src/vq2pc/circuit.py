@@ -31,10 +31,19 @@ from .checkpoint import CheckpointError
 from .circuit_io import check_sample_args, prepare_input, read_circuit, write_circuit
 from .circuit_kernels import categorical_view, make_kernel
 from .leaves import Categorical, Leaf, leaf_from_tensors
+from .streaming import (
+    RunningArgmax,
+    Scratch,
+    SoftmaxWeightedSum,
+    add_gumbel_,
+    logsumexp_,
+)
 
 __all__ = ["MixtureCircuit"]
 
 _MIB = 1 << 20
+Blocks = list[tuple[int, int]]
+BlockFn = Callable[[Tensor, "Tensor | None", Blocks, Scratch], Tensor]
 
 
 class MixtureCircuit:
@@ -121,46 +130,48 @@ class MixtureCircuit:
         b_blk = max(1, min(batch, int(budget // (n_blk * cell + row))))
         return _ranges(batch, b_blk), _ranges(n, n_blk)
 
-    def _scores(self, x: Tensor, mask: Tensor | None, n0: int, n1: int) -> Tensor:
-        """``[b, n1-n0]`` log w_n + log p(x_o | n)."""
-        return self._kernel.loglik(x, mask, n0, n1, bias=self.log_weights[n0:n1])
+    def _scores(self, x: Tensor, mask: Tensor | None, n0: int, n1: int, scratch: Scratch) -> Tensor:
+        """``[b, n1-n0]`` log w_n + log p(x_o | n), a view of ``scratch`` (may be overwritten)."""
+        return self._kernel.loglik(x, mask, n0, n1, bias=self.log_weights[n0:n1], scratch=scratch)
 
     def _prepare(self, x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
         return prepare_input(x, mask, self.leaf, self._kernel.fill_value())
 
-    def _row_map(self, x: Tensor, mask: Tensor | None, fn: Callable[[Tensor, Tensor | None], Tensor], extra: int = 0) -> Tensor:
-        """Apply ``fn`` to row blocks of prepared ``x``/``mask`` and concatenate the results."""
-        rows, _ = self._blocks(x.shape[0], extra)
+    def _row_map(self, x: Tensor, mask: Tensor | None, fn: BlockFn, extra: int = 0) -> Tensor:
+        """Apply ``fn(x_rows, mask_rows, component_blocks, scratch)`` to row blocks of prepared
+        ``x``/``mask`` and concatenate the results (one :class:`Scratch` serves every block)."""
+        rows, cols = self._blocks(x.shape[0], extra)
+        scratch = Scratch()
         out: Tensor | None = None
         for b0, b1 in rows:
-            part = fn(x[b0:b1], None if mask is None else mask[b0:b1])
+            part = fn(x[b0:b1], None if mask is None else mask[b0:b1], cols, scratch)
             if out is None:
                 out = part.new_empty((x.shape[0], *part.shape[1:]))
             out[b0:b1] = part
         return out
-
-    def _component_blocks(self, batch: int) -> list[tuple[int, int]]:
-        return self._blocks(batch)[1]
 
     # --- likelihoods ----------------------------------------------------------------
     def log_likelihoods(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """``[B, N]`` per-component log p(x_o | n) (no weights)."""
         x, mask = self._prepare(x, mask)
 
-        def block(xb: Tensor, mb: Tensor | None) -> Tensor:
-            return torch.cat([self._kernel.loglik(xb, mb, n0, n1) for n0, n1 in self._component_blocks(len(xb))], 1)
+        def block(xb: Tensor, mb: Tensor | None, cols: Blocks, scratch: Scratch) -> Tensor:
+            out = scratch.take("rows", (len(xb), len(self)), self.log_weights.dtype, xb.device)
+            for n0, n1 in cols:
+                out[:, n0:n1] = self._kernel.loglik(xb, mb, n0, n1, scratch=scratch)
+            return out
 
-        return self._row_map(x, mask, block)
+        return self._row_map(x, mask, block, 4 * len(self))
 
     def log_prob(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """``[B]`` log p̂(x), or the log marginal of the observed entries when ``mask`` is given."""
         x, mask = self._prepare(x, mask)
         return self._row_map(x, mask, self._log_prob_block)
 
-    def _log_prob_block(self, x: Tensor, mask: Tensor | None) -> Tensor:
+    def _log_prob_block(self, x: Tensor, mask: Tensor | None, cols: Blocks, scratch: Scratch) -> Tensor:
         lse = None
-        for n0, n1 in self._component_blocks(len(x)):
-            part = torch.logsumexp(self._scores(x, mask, n0, n1), 1)
+        for n0, n1 in cols:
+            part = logsumexp_(self._scores(x, mask, n0, n1, scratch))
             lse = part if lse is None else torch.logaddexp(lse, part)
         return lse
 
@@ -168,11 +179,16 @@ class MixtureCircuit:
         """``[B, N]`` log p(n | x_o); each row log-sum-exps to 0."""
         x, mask = self._prepare(x, mask)
 
-        def block(xb: Tensor, mb: Tensor | None) -> Tensor:
-            s = torch.cat([self._scores(xb, mb, n0, n1) for n0, n1 in self._component_blocks(len(xb))], 1)
-            return s - torch.logsumexp(s, 1, keepdim=True)
+        def block(xb: Tensor, mb: Tensor | None, cols: Blocks, scratch: Scratch) -> Tensor:
+            out = scratch.take("rows", (len(xb), len(self)), self.log_weights.dtype, xb.device)
+            lse = None
+            for n0, n1 in cols:
+                s = out[:, n0:n1] = self._scores(xb, mb, n0, n1, scratch)
+                part = logsumexp_(s)
+                lse = part if lse is None else torch.logaddexp(lse, part)
+            return out.sub_(lse[:, None])
 
-        return self._row_map(x, mask, block)
+        return self._row_map(x, mask, block, 4 * len(self))
 
     # --- conditionals -----------------------------------------------------------------
     def component_means(self) -> Tensor:
@@ -187,18 +203,11 @@ class MixtureCircuit:
         means = self.component_means()
         extra = 3 * means.element_size() * self.num_variables
 
-        def block(xb: Tensor, mb: Tensor | None) -> Tensor:
-            num, den, top = None, None, None
-            for n0, n1 in self._component_blocks(len(xb)):
-                s = self._scores(xb, mb, n0, n1)
-                m = s.max(1, keepdim=True).values
-                new_top = m if top is None else torch.maximum(top, m)
-                p = torch.exp(s - new_top)
-                scale = None if top is None else torch.exp(top - new_top)
-                num = p @ means[n0:n1] if num is None else num * scale + p @ means[n0:n1]
-                den = p.sum(1, keepdim=True) if den is None else den * scale + p.sum(1, keepdim=True)
-                top = new_top
-            cm = num / den
+        def block(xb: Tensor, mb: Tensor | None, cols: Blocks, scratch: Scratch) -> Tensor:
+            acc = SoftmaxWeightedSum()
+            for n0, n1 in cols:
+                acc.add(self._scores(xb, mb, n0, n1, scratch), means[n0:n1])
+            cm = acc.result()
             return cm if mb is None else torch.where(mb, xb, cm)
 
         return self._row_map(x, mask, block, extra)
@@ -214,22 +223,16 @@ class MixtureCircuit:
         """``[B]`` argmax_n of the scores, plus Gumbel noise when ``gumbel`` (a posterior draw),
         plus ``Σ_{i unobserved} hidden_bonus[n, i]`` when given (``[N, S]``)."""
 
-        def block(xb: Tensor, mb: Tensor | None) -> Tensor:
-            best_val, best_idx = None, None
-            for n0, n1 in self._component_blocks(len(xb)):
-                s = self._scores(xb, mb, n0, n1)
+        def block(xb: Tensor, mb: Tensor | None, cols: Blocks, scratch: Scratch) -> Tensor:
+            best = RunningArgmax()
+            for n0, n1 in cols:
+                s = self._scores(xb, mb, n0, n1, scratch)
                 if hidden_bonus is not None and mb is not None:
-                    s = s + (~mb).to(s.dtype) @ hidden_bonus[n0:n1].T
+                    s.addmm_((~mb).to(s.dtype), hidden_bonus[n0:n1].T)
                 if gumbel:
-                    u = torch.rand(s.shape, generator=generator, device=s.device, dtype=s.dtype)
-                    s = s - torch.log(-torch.log(u.clamp_min(torch.finfo(s.dtype).tiny)))
-                val, idx = s.max(1)
-                idx = idx + n0
-                if best_val is not None:
-                    keep = best_val >= val
-                    val, idx = torch.where(keep, best_val, val), torch.where(keep, best_idx, idx)
-                best_val, best_idx = val, idx
-            return best_idx
+                    add_gumbel_(s, generator, scratch)
+                best.add(s, n0)
+            return best.result()
 
         return self._row_map(x, mask, block)
 

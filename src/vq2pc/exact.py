@@ -31,6 +31,13 @@ from .distillation import decode_leaf
 from .enumerate import check_space, enumerate_log_prior, index_to_codes
 from .leaves import Leaf
 from .prior import PixelCNNPrior, gumbel_noise
+from .streaming import (
+    RunningArgmax,
+    Scratch,
+    SoftmaxWeightedSum,
+    add_gumbel_,
+    logsumexp_,
+)
 
 __all__ = ["ExactModel"]
 
@@ -139,7 +146,7 @@ class ExactModel:
         x, mask = self._prepare(x, mask)
         acc = torch.full((x.shape[0],), -math.inf, dtype=torch.float64, device=self.device)
         for n0, circuit in self._chunks(x.shape[0], "ExM log p(x)"):
-            acc = torch.logaddexp(acc, torch.logsumexp(self._scores(circuit, n0, x, mask), 1).double())
+            acc = torch.logaddexp(acc, logsumexp_(self._scores(circuit, n0, x, mask)).double())
         return acc.float()
 
     @torch.no_grad()
@@ -168,33 +175,18 @@ class ExactModel:
 
         One streaming pass: running maximum of the scores, sums rescaled when it grows (float64)."""
         x, mask = self._prepare(x, mask)
-        num = torch.zeros(x.shape, dtype=torch.float64, device=self.device)
-        den = torch.zeros(x.shape[0], dtype=torch.float64, device=self.device)
-        top = torch.full_like(den, -math.inf)
+        acc = SoftmaxWeightedSum(torch.float64)
         for n0, circuit in self._chunks(x.shape[0], "ExM E[x|x_o]"):
-            s = self._scores(circuit, n0, x, mask)
-            new_top = torch.maximum(top, s.max(1).values.double())
-            p = torch.exp(s - new_top[:, None].float())
-            scale = torch.exp(top - new_top)
-            num = num * scale[:, None] + (p @ circuit.component_means()).double()
-            den = den * scale + p.sum(1).double()
-            top = new_top
-        cm = (num / den[:, None]).float()
+            acc.add(self._scores(circuit, n0, x, mask), circuit.component_means())
+        cm = acc.result().float()
         return cm if mask is None else torch.where(mask, x, cm)
 
     def _posterior_draw(self, x: Tensor, mask: Tensor | None, generator: torch.Generator | None) -> Tensor:
         """``[B]`` index of one latent per row drawn from p(z | x_o) (streaming Gumbel-max)."""
-        best_val, best_idx = None, None
+        best, scratch = RunningArgmax(), Scratch()
         for n0, circuit in self._chunks(x.shape[0], "ExM posterior draw"):
-            s = self._scores(circuit, n0, x, mask)
-            u = torch.rand(s.shape, generator=generator, device=s.device, dtype=s.dtype)
-            val, idx = (s - torch.log(-torch.log(u.clamp_min(torch.finfo(s.dtype).tiny)))).max(1)
-            idx = idx + n0
-            if best_val is not None:
-                keep = best_val >= val
-                val, idx = torch.where(keep, best_val, val), torch.where(keep, best_idx, idx)
-            best_val, best_idx = val, idx
-        return best_idx
+            best.add(add_gumbel_(self._scores(circuit, n0, x, mask), generator, scratch), n0)
+        return best.result()
 
     def _sample_leaves(self, idx: Tensor, generator: torch.Generator | None) -> Tensor:
         """``[n, S]``: one draw from p(x | z) for each latent index ``idx [n]`` (decoded in memory-bounded blocks)."""

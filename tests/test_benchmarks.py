@@ -1,0 +1,36 @@
+"""The benchmark scripts run at tiny sizes and print the promised JSON keys."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MNIST = ROOT.parent / "shared" / "data" / "mnist"
+KEYS = {"query", "leaf", "N", "B", "S", "seconds", "fraction_of_matmul", "speedup_vs_slow", "peak_rss_mib"}
+
+
+def _run(*args: str) -> list[dict]:
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "circuit_queries.py"), *args, "--repeat", "1"],
+                         capture_output=True, text=True, check=True, timeout=120)
+    return [json.loads(line) for line in out.stdout.splitlines()]
+
+
+def test_circuit_queries_prints_every_case() -> None:
+    lines = _run("--N", "64", "--B", "16", "--S", "20", "--levels", "8")
+    assert all(KEYS <= set(line) for line in lines)
+    cases = {(line["query"], line["leaf"]) for line in lines}
+    for leaf in ("gaussian", "categorical"):
+        assert {(q, leaf) for q in ("log_prob", "log_prob_masked", "posterior", "conditional_mean")} <= cases
+    assert all(line["seconds"] > 0 and line["peak_rss_mib"] > 0 for line in lines)
+    assert all("times_gaussian" in line for line in lines if line["leaf"] == "categorical")
+
+
+@pytest.mark.skipif(not MNIST.is_dir(), reason=f"MNIST IDX files not found at {MNIST}")
+def test_circuit_queries_on_mnist_images() -> None:
+    lines = _run("--data", "mnist", "--mnist-dir", str(MNIST), "--N", "32", "--B", "8", "--leaves", "categorical")
+    assert {line["query"] for line in lines} >= {"log_prob", "conditional_mean"}
