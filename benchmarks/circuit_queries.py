@@ -148,7 +148,7 @@ def main() -> None:
         c.component_means()
         for name, fn in queries.items():
             times = _median_seconds(fn, args.repeat)
-            extra = {} if gauss is None else {"gaussian_log_prob_seconds": round(gauss, 4), "times_gaussian": round(times[0] / gauss, 2)}
+            extra = {} if gauss is None else {"gaussian_log_prob_seconds": round(gauss, 6), "times_gaussian": round(times[0] / gauss, 2)}
             _emit(name, leaf, n, args, times, matmul[n], slow, note, extra)
         del c, x
 
@@ -199,8 +199,8 @@ def _emit(
         "N": n,
         "B": args.B,
         "S": args.S,
-        "seconds": round(sec, 4),
-        "seconds_min": round(times[1], 4),
+        "seconds": round(sec, 6),
+        "seconds_min": round(times[1], 6),
         "repeats": args.repeat,
         "fraction_of_matmul": round(mm / sec, 3),
         "speedup_vs_slow": None if slow is None else round(slow / sec, 1),
