@@ -21,6 +21,7 @@ from vq2pc.config import BaselineSpec, ExperimentSpec, ModelSpec, RunConfig, loa
 from vq2pc.data import load_dataset
 from vq2pc.evaluate.density import test_bpd
 from vq2pc.pipeline import run_pipeline
+from vq2pc.quantizers import make_quantizer
 from vq2pc.train import TrainConfig
 
 LIMIT = 150
@@ -222,3 +223,12 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match=re.escape(str(ckpt))) as info:
         run_pipeline(tiny_config(["gaussian"], full=False), tmp_path)
     assert isinstance(info.value, ValueError)
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads_and_builds_its_quantizers(path: Path) -> None:
+    cfg = load_config(path)
+    assert cfg.models
+    for spec in cfg.models:  # unknown quantizer options fail here, not an hour into a run
+        quantizer = make_quantizer(spec.quantizer, spec.K, spec.D, spec.beta, **spec.quantizer_opts)
+        assert quantizer.codebook.shape == (spec.K, spec.D)

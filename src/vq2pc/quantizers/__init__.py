@@ -20,23 +20,25 @@ class QuantizerOutput(NamedTuple):
 
     z_q: Tensor         # [B, D, h, w] quantized latents; straight-through gradient to z_e
     codes: Tensor       # [B, h, w] long, codeword indices in 0..K-1
-    loss: Tensor        # scalar: the quantizer's training loss (codebook + β·commitment for "vq")
+    loss: Tensor        # scalar: the quantizer's training loss (codebook + β·commitment for "vq", ALBO terms for "gmvq")
     perplexity: Tensor  # scalar: exp(entropy of the batch's code histogram), in [1, K]
 
 
-QUANTIZER_NAMES: tuple[str, ...] = ("vq", "ema")
+QUANTIZER_NAMES: tuple[str, ...] = ("vq", "ema", "gmvq")
 
 
 def make_quantizer(name: str, K: int, D: int, beta: float, **opts: Any) -> nn.Module:
     """Build quantizer ``name`` (one of :data:`QUANTIZER_NAMES`) with ``K`` codewords of length ``D``.
 
     ``opts`` go to the family's constructor (e.g. ``kmeans_init=True``,
-    ``dead_code_threshold=0.5`` for ``vq``; ``decay=0.99`` for ``ema``).
+    ``dead_code_threshold=0.5`` for ``vq``; ``decay=0.99`` for ``ema``; ``alpha``, ``sigma``,
+    ``tau_start``, ``tau_end``, ``anneal_steps`` for ``gmvq``).
     """
     from .ema import EMAVectorQuantizer
+    from .gmvq import GMVectorQuantizer
     from .vq import VectorQuantizer
 
-    families: dict[str, type[nn.Module]] = {"vq": VectorQuantizer, "ema": EMAVectorQuantizer}
+    families: dict[str, type[nn.Module]] = {"vq": VectorQuantizer, "ema": EMAVectorQuantizer, "gmvq": GMVectorQuantizer}
     if name not in families:
         raise ValueError(f"unknown quantizer {name!r}; expected one of {list(QUANTIZER_NAMES)}")
     if K < 1 or D < 1:

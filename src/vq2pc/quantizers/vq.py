@@ -105,12 +105,8 @@ class VectorQuantizer(nn.Module):
 
     def forward(self, z_e: Tensor) -> QuantizerOutput:
         """Quantize ``z_e [B, D, h, w]`` (see :class:`QuantizerOutput`)."""
-        if z_e.dim() != 4 or z_e.shape[1] != self.D:
-            raise ValueError(f"z_e must have shape [B, {self.D}, h, w], got {tuple(z_e.shape)}")
+        flat = self._flat_input(z_e)
         B, _, h, w = z_e.shape
-        flat = _flatten(z_e)
-        if self.training:
-            self._before_assignment(flat.detach())
         codes = nearest_codes(flat.detach(), self.embedding)
         e = F.embedding(codes, self.embedding)
         loss = self._loss(flat, e, B)
@@ -123,6 +119,15 @@ class VectorQuantizer(nn.Module):
             loss=loss,
             perplexity=perplexity(codes, self.K),
         )
+
+    def _flat_input(self, z_e: Tensor) -> Tensor:
+        """Checked ``z_e [B, D, h, w]`` as ``[B·h·w, D]``, after the training-time codebook hooks."""
+        if z_e.dim() != 4 or z_e.shape[1] != self.D:
+            raise ValueError(f"z_e must have shape [B, {self.D}, h, w], got {tuple(z_e.shape)}")
+        flat = _flatten(z_e)
+        if self.training:
+            self._before_assignment(flat.detach())
+        return flat
 
     # --- training-time hooks ------------------------------------------------------------------------
     def _loss(self, flat: Tensor, e: Tensor, batch: int) -> Tensor:
