@@ -131,3 +131,16 @@ def test_bad_arguments() -> None:
     q = make_quantizer("vq", 4, 2, 0.25)
     with pytest.raises(ValueError, match="z_e must have shape"):
         q(torch.zeros(2, 3, 1, 1))
+
+
+@pytest.mark.parametrize("name", ["vq", "ema"])
+def test_l2_normalized_codes_pick_the_highest_cosine_and_are_unit_vectors(name: str) -> None:
+    q = make_quantizer(name, K=16, D=5, beta=0.25, l2_normalize=True).eval()
+    q.embedding.data = torch.randn(16, 5, generator=torch.Generator().manual_seed(3)) * torch.linspace(0.1, 5, 16)[:, None]
+    z = 3.0 * _z()
+    flat = z.permute(0, 2, 3, 1).reshape(-1, 5)
+    cosine = torch.nn.functional.normalize(flat, dim=1) @ torch.nn.functional.normalize(q.embedding, dim=1).T
+    out = q(z)
+    assert torch.equal(out.codes.reshape(-1), cosine.argmax(1)) and torch.equal(q.nearest(z), out.codes)
+    torch.testing.assert_close(out.z_q.norm(dim=1), torch.ones(3, 4, 2))
+    torch.testing.assert_close(q.embed(out.codes), out.z_q)

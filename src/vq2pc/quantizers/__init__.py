@@ -24,21 +24,25 @@ class QuantizerOutput(NamedTuple):
     perplexity: Tensor  # scalar: exp(entropy of the batch's code histogram), in [1, K]
 
 
-QUANTIZER_NAMES: tuple[str, ...] = ("vq", "ema", "gmvq")
+QUANTIZER_NAMES: tuple[str, ...] = ("vq", "ema", "gumbel", "gmvq")
 
 
 def make_quantizer(name: str, K: int, D: int, beta: float, **opts: Any) -> nn.Module:
     """Build quantizer ``name`` (one of :data:`QUANTIZER_NAMES`) with ``K`` codewords of length ``D``.
 
     ``opts`` go to the family's constructor (e.g. ``kmeans_init=True``,
-    ``dead_code_threshold=0.5`` for ``vq``; ``decay=0.99`` for ``ema``; ``alpha``, ``sigma``,
-    ``tau_start``, ``tau_end``, ``anneal_steps`` for ``gmvq``).
+    ``dead_code_threshold=0.5``, ``l2_normalize=True`` for ``vq``; ``decay=0.99`` for ``ema``;
+    ``tau_start``, ``tau_end``, ``anneal_steps`` for ``gumbel`` and ``gmvq``; ``hard`` for
+    ``gumbel``; ``alpha``, ``sigma`` for ``gmvq``).
     """
     from .ema import EMAVectorQuantizer
     from .gmvq import GMVectorQuantizer
+    from .gumbel import GumbelQuantizer
     from .vq import VectorQuantizer
 
-    families: dict[str, type[nn.Module]] = {"vq": VectorQuantizer, "ema": EMAVectorQuantizer, "gmvq": GMVectorQuantizer}
+    families: dict[str, type[nn.Module]] = {
+        "vq": VectorQuantizer, "ema": EMAVectorQuantizer, "gumbel": GumbelQuantizer, "gmvq": GMVectorQuantizer,
+    }
     if name not in families:
         raise ValueError(f"unknown quantizer {name!r}; expected one of {list(QUANTIZER_NAMES)}")
     if K < 1 or D < 1:

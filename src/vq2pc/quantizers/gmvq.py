@@ -37,8 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import QuantizerOutput
-from .vq import VectorQuantizer, _flatten, perplexity
+from .gumbel import GumbelFamily, gumbel_softmax_draw
 
 __all__ = ["GMVectorQuantizer", "gmvq_logits"]
 
@@ -48,7 +47,7 @@ def gmvq_logits(z: Tensor, w: Tensor, codebook: Tensor) -> Tensor:
     return -0.5 * ((w * z * z).sum(1, keepdim=True) - 2.0 * (w * z) @ codebook.t() + w @ (codebook * codebook).t())
 
 
-class GMVectorQuantizer(VectorQuantizer):
+class GMVectorQuantizer(GumbelFamily):
     """GM-VQ codebook of means ``[K, D]`` trained by gradient on the ALBO (see module docstring).
 
     ``beta`` weighs the latent-alignment KL, ``alpha`` the aggregated-posterior KL,
@@ -60,68 +59,36 @@ class GMVectorQuantizer(VectorQuantizer):
         self, K: int, D: int, beta: float, *, alpha: float = 1.0, sigma: float = 0.5, tau_start: float = 2.0,
         tau_end: float = 0.1, anneal_steps: int = 2000, **opts: Any,
     ) -> None:
-        super().__init__(K, D, beta, **opts)
-        if alpha < 0 or sigma <= 0 or not 0 < tau_end <= tau_start or anneal_steps < 1:
-            raise ValueError("need alpha >= 0, sigma > 0, 0 < tau_end <= tau_start and anneal_steps >= 1")
+        super().__init__(K, D, beta, tau_start=tau_start, tau_end=tau_end, anneal_steps=anneal_steps, **opts)
+        if alpha < 0 or sigma <= 0:
+            raise ValueError(f"need alpha >= 0 and sigma > 0, got alpha={alpha}, sigma={sigma}")
         self.alpha, self.sigma = float(alpha), float(sigma)
-        self.tau_start, self.tau_end, self.anneal_steps = float(tau_start), float(tau_end), int(anneal_steps)
         self.weight_head = nn.Linear(D, D)
         nn.init.zeros_(self.weight_head.weight)
         nn.init.constant_(self.weight_head.bias, math.log(math.e - 1.0))  # softplus(r) = 1: plain distances at start
         self.aggregate_perplexity = float("nan")
 
-    @property
-    def tau(self) -> float:
-        """Gumbel-softmax temperature at the current step (geometric from tau_start to tau_end)."""
-        frac = min(1.0, int(self.steps) / self.anneal_steps)
-        return self.tau_start * (self.tau_end / self.tau_start) ** frac
-
-    def posterior_logits(self, flat: Tensor) -> Tensor:
+    def logits(self, flat: Tensor) -> Tensor:
         """``ℓ [n, K]`` for proxies ``flat [n, D]`` (Eqs. 15–16)."""
         return gmvq_logits(flat, F.softplus(self.weight_head(flat)), self.embedding)
 
-    def nearest(self, z_e: Tensor) -> Tensor:
-        """Codes ``[B, h, w]``: the posterior modes ``argmax_c q(c | x)``; no side effects."""
-        B, _, h, w = z_e.shape
-        return self.posterior_logits(_flatten(z_e)).argmax(1).reshape(B, h, w)
+    def _dist2(self, flat: Tensor) -> Tensor:
+        """``‖ẑ − e_c‖² [n, K]`` (one matrix product)."""
+        e = self.embedding
+        return ((flat * flat).sum(1, keepdim=True) - 2.0 * flat @ e.t() + (e * e).sum(1)).clamp_min(0.0)
 
-    def forward(self, z_e: Tensor) -> QuantizerOutput:
-        """Sample (training) or take the mode (evaluation) of the GM-VQ posterior for ``z_e [B, D, h, w]``."""
-        flat = self._flat_input(z_e)
-        B, _, h, w = z_e.shape
-        logits = self.posterior_logits(flat)
-        dist2 = (flat * flat).sum(1, keepdim=True) - 2.0 * flat @ self.embedding.t() + (self.embedding**2).sum(1)
-        dist2 = dist2.clamp_min(0.0)  # ‖ẑ − e_c‖² [n, K]
-        if self.training:
-            z, codes = self._sample(logits, dist2)
-            self._after_assignment(flat.detach(), codes)
-        else:
-            codes = logits.argmax(1)
-            z = F.embedding(codes, self.embedding)
-        return QuantizerOutput(
-            z_q=z.reshape(B, h, w, self.D).permute(0, 3, 1, 2),
-            codes=codes.reshape(B, h, w),
-            loss=self._albo_regularizer(logits, dist2, B),
-            perplexity=perplexity(codes, self.K),
-        )
-
-    def _sample(self, logits: Tensor, dist2: Tensor) -> tuple[Tensor, Tensor]:
+    def _draw(self, flat: Tensor, logits: Tensor) -> tuple[Tensor, Tensor]:
         """``z = e_c + σ̃_c ε`` with ``c`` a straight-through Gumbel-softmax draw; returns ``(z [n, D], c [n])``."""
         gen = self._generator(logits.device)
-        u = torch.rand(logits.shape, generator=gen, device=logits.device, dtype=logits.dtype)
-        gumbel = -torch.log(-torch.log(u.clamp_min(torch.finfo(u.dtype).tiny)))
-        soft = torch.softmax((logits + gumbel) / self.tau, 1)
-        codes = soft.argmax(1)
-        one_hot = F.one_hot(codes, self.K).to(soft.dtype)
-        y = one_hot + soft - soft.detach()  # straight-through: forward one-hot, backward softmax
-        var = self.sigma**2 + dist2 / self.D  # σ̃_c² [n, K]
+        y, codes = gumbel_softmax_draw(logits, self.tau, gen, hard=True)  # one-hot forward, softmax backward
+        var = self.sigma**2 + self._dist2(flat) / self.D  # σ̃_c² [n, K]
         eps = torch.randn(logits.shape[0], self.D, generator=gen, device=logits.device, dtype=logits.dtype)
         return y @ self.embedding + (y * var).sum(1, keepdim=True).sqrt() * eps, codes
 
-    def _albo_regularizer(self, logits: Tensor, dist2: Tensor, batch: int) -> Tensor:
+    def _regularizer(self, flat: Tensor, logits: Tensor, batch: int) -> Tensor:
         """``β · E_q KL(q(z|x,c) ‖ p(z|c)) + α · (log K − H(q̄))``, per image (see module docstring)."""
         q = torch.softmax(logits, 1)
-        t = dist2 / (self.D * self.sigma**2)
+        t = self._dist2(flat) / (self.D * self.sigma**2)
         alignment = (q * (0.5 * self.D) * (t - torch.log1p(t))).sum() / batch
         q_bar = q.mean(0)
         entropy = torch.special.entr(q_bar).sum()

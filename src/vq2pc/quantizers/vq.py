@@ -7,8 +7,10 @@ codeword (as the squared norms of Eq. 6) and averaged over the batch — the sam
 convention as the reconstruction NLL, which is summed over pixels; the
 straight-through estimator copies the gradient of ``z_q`` to ``z_e``.
 
-Options: k-means initialization of the codebook from the first training batch,
-and dead-code replacement (a codeword whose moving-average use per batch falls
+Options: ℓ2-normalized codes (encoder outputs and codewords are projected onto
+the unit sphere before the nearest-codeword search, so distances are cosine
+distances and ``z_q`` is a unit vector), k-means initialization of the codebook
+from the first training batch, and dead-code replacement (a codeword whose moving-average use per batch falls
 below a threshold is moved onto a random encoder output of the current batch).
 """
 
@@ -65,6 +67,7 @@ def kmeans(x: Tensor, K: int, iters: int, generator: torch.Generator) -> Tensor:
 class VectorQuantizer(nn.Module):
     """Codebook ``[K, D]`` learned by gradient (codebook + β·commitment loss).
 
+    ``l2_normalize``: quantize ``z_e / ‖z_e‖`` to the nearest of the normalized codewords.
     ``kmeans_init``: on the first training forward, set the codebook by
     ``kmeans_iters`` Lloyd iterations on that batch's encoder outputs.
     ``dead_code_threshold > 0``: track ``usage`` (moving average, ``usage_decay``,
@@ -76,7 +79,7 @@ class VectorQuantizer(nn.Module):
 
     def __init__(
         self, K: int, D: int, beta: float, *, kmeans_init: bool = False, kmeans_iters: int = 10,
-        dead_code_threshold: float = 0.0, usage_decay: float = 0.99, seed: int = 0,
+        dead_code_threshold: float = 0.0, usage_decay: float = 0.99, seed: int = 0, l2_normalize: bool = False,
     ) -> None:
         super().__init__()
         if dead_code_threshold < 0 or not 0 < usage_decay < 1 or kmeans_iters < 0:
@@ -84,6 +87,7 @@ class VectorQuantizer(nn.Module):
         self.K, self.D, self.beta = K, D, float(beta)
         self.kmeans_iters, self.dead_code_threshold, self.usage_decay, self.seed = (
             kmeans_iters, float(dead_code_threshold), float(usage_decay), seed)
+        self.l2_normalize = bool(l2_normalize)
         self.embedding = nn.Parameter(torch.empty(K, D).uniform_(-1.0 / K, 1.0 / K))
         self.register_buffer("initialized", torch.tensor(not kmeans_init))
         self.register_buffer("usage", torch.full((K,), 2.0 * self.dead_code_threshold))
@@ -91,24 +95,26 @@ class VectorQuantizer(nn.Module):
 
     @property
     def codebook(self) -> Tensor:
-        """The codewords ``[K, D]``."""
-        return self.embedding
+        """The codewords ``[K, D]`` (unit vectors with ``l2_normalize``)."""
+        return F.normalize(self.embedding, dim=1) if self.l2_normalize else self.embedding
 
     def embed(self, codes: Tensor) -> Tensor:
         """Codewords of ``codes [B, h, w]`` (long) as ``z_q [B, D, h, w]``."""
-        return F.embedding(codes, self.embedding).permute(0, 3, 1, 2)
+        return F.embedding(codes, self.codebook).permute(0, 3, 1, 2)
 
     def nearest(self, z_e: Tensor) -> Tensor:
         """Codes ``[B, h, w]`` of the nearest codewords to ``z_e [B, D, h, w]``; no side effects."""
         B, _, h, w = z_e.shape
-        return nearest_codes(_flatten(z_e), self.embedding).reshape(B, h, w)
+        flat = _flatten(z_e)
+        return nearest_codes(F.normalize(flat, dim=1) if self.l2_normalize else flat, self.codebook).reshape(B, h, w)
 
     def forward(self, z_e: Tensor) -> QuantizerOutput:
         """Quantize ``z_e [B, D, h, w]`` (see :class:`QuantizerOutput`)."""
         flat = self._flat_input(z_e)
         B, _, h, w = z_e.shape
-        codes = nearest_codes(flat.detach(), self.embedding)
-        e = F.embedding(codes, self.embedding)
+        codebook = self.codebook
+        codes = nearest_codes(flat.detach(), codebook)
+        e = F.embedding(codes, codebook)
         loss = self._loss(flat, e, B)
         if self.training:
             self._after_assignment(flat.detach(), codes)
@@ -125,6 +131,8 @@ class VectorQuantizer(nn.Module):
         if z_e.dim() != 4 or z_e.shape[1] != self.D:
             raise ValueError(f"z_e must have shape [B, {self.D}, h, w], got {tuple(z_e.shape)}")
         flat = _flatten(z_e)
+        if self.l2_normalize:
+            flat = F.normalize(flat, dim=1)
         if self.training:
             self._before_assignment(flat.detach())
         return flat
