@@ -10,7 +10,7 @@ from helpers import make_prior
 from scipy.stats import chi2
 
 from vq2pc.circuit import MixtureCircuit
-from vq2pc.distillation import distill
+from vq2pc.distillation import decode_leaf, distill
 from vq2pc.exact import ExactModel
 from vq2pc.prior import PixelCNNPrior
 from vq2pc.selection import select
@@ -189,3 +189,18 @@ def test_bad_inputs_raise_clear_errors(prior: PixelCNNPrior) -> None:
         exact.sample(4, x=x, mask=mask)
     with pytest.raises(ValueError, match="k must"):
         exact.posterior_top(x, mask, k=82)
+
+
+def test_std_floor_is_the_same_for_exact_model_and_distilled_circuit(prior: PixelCNNPrior) -> None:
+    vqvae = make_vqvae("gaussian")
+    floor = float(decode_leaf(vqvae, torch.zeros(1, 2, 2, dtype=torch.long)).scale.median())  # binds for half the pixels
+    exact = ExactModel(vqvae, prior, chunk=7, std_floor=floor)
+    circuit = distill(vqvae, select(prior, "exhaustive", None), weights="prior", std_floor=floor)
+    assert float(circuit.leaf.scale.min()) == pytest.approx(floor) and circuit.meta["std_floor"] == floor
+    x, mask = data("gaussian", 6, seed=3)
+    torch.testing.assert_close(exact.log_prob(x, mask), circuit.log_prob(x, mask), atol=2e-4, rtol=1e-5)
+    assert not torch.allclose(exact.log_prob(x), ExactModel(vqvae, prior).log_prob(x))
+    with pytest.raises(ValueError, match="Gaussian leaves only"):
+        ExactModel(make_vqvae("categorical"), prior, std_floor=0.1)
+    with pytest.raises(ValueError, match="positive finite"):
+        distill(vqvae, select(prior, "topk", 5), std_floor=0.0)

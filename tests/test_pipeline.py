@@ -232,3 +232,19 @@ def test_every_shipped_config_loads_and_builds_its_quantizers(path: Path) -> Non
     for spec in cfg.models:  # unknown quantizer options fail here, not an hour into a run
         quantizer = make_quantizer(spec.quantizer, spec.K, spec.D, spec.beta, **spec.quantizer_opts)
         assert quantizer.codebook.shape == (spec.K, spec.D)
+
+
+def test_std_floor_reaches_every_circuit_and_names_its_rows(tmp_path: Path) -> None:
+    cfg = tiny_config(["gaussian"], full=False)
+    model = dataclasses.replace(cfg.models[0], strategies=["exhaustive", "topk"], std_floor=0.05)
+    cfg = dataclasses.replace(cfg, models=[model], experiments=dataclasses.replace(
+        cfg.experiments, inpainting=True, inpainting_images=2, inpainting_eval_images=5)).validate()
+    report = run_pipeline(cfg, tmp_path)
+    rows = [r for r in report["models"] if r["selection"] in ("exhaustive", "topk")]
+    assert rows and all(r["std_floor"] == 0.05 and r["name"].endswith("σ≥0.05") for r in rows)
+    files = sorted((tmp_path / "gaussian" / "m" / "circuits").glob("*.safetensors"))
+    assert files and all("-floor0.05" in f.name for f in files)
+    for f in files:
+        circuit = MixtureCircuit.load(f)
+        assert circuit.meta["std_floor"] == 0.05 and float(circuit.leaf.scale.min()) >= 0.05
+    assert report["experiments"]["gaussian"]["inpainting"]  # the showcase parses floored keys

@@ -8,6 +8,8 @@ the experiments switched on in ``experiments``. Unknown keys are an error
 
 from __future__ import annotations
 
+import math
+
 import dataclasses
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -48,6 +50,7 @@ class ModelSpec:
     em_leaves: bool = True  # EM on the leaf parameters too, not only the weights
     em_prior_strength: float = 2.0  # Dirichlet pseudo-count (and decoder-leaf pseudo-observations), see refine.py
     em_train_limit: int | None = 10000  # training images used by EM
+    std_floor: float | None = None  # Gaussian leaves: raise decoded stds below this (every circuit and ExM of the model)
 
 
 @dataclass
@@ -124,6 +127,8 @@ class RunConfig:
                 raise ValueError(f"config: model {m.name!r} has unknown em_strategies {bad}")
             if m.weights not in ("uniform", "prior"):
                 raise ValueError(f"config: model {m.name!r} weights must be 'uniform' or 'prior'")
+            if m.std_floor is not None and not (isinstance(m.std_floor, (int, float)) and 0 < m.std_floor < math.inf):
+                raise ValueError(f"config: model {m.name!r} std_floor must be a positive number, got {m.std_floor!r}")
         for key in ("main_model", "analysis_model"):
             value = getattr(self, key) if key == "main_model" else self.experiments.analysis_model
             if value is not None and value not in names:

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from .circuit import MixtureCircuit
 from .circuit_io import check_sample_args, prepare_input
-from .distillation import decode_leaf
+from .distillation import check_std_floor, decode_leaf
 from .enumerate import check_space, enumerate_log_prior, index_to_codes
 from .leaves import Leaf
 from .prior import PixelCNNPrior, gumbel_noise
@@ -58,6 +58,7 @@ class ExactModel:
         memory_budget_mib: memory bound of one chunk (and of each chunk circuit's temporaries).
         device: where to compute (both models are moved there, in place); default: the VQ-VAE's device.
         progress: show a tqdm bar per streaming pass.
+        std_floor: raise decoded Gaussian stds below it to it (see :func:`vq2pc.distillation.decode_leaf`).
     """
 
     def __init__(
@@ -70,6 +71,7 @@ class ExactModel:
         memory_budget_mib: float = 1024,
         device: str | torch.device | None = None,
         progress: bool = False,
+        std_floor: float | None = None,
     ) -> None:
         cfg = getattr(vqvae, "cfg", None)
         if cfg is None or not isinstance(prior, PixelCNNPrior):
@@ -84,6 +86,8 @@ class ExactModel:
         self.device = torch.device(device) if device is not None else next(vqvae.parameters()).device
         self.vqvae, self.prior = vqvae.to(self.device).eval(), prior.to(self.device).eval()
         self.memory_budget_mib, self.progress = float(memory_budget_mib), bool(progress)
+        check_std_floor(std_floor, cfg.leaf)
+        self.std_floor = std_floor
         self.log_prior = enumerate_log_prior(prior, device=self.device, progress=progress, max_space=max_space)
         self._template = decode_leaf(vqvae, torch.zeros((1, *self.latent_hw), dtype=torch.long, device=self.device))
         per_component = sum(t[0].numel() * t.element_size() for t in self._template.tensors().values())
@@ -122,7 +126,7 @@ class ExactModel:
 
     def _decode(self, idx: Tensor) -> Leaf:
         """Leaf ``[n, S]`` of the latents with lexicographic indices ``idx [n]``."""
-        return decode_leaf(self.vqvae, index_to_codes(idx, self.K, *self.latent_hw))
+        return decode_leaf(self.vqvae, index_to_codes(idx, self.K, *self.latent_hw), std_floor=self.std_floor)
 
     def _chunks(self, batch: int, desc: str) -> Iterator[tuple[int, MixtureCircuit]]:
         """Yield ``(n0, circuit)`` for consecutive chunks ``n0:n0+len(circuit)`` of the latent space;
@@ -215,7 +219,7 @@ class ExactModel:
             parts = []
             for a in range(0, count, self._rows):
                 z = self.prior.sample(c[a : a + self._rows], generator)
-                parts.append(decode_leaf(self.vqvae, z).sample(generator))
+                parts.append(decode_leaf(self.vqvae, z, std_floor=self.std_floor).sample(generator))
             return torch.cat(parts)
         xp, mp = self._prepare(x, mask)
         check_sample_args(n, x, mask, rows=xp.shape[0])

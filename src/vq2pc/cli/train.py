@@ -5,13 +5,16 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
+import yaml
 
 from ..circuit import MixtureCircuit
 from ..data import DATASET_NAMES, DataSplits, load_dataset
-from ..distillation import distill
+from ..distillation import check_std_floor, distill
 from ..prior import PixelCNNPrior, PriorConfig, train_prior
+from ..quantizers import QUANTIZER_NAMES, make_quantizer
 from ..selection import select
 from ..train import TrainConfig
 from ..vqvae import VQVAE, VQVAEConfig, encode_images, train_vqvae
@@ -53,6 +56,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--D", type=int, default=16, help="codeword length")
     p.add_argument("--hidden", type=int, default=32, help="channels of the conv nets")
     p.add_argument("--res-blocks", type=int, default=1, help="residual blocks at the latent level")
+    p.add_argument("--quantizer", default="vq", choices=list(QUANTIZER_NAMES),
+                   help="vq (paper Eq. 6), ema, gumbel or gmvq (GM-VQ with the ALBO); see README 'Quantizers'")
+    p.add_argument("--beta", type=float, default=0.25,
+                   help="commitment weight (vq, ema); KL weight (gumbel); latent-alignment weight (gmvq)")
+    p.add_argument("--quantizer-opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="a quantizer option, repeatable (VALUE parsed as YAML), e.g. kmeans_init=true alpha=1.0")
     p.add_argument("--out", default="vqvae.pt", help="checkpoint to write")
     p.set_defaults(func=_train_vqvae)
 
@@ -76,6 +85,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="mixture weights (default: prior for exhaustive, uniform otherwise)")
     p.add_argument("--starts", type=int, default=10, help="beam: starting tokens per class")
     p.add_argument("--max-space", type=int, default=2**24, help="refuse exhaustive selection above this size")
+    p.add_argument("--std-floor", type=float, default=None,
+                   help="Gaussian leaves: raise decoded stds below this to it (bounds the cost of unseen strokes)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--device", default="cpu", help="torch device")
     p.add_argument("--out", default="circuit.safetensors", help="circuit file to write")
@@ -100,11 +111,24 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _train_vqvae(a: argparse.Namespace) -> int:
     splits = _splits(a)
     cfg = VQVAEConfig(image_shape=splits.image_shape, levels=splits.levels, leaf=a.leaf, latent_hw=tuple(a.grid),
-                      K=a.K, D=a.D, hidden=a.hidden, res_blocks=a.res_blocks)
+                      K=a.K, D=a.D, hidden=a.hidden, res_blocks=a.res_blocks, beta=a.beta, quantizer=a.quantizer,
+                      quantizer_opts=_key_values(a.quantizer_opt, "--quantizer-opt"))
+    make_quantizer(cfg.quantizer, cfg.K, cfg.D, cfg.beta, **cfg.quantizer_opts)  # bad options fail before any data work
     model, res = train_vqvae(splits, cfg, _train_cfg(a), checkpoint=a.out)
     print(json.dumps({"checkpoint": a.out, "best_val_loss": res.best_val_loss, "epochs": res.epochs_run,
                       "num_params": model.num_params}))
     return 0
+
+
+def _key_values(items: list[str], flag: str) -> dict[str, Any]:
+    """``["a=1", "b=true"]`` -> ``{"a": 1, "b": True}`` (values parsed as YAML)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"{flag} expects KEY=VALUE, got {item!r}")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
 
 
 def _train_prior(a: argparse.Namespace) -> int:
@@ -122,14 +146,15 @@ def _train_prior(a: argparse.Namespace) -> int:
 
 def _distill(a: argparse.Namespace) -> int:
     vqvae, prior = VQVAE.load(a.vqvae, device=a.device), PixelCNNPrior.load(a.prior, device=a.device)
+    check_std_floor(a.std_floor, vqvae.cfg.leaf)
     if (vqvae.cfg.K, tuple(vqvae.cfg.latent_hw)) != (prior.K, tuple(prior.latent_hw)):
         raise ValueError(f"--prior (K={prior.K}, grid {prior.latent_hw}) does not match --vqvae "
                          f"(K={vqvae.cfg.K}, grid {vqvae.cfg.latent_hw})")
     sel = select(prior, a.strategy, a.N, starts=a.starts, generator=torch.Generator().manual_seed(a.seed),
                  max_space=a.max_space, device=a.device)
     weights = a.weights or ("prior" if a.strategy == "exhaustive" else "uniform")
-    circuit = distill(vqvae, sel, weights=weights, meta={"image_shape": list(vqvae.cfg.image_shape),
-                                                         "levels": vqvae.cfg.levels, "leaf": vqvae.cfg.leaf})
+    meta = {"image_shape": list(vqvae.cfg.image_shape), "levels": vqvae.cfg.levels, "leaf": vqvae.cfg.leaf}
+    circuit = distill(vqvae, sel, weights=weights, meta=meta, std_floor=a.std_floor)
     circuit.save(a.out)
     print(json.dumps({"circuit": a.out, "N": len(circuit), "num_params": circuit.num_params, "strategy": a.strategy}))
     return 0

@@ -28,7 +28,7 @@ def showcase_models(circuits: dict[str, Any], baselines: dict[str, Any]) -> dict
     """The models shown in the figures: the largest circuit of each strategy, then the baselines."""
     best: dict[str, tuple[int, Any]] = {}
     for key, circuit in circuits.items():
-        family = FAMILY[key.split("-N")[0]]
+        family = FAMILY[key.split("-")[0]]  # keys: strategy[-N<n>][-floor<f>]
         if family not in best or len(circuit) > best[family][0]:
             best[family] = (len(circuit), circuit)
     shown = {f"{family} (N={n})": c for family, (n, c) in best.items()}

@@ -114,7 +114,14 @@ def make_circuit(src: SourceModel, cfg: RunConfig, strategy: str, N: int | None)
                        codes_from_data=src.train_codes if strategy == "data" else None, device=cfg.device)
     weights = "prior" if strategy in ("exhaustive", "data") else src.spec.weights
     meta = {"model": src.spec.name, "leaf": src.leaf, "K": src.spec.K, "latent_hw": list(src.spec.latent_hw)}
-    return distill(src.vqvae, selection, weights=weights, meta=meta)
+    return distill(src.vqvae, selection, weights=weights, meta=meta, std_floor=src.spec.std_floor)
+
+
+def _floor_tags(spec: ModelSpec) -> tuple[str, str]:
+    """(file/cache-key suffix, label suffix) of the model's std floor: circuits with another floor are other files."""
+    if spec.std_floor is None:
+        return "", ""
+    return f"-floor{spec.std_floor:g}", f" σ≥{spec.std_floor:g}"
 
 
 def _leaf_params(leaf: str, S: int, levels: int) -> int:
@@ -128,14 +135,17 @@ def exact_row(run: RunDir, cfg: RunConfig, splits: DataSplits, src: SourceModel)
     test_x = splits.test_x[:limit] if limit else splits.test_x
 
     def compute() -> dict[str, Any]:
-        model = ExactModel(src.vqvae, src.prior, max_space=cfg.max_exhaustive, device=cfg.device, progress=True)
+        model = ExactModel(src.vqvae, src.prior, max_space=cfg.max_exhaustive, device=cfg.device, progress=True,
+                           std_floor=src.spec.std_floor)
         bpd = test_bpd(model, test_x, src.leaf, splits.levels, draws=cfg.experiments.bpd_draws,
                        generator=torch.Generator().manual_seed(cfg.seed))
-        return circuit_row(f"ExM {src.spec.name} (K={src.spec.K})", "ExM", model, bpd, selection="exhaustive",
+        return circuit_row(f"ExM {src.spec.name} (K={src.spec.K}){_floor_tags(src.spec)[1]}", "ExM", model, bpd,
+                           selection="exhaustive", std_floor=src.spec.std_floor,
                            model=src.spec.name, leaf=src.leaf, group=src.spec.group or src.spec.name, K=src.spec.K,
                            source_params=src.info["vqvae_params"], test_images=len(test_x), streamed=True)
 
-    return run.cached("distill", f"{src.leaf}/{src.spec.name}/exhaustive", compute, depends=src.files)
+    return run.cached("distill", f"{src.leaf}/{src.spec.name}/exhaustive{_floor_tags(src.spec)[0]}", compute,
+                      depends=src.files)
 
 
 def distill_all(run: RunDir, cfg: RunConfig, splits: DataSplits, src: SourceModel) -> tuple[list[dict], dict[str, MixtureCircuit]]:
@@ -151,7 +161,7 @@ def distill_all(run: RunDir, cfg: RunConfig, splits: DataSplits, src: SourceMode
         if strategy == "exhaustive" and src.info["latent_space"] * per_component > cfg.max_materialize:
             rows.append(exact_row(run, cfg, splits, src))
             continue
-        key = f"{strategy}" if N is None else f"{strategy}-N{N}"
+        key = (f"{strategy}" if N is None else f"{strategy}-N{N}") + _floor_tags(src.spec)[0]
         path = run.path(src.leaf, src.spec.name, "circuits", f"{key}.safetensors")
 
         def compute() -> dict[str, Any]:
@@ -163,7 +173,8 @@ def distill_all(run: RunDir, cfg: RunConfig, splits: DataSplits, src: SourceMode
                            generator=torch.Generator().manual_seed(cfg.seed))
             family = FAMILY[strategy]
             label = f"{family} {src.spec.name}" + (f" (K={src.spec.K})" if strategy == "exhaustive" else "")
-            return circuit_row(label, family, circuit, bpd, selection=strategy, model=src.spec.name, leaf=src.leaf,
+            return circuit_row(label + _floor_tags(src.spec)[1], family, circuit, bpd, selection=strategy,
+                               model=src.spec.name, leaf=src.leaf, std_floor=src.spec.std_floor,
                                group=src.spec.group or src.spec.name,
                                K=src.spec.K, source_params=src.info["vqvae_params"], requested_N=N,
                                starts=beam_starts(src, N) if strategy == "beam" else None,

@@ -49,4 +49,7 @@ def make_quantizer(name: str, K: int, D: int, beta: float, **opts: Any) -> nn.Mo
         raise ValueError(f"K and D must be >= 1, got K={K}, D={D}")
     if beta < 0:
         raise ValueError(f"beta must be >= 0, got {beta}")
-    return families[name](K, D, beta, **opts)
+    try:
+        return families[name](K, D, beta, **opts)
+    except TypeError as exc:  # an unknown option or a value of the wrong type
+        raise ValueError(f"bad quantizer options {opts} for {name!r}: {exc}") from None
