@@ -8,9 +8,8 @@ the experiments switched on in ``experiments``. Unknown keys are an error
 
 from __future__ import annotations
 
-import math
-
 import dataclasses
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
