@@ -248,3 +248,23 @@ def test_std_floor_reaches_every_circuit_and_names_its_rows(tmp_path: Path) -> N
         circuit = MixtureCircuit.load(f)
         assert circuit.meta["std_floor"] == 0.05 and float(circuit.leaf.scale.min()) >= 0.05
     assert report["experiments"]["gaussian"]["inpainting"]  # the showcase parses floored keys
+
+
+def test_a_changed_setting_recomputes_only_what_reads_it(tmp_path: Path) -> None:
+    cfg = tiny_config(["gaussian"], full=False)
+    model = dataclasses.replace(cfg.models[0], strategies=["sample", "topk"], N=[8])
+    cfg = dataclasses.replace(cfg, models=[model]).validate()
+    first = run_pipeline(cfg, tmp_path)
+    circuits = mtimes(tmp_path, "gaussian/m/circuits/*.safetensors")
+    checkpoints = mtimes(tmp_path, "gaussian/m/*.pt")
+    prior_weighted = dataclasses.replace(cfg, models=[dataclasses.replace(model, weights="prior")]).validate()
+    second = run_pipeline(prior_weighted, tmp_path)
+    assert mtimes(tmp_path, "gaussian/m/*.pt") == checkpoints  # training does not read `weights`
+    now = mtimes(tmp_path, "gaussian/m/circuits/*.safetensors")
+    assert now.keys() == circuits.keys() and all(now[k] > circuits[k] for k in circuits)  # the circuits do
+    loaded = MixtureCircuit.load(tmp_path / "gaussian" / "m" / "circuits" / "sample-N8.safetensors")
+    assert loaded.meta["weights"] == "prior"
+    rows = {r["name"]: r["test_bpd"] for r in second["models"]}
+    assert rows.keys() == {r["name"] for r in first["models"]}
+    third = run_pipeline(prior_weighted, tmp_path)  # nothing changed: everything reused
+    assert mtimes(tmp_path, "gaussian/m/circuits/*.safetensors") == now and third["models"] == second["models"]

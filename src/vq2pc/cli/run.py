@@ -19,8 +19,8 @@ def register(sub: argparse._SubParsersAction) -> None:
             "circuits with every selection strategy and N of the config, train the baselines (EiNet, continuous "
             "mixture), run the experiments (latent usage, BPD vs size, inpainting, samples + class balance, latent "
             "correlation) and write report.md / report.json with PNG figures. Without --config it runs the quick "
-            "default on the embedded digits data (a few minutes on 2 CPU cores). Stages whose outputs exist are "
-            "skipped on a re-run; an interrupted training resumes."
+            "default on the embedded digits data (a few minutes on 2 CPU cores). On a re-run, stages whose outputs exist "
+            "and whose inputs and settings are unchanged are skipped; an interrupted training resumes."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -29,7 +31,14 @@ def _bpd_row(run: RunDir, cfg: RunConfig, splits: DataSplits, leaf: str, key: st
         return {**row, "leaf": leaf, "test_bpd": bpd["mean"], "test_bpd_std": bpd.get("std", 0.0),
                 "test_images": len(test_x)}
 
-    return run.cached("baselines", f"{leaf}/baselines/{key}", compute, depends=(depends,))
+    params = {"baselines": dataclasses.asdict(cfg.baselines), "train": _train_params(cfg.baseline_train),
+              "seed": cfg.seed, "test_limit": cfg.test_limit, "bpd_draws": cfg.experiments.bpd_draws}
+    return run.cached("baselines", f"{leaf}/baselines/{key}", compute, depends=(depends,), params=params)
+
+
+def _train_params(train: Any) -> dict[str, Any]:
+    """A TrainConfig's settings that change results (not the progress bar or the device)."""
+    return {k: v for k, v in dataclasses.asdict(train).items() if k not in ("progress", "device")}
 
 
 def _einet_available(notes: list[str]) -> bool:

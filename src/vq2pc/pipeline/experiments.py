@@ -7,6 +7,8 @@ a PNG under ``figures/`` and its numbers under ``results/<leaf>/``.
 
 from __future__ import annotations
 
+import dataclasses
+
 import time
 from dataclasses import replace
 from typing import Any
@@ -63,26 +65,29 @@ def run_experiments(
                                                                     title=f"{cfg.dataset}, {leaf} pixels"))
     section["figures"]["bpd_vs_N"] = str(ev.plot_bpd_vs_N(rows, fig("bpd_vs_N"), title=f"{cfg.dataset}, {leaf} pixels"))
     models = showcase_models(circuits, baselines)
+    params = {"experiments": dataclasses.asdict(E), "seed": cfg.seed, "main": cfg.main.name,
+              "analysis": cfg.analysis.name, "max_usage_space": cfg.max_usage_space}  # a change redoes the experiments
     if E.usage and analysis.info["latent_space"] <= cfg.max_usage_space:
         section["latent_usage"] = run.cached("usage", f"{leaf}/latent_usage",
                                              lambda: _usage(run, cfg, splits, analysis, fig("latent_usage")),
-                                             outputs=(fig("latent_usage"),), depends=analysis.files)
+                                             outputs=(fig("latent_usage"),), depends=analysis.files, params=params)
     x_test = to_model_space(splits.test_x, leaf, splits.levels, _gen(cfg)).flatten(1)
     if E.inpainting:
         section["inpainting"] = run.cached("inpainting", f"{leaf}/inpainting",
                                            lambda: _inpainting(cfg, splits, leaf, models, x_test, fig("inpainting")),
-                                           outputs=(fig("inpainting"),), depends=inputs)
+                                           outputs=(fig("inpainting"),), depends=inputs, params=params)
         section["figures"]["inpainting"] = str(fig("inpainting"))
     if E.samples:
         section["class_balance"] = run.cached("samples", f"{leaf}/class_balance",
                                               lambda: _samples(run, cfg, splits, leaf, models, fig),
-                                              outputs=(fig("samples"), fig("class_balance")), depends=inputs)
+                                              outputs=(fig("samples"), fig("class_balance")), depends=inputs,
+                                              params=params)
         section["figures"]["samples"] = str(fig("samples"))
     if E.correlation:
         section["correlation"] = run.cached("correlation", f"{leaf}/correlation", lambda: {
             **ev.component_correlation(make_circuit(analysis, cfg, "sample", 4), make_circuit(analysis, cfg, "topk", 4),
                                        x_test[: E.correlation_images], fig("correlation")),
-            "model": analysis.spec.name}, outputs=(fig("correlation"),), depends=analysis.files)
+            "model": analysis.spec.name}, outputs=(fig("correlation"),), depends=analysis.files, params=params)
     return section
 
 

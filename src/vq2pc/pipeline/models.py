@@ -124,6 +124,14 @@ def _floor_tags(spec: ModelSpec) -> tuple[str, str]:
     return f"-floor{spec.std_floor:g}", f" σ≥{spec.std_floor:g}"
 
 
+def distill_params(cfg: RunConfig, spec: ModelSpec, *extra: str) -> dict[str, Any]:
+    """The settings a distilled row depends on besides its files (a change recomputes the row)."""
+    keys = ("weights", "starts", "std_floor", *extra)
+    return {**{k: getattr(spec, k) for k in keys}, "seed": cfg.seed, "test_limit": cfg.test_limit,
+            "exact_test_limit": cfg.exact_test_limit, "bpd_draws": cfg.experiments.bpd_draws,
+            "max_exhaustive": cfg.max_exhaustive, "max_materialize": cfg.max_materialize}
+
+
 def _leaf_params(leaf: str, S: int, levels: int) -> int:
     """Parameters of one component's leaves."""
     return {"gaussian": 2 * S, "categorical": S * levels, "bernoulli": S}[leaf]
@@ -145,7 +153,7 @@ def exact_row(run: RunDir, cfg: RunConfig, splits: DataSplits, src: SourceModel)
                            source_params=src.info["vqvae_params"], test_images=len(test_x), streamed=True)
 
     return run.cached("distill", f"{src.leaf}/{src.spec.name}/exhaustive{_floor_tags(src.spec)[0]}", compute,
-                      depends=src.files)
+                      depends=src.files, params=distill_params(cfg, src.spec))
 
 
 def distill_all(run: RunDir, cfg: RunConfig, splits: DataSplits, src: SourceModel) -> tuple[list[dict], dict[str, MixtureCircuit]]:
@@ -181,7 +189,7 @@ def distill_all(run: RunDir, cfg: RunConfig, splits: DataSplits, src: SourceMode
                                test_images=len(test_x), circuit_file=str(path.relative_to(run.root)))
 
         row = run.cached("distill", f"{src.leaf}/{src.spec.name}/{key}", compute, outputs=(path,),
-                         depends=src.files)
+                         depends=src.files, params=distill_params(cfg, src.spec))
         rows.append(row)
         if key not in circuits:  # reused from an earlier run
             circuits[key] = MixtureCircuit.load(path, device=cfg.device)
@@ -209,4 +217,6 @@ def em_row(run: RunDir, cfg: RunConfig, splits: DataSplits, src: SourceModel, ke
         return circuit_row(f"{row['name']}+EM", f"{row['family']}+EM", refined, bpd, **{
             **extra, "em_history": history, "circuit_file": str(path.relative_to(run.root))})
 
-    return run.cached("distill", f"{src.leaf}/{spec.name}/{key}-em", compute, outputs=(path,), depends=(source,))
+    em = ("em_iterations", "em_leaves", "em_prior_strength", "em_train_limit")
+    return run.cached("distill", f"{src.leaf}/{spec.name}/{key}-em", compute, outputs=(path,), depends=(source,),
+                      params=distill_params(cfg, spec, *em))

@@ -22,6 +22,8 @@ from ..checkpoint import write_json
 
 __all__ = ["RunDir", "STAGES"]
 
+_PARAMS = "_params"  # key of the settings a cached result was computed with
+
 # Stage names accepted by --force.
 STAGES = ("vqvae", "prior", "distill", "baselines", "usage", "inpainting", "samples", "correlation", "all")
 
@@ -68,20 +70,24 @@ class RunDir:
 
     def cached(
         self, stage: str, name: str, compute: Callable[[], dict[str, Any]], outputs: tuple[Path, ...] = (),
-        depends: tuple[Path, ...] = (),
+        depends: tuple[Path, ...] = (), params: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """Return ``results/<name>.json`` if it and ``outputs`` exist, no file in ``depends`` is newer and
-        ``stage`` is not forced; else compute it.
+        """Return ``results/<name>.json`` if it and ``outputs`` exist, no file in ``depends`` is newer,
+        it was computed with the same ``params`` (the config values the stage reads) and ``stage`` is not
+        forced; else compute it.
 
         ``compute`` writes ``outputs`` (files) itself and returns the numbers, which are written last, so a
-        stage interrupted half-way is redone on the next run, and so is one whose inputs changed.
+        stage interrupted half-way is redone on the next run, and so is one whose inputs or settings changed.
         """
         path = self.path("results", f"{name}.json")
+        params = json.loads(json.dumps(params or {}, sort_keys=True))  # as it reads back from disk
         fresh = path.exists() and all(Path(o).exists() for o in outputs) and not _newer(depends, path)
         if fresh and not (self.forced(stage) and path not in self.redone):
-            return json.loads(path.read_text())
+            stored = json.loads(path.read_text())
+            if stored.pop(_PARAMS, {}) == params:
+                return stored
         result = compute()
-        write_json(path, result)
+        write_json(path, {**result, _PARAMS: params})
         self.redone.add(path)
         return result
 
