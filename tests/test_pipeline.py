@@ -268,3 +268,25 @@ def test_a_changed_setting_recomputes_only_what_reads_it(tmp_path: Path) -> None
     assert rows.keys() == {r["name"] for r in first["models"]}
     third = run_pipeline(prior_weighted, tmp_path)  # nothing changed: everything reused
     assert mtimes(tmp_path, "gaussian/m/circuits/*.safetensors") == now and third["models"] == second["models"]
+
+
+def test_a_selection_shortfall_is_a_note_not_a_failed_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import vq2pc.pipeline.models as models
+    from vq2pc.selection import SelectionShortfall
+
+    real_select = models.select
+
+    def short_of_32(prior: Any, strategy: str, N: int, **kw: Any) -> Any:
+        if strategy == "sample" and N == 32:
+            raise SelectionShortfall("sample: only 20 distinct latents in 9000 draws, N=32 requested")
+        return real_select(prior, strategy, N, **kw)
+
+    monkeypatch.setattr(models, "select", short_of_32)
+    cfg = tiny_config(["gaussian"], full=False)
+    cfg = dataclasses.replace(cfg, models=[dataclasses.replace(cfg.models[0], strategies=["sample", "topk"],
+                                                               N=[8, 32])]).validate()
+    report = run_pipeline(cfg, tmp_path)
+    made = {(r["selection"], r["N"]) for r in report["models"]}
+    assert ("sample", 8) in made and ("topk", 32) in made and ("sample", 32) not in made
+    assert any("DMRS m N=32" in n and "only 20 distinct latents" in n for n in report["notes"])
+    assert "only 20 distinct latents" in (tmp_path / "report.md").read_text()

@@ -38,7 +38,7 @@ from .beam import beam_search, stochastic_beam_search
 from .enumerate import check_space, enumerate_log_prior, index_to_codes, latent_space_size
 from .prior import PixelCNNPrior, gumbel_noise
 
-__all__ = ["Selection", "select", "STRATEGIES", "WEIGHTS"]
+__all__ = ["Selection", "select", "STRATEGIES", "WEIGHTS", "SelectionShortfall"]
 
 STRATEGIES = ("exhaustive", "sample", "gumbel", "beam", "topk", "data")
 WEIGHTS = ("uniform", "prior")
@@ -95,6 +95,10 @@ def _first_distinct(collected: Tensor, draws: Tensor, need: int) -> Tensor:
     return rows[new]
 
 
+class SelectionShortfall(ValueError):
+    """A strategy could not find ``N`` distinct latents (the prior's mass sits on fewer)."""
+
+
 def _select_sample(prior: PixelCNNPrior, N: int, generator: torch.Generator | None, batch_size: int,
                    max_draws_per_latent: int = 256) -> tuple[Tensor, dict[str, Any]]:
     """DMRS: first ``N`` distinct of i.i.d. draws ``c ~ U(C), z ~ p(z|c)``; draw batches double in size."""
@@ -109,7 +113,7 @@ def _select_sample(prior: PixelCNNPrior, N: int, generator: torch.Generator | No
         collected = torch.cat([collected, _first_distinct(collected, z, N - collected.shape[0])])
         draws, size = draws + size, 2 * size
     if collected.shape[0] < N:
-        raise ValueError(
+        raise SelectionShortfall(
             f"sample: only {collected.shape[0]} distinct latents in {draws} draws, N={N} requested; the prior "
             "concentrates its mass on fewer latents - lower N, or use strategy 'gumbel' (no rejection) or 'topk'"
         )

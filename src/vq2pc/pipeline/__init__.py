@@ -61,7 +61,7 @@ def run_pipeline(cfg: RunConfig, out: str | Path, force: Iterable[str] = ()) -> 
             report["sources"].append({"leaf": leaf, "model": spec.name, "K": spec.K,
                                       "latent_hw": list(spec.latent_hw), **src.info})
             log(f"[{leaf}/{spec.name}] distilling {', '.join(spec.strategies)}")
-            rows, circuits = distill_all(run, cfg, splits, src)
+            rows, circuits = distill_all(run, cfg, splits, src, report["notes"])
             report["models"] += rows
             for row in rows:
                 log(f"  {row['name']:<28} N={row['N']:<8} test BPD {row['test_bpd']:.4f}")

@@ -16,7 +16,7 @@ from ..evaluate.density import test_bpd
 from ..exact import ExactModel
 from ..refine import EMConfig, em_refine
 from ..prior import PixelCNNPrior, PriorConfig, train_prior
-from ..selection import select
+from ..selection import SelectionShortfall, select
 from ..vqvae import VQVAE, VQVAEConfig, encode_images, train_vqvae
 from .rundir import RunDir
 
@@ -156,8 +156,13 @@ def exact_row(run: RunDir, cfg: RunConfig, splits: DataSplits, src: SourceModel)
                       depends=src.files, params=distill_params(cfg, src.spec))
 
 
-def distill_all(run: RunDir, cfg: RunConfig, splits: DataSplits, src: SourceModel) -> tuple[list[dict], dict[str, MixtureCircuit]]:
+def distill_all(
+    run: RunDir, cfg: RunConfig, splits: DataSplits, src: SourceModel, notes: list[str]
+) -> tuple[list[dict], dict[str, MixtureCircuit]]:
     """Every (strategy, N) circuit of ``src``: saved, evaluated on the test set; returns report rows and circuits.
+
+    A selection that cannot find N distinct latents (DMRS on a prior whose mass sits on fewer) is
+    skipped with a line in ``notes``; the other circuits are still made.
 
     An exhaustive selection whose circuit would hold more than ``cfg.max_materialize`` parameters is
     evaluated by streaming (:class:`ExactModel`) and not stored, so it is not among the returned circuits.
@@ -188,8 +193,12 @@ def distill_all(run: RunDir, cfg: RunConfig, splits: DataSplits, src: SourceMode
                                starts=beam_starts(src, N) if strategy == "beam" else None,
                                test_images=len(test_x), circuit_file=str(path.relative_to(run.root)))
 
-        row = run.cached("distill", f"{src.leaf}/{src.spec.name}/{key}", compute, outputs=(path,),
-                         depends=src.files, params=distill_params(cfg, src.spec))
+        try:
+            row = run.cached("distill", f"{src.leaf}/{src.spec.name}/{key}", compute, outputs=(path,),
+                             depends=src.files, params=distill_params(cfg, src.spec))
+        except SelectionShortfall as exc:
+            notes.append(f"{FAMILY[strategy]} {src.spec.name} N={N} ({src.leaf} pixels) was skipped: {exc}")
+            continue
         rows.append(row)
         if key not in circuits:  # reused from an earlier run
             circuits[key] = MixtureCircuit.load(path, device=cfg.device)
