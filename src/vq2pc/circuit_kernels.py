@@ -17,14 +17,13 @@ at matrix-multiply speed and for any slice ``n0:n1`` of the components.
   cancel: ``x ≈ μ = 0.5`` gives ``|a·x²| ≈ 1.25e5`` per pixel for a result of ≈ 6,
   which float32 cannot resolve (errors of tens of nats over 784 pixels). Two
   measures keep the result at float32 round-off of the *result*:
-  (1) the shift ``t_i`` is the weighted mean of the component means at pixel ``i``,
-  so the terms are of size ``(x - t)²/σ²`` instead of ``x²/σ²``; (2) pixels where
-  some component mean lies more than ``SAFE_RATIO`` of its std from ``t``
-  ("wide" pixels, where cancellation could still be large) go into a second,
-  float64 product. The float32 terms are then bounded by ``SAFE_RATIO²/2`` per
-  pixel whenever the data is near a component (the only case with
-  cancellation); far from every component the result is itself as large as its
-  terms. All coefficients are computed in float64 before they are cast.
+  (1) a per-pixel shift ``t_i`` within ``SAFE_RATIO`` stds of every component
+  mean (see ``_shift``), so the terms are of size ``(x - t)²/σ²`` instead of
+  ``x²/σ²``; (2) pixels where no such shift exists ("wide" pixels, where
+  cancellation could still be large) go into a second, float64 product. The
+  float32 terms are then bounded by ``SAFE_RATIO²/2`` per pixel whenever the
+  data is near a component (the only case with cancellation); far from every
+  component the result is itself as large as its terms. All coefficients are computed in float64 before they are cast.
 * **Bernoulli**: ``x·log σ(l) + (1-x)·log σ(-l)``: ``[m·x, m·(1-x)] @
   [log σ(l); log σ(-l)]``, one ``[B, 2S] × [2S, N]`` product; every term is ≤ 0,
   so there is no cancellation.
@@ -50,8 +49,8 @@ from .streaming import Scratch
 
 __all__ = ["Kernel", "GaussianKernel", "BernoulliKernel", "CategoricalKernel", "make_kernel", "SAFE_RATIO"]
 
-SAFE_RATIO = 8.0
-"""Pixels where some ``|μ - t| > SAFE_RATIO·σ`` are evaluated in float64."""
+SAFE_RATIO = 5.0
+"""Pixels where no shift ``t`` has every ``|μ - t| ≤ SAFE_RATIO·σ`` are evaluated in float64."""
 
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 
@@ -99,12 +98,11 @@ class GaussianKernel(Kernel):
         mu, sd = leaf.loc.double(), leaf.scale.double()
         w = log_weights.double().exp()
         self.dtype = leaf.loc.dtype
-        shift = (w[:, None] * mu).sum(0)  # [S]
+        shift, wide = _shift(mu, sd, w)
         mu_c = mu - shift
         a = -0.5 / (sd * sd)
         b = mu_c / (sd * sd)
         c = a * mu_c * mu_c - torch.log(sd) - _HALF_LOG_2PI
-        wide = ((mu_c.abs() / sd) > SAFE_RATIO).any(0)  # [S]
         self.shift = shift.to(self.dtype)
         self.narrow_idx = (~wide).nonzero().squeeze(1)
         self.wide_idx = wide.nonzero().squeeze(1)
@@ -161,6 +159,25 @@ class GaussianKernel(Kernel):
         wide = self._part(xw, mw, self.w64, n0, n1, b64, scratch, "64")
         narrow = self._part(*_columns(xc, m, self.narrow_idx, False), self.w32, n0, n1, b32, scratch, "32")
         return narrow.copy_(wide.add_(narrow))  # the parts may cancel: add in float64
+
+
+def _shift(mu: Tensor, sd: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-pixel shift ``t [S]`` and wide-pixel flags ``[S]`` for means/stds ``[N, S]`` and weights ``w [N]``.
+
+    Every mean lies within ``R = SAFE_RATIO`` of its std from ``t`` iff ``t`` lies in
+    ``[max_n(μ_n − R σ_n), min_n(μ_n + R σ_n)]``; a pixel where that interval is empty is wide.
+    ``t`` is the precision-weighted mean ``Σ w μ/σ² / Σ w/σ²`` clamped into the interval: the
+    sharp components, whose terms cancel most, sit closest to it. Measured against the shift
+    "weighted mean of the means, wide if some mean is more than 8 stds from it": on a distilled
+    MNIST circuit (DMRS N=4096) wide pixels fell from 325 of 784 to 0 and log p of 5000 test
+    images took 0.42 s instead of 1.40 s (max error 8e-4 nats on log p of 1200–2800); on 12 random
+    circuits with stds in [1e-3, 1] the worst relative error fell from 1.0e-4 to 4.9e-5.
+    """
+    prec = w[:, None] / (sd * sd)
+    centre = (prec * mu).sum(0) / prec.sum(0).clamp_min(torch.finfo(prec.dtype).tiny)
+    lo, hi = (mu - SAFE_RATIO * sd).amax(0), (mu + SAFE_RATIO * sd).amin(0)
+    wide = lo > hi
+    return torch.where(wide, centre, torch.minimum(torch.maximum(centre, lo), hi)), wide
 
 
 def _columns(x: Tensor, m: Tensor | None, idx: Tensor, take_all: bool) -> tuple[Tensor, Tensor | None]:
