@@ -290,3 +290,7 @@ def test_a_selection_shortfall_is_a_note_not_a_failed_run(tmp_path: Path, monkey
     assert ("sample", 8) in made and ("topk", 32) in made and ("sample", 32) not in made
     assert any("DMRS m N=32" in n and "only 20 distinct latents" in n for n in report["notes"])
     assert "only 20 distinct latents" in (tmp_path / "report.md").read_text()
+    calls: list[int] = []
+    monkeypatch.setattr(models, "select", lambda *a, **kw: calls.append(1) or short_of_32(*a, **kw))
+    again = run_pipeline(cfg, tmp_path)  # the skip is remembered: no selection runs again
+    assert calls == [] and again["notes"] == report["notes"]

@@ -178,7 +178,10 @@ def distill_all(
         path = run.path(src.leaf, src.spec.name, "circuits", f"{key}.safetensors")
 
         def compute() -> dict[str, Any]:
-            circuit = make_circuit(src, cfg, strategy, N)
+            try:
+                circuit = make_circuit(src, cfg, strategy, N)
+            except SelectionShortfall as exc:  # remembered, so a re-run does not search again
+                return {"skipped": f"{FAMILY[strategy]} {src.spec.name} N={N} ({src.leaf} pixels) was skipped: {exc}"}
             circuit.meta.update({"image_shape": list(splits.image_shape), "levels": splits.levels})
             circuit.save(path)
             circuits[key] = circuit  # no reload of what was just made
@@ -193,11 +196,10 @@ def distill_all(
                                starts=beam_starts(src, N) if strategy == "beam" else None,
                                test_images=len(test_x), circuit_file=str(path.relative_to(run.root)))
 
-        try:
-            row = run.cached("distill", f"{src.leaf}/{src.spec.name}/{key}", compute, outputs=(path,),
-                             depends=src.files, params=distill_params(cfg, src.spec))
-        except SelectionShortfall as exc:
-            notes.append(f"{FAMILY[strategy]} {src.spec.name} N={N} ({src.leaf} pixels) was skipped: {exc}")
+        row = run.cached("distill", f"{src.leaf}/{src.spec.name}/{key}", compute, outputs=(path,),
+                         depends=src.files, params=distill_params(cfg, src.spec))
+        if "skipped" in row:
+            notes.append(row["skipped"])
             continue
         rows.append(row)
         if key not in circuits:  # reused from an earlier run

@@ -78,13 +78,15 @@ class RunDir:
 
         ``compute`` writes ``outputs`` (files) itself and returns the numbers, which are written last, so a
         stage interrupted half-way is redone on the next run, and so is one whose inputs or settings changed.
+        A result with a ``"skipped"`` entry (the stage could not be done, e.g. too few distinct latents)
+        has no outputs and is reused like any other.
         """
         path = self.path("results", f"{name}.json")
         params = json.loads(json.dumps(params or {}, sort_keys=True))  # as it reads back from disk
-        fresh = path.exists() and all(Path(o).exists() for o in outputs) and not _newer(depends, path)
-        if fresh and not (self.forced(stage) and path not in self.redone):
+        if path.exists() and not _newer(depends, path) and not (self.forced(stage) and path not in self.redone):
             stored = json.loads(path.read_text())
-            if stored.pop(_PARAMS, {}) == params:
+            done = stored.get("skipped") or all(Path(o).exists() for o in outputs)  # a skip has no outputs
+            if stored.pop(_PARAMS, {}) == params and done:
                 return stored
         result = compute()
         write_json(path, {**result, _PARAMS: params})

