@@ -23,7 +23,8 @@ at matrix-multiply speed and for any slice ``n0:n1`` of the components.
   cancellation could still be large) go into a second, float64 product. The
   float32 terms are then bounded by ``SAFE_RATIO²/2`` per pixel whenever the
   data is near a component (the only case with cancellation); far from every
-  component the result is itself as large as its terms. All coefficients are computed in float64 before they are cast.
+  component the result is itself as large as its terms. All coefficients are
+  computed in float64 before they are cast.
 * **Bernoulli**: ``x·log σ(l) + (1-x)·log σ(-l)``: ``[m·x, m·(1-x)] @
   [log σ(l); log σ(-l)]``, one ``[B, 2S] × [2S, N]`` product; every term is ≤ 0,
   so there is no cancellation.
@@ -31,8 +32,9 @@ at matrix-multiply speed and for any slice ``n0:n1`` of the components.
   N]`` (200k wide for MNIST). Instead the log-probability table is stored once
   as ``[S·L, N]`` (component-minor) and ``ℓ[b] = Σ_i table[i·L + x[b, i]]`` is an
   ``embedding_bag`` sum of ``S`` rows (exact; unobserved entries are dropped
-  from the bags, so masking also saves work). Row sums cannot be sliced over ``N`` without a copy, so this
-  kernel always covers all components and the circuit chunks over ``B`` only.
+  from the bags, so masking also saves work). Row sums cannot be sliced over
+  ``N`` without a copy, so this kernel always covers all components and the
+  circuit chunks over ``B`` only.
 """
 
 from __future__ import annotations
@@ -83,9 +85,9 @@ class Kernel:
         raise NotImplementedError
 
 
-def _product(bias: Tensor | None, feats: Tensor, w: Tensor, scratch: Scratch, name: str = "scores") -> Tensor:
-    """``bias + feats @ w.T`` into the buffer ``name``: ``feats [B, D]``, ``w [Nc, D]``, ``bias [Nc]``."""
-    out = scratch.take(name, (feats.shape[0], w.shape[0]), feats.dtype, feats.device)
+def _product(bias: Tensor | None, feats: Tensor, w: Tensor, scratch: Scratch) -> Tensor:
+    """``bias + feats @ w.T`` into the ``"scores"`` buffer: ``feats [B, D]``, ``w [Nc, D]``, ``bias [Nc]``."""
+    out = scratch.take("scores", (feats.shape[0], w.shape[0]), feats.dtype, feats.device)
     if bias is None:
         return torch.mm(feats, w.T, out=out)
     return torch.addmm(bias, feats, w.T, out=out)
@@ -136,12 +138,11 @@ class GaussianKernel(Kernel):
             out[:, 2 * s :].copy_(m)
         return out
 
-    def _part(
-        self, xc: Tensor, m: Tensor | None, w: Tensor, n0: int, n1: int, bias: Tensor, scratch: Scratch, tag: str
-    ) -> Tensor:
+    def _part(self, xc: Tensor, m: Tensor | None, w: Tensor, n0: int, n1: int, bias: Tensor, scratch: Scratch) -> Tensor:
+        """One product (float32 or float64, the dtype of ``xc``) into that dtype's scratch buffers."""
         width = (2 if m is None else 3) * xc.shape[1]
-        feats = self._features(xc, m, scratch.take("feats" + tag, (xc.shape[0], width), xc.dtype, xc.device))
-        return _product(bias, feats, w[n0:n1, :width], scratch, "scores" if tag == "32" else "scores" + tag)
+        feats = self._features(xc, m, scratch.take("feats", (xc.shape[0], width), xc.dtype, xc.device))
+        return _product(bias, feats, w[n0:n1, :width], scratch)
 
     def loglik(
         self, x: Tensor, mask: Tensor | None, n0: int, n1: int, bias: Tensor | None = None, scratch: Scratch | None = None
@@ -153,11 +154,11 @@ class GaussianKernel(Kernel):
         if bias is not None:
             b32 = b32 + bias
         if self.s_wide == 0:
-            return self._part(xc, m, self.w32, n0, n1, b32, scratch, "32")
+            return self._part(xc, m, self.w32, n0, n1, b32, scratch)
         xw, mw = _columns(xc.double(), None if m is None else m.double(), self.wide_idx, self.s_narrow == 0)
         b64 = self.const64[n0:n1] if mask is None else torch.zeros_like(self.const64[n0:n1])
-        wide = self._part(xw, mw, self.w64, n0, n1, b64, scratch, "64")
-        narrow = self._part(*_columns(xc, m, self.narrow_idx, False), self.w32, n0, n1, b32, scratch, "32")
+        wide = self._part(xw, mw, self.w64, n0, n1, b64, scratch)
+        narrow = self._part(*_columns(xc, m, self.narrow_idx, False), self.w32, n0, n1, b32, scratch)
         return narrow.copy_(wide.add_(narrow))  # the parts may cancel: add in float64
 
 

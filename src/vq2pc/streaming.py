@@ -24,18 +24,19 @@ class Scratch:
     """Named flat buffers reused by the blocks of one query.
 
     ``take(name, shape, dtype, device)`` returns a contiguous view of the buffer called
-    ``name``, reallocating only when it must grow. A view stays valid until the next
-    ``take`` of the same name: copy out what must outlive it.
+    ``name`` for that dtype and device (a float32 and a float64 ``"scores"`` are two
+    buffers), reallocating only when it must grow. A view stays valid until the next
+    ``take`` of the same name, dtype and device: copy out what must outlive it.
     """
 
     def __init__(self) -> None:
-        self._buffers: dict[str, Tensor] = {}
+        self._buffers: dict[tuple[str, torch.dtype, torch.device], Tensor] = {}
 
     def take(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
-        numel = math.prod(shape)
-        buf = self._buffers.get(name)
-        if buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != device:
-            buf = self._buffers[name] = torch.empty(numel, dtype=dtype, device=device)
+        numel, key = math.prod(shape), (name, dtype, torch.device(device))
+        buf = self._buffers.get(key)
+        if buf is None or buf.numel() < numel:
+            buf = self._buffers[key] = torch.empty(numel, dtype=dtype, device=device)
         return buf[:numel].view(shape)
 
 

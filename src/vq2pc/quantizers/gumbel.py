@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..prior import gumbel_noise
 from . import QuantizerOutput
 from .vq import VectorQuantizer, _flatten, perplexity
 
@@ -32,8 +33,7 @@ def gumbel_softmax_draw(logits: Tensor, tau: float, generator: torch.Generator, 
 
     ``codes`` is the argmax of the perturbed logits (an exact draw); ``y`` is the soft
     relaxation, or with ``hard`` the one-hot of ``codes`` carrying the soft gradient."""
-    u = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=logits.dtype)
-    gumbel = -torch.log(-torch.log(u.clamp_min(torch.finfo(u.dtype).tiny)))
+    gumbel = gumbel_noise(tuple(logits.shape), generator, logits.device).to(logits.dtype)
     soft = torch.softmax((logits + gumbel) / tau, 1)
     codes = soft.argmax(1)
     if not hard:
