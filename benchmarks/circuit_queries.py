@@ -12,11 +12,11 @@ B x 8 x S broadcast; it is timed on a few chunks and scaled to N (said in note).
 
 Parameters: Gaussian means ~ U[0, 1], std ~ U[0.1, 0.5] (every pixel on the float32
 path); ``gaussian-floor``: means 0.5 ± 0.01, std = 1e-3 (every pixel on the float64
-path, see vq2pc.circuit_kernels). Categorical: random logits over --levels levels;
+path, see vq2pc.circuit.kernels). Categorical: random logits over --levels levels;
 its table is N·S·L floats, so it runs with --cat-N components (default: the largest
 power of two whose table fits in 1 GiB) and its fraction is against a matmul of that N.
 ``--data mnist``: components centred on MNIST training images, x = test images (80% of
-their pixels are black: the categorical kernel's background plan, vq2pc.circuit_kernels).
+their pixels are black: the categorical kernel's background plan, vq2pc.circuit.kernels).
 
     python benchmarks/circuit_queries.py --N 2048 --B 1000       # quick
     python benchmarks/circuit_queries.py --data mnist             # real images (MNIST IDX files)
@@ -35,8 +35,8 @@ from typing import Callable
 import torch
 
 from vq2pc.circuit import MixtureCircuit
-from vq2pc.datasets.idx import load_idx_dataset
-from vq2pc.leaves import Categorical, Gaussian
+from vq2pc.core.leaves import Categorical, Gaussian
+from vq2pc.data.idx import load_idx_dataset
 
 
 def _timed(fn: Callable[[], object]) -> float:

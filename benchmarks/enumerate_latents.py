@@ -14,8 +14,8 @@ import time
 
 import torch
 
-from vq2pc.enumerate import enumerate_log_prior, latent_space_size
-from vq2pc.prior import PixelCNNPrior, PriorConfig
+from vq2pc.latents.enumerate import enumerate_log_prior, latent_space_size
+from vq2pc.models.priors.pixelcnn import PixelCNNPrior, PriorConfig
 
 
 def main() -> None:

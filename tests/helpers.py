@@ -4,7 +4,7 @@ import itertools
 
 import torch
 
-from vq2pc.prior import PixelCNNPrior, PriorConfig
+from vq2pc.models.priors.pixelcnn import PixelCNNPrior, PriorConfig
 
 
 def make_prior(K: int = 3, hw: tuple[int, int] = (2, 2), C: int = 2, hidden: int = 8, layers: int = 3,

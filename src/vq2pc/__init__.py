@@ -3,6 +3,10 @@
 The public API is imported lazily, so ``import vq2pc`` stays cheap::
 
     from vq2pc import VQVAE, PixelCNNPrior, MixtureCircuit, distill, select, load_dataset
+
+The packages follow the data flow, each importing only from those before it::
+
+    core → data → models → latents → circuit → baselines → evaluate → pipeline → cli
 """
 
 from __future__ import annotations
@@ -10,28 +14,32 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from vq2pc import _compat
+
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "MixtureCircuit": "vq2pc.circuit",
-    "distill": "vq2pc.distillation",
-    "ExactModel": "vq2pc.exact",
-    "VQVAE": "vq2pc.vqvae",
-    "VQVAEConfig": "vq2pc.vqvae",
-    "PixelCNNPrior": "vq2pc.prior",
-    "PriorConfig": "vq2pc.prior",
-    "Selection": "vq2pc.selection",
-    "select": "vq2pc.selection",
-    "load_dataset": "vq2pc.data",
-    "DataSplits": "vq2pc.data",
-    "Gaussian": "vq2pc.leaves",
-    "Categorical": "vq2pc.leaves",
-    "Bernoulli": "vq2pc.leaves",
-    "TrainConfig": "vq2pc.train",
-    "fit": "vq2pc.train",
+    "MixtureCircuit": "vq2pc.circuit.mixture",
+    "distill": "vq2pc.circuit.distill",
+    "ExactModel": "vq2pc.circuit.exact",
+    "VQVAE": "vq2pc.models.vqvae",
+    "VQVAEConfig": "vq2pc.models.vqvae",
+    "PixelCNNPrior": "vq2pc.models.priors.pixelcnn",
+    "PriorConfig": "vq2pc.models.priors.pixelcnn",
+    "Selection": "vq2pc.latents.selection",
+    "select": "vq2pc.latents.selection",
+    "load_dataset": "vq2pc.data.datasets",
+    "DataSplits": "vq2pc.data.datasets",
+    "Gaussian": "vq2pc.core.leaves",
+    "Categorical": "vq2pc.core.leaves",
+    "Bernoulli": "vq2pc.core.leaves",
+    "TrainConfig": "vq2pc.models.train",
+    "fit": "vq2pc.models.train",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
+
+_compat.install()
 
 
 def __getattr__(name: str) -> Any:

@@ -2,6 +2,9 @@
 
 Imported lazily, so ``import vq2pc.baselines`` works without libcirkit; only using
 the EiNet raises an error naming ``pip install libcirkit==0.3.1``.
+
+Stage 5 of the flow. May import: every stage up to :mod:`vq2pc.circuit` (a continuous
+mixture compiles to a :class:`~vq2pc.circuit.MixtureCircuit`).
 """
 
 from __future__ import annotations

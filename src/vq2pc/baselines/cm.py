@@ -32,11 +32,11 @@ import torch
 from scipy.stats import norm, qmc
 from torch import Tensor, nn
 
-from ..checkpoint import SavableModel
-from ..circuit import MixtureCircuit
-from ..data import DataSplits, check_fits, to_model_space
-from ..leaves import LOG_2PI, Categorical, Gaussian, Leaf
-from ..train import TrainConfig, TrainResult, fit
+from vq2pc.circuit.mixture import MixtureCircuit
+from vq2pc.core.checkpoint import SavableModel
+from vq2pc.core.leaves import LOG_2PI, Categorical, Gaussian, Leaf
+from vq2pc.data.datasets import DataSplits, check_fits, to_model_space
+from vq2pc.models.train import TrainConfig, TrainResult, fit
 
 __all__ = ["CMConfig", "ContinuousMixture", "sobol_normal", "train_cm", "compile_cm"]
 

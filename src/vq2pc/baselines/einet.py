@@ -65,63 +65,15 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from ..checkpoint import SavableModel
-from ..data import DataSplits, check_fits, to_model_space
-from ..train import TrainConfig, TrainResult, fit
+from vq2pc.circuit.cirkit import UNCLAMPED_SEMIRING, require_cirkit
+from vq2pc.core.checkpoint import SavableModel
+from vq2pc.data.datasets import DataSplits, check_fits, to_model_space
+from vq2pc.models.train import TrainConfig, TrainResult, fit
 
-__all__ = ["EiNetConfig", "EiNet", "train_einet", "require_cirkit"]
+__all__ = ["EiNetConfig", "EiNet", "train_einet"]
 
-_SEMIRING = "lse-sum-unclamped"
 _SUM_PRODUCT = ("tucker", "cp", "cp-t")
 _SAMPLE_BUDGET_BYTES = 256 << 20
-
-
-def require_cirkit() -> Any:
-    """Import libcirkit (with our unclamped semiring registered) or explain how to install it."""
-    try:
-        import cirkit  # noqa: F401
-        from cirkit.backend.torch.semiring import LSESumSemiring, SemiringImpl, SumProductSemiring
-    except ImportError as exc:
-        raise ModuleNotFoundError(
-            "the EiNet baseline needs libcirkit: `pip install libcirkit==0.3.1` (or `pip install vq2pc[baselines]`)"
-        ) from exc
-    if _SEMIRING not in set(SemiringImpl.list()):
-        _register_semiring(SemiringImpl, LSESumSemiring, SumProductSemiring)
-    return cirkit
-
-
-def _register_semiring(base: Any, lse: Any, sp: Any) -> None:
-    """Register ``lse-sum-unclamped``: libcirkit's log-sum-exp semiring without its -708.4 floor."""
-
-    class UnclampedLSESum(lse):  # type: ignore[misc, valid-type]
-        @classmethod
-        def sum(cls, x: Tensor, dim: int, *, keepdim: bool = False) -> Tensor:
-            return x.logsumexp(dim=dim, keepdim=keepdim)
-
-        @classmethod
-        def add(cls, *xs: Tensor) -> Tensor:
-            return functools.reduce(torch.logaddexp, xs)
-
-        @classmethod
-        def prod(cls, x: Tensor, dim: int, *, keepdim: bool = False) -> Tensor:
-            return x.sum(dim=dim, keepdim=keepdim)
-
-        @classmethod
-        def mul(cls, *xs: Tensor) -> Tensor:
-            return functools.reduce(torch.add, xs)
-
-        @classmethod
-        def apply_reduce(cls, func: Any, *xs: Tensor, dim: int, keepdim: bool) -> Tensor:
-            tops = [torch.amax(x, dim=dim, keepdim=True).clamp(min=torch.finfo(x.dtype).min) for x in xs]
-            out = func(*[torch.exp(x - t) for x, t in zip(xs, tops)])
-            shift = functools.reduce(torch.add, tops)
-            return torch.log(out) + (shift if keepdim else shift.squeeze(dim))
-
-    base.register(_SEMIRING)(UnclampedLSESum)
-    UnclampedLSESum.register_map_from(lse)(lambda x: x)
-    lse.register_map_from(UnclampedLSESum)(lambda x: x)
-    UnclampedLSESum.register_map_from(sp)(torch.log)
-    sp.register_map_from(UnclampedLSESum)(torch.exp)
 
 
 @dataclass
@@ -173,7 +125,12 @@ def _build_circuit(cfg: EiNetConfig) -> nn.Module:
     from cirkit.pipeline import PipelineContext
     from cirkit.symbolic.initializers import NormalInitializer, UniformInitializer
     from cirkit.symbolic.layers import CategoricalLayer, GaussianLayer
-    from cirkit.symbolic.parameters import Parameter, ScaledSigmoidParameter, TensorParameter, mixing_weight_factory
+    from cirkit.symbolic.parameters import (
+        Parameter,
+        ScaledSigmoidParameter,
+        TensorParameter,
+        mixing_weight_factory,
+    )
     from cirkit.templates.region_graph import PoonDomingos
     from cirkit.templates.utils import Parameterization, parameterization_to_factory
 
@@ -197,7 +154,7 @@ def _build_circuit(cfg: EiNetConfig) -> nn.Module:
         factorize_multivariate=True,
     )
     # optimize=False: libcirkit's fused Tucker layer has no sampler.
-    with torch.random.fork_rng(devices=[]), PipelineContext(backend="torch", semiring=_SEMIRING, fold=True,
+    with torch.random.fork_rng(devices=[]), PipelineContext(backend="torch", semiring=UNCLAMPED_SEMIRING, fold=True,
                                                               optimize=False) as ctx:
         torch.manual_seed(cfg.seed)
         return ctx.compile(symbolic)

@@ -1,6 +1,8 @@
 """The ``vq2pc`` command line: a thin layer over the Python API.
 
 Each module of this package registers a group of verbs with ``register(subparsers)``.
+
+The last stage of the flow: may import every other package of vq2pc.
 """
 
 from __future__ import annotations

@@ -11,9 +11,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..checkpoint import atomic_write
-from ..circuit import MixtureCircuit
-from ..masks import MASK_KINDS, make_mask
+from vq2pc.circuit.mixture import MixtureCircuit
+from vq2pc.core.files import atomic_write
+from vq2pc.data.masks import MASK_KINDS, make_mask
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -118,7 +118,9 @@ def _load_images(path: str, c: MixtureCircuit, shape: tuple[int, int, int], g: t
         raise ValueError(f"images have shape {tuple(arr.shape)}; expected [n, {shape[0]}, {shape[1]}, {shape[2]}]")
     if arr.is_floating_point():
         return arr.float()
-    from ..data import to_model_space  # integer levels: the data module's conventions
+    from vq2pc.data.datasets import (
+        to_model_space,  # integer levels: the data module's conventions
+    )
 
     return to_model_space(arr, c.leaf.kind, int(c.meta.get("levels", 256)), g).float()
 

@@ -8,8 +8,8 @@ import sys
 
 import torch
 
-from ..circuit import MixtureCircuit
-from ..export import export_cirkit, export_npz
+from vq2pc.circuit.export import export_cirkit, export_npz
+from vq2pc.circuit.mixture import MixtureCircuit
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

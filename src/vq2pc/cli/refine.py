@@ -9,9 +9,15 @@ import math
 import torch
 from torch import Tensor
 
-from ..circuit import MixtureCircuit
-from ..data import DATASET_NAMES, DataSplits, bpd, load_dataset, to_model_space
-from ..refine import EMConfig, em_refine
+from vq2pc.circuit.mixture import MixtureCircuit
+from vq2pc.circuit.refine import EMConfig, em_refine
+from vq2pc.data.datasets import (
+    DATASET_NAMES,
+    DataSplits,
+    bpd,
+    load_dataset,
+    to_model_space,
+)
 
 _FMT = argparse.ArgumentDefaultsHelpFormatter
 

@@ -6,8 +6,8 @@ import argparse
 
 import torch
 
-from ..config import load_config
-from ..pipeline import STAGES, run_pipeline
+from vq2pc.pipeline import STAGES, run_pipeline
+from vq2pc.pipeline.config import load_config
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -10,14 +10,15 @@ from typing import Any
 import torch
 import yaml
 
-from ..circuit import MixtureCircuit
-from ..data import DATASET_NAMES, DataSplits, load_dataset
-from ..distillation import check_std_floor, distill
-from ..prior import PixelCNNPrior, PriorConfig, train_prior
-from ..quantizers import QUANTIZER_NAMES, make_quantizer
-from ..selection import select
-from ..train import TrainConfig
-from ..vqvae import VQVAE, VQVAEConfig, encode_images, train_vqvae
+from vq2pc.circuit.distill import check_std_floor, distill
+from vq2pc.circuit.mixture import MixtureCircuit
+from vq2pc.core.leaves import LEAF_KINDS
+from vq2pc.data.datasets import DATASET_NAMES, DataSplits, load_dataset
+from vq2pc.latents.selection import select
+from vq2pc.models.priors.pixelcnn import PixelCNNPrior, PriorConfig, train_prior
+from vq2pc.models.quantizers import QUANTIZER_NAMES, make_quantizer
+from vq2pc.models.train import TrainConfig
+from vq2pc.models.vqvae import VQVAE, VQVAEConfig, encode_images, train_vqvae
 
 _FMT = argparse.ArgumentDefaultsHelpFormatter
 
@@ -50,7 +51,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train-vqvae", help="train a VQ-VAE (checkpoint = resume point)", formatter_class=_FMT,
                        description="Train a VQ-VAE with a per-pixel leaf head. Re-running with the same --out resumes.")
     _data_args(p), _train_args(p)
-    p.add_argument("--leaf", default="gaussian", choices=["gaussian", "categorical", "bernoulli"], help="pixel model")
+    p.add_argument("--leaf", default="gaussian", choices=list(LEAF_KINDS), help="pixel model")
     p.add_argument("--grid", type=int, nargs=2, default=[2, 2], metavar=("H", "W"), help="latent grid")
     p.add_argument("--K", type=int, default=16, help="codebook size")
     p.add_argument("--D", type=int, default=16, help="codeword length")
@@ -161,7 +162,7 @@ def _distill(a: argparse.Namespace) -> int:
 
 
 def _evaluate(a: argparse.Namespace) -> int:
-    from ..evaluate.density import test_bpd
+    from vq2pc.evaluate.density import test_bpd
 
     circuit = MixtureCircuit.load(a.circuit, device=a.device)
     splits = _splits(a)
@@ -175,8 +176,8 @@ def _evaluate(a: argparse.Namespace) -> int:
 
 
 def _usage(a: argparse.Namespace) -> int:
-    from ..enumerate import enumerate_log_prior
-    from ..evaluate.usage import latent_usage
+    from vq2pc.evaluate.usage import latent_usage
+    from vq2pc.latents.enumerate import enumerate_log_prior
 
     prior = PixelCNNPrior.load(a.prior, device=a.device)
     res = latent_usage(enumerate_log_prior(prior, device=a.device, max_space=a.max_space), Path(a.out))

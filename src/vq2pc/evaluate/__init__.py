@@ -10,18 +10,57 @@
 Functions take any :class:`DensityModel` (``log_prob``, ``sample``, ``num_params``),
 so distilled circuits and baselines are evaluated by the same code. Numbers are
 returned as JSON-able dicts; figures are PNGs written atomically.
+
+Stage 6 of the flow. May import: every stage up to :mod:`vq2pc.baselines`.
 """
 
 from __future__ import annotations
 
-from .classifier import ClassifierConfig, SmallCNN, accuracy, classify, load_classifier, train_classifier
-from .common import ComponentModel, DensityModel, InpaintingModel, images_to_unit, to_unit
-from .correlation import component_correlation, joint_log_likelihoods, mean_pairwise_correlation
-from .density import model_log_prob, plot_bpd_vs_N, plot_bpd_vs_params, test_bpd
-from .inpainting import conditional_bpd, inpainting_metrics, plot_inpainting
-from .report import CAPTIONS, render_report, write_report, write_report_json
-from .samples import class_balance, draw_samples, kl_from_uniform, label_histogram, plot_samples
-from .usage import latent_usage, usage_curve
+from vq2pc.evaluate.classifier import (
+    ClassifierConfig,
+    SmallCNN,
+    accuracy,
+    classify,
+    load_classifier,
+    train_classifier,
+)
+from vq2pc.evaluate.common import (
+    ComponentModel,
+    DensityModel,
+    InpaintingModel,
+    images_to_unit,
+    to_unit,
+)
+from vq2pc.evaluate.correlation import (
+    component_correlation,
+    joint_log_likelihoods,
+    mean_pairwise_correlation,
+)
+from vq2pc.evaluate.density import (
+    model_log_prob,
+    plot_bpd_vs_N,
+    plot_bpd_vs_params,
+    test_bpd,
+)
+from vq2pc.evaluate.inpainting import (
+    conditional_bpd,
+    inpainting_metrics,
+    plot_inpainting,
+)
+from vq2pc.evaluate.report import (
+    CAPTIONS,
+    render_report,
+    write_report,
+    write_report_json,
+)
+from vq2pc.evaluate.samples import (
+    class_balance,
+    draw_samples,
+    kl_from_uniform,
+    label_histogram,
+    plot_samples,
+)
+from vq2pc.evaluate.usage import latent_usage, usage_curve
 
 __all__ = [
     "DensityModel", "InpaintingModel", "ComponentModel", "to_unit", "images_to_unit",

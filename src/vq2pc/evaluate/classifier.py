@@ -16,9 +16,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ..checkpoint import CheckpointError, load_checkpoint
-from ..train import TrainConfig, fit
-from .common import check_images, images_to_unit
+from vq2pc.core.checkpoint import CheckpointError, load_checkpoint
+from vq2pc.evaluate.common import check_images, images_to_unit
+from vq2pc.models.train import TrainConfig, fit
 
 __all__ = ["ClassifierConfig", "SmallCNN", "train_classifier", "classify", "accuracy", "load_classifier"]
 

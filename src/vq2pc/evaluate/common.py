@@ -15,6 +15,8 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from vq2pc.core.leaves import check_leaf_kind as _check_kind
+
 __all__ = [
     "DensityModel",
     "InpaintingModel",
@@ -26,10 +28,7 @@ __all__ = [
     "log2_levels",
     "to_unit",
     "images_to_unit",
-    "LEAF_KINDS",
 ]
-
-LEAF_KINDS = ("gaussian", "categorical", "bernoulli")
 
 
 @runtime_checkable
@@ -105,8 +104,7 @@ def check_images(v: Tensor, name: str = "images") -> None:
 
 def check_leaf_kind(leaf_kind: str, levels: int) -> None:
     """Raise ``ValueError`` for an unknown leaf kind or fewer than two pixel levels."""
-    if leaf_kind not in LEAF_KINDS:
-        raise ValueError(f"unknown leaf kind {leaf_kind!r}; expected one of {list(LEAF_KINDS)}")
+    _check_kind(leaf_kind)
     if int(levels) < 2:
         raise ValueError(f"levels must be >= 2, got {levels}")
 

@@ -21,8 +21,8 @@ import torch
 from scipy.stats import gaussian_kde
 from torch import Tensor
 
-from .common import ComponentModel, check_model_batch, model_device
-from .plots import new_figure, save_figure, styled
+from vq2pc.evaluate.common import ComponentModel, check_model_batch, model_device
+from vq2pc.evaluate.plots import new_figure, save_figure, styled
 
 __all__ = ["component_correlation", "joint_log_likelihoods", "mean_pairwise_correlation"]
 

@@ -20,9 +20,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..data import bpd, to_model_space
-from .common import DensityModel, check_images, check_leaf_kind, model_device
-from .plots import family_style, new_figure, save_figure, styled
+from vq2pc.data.datasets import bpd, to_model_space
+from vq2pc.evaluate.common import (
+    DensityModel,
+    check_images,
+    check_leaf_kind,
+    model_device,
+)
+from vq2pc.evaluate.plots import family_style, new_figure, save_figure, styled
 
 __all__ = ["test_bpd", "model_log_prob", "plot_bpd_vs_params", "plot_bpd_vs_N", "FAMILY_ORDER"]
 

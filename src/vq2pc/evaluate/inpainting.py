@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .common import (
+from vq2pc.evaluate.common import (
     DensityModel,
     check_leaf_kind,
     check_model_batch,
@@ -30,8 +30,16 @@ from .common import (
     model_device,
     to_unit,
 )
-from .density import model_log_prob
-from .plots import clean_axes, hidden_pixels, new_figure, save_figure, styled, tile_rgb, to_rgb
+from vq2pc.evaluate.density import model_log_prob
+from vq2pc.evaluate.plots import (
+    clean_axes,
+    hidden_pixels,
+    new_figure,
+    save_figure,
+    styled,
+    tile_rgb,
+    to_rgb,
+)
 
 __all__ = ["inpainting_metrics", "conditional_bpd", "conditional_mean", "plot_inpainting"]
 

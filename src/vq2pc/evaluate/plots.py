@@ -15,7 +15,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from ..checkpoint import atomic_write
+from vq2pc.core.files import atomic_write
 
 __all__ = [
     "DPI",

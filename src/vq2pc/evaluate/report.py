@@ -22,8 +22,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import atomic_write, write_json
-from .density import FAMILY_ORDER
+from vq2pc.core.files import atomic_write, write_json
+from vq2pc.evaluate.density import FAMILY_ORDER
 
 __all__ = ["write_report", "write_report_json", "render_report", "CAPTIONS"]
 

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .classifier import SmallCNN, classify
-from .common import DensityModel, check_leaf_kind, images_to_unit, to_unit
-from .plots import as_images, image_grid, new_figure, save_figure, styled
+from vq2pc.evaluate.classifier import SmallCNN, classify
+from vq2pc.evaluate.common import DensityModel, check_leaf_kind, images_to_unit, to_unit
+from vq2pc.evaluate.plots import as_images, image_grid, new_figure, save_figure, styled
 
 __all__ = ["draw_samples", "kl_from_uniform", "label_histogram", "class_balance", "plot_samples",
            "DATA_KEY", "TEST_KEY"]

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .plots import new_figure, save_figure, styled
+from vq2pc.evaluate.plots import new_figure, save_figure, styled
 
 __all__ = ["latent_usage", "usage_curve", "QUANTILES"]
 

@@ -2,6 +2,9 @@
 
 A stage whose outputs exist is skipped on a re-run (``force`` names stages to
 redo); an interrupted training resumes from its last epoch checkpoint.
+
+Stage 7 of the flow (with the run configuration, :mod:`~vq2pc.pipeline.config`).
+May import: every stage up to :mod:`vq2pc.evaluate`.
 """
 
 from __future__ import annotations
@@ -14,14 +17,14 @@ from typing import Any, Iterable
 import torch
 import yaml
 
-from ..checkpoint import atomic_write, write_json
-from ..config import RunConfig, config_to_dict
-from ..data import load_dataset
-from .baselines import run_baselines
-from .experiments import run_experiments
-from .findings import findings
-from .models import build_source_model, distill_all
-from .rundir import STAGES, RunDir
+from vq2pc.core.files import atomic_write, write_json
+from vq2pc.data.datasets import load_dataset
+from vq2pc.pipeline.baselines import run_baselines
+from vq2pc.pipeline.config import RunConfig, config_to_dict
+from vq2pc.pipeline.experiments import run_experiments
+from vq2pc.pipeline.findings import findings
+from vq2pc.pipeline.models import build_source_model, distill_all
+from vq2pc.pipeline.rundir import STAGES, RunDir
 
 __all__ = ["run_pipeline", "STAGES", "RunDir"]
 
@@ -88,7 +91,7 @@ def _previous_total(run: RunDir) -> float:
 
 
 def _finish_report(run: RunDir, report: dict[str, Any]) -> None:
-    from ..evaluate.report import write_report
+    from vq2pc.evaluate.report import write_report
 
     report["notes"] = findings(report) + report["notes"]
     write_json(run.path("report.json"), report)

@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
-
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..baselines.cm import CMConfig, compile_cm, train_cm
-from ..baselines.einet import EiNetConfig, require_cirkit, train_einet
-from ..circuit import MixtureCircuit
-from ..config import RunConfig
-from ..data import DataSplits
-from ..evaluate.density import test_bpd
-from .rundir import RunDir
+from vq2pc.baselines.cm import CMConfig, compile_cm, train_cm
+from vq2pc.baselines.einet import EiNetConfig, train_einet
+from vq2pc.circuit.cirkit import require_cirkit
+from vq2pc.circuit.mixture import MixtureCircuit
+from vq2pc.data.datasets import DataSplits
+from vq2pc.evaluate.density import test_bpd
+from vq2pc.pipeline.config import RunConfig
+from vq2pc.pipeline.rundir import RunDir
 
 __all__ = ["run_baselines"]
 

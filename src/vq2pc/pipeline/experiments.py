@@ -8,20 +8,19 @@ a PNG under ``figures/`` and its numbers under ``results/<leaf>/``.
 from __future__ import annotations
 
 import dataclasses
-
 import time
 from dataclasses import replace
 from typing import Any
 
 import torch
 
-from .. import evaluate as ev
-from ..config import RunConfig
-from ..data import DataSplits, to_model_space
-from ..enumerate import enumerate_log_prior
-from ..masks import MASK_KINDS, make_mask
-from .models import FAMILY, SourceModel, build_source_model, make_circuit
-from .rundir import RunDir
+from vq2pc import evaluate as ev
+from vq2pc.data.datasets import DataSplits, to_model_space
+from vq2pc.data.masks import MASK_KINDS, make_mask
+from vq2pc.latents.enumerate import enumerate_log_prior
+from vq2pc.pipeline.config import RunConfig
+from vq2pc.pipeline.models import FAMILY, SourceModel, build_source_model, make_circuit
+from vq2pc.pipeline.rundir import RunDir
 
 __all__ = ["run_experiments", "showcase_models"]
 

@@ -8,17 +8,18 @@ from typing import Any
 
 import torch
 
-from ..circuit import MixtureCircuit
-from ..config import ModelSpec, RunConfig
-from ..data import DataSplits, to_model_space
-from ..distillation import distill
-from ..evaluate.density import test_bpd
-from ..exact import ExactModel
-from ..refine import EMConfig, em_refine
-from ..prior import PixelCNNPrior, PriorConfig, train_prior
-from ..selection import SelectionShortfall, select
-from ..vqvae import VQVAE, VQVAEConfig, encode_images, train_vqvae
-from .rundir import RunDir
+from vq2pc.circuit.distill import distill
+from vq2pc.circuit.exact import ExactModel
+from vq2pc.circuit.mixture import MixtureCircuit
+from vq2pc.circuit.refine import EMConfig, em_refine
+from vq2pc.data.datasets import DataSplits, to_model_space
+from vq2pc.evaluate.density import test_bpd
+from vq2pc.latents.selection import SelectionShortfall, select
+from vq2pc.models.priors.pixelcnn import PixelCNNPrior, PriorConfig, train_prior
+from vq2pc.models.quantizers.vq import perplexity
+from vq2pc.models.vqvae import VQVAE, VQVAEConfig, encode_images, train_vqvae
+from vq2pc.pipeline.config import ModelSpec, RunConfig
+from vq2pc.pipeline.rundir import RunDir
 
 __all__ = ["SourceModel", "build_source_model", "distill_all", "circuit_row", "FAMILY"]
 
@@ -43,13 +44,6 @@ class SourceModel:
         return f"{self.leaf}/{self.spec.name}"
 
 
-def codebook_perplexity(codes: torch.Tensor, K: int) -> float:
-    """exp(H) of the empirical code usage over all grid positions (1 = collapse, K = uniform use)."""
-    counts = torch.bincount(codes.flatten(), minlength=K).double()
-    p = counts / counts.sum()
-    return float(torch.exp(-(p[p > 0] * p[p > 0].log()).sum()))
-
-
 def build_source_model(run: RunDir, cfg: RunConfig, splits: DataSplits, leaf: str, spec: ModelSpec) -> SourceModel:
     """Train (or resume, or load) the VQ-VAE and the prior of ``spec`` for ``leaf`` pixels."""
     vq_cfg = VQVAEConfig(
@@ -71,7 +65,7 @@ def build_source_model(run: RunDir, cfg: RunConfig, splits: DataSplits, leaf: st
     info = {
         "vqvae_params": vqvae.num_params, "vqvae_val_loss": vq_res.best_val_loss, "vqvae_epochs": vq_res.epochs_run,
         "prior_val_nll_per_latent": pr_res.best_val_loss, "prior_epochs": pr_res.epochs_run,
-        "codebook_perplexity_test": codebook_perplexity(codes["test"], spec.K),
+        "codebook_perplexity_test": float(perplexity(codes["test"], spec.K)),
         "distinct_test_codes": int(torch.unique(codes["test"].flatten(1), dim=0).shape[0]),
         "distinct_train_codes": int(torch.unique(codes["train"].flatten(1), dim=0).shape[0]),
         "latent_space": spec.K ** (spec.latent_hw[0] * spec.latent_hw[1]),

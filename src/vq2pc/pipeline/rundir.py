@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ..checkpoint import write_json
+from vq2pc.core.files import write_json
 
 __all__ = ["RunDir", "STAGES"]
 

@@ -1,0 +1,10 @@
+"""Stage 4 of the flow: the product. :class:`MixtureCircuit` and its kernels and streaming
+reductions, the file format and input validation, distillation (plain, exact ExM, fine-tuned),
+EM refinement, and export to libcirkit / npz.
+
+May import: :mod:`vq2pc.core`, :mod:`vq2pc.data`, :mod:`vq2pc.models`, :mod:`vq2pc.latents`.
+"""
+
+from vq2pc.circuit.mixture import MixtureCircuit
+
+__all__ = ["MixtureCircuit"]

@@ -1,0 +1,228 @@
+"""``ExactModel``: the exact model ExM ``p(x) = Σ_z p(z) p(x | z)`` over ALL ``K^{HW}`` latents.
+
+The exact model is the exhaustive distilled circuit with prior weights, but it is
+never materialized: MNIST with a 2×2 grid and ``K = 32`` has ``2^20`` components
+(6.6 GB of Gaussian leaf parameters), ``K = 96`` has 85M. Instead ``log p(z)`` is
+enumerated once (``[K^{HW}]`` float32, :func:`vq2pc.enumerate.enumerate_log_prior`)
+and every query streams over the latent space in lexicographic chunks: a chunk of
+latents is decoded (:func:`vq2pc.distillation.decode_leaf`), wrapped in a chunk
+:class:`~vq2pc.circuit.MixtureCircuit` whose ``log_likelihoods`` (the fast kernel)
+gives ``[B, n_chunk]``, ``log p(z)`` of the chunk is added, and the result is folded
+into running reductions (float64 log-sum-exp, rescaled weighted sums, running
+Gumbel argmax, running top-k). Memory is bounded by the chunk size, whatever
+``K^{HW}``; results equal the materialized circuit's up to float round-off.
+
+Data conventions are those of :class:`~vq2pc.circuit.MixtureCircuit`: ``x`` is
+``[B, S]`` or ``[B, C, H, W]`` in model space, masks are bool (True = observed).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from vq2pc.circuit.distill import check_std_floor, decode_leaf
+from vq2pc.circuit.io import check_sample_args, prepare_input
+from vq2pc.circuit.mixture import MixtureCircuit
+from vq2pc.circuit.streaming import (
+    RunningArgmax,
+    Scratch,
+    SoftmaxWeightedSum,
+    add_gumbel_,
+    logsumexp_,
+)
+from vq2pc.core.leaves import Leaf
+from vq2pc.core.random import gumbel_noise
+from vq2pc.latents.enumerate import check_space, enumerate_log_prior, index_to_codes
+from vq2pc.models.priors.pixelcnn import PixelCNNPrior
+
+__all__ = ["ExactModel"]
+
+_MIB = 1 << 20
+_COPIES = 3
+"""Bytes of one decoded chunk ≈ ``_COPIES`` × its leaf parameters (decoder output, leaf, kernel tables)."""
+
+
+class ExactModel:
+    """The exact mixture over every latent, queried by streaming over chunks of latents.
+
+    Args:
+        vqvae: a :class:`~vq2pc.vqvae.VQVAE` (its decoder gives ``p(x | z)``).
+        prior: a :class:`~vq2pc.prior.PixelCNNPrior` with the same ``K`` and latent grid.
+        chunk: most latents decoded and scored at once (lowered when one chunk's leaf
+            parameters or a query's ``[B, chunk]`` scores would exceed ``memory_budget_mib``).
+        max_space: largest ``K^{HW}`` accepted (``ValueError`` above it).
+        memory_budget_mib: memory bound of one chunk (and of each chunk circuit's temporaries).
+        device: where to compute (both models are moved there, in place); default: the VQ-VAE's device.
+        progress: show a tqdm bar per streaming pass.
+        std_floor: raise decoded Gaussian stds below it to it (see :func:`vq2pc.distillation.decode_leaf`).
+    """
+
+    def __init__(
+        self,
+        vqvae: nn.Module,
+        prior: PixelCNNPrior,
+        *,
+        chunk: int = 8192,
+        max_space: int = 2**27,
+        memory_budget_mib: float = 1024,
+        device: str | torch.device | None = None,
+        progress: bool = False,
+        std_floor: float | None = None,
+    ) -> None:
+        cfg = getattr(vqvae, "cfg", None)
+        if cfg is None or not isinstance(prior, PixelCNNPrior):
+            raise ValueError(f"need a VQVAE and a PixelCNNPrior, got {type(vqvae).__name__} and {type(prior).__name__}")
+        if prior.K != cfg.K or tuple(prior.latent_hw) != tuple(cfg.latent_hw):
+            raise ValueError(f"prior (K={prior.K}, grid {tuple(prior.latent_hw)}) does not match the VQ-VAE "
+                             f"(K={cfg.K}, grid {tuple(cfg.latent_hw)})")
+        if int(chunk) < 1 or not memory_budget_mib > 0:
+            raise ValueError(f"chunk must be >= 1 and memory_budget_mib > 0, got {chunk}, {memory_budget_mib}")
+        self.K, self.latent_hw = int(cfg.K), tuple(cfg.latent_hw)
+        self._space = check_space(self.K, *self.latent_hw, max_space)
+        self.device = torch.device(device) if device is not None else next(vqvae.parameters()).device
+        self.vqvae, self.prior = vqvae.to(self.device).eval(), prior.to(self.device).eval()
+        self.memory_budget_mib, self.progress = float(memory_budget_mib), bool(progress)
+        check_std_floor(std_floor, cfg.leaf)
+        self.std_floor = std_floor
+        self.log_prior = enumerate_log_prior(prior, device=self.device, progress=progress, max_space=max_space)
+        self._template = decode_leaf(vqvae, torch.zeros((1, *self.latent_hw), dtype=torch.long, device=self.device))
+        per_component = sum(t[0].numel() * t.element_size() for t in self._template.tensors().values())
+        self._rows = max(1, int(self.memory_budget_mib * _MIB // (_COPIES * per_component)))  # decoded rows that fit
+        self.chunk = min(int(chunk), self._rows)
+
+    # --- structure ------------------------------------------------------------------
+    def __len__(self) -> int:
+        """``K^{HW}``, the number of components."""
+        return self._space
+
+    @property
+    def num_variables(self) -> int:
+        """``S``."""
+        return self._template.num_variables
+
+    @property
+    def leaf_kind(self) -> str:
+        """``gaussian``, ``categorical`` or ``bernoulli``."""
+        return self._template.kind
+
+    @property
+    def num_params(self) -> int:
+        """Parameters of the equivalent materialized circuit: ``K^{HW}`` × (leaf parameters per
+        component) + ``K^{HW}`` weights (what :attr:`MixtureCircuit.num_params` would report)."""
+        per_component = sum(t[0].numel() for t in self._template.tensors().values())
+        return len(self) * (per_component + 1)
+
+    def __repr__(self) -> str:
+        return f"ExactModel(kind={self.leaf_kind}, N={len(self)}, S={self.num_variables}, chunk={self.chunk})"
+
+    # --- streaming ------------------------------------------------------------------
+    def _prepare(self, x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """Validated ``x [B, S]`` (unobserved entries filled with a valid value) and ``mask [B, S]`` or None."""
+        return prepare_input(x, mask, self._template, self._template.mode()[0])
+
+    def _decode(self, idx: Tensor) -> Leaf:
+        """Leaf ``[n, S]`` of the latents with lexicographic indices ``idx [n]``."""
+        return decode_leaf(self.vqvae, index_to_codes(idx, self.K, *self.latent_hw), std_floor=self.std_floor)
+
+    def _chunks(self, batch: int, desc: str) -> Iterator[tuple[int, MixtureCircuit]]:
+        """Yield ``(n0, circuit)`` for consecutive chunks ``n0:n0+len(circuit)`` of the latent space;
+        the circuit's log-weights are ``log p(z)`` of the chunk (renormalized inside the circuit)."""
+        step = max(1, min(self.chunk, int(self.memory_budget_mib * _MIB // (16 * batch))))
+        with tqdm(total=len(self), desc=desc, unit="z", disable=not self.progress, leave=False) as bar:
+            for n0 in range(0, len(self), step):
+                n1 = min(n0 + step, len(self))
+                leaf = self._decode(torch.arange(n0, n1, device=self.device))
+                yield n0, MixtureCircuit(leaf, self.log_prior[n0:n1], memory_budget_mib=self.memory_budget_mib)
+                bar.update(n1 - n0)
+
+    def _scores(self, circuit: MixtureCircuit, n0: int, x: Tensor, mask: Tensor | None) -> Tensor:
+        """``[B, n]`` log p(z) + log p(x_o | z) for the chunk's latents (float32)."""
+        return circuit.log_likelihoods(x, mask) + self.log_prior[n0 : n0 + len(circuit)]
+
+    # --- likelihoods ----------------------------------------------------------------
+    @torch.no_grad()
+    def log_prob(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """``[B]`` exact log p(x), or log p(x_o) of the observed entries when ``mask`` is given."""
+        x, mask = self._prepare(x, mask)
+        acc = torch.full((x.shape[0],), -math.inf, dtype=torch.float64, device=self.device)
+        for n0, circuit in self._chunks(x.shape[0], "ExM log p(x)"):
+            acc = torch.logaddexp(acc, logsumexp_(self._scores(circuit, n0, x, mask)).double())
+        return acc.float()
+
+    @torch.no_grad()
+    def posterior_top(self, x: Tensor, mask: Tensor | None = None, k: int = 10) -> tuple[Tensor, Tensor]:
+        """The ``k`` most probable latents a posteriori: ``(log p(z | x_o) [B, k], index [B, k])``,
+        descending; indices are lexicographic (``enumerate.index_to_codes`` gives the grids)."""
+        if not 1 <= int(k) <= len(self):
+            raise ValueError(f"k must lie in [1, K^(HW) = {len(self)}], got {k}")
+        x, mask = self._prepare(x, mask)
+        acc = torch.full((x.shape[0],), -math.inf, dtype=torch.float64, device=self.device)
+        top_val, top_idx = None, None
+        for n0, circuit in self._chunks(x.shape[0], "ExM posterior"):
+            s = self._scores(circuit, n0, x, mask)
+            acc = torch.logaddexp(acc, torch.logsumexp(s, 1).double())
+            idx = torch.arange(n0, n0 + s.shape[1], device=self.device).expand_as(s)
+            if top_val is not None:
+                s, idx = torch.cat([top_val, s], 1), torch.cat([top_idx, idx], 1)
+            top_val, pos = s.topk(min(int(k), s.shape[1]), 1)
+            top_idx = idx.gather(1, pos)
+        return (top_val.double() - acc[:, None]).float(), top_idx
+
+    # --- conditionals -----------------------------------------------------------------
+    @torch.no_grad()
+    def conditional_mean(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """``[B, S]`` exact E[x | x_o] = Σ_z p(z | x_o) E[x | z]; observed entries are copied through.
+
+        One streaming pass: running maximum of the scores, sums rescaled when it grows (float64)."""
+        x, mask = self._prepare(x, mask)
+        acc = SoftmaxWeightedSum(torch.float64)
+        for n0, circuit in self._chunks(x.shape[0], "ExM E[x|x_o]"):
+            acc.add(self._scores(circuit, n0, x, mask), circuit.component_means())
+        cm = acc.result().float()
+        return cm if mask is None else torch.where(mask, x, cm)
+
+    def _posterior_draw(self, x: Tensor, mask: Tensor | None, generator: torch.Generator | None) -> Tensor:
+        """``[B]`` index of one latent per row drawn from p(z | x_o) (streaming Gumbel-max)."""
+        best, scratch = RunningArgmax(), Scratch()
+        for n0, circuit in self._chunks(x.shape[0], "ExM posterior draw"):
+            best.add(add_gumbel_(self._scores(circuit, n0, x, mask), generator, scratch), n0)
+        return best.result()
+
+    def _sample_leaves(self, idx: Tensor, generator: torch.Generator | None) -> Tensor:
+        """``[n, S]``: one draw from p(x | z) for each latent index ``idx [n]`` (decoded in memory-bounded blocks)."""
+        return torch.cat([self._decode(idx[a : a + self._rows]).sample(generator) for a in range(0, len(idx), self._rows)])
+
+    @torch.no_grad()
+    def sample(
+        self,
+        n: int | None = None,
+        *,
+        x: Tensor | None = None,
+        mask: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Exact samples ``[n, S]``; with ``x``/``mask``, one draw from p(x_u | x_o) per row, x_o kept.
+
+        Unconditional: ``c ~ p(c)``, ``z ~ p(z | c)`` (ancestral, :meth:`PixelCNNPrior.sample`),
+        ``x ~ p(x | z)``. Conditional: ``z`` by a streaming Gumbel-max over the posterior scores,
+        then its leaf on x_u (same semantics as :meth:`MixtureCircuit.sample`; without ``mask``
+        every entry is redrawn from the leaf of a posterior latent).
+        """
+        if x is None:
+            count = check_sample_args(n, x, mask)
+            log_pc = self.prior.class_log_prior.float()
+            c = (log_pc + gumbel_noise((count, log_pc.shape[0]), generator, self.device)).argmax(1)
+            parts = []
+            for a in range(0, count, self._rows):
+                z = self.prior.sample(c[a : a + self._rows], generator)
+                parts.append(decode_leaf(self.vqvae, z, std_floor=self.std_floor).sample(generator))
+            return torch.cat(parts)
+        xp, mp = self._prepare(x, mask)
+        check_sample_args(n, x, mask, rows=xp.shape[0])
+        draw = self._sample_leaves(self._posterior_draw(xp, mp, generator), generator)
+        return draw if mp is None else torch.where(mp, xp, draw)

@@ -1,1 +1,0 @@
-"""Dataset file formats and sources behind :mod:`vq2pc.data` (the public module)."""

@@ -1,0 +1,260 @@
+"""Selection of the N latents that become the mixture components of the distilled circuit.
+
+Strategies (``select(prior, strategy, N, ...)``):
+
+* ``exhaustive`` (ExM): all ``K^{HW}`` latents with their exact ``log p(z)`` (enumeration);
+  use ``log_weights("prior")`` for the exact model. ``N`` is ignored.
+* ``sample`` (DMRS): ``N`` distinct latents, ``c ~ U(C)``, ``z ~ p(z|c)`` — drawn by ancestral
+  sampling WITHOUT enumeration: batches of i.i.d. draws, duplicates rejected, the first ``N``
+  distinct latents in draw order kept. The sequence of first appearances of i.i.d. draws is
+  exactly successive sampling without replacement from ``q(z) = Σ_c (1/C) p(z|c)``, i.e. the
+  paper's procedure (sample, keep distinct).
+* ``gumbel`` (beyond the paper): Gumbel-top-k stochastic beam search, ``N`` distinct latents that
+  are an exact sample without replacement from ``p(z) = Σ_c p(c) p(z|c)`` in one pass (no
+  rejection, so it also works when the prior is very concentrated).
+* ``beam`` (DMBS, Algorithms 1 + 2): for every class ``c``, ``starts`` first tokens
+  ``z_1 ~ p(z_1 | c)`` drawn i.i.d. (repeats possible, as in the paper); from each, a beam search
+  over positions ``2..HW`` of width ``B = N // (starts·C)`` scored by the class marginal
+  ``m = Σ_c' p(c') p(z_≤i | c')``. All ``starts·C`` searches run together (one prior call per
+  position). Beams from a repeated start token would coincide, so m repeats of a token run as
+  one search of width m·B and the union holds the requested N distinct latents (see
+  ``_select_beam``; ``info`` records the first tokens and any shortfall).
+* ``topk``: the ``N`` latents of highest ``p(z)`` — exact by enumeration when ``K^{HW} ≤
+  max_space``, otherwise a deterministic beam search of width ``N`` on ``p(z)`` (approximate;
+  ``info["exact"]`` says which).
+* ``data`` (beyond the paper): the distinct codes the encoder assigned to the training set
+  (``codes_from_data``), most frequent first; ``log_prior`` holds the log empirical frequency.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from vq2pc.core.random import gumbel_noise
+from vq2pc.latents.beam import beam_search, stochastic_beam_search
+from vq2pc.latents.enumerate import (
+    check_space,
+    enumerate_log_prior,
+    index_to_codes,
+    latent_space_size,
+)
+from vq2pc.models.priors.pixelcnn import PixelCNNPrior
+
+__all__ = ["Selection", "select", "STRATEGIES", "WEIGHTS", "SelectionShortfall"]
+
+STRATEGIES = ("exhaustive", "sample", "gumbel", "beam", "topk", "data")
+WEIGHTS = ("uniform", "prior")
+
+
+@dataclass
+class Selection:
+    """Selected latents: ``codes [N,h,w]`` (distinct), ``log_prior [N]``, the strategy, and extra ``info``."""
+
+    codes: Tensor
+    log_prior: Tensor
+    strategy: str
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.codes.dim() != 3 or self.log_prior.shape != (self.codes.shape[0],):
+            raise ValueError(f"Selection needs codes [N,h,w] and log_prior [N], got "
+                             f"{tuple(self.codes.shape)} and {tuple(self.log_prior.shape)}")
+
+    def __len__(self) -> int:
+        return self.codes.shape[0]
+
+    def log_weights(self, weights: str = "uniform") -> Tensor:
+        """``[N]`` normalized log mixture weights: ``uniform`` (paper Eq. 2) or ``prior`` (p(z) renormalized)."""
+        if weights == "uniform":
+            return torch.full_like(self.log_prior, -torch.log(torch.tensor(float(len(self)))).item())
+        if weights == "prior":
+            return torch.log_softmax(self.log_prior.double(), 0).to(self.log_prior.dtype)
+        raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
+
+
+def _check_n(N: int | None, space: int) -> int:
+    if N is None or int(N) < 1:
+        raise ValueError(f"N must be a positive integer, got {N}")
+    if int(N) > space:
+        raise ValueError(f"N={N} exceeds the latent space K^(HW)={space}")
+    return int(N)
+
+
+def _log_prob(prior: PixelCNNPrior, codes: Tensor, batch_size: int) -> Tensor:
+    with torch.inference_mode():
+        return prior.log_prob(codes, batch_size)
+
+
+def _first_distinct(collected: Tensor, draws: Tensor, need: int) -> Tensor:
+    """Rows of ``draws [m,P]`` not in ``collected [n,P]`` and not repeated, in order of first appearance,
+    at most ``need`` of them."""
+    rows = torch.cat([collected, draws])
+    _, inverse = torch.unique(rows, dim=0, return_inverse=True)
+    order = torch.arange(rows.shape[0], device=rows.device)
+    first = torch.full((int(inverse.max()) + 1,), rows.shape[0], device=rows.device, dtype=torch.long)
+    first = first.scatter_reduce(0, inverse, order, reduce="amin")
+    new = first[first >= collected.shape[0]].sort().values[:need]
+    return rows[new]
+
+
+class SelectionShortfall(ValueError):
+    """A strategy could not find ``N`` distinct latents (the prior's mass sits on fewer)."""
+
+
+def _select_sample(prior: PixelCNNPrior, N: int, generator: torch.Generator | None, batch_size: int,
+                   max_draws_per_latent: int = 256) -> tuple[Tensor, dict[str, Any]]:
+    """DMRS: first ``N`` distinct of i.i.d. draws ``c ~ U(C), z ~ p(z|c)``; draw batches double in size."""
+    dev, P = prior.device, prior.num_positions
+    collected = torch.empty((0, P), dtype=torch.long, device=dev)
+    draws, size, limit = 0, 2 * N, max_draws_per_latent * N + 1024
+    gen_dev = generator.device if generator is not None else dev
+    while collected.shape[0] < N and draws < limit:
+        size = min(size, limit - draws)
+        c = torch.randint(prior.num_classes, (size,), generator=generator, device=gen_dev).to(dev)
+        z = prior.sample(c, generator=generator, batch_size=batch_size).flatten(1)
+        collected = torch.cat([collected, _first_distinct(collected, z, N - collected.shape[0])])
+        draws, size = draws + size, 2 * size
+    if collected.shape[0] < N:
+        raise SelectionShortfall(
+            f"sample: only {collected.shape[0]} distinct latents in {draws} draws, N={N} requested; the prior "
+            "concentrates its mass on fewer latents - lower N, or use strategy 'gumbel' (no rejection) or 'topk'"
+        )
+    return collected.view(N, *prior.latent_hw), {"draws": draws}
+
+
+def _select_beam(prior: PixelCNNPrior, N: int, starts: int, generator: torch.Generator | None,
+                 batch_size: int) -> tuple[Tensor, Tensor, dict[str, Any]]:
+    """DMBS (Algorithm 1): starts·C searches of width B = N // (starts·C) from sampled first tokens.
+
+    Searches from the same first token are one search: the score is the class marginal, so the
+    class that drew the token does not change the search, and m searches of width B from one token
+    would return the same B latents m times. vq2pc runs them as ONE search of width m·B (grouped
+    by multiplicity m, one batched call per distinct m), so the union has N distinct latents, as
+    requested, instead of N minus the duplicates (the literal Algorithm 1). Only when a first
+    token's subtree holds fewer than m·B latents does N fall short (``info["duplicates"]``).
+    """
+    C, dev = prior.num_classes, prior.device
+    if starts < 1:
+        raise ValueError(f"starts must be >= 1, got {starts}")
+    width = N // (starts * C)
+    if width < 1:
+        raise ValueError(f"beam width B = N // (starts·C) = {N} // ({starts}·{C}) = 0 < 1; raise N or lower starts")
+    with torch.inference_mode():
+        root = torch.zeros((1, *prior.latent_hw), dtype=torch.long, device=dev)
+        first = prior.next_log_probs_all_classes(root, 0)[0]  # [C, K] log p(z_1 = k | c)
+        group_class = torch.arange(C, device=dev).repeat_interleave(starts)  # [G]
+        noise = gumbel_noise((group_class.shape[0], prior.K), generator, dev)
+        tokens = (first[group_class] + noise).argmax(1)  # z_1 ~ p(z_1 | c), i.i.d. per start
+    distinct, counts = torch.unique(tokens, return_counts=True)
+    parts_codes, parts_scores = [], []
+    for m in torch.unique(counts).tolist():  # one batched search per multiplicity (a handful)
+        toks = distinct[counts == m]
+        codes = torch.zeros((toks.shape[0], *prior.latent_hw), dtype=torch.long, device=dev)
+        codes.view(toks.shape[0], -1)[:, 0] = toks
+        result = beam_search(prior, codes, first[:, toks].T, 1, m * width, batch_size=batch_size)
+        parts_codes.append(result.codes.reshape(-1, *prior.latent_hw))
+        parts_scores.append(result.class_scores.reshape(-1, C))
+    flat, scores = torch.cat(parts_codes), torch.cat(parts_scores)
+    log_p = torch.logsumexp(scores + prior.class_log_prior, 1)
+    order = log_p.argsort(descending=True)
+    info = {"requested_N": N, "width": width, "starts": starts, "distinct_first_tokens": int(distinct.numel()),
+            "duplicates": N - int(flat.shape[0])}
+    return flat[order], log_p[order], info
+
+
+def _select_topk(prior: PixelCNNPrior, N: int, max_space: int,
+                 batch_size: int) -> tuple[Tensor, Tensor, dict[str, Any]]:
+    """Top-N by p(z): exact by enumeration within ``max_space``, else a width-N beam on p(z) (approximate)."""
+    h, w = prior.latent_hw
+    if latent_space_size(prior.K, h, w) <= max_space:
+        log_p = enumerate_log_prior(prior, batch_size=batch_size, progress=False, max_space=max_space)
+        log_prior, idx = log_p.topk(N)
+        return index_to_codes(idx, prior.K, h, w), log_prior, {"exact": True}
+    root = torch.zeros((1, h, w), dtype=torch.long, device=prior.device)
+    scores = torch.zeros((1, prior.num_classes), device=prior.device)
+    result = beam_search(prior, root, scores, 0, N, batch_size=batch_size)
+    return result.codes[0], result.keys[0], {"exact": False}
+
+
+def _select_data(prior: PixelCNNPrior, N: int | None, codes_from_data: Tensor | None) -> tuple[Tensor, Tensor]:
+    if codes_from_data is None:
+        raise ValueError("strategy 'data' needs codes_from_data [n,h,w] (the encoder's training-set codes)")
+    codes = prior.check_codes(codes_from_data, "codes_from_data").to(prior.device)
+    if codes.shape[0] == 0:
+        raise ValueError("codes_from_data is empty")
+    unique, counts = torch.unique(codes.flatten(1), dim=0, return_counts=True)
+    order = torch.sort(counts, descending=True, stable=True).indices
+    if N is not None and not 1 <= int(N) <= unique.shape[0]:
+        raise ValueError(f"N={N} must be in [1, {unique.shape[0]}] (distinct codes in codes_from_data)")
+    keep = order[: unique.shape[0] if N is None else int(N)]
+    log_freq = (counts[keep].double() / codes.shape[0]).log().float()
+    return unique[keep].view(-1, *prior.latent_hw), log_freq
+
+
+def _dispatch(prior: PixelCNNPrior, strategy: str, N: int | None, starts: int,
+              generator: torch.Generator | None, max_space: int, codes_from_data: Tensor | None,
+              batch_size: int) -> tuple[Tensor, Tensor, dict[str, Any]]:
+    """Run one strategy; returns ``codes [N,h,w]``, ``log_prior [N]`` and ``info``."""
+    h, w = prior.latent_hw
+    space = latent_space_size(prior.K, h, w)
+    info: dict[str, Any] = {}
+    if strategy == "exhaustive":
+        check_space(prior.K, h, w, max_space)
+        log_prior = enumerate_log_prior(prior, batch_size=batch_size, progress=False, max_space=max_space)
+        codes = index_to_codes(torch.arange(space, device=prior.device), prior.K, h, w)
+    elif strategy == "data":
+        codes, log_prior = _select_data(prior, N, codes_from_data)
+    else:
+        N = _check_n(N, space)
+        if strategy == "sample":
+            codes, info = _select_sample(prior, N, generator, batch_size)
+            log_prior = _log_prob(prior, codes, batch_size)
+        elif strategy == "gumbel":
+            result = stochastic_beam_search(prior, N, generator, batch_size)
+            codes = result.codes[0]
+            log_prior = torch.logsumexp(result.class_scores[0] + prior.class_log_prior, 1)
+        elif strategy == "beam":
+            codes, log_prior, info = _select_beam(prior, N, starts, generator, batch_size)
+            order = log_prior.argsort(descending=True)
+            codes, log_prior = codes[order], log_prior[order]
+        else:
+            codes, log_prior, info = _select_topk(prior, N, max_space, batch_size)
+    return codes, log_prior, info
+
+
+def select(
+    prior: PixelCNNPrior,
+    strategy: str,
+    N: int | None,
+    *,
+    starts: int = 10,
+    generator: torch.Generator | None = None,
+    max_space: int = 2**24,
+    codes_from_data: Tensor | None = None,
+    device: str | torch.device | None = None,
+    batch_size: int = 16384,
+) -> Selection:
+    """Select latents with ``strategy`` (see the module docstring); returns a :class:`Selection`.
+
+    ``N``: number of latents (ignored by ``exhaustive``; ``None`` = all distinct codes for ``data``).
+    ``starts``: start tokens per class for ``beam``. ``generator``: randomness of ``sample``,
+    ``gumbel``, ``beam``. ``max_space``: largest ``K^{HW}`` enumerated (``exhaustive``, exact
+    ``topk``). ``device``: where to compute (the prior is moved there). ``batch_size``: prior rows
+    per call.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if device is not None:
+        prior.to(device)
+    was_training = prior.training
+    prior.eval()
+    try:
+        codes, log_prior, info = _dispatch(prior, strategy, N, starts, generator, max_space, codes_from_data,
+                                           batch_size)
+    finally:
+        prior.train(was_training)
+    return Selection(codes=codes, log_prior=log_prior.float(), strategy=strategy, info=info)

@@ -1,0 +1,213 @@
+"""The VQ-VAE: encoder → quantizer → decoder → per-pixel leaf head (paper App. A, C).
+
+Data enter in model space (:func:`vq2pc.data.to_model_space`): dequantized
+``[0, 1)`` reals for the Gaussian head, integer levels for the categorical
+head, ``{0, 1}`` for the Bernoulli head. ``decode(codes)`` returns a
+:mod:`vq2pc.leaves` leaf with batch shape ``[B, S]`` — the same object the
+distilled circuit is built from.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from vq2pc.core.checkpoint import SavableModel, load_checkpoint
+from vq2pc.core.leaves import Leaf, check_leaf_kind
+from vq2pc.data.datasets import DataSplits, check_fits, to_model_space
+from vq2pc.models.nets import (
+    Decoder,
+    Encoder,
+    halving_sizes,
+    head_channels,
+    head_leaf,
+    init_head,
+    num_downsamplings,
+)
+from vq2pc.models.quantizers import QUANTIZER_NAMES, QuantizerOutput, make_quantizer
+from vq2pc.models.train import TrainConfig, TrainResult, fit
+
+__all__ = ["VQVAEConfig", "VQVAE", "train_vqvae", "encode_images"]
+
+
+@dataclass
+class VQVAEConfig:
+    """Architecture of a VQ-VAE. ``quantizer_opts`` go to :func:`vq2pc.quantizers.make_quantizer`."""
+
+    image_shape: tuple[int, int, int]
+    levels: int
+    leaf: str = "gaussian"
+    latent_hw: tuple[int, int] = (2, 2)
+    K: int = 16
+    D: int = 16
+    hidden: int = 64
+    res_blocks: int = 2
+    beta: float = 0.25
+    quantizer: str = "vq"
+    quantizer_opts: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.image_shape = tuple(int(s) for s in self.image_shape)
+        self.latent_hw = tuple(int(s) for s in self.latent_hw)
+        if len(self.image_shape) != 3 or min(self.image_shape) < 1:
+            raise ValueError(f"image_shape must be (C, H, W) with positive sizes, got {self.image_shape}")
+        if len(self.latent_hw) != 2:
+            raise ValueError(f"latent_hw must be (h, w), got {self.latent_hw}")
+        check_leaf_kind(self.leaf)
+        if self.quantizer not in QUANTIZER_NAMES:
+            raise ValueError(f"unknown quantizer {self.quantizer!r}; expected one of {list(QUANTIZER_NAMES)}")
+        if self.levels < 2 or min(self.K, self.D, self.hidden) < 1 or self.res_blocks < 0 or self.beta < 0:
+            raise ValueError("need levels >= 2, K, D, hidden >= 1, res_blocks >= 0 and beta >= 0")
+        num_downsamplings(self.image_shape[1:], self.latent_hw)  # raises if the grid is unreachable
+
+    @property
+    def num_variables(self) -> int:
+        """``S = C·H·W``."""
+        return math.prod(self.image_shape)
+
+
+class VQVAE(SavableModel, nn.Module):
+    """Encoder, quantizer and decoder with a ``cfg.leaf`` pixel head (see module docstring)."""
+
+    checkpoint_kind = "vqvae"
+    config_class = VQVAEConfig
+
+    def __init__(self, cfg: VQVAEConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        C, H, W = cfg.image_shape
+        steps = num_downsamplings((H, W), cfg.latent_hw)
+        self.encoder = Encoder(C, cfg.hidden, cfg.D, steps, cfg.res_blocks)
+        self.quantizer = make_quantizer(cfg.quantizer, cfg.K, cfg.D, cfg.beta, **cfg.quantizer_opts)
+        out = head_channels(cfg.leaf, C, cfg.levels)
+        self.decoder = Decoder(cfg.D, cfg.hidden, out, halving_sizes((H, W), steps), cfg.res_blocks)
+        init_head(self.decoder.head, cfg.leaf, C)
+
+    @property
+    def num_params(self) -> int:
+        """Number of trainable and codebook parameters."""
+        return sum(p.numel() for p in self.parameters())
+
+    # --- input checks -------------------------------------------------------------------------------
+    def _check_x(self, x: Tensor) -> None:
+        if x.dim() != 4 or tuple(x.shape[1:]) != self.cfg.image_shape:
+            raise ValueError(f"x must have shape [B, {', '.join(map(str, self.cfg.image_shape))}], got {tuple(x.shape)}")
+        if not x.dtype.is_floating_point:
+            raise ValueError(f"x must be float model-space data (see data.to_model_space), got dtype {x.dtype}")
+        if not torch.isfinite(x).all():
+            raise ValueError("x contains NaN or inf")
+        hi = {"gaussian": 1.0, "categorical": self.cfg.levels - 1.0, "bernoulli": 1.0}[self.cfg.leaf]
+        if x.numel() and (float(x.min()) < 0 or float(x.max()) > hi):
+            raise ValueError(f"x must lie in [0, {hi:g}] for a {self.cfg.leaf} VQ-VAE, got range "
+                             f"[{float(x.min()):g}, {float(x.max()):g}] (convert with data.to_model_space)")
+        if self.cfg.leaf == "categorical" and not torch.equal(x, torch.round(x)):
+            raise ValueError("x must hold integer levels for a categorical VQ-VAE")
+        if self.cfg.leaf == "bernoulli" and ((x != 0) & (x != 1)).any():
+            raise ValueError("x must hold 0/1 values for a bernoulli VQ-VAE")
+
+    def _check_codes(self, codes: Tensor) -> None:
+        h, w = self.cfg.latent_hw
+        if codes.dim() != 3 or tuple(codes.shape[1:]) != (h, w):
+            raise ValueError(f"codes must have shape [B, {h}, {w}], got {tuple(codes.shape)}")
+        if codes.dtype.is_floating_point or codes.dtype == torch.bool:
+            raise ValueError(f"codes must be integer indices, got dtype {codes.dtype}")
+        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.cfg.K):
+            raise ValueError(f"codes must lie in [0, {self.cfg.K - 1}], got [{int(codes.min())}, {int(codes.max())}]")
+
+    # --- model --------------------------------------------------------------------------------------
+    def _encoder_input(self, x: Tensor) -> Tensor:
+        """Model-space ``x`` rescaled to about ``[0, 1]`` (categorical levels divided by ``L − 1``)."""
+        return x / (self.cfg.levels - 1) if self.cfg.leaf == "categorical" else x
+
+    def encode(self, x: Tensor) -> Tensor:
+        """``x [B, C, H, W]`` (model space) -> ``z_e [B, D, h, w]``."""
+        self._check_x(x)
+        return self.encoder(self._encoder_input(x))
+
+    def codes(self, x: Tensor) -> Tensor:
+        """``x [B, C, H, W]`` -> nearest-codeword indices ``[B, h, w]`` (long, in ``0..K-1``)."""
+        return self.quantizer.nearest(self.encode(x))
+
+    def _head(self, z_q: Tensor) -> Leaf:
+        C = self.cfg.image_shape[0]
+        return head_leaf(self.decoder(z_q), self.cfg.leaf, C, self.cfg.levels)
+
+    def decode(self, codes: Tensor) -> Leaf:
+        """``codes [B, h, w]`` -> leaf ``p(x | z)`` with batch shape ``[B, S]`` (variables in C, H, W order)."""
+        self._check_codes(codes)
+        return self._head(self.quantizer.embed(codes.long()))
+
+    def _terms(self, x: Tensor) -> tuple[Tensor, Tensor, QuantizerOutput]:
+        z_e = self.encode(x)
+        q = self.quantizer(z_e)
+        recon = -self._head(q.z_q).log_prob(x.reshape(x.shape[0], -1)).sum(1).mean()
+        return recon + q.loss, recon, q
+
+    def objective(self, x: Tensor) -> Tensor:
+        """The scalar training loss of :meth:`loss` without the statistics (no host sync for them)."""
+        return self._terms(x)[0]
+
+    def loss(self, x: Tensor) -> tuple[Tensor, dict[str, float]]:
+        """Mean over the batch of ``−Σ_S log p(x | z_q)`` + quantizer loss, and the statistics
+        ``recon_nll`` (nats per image), ``vq_loss`` and ``perplexity`` (of the batch's codes)."""
+        total, recon, q = self._terms(x)
+        return total, {"recon_nll": float(recon.detach()), "vq_loss": float(q.loss.detach()),
+                       "perplexity": float(q.perplexity)}
+
+
+def _completed_epochs(checkpoint: str | Path | None) -> int:
+    """Epochs already run by an interrupted :func:`train_vqvae` with this checkpoint (0 if none)."""
+    if checkpoint is None or not Path(checkpoint).exists():
+        return 0
+    return int(load_checkpoint(checkpoint, "vqvae").get("train_state", {}).get("epoch", 0))
+
+
+def train_vqvae(
+    splits: DataSplits, cfg: VQVAEConfig, train_cfg: TrainConfig, checkpoint: str | Path | None = None,
+) -> tuple[VQVAE, TrainResult]:
+    """Fit a VQ-VAE on ``splits.train_x`` with early stopping on ``splits.val_x``.
+
+    Training batches (``uint8`` levels) are mapped to model space per batch with
+    fresh dequantization noise; the noise of step ``t`` comes from a generator
+    seeded by ``(train_cfg.seed, t)``, so a run resumed from ``checkpoint`` draws
+    the same noise as an uninterrupted one. The validation set is dequantized
+    once with a fixed seed so validation losses are comparable across epochs.
+    """
+    check_fits(cfg.image_shape, cfg.levels, splits)
+    torch.manual_seed(train_cfg.seed)
+    model = VQVAE(cfg)
+    steps_per_epoch = math.ceil(len(splits.train_x) / train_cfg.batch_size)
+    step = [_completed_epochs(checkpoint) * steps_per_epoch]
+
+    def loss_fn(m: nn.Module, batch: tuple[Tensor, ...]) -> Tensor:
+        x = batch[0]
+        if x.dtype == torch.uint8:  # a training batch of raw levels
+            gen = torch.Generator(device=x.device).manual_seed(train_cfg.seed * 1_000_003 + step[0])
+            step[0] += 1
+            x = to_model_space(x, cfg.leaf, cfg.levels, gen)
+        return m.objective(x)
+
+    val_gen = torch.Generator().manual_seed(train_cfg.seed + 1)
+    val = (to_model_space(splits.val_x, cfg.leaf, cfg.levels, val_gen),)
+    result = fit(model, loss_fn, (splits.train_x,), val, train_cfg, checkpoint,
+                 kind="vqvae", meta={"config": asdict(cfg)}, desc="vqvae")
+    return model, result
+
+
+@torch.no_grad()
+def encode_images(vqvae: VQVAE, v: Tensor, seed: int = 0, batch_size: int = 1024) -> Tensor:
+    """Codes ``[n, h, w]`` of raw images ``v`` (``uint8 [n, C, H, W]`` levels), in batches.
+
+    Continuous pixels are dequantized with one fixed draw (``seed``), so the codes are reproducible.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    device = next(vqvae.parameters()).device
+    vqvae.eval()
+    parts = [vqvae.codes(to_model_space(v[i : i + batch_size], vqvae.cfg.leaf, vqvae.cfg.levels, gen).to(device)).cpu()
+             for i in range(0, len(v), batch_size)]
+    return torch.cat(parts)

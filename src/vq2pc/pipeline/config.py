@@ -1,0 +1,199 @@
+"""Run configuration: dataclasses loaded from YAML (``configs/*.yaml``).
+
+A run trains one VQ-VAE + prior per entry of ``models`` and per pixel leaf in
+``leaves``, distills circuits with every strategy × N of that entry, and runs
+the experiments switched on in ``experiments``. Unknown keys are an error
+(a typo must not silently fall back to a default).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from vq2pc.core.leaves import LEAF_KINDS
+from vq2pc.latents.selection import STRATEGIES
+from vq2pc.models.train import TrainConfig
+
+__all__ = ["ModelSpec", "BaselineSpec", "ExperimentSpec", "RunConfig", "load_config", "config_to_dict", "DEFAULT_CONFIG"]
+
+
+
+@dataclass
+class ModelSpec:
+    """One source VQ-VAE (+ its prior) and the circuits distilled from it."""
+
+    name: str = "2x2"
+    group: str | None = None  # series name in plots/tables (default: name); e.g. one "2x2" line over several K
+    latent_hw: tuple[int, int] = (2, 2)
+    K: int = 16
+    D: int = 16
+    hidden: int = 32
+    res_blocks: int = 1
+    beta: float = 0.25
+    quantizer: str = "ema"  # vq (paper Eq. 6) | ema (codebook as moving cluster means)
+    quantizer_opts: dict[str, Any] = field(default_factory=lambda: {"kmeans_init": True})
+    prior_hidden: int = 64
+    prior_layers: int = 4
+    strategies: list[str] = field(default_factory=lambda: ["exhaustive", "sample", "beam", "topk", "data"])
+    N: list[int] = field(default_factory=lambda: [16, 64, 256, 1024])
+    weights: str = "uniform"  # mixture weights of the non-exhaustive strategies: uniform (Eq. 2) | prior
+    starts: int = 10  # DMBS: starting tokens per class (s)
+    em_strategies: list[str] = field(default_factory=lambda: ["sample"])  # also refine these strategies' circuits by EM (+EM rows)
+    em_iterations: int = 5
+    em_leaves: bool = True  # EM on the leaf parameters too, not only the weights
+    em_prior_strength: float = 2.0  # Dirichlet pseudo-count (and decoder-leaf pseudo-observations), see refine.py
+    em_train_limit: int | None = 10000  # training images used by EM
+    std_floor: float | None = None  # Gaussian leaves: raise decoded stds below this (every circuit and ExM of the model)
+
+
+@dataclass
+class BaselineSpec:
+    """The paper's baselines, trained on the same data and splits."""
+
+    einet: bool = True
+    einet_pieces: list[int] = field(default_factory=lambda: [2, 4])
+    einet_inputs: list[int] = field(default_factory=lambda: [5])
+    cm: bool = True
+    cm_latent_dim: int = 16
+    cm_hidden: int = 64
+    cm_train_points: int = 512
+    cm_points: int = 4096  # integration points of the compiled circuit (paper: 2^14)
+
+
+@dataclass
+class ExperimentSpec:
+    """Which experiments run, and their sizes."""
+
+    analysis_model: str | None = None  # model of Fig. 1 (usage) and Fig. 6 (correlation); default: main_model
+    usage: bool = True
+    usage_seeds: list[int] = field(default_factory=list)  # extra training seeds: Fig. 1 as mean ± std over models
+    inpainting: bool = True
+    inpainting_images: int = 8
+    inpainting_eval_images: int = 500
+    samples: bool = True
+    num_samples: int = 1000  # paper: 10,000
+    correlation: bool = True
+    correlation_images: int = 297
+    bpd_draws: int = 3  # dequantization draws for continuous test BPD
+
+
+@dataclass
+class RunConfig:
+    """Everything a ``vq2pc run`` needs; see ``configs/`` for annotated examples."""
+
+    description: str = "Quick default: digits, 2x2 latent grid (K=16), every experiment at toy scale."
+    dataset: str = "digits"
+    data_dir: str | None = None
+    limit: int | None = None  # cap every split (quick experiments)
+    test_limit: int | None = None  # cap the test split for expensive evaluations (e.g. ExM K=96)
+    seed: int = 0
+    device: str = "cpu"
+    leaves: list[str] = field(default_factory=lambda: ["gaussian", "categorical"])
+    models: list[ModelSpec] = field(default_factory=lambda: [ModelSpec()])
+    main_model: str | None = None  # model used for the experiments; default: the first
+    max_exhaustive: int = 2**22  # largest latent space distilled exhaustively (ExM)
+    max_usage_space: int = 2**27  # largest latent space enumerated for Fig. 1 (96^4 ≈ 2^26.3)
+    max_materialize: int = 2**27  # ExM with more leaf parameters than this is streamed (ExactModel), not stored
+    exact_test_limit: int | None = None  # test images for a streamed ExM (its BPD costs K^{HW} decodes per draw)
+    vqvae_train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=60, patience=10, lr=2e-3, batch_size=64))
+    prior_train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=40, patience=8, lr=2e-3, batch_size=64))
+    baseline_train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(epochs=40, patience=8, lr=5e-3, batch_size=64, max_seconds=45))
+    baselines: BaselineSpec = field(default_factory=BaselineSpec)
+    experiments: ExperimentSpec = field(default_factory=ExperimentSpec)
+
+    def validate(self) -> "RunConfig":
+        for leaf in self.leaves:
+            if leaf not in LEAF_KINDS:
+                raise ValueError(f"config: unknown leaf {leaf!r}; expected one of {list(LEAF_KINDS)}")
+        names = [m.name for m in self.models]
+        if not names or len(set(names)) != len(names):
+            raise ValueError(f"config: models need distinct names, got {names}")
+        for m in self.models:
+            bad = [s for s in m.strategies if s not in STRATEGIES]
+            if bad:
+                raise ValueError(f"config: model {m.name!r} has unknown strategies {bad}; expected {list(STRATEGIES)}")
+            if m.K < 1 or any(n < 1 for n in m.N):
+                raise ValueError(f"config: model {m.name!r} needs K >= 1 and every N >= 1")
+            bad = [s for s in m.em_strategies if s not in STRATEGIES]
+            if bad:
+                raise ValueError(f"config: model {m.name!r} has unknown em_strategies {bad}")
+            if m.weights not in ("uniform", "prior"):
+                raise ValueError(f"config: model {m.name!r} weights must be 'uniform' or 'prior'")
+            if m.std_floor is not None and not (isinstance(m.std_floor, (int, float)) and 0 < m.std_floor < math.inf):
+                raise ValueError(f"config: model {m.name!r} std_floor must be a positive number, got {m.std_floor!r}")
+        for key in ("main_model", "analysis_model"):
+            value = getattr(self, key) if key == "main_model" else self.experiments.analysis_model
+            if value is not None and value not in names:
+                raise ValueError(f"config: {key} {value!r} is not one of {names}")
+        return self
+
+    @property
+    def main(self) -> ModelSpec:
+        """The model of the inpainting and sample experiments."""
+        return next(m for m in self.models if m.name == (self.main_model or self.models[0].name))
+
+    @property
+    def analysis(self) -> ModelSpec:
+        """The model of the latent-usage and correlation experiments."""
+        return next(m for m in self.models if m.name == (self.experiments.analysis_model or self.main.name))
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    """Instantiate dataclass ``cls`` from ``data``, recursing into nested dataclasses."""
+    if not isinstance(data, dict):
+        raise ValueError(f"config: {where} must be a mapping, got {type(data).__name__}")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ValueError(f"config: unknown key(s) {unknown} in {where}; known: {sorted(known)}")
+    defaults = cls()
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        current = getattr(defaults, name)
+        if dataclasses.is_dataclass(current):
+            value = _build(type(current), value, f"{where}.{name}")
+        elif name == "models":
+            value = [_build(ModelSpec, m, f"{where}.models[{i}]") for i, m in enumerate(value)]
+        elif isinstance(current, tuple) and value is not None:
+            value = tuple(value)
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Load a YAML config (or the defaults when ``path`` is None) and apply top-level ``overrides``."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ValueError(f"config {path} is not valid YAML: {exc}") from None
+    data.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return _build(RunConfig, data, "config").validate()
+
+
+def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
+    """A plain dict (YAML/JSON-able) of ``cfg``."""
+    def plain(v: Any) -> Any:
+        if isinstance(v, tuple):
+            return list(v)
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [plain(x) for x in v]
+        return v
+
+    return plain(asdict(cfg))
+
+
+DEFAULT_CONFIG = RunConfig()

@@ -1,0 +1,81 @@
+"""Test BPD against hand-computed values; the BPD plots."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from vq2pc.circuit import MixtureCircuit
+from vq2pc.core.leaves import Categorical, Gaussian
+from vq2pc.data import to_model_space
+from vq2pc.evaluate import density, plot_bpd_vs_N, plot_bpd_vs_params
+
+L = 17
+
+
+def _images(n: int = 40, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, L, (n, 1, 3, 3), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+
+
+def test_single_gaussian_matches_hand_computation() -> None:
+    """One component N(0.4, 0.3²) per pixel: BPD = mean over images of -Σ log N / (S ln 2) + log2 L."""
+    v = _images()
+    c = MixtureCircuit(Gaussian(torch.full((1, 9), 0.4), torch.full((1, 9), 0.3)), torch.zeros(1))
+    res = density.test_bpd(c, v, "gaussian", L, draws=2, batch_size=7, generator=torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)
+    expected = []
+    for _ in range(2):
+        x = to_model_space(v, "gaussian", L, g).reshape(-1, 9).double()
+        nll = (0.5 * ((x - 0.4) / 0.3) ** 2 + math.log(0.3) + 0.5 * math.log(2 * math.pi)).sum(1)
+        expected.append(float((nll / (9 * math.log(2)) + math.log2(L)).mean()))
+    assert res["per_draw"] == pytest.approx(expected, rel=1e-5)
+    assert res["mean"] == pytest.approx(sum(expected) / 2, rel=1e-5)
+    assert res["std"] == pytest.approx(abs(expected[0] - expected[1]) / 2, rel=1e-3, abs=1e-7)
+    assert res["draws"] == 2 and res["n_images"] == 40
+
+
+def test_uniform_categorical_is_log2_levels_with_one_draw() -> None:
+    c = MixtureCircuit(Categorical(torch.zeros(3, 9, L)), torch.zeros(3))
+    res = density.test_bpd(c, _images(), "categorical", L, draws=5)
+    assert res["mean"] == pytest.approx(math.log2(L), rel=1e-6)
+    assert res["draws"] == 1 and res["std"] == 0.0
+
+
+def test_bad_test_images_raise() -> None:
+    c = MixtureCircuit(Categorical(torch.zeros(1, 9, L)), torch.zeros(1))
+    with pytest.raises(ValueError, match="levels"):
+        density.test_bpd(c, _images() + 20, "categorical", L)
+    with pytest.raises(ValueError, match=r"\[n,C,H,W\]"):
+        density.test_bpd(c, _images().reshape(40, 9), "categorical", L)
+    with pytest.raises(ValueError, match="leaf kind"):
+        density.test_bpd(c, _images(), "poisson", L)
+
+
+ROWS = [
+    {"name": "ExM K=4", "family": "ExM", "K": 4, "N": 256, "num_params": 30_000, "test_bpd": 4.1, "test_bpd_std": 0.02},
+    {"name": "ExM K=8", "family": "ExM", "K": 8, "N": 4096, "num_params": 500_000, "test_bpd": 3.9, "test_bpd_std": 0.03},
+    {"name": "DMRS N=16", "family": "DMRS", "group": "2x2", "N": 16, "num_params": 2000, "test_bpd": 5.0,
+     "source_params": 80_000},
+    {"name": "DMRS N=64", "family": "DMRS", "group": "2x2", "N": 64, "num_params": 8000, "test_bpd": 4.5,
+     "source_params": 80_000},
+    {"name": "DMBS N=64", "family": "DMBS", "N": 64, "num_params": 8000, "test_bpd": 4.6},
+    {"name": "EiNet I=5", "family": "EiNet", "N": 1, "num_params": 50_000, "test_bpd": 3.7},
+]
+
+
+def test_plots_write_pngs(tmp_path) -> None:
+    for fn, name in ((plot_bpd_vs_params, "params.png"), (plot_bpd_vs_N, "n.png")):
+        out = fn(ROWS, tmp_path / name)
+        assert out.is_file() and out.stat().st_size > 1000
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_plot_rows_are_validated(tmp_path) -> None:
+    with pytest.raises(ValueError, match="lacks keys"):
+        plot_bpd_vs_params([{"name": "x", "family": "DMRS", "test_bpd": 1.0}], tmp_path / "a.png")
+    with pytest.raises(ValueError, match="no result rows"):
+        plot_bpd_vs_N([{"name": "EiNet", "family": "EiNet", "N": None, "test_bpd": 3.0}], tmp_path / "b.png")
+    with pytest.raises(ValueError, match=".png"):
+        plot_bpd_vs_N(ROWS, tmp_path / "b.jpg")

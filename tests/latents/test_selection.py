@@ -1,0 +1,206 @@
+"""Tests of the selection strategies: exactness on tiny spaces, sampling distributions, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import all_codes, make_prior
+from scipy.stats import chisquare
+
+from vq2pc.latents.beam import beam_search
+from vq2pc.latents.enumerate import codes_to_index, enumerate_log_prior
+from vq2pc.latents.selection import Selection, select
+
+
+@pytest.fixture(scope="module")
+def prior():
+    """K=3, 2x2 grid, C=2 classes with p(c) = (1/3, 2/3): 81 latents."""
+    p = make_prior(K=3, hw=(2, 2), C=2, sharpen=3.0, seed=1)
+    p.set_class_prior(torch.tensor([0, 1, 1]))
+    return p
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """K=2, 2x1 grid, C=2 with p(c) = (19/20, 1/20): 4 latents; p(z) and q(z) differ enough for power."""
+    p = make_prior(K=2, hw=(2, 1), C=2, sharpen=4.0, seed=3)
+    p.set_class_prior(torch.tensor([0] * 19 + [1]))
+    return p
+
+
+def exact(prior) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(z) and log q(z) = log Σ_c (1/C) p(z|c) of every latent, lexicographic order."""
+    z = all_codes(prior.K, prior.latent_hw)
+    with torch.no_grad():
+        per_class = prior.log_prob_all_classes(z).double()
+    log_p = torch.logsumexp(per_class + prior.class_log_prior.double(), 1)
+    log_q = torch.logsumexp(per_class, 1) - torch.log(torch.tensor(float(prior.num_classes)))
+    return log_p, log_q
+
+
+def test_exhaustive(prior) -> None:
+    s = select(prior, "exhaustive", None)
+    assert len(s) == 81 and s.strategy == "exhaustive"
+    assert torch.equal(s.codes, all_codes(3, (2, 2)))
+    with torch.no_grad():
+        torch.testing.assert_close(s.log_prior, prior.log_prob(s.codes), atol=1e-5, rtol=0)
+    torch.testing.assert_close(s.log_weights("prior").exp().sum(), torch.tensor(1.0))
+    torch.testing.assert_close(s.log_weights("uniform").exp(), torch.full((81,), 1 / 81))
+
+
+def test_topk_equals_sorted_enumeration(prior) -> None:
+    log_p, _ = exact(prior)
+    ref_val, ref_idx = log_p.sort(descending=True)
+    for max_space, is_exact in [(2**24, True), (10, False)]:  # enumeration / beam of width N
+        s = select(prior, "topk", 30, max_space=max_space)
+        assert s.info["exact"] is is_exact
+        assert torch.equal(codes_to_index(s.codes, 3), ref_idx[:30])
+        torch.testing.assert_close(s.log_prior.double(), ref_val[:30], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("width", [27, 81])
+def test_inner_beam_search_from_root_is_exact_when_wide(prior, width: int) -> None:
+    """Algorithm 2 from i_1 = 1 (start 0): a beam of width >= K^{HW-1} keeps every prefix of the
+    last step, so its final beam is exactly the top-`width` latents by p(z)."""
+    log_p, _ = exact(prior)
+    root = torch.zeros((1, 2, 2), dtype=torch.long)
+    r = beam_search(prior, root, torch.zeros((1, 2)), 0, width, batch_size=7)  # chunked
+    assert r.codes.shape == (1, width, 2, 2)
+    ref_val, ref_idx = log_p.sort(descending=True)
+    assert torch.equal(codes_to_index(r.codes[0], 3), ref_idx[:width])
+    torch.testing.assert_close(r.keys[0].double(), ref_val[:width], atol=1e-5, rtol=0)
+
+
+def test_inner_beam_search_own_class_scores(prior) -> None:
+    """One-hot class weights (Algorithm 1's literal {c}) rank by p(z|c)."""
+    z = all_codes(3, (2, 2))
+    with torch.no_grad():
+        per_class = prior.log_prob_all_classes(z)
+    root = torch.zeros((2, 2, 2), dtype=torch.long)
+    own = torch.tensor([[0.0, -float("inf")], [-float("inf"), 0.0]])
+    r = beam_search(prior, root, torch.zeros((2, 2)), 0, 81, class_log_weights=own)
+    for c in range(2):
+        assert torch.equal(codes_to_index(r.codes[c], 3), per_class[:, c].argsort(descending=True))
+        torch.testing.assert_close(r.class_scores[c], per_class[codes_to_index(r.codes[c], 3)], atol=1e-5, rtol=0)
+
+
+def test_beam_dmbs_completes_each_start_exactly(prior) -> None:
+    """Algorithm 1: with B = N // (s·C) = 9 = K^{HW-2}, a search from start token t drawn m times
+    (merged into one search of width m·B) keeps all its 2-token prefixes, so its result is exactly
+    the top-min(9m, 27) latents with z_1 = t; the union is distinct and N falls short only where a
+    subtree (27 latents) is smaller than m·B."""
+    log_p, _ = exact(prior)
+    s = select(prior, "beam", 36, starts=2, generator=torch.Generator().manual_seed(0))
+    assert s.info["width"] == 9 and s.info["requested_N"] == 36
+    assert len(s) == 36 - s.info["duplicates"]
+    idx = codes_to_index(s.codes, 3)
+    assert idx.unique().numel() == len(s)
+    torch.testing.assert_close(s.log_prior.double(), log_p[idx], atol=1e-5, rtol=0)
+    assert torch.all(s.log_prior[:-1] >= s.log_prior[1:])
+    shortfall = 0
+    for t in s.codes[:, 0, 0].unique():
+        kept = idx[s.codes[:, 0, 0] == t]
+        assert len(kept) % 9 == 0 and 9 <= len(kept) <= 27
+        subtree = torch.arange(27 * int(t), 27 * int(t) + 27)
+        top = subtree[log_p[subtree].argsort(descending=True)[: len(kept)]]
+        assert set(kept.tolist()) == set(top.tolist())
+        shortfall += 9 if len(kept) == 27 else 0  # a token drawn 4 times asks for 36 > 27
+    assert s.info["duplicates"] <= shortfall
+
+
+def test_beam_returns_requested_n_when_subtrees_are_large() -> None:
+    """Repeated start tokens do not cost components: N distinct latents come back."""
+    p = make_prior(K=4, hw=(2, 2), C=2)
+    s = select(p, "beam", 40, starts=5, generator=torch.Generator().manual_seed(1))
+    assert len(s) == 40 and s.info["duplicates"] == 0
+    assert codes_to_index(s.codes, 4).unique().numel() == 40
+
+
+def test_beam_on_1x1_grid_returns_start_tokens() -> None:
+    p = make_prior(K=4, hw=(1, 1), C=2)
+    s = select(p, "beam", 4, starts=2, generator=torch.Generator().manual_seed(0))
+    assert len(s) == 4 - s.info["duplicates"] and s.codes.shape[1:] == (1, 1)
+
+
+def ordered_pair_test(select_pair, log_target: torch.Tensor, log_other: torch.Tensor, n: int) -> None:
+    """First element ~ target; ordered pairs ~ successive sampling without replacement; power vs other."""
+    first, pairs = torch.zeros(4), torch.zeros(4, 4)
+    for _ in range(n):
+        a, b = codes_to_index(select_pair(), 2).tolist()
+        assert a != b
+        first[a] += 1
+        pairs[a, b] += 1
+    q = log_target.softmax(0)  # renormalized in float64
+    assert chisquare(first, n * q).pvalue > 1e-3
+    expected = q[:, None] * q[None, :] / (1 - q[:, None])
+    off = ~torch.eye(4, dtype=torch.bool)
+    assert chisquare(pairs[off], n * expected[off] / expected[off].sum()).pvalue > 1e-3
+    assert chisquare(first, n * log_other.softmax(0)).pvalue < 1e-4  # the test can tell the two apart
+
+
+def test_sample_is_paper_dmrs_without_replacement(tiny) -> None:
+    """N=2 draws (c ~ U(C), z ~ p(z|c), distinct): the first matches q(z) = Σ_c (1/C) p(z|c), the
+    ordered pair matches sampling without replacement from q (chi-square, 1200 repeats, fixed seed)."""
+    log_p, log_q = exact(tiny)
+    g = torch.Generator().manual_seed(0)
+    ordered_pair_test(lambda: select(tiny, "sample", 2, generator=g).codes, log_q, log_p, 1200)
+
+
+def test_gumbel_is_exact_sampling_without_replacement_from_p(tiny) -> None:
+    log_p, log_q = exact(tiny)
+    g = torch.Generator().manual_seed(0)
+    ordered_pair_test(lambda: select(tiny, "gumbel", 2, generator=g).codes, log_p, log_q, 1200)
+
+
+@pytest.mark.parametrize("strategy", ["sample", "gumbel"])
+def test_random_strategies_return_distinct_latents(prior, strategy: str) -> None:
+    log_p, _ = exact(prior)
+    for N in (40, 81):
+        s = select(prior, strategy, N, generator=torch.Generator().manual_seed(1))
+        idx = codes_to_index(s.codes, 3)
+        assert len(s) == N and idx.unique().numel() == N
+        torch.testing.assert_close(s.log_prior.double(), log_p[idx], atol=1e-5, rtol=0)
+
+
+def test_data_counts(prior) -> None:
+    codes = all_codes(3, (2, 2))[torch.tensor([7, 7, 1, 5, 5, 5, 7, 9])]
+    s = select(prior, "data", None, codes_from_data=codes)
+    assert codes_to_index(s.codes, 3).tolist() == [5, 7, 1, 9]
+    torch.testing.assert_close(s.log_prior.exp(), torch.tensor([3, 3, 1, 1]) / 8.0)
+    torch.testing.assert_close(s.log_weights("prior").exp(), torch.tensor([3, 3, 1, 1]) / 8.0)
+    top2 = select(prior, "data", 2, codes_from_data=codes)
+    torch.testing.assert_close(top2.log_weights("prior").exp(), torch.tensor([0.5, 0.5]))
+
+
+def test_errors(prior) -> None:
+    for strategy in ("sample", "gumbel", "beam", "topk"):
+        with pytest.raises(ValueError, match=r"N=82 exceeds the latent space K\^\(HW\)=81"):
+            select(prior, strategy, 82)
+    with pytest.raises(ValueError, match="beam width"):
+        select(prior, "beam", 19, starts=10)
+    with pytest.raises(ValueError, match=r"81 exceeds max_space = 64"):
+        select(prior, "exhaustive", None, max_space=64)
+    with pytest.raises(ValueError, match="strategy must be one of"):
+        select(prior, "nope", 3)
+    with pytest.raises(ValueError, match="codes_from_data"):
+        select(prior, "data", 3)
+    with pytest.raises(ValueError, match="distinct codes"):
+        select(prior, "data", 3, codes_from_data=torch.zeros((5, 2, 2), dtype=torch.long))
+    with pytest.raises(ValueError, match="codes_from_data has codes outside"):
+        select(prior, "data", 1, codes_from_data=torch.full((5, 2, 2), 3))
+    with pytest.raises(ValueError, match="weights must be"):
+        Selection(torch.zeros((1, 2, 2), dtype=torch.long), torch.zeros(1), "x").log_weights("bad")
+    with pytest.raises(ValueError, match="beam width must be"):
+        beam_search(prior, torch.zeros((1, 2, 2), dtype=torch.long), torch.zeros((1, 2)), 0, 0)
+
+
+def test_sample_reports_concentrated_prior() -> None:
+    """A prior with (almost) all mass on one latent cannot yield 4 distinct draws quickly: clear error."""
+    p = make_prior(K=2, hw=(1, 1), C=1)
+    with torch.no_grad():
+        p.head[-1].weight.zero_()
+        p.head[-1].bias.copy_(torch.tensor([0.0, -60.0]))
+    with pytest.raises(ValueError, match="distinct latents in"):
+        select(p, "sample", 2, generator=torch.Generator().manual_seed(0))
+    assert len(select(p, "gumbel", 2, generator=torch.Generator().manual_seed(0))) == 2
+    assert torch.isfinite(enumerate_log_prior(p, progress=False)).all()

@@ -1,0 +1,302 @@
+"""End to end: ``run_pipeline`` on a tiny digits config — report, figures, caching, --force, resume, bad input."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+
+import vq2pc.models.train as train_module
+from vq2pc.circuit import MixtureCircuit
+from vq2pc.core.checkpoint import CheckpointError, load_checkpoint
+from vq2pc.data import load_dataset
+from vq2pc.evaluate.density import test_bpd
+from vq2pc.models.quantizers import make_quantizer
+from vq2pc.models.train import TrainConfig
+from vq2pc.pipeline import run_pipeline
+from vq2pc.pipeline.config import (
+    BaselineSpec,
+    ExperimentSpec,
+    ModelSpec,
+    RunConfig,
+    load_config,
+)
+
+LIMIT = 150
+STRATEGIES = ["exhaustive", "sample", "beam", "topk", "data"]
+DM_FAMILIES = {"sample": "DMRS", "beam": "DMBS", "topk": "TopK", "data": "DMData"}
+
+
+def tiny_config(leaves: list[str], epochs: int = 1, N: list[int] | None = None, full: bool = True) -> RunConfig:
+    """K=4 on a 2x2 grid (256 latents), 8 hidden channels, one epoch; ``full`` adds baselines and experiments.
+
+    N defaults to [10, 32]: digits has C=10 classes and DMBS needs N >= starts·C (see the xfail below).
+    """
+    train = TrainConfig(epochs=epochs, patience=5, lr=2e-3, batch_size=64, progress=False)
+    model = ModelSpec(name="m", K=4, D=4, hidden=8, res_blocks=0, prior_hidden=8, prior_layers=1,
+                      strategies=STRATEGIES if full else ["topk"], N=N or ([10, 32] if full else [4]), starts=1)
+    baselines = BaselineSpec(einet_pieces=[2], einet_inputs=[1], cm_points=64, cm_train_points=32, cm_hidden=8,
+                             einet=full, cm=full)
+    experiments = ExperimentSpec(num_samples=50, inpainting_eval_images=20, correlation_images=20, usage=full,
+                                 inpainting=full, samples=full, correlation=full)
+    cfg = load_config(None, {"limit": LIMIT})
+    return dataclasses.replace(cfg, leaves=leaves, models=[model], vqvae_train=train, prior_train=train,
+                               baseline_train=dataclasses.replace(train, max_seconds=10),
+                               baselines=baselines, experiments=experiments).validate()
+
+
+def mtimes(root: Path, pattern: str) -> dict[str, int]:
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in sorted(root.glob(pattern))}
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One run with both leaf kinds, every strategy, the baselines and every experiment."""
+    out = tmp_path_factory.mktemp("run")
+    cfg = tiny_config(["gaussian", "categorical"])
+    start = time.perf_counter()
+    report = run_pipeline(cfg, out)
+    return {"cfg": cfg, "out": out, "report": report, "seconds": time.perf_counter() - start}
+
+
+def test_report_rows(full_run: dict[str, Any]) -> None:
+    out, report = full_run["out"], full_run["report"]
+    on_disk = json.loads((out / "report.json").read_text())
+    assert on_disk["models"] == report["models"]
+    assert isinstance(on_disk["wall_seconds"], (int, float)) and on_disk["wall_seconds"] > 0
+    rows = on_disk["models"]
+    assert isinstance(rows, list) and rows
+    for row in rows:
+        assert {"name", "selection", "N", "test_bpd", "num_params"} <= row.keys(), row
+        assert math.isfinite(row["test_bpd"]) and row["test_bpd"] > 0, row
+        assert row["N"] >= 1 and row["num_params"] >= 1, row
+    for leaf in ("gaussian", "categorical"):
+        mine = [r for r in rows if r["leaf"] == leaf]
+        assert {r["selection"] for r in mine} == set(STRATEGIES) | {"einet", "cm"}
+        exm = [r for r in mine if r["selection"] == "exhaustive"]
+        assert len(exm) == 1 and exm[0]["N"] == 4**4  # the whole latent space
+        for r in mine:
+            if r["selection"] in ("sample", "topk"):
+                assert r["N"] == r["requested_N"] and r["N"] in (10, 32)
+                assert r["name"].startswith(DM_FAMILIES[r["selection"]])
+
+
+@pytest.mark.parametrize("leaf", ["gaussian", "categorical"])
+def test_exm_bpd_recomputed_from_saved_circuit(full_run: dict[str, Any], leaf: str) -> None:
+    """The reported ExM test BPD is that of the saved circuit file, recomputed independently."""
+    cfg, out = full_run["cfg"], full_run["out"]
+    row = next(r for r in full_run["report"]["models"] if r["leaf"] == leaf and r["selection"] == "exhaustive")
+    circuit = MixtureCircuit.load(out / row["circuit_file"])
+    assert len(circuit) == 256 and circuit.leaf.kind == leaf
+    splits = load_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seed, limit=cfg.limit)
+    bpd = test_bpd(circuit, splits.test_x, leaf, splits.levels, draws=cfg.experiments.bpd_draws,
+                   generator=torch.Generator().manual_seed(cfg.seed))
+    assert row["test_images"] == len(splits.test_x)
+    assert bpd["mean"] == pytest.approx(row["test_bpd"], rel=0, abs=1e-9)
+
+
+def test_report_md_links_and_config(full_run: dict[str, Any]) -> None:
+    out, cfg = full_run["out"], full_run["cfg"]
+    md = (out / "report.md").read_text()
+    links = re.findall(r"\]\(([^)\s]+\.png)\)", md)
+    assert len(links) >= 7 * 2  # usage, 2 BPD plots, inpainting, samples, class balance, correlation; per leaf
+    missing = [link for link in links if not (out / link).is_file()]
+    assert not missing, missing
+    written = yaml.safe_load((out / "config.yaml").read_text())
+    assert written["leaves"] == ["gaussian", "categorical"] and written["limit"] == LIMIT
+    assert written["models"][0]["K"] == 4 and written["models"][0]["N"] == [10, 32]
+    assert load_config(out / "config.yaml") == cfg  # the written config loads back to the same run
+
+
+def test_rerun_skips_and_force_distill_recomputes(full_run: dict[str, Any]) -> None:
+    cfg, out = full_run["cfg"], full_run["out"]
+    checkpoints, circuits = mtimes(out, "**/*.pt"), mtimes(out, "*/*/circuits/*.safetensors")
+    assert len(checkpoints) == 9 and len(circuits) == 2 * (8 + 2)  # 8 selections + 2 EM-refined DMRS per leaf
+    start = time.perf_counter()
+    again = run_pipeline(cfg, out)
+    seconds = time.perf_counter() - start
+    assert again["models"] == full_run["report"]["models"]
+    assert mtimes(out, "**/*.pt") == checkpoints and mtimes(out, "*/*/circuits/*.safetensors") == circuits
+    assert seconds < full_run["seconds"] / 3, (seconds, full_run["seconds"])
+
+    forced = run_pipeline(cfg, out, force=["distill"])
+    new = mtimes(out, "*/*/circuits/*.safetensors")
+    assert new.keys() == circuits.keys() and all(new[k] > circuits[k] for k in circuits)
+    assert mtimes(out, "**/*.pt") == checkpoints  # training is not redone
+    assert [r["test_bpd"] for r in forced["models"]] == pytest.approx([r["test_bpd"] for r in again["models"]],
+                                                                      abs=1e-9)
+
+
+class _Interrupt(Exception):
+    """Stands for Ctrl-C after a checkpoint write."""
+
+
+def test_interrupted_vqvae_training_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 2-epoch training interrupted after epoch 1 runs only epoch 2 on the re-run, ending where an
+    uninterrupted run ends (the trainer restores weights, optimizer, shuffling RNG and noise step)."""
+    cfg = tiny_config(["gaussian"], epochs=2, full=False)
+    real_save, saves = train_module.save_checkpoint, []
+
+    def interrupting_save(path: Any, kind: str, payload: dict[str, Any]) -> Path:
+        written = real_save(path, kind, payload)
+        if kind == "vqvae":
+            raise _Interrupt(str(path))
+        return written
+
+    monkeypatch.setattr(train_module, "save_checkpoint", interrupting_save)
+    with pytest.raises(_Interrupt):
+        run_pipeline(cfg, tmp_path / "run")
+    ckpt = tmp_path / "run" / "gaussian" / "m" / "vqvae.pt"
+    first = load_checkpoint(ckpt, "vqvae")["train_state"]
+    assert first["epoch"] == 1 and not first["done"]
+
+    def counting_save(path: Any, kind: str, payload: dict[str, Any]) -> Path:
+        saves.append(kind)
+        return real_save(path, kind, payload)
+
+    monkeypatch.setattr(train_module, "save_checkpoint", counting_save)
+    report = run_pipeline(cfg, tmp_path / "run")
+    assert saves.count("vqvae") == 1  # one more epoch, not a restart from scratch
+    resumed = load_checkpoint(ckpt, "vqvae")
+    assert resumed["train_state"]["epoch"] == 2 and report["sources"][0]["vqvae_epochs"] == 2
+    assert resumed["train_state"]["history"][0] == first["history"][0]
+
+    monkeypatch.setattr(train_module, "save_checkpoint", real_save)
+    run_pipeline(cfg, tmp_path / "straight")
+    straight = load_checkpoint(tmp_path / "straight" / "gaussian" / "m" / "vqvae.pt", "vqvae")
+    assert straight["train_state"]["history"] == resumed["train_state"]["history"]
+    for name, tensor in straight["state_dict"].items():
+        torch.testing.assert_close(resumed["state_dict"][name], tensor, rtol=0, atol=0, msg=name)
+
+
+def test_raising_epochs_continues_training(tmp_path: Path) -> None:
+    run_pipeline(tiny_config(["gaussian"], epochs=1, full=False), tmp_path)
+    ckpt = tmp_path / "gaussian" / "m" / "vqvae.pt"
+    assert load_checkpoint(ckpt, "vqvae")["train_state"]["epoch"] == 1
+    report = run_pipeline(tiny_config(["gaussian"], epochs=2, full=False), tmp_path)
+    assert load_checkpoint(ckpt, "vqvae")["train_state"]["epoch"] == 2
+    assert report["sources"][0]["vqvae_epochs"] == 2
+
+
+def test_force_vqvae_redoes_downstream_stages(tmp_path: Path) -> None:
+    run_pipeline(tiny_config(["gaussian"], epochs=1, full=False), tmp_path)
+    before = mtimes(tmp_path, "gaussian/m/*.pt") | mtimes(tmp_path, "gaussian/m/circuits/*.safetensors")
+    run_pipeline(tiny_config(["gaussian"], epochs=2, full=False), tmp_path, force=["vqvae"])
+    after = mtimes(tmp_path, "gaussian/m/*.pt") | mtimes(tmp_path, "gaussian/m/circuits/*.safetensors")
+    assert load_checkpoint(tmp_path / "gaussian" / "m" / "vqvae.pt", "vqvae")["train_state"]["epoch"] == 2
+    stale = [name for name in before if after[name] == before[name]]
+    assert not stale, f"outputs of the old VQ-VAE kept: {stale}"
+
+
+def test_beam_with_n_below_classes_is_skipped_not_fatal(tmp_path: Path) -> None:
+    cfg = tiny_config(["gaussian"], N=[8, 32], full=False)
+    cfg = dataclasses.replace(cfg, models=[dataclasses.replace(cfg.models[0], strategies=["beam", "topk"])])
+    report = run_pipeline(cfg, tmp_path)
+    assert {(r["selection"], r["requested_N"]) for r in report["models"]} >= {("beam", 32), ("topk", 8), ("topk", 32)}
+
+
+@pytest.mark.parametrize("overrides, key", [
+    ({"bogus_key": 1}, "bogus_key"),
+    ({"models": [{"name": "m", "Kay": 4}]}, "Kay"),
+    ({"experiments": {"num_sample": 5}}, "num_sample"),
+    ({"models": [{"name": "m", "strategies": ["beam", "bogus_strategy"]}]}, "bogus_strategy"),
+    ({"leaves": ["gaussian", "poisson"]}, "poisson"),
+])
+def test_bad_config_raises_naming_the_key(overrides: dict[str, Any], key: str) -> None:
+    with pytest.raises(ValueError, match=key):
+        load_config(None, overrides)
+
+
+def test_bad_yaml_file_names_the_key(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("dataset: digits\nmodels:\n  - name: m\n    K: 4\n    stratgies: [beam]\n")
+    with pytest.raises(ValueError, match="stratgies"):
+        load_config(path)
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
+    ckpt = tmp_path / "gaussian" / "m" / "vqvae.pt"
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"this is not a torch checkpoint")
+    with pytest.raises(CheckpointError, match=re.escape(str(ckpt))) as info:
+        run_pipeline(tiny_config(["gaussian"], full=False), tmp_path)
+    assert isinstance(info.value, ValueError)
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads_and_builds_its_quantizers(path: Path) -> None:
+    cfg = load_config(path)
+    assert cfg.models
+    for spec in cfg.models:  # unknown quantizer options fail here, not an hour into a run
+        quantizer = make_quantizer(spec.quantizer, spec.K, spec.D, spec.beta, **spec.quantizer_opts)
+        assert quantizer.codebook.shape == (spec.K, spec.D)
+
+
+def test_std_floor_reaches_every_circuit_and_names_its_rows(tmp_path: Path) -> None:
+    cfg = tiny_config(["gaussian"], full=False)
+    model = dataclasses.replace(cfg.models[0], strategies=["exhaustive", "topk"], std_floor=0.05)
+    cfg = dataclasses.replace(cfg, models=[model], experiments=dataclasses.replace(
+        cfg.experiments, inpainting=True, inpainting_images=2, inpainting_eval_images=5)).validate()
+    report = run_pipeline(cfg, tmp_path)
+    rows = [r for r in report["models"] if r["selection"] in ("exhaustive", "topk")]
+    assert rows and all(r["std_floor"] == 0.05 and r["name"].endswith("σ≥0.05") for r in rows)
+    files = sorted((tmp_path / "gaussian" / "m" / "circuits").glob("*.safetensors"))
+    assert files and all("-floor0.05" in f.name for f in files)
+    for f in files:
+        circuit = MixtureCircuit.load(f)
+        assert circuit.meta["std_floor"] == 0.05 and float(circuit.leaf.scale.min()) >= 0.05
+    assert report["experiments"]["gaussian"]["inpainting"]  # the showcase parses floored keys
+
+
+def test_a_changed_setting_recomputes_only_what_reads_it(tmp_path: Path) -> None:
+    cfg = tiny_config(["gaussian"], full=False)
+    model = dataclasses.replace(cfg.models[0], strategies=["sample", "topk"], N=[8])
+    cfg = dataclasses.replace(cfg, models=[model]).validate()
+    first = run_pipeline(cfg, tmp_path)
+    circuits = mtimes(tmp_path, "gaussian/m/circuits/*.safetensors")
+    checkpoints = mtimes(tmp_path, "gaussian/m/*.pt")
+    prior_weighted = dataclasses.replace(cfg, models=[dataclasses.replace(model, weights="prior")]).validate()
+    second = run_pipeline(prior_weighted, tmp_path)
+    assert mtimes(tmp_path, "gaussian/m/*.pt") == checkpoints  # training does not read `weights`
+    now = mtimes(tmp_path, "gaussian/m/circuits/*.safetensors")
+    assert now.keys() == circuits.keys() and all(now[k] > circuits[k] for k in circuits)  # the circuits do
+    loaded = MixtureCircuit.load(tmp_path / "gaussian" / "m" / "circuits" / "sample-N8.safetensors")
+    assert loaded.meta["weights"] == "prior"
+    rows = {r["name"]: r["test_bpd"] for r in second["models"]}
+    assert rows.keys() == {r["name"] for r in first["models"]}
+    third = run_pipeline(prior_weighted, tmp_path)  # nothing changed: everything reused
+    assert mtimes(tmp_path, "gaussian/m/circuits/*.safetensors") == now and third["models"] == second["models"]
+
+
+def test_a_selection_shortfall_is_a_note_not_a_failed_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import vq2pc.pipeline.models as models
+    from vq2pc.latents.selection import SelectionShortfall
+
+    real_select = models.select
+
+    def short_of_32(prior: Any, strategy: str, N: int, **kw: Any) -> Any:
+        if strategy == "sample" and N == 32:
+            raise SelectionShortfall("sample: only 20 distinct latents in 9000 draws, N=32 requested")
+        return real_select(prior, strategy, N, **kw)
+
+    monkeypatch.setattr(models, "select", short_of_32)
+    cfg = tiny_config(["gaussian"], full=False)
+    cfg = dataclasses.replace(cfg, models=[dataclasses.replace(cfg.models[0], strategies=["sample", "topk"],
+                                                               N=[8, 32])]).validate()
+    report = run_pipeline(cfg, tmp_path)
+    made = {(r["selection"], r["N"]) for r in report["models"]}
+    assert ("sample", 8) in made and ("topk", 32) in made and ("sample", 32) not in made
+    assert any("DMRS m N=32" in n and "only 20 distinct latents" in n for n in report["notes"])
+    assert "only 20 distinct latents" in (tmp_path / "report.md").read_text()
+    calls: list[int] = []
+    monkeypatch.setattr(models, "select", lambda *a, **kw: calls.append(1) or short_of_32(*a, **kw))
+    again = run_pipeline(cfg, tmp_path)  # the skip is remembered: no selection runs again
+    assert calls == [] and again["notes"] == report["notes"]
