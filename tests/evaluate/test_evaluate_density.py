@@ -36,6 +36,39 @@ def test_single_gaussian_matches_hand_computation() -> None:
     assert res["draws"] == 2 and res["n_images"] == 40
 
 
+def test_per_image_quantiles_equal_a_direct_computation() -> None:
+    """Median / p90 / p99 / max and the curve are quantiles of the per-image BPD averaged over the draws."""
+    g = torch.Generator().manual_seed(3)
+    v = _images(n=101, seed=4)
+    c = MixtureCircuit(Gaussian(torch.rand(3, 9, generator=g), torch.rand(3, 9, generator=g) * 0.2 + 0.02),
+                       torch.zeros(3))
+    res = density.test_bpd(c, v, "gaussian", L, draws=2, batch_size=13, generator=torch.Generator().manual_seed(9))
+    gen = torch.Generator().manual_seed(9)
+    per_image = sum(
+        (-c.log_prob(to_model_space(v, "gaussian", L, gen).reshape(-1, 9)).double() / (9 * math.log(2)) + math.log2(L))
+        for _ in range(2)) / 2
+    ordered = per_image.sort().values.numpy()
+    assert res["max"] == pytest.approx(ordered[-1], rel=1e-6)
+    assert res["median"] == pytest.approx(ordered[50], rel=1e-6)  # 101 images: the 51st is the median
+    assert res["p90"] == pytest.approx(ordered[90], rel=1e-6)  # linear interpolation lands on index 90
+    assert res["quantile_curve"][0] == pytest.approx(ordered[0], rel=1e-6)
+    assert len(res["quantile_curve"]) == len(density.QUANTILE_LEVELS)
+    assert res["mean"] == pytest.approx(float(per_image.mean()), rel=1e-6)
+    fields = density.bpd_fields(res)
+    assert fields["test_bpd_p99"] == res["p99"] and fields["test_bpd_quantiles"] == res["quantile_curve"]
+
+
+def test_tail_figure_draws_the_largest_model_of_each_family(tmp_path) -> None:
+    curve = list(range(len(density.QUANTILE_LEVELS)))
+    rows = [{"name": f"DMRS N={n}", "family": "DMRS", "N": n, "test_bpd": 5.0, "test_bpd_quantiles": curve}
+            for n in (16, 64)] + [{"name": "CM", "family": "CM", "N": 8, "test_bpd": 3.0, "test_bpd_quantiles": curve},
+                                  {"name": "EiNet", "family": "EiNet", "N": 5, "test_bpd": 3.0}]
+    assert [r["name"] for r in density.tail_rows(rows)] == ["DMRS N=64", "CM"]
+    assert density.plot_bpd_tails(rows, tmp_path / "t.png").stat().st_size > 1000
+    with pytest.raises(ValueError, match="quantiles"):
+        density.plot_bpd_tails(rows[3:], tmp_path / "u.png")
+
+
 def test_uniform_categorical_is_log2_levels_with_one_draw() -> None:
     c = MixtureCircuit(Categorical(torch.zeros(3, 9, L)), torch.zeros(3))
     res = density.test_bpd(c, _images(), "categorical", L, draws=5)

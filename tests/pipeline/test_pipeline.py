@@ -16,6 +16,7 @@ import yaml
 
 import vq2pc.models.train as train_module
 from vq2pc.circuit import MixtureCircuit
+from vq2pc.circuit.finetune import FineTuneConfig
 from vq2pc.core.checkpoint import CheckpointError, load_checkpoint
 from vq2pc.data import load_dataset
 from vq2pc.evaluate.density import test_bpd
@@ -42,7 +43,9 @@ def tiny_config(leaves: list[str], epochs: int = 1, N: list[int] | None = None, 
     """
     train = TrainConfig(epochs=epochs, patience=5, lr=2e-3, batch_size=64, progress=False)
     model = ModelSpec(name="m", K=4, D=4, hidden=8, res_blocks=0, prior_hidden=8, prior_layers=1,
-                      strategies=STRATEGIES if full else ["topk"], N=N or ([10, 32] if full else [4]), starts=1)
+                      strategies=STRATEGIES if full else ["topk"], N=N or ([10, 32] if full else [4]), starts=1,
+                      ft_strategies=["sample"] if full else [],
+                      finetune=FineTuneConfig(epochs=2, lr=3e-3, batch_size=50, top_k=2, refresh=2))
     baselines = BaselineSpec(einet_pieces=[2], einet_inputs=[1], cm_points=64, cm_train_points=32, cm_hidden=8,
                              einet=full, cm=full)
     experiments = ExperimentSpec(num_samples=50, inpainting_eval_images=20, correlation_images=20, usage=full,
@@ -65,6 +68,27 @@ def full_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     start = time.perf_counter()
     report = run_pipeline(cfg, out)
     return {"cfg": cfg, "out": out, "report": report, "seconds": time.perf_counter() - start}
+
+
+def test_finetuned_rows_beside_the_paper_faithful_ones(full_run: dict[str, Any]) -> None:
+    """Each DMRS row has a DMRS+FT twin over the same N latents, never worse on validation than its start,
+    saved as a circuit that (categorical pixels) sums to one over a pixel's levels... checked via a marginal."""
+    out, rows = full_run["out"], full_run["report"]["models"]
+    for leaf in ("gaussian", "categorical"):
+        plain = {r["requested_N"]: r for r in rows if r["leaf"] == leaf and r["family"] == "DMRS"}
+        tuned = {r["requested_N"]: r for r in rows if r["leaf"] == leaf and r["family"] == "DMRS+FT"}
+        assert plain and tuned.keys() == plain.keys()
+        for n, r in tuned.items():
+            assert r["N"] == plain[n]["N"] and r["name"] == plain[n]["name"] + "+FT"
+            ft = r["finetune"]
+            assert ft["best_val_log_prob"] >= ft["start_val_log_prob"] and ft["epochs_run"] >= 1
+            assert {"test_bpd_median", "test_bpd_p99", "test_bpd_max"} <= r.keys()
+            circuit = MixtureCircuit.load(out / r["circuit_file"])
+            assert circuit.meta["finetune"]["best_epoch"] == ft["best_epoch"]
+            if leaf == "categorical":  # the marginal of nothing observed is log 1 = 0: a normalized circuit
+                x = torch.zeros(2, circuit.num_variables)
+                lp = circuit.log_prob(x, mask=torch.zeros_like(x, dtype=torch.bool))
+                assert torch.allclose(lp.double(), torch.zeros(2, dtype=torch.float64), atol=1e-5)
 
 
 def test_report_rows(full_run: dict[str, Any]) -> None:
@@ -119,7 +143,7 @@ def test_report_md_links_and_config(full_run: dict[str, Any]) -> None:
 def test_rerun_skips_and_force_distill_recomputes(full_run: dict[str, Any]) -> None:
     cfg, out = full_run["cfg"], full_run["out"]
     checkpoints, circuits = mtimes(out, "**/*.pt"), mtimes(out, "*/*/circuits/*.safetensors")
-    assert len(checkpoints) == 9 and len(circuits) == 2 * (8 + 2)  # 8 selections + 2 EM-refined DMRS per leaf
+    assert len(checkpoints) == 9 and len(circuits) == 2 * (8 + 2 + 2)  # 8 selections + 2 EM- and 2 fine-tuned DMRS per leaf
     start = time.perf_counter()
     again = run_pipeline(cfg, out)
     seconds = time.perf_counter() - start

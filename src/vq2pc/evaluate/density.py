@@ -29,9 +29,10 @@ from vq2pc.evaluate.common import (
 )
 from vq2pc.evaluate.plots import family_style, new_figure, save_figure, styled
 
-__all__ = ["test_bpd", "model_log_prob", "plot_bpd_vs_params", "plot_bpd_vs_N", "FAMILY_ORDER"]
+__all__ = ["test_bpd", "plot_bpd_tails", "bpd_quantiles", "bpd_fields", "BPD_FORMAT", "QUANTILE_LEVELS", "model_log_prob", "plot_bpd_vs_params", "plot_bpd_vs_N", "FAMILY_ORDER"]
 
-FAMILY_ORDER = ("ExM", "DMRS", "DMRS+EM", "DMGS", "DMBS", "TopK", "DMData", "CM", "EiNet")
+FAMILY_ORDER = ("ExM", "DMRS", "DMRS+EM", "DMRS+FT", "DMGS", "DMBS", "DMBS+FT", "TopK", "TopK+FT", "DMData", "DMData+FT",
+                "CM", "EiNet")
 
 
 @torch.no_grad()
@@ -73,15 +74,40 @@ def test_bpd(
         raise ValueError(f"v_test must hold integer pixel levels in [0, {levels - 1}]")
     draws = draws if leaf_kind == "gaussian" else 1
     n, s = v_test.shape[0], int(np.prod(v_test.shape[1:]))
+    per_image = torch.zeros(n, dtype=torch.float64)
     per_draw = []
     for _ in range(draws):
         x = to_model_space(v_test, leaf_kind, levels, generator).reshape(n, s)
-        lp = model_log_prob(model, x, batch_size=batch_size)
-        per_draw.append(float(bpd(lp, s, levels, leaf_kind).mean()))
+        b = bpd(model_log_prob(model, x, batch_size=batch_size), s, levels, leaf_kind).double().cpu()
+        per_draw.append(float(b.mean()))
+        per_image += b / draws
     arr = np.array(per_draw)
     if not np.isfinite(arr).all():
         raise FloatingPointError(f"test BPD is not finite ({per_draw}); the model assigns zero density to test data")
-    return {"mean": float(arr.mean()), "std": float(arr.std()), "per_draw": per_draw, "draws": draws, "n_images": n}
+    return {"mean": float(arr.mean()), "std": float(arr.std()), "per_draw": per_draw, "draws": draws, "n_images": n,
+            **bpd_quantiles(per_image)}
+
+
+def bpd_fields(bpd: dict[str, Any]) -> dict[str, Any]:
+    """The result-row fields of a :func:`test_bpd` result: mean ± std over draws and per-image quantiles."""
+    return {"test_bpd": bpd["mean"], "test_bpd_std": bpd.get("std", 0.0),
+            **{f"test_bpd_{k}": bpd[k] for k in ("median", "p90", "p99", "max") if k in bpd},
+            "test_bpd_quantiles": bpd.get("quantile_curve")}
+
+
+BPD_FORMAT = 2
+"""Version of the fields :func:`bpd_fields` writes: a cached result row of another version is recomputed."""
+
+QUANTILE_LEVELS = tuple(i / 100 for i in range(100)) + (0.995, 0.999, 1.0)
+"""Levels of the per-image BPD quantile curve kept with every result (the tail is in the last ones)."""
+
+
+def bpd_quantiles(per_image: Tensor) -> dict[str, Any]:
+    """Quantiles of per-image BPD ``[n]``: ``median``, ``p90``, ``p99``, ``max`` and the curve at
+    :data:`QUANTILE_LEVELS` (``quantile_curve``), so a tail of badly covered images is seen, not guessed."""
+    q = torch.quantile(per_image.double(), torch.tensor(QUANTILE_LEVELS, dtype=torch.float64)).tolist()
+    at = dict(zip(QUANTILE_LEVELS, q))
+    return {"median": at[0.5], "p90": at[0.9], "p99": at[0.99], "max": at[1.0], "quantile_curve": q}
 
 
 test_bpd.__test__ = False  # a library function, not a pytest test, when imported into test modules
@@ -182,4 +208,39 @@ def plot_bpd_vs_N(rows: Sequence[dict], out_png: str | Path, title: str | None =
     _y_scale(ax, [float(r["test_bpd"]) for r in rows])
     ax.set_title(title or "Distilled circuits: test BPD vs number of components")
     ax.legend(loc="best")
+    return save_figure(fig, out_png)
+
+
+def tail_rows(rows: Sequence[dict]) -> list[dict]:
+    """The row of each family with the most components (the best-supplied model of each kind), with quantiles."""
+    best: dict[str, dict] = {}
+    for r in rows:
+        if r.get("test_bpd_quantiles") and (r["family"] not in best or (r.get("N") or 0) > (best[r["family"]].get("N") or 0)):
+            best[r["family"]] = r
+    order = {f: i for i, f in enumerate(FAMILY_ORDER)}
+    return sorted(best.values(), key=lambda r: order.get(r["family"], 99))
+
+
+@styled
+def plot_bpd_tails(rows: Sequence[dict], out_png: str | Path, title: str | None = None) -> Path:
+    """Per-image test BPD distributions: the quantile function of each family's largest model (log y).
+
+    x is the fraction of test images with a BPD at most y; a model whose curve shoots up at the
+    right has a tail of badly covered images that dominates its mean (marked by a dot on each curve)."""
+    shown = tail_rows(_check_rows(rows, ("name", "family", "test_bpd")))
+    if not shown:
+        raise ValueError("no result row carries per-image BPD quantiles (test_bpd_quantiles)")
+    fig = new_figure(7.0, 4.5)
+    ax = fig.add_subplot()
+    levels = np.array(QUANTILE_LEVELS)
+    for r in shown:
+        color, _, trained = family_style(r["family"])
+        ys = np.array(r["test_bpd_quantiles"], dtype=float)
+        ax.plot(levels, ys, color=color, lw=1.6, ls="-" if trained else "--", label=f"{r['name']} (N={r.get('N')})")
+        ax.plot([float(np.interp(r["test_bpd"], ys, levels))], [r["test_bpd"]], "o", color=color, ms=4)
+    ax.set_yscale("log")
+    ax.set_xlabel("fraction of test images (sorted by their BPD)")
+    ax.set_ylabel("per-image test BPD (log scale) — lower is better")
+    ax.set_title(title or "Per-image BPD: where the mean comes from")
+    ax.legend(loc="upper left", fontsize=7)
     return save_figure(fig, out_png)

@@ -57,6 +57,10 @@ FAMILY_STYLE: dict[str, tuple[str, str, bool]] = {
     "TopK": ("tab:orange", "^", False),
     "DMData": ("tab:olive", "v", False),
     "DMRS+EM": ("tab:pink", "s", True),
+    "DMRS+FT": ("indigo", "s", True),
+    "DMBS+FT": ("darkgreen", "D", True),
+    "TopK+FT": ("darkorange", "^", True),
+    "DMData+FT": ("darkolivegreen", "v", True),
     "CM": ("tab:brown", "o", False),
     "EiNet": ("tab:gray", "o", True),
 }

@@ -34,6 +34,9 @@ CAPTIONS: dict[str, str] = {
     "bpd_vs_params": "Density estimation (Fig. 2): test BPD versus number of parameters. Hollow markers are "
     "distilled circuits, filled ones trained models; dotted lines mark the source models' sizes. Look for "
     "how fast the distilled circuits approach the exact model (ExM) as they grow, and where they plateau.",
+    "bpd_tails": "Per-image test BPD (quantile function, log y) of each family's largest model; dots mark the "
+    "means. Look for curves that shoot up at the right: a tail of test images no component covers, which "
+    "ruins the mean while the median stays fine.",
     "bpd_vs_N": "Test BPD versus the number of components N per selection strategy. Lower is better; look for "
     "which strategy reaches a given BPD with the fewest components.",
     "inpainting": "Inpainting (Fig. 3): per model (rows) and mask (columns): original, observed part (hidden "
@@ -81,8 +84,13 @@ def _results(results: list[dict]) -> list[str]:
         shown = f"{bpd:.4f} ± {std:.4f}" if isinstance(bpd, float) and isinstance(std, float) else _fmt(bpd)
         params = r.get("num_params")
         params = int(params) if isinstance(params, float) and params.is_integer() else params
-        rows.append([r.get("name"), r.get("selection", r.get("family")), r.get("N"), params, shown])
-    return ["## Results", ""] + _table(["model", "selection", "N", "parameters", "test BPD ± std"], rows)
+        tail = " / ".join(_fmt(r.get(f"test_bpd_{k}"), 3) for k in ("median", "p90", "p99", "max"))
+        secs = r.get("train_seconds", (r.get("finetune") or {}).get("seconds"))
+        cost = None if secs is None else f"{secs:.0f}" + (" (capped)" if r.get("time_capped") else "")
+        rows.append([r.get("name"), r.get("selection", r.get("family")), r.get("N"), params, shown, tail, cost])
+    head = ["model", "selection", "N", "parameters", "test BPD ± std", "per-image BPD median / p90 / p99 / max",
+            "training s"]
+    return ["## Results", ""] + _table(head, rows)
 
 
 def _figures(report: dict, run_dir: Path) -> list[tuple[str, str, str]]:
@@ -169,13 +177,22 @@ def _flatten(d: dict, prefix: str = "") -> list[tuple[str, Any]]:
     return out
 
 
+def _cost(training: dict | None) -> str | None:
+    """``seconds (epochs)`` of a training record, marked when a wall-time cap ended it."""
+    if not training:
+        return None
+    capped = ", capped" if training.get("time_capped") else ""
+    return f"{training['train_seconds']:.0f} ({training['train_epochs']}{capped})"
+
+
 def _sources(sources: list[dict]) -> list[str]:
     """The source VQ-VAEs: size, fit, codebook use (index collapse) and latent-space size."""
     rows = [[s.get("leaf"), s.get("model"), s.get("K"), s.get("vqvae_params"), s.get("vqvae_val_loss"),
              s.get("prior_val_nll_per_latent"), s.get("codebook_perplexity_test"), s.get("distinct_test_codes"),
-             s.get("latent_space")] for s in sources]
+             s.get("latent_space"), _cost(s.get("vqvae_training")), _cost(s.get("prior_training"))] for s in sources]
     head = ["leaf", "model", "K", "VQ-VAE params", "VQ-VAE val loss (nats)", "prior val NLL (nats/latent)",
-            "codebook perplexity (test)", "distinct test codes", "latent space K^HW"]
+            "codebook perplexity (test)", "distinct test codes", "latent space K^HW", "VQ-VAE training s (epochs)",
+            "prior training s (epochs)"]
     return ["## Source models", ""] + _table(head, rows)
 
 

@@ -47,6 +47,12 @@ class TrainResult:
     stopped_early: bool
     seconds: float
     history: list[dict[str, float]] = field(default_factory=list)
+    time_capped: bool = False  # training ended because ``max_seconds`` ran out (not by early stopping or epochs)
+
+    def summary(self) -> dict[str, Any]:
+        """The JSON-able record a report gives of this training: its cost and how it ended."""
+        return {"train_seconds": round(self.seconds, 3), "train_epochs": self.epochs_run,
+                "stopped_early": self.stopped_early, "time_capped": self.time_capped}
 
 
 def batches(data: Sequence[Tensor], batch_size: int, generator: torch.Generator | None = None) -> list[Batch]:
@@ -156,4 +162,6 @@ def fit(
     return TrainResult(
         best_val_loss=float(state["best"]), epochs_run=int(state["epoch"]),
         stopped_early=state["bad"] >= cfg.patience, seconds=float(state["seconds"]), history=list(state["history"]),
+        time_capped=bool(cfg.max_seconds is not None and state["seconds"] > cfg.max_seconds
+                         and state["bad"] < cfg.patience and state["epoch"] < cfg.epochs),
     )

@@ -23,6 +23,7 @@ from vq2pc.pipeline.baselines import run_baselines
 from vq2pc.pipeline.config import RunConfig, config_to_dict
 from vq2pc.pipeline.experiments import run_experiments
 from vq2pc.pipeline.findings import findings
+from vq2pc.pipeline.finetune import finetune_all
 from vq2pc.pipeline.models import build_source_model, distill_all
 from vq2pc.pipeline.rundir import STAGES, RunDir
 
@@ -65,6 +66,9 @@ def run_pipeline(cfg: RunConfig, out: str | Path, force: Iterable[str] = ()) -> 
                                       "latent_hw": list(spec.latent_hw), **src.info})
             log(f"[{leaf}/{spec.name}] distilling {', '.join(spec.strategies)}")
             rows, circuits = distill_all(run, cfg, splits, src, report["notes"])
+            if spec.ft_strategies:
+                log(f"[{leaf}/{spec.name}] fine-tuned distillation of {', '.join(spec.ft_strategies)}")
+                rows += finetune_all(run, cfg, splits, src, rows, circuits)
             report["models"] += rows
             for row in rows:
                 log(f"  {row['name']:<28} N={row['N']:<8} test BPD {row['test_bpd']:.4f}")

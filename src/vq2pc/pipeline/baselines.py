@@ -14,7 +14,7 @@ from vq2pc.baselines.einet import EiNetConfig, train_einet
 from vq2pc.circuit.cirkit import require_cirkit
 from vq2pc.circuit.mixture import MixtureCircuit
 from vq2pc.data.datasets import DataSplits
-from vq2pc.evaluate.density import test_bpd
+from vq2pc.evaluate.density import BPD_FORMAT, bpd_fields, test_bpd
 from vq2pc.pipeline.config import RunConfig
 from vq2pc.pipeline.rundir import RunDir
 
@@ -28,11 +28,11 @@ def _bpd_row(run: RunDir, cfg: RunConfig, splits: DataSplits, leaf: str, key: st
     def compute() -> dict[str, Any]:
         bpd = test_bpd(model, test_x, leaf, splits.levels, draws=cfg.experiments.bpd_draws,
                        generator=torch.Generator().manual_seed(cfg.seed))
-        return {**row, "leaf": leaf, "test_bpd": bpd["mean"], "test_bpd_std": bpd.get("std", 0.0),
-                "test_images": len(test_x)}
+        return {**row, "leaf": leaf, **bpd_fields(bpd), "test_images": len(test_x)}
 
     params = {"baselines": dataclasses.asdict(cfg.baselines), "train": _train_params(cfg.baseline_train),
-              "seed": cfg.seed, "test_limit": cfg.test_limit, "bpd_draws": cfg.experiments.bpd_draws}
+              "seed": cfg.seed, "test_limit": cfg.test_limit, "bpd_draws": cfg.experiments.bpd_draws,
+              "bpd_format": BPD_FORMAT}
     return run.cached("baselines", f"{leaf}/baselines/{key}", compute, depends=(depends,), params=params)
 
 
@@ -70,16 +70,16 @@ def run_baselines(
                 ecfg = EiNetConfig(image_shape=tuple(splits.image_shape), leaf=leaf, levels=splits.levels,
                                    pieces=(pieces,), num_input_units=units, num_sum_units=units)
                 ckpt = run.checkpoint("baselines", leaf, "baselines", f"{key}.pt")
-                model, _ = train_einet(splits, ecfg, train_cfg, checkpoint=ckpt)
+                model, res = train_einet(splits, ecfg, train_cfg, checkpoint=ckpt)
                 name = f"EiNet (PD {pieces}, I={units})"
                 rows.append(_bpd_row(run, cfg, splits, leaf, key, model, ckpt, name=name, family="EiNet", selection="einet",
-                                     N=units, num_params=model.num_params))
+                                     N=units, num_params=model.num_params, **res.summary()))
                 models[name] = model
     if spec.cm:
         ccfg = CMConfig(image_shape=tuple(splits.image_shape), leaf=leaf, levels=splits.levels,
                         latent_dim=spec.cm_latent_dim, hidden=spec.cm_hidden, train_points=spec.cm_train_points)
         ckpt = run.checkpoint("baselines", leaf, "baselines", "cm.pt")
-        model, _ = train_cm(splits, ccfg, train_cfg, checkpoint=ckpt)
+        model, res = train_cm(splits, ccfg, train_cfg, checkpoint=ckpt)
         path = run.path(leaf, "baselines", "cm.safetensors")
         if run.outdated("baselines", path, (ckpt,)):
             circuit = compile_cm(model, num_points=spec.cm_points, seed=cfg.seed)
@@ -89,6 +89,7 @@ def run_baselines(
         circuit = MixtureCircuit.load(path, device=cfg.device)
         rows.append(_bpd_row(run, cfg, splits, leaf, "cm", circuit, path, name=f"CM (M={spec.cm_points})", family="CM",
                              selection="cm", N=len(circuit), num_params=circuit.num_params,
-                             source_params=model.num_params, circuit_file=str(path.relative_to(run.root))))
+                             source_params=model.num_params, circuit_file=str(path.relative_to(run.root)),
+                             **res.summary()))
         models["CM"] = circuit
     return rows, models

@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from vq2pc.circuit.finetune import FineTuneConfig
 from vq2pc.core.leaves import LEAF_KINDS
 from vq2pc.latents.selection import STRATEGIES
 from vq2pc.models.train import TrainConfig
@@ -50,6 +51,8 @@ class ModelSpec:
     em_prior_strength: float = 2.0  # Dirichlet pseudo-count (and decoder-leaf pseudo-observations), see refine.py
     em_train_limit: int | None = 10000  # training images used by EM
     std_floor: float | None = None  # Gaussian leaves: raise decoded stds below this (every circuit and ExM of the model)
+    ft_strategies: list[str] = field(default_factory=list)  # also fine-tune these strategies' circuits (+FT rows)
+    finetune: FineTuneConfig = field(default_factory=FineTuneConfig)  # settings of the +FT rows (device, seed: the run's)
 
 
 @dataclass
@@ -121,9 +124,10 @@ class RunConfig:
                 raise ValueError(f"config: model {m.name!r} has unknown strategies {bad}; expected {list(STRATEGIES)}")
             if m.K < 1 or any(n < 1 for n in m.N):
                 raise ValueError(f"config: model {m.name!r} needs K >= 1 and every N >= 1")
-            bad = [s for s in m.em_strategies if s not in STRATEGIES]
-            if bad:
-                raise ValueError(f"config: model {m.name!r} has unknown em_strategies {bad}")
+            for key in ("em_strategies", "ft_strategies"):
+                bad = [s for s in getattr(m, key) if s not in STRATEGIES]
+                if bad:
+                    raise ValueError(f"config: model {m.name!r} has unknown {key} {bad}; expected {list(STRATEGIES)}")
             if m.weights not in ("uniform", "prior"):
                 raise ValueError(f"config: model {m.name!r} weights must be 'uniform' or 'prior'")
             if m.std_floor is not None and not (isinstance(m.std_floor, (int, float)) and 0 < m.std_floor < math.inf):

@@ -17,6 +17,7 @@ import torch
 from vq2pc import evaluate as ev
 from vq2pc.data.datasets import DataSplits, to_model_space
 from vq2pc.data.masks import MASK_KINDS, make_mask
+from vq2pc.evaluate.density import plot_bpd_tails
 from vq2pc.latents.enumerate import enumerate_log_prior
 from vq2pc.pipeline.config import RunConfig
 from vq2pc.pipeline.models import FAMILY, SourceModel, build_source_model, make_circuit
@@ -29,7 +30,7 @@ def showcase_models(circuits: dict[str, Any], baselines: dict[str, Any]) -> dict
     """The models shown in the figures: the largest circuit of each strategy, then the baselines."""
     best: dict[str, tuple[int, Any]] = {}
     for key, circuit in circuits.items():
-        family = FAMILY[key.split("-")[0]]  # keys: strategy[-N<n>][-floor<f>]
+        family = FAMILY[key.split("-")[0]] + ("+FT" if key.endswith("-ft") else "")  # strategy[-N<n>][-floor<f>][-ft]
         if family not in best or len(circuit) > best[family][0]:
             best[family] = (len(circuit), circuit)
     shown = {f"{family} (N={n})": c for family, (n, c) in best.items()}
@@ -63,6 +64,8 @@ def run_experiments(
     section["figures"]["bpd_vs_params"] = str(ev.plot_bpd_vs_params(rows, fig("bpd_vs_params"),
                                                                     title=f"{cfg.dataset}, {leaf} pixels"))
     section["figures"]["bpd_vs_N"] = str(ev.plot_bpd_vs_N(rows, fig("bpd_vs_N"), title=f"{cfg.dataset}, {leaf} pixels"))
+    if any(r.get("test_bpd_quantiles") for r in rows):
+        section["figures"]["bpd_tails"] = str(plot_bpd_tails(rows, fig("bpd_tails"), title=f"{cfg.dataset}, {leaf} pixels"))
     models = showcase_models(circuits, baselines)
     params = {"experiments": dataclasses.asdict(E), "seed": cfg.seed, "main": cfg.main.name,
               "analysis": cfg.analysis.name, "max_usage_space": cfg.max_usage_space}  # a change redoes the experiments

@@ -13,8 +13,8 @@ from vq2pc.circuit.exact import ExactModel
 from vq2pc.circuit.mixture import MixtureCircuit
 from vq2pc.circuit.refine import EMConfig, em_refine
 from vq2pc.data.datasets import DataSplits, to_model_space
-from vq2pc.evaluate.density import test_bpd
-from vq2pc.latents.selection import SelectionShortfall, select
+from vq2pc.evaluate.density import BPD_FORMAT, bpd_fields, test_bpd
+from vq2pc.latents.selection import Selection, SelectionShortfall, select
 from vq2pc.models.priors.pixelcnn import PixelCNNPrior, PriorConfig, train_prior
 from vq2pc.models.quantizers.vq import perplexity
 from vq2pc.models.vqvae import VQVAE, VQVAEConfig, encode_images, train_vqvae
@@ -65,6 +65,7 @@ def build_source_model(run: RunDir, cfg: RunConfig, splits: DataSplits, leaf: st
     info = {
         "vqvae_params": vqvae.num_params, "vqvae_val_loss": vq_res.best_val_loss, "vqvae_epochs": vq_res.epochs_run,
         "prior_val_nll_per_latent": pr_res.best_val_loss, "prior_epochs": pr_res.epochs_run,
+        "vqvae_training": vq_res.summary(), "prior_training": pr_res.summary(),
         "codebook_perplexity_test": float(perplexity(codes["test"], spec.K)),
         "distinct_test_codes": int(torch.unique(codes["test"].flatten(1), dim=0).shape[0]),
         "distinct_train_codes": int(torch.unique(codes["train"].flatten(1), dim=0).shape[0]),
@@ -77,7 +78,7 @@ def build_source_model(run: RunDir, cfg: RunConfig, splits: DataSplits, leaf: st
 def circuit_row(name: str, family: str, circuit: MixtureCircuit, bpd: dict[str, float], **extra: Any) -> dict[str, Any]:
     """One entry of report.json's ``models`` list."""
     return {"name": name, "family": family, "N": len(circuit), "num_params": circuit.num_params,
-            "test_bpd": bpd["mean"], "test_bpd_std": bpd.get("std", 0.0), **extra}
+            **bpd_fields(bpd), **extra}
 
 
 def _selections(src: SourceModel, cfg: RunConfig) -> list[tuple[str, int | None]]:
@@ -101,14 +102,27 @@ def beam_starts(src: SourceModel, N: int) -> int:
     return max(1, min(src.spec.starts, N // src.prior.num_classes))
 
 
+def make_selection(src: SourceModel, cfg: RunConfig, strategy: str, N: int | None) -> Selection:
+    """The latents ``strategy`` selects from ``src``'s prior (the run's seed: the same on every call)."""
+    gen = torch.Generator().manual_seed(cfg.seed)
+    return select(src.prior, strategy, N or 0, starts=beam_starts(src, N or 0), generator=gen, max_space=cfg.max_exhaustive,
+                  codes_from_data=src.train_codes if strategy == "data" else None, device=cfg.device)
+
+
+def selection_weights(src: SourceModel, strategy: str) -> str:
+    """Mixture weights of a selection: p(z) for exhaustive (the exact model) and data (code counts)."""
+    return "prior" if strategy in ("exhaustive", "data") else src.spec.weights
+
+
+def circuit_meta(src: SourceModel) -> dict[str, Any]:
+    return {"model": src.spec.name, "leaf": src.leaf, "K": src.spec.K, "latent_hw": list(src.spec.latent_hw)}
+
+
 def make_circuit(src: SourceModel, cfg: RunConfig, strategy: str, N: int | None) -> MixtureCircuit:
     """Select latents with ``strategy`` and distill them (exhaustive uses prior weights: the exact model)."""
-    gen = torch.Generator().manual_seed(cfg.seed)
-    selection = select(src.prior, strategy, N or 0, starts=beam_starts(src, N or 0), generator=gen, max_space=cfg.max_exhaustive,
-                       codes_from_data=src.train_codes if strategy == "data" else None, device=cfg.device)
-    weights = "prior" if strategy in ("exhaustive", "data") else src.spec.weights
-    meta = {"model": src.spec.name, "leaf": src.leaf, "K": src.spec.K, "latent_hw": list(src.spec.latent_hw)}
-    return distill(src.vqvae, selection, weights=weights, meta=meta, std_floor=src.spec.std_floor)
+    selection = make_selection(src, cfg, strategy, N)
+    return distill(src.vqvae, selection, weights=selection_weights(src, strategy), meta=circuit_meta(src),
+                   std_floor=src.spec.std_floor)
 
 
 def _floor_tags(spec: ModelSpec) -> tuple[str, str]:
@@ -121,7 +135,7 @@ def _floor_tags(spec: ModelSpec) -> tuple[str, str]:
 def distill_params(cfg: RunConfig, spec: ModelSpec, *extra: str) -> dict[str, Any]:
     """The settings a distilled row depends on besides its files (a change recomputes the row)."""
     keys = ("weights", "starts", "std_floor", *extra)
-    return {**{k: getattr(spec, k) for k in keys}, "seed": cfg.seed, "test_limit": cfg.test_limit,
+    return {**{k: getattr(spec, k) for k in keys}, "seed": cfg.seed, "bpd_format": BPD_FORMAT, "test_limit": cfg.test_limit,
             "exact_test_limit": cfg.exact_test_limit, "bpd_draws": cfg.experiments.bpd_draws,
             "max_exhaustive": cfg.max_exhaustive, "max_materialize": cfg.max_materialize}
 
@@ -218,7 +232,7 @@ def em_row(run: RunDir, cfg: RunConfig, splits: DataSplits, src: SourceModel, ke
         refined.save(path)
         bpd = test_bpd(refined, test_x, src.leaf, splits.levels, draws=cfg.experiments.bpd_draws,
                        generator=torch.Generator().manual_seed(cfg.seed))
-        extra = {k: v for k, v in row.items() if k not in ("name", "family", "N", "num_params", "test_bpd", "test_bpd_std")}
+        extra = {k: v for k, v in row.items() if k not in ("name", "family", "N", "num_params") and not k.startswith("test_bpd")}
         return circuit_row(f"{row['name']}+EM", f"{row['family']}+EM", refined, bpd, **{
             **extra, "em_history": history, "circuit_file": str(path.relative_to(run.root))})
 

@@ -1,0 +1,218 @@
+"""Fine-tuned distillation (beyond the paper): train the decoder on the mixture's own likelihood.
+
+A VQ-VAE decoder is trained to reconstruct an image from *its own* code. In the distilled
+circuit ``p̂(x) = Σ_n w_n p(x | z_n)`` it is one component of a mixture over *other* codes, and
+its sharp stds (down to the 1e-3 floor) make a test image that no component covers cost
+thousands of nats. Fine-tuning keeps the selected latents ``z_1..z_N`` fixed and maximizes
+
+    Σ_x log Σ_n w_n p(x | decoder(z_n))
+
+over the decoder's (and codebook's) parameters and, optionally, the mixture weights ``w``, on
+the training split, early-stopped on the validation split's exact mixture log-likelihood. The
+result is decoded again into a circuit: still an exact mixture over the same latents, decoded
+by a VQ-VAE decoder.
+
+Each step needs ``log p(x_b | z_n)`` with gradients only where it matters. Two ways to pick the
+components that get gradients in a batch (``components``):
+
+* ``"posterior"`` (default): the leaves of all N components are decoded without gradients every
+  ``refresh`` steps; each image's ``top_k`` components by (stale) posterior are decoded again
+  with gradients, and the loss is ``−log Σ_{n∈U} w_n p(x | z_n)`` over their union ``U`` — a
+  lower bound of the full mixture's log-likelihood, tight when the posterior is peaked (it is:
+  784 pixels make one or two components carry nearly all of it);
+* ``"random"``: a fresh uniform subset of ``subset`` components per step, weights renormalized
+  over it — the way continuous mixtures train with random integration points.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from vq2pc.circuit.distill import decode_leaf
+from vq2pc.circuit.mixture import MixtureCircuit
+from vq2pc.core.leaves import Gaussian, Leaf
+from vq2pc.data.datasets import DataSplits, to_model_space
+from vq2pc.latents.selection import Selection
+
+__all__ = ["FineTuneConfig", "FineTuneResult", "finetune", "finetune_distill", "component_log_likelihoods"]
+
+COMPONENT_MODES = ("posterior", "random")
+
+
+@dataclass
+class FineTuneConfig:
+    """Settings of :func:`finetune` (see the module docstring for ``components``)."""
+
+    epochs: int = 8
+    patience: int = 2  # epochs without a better validation likelihood before stopping
+    lr: float = 1e-4
+    batch_size: int = 128
+    components: str = "posterior"  # posterior | random
+    top_k: int = 4  # posterior: components per image that get gradients
+    refresh: int = 25  # posterior: steps between re-decodes of all N components (to pick the top-k)
+    subset: int = 256  # random: components per step
+    learn_weights: bool = True  # train the mixture weights jointly (else keep the selection's)
+    train_limit: int | None = None  # first images of the training split used (None: all)
+    val_limit: int | None = None  # first images of the validation split used for early stopping
+    seed: int = 0
+    device: str = "cpu"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.components not in COMPONENT_MODES:
+            raise ValueError(f"fine-tuning components must be one of {list(COMPONENT_MODES)}, got {self.components!r}")
+        ints = {"epochs": self.epochs, "batch_size": self.batch_size, "top_k": self.top_k,
+                "refresh": self.refresh, "subset": self.subset}
+        bad = {k: v for k, v in ints.items() if not isinstance(v, int) or isinstance(v, bool) or v < 1}
+        if bad or not isinstance(self.patience, int) or self.patience < 0:
+            raise ValueError(f"fine-tuning needs positive integers for {sorted(ints)} and patience >= 0; got {bad or self.patience}")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"fine-tuning lr must be a positive number, got {self.lr!r}")
+
+
+@dataclass
+class FineTuneResult:
+    """The fine-tuned decoder (a copy), the mixture's ``log_weights [N]`` and the training record.
+
+    ``val_log_prob`` values are mean nats per validation image of the exact mixture."""
+
+    decoder: nn.Module
+    log_weights: Tensor
+    start_val_log_prob: float
+    best_val_log_prob: float
+    best_epoch: int  # 0: no epoch beat the starting point, the decoder is the source's
+    epochs_run: int
+    seconds: float
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def component_log_likelihoods(leaf: Leaf, x: Tensor) -> Tensor:
+    """``log p(x_b | θ_m)`` summed over the S variables: leaf batch ``[M, S]``, ``x [B, S]`` -> ``[B, M]``.
+
+    Differentiable in the leaf parameters. Gaussian leaves use the quadratic form as one matrix
+    product in float64 (stds near 1e-3 make the float32 terms cancel badly); other leaves broadcast."""
+    if isinstance(leaf, Gaussian):
+        prec = leaf.scale.double().pow(-2)  # [M, S]
+        mu = leaf.loc.double()
+        xd = x.double()
+        const = (-0.5 * mu.pow(2) * prec - leaf.scale.double().log()).sum(1) - 0.5 * math.log(2 * math.pi) * x.shape[1]
+        quad = torch.cat([xd.pow(2), xd], 1) @ torch.cat([-0.5 * prec, mu * prec], 1).t()  # [B, M]
+        return (quad + const).to(leaf.loc.dtype)
+    return leaf.log_prob(x.unsqueeze(1)).sum(-1)
+
+
+def _val_log_prob(decoder: nn.Module, codes: Tensor, log_w: Tensor, x_val: Tensor) -> float:
+    """Mean exact log p̂(x) of the mixture decoded now, over ``x_val [n, S]``."""
+    circuit = MixtureCircuit(decode_leaf(decoder, codes), log_w.detach())
+    return float(circuit.log_prob(x_val).double().mean())
+
+
+class _Trainer:
+    """One fine-tuning run: state shared by the steps (decoder copy, weights, optimizer, stale leaves)."""
+
+    def __init__(self, decoder: nn.Module, codes: Tensor, log_weights: Tensor, cfg: FineTuneConfig) -> None:
+        self.cfg, self.codes = cfg, codes.to(cfg.device)
+        self.decoder = copy.deepcopy(decoder).to(cfg.device).eval()  # eval: batch norm keeps its statistics
+        for p in self.decoder.parameters():
+            p.requires_grad_(True)
+        self.logits = nn.Parameter(log_weights.detach().double().to(cfg.device).clone(),
+                                   requires_grad=cfg.learn_weights)
+        params = list(self.decoder.parameters()) + ([self.logits] if cfg.learn_weights else [])
+        self.opt = torch.optim.Adam(params, lr=cfg.lr)
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.stale: MixtureCircuit | None = None
+        self.step_count = 0
+
+    def log_weights(self) -> Tensor:
+        return torch.log_softmax(self.logits, 0)
+
+    def _pick(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Indices ``U`` of the components that get gradients for batch ``x``, and their log weights."""
+        cfg, N = self.cfg, self.codes.shape[0]
+        if cfg.components == "random":
+            U = torch.randperm(N, generator=self.gen)[: cfg.subset].to(self.codes.device)
+            return U, torch.log_softmax(self.logits[U], 0)
+        if self.stale is None or self.step_count % cfg.refresh == 0:
+            self.stale = MixtureCircuit(decode_leaf(self.decoder, self.codes), self.log_weights().detach())
+        with torch.no_grad():
+            scores = self.stale.log_likelihoods(x) + self.stale.log_weights  # [B, N]
+            U = torch.unique(scores.topk(min(cfg.top_k, N), dim=1).indices)
+        return U, self.log_weights()[U]
+
+    def step(self, v: Tensor, levels: int, leaf_kind: str) -> float:
+        """One Adam step on a batch of raw levels ``v [B, C, H, W]``; returns the batch loss (nats/image)."""
+        gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.step_count)
+        x = to_model_space(v, leaf_kind, levels, gen).flatten(1).to(self.cfg.device)
+        U, log_w = self._pick(x)
+        lp = component_log_likelihoods(self.decoder.decode(self.codes[U]), x)  # [B, |U|]
+        loss = -torch.logsumexp(lp.double() + log_w, dim=1).mean()
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.step_count += 1
+        return float(loss.detach())
+
+
+def finetune(decoder: nn.Module, codes: Tensor, log_weights: Tensor, splits: DataSplits,
+             cfg: FineTuneConfig | None = None) -> FineTuneResult:
+    """Fine-tune a copy of ``decoder`` (``decode(codes [B,h,w]) -> Leaf [B,S]``) and the weights of the
+    mixture over ``codes [N,h,w]`` (``log_weights [N]``) on ``splits``; keeps the best validation epoch.
+
+    The source ``decoder`` is not modified. Deterministic for a given ``cfg.seed`` and device."""
+    cfg = cfg or FineTuneConfig()
+    if codes.dim() != 3 or log_weights.shape != (codes.shape[0],) or codes.shape[0] == 0:
+        raise ValueError(f"finetune needs codes [N,h,w] (N >= 1) and log_weights [N]; got "
+                         f"{tuple(codes.shape)} and {tuple(log_weights.shape)}")
+    start = time.perf_counter()
+    trainer = _Trainer(decoder, codes, log_weights, cfg)
+    leaf_kind = decode_leaf(decoder, codes[:1]).kind
+    train_v = splits.train_x[: cfg.train_limit] if cfg.train_limit else splits.train_x
+    val_v = splits.val_x[: cfg.val_limit] if cfg.val_limit else splits.val_x
+    x_val = to_model_space(val_v, leaf_kind, splits.levels, torch.Generator().manual_seed(cfg.seed + 1))
+    x_val = x_val.flatten(1).to(cfg.device)
+    best = _val_log_prob(trainer.decoder, trainer.codes, trainer.log_weights(), x_val)
+    result = FineTuneResult(decoder, trainer.log_weights().detach().to(log_weights.dtype).cpu(), best, best, 0, 0, 0.0)
+    best_state = (copy.deepcopy(trainer.decoder.state_dict()), trainer.logits.detach().clone())
+    bar = tqdm(range(1, cfg.epochs + 1), desc="fine-tune", disable=not cfg.progress, leave=False)
+    for epoch in bar:
+        order = torch.randperm(len(train_v), generator=torch.Generator().manual_seed(cfg.seed + 7919 * epoch))
+        losses = [trainer.step(train_v[order[i: i + cfg.batch_size]], splits.levels, leaf_kind)
+                  for i in range(0, len(train_v), cfg.batch_size)]
+        val = _val_log_prob(trainer.decoder, trainer.codes, trainer.log_weights(), x_val)
+        result.history.append({"epoch": epoch, "train_loss": sum(losses) / len(losses), "val_log_prob": val})
+        result.epochs_run = epoch
+        bar.set_postfix(val=f"{val:.1f}")
+        if val > result.best_val_log_prob:
+            result.best_val_log_prob, result.best_epoch = val, epoch
+            best_state = (copy.deepcopy(trainer.decoder.state_dict()), trainer.logits.detach().clone())
+        elif epoch - result.best_epoch > cfg.patience:
+            break
+    if result.best_epoch > 0:
+        trainer.decoder.load_state_dict(best_state[0])
+        result.decoder = trainer.decoder.eval()
+        result.log_weights = torch.log_softmax(best_state[1], 0).to(log_weights.dtype).cpu()
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def finetune_distill(decoder: nn.Module, selection: Selection, splits: DataSplits, cfg: FineTuneConfig | None = None,
+                     weights: str = "uniform", meta: dict[str, Any] | None = None) -> tuple[MixtureCircuit, FineTuneResult]:
+    """:func:`finetune` the mixture of ``selection`` (initial ``weights``: uniform | prior) and decode it
+    into a :class:`MixtureCircuit` whose meta records the fine-tuning."""
+    cfg = cfg or FineTuneConfig()
+    res = finetune(decoder, selection.codes, selection.log_weights(weights), splits, cfg)
+    info = {"strategy": selection.strategy, "weights": "finetuned" if cfg.learn_weights else weights,
+            "finetune": {"best_epoch": res.best_epoch, "epochs_run": res.epochs_run, "seconds": round(res.seconds, 3),
+                         "start_val_log_prob": res.start_val_log_prob, "best_val_log_prob": res.best_val_log_prob,
+                         "components": cfg.components, "lr": cfg.lr},
+            **(meta or {})}
+    leaf = decode_leaf(res.decoder, selection.codes)
+    return MixtureCircuit(leaf, res.log_weights.to(leaf.device), meta=info), res

@@ -1,0 +1,73 @@
+"""Pipeline stage: fine-tuned distillation rows ("DMRS+FT", "DMBS+FT", ...), beside the paper-faithful ones.
+
+For every distilled row whose strategy is in the model's ``ft_strategies``, the same selection
+(same seed) is fine-tuned on the training split (:func:`vq2pc.circuit.finetune.finetune_distill`),
+saved as ``<key>-ft.safetensors`` and evaluated on the test set like every other circuit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from vq2pc.circuit.finetune import finetune_distill
+from vq2pc.circuit.mixture import MixtureCircuit
+from vq2pc.data.datasets import DataSplits
+from vq2pc.evaluate.density import test_bpd
+from vq2pc.pipeline.config import RunConfig
+from vq2pc.pipeline.models import (
+    SourceModel,
+    circuit_meta,
+    circuit_row,
+    distill_params,
+    make_selection,
+    selection_weights,
+)
+from vq2pc.pipeline.rundir import RunDir
+
+__all__ = ["finetune_all"]
+
+
+def _settings(cfg: RunConfig, src: SourceModel) -> Any:
+    return dataclasses.replace(src.spec.finetune, seed=cfg.seed, device=cfg.device)
+
+
+def ft_row(run: RunDir, cfg: RunConfig, splits: DataSplits, src: SourceModel, row: dict[str, Any],
+           circuits: dict[str, MixtureCircuit]) -> dict[str, Any]:
+    """The fine-tuned twin of the distilled ``row``: computed (or reused), its circuit added to ``circuits``."""
+    key = f"{row['selection']}-N{row['requested_N']}-ft"
+    path = run.path(src.leaf, src.spec.name, "circuits", f"{key}.safetensors")
+    test_x = splits.test_x[: cfg.test_limit] if cfg.test_limit else splits.test_x
+
+    def compute() -> dict[str, Any]:
+        selection = make_selection(src, cfg, row["selection"], row["requested_N"])
+        circuit, res = finetune_distill(src.vqvae, selection, splits, _settings(cfg, src),
+                                        weights=selection_weights(src, row["selection"]), meta=circuit_meta(src))
+        circuit.meta.update({"image_shape": list(splits.image_shape), "levels": splits.levels})
+        circuit.save(path)
+        circuits[key] = circuit
+        bpd = test_bpd(circuit, test_x, src.leaf, splits.levels, draws=cfg.experiments.bpd_draws,
+                       generator=torch.Generator().manual_seed(cfg.seed))
+        extra = {k: v for k, v in row.items() if k not in ("name", "family", "N", "num_params", "circuit_file")
+                 and not k.startswith("test_bpd")}
+        return circuit_row(f"{row['name']}+FT", f"{row['family']}+FT", circuit, bpd, **extra,
+                           finetune=circuit.meta["finetune"], ft_history=res.history,
+                           circuit_file=str(path.relative_to(run.root)))
+
+    params = {**distill_params(cfg, src.spec), "finetune": dataclasses.asdict(_settings(cfg, src))}
+    params["finetune"].pop("progress")
+    out = run.cached("distill", f"{src.leaf}/{src.spec.name}/{key}", compute, outputs=(path,), depends=src.files,
+                     params=params)
+    if key not in circuits:
+        circuits[key] = MixtureCircuit.load(path, device=cfg.device)
+    return out
+
+
+def finetune_all(run: RunDir, cfg: RunConfig, splits: DataSplits, src: SourceModel, rows: list[dict[str, Any]],
+                 circuits: dict[str, MixtureCircuit]) -> list[dict[str, Any]]:
+    """+FT rows for the rows of ``src`` whose selection is in ``ft_strategies`` (not for exhaustive/EM rows)."""
+    wanted = [r for r in rows if r.get("selection") in src.spec.ft_strategies and r.get("requested_N")
+              and r["family"] in ("DMRS", "DMGS", "DMBS", "TopK", "DMData")]
+    return [ft_row(run, cfg, splits, src, r, circuits) for r in wanted]
