@@ -9,7 +9,12 @@ import pytest
 import torch
 
 from vq2pc.circuit.distill import distill
-from vq2pc.circuit.finetune import FineTuneConfig, component_log_likelihoods, finetune, finetune_distill
+from vq2pc.circuit.finetune import (
+    FineTuneConfig,
+    component_log_likelihoods,
+    finetune,
+    finetune_distill,
+)
 from vq2pc.core.leaves import Categorical, Gaussian
 from vq2pc.data.datasets import DataSplits, load_dataset, to_model_space
 from vq2pc.latents.selection import Selection

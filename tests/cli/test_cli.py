@@ -18,7 +18,7 @@ from vq2pc.data import load_dataset
 from vq2pc.evaluate.density import test_bpd
 from vq2pc.models.priors.pixelcnn import PixelCNNPrior, PriorConfig
 
-VERBS = ["run", "train-vqvae", "train-prior", "distill", "evaluate", "usage", "sample", "inpaint", "refine", "export"]
+VERBS = ["run", "train-vqvae", "train-prior", "distill", "finetune", "evaluate", "usage", "sample", "inpaint", "refine", "export"]
 DATA = ["--limit", "100", "--seed", "0"]
 
 
@@ -205,3 +205,22 @@ def test_train_vqvae_with_gmvq_quantizer_and_options(tmp_path: Path, capsys: pyt
     code, out, err = run_cli([*base, "--quantizer", "gmvq", "--quantizer-opt", "alpha", "--out", str(tmp_path / "h.pt")],
                              capsys)
     assert code == 1 and "KEY=VALUE" in err and not (tmp_path / "h.pt").exists()
+
+
+def test_finetune_verb_improves_validation_and_writes_a_circuit(stages: dict[str, Any], tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    run_stage(stages, "train-prior", capsys)
+    files, out = stages["files"], tmp_path / "ft.safetensors"
+    code, stdout, err = run_cli(["finetune", "--vqvae", str(files["vqvae"]), "--prior", str(files["prior"]), *DATA,
+                                 "--N", "12", "--epochs", "2", "--lr", "3e-3", "--batch-size", "25", "--top-k", "2",
+                                 "--out", str(out)], capsys)
+    assert code == 0, err
+    result = last_json(stdout)
+    circuit = MixtureCircuit.load(out)
+    assert result["N"] == len(circuit) == 12 and circuit.meta["finetune"]["best_epoch"] == result["best_epoch"]
+    assert result["best_val_log_prob"] >= result["start_val_log_prob"] and result["epochs_run"] >= 1
+    code, _, err = run_cli(["finetune", "--vqvae", str(files["vqvae"]), "--prior", str(files["prior"]), *DATA,
+                            "--components", "random", "--subset", "0", "--out", str(tmp_path / "bad.safetensors")],
+                           capsys)
+    assert code != 0 and "fine-tuning" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "bad.safetensors").exists()

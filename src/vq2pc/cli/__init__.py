@@ -12,7 +12,7 @@ import importlib
 import sys
 
 # Modules that define verbs, in the order their verbs appear in --help.
-_VERB_MODULES = ["run", "train", "circuit", "refine", "export"]
+_VERB_MODULES = ["run", "train", "finetune", "circuit", "refine", "export"]
 
 
 def build_parser() -> argparse.ArgumentParser:
