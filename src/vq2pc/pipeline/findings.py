@@ -34,40 +34,54 @@ def _exm_bound(rows: list[dict], leaf: str) -> list[str]:
 
 
 def _beam_vs_sample(rows: list[dict], leaf: str) -> list[str]:
+    """DMBS against DMRS at the same requested N, paper-faithful and fine-tuned (the paper: DMBS follows DMRS)."""
     notes = []
-    for beam in _by(rows, "DMBS"):
-        target = beam.get("requested_N") or beam["N"]
-        match = [r for r in _by(rows, "DMRS") if r.get("model") == beam.get("model") and r.get("requested_N") == target]
-        if match:
-            diff = beam["test_bpd"] - match[0]["test_bpd"]
-            notes.append(f"[{leaf}] DMBS vs DMRS ({beam.get('model')}, N={target}): {beam['test_bpd']:.4f} vs "
-                         f"{match[0]['test_bpd']:.4f} BPD (DMBS {'+' if diff >= 0 else ''}{diff:.4f}).")
+    for suffix in ("", "+FT"):
+        for beam in _by(rows, "DMBS" + suffix):
+            target = beam.get("requested_N") or beam["N"]
+            match = [r for r in _by(rows, "DMRS" + suffix)
+                     if r.get("model") == beam.get("model") and r.get("requested_N") == target]
+            if match:
+                diff = beam["test_bpd"] - match[0]["test_bpd"]
+                notes.append(f"[{leaf}] DMBS{suffix} vs DMRS{suffix} ({beam.get('model')}, N={target}): "
+                             f"{beam['test_bpd']:.4f} vs {match[0]['test_bpd']:.4f} BPD "
+                             f"(DMBS {'+' if diff >= 0 else ''}{diff:.4f}).")
     return notes
 
 
 def _baselines(rows: list[dict], leaf: str) -> list[str]:
-    distilled = [r for r in rows if r.get("family") not in ("CM", "EiNet") and not r["family"].endswith("+EM")]
-    if not distilled:
-        return []
-    best = min(distilled, key=lambda r: r["test_bpd"])
+    """The best CM and EiNet against the best paper-faithful and the best fine-tuned distilled circuit."""
+    kinds = {"distilled model": [r for r in rows if r.get("family") in _DISTILLED + ("ExM",)],
+             "fine-tuned distilled model": [r for r in rows if str(r.get("family", "")).endswith("+FT")]}
     notes = []
-    for family in ("CM", "EiNet"):
-        fam = _by(rows, family)
-        if fam:
-            top = min(fam, key=lambda r: r["test_bpd"])
-            rel = "better" if top["test_bpd"] < best["test_bpd"] else "worse"
-            notes.append(f"[{leaf}] best {family} {top['name']} {top['test_bpd']:.4f} BPD is {rel} than the best "
-                         f"distilled model {best['name']} (N={best['N']}) {best['test_bpd']:.4f}.")
+    for kind, distilled in kinds.items():
+        if not distilled:
+            continue
+        best = min(distilled, key=lambda r: r["test_bpd"])
+        for family in ("CM", "EiNet"):
+            fam = _by(rows, family)
+            if fam:
+                top = min(fam, key=lambda r: r["test_bpd"])
+                rel = "better" if top["test_bpd"] < best["test_bpd"] else "worse"
+                notes.append(f"[{leaf}] best {family} {top['name']} {top['test_bpd']:.4f} BPD is {rel} than the best "
+                             f"{kind} {best['name']} (N={best['N']}) {best['test_bpd']:.4f}.")
     return notes
 
 
-def _em(rows: list[dict], leaf: str) -> list[str]:
+_REFINEMENTS = {"+EM": "EM refinement", "+FT": "fine-tuned distillation"}
+
+
+def _refined(rows: list[dict], leaf: str) -> list[str]:
+    """Each +EM / +FT row against the paper-faithful row it refines (mean and median per-image BPD)."""
     notes = []
-    for em in (r for r in rows if str(r.get("family", "")).endswith("+EM")):
-        base = [r for r in rows if r.get("name") == em["name"][: -len("+EM")] and r.get("N") == em["N"]]
-        if base:
-            notes.append(f"[{leaf}] EM refinement (beyond the paper) of {base[0]['name']} N={em['N']}: "
-                         f"{base[0]['test_bpd']:.4f} -> {em['test_bpd']:.4f} test BPD.")
+    for tag, what in _REFINEMENTS.items():
+        for new in (r for r in rows if str(r.get("family", "")).endswith(tag)):
+            base = [r for r in rows if r.get("name") == new["name"][: -len(tag)] and r.get("N") == new["N"]]
+            if base:
+                median = (f" (median per image {base[0]['test_bpd_median']:.3f} -> {new['test_bpd_median']:.3f})"
+                          if "test_bpd_median" in base[0] and "test_bpd_median" in new else "")
+                notes.append(f"[{leaf}] {what} (beyond the paper) of {base[0]['name']} N={new['N']}: "
+                             f"{base[0]['test_bpd']:.4f} -> {new['test_bpd']:.4f} test BPD{median}.")
     return notes
 
 
@@ -90,5 +104,5 @@ def findings(report: dict[str, Any]) -> list[str]:
     notes: list[str] = []
     for leaf in dict.fromkeys(r.get("leaf") for r in report.get("models", [])):
         rows = [r for r in report["models"] if r.get("leaf") == leaf and r.get("test_bpd") is not None]
-        notes += _exm_bound(rows, leaf) + _beam_vs_sample(rows, leaf) + _baselines(rows, leaf) + _em(rows, leaf)
+        notes += _exm_bound(rows, leaf) + _beam_vs_sample(rows, leaf) + _baselines(rows, leaf) + _refined(rows, leaf)
     return notes + _caveats(report.get("models", []), report)
