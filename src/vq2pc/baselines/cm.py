@@ -1,4 +1,4 @@
-"""Continuous-mixture (CM) baseline, Correia et al. (2023), compiled into a ``MixtureCircuit``.
+"""Continuous-mixture (CM) baseline, Correia et al. (2023, arXiv:2209.10584), compiled into a ``MixtureCircuit``.
 
 ``p(x) = ∫ N(z; 0, I) Π_i p(x_i | φ_i(z)) dz`` with a ``latent_dim``-dimensional
 ``z`` (16 in the paper) and a decoder network ``φ`` mapping ``z`` to the leaf

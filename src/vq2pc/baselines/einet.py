@@ -1,8 +1,9 @@
 """EiNet baseline: a Poon–Domingos einsum network built and compiled with libcirkit.
 
-The paper's EiNets (App. C) use "a single-layer Poon–Domingos image decomposition
-structure" with piece counts {2, 4, 7} and I ∈ {1, 5, 10, 20, 30, 40} input
-distributions per patch. We build exactly that with libcirkit 0.3.1 (GPLv3, an
+EiNets: Peharz et al. 2020, "Einsum Networks: Fast and Scalable Learning of Tractable
+Probabilistic Circuits", arXiv:2004.06231. The distillation paper's EiNets (App. C) use "a
+single-layer Poon–Domingos image decomposition structure" with piece counts {2, 4, 7} and
+I ∈ {1, 5, 10, 20, 30, 40} input distributions per patch. We build exactly that with libcirkit 0.3.1 (GPLv3, an
 optional dependency: ``pip install libcirkit==0.3.1`` or ``pip install vq2pc[baselines]``):
 
 * region graph ``PoonDomingos(image_shape, delta=[[H/p, W/p] for p in pieces])``.
