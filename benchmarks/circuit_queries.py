@@ -124,7 +124,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data", choices=["synthetic", "mnist"], default="synthetic",
                     help="mnist: components centred on N training images, x = the first B test images")
-    ap.add_argument("--mnist-dir", default="../shared/data/mnist", help="the four MNIST IDX files (with --data mnist)")
+    ap.add_argument("--mnist-dir", default=None,
+                    help="directory with the four MNIST IDX files (with --data mnist; else $VQ2PC_DATA, else ~/.cache/vq2pc)")
     args = ap.parse_args()
     if args.data == "mnist" and args.S != 784:
         ap.error("--data mnist needs --S 784")

@@ -1,5 +1,7 @@
 """vq2pc: distill a VQ-VAE into a tractable probabilistic circuit and query it exactly.
 
+Hadžić, Papež, Pevný 2025, "Distillation of a tractable model from the VQ-VAE", arXiv:2509.01400.
+
 The public API is imported lazily, so ``import vq2pc`` stays cheap::
 
     from vq2pc import VQVAE, PixelCNNPrior, MixtureCircuit, distill, select, load_dataset

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from vq2pc.circuit import MixtureCircuit
+from vq2pc.circuit.kernels import categorical_table, normalized_categorical
 from vq2pc.core.leaves import Bernoulli, Categorical, Gaussian
 
 
@@ -112,3 +113,14 @@ def test_image_shaped_input_and_shared_mask() -> None:
     m = torch.rand(1, 3, 4) < 0.5
     got = c.log_prob(x, mask=m.expand(5, 1, 3, 4))
     assert torch.equal(got, c.log_prob(x.reshape(5, 12), mask=m.reshape(12)))
+
+
+def test_categorical_table_layout() -> None:
+    logits = torch.randn(3, 5, 4)  # [N, S, L]; not normalized: normalized_categorical must not renormalize
+    table = categorical_table(logits)
+    assert table.shape == (5 * 4, 3) and table[2 * 4 + 3, 1] == logits[1, 2, 3]  # row i·L + l, column n
+    leaf = normalized_categorical(logits)
+    assert torch.equal(leaf.logits, logits)
+    assert categorical_table(leaf.logits).data_ptr() == leaf.logits.data_ptr()  # the leaf is a view of its table
+    with pytest.raises(ValueError, match=r"categorical logits must be \[N, S, L\]"):
+        categorical_table(torch.randn(3, 5))

@@ -1,4 +1,4 @@
-"""Continuous-mixture (CM) baseline, Correia et al. (2023), compiled into a ``MixtureCircuit``.
+"""Continuous-mixture (CM) baseline, Correia et al. (2023, arXiv:2209.10584), compiled into a ``MixtureCircuit``.
 
 ``p(x) = ∫ N(z; 0, I) Π_i p(x_i | φ_i(z)) dz`` with a ``latent_dim``-dimensional
 ``z`` (16 in the paper) and a decoder network ``φ`` mapping ``z`` to the leaf
@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from vq2pc.circuit.mixture import MixtureCircuit
 from vq2pc.core.checkpoint import SavableModel
 from vq2pc.core.leaves import LOG_2PI, Categorical, Gaussian, Leaf
+from vq2pc.core.validate import rows
 from vq2pc.data.datasets import DataSplits, check_fits, to_model_space
 from vq2pc.models.train import TrainConfig, TrainResult, fit
 
@@ -125,16 +126,12 @@ class ContinuousMixture(SavableModel, nn.Module):
     def component_log_likelihoods(self, x: Tensor, z: Tensor) -> Tensor:
         """``x [B, S]`` (model space), ``z [M, d]`` -> ``[B, M]`` log p(x | z_j), by matrix products."""
         s = self.cfg.num_variables
-        if x.dim() < 2 or math.prod(x.shape[1:]) != s:
-            raise ValueError(f"x must be [B, {s}] or [B, *{self.cfg.image_shape}], got {tuple(x.shape)}")
-        x = x.reshape(x.shape[0], s).to(self.device, torch.float32)
+        x = rows(x, s).to(self.device, torch.float32)
         leaf = self.decode(z)
+        leaf.validate_data(x)
         if isinstance(leaf, Categorical):
-            leaf.validate_data(x)
             onehot = nn.functional.one_hot(x.long(), self.cfg.levels).reshape(x.shape[0], -1).float()
             return onehot @ leaf.logits.reshape(leaf.logits.shape[0], -1).T
-        if not torch.isfinite(x).all():
-            raise ValueError("x contains NaN or inf")
         prec = leaf.scale.reciprocal().square()  # [M, S]
         const = (-0.5 * leaf.loc.square() * prec - leaf.scale.log()).sum(1) - 0.5 * s * LOG_2PI
         return (x * x) @ (-0.5 * prec).T + x @ (leaf.loc * prec).T + const

@@ -1,8 +1,9 @@
 """EiNet baseline: a Poon–Domingos einsum network built and compiled with libcirkit.
 
-The paper's EiNets (App. C) use "a single-layer Poon–Domingos image decomposition
-structure" with piece counts {2, 4, 7} and I ∈ {1, 5, 10, 20, 30, 40} input
-distributions per patch. We build exactly that with libcirkit 0.3.1 (GPLv3, an
+EiNets: Peharz et al. 2020, "Einsum Networks: Fast and Scalable Learning of Tractable
+Probabilistic Circuits", arXiv:2004.06231. The distillation paper's EiNets (App. C) use "a
+single-layer Poon–Domingos image decomposition structure" with piece counts {2, 4, 7} and
+I ∈ {1, 5, 10, 20, 30, 40} input distributions per patch. We build exactly that with libcirkit 0.3.1 (GPLv3, an
 optional dependency: ``pip install libcirkit==0.3.1`` or ``pip install vq2pc[baselines]``):
 
 * region graph ``PoonDomingos(image_shape, delta=[[H/p, W/p] for p in pieces])``.
@@ -67,6 +68,7 @@ from torch import Tensor, nn
 
 from vq2pc.circuit.cirkit import UNCLAMPED_SEMIRING, require_cirkit
 from vq2pc.core.checkpoint import SavableModel
+from vq2pc.core.validate import check_finite, check_levels, observed_mask, rows
 from vq2pc.data.datasets import DataSplits, check_fits, to_model_space
 from vq2pc.models.train import TrainConfig, TrainResult, fit
 
@@ -192,23 +194,17 @@ class EiNet(SavableModel, nn.Module):
     def _prepare(self, x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """``x [B,S]`` or ``[B,C,H,W]`` -> ``[B,S]`` with hidden entries zeroed; mask -> bool ``[B,S]``."""
         s = self.cfg.num_variables
-        if not isinstance(x, Tensor) or x.dim() < 2 or math.prod(x.shape[1:]) != s:
-            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(f"x must be [B, {s}] or [B, *{self.cfg.image_shape}], got {shape}")
-        x = x.reshape(x.shape[0], s).to(self.device, torch.float32)
-        if mask is not None:
-            if mask.shape not in (x.shape, torch.Size([s])) and tuple(mask.shape[1:]) != self.cfg.image_shape:
-                raise ValueError(f"mask must be bool [B, {s}], [{s}] or [B, *image_shape], got {tuple(mask.shape)}")
-            mask = mask.reshape(-1, s).to(self.device, torch.bool)
-            if mask.shape[0] not in (1, x.shape[0]):
-                raise ValueError(f"mask has {mask.shape[0]} rows but x has {x.shape[0]}")
-            mask = mask.expand(x.shape[0], s)
+        x = rows(x, s).to(self.device, torch.float32)
+        if mask is None:
+            seen, name = x, "x"
+        else:
+            mask = observed_mask(mask, x.shape[0], s).to(self.device)
             x = torch.where(mask, x, torch.zeros_like(x))
-        seen = x if mask is None else x[mask]
-        if not torch.isfinite(seen).all():
-            raise ValueError("x contains NaN or inf at observed entries")
-        if self.cfg.leaf == "categorical" and ((seen < 0) | (seen >= self.cfg.levels) | (seen != seen.round())).any():
-            raise ValueError(f"categorical x must hold integer levels in [0, {self.cfg.levels - 1}]")
+            seen, name = x[mask], "x (observed entries)"
+        if self.cfg.leaf == "categorical":
+            check_levels(seen, self.cfg.levels, name)
+        else:
+            check_finite(name, seen)
         return x, mask
 
     def _evaluate(self, x: Tensor, hidden: Tensor | None, probes: dict | None = None) -> Tensor:

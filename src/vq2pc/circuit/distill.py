@@ -1,6 +1,6 @@
 """Distillation: decode each selected latent once into the leaves of a MixtureCircuit.
 
-``p̂(x) = Σ_n w_n Π_i p(x_i | θ_n)`` with ``θ_n = decoder(z_n)`` (paper Eq. 2 with
+``p̂(x) = Σ_n w_n Π_i p(x_i | θ_n)`` with ``θ_n = decoder(z_n)`` (arXiv:2509.01400, Eq. 2 with
 uniform weights; ``weights="prior"`` uses p(z) renormalized over the selection,
 which for the exhaustive selection is the exact model ExM).
 """

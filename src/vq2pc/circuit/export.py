@@ -49,10 +49,11 @@ import torch
 from torch import Tensor, nn
 
 from vq2pc.circuit.cirkit import require_cirkit
-from vq2pc.circuit.kernels import categorical_view
+from vq2pc.circuit.kernels import normalized_categorical
 from vq2pc.circuit.mixture import MixtureCircuit
 from vq2pc.core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from vq2pc.core.files import atomic_write
+from vq2pc.core import validate
 from vq2pc.core.leaves import LEAF_KINDS, Leaf, leaf_from_tensors
 
 __all__ = [
@@ -259,22 +260,18 @@ def cirkit_log_prob(compiled: nn.Module, x: Tensor, mask: Tensor | None = None) 
     from cirkit.backend.torch.queries import IntegrateQuery
 
     s = int(compiled.num_variables)
-    if not isinstance(x, Tensor) or x.dim() < 2 or math.prod(x.shape[1:]) != s:
-        shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-        raise ValueError(f"x must be [B, {s}] or [B, ...] with {s} entries per row, got {shape}")
     param = next(compiled.parameters())
-    x = x.reshape(x.shape[0], s).to(param.device, param.dtype)
+    x = validate.rows(x, s).to(param.device, param.dtype)
+    seen, name = x, "x"
     if mask is not None:
-        if not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.numel() not in (s, x.numel()):
-            raise ValueError(f"mask must be a bool tensor with {s} or {x.numel()} entries (True = observed)")
-        mask = mask.reshape(-1, s).to(x.device).expand(x.shape[0], s)
+        mask = validate.observed_mask(mask, x.shape[0], s).to(x.device)
         x = torch.where(mask, x, torch.zeros_like(x))
-    seen = x if mask is None else x[mask]
-    if not torch.isfinite(seen).all():
-        raise ValueError("x contains NaN or inf at observed entries")
+        seen, name = x[mask], "x (observed entries)"
     levels = _discrete_levels(compiled)
-    if levels is not None and ((seen < 0) | (seen >= levels) | (seen != seen.round())).any():
-        raise ValueError(f"x must hold integer levels in [0, {levels - 1}]")
+    if levels is None:
+        validate.check_finite(name, seen)
+    else:
+        validate.check_levels(seen, levels, name)
     if mask is None:
         return compiled(x)[:, 0, 0]
     return IntegrateQuery(compiled)(x, integrate_vars=~mask)[:, 0, 0]
@@ -362,8 +359,5 @@ def from_npz(path: str | Path, device: str | torch.device | None = None) -> Mixt
 def _npz_leaf(kind: str, tensors: dict[str, Tensor]) -> Leaf:
     """The leaf of an npz archive; categorical logits are already normalized and are not renormalized."""
     if kind == "categorical":
-        logits = tensors["logits"]
-        if logits.dim() != 3:
-            raise ValueError(f"categorical logits must be [N, S, L], got {tuple(logits.shape)}")
-        return categorical_view(logits.permute(1, 2, 0).reshape(-1, logits.shape[0]), logits.shape[2])
+        return normalized_categorical(tensors["logits"])
     return leaf_from_tensors(kind, tensors)

@@ -11,7 +11,6 @@ e.g. ``image_shape`` and ``levels``). Writes are atomic.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ from torch import Tensor
 from vq2pc.core.checkpoint import CheckpointError
 from vq2pc.core.files import atomic_write
 from vq2pc.core.leaves import LEAF_KINDS, Leaf
+from vq2pc.core import validate
 
 __all__ = ["FORMAT_TAG", "FORMAT_VERSION", "write_circuit", "read_circuit", "prepare_input", "check_sample_args"]
 
@@ -78,12 +78,6 @@ def read_circuit(path: str | Path, device: str | torch.device | None) -> tuple[s
     return kind, leaf_tensors, tensors["log_weights"], meta
 
 
-def _flatten(t: Tensor, batch: int, s: int, name: str) -> Tensor:
-    if t.dim() < 2 or t.shape[0] != batch or math.prod(t.shape[1:]) != s:
-        raise ValueError(f"{name} has shape {tuple(t.shape)}; expected [B, {s}] or [B, C, H, W] with C·H·W = {s}")
-    return t.reshape(batch, s)
-
-
 def prepare_input(
     x: Tensor, mask: Tensor | None, leaf: Leaf, fill: Tensor, require_mask: bool = False
 ) -> tuple[Tensor, Tensor | None]:
@@ -92,29 +86,17 @@ def prepare_input(
     Returns ``x [B, S]`` (leaf dtype/device; unobserved entries replaced by ``fill [S]``)
     and ``mask [B, S]`` bool or ``None`` (everything observed). Only observed entries are
     checked against the leaf's support, so unobserved entries may hold anything (e.g. NaN).
-    ``mask`` may be ``[B, S]``, the shape of ``x``, or ``[S]`` (shared by all rows).
+    ``mask`` may be ``[B, S]``, the shape of ``x``, or ``S`` entries shared by all rows
+    (:func:`vq2pc.core.validate.observed_mask`).
     """
-    if not isinstance(x, Tensor):
-        x = torch.as_tensor(x)
     s = leaf.num_variables
-    if x.dim() == 0 or x.shape[0] == 0:
-        raise ValueError(f"x is an empty batch (shape {tuple(x.shape)})")
-    batch = int(x.shape[0])
-    x = _flatten(x, batch, s, "x").to(device=fill.device, dtype=fill.dtype)
+    x = validate.rows(x, s).to(device=fill.device, dtype=fill.dtype)
     if mask is None:
         if require_mask:
             raise ValueError("mask is required")
         leaf.validate_data(x, "x")
         return x, None
-    if not isinstance(mask, Tensor):
-        mask = torch.as_tensor(mask)
-    if mask.dtype != torch.bool:
-        if mask.is_floating_point() or ((mask != 0) & (mask != 1)).any():
-            raise ValueError(f"mask must be boolean (True = observed); got dtype {mask.dtype}")
-        mask = mask.bool()
-    if mask.dim() == 1 and mask.shape[0] == s:
-        mask = mask.expand(batch, s)
-    mask = _flatten(mask, batch, s, "mask").to(fill.device)
+    mask = validate.observed_mask(mask, x.shape[0], s).to(fill.device)
     leaf.validate_data(x[mask], "x (observed entries)")
     return torch.where(mask, x, fill), mask
 

@@ -49,7 +49,8 @@ from torch import Tensor
 from vq2pc.circuit.streaming import Scratch
 from vq2pc.core.leaves import Bernoulli, Categorical, Gaussian, Leaf
 
-__all__ = ["Kernel", "GaussianKernel", "BernoulliKernel", "CategoricalKernel", "make_kernel", "SAFE_RATIO"]
+__all__ = ["Kernel", "GaussianKernel", "BernoulliKernel", "CategoricalKernel", "make_kernel", "SAFE_RATIO",
+           "categorical_table", "categorical_view", "normalized_categorical"]
 
 SAFE_RATIO = 5.0
 """Pixels where no shift ``t`` has every ``|μ - t| ≤ SAFE_RATIO·σ`` are evaluated in float64."""
@@ -225,12 +226,6 @@ class CategoricalKernel(Kernel):
         self.levels = num_levels
         self.s = table.shape[0] // num_levels
 
-    @staticmethod
-    def table_from_logits(logits: Tensor) -> Tensor:
-        """``[N, S, L]`` normalized log-probabilities -> contiguous ``[S·L, N]``."""
-        n, s, l = logits.shape
-        return logits.permute(1, 2, 0).reshape(s * l, n).contiguous()
-
     def row_bytes(self) -> int:
         return 8 * 3 * self.s
 
@@ -282,6 +277,15 @@ def _bag_sum(rows_idx: Tensor, table: Tensor, keep: Tensor | None) -> Tensor:
     return F.embedding_bag(rows_idx[keep], table, starts, mode="sum")
 
 
+def categorical_table(logits: Tensor) -> Tensor:
+    """The categorical table layout, defined here only: ``logits [N, S, L]`` -> ``[S·L, N]``,
+    row ``i·L + l``, column ``n`` = ``log p(x_i = l | component n)`` (a view where strides allow)."""
+    if logits.dim() != 3:
+        raise ValueError(f"categorical logits must be [N, S, L], got {tuple(logits.shape)}")
+    n, s, l = logits.shape
+    return logits.permute(1, 2, 0).reshape(s * l, n)
+
+
 def categorical_view(table: Tensor, num_levels: int) -> Categorical:
     """A :class:`Categorical` whose ``logits [N, S, L]`` is a view of ``table [S·L, N]``.
 
@@ -294,6 +298,12 @@ def categorical_view(table: Tensor, num_levels: int) -> Categorical:
     return leaf
 
 
+def normalized_categorical(logits: Tensor) -> Categorical:
+    """A :class:`Categorical` over ALREADY normalized ``logits [N, S, L]`` (a stored circuit's), not
+    renormalized, so a save/load round trip is bit-exact; its logits are a view of its table."""
+    return categorical_view(categorical_table(logits), logits.shape[2])
+
+
 def make_kernel(leaf: Leaf, log_weights: Tensor) -> tuple[Leaf, Kernel]:
     """The kernel for ``leaf`` (and the leaf the circuit keeps; categorical shares memory with its kernel)."""
     if isinstance(leaf, Gaussian):
@@ -301,6 +311,6 @@ def make_kernel(leaf: Leaf, log_weights: Tensor) -> tuple[Leaf, Kernel]:
     if isinstance(leaf, Bernoulli):
         return leaf, BernoulliKernel(leaf)
     if isinstance(leaf, Categorical):
-        table = CategoricalKernel.table_from_logits(leaf.logits)
+        table = categorical_table(leaf.logits).contiguous()
         return categorical_view(table, leaf.num_levels), CategoricalKernel(table, leaf.num_levels)
     raise ValueError(f"unsupported leaf type {type(leaf).__name__}; expected Gaussian, Categorical or Bernoulli")

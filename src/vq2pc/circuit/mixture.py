@@ -33,7 +33,7 @@ from vq2pc.circuit.io import (
     read_circuit,
     write_circuit,
 )
-from vq2pc.circuit.kernels import categorical_view, make_kernel
+from vq2pc.circuit.kernels import make_kernel, normalized_categorical
 from vq2pc.circuit.streaming import (
     RunningArgmax,
     Scratch,
@@ -302,8 +302,7 @@ class MixtureCircuit:
         kind, tensors, log_weights, meta = read_circuit(path, device)
         try:
             if kind == "categorical":  # stored normalized: do not renormalize (bit-exact round trip)
-                logits = tensors["logits"]
-                leaf: Leaf = categorical_view(logits.permute(1, 2, 0).reshape(-1, logits.shape[0]), logits.shape[2])
+                leaf: Leaf = normalized_categorical(tensors["logits"])
             else:
                 leaf = leaf_from_tensors(kind, tensors)
             return cls(leaf, log_weights, memory_budget_mib=memory_budget_mib, meta=meta)

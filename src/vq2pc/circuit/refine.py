@@ -44,7 +44,7 @@ import torch
 from torch import Tensor
 
 from vq2pc.circuit.io import prepare_input
-from vq2pc.circuit.kernels import categorical_view
+from vq2pc.circuit.kernels import categorical_table, categorical_view
 from vq2pc.circuit.mixture import MixtureCircuit
 from vq2pc.core.leaves import Bernoulli, Categorical, Gaussian, Leaf
 
@@ -203,22 +203,16 @@ def _bernoulli_m_step(leaf: Bernoulli, init: Bernoulli, st: EStats, cfg: EMConfi
     return Bernoulli(torch.where(keep, leaf.logits, logits.to(leaf.logits.dtype)))
 
 
-def _table(logits: Tensor) -> Tensor:
-    """``[N, S, L]`` -> ``[S·L, N]`` (a view for a circuit's categorical leaf)."""
-    n, s, l = logits.shape
-    return logits.permute(1, 2, 0).reshape(s * l, n)
-
-
 def _categorical_m_step(leaf: Categorical, init: Categorical, st: EStats, cfg: EMConfig, kappa: float) -> Leaf:
     n, s, levels = leaf.logits.shape
     counts = st.leaf  # [S·L, N] float64, updated in place (it is not used again)
     counts.add_(cfg.smoothing)
     if kappa:
-        counts.add_(_table(init.logits).double().exp(), alpha=kappa)
+        counts.add_(categorical_table(init.logits).double().exp(), alpha=kappa)
     view = counts.view(s, levels, n)
     view.div_(view.sum(1, keepdim=True)).log_()  # normalized log-probabilities (exact 0 -> -inf)
     keep = st.resp < EMPTY_MASS  # [N]
-    table = torch.where(keep, _table(leaf.logits), counts.to(leaf.logits.dtype)).contiguous()
+    table = torch.where(keep, categorical_table(leaf.logits), counts.to(leaf.logits.dtype)).contiguous()
     return categorical_view(table, levels)
 
 

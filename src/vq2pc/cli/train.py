@@ -14,7 +14,7 @@ from vq2pc.circuit.distill import check_std_floor, distill
 from vq2pc.circuit.mixture import MixtureCircuit
 from vq2pc.core.leaves import LEAF_KINDS
 from vq2pc.data.datasets import DATASET_NAMES, DataSplits, load_dataset
-from vq2pc.latents.selection import select
+from vq2pc.latents.selection import STRATEGIES, WEIGHTS, select
 from vq2pc.models.priors.pixelcnn import PixelCNNPrior, PriorConfig, train_prior
 from vq2pc.models.quantizers import QUANTIZER_NAMES, make_quantizer
 from vq2pc.models.train import TrainConfig
@@ -80,9 +80,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Select N latents with a strategy and decode them into a MixtureCircuit.")
     p.add_argument("--vqvae", required=True, help="VQ-VAE checkpoint")
     p.add_argument("--prior", required=True, help="prior checkpoint")
-    p.add_argument("--strategy", default="beam", choices=["exhaustive", "sample", "gumbel", "beam", "topk"])
+    p.add_argument("--strategy", default="beam", choices=[s for s in STRATEGIES if s != "data"])
     p.add_argument("--N", type=int, default=256, help="number of components (ignored by exhaustive)")
-    p.add_argument("--weights", default=None, choices=["uniform", "prior"],
+    p.add_argument("--weights", default=None, choices=WEIGHTS,
                    help="mixture weights (default: prior for exhaustive, uniform otherwise)")
     p.add_argument("--starts", type=int, default=10, help="beam: starting tokens per class")
     p.add_argument("--max-space", type=int, default=2**24, help="refuse exhaustive selection above this size")

@@ -5,6 +5,7 @@
 * :mod:`~vq2pc.core.files` — atomic files (temp file + rename) and JSON;
 * :mod:`~vq2pc.core.checkpoint` — checkpoints saved atomically, loaded with ``weights_only=True``;
 * :mod:`~vq2pc.core.random` — random draws that are safe whatever device the generator is on;
+* :mod:`~vq2pc.core.validate` — checks of user input (batches, values, masks), one message per fact;
 * :mod:`~vq2pc.core.protocols` — the typed seams between stages (decoder, prior).
 
 May import: torch and the standard library only.

@@ -24,14 +24,11 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from vq2pc.core.validate import check_binary, check_finite, check_levels
+
 LOG_2PI = math.log(2.0 * math.pi)
 
 __all__ = ["Leaf", "Gaussian", "Categorical", "Bernoulli", "leaf_from_tensors", "LEAF_KINDS", "check_leaf_kind"]
-
-
-def _check_finite(name: str, t: Tensor) -> None:
-    if not torch.isfinite(t).all():
-        raise ValueError(f"{name} contains NaN or inf")
 
 
 class Leaf:
@@ -87,7 +84,7 @@ class Leaf:
 
     def validate_data(self, x: Tensor, name: str = "x") -> None:
         """Raise ``ValueError`` if ``x`` is outside this leaf's support."""
-        _check_finite(name, x)
+        check_finite(name, x)
 
 
 class Gaussian(Leaf):
@@ -111,8 +108,8 @@ class Gaussian(Leaf):
         return self.loc.shape
 
     def check(self) -> None:
-        _check_finite("mean", self.loc)
-        _check_finite("std", self.scale)
+        check_finite("mean", self.loc)
+        check_finite("std", self.scale)
         if (self.scale <= 0).any():
             raise ValueError("std must be > 0 everywhere")
 
@@ -158,9 +155,7 @@ class Categorical(Leaf):
             raise ValueError("logits contain NaN")
 
     def validate_data(self, x: Tensor, name: str = "x") -> None:
-        _check_finite(name, x)
-        if ((x < 0) | (x >= self.num_levels) | (x != torch.round(x))).any():
-            raise ValueError(f"{name} must hold integer levels in [0, {self.num_levels - 1}]")
+        check_levels(x, self.num_levels, name)
 
     def log_prob(self, x: Tensor) -> Tensor:
         idx = x.long().unsqueeze(-1)
@@ -204,9 +199,7 @@ class Bernoulli(Leaf):
             raise ValueError("logits contain NaN")
 
     def validate_data(self, x: Tensor, name: str = "x") -> None:
-        _check_finite(name, x)
-        if ((x != 0) & (x != 1)).any():
-            raise ValueError(f"{name} must hold binary values 0 or 1")
+        check_binary(x, name)
 
     def log_prob(self, x: Tensor) -> Tensor:
         # log σ(l) for x = 1, log σ(-l) for x = 0, written stably.

@@ -9,8 +9,9 @@ from vq2pc.data.datasets import (
     DataSplits,
     bpd,
     check_fits,
+    check_model_space,
     load_dataset,
     to_model_space,
 )
 
-__all__ = ["DATASET_NAMES", "DataSplits", "bpd", "check_fits", "load_dataset", "to_model_space"]
+__all__ = ["DATASET_NAMES", "DataSplits", "bpd", "check_fits", "check_model_space", "load_dataset", "to_model_space"]

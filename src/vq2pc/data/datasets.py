@@ -26,9 +26,10 @@ import torch
 from torch import Tensor
 
 from vq2pc.core.leaves import check_leaf_kind
+from vq2pc.core.validate import check_binary, check_finite, check_levels
 from vq2pc.data.idx import IDX_SOURCES, load_idx_dataset
 
-__all__ = ["DataSplits", "DATASET_NAMES", "load_dataset", "to_model_space", "bpd", "check_fits"]
+__all__ = ["DataSplits", "DATASET_NAMES", "load_dataset", "to_model_space", "check_model_space", "bpd", "check_fits"]
 
 DATASET_NAMES: tuple[str, ...] = ("digits", *IDX_SOURCES)
 
@@ -140,8 +141,7 @@ def to_model_space(v: Tensor, leaf_kind: str, levels: int, generator: torch.Gene
         raise ValueError(f"levels must be >= 2, got {levels}")
     if v.dtype.is_floating_point or v.dtype == torch.bool:
         raise ValueError(f"v must hold integer levels (e.g. uint8), got dtype {v.dtype}")
-    if v.numel() and (int(v.min()) < 0 or int(v.max()) >= levels):
-        raise ValueError(f"v must hold levels in [0, {levels - 1}], got range [{int(v.min())}, {int(v.max())}]")
+    check_levels(v, levels, "v")
     if leaf_kind == "categorical":
         return v.to(torch.float32)
     if leaf_kind == "bernoulli":
@@ -149,6 +149,22 @@ def to_model_space(v: Tensor, leaf_kind: str, levels: int, generator: torch.Gene
     noise_device = generator.device if generator is not None else v.device
     u = torch.rand(v.shape, generator=generator, device=noise_device).to(v.device)
     return (v.to(torch.float32) + u) / levels
+
+
+def check_model_space(x: Tensor, leaf_kind: str, levels: int, name: str = "x") -> None:
+    """``ValueError`` unless ``x`` (any shape) holds values of ``leaf_kind``'s model space, the values
+    :func:`to_model_space` returns: floats in ``[0, 1]`` (gaussian), integer levels (categorical), 0/1 (bernoulli)."""
+    if not x.dtype.is_floating_point:
+        raise ValueError(f"{name} must be float model-space data (see data.to_model_space), got dtype {x.dtype}")
+    if check_leaf_kind(leaf_kind) == "categorical":
+        check_levels(x, levels, name)
+    elif leaf_kind == "bernoulli":
+        check_binary(x, name)
+    else:
+        check_finite(name, x)
+        if x.numel() and (float(x.min()) < 0 or float(x.max()) > 1):
+            raise ValueError(f"{name} must lie in [0, 1] for Gaussian leaves, got range "
+                             f"[{float(x.min()):g}, {float(x.max()):g}] (convert with data.to_model_space)")
 
 
 def bpd(log_prob_nats: Tensor, S: int, levels: int, leaf_kind: str) -> Tensor:

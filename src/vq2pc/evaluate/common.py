@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from vq2pc.core.leaves import check_leaf_kind as _check_kind
+from vq2pc.core.validate import check_finite, check_images
 
 __all__ = [
     "DensityModel",
@@ -90,16 +91,7 @@ def check_model_batch(x: Tensor, name: str = "x") -> None:
         raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 2 or x.shape[0] == 0 or x.shape[1] == 0:
         raise ValueError(f"{name} must have shape [B,S] with B, S >= 1; got {tuple(x.shape)}")
-    if not torch.isfinite(x.float()).all():
-        raise ValueError(f"{name} contains NaN or inf")
-
-
-def check_images(v: Tensor, name: str = "images") -> None:
-    """Raise ``ValueError`` unless ``v`` is a non-empty ``[n,C,H,W]`` tensor."""
-    if not isinstance(v, Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(v).__name__}")
-    if v.dim() != 4 or v.shape[0] == 0:
-        raise ValueError(f"{name} must have shape [n,C,H,W] with n >= 1; got {tuple(v.shape)}")
+    check_finite(name, x)
 
 
 def check_leaf_kind(leaf_kind: str, levels: int) -> None:
@@ -127,8 +119,7 @@ def images_to_unit(images: Tensor, levels: int | None = None) -> Tensor:
     Integer tensors need ``levels`` (``v / (L-1)``); float tensors are clamped.
     """
     if images.dtype.is_floating_point:
-        if not torch.isfinite(images).all():
-            raise ValueError("images contain NaN or inf")
+        check_finite("images", images)
         return images.float().clamp(0.0, 1.0)
     if levels is None or int(levels) < 2:
         raise ValueError("integer images need levels >= 2 to convert to [0,1]")

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from vq2pc.core.validate import observed_mask
 from vq2pc.evaluate.common import (
     DensityModel,
     check_leaf_kind,
@@ -45,10 +46,8 @@ __all__ = ["inpainting_metrics", "conditional_bpd", "conditional_mean", "plot_in
 
 
 def _check_mask(mask: Tensor, x: Tensor, name: str) -> Tensor:
-    if not isinstance(mask, Tensor) or mask.shape != x.shape:
-        shape = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
-        raise ValueError(f"mask {name!r} must be a bool tensor of the data's shape {tuple(x.shape)}, got {shape}")
-    return mask.bool()
+    """The mask named ``name`` for ``x [B,S]`` as bool ``[B,S]`` (True = observed)."""
+    return observed_mask(mask, x.shape[0], x.shape[1], f"mask {name!r}")
 
 
 def conditional_bpd(lp_full: Tensor, lp_obs: Tensor, hidden_count: Tensor, leaf_kind: str, levels: int) -> Tensor:

@@ -1,6 +1,6 @@
 """Beam searches over the row-major sequence of latent codes (batched, chunked).
 
-* :func:`beam_search` — Algorithm 2 of the distillation paper (App. D) for many
+* :func:`beam_search` — Algorithm 2 of the distillation paper (arXiv:2509.01400, App. D) for many
   independent beams ("groups") at once: from partial grids filled up to position
   ``start``, extend every beam by all ``K`` codes, score each candidate by its
   class marginal ``m = Σ_c w_c · h_c`` with the per-class prefix scores
@@ -8,7 +8,7 @@
   One prior call per position evaluates every beam of every group for every
   class (chunked to ``batch_size`` rows).
 * :func:`stochastic_beam_search` — Gumbel-top-k stochastic beam search (Kool,
-  Hoogeboom & Welling 2019) on ``p(z) = Σ_c p(c) p(z|c)``: ``N`` distinct latents
+  van Hoof & Welling 2019, arXiv:1903.06059) on ``p(z) = Σ_c p(c) p(z|c)``: ``N`` distinct latents
   that are an exact sample without replacement from ``p(z)``, in one pass over the
   positions, no enumeration.
 

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from vq2pc.core.checkpoint import SavableModel, load_checkpoint
 from vq2pc.core.leaves import Leaf, check_leaf_kind
-from vq2pc.data.datasets import DataSplits, check_fits, to_model_space
+from vq2pc.data.datasets import DataSplits, check_fits, check_model_space, to_model_space
 from vq2pc.models.nets import (
     Decoder,
     Encoder,
@@ -97,18 +97,7 @@ class VQVAE(SavableModel, nn.Module):
     def _check_x(self, x: Tensor) -> None:
         if x.dim() != 4 or tuple(x.shape[1:]) != self.cfg.image_shape:
             raise ValueError(f"x must have shape [B, {', '.join(map(str, self.cfg.image_shape))}], got {tuple(x.shape)}")
-        if not x.dtype.is_floating_point:
-            raise ValueError(f"x must be float model-space data (see data.to_model_space), got dtype {x.dtype}")
-        if not torch.isfinite(x).all():
-            raise ValueError("x contains NaN or inf")
-        hi = {"gaussian": 1.0, "categorical": self.cfg.levels - 1.0, "bernoulli": 1.0}[self.cfg.leaf]
-        if x.numel() and (float(x.min()) < 0 or float(x.max()) > hi):
-            raise ValueError(f"x must lie in [0, {hi:g}] for a {self.cfg.leaf} VQ-VAE, got range "
-                             f"[{float(x.min()):g}, {float(x.max()):g}] (convert with data.to_model_space)")
-        if self.cfg.leaf == "categorical" and not torch.equal(x, torch.round(x)):
-            raise ValueError("x must hold integer levels for a categorical VQ-VAE")
-        if self.cfg.leaf == "bernoulli" and ((x != 0) & (x != 1)).any():
-            raise ValueError("x must hold 0/1 values for a bernoulli VQ-VAE")
+        check_model_space(x, self.cfg.leaf, self.cfg.levels)
 
     def _check_codes(self, codes: Tensor) -> None:
         h, w = self.cfg.latent_hw

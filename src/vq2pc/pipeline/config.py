@@ -18,7 +18,7 @@ import yaml
 
 from vq2pc.circuit.finetune import FineTuneConfig
 from vq2pc.core.leaves import LEAF_KINDS
-from vq2pc.latents.selection import STRATEGIES
+from vq2pc.latents.selection import STRATEGIES, WEIGHTS
 from vq2pc.models.train import TrainConfig
 
 __all__ = ["ModelSpec", "BaselineSpec", "ExperimentSpec", "RunConfig", "load_config", "config_to_dict", "DEFAULT_CONFIG"]
@@ -128,8 +128,8 @@ class RunConfig:
                 bad = [s for s in getattr(m, key) if s not in STRATEGIES]
                 if bad:
                     raise ValueError(f"config: model {m.name!r} has unknown {key} {bad}; expected {list(STRATEGIES)}")
-            if m.weights not in ("uniform", "prior"):
-                raise ValueError(f"config: model {m.name!r} weights must be 'uniform' or 'prior'")
+            if m.weights not in WEIGHTS:
+                raise ValueError(f"config: model {m.name!r} weights must be one of {list(WEIGHTS)}, got {m.weights!r}")
             if m.std_floor is not None and not (isinstance(m.std_floor, (int, float)) and 0 < m.std_floor < math.inf):
                 raise ValueError(f"config: model {m.name!r} std_floor must be a positive number, got {m.std_floor!r}")
         for key in ("main_model", "analysis_model"):

@@ -1,7 +1,7 @@
 """Class-conditional gated PixelCNN prior p(z | c) over the H×W grid of VQ-VAE codes.
 
 Architecture (van den Oord et al. 2016b, "Conditional Image Generation with
-PixelCNN Decoders"): a vertical stack (rows above) and a horizontal stack (the
+PixelCNN Decoders", arXiv:1606.05328): a vertical stack (rows above) and a horizontal stack (the
 current row, to the left) with gated activations ``tanh(a) ⊙ σ(b)`` and no blind
 spot. The vertical stack at row ``r`` sees input rows ``≤ r``; its pre-activation
 is shifted down by one row before it feeds the horizontal stack, so position

@@ -1,4 +1,5 @@
-"""Vector quantizer with an exponential-moving-average codebook (VQ-VAE paper, App. A.1).
+"""Vector quantizer with an exponential-moving-average codebook (VQ-VAE paper,
+arXiv:1711.00937, App. A.1).
 
 The codebook is not trained by gradient: after each training batch every
 codeword moves to the moving average of the encoder outputs assigned to it,

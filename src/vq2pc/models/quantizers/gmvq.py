@@ -1,8 +1,10 @@
-"""Gaussian-mixture vector quantization trained with the ALBO (``papers/gm-vq.txt``).
+"""Gaussian-mixture vector quantization trained with the ALBO.
 
-Generative model: ``c ~ U(K)``, ``z | c ~ N(e_c, σ²I)``, ``x | z ~`` decoder.
-The paper's equations were lost from its text; what follows is our
-reconstruction from its prose (DESIGN.md, "GM-VQ"), equation numbers as there:
+Yan, Wu, Shah, Liu 2024, "Gaussian Mixture Vector Quantization with Aggregated Categorical
+Posterior", arXiv:2410.10180. Generative model: ``c ~ U(K)``, ``z | c ~ N(e_c, σ²I)``,
+``x | z ~`` decoder. The formulas below were reconstructed from the paper's prose (the text
+they were written from lacked its typeset equations), so they may differ from the paper in
+detail; the numbers in parentheses are the paper's equation numbers:
 
 * (15) raw weights ``r = W ẑ + b`` (a linear head on the encoder's proxy ``ẑ``;
   the paper's encoder emits ``r`` itself — a last linear layer, same family),

@@ -1,4 +1,5 @@
-"""The VQ-VAE vector quantizer (van den Oord et al. 2017; paper App. A, Eq. 6).
+"""The VQ-VAE vector quantizer (van den Oord et al. 2017, arXiv:1711.00937;
+the distillation paper, arXiv:2509.01400, App. A, Eq. 6).
 
 Nearest codeword by Euclidean distance, computed as one matrix product
 (``argmin_k ‖e_k‖² − 2 z·e_k``, no ``[n, K, D]`` broadcast); loss
