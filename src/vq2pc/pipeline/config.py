@@ -81,6 +81,7 @@ class ExperimentSpec:
     inpainting_eval_images: int = 500
     samples: bool = True
     num_samples: int = 1000  # paper: 10,000
+    classifier_epochs: int | None = None  # epochs of the sample classifier (None: baseline_train's)
     correlation: bool = True
     correlation_images: int = 297
     bpd_draws: int = 3  # dequantization draws for continuous test BPD

@@ -126,6 +126,8 @@ def _inpainting(cfg: RunConfig, splits: DataSplits, leaf: str, models: dict[str,
 def _samples(run: RunDir, cfg: RunConfig, splits: DataSplits, leaf: str, models: dict[str, Any], fig) -> dict:
     E = cfg.experiments
     train_cfg = replace(cfg.baseline_train, seed=cfg.seed, device=cfg.device)
+    if E.classifier_epochs is not None:
+        train_cfg = replace(train_cfg, epochs=E.classifier_epochs, max_seconds=None)
     classifier, acc = ev.train_classifier(splits, train_cfg, checkpoint=run.checkpoint("samples", "classifier.pt"))
     samples = {name: ev.draw_samples(m, E.num_samples, leaf, splits.levels, tuple(splits.image_shape),
                                      batch_size=250, generator=_gen(cfg, 3)) for name, m in models.items()}
