@@ -72,6 +72,33 @@ def test_log_prob_equals_materialized_circuit(prior: PixelCNNPrior, leaf: str, c
     assert (ll.max(1).values - ll.min(1).values).min() > 1.0
 
 
+@pytest.mark.parametrize("leaf", ["gaussian", "categorical"])
+def test_whole_set_decodes_each_latent_once_and_equals_batched_and_materialized(
+    prior: PixelCNNPrior, leaf: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Latent chunks outside, row batches inside: a 23-row set scored 4 rows at a time costs one pass
+    of decodes (81 latents), and its log-likelihoods equal the row-batched calls and the materialized
+    circuit; test_bpd hands the exact model the whole set at once."""
+    from vq2pc.evaluate.density import model_log_prob
+
+    vqvae = make_vqvae(leaf)
+    exact, circuit = ExactModel(vqvae, prior, chunk=10), materialized(vqvae, prior)
+    decoded = []
+    decode = exact._decode
+    monkeypatch.setattr(exact, "_decode", lambda idx: decoded.append(len(idx)) or decode(idx))
+    x, mask = data(leaf, 23, seed=12)
+    lp = exact.log_prob(x, mask, batch_size=4)
+    assert sum(decoded) == 81
+    per_batch = torch.cat([exact.log_prob(x[a : a + 4], mask[a : a + 4]) for a in range(0, 23, 4)])
+    assert sum(decoded) == 81 * 7  # the old loop order: one pass per batch
+    torch.testing.assert_close(lp, per_batch, atol=1e-5, rtol=0)
+    torch.testing.assert_close(lp, circuit.log_prob(x, mask), atol=2e-4, rtol=1e-5)
+    decoded.clear()
+    whole = model_log_prob(exact, x.view(23, 16), batch_size=4)
+    torch.testing.assert_close(whole, exact.log_prob(x).double(), atol=1e-6, rtol=0)
+    assert sum(decoded) == 2 * 81
+
+
 def test_structure_matches_materialized_circuit(prior: PixelCNNPrior) -> None:
     for leaf in ("gaussian", "categorical"):
         vqvae = make_vqvae(leaf)
