@@ -14,15 +14,18 @@ passes, :func:`vq2pc.core.files.atomic_write`); a helper called on one rank only
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from datetime import timedelta
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 
 __all__ = [
     "is_distributed", "rank", "world_size", "is_main", "barrier", "init_from_env", "shutdown",
     "shard_range", "all_reduce_logsumexp", "all_reduce_sum", "all_reduce_max_", "gather_rows",
+    "GlobalBatchNorm2d", "global_batchnorm",
 ]
 
 
@@ -113,17 +116,74 @@ def all_reduce_logsumexp(t: Tensor) -> Tensor:
     return m + torch.log(s)
 
 
-def gather_rows(local: Tensor, n: int) -> Tensor:
-    """Concatenate in rank order the rows each rank computed for its :func:`shard_range` of ``n``
-    rows: ``local [hi-lo, ...]`` -> ``[n, ...]`` on every rank."""
+def gather_rows(local: Tensor) -> Tensor:
+    """Concatenate in rank order every rank's rows ``local [n_r, ...]`` (sizes may differ) -> ``[Σ n_r, ...]``
+    on every rank. With contiguous :func:`shard_range` slices this reassembles the global order."""
     if not is_distributed():
         return local
     p = world_size()
-    sizes = [shard_range(n, r, p) for r in range(p)]
-    width = max(hi - lo for lo, hi in sizes)
-    padded = local.new_zeros((width, *local.shape[1:]))
+    sizes = [torch.zeros(1, dtype=torch.long, device=local.device) for _ in range(p)]
+    dist.all_gather(sizes, torch.tensor([local.shape[0]], device=local.device))
+    counts = [int(c) for c in sizes]
+    padded = local.new_zeros((max(counts), *local.shape[1:]))
     padded[: local.shape[0]] = local
     parts = [torch.empty_like(padded) for _ in range(p)]
     dist.all_gather(parts, padded)
-    return torch.cat([part[: hi - lo] for part, (lo, hi) in zip(parts, sizes)])
+    return torch.cat([part[:c] for part, c in zip(parts, counts)])
 
+
+class _SumOverRanks(torch.autograd.Function):
+    """Differentiable sum over ranks: the gradient of every rank's input is the sum of the output gradients."""
+
+    @staticmethod
+    def forward(ctx, t: Tensor) -> Tensor:  # noqa: ANN001
+        return all_reduce_sum(t)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # noqa: ANN001
+        return all_reduce_sum(grad.contiguous())
+
+
+class GlobalBatchNorm2d(nn.BatchNorm2d):
+    """``BatchNorm2d`` whose training statistics are those of the global batch over all ranks.
+
+    Same parameters, buffers and state-dict keys as ``nn.BatchNorm2d`` (see :func:`global_batchnorm`);
+    outside a process group, or in eval mode, it is ``BatchNorm2d`` itself. Unlike ``nn.SyncBatchNorm``
+    it runs on CPU (gloo) too: two differentiable all-reduces (sum, then squared deviations) per call,
+    so the gradients are those of the global batch, as in one process.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not (self.training and is_distributed()):
+            return super().forward(x)
+        dims = (0, 2, 3)
+        count = float(all_reduce_sum(torch.tensor(float(x.numel() // x.shape[1]), device=x.device)))
+        mean = _SumOverRanks.apply(x.sum(dims)) / count
+        centred = x - mean[None, :, None, None]
+        var = _SumOverRanks.apply(centred.pow(2).sum(dims)) / count
+        if self.track_running_stats:
+            self._update_running(mean.detach(), var.detach() * count / max(count - 1.0, 1.0))
+        y = centred * torch.rsqrt(var + self.eps)[None, :, None, None]
+        return y * self.weight[None, :, None, None] + self.bias[None, :, None, None] if self.affine else y
+
+    @torch.no_grad()
+    def _update_running(self, mean: Tensor, var_unbiased: Tensor) -> None:
+        self.num_batches_tracked += 1
+        f = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        self.running_mean.mul_(1 - f).add_(mean, alpha=f)
+        self.running_var.mul_(1 - f).add_(var_unbiased, alpha=f)
+
+
+@contextmanager
+def global_batchnorm(model: nn.Module) -> Iterator[nn.Module]:
+    """While a process group runs, every ``BatchNorm2d`` of ``model`` normalizes with global-batch
+    statistics (:class:`GlobalBatchNorm2d`, swapped in place: same parameters and buffers);
+    restored on exit. A no-op in one process."""
+    swapped = [m for m in model.modules() if type(m) is nn.BatchNorm2d] if is_distributed() else []
+    for m in swapped:
+        m.__class__ = GlobalBatchNorm2d
+    try:
+        yield model
+    finally:
+        for m in swapped:
+            m.__class__ = nn.BatchNorm2d

@@ -53,7 +53,7 @@ def model_log_prob(model: DensityModel, x: Tensor, mask: Tensor | None = None, b
             xb = x[i : min(i + batch_size, hi)].to(device)
             mb = None if mask is None else mask[i : min(i + batch_size, hi)].to(device)
             out.append(model.log_prob(xb, mb).double())
-        lp = gather_rows(torch.cat(out), x.shape[0])
+        lp = gather_rows(torch.cat(out))
     if lp.shape != (x.shape[0],):
         raise ValueError(f"model.log_prob returned shape {tuple(lp.shape)}, expected ({x.shape[0]},)")
     return lp
