@@ -110,7 +110,10 @@ class _Enumerator:
         self.expand(children, child_scores, d + 1, offset)
 
     def expand_first(self, root: Tensor, lo: int, hi: int) -> None:
-        """Fill ``out[lo·K^{P-1} : hi·K^{P-1}]``: the subtrees whose first code lies in ``[lo, hi)`` (P >= 2)."""
+        """Fill ``out[lo·K^{P-1} : hi·K^{P-1}]``: the subtrees whose first code lies in ``[lo, hi)`` (P >= 2;
+        empty on a rank left without codes when K < ranks)."""
+        if hi <= lo:
+            return
         child_scores = self.next_all(root, 0)[0].T[lo:hi]  # [hi-lo, C]: the root's score is 0
         children = root.repeat(hi - lo, 1, 1)
         children.view(hi - lo, -1)[:, 0] = torch.arange(lo, hi, device=root.device)
