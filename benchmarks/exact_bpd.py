@@ -120,7 +120,8 @@ def main() -> None:
                 "threads": torch.get_num_threads(), "load_avg": round(load, 2),
             }
             if r["lp"] is not None:
-                line["bpd_one_draw"] = round(float(bpd(r["lp"].double(), x.shape[1], splits.levels, "gaussian").mean()), 4)
+                bits = bpd(r["lp"].double(), x.shape[1], splits.levels, "gaussian")
+                line["bpd_one_draw"] = round(float(bits.mean()), 4)
             print(json.dumps(line), flush=True)
 
 

@@ -35,7 +35,7 @@ from vq2pc.circuit.streaming import (
     add_gumbel_,
     logsumexp_,
 )
-from vq2pc.core.distributed import all_reduce_logsumexp, is_distributed, shard_range
+from vq2pc.core.distributed import all_reduce_logsumexp, is_distributed, is_main, shard_range
 from vq2pc.core.leaves import Leaf
 from vq2pc.core.random import gumbel_noise
 from vq2pc.latents.enumerate import check_space, enumerate_log_prior, index_to_codes
@@ -130,13 +130,16 @@ class ExactModel:
         """Leaf ``[n, S]`` of the latents with lexicographic indices ``idx [n]``."""
         return decode_leaf(self.vqvae, index_to_codes(idx, self.K, *self.latent_hw), std_floor=self.std_floor)
 
-    def _chunks(self, batch: int, desc: str, span: tuple[int, int] | None = None) -> Iterator[tuple[int, MixtureCircuit]]:
+    def _chunks(
+        self, batch: int, desc: str, span: tuple[int, int] | None = None
+    ) -> Iterator[tuple[int, MixtureCircuit]]:
         """Yield ``(n0, circuit)`` for consecutive chunks ``n0:n0+len(circuit)`` of the latent space
         (of its slice ``span = (lo, hi)`` when given) scored ``batch`` rows at a time; the circuit's
         log-weights are ``log p(z)`` of the chunk (renormalized inside the circuit)."""
         lo, hi = span or (0, len(self))
         step = max(1, min(self.chunk, int(self.memory_budget_mib * _MIB // (16 * batch))))
-        with tqdm(total=hi - lo, desc=desc, unit="z", disable=not self.progress, leave=False) as bar:
+        quiet = not (self.progress and is_main())  # under torchrun: one bar, rank 0's
+        with tqdm(total=hi - lo, desc=desc, unit="z", disable=quiet, leave=False) as bar:
             for n0 in range(lo, hi, step):
                 n1 = min(n0 + step, hi)
                 leaf = self._decode(torch.arange(n0, n1, device=self.device))

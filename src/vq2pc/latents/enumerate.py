@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from vq2pc.core.distributed import all_reduce_max_, is_distributed, shard_range
+from vq2pc.core.distributed import all_reduce_max_, is_distributed, is_main, shard_range
 from vq2pc.models.priors.pixelcnn import PixelCNNPrior
 
 __all__ = ["latent_space_size", "check_space", "index_to_codes", "codes_to_index", "enumerate_log_prior"]
@@ -150,7 +150,7 @@ def enumerate_log_prior(
     prior.eval()
     out = torch.empty(space, dtype=torch.float32, device=dev)
     calls = prior.num_classes * sum(prior.K**d for d in range(prior.num_positions))
-    with tqdm(total=calls, desc="enumerate p(z)", unit="row", disable=not progress, leave=False) as bar:
+    with tqdm(total=calls, desc="enumerate p(z)", unit="row", disable=not (progress and is_main()), leave=False) as bar:
         state = _Enumerator(prior, out, batch_size, frontier_rows, bar)
         root = torch.zeros((1, h, w), dtype=torch.long, device=dev)
         if (is_distributed() if sharded is None else sharded) and prior.num_positions > 1:
