@@ -59,7 +59,8 @@ def _close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
 
 
 def test_one_ddp_epoch_of_vqvae_and_prior_equals_one_process(tmp_path: Path) -> None:
-    """Same global batches and noise, gradients averaged with the right weights for uneven shards,
+    """Same global batches and noise, gradients averaged with the right weights for uneven shards (the
+    prior's 61 codes end in a 1-row batch: one rank computes a stand-in row with weight 0),
     BatchNorm on global-batch statistics: parameters, BatchNorm buffers and losses within 1e-5 of one
     process. With k-means init and dead-code replacement the ranks hold identical weights."""
     torch.set_num_threads(1)
@@ -95,7 +96,7 @@ def _prior_fit(checkpoint: str, die_after: int | None = None) -> PixelCNNPrior:
 
 
 def _killed(rank: int, out: str) -> None:
-    _prior_fit(f"{out}/prior.pt", die_after=7)  # epoch 1: 5 steps + 2 validation batches... then dies
+    _prior_fit(f"{out}/prior.pt", die_after=7)  # epoch 1: 5 steps + 1 validation call; dies in epoch 2
 
 
 def _resumed(rank: int, out: str) -> None:
