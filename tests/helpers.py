@@ -41,18 +41,20 @@ def _rank_entry(rank: int, world: int, port: int, fn, args: tuple) -> None:
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=300))
     try:
         fn(rank, *args)
     finally:
         dist.destroy_process_group()
 
 
-def spawn_ranks(fn, world: int, *args, timeout: float = 120.0) -> None:
+def spawn_ranks(fn, world: int, *args, timeout: float = 600.0) -> None:
     """Run ``fn(rank, *args)`` in ``world`` fresh processes joined in a gloo process group on 127.0.0.1.
 
     ``fn`` must be a module-level function (it is pickled by name). Raises if a rank fails; kills the
-    ranks and raises ``TimeoutError`` after ``timeout`` seconds, so a collective mismatch never hangs."""
+    ranks and raises ``TimeoutError`` after ``timeout`` seconds, so a collective mismatch never hangs.
+    The limits are generous because a loaded 2-core machine can starve a rank for minutes; unloaded,
+    each call takes seconds."""
     import time
 
     import torch.multiprocessing as mp
