@@ -21,3 +21,49 @@ def make_prior(K: int = 3, hw: tuple[int, int] = (2, 2), C: int = 2, hidden: int
 def all_codes(K: int, hw: tuple[int, int]) -> torch.Tensor:
     """Every grid in row-major lexicographic order: [K^{hw}, h, w]."""
     return torch.tensor(list(itertools.product(range(K), repeat=hw[0] * hw[1]))).view(-1, *hw)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_entry(rank: int, world: int, port: int, fn, args: tuple) -> None:
+    import datetime
+    import os
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=300))
+    try:
+        fn(rank, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn_ranks(fn, world: int, *args, timeout: float = 600.0) -> None:
+    """Run ``fn(rank, *args)`` in ``world`` fresh processes joined in a gloo process group on 127.0.0.1.
+
+    ``fn`` must be a module-level function (it is pickled by name). Raises if a rank fails; kills the
+    ranks and raises ``TimeoutError`` after ``timeout`` seconds, so a collective mismatch never hangs.
+    The limits are generous because a loaded 2-core machine can starve a rank for minutes; unloaded,
+    each call takes seconds."""
+    import time
+
+    import torch.multiprocessing as mp
+
+    ctx = mp.start_processes(_rank_entry, args=(world, free_port(), fn, args), nprocs=world, join=False,
+                             start_method="spawn")
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            raise TimeoutError(f"distributed test ranks still running after {timeout:.0f} s")

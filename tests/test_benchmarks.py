@@ -34,3 +34,14 @@ def test_circuit_queries_prints_every_case() -> None:
 def test_circuit_queries_on_mnist_images() -> None:
     lines = _run("--data", "mnist", "--mnist-dir", str(MNIST), "--N", "32", "--B", "8", "--leaves", "categorical")
     assert {line["query"] for line in lines} >= {"log_prob", "conditional_mean"}
+
+
+@pytest.mark.skipif(not MNIST.is_dir(), reason=f"MNIST IDX files not found at {MNIST}")
+def test_exact_bpd_counts_one_pass_of_decodes_after_the_loop_swap() -> None:
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "exact_bpd.py"), "--data-dir", str(MNIST),
+                          "--K", "2", "--n-test", "40", "--batch-size", "20", "--draws", "1"],
+                         capture_output=True, text=True, check=True, timeout=300)
+    before, after = (json.loads(line) for line in out.stdout.splitlines())
+    assert (before["path"], after["path"]) == ("before", "after") and after["latents"] == 16
+    assert after["decodes"] == 16 and before["decodes"] == 2 * 16  # one pass per batch of 20 rows before
+    assert before["extrapolated"] and not after["extrapolated"] and "bpd_one_draw" in after

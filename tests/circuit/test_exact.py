@@ -72,6 +72,33 @@ def test_log_prob_equals_materialized_circuit(prior: PixelCNNPrior, leaf: str, c
     assert (ll.max(1).values - ll.min(1).values).min() > 1.0
 
 
+@pytest.mark.parametrize("leaf", ["gaussian", "categorical"])
+def test_whole_set_decodes_each_latent_once_and_equals_batched_and_materialized(
+    prior: PixelCNNPrior, leaf: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Latent chunks outside, row batches inside: a 23-row set scored 4 rows at a time costs one pass
+    of decodes (81 latents), and its log-likelihoods equal the row-batched calls and the materialized
+    circuit; test_bpd hands the exact model the whole set at once."""
+    from vq2pc.evaluate.density import model_log_prob
+
+    vqvae = make_vqvae(leaf)
+    exact, circuit = ExactModel(vqvae, prior, chunk=10), materialized(vqvae, prior)
+    decoded = []
+    decode = exact._decode
+    monkeypatch.setattr(exact, "_decode", lambda idx: decoded.append(len(idx)) or decode(idx))
+    x, mask = data(leaf, 23, seed=12)
+    lp = exact.log_prob(x, mask, batch_size=4)
+    assert sum(decoded) == 81
+    per_batch = torch.cat([exact.log_prob(x[a : a + 4], mask[a : a + 4]) for a in range(0, 23, 4)])
+    assert sum(decoded) == 81 * 7  # the old loop order: one pass per batch
+    torch.testing.assert_close(lp, per_batch, atol=1e-5, rtol=0)
+    torch.testing.assert_close(lp, circuit.log_prob(x, mask), atol=2e-4, rtol=1e-5)
+    decoded.clear()
+    whole = model_log_prob(exact, x.view(23, 16), batch_size=4)
+    torch.testing.assert_close(whole, exact.log_prob(x).double(), atol=1e-6, rtol=0)
+    assert sum(decoded) == 2 * 81
+
+
 def test_structure_matches_materialized_circuit(prior: PixelCNNPrior) -> None:
     for leaf in ("gaussian", "categorical"):
         vqvae = make_vqvae(leaf)
@@ -204,3 +231,39 @@ def test_std_floor_is_the_same_for_exact_model_and_distilled_circuit(prior: Pixe
         ExactModel(make_vqvae("categorical"), prior, std_floor=0.1)
     with pytest.raises(ValueError, match="positive finite"):
         distill(vqvae, select(prior, "topk", 5), std_floor=0.0)
+
+
+def _exact_on_rank(rank: int, out: str) -> None:
+    from vq2pc.core.distributed import shard_range
+    from vq2pc.evaluate.density import model_log_prob
+
+    torch.set_num_threads(1)
+    p = make_prior(K=3, hw=(2, 2), C=2, hidden=8, layers=2, seed=1, sharpen=3.0)
+    p.set_class_prior(torch.tensor([0, 1, 1]))
+    vqvae = make_vqvae("gaussian")
+    exact = ExactModel(vqvae, p, chunk=10)
+    decoded = []
+    decode = exact._decode
+    exact._decode = lambda idx: decoded.append(len(idx)) or decode(idx)
+    x, mask = data("gaussian", 9, seed=13)
+    torch.save({"lp": exact.log_prob(x, mask, batch_size=4), "decoded": sum(decoded), "span": shard_range(81),
+                "log_prior": exact.log_prior,
+                "rows": model_log_prob(materialized(vqvae, p), x.view(9, 16), batch_size=2)}, f"{out}/rank{rank}.pt")
+
+
+def test_sharded_log_likelihoods_equal_single_process(prior: PixelCNNPrior, tmp_path) -> None:
+    """2 gloo ranks: each decodes only its slice of the 81 latents, the log-sum-exp all-reduce gives the
+    single-process ExM log-likelihoods; a circuit scored on each rank's rows and gathered is the same too."""
+    from helpers import spawn_ranks
+
+    vqvae = make_vqvae("gaussian")
+    exact, circuit = ExactModel(vqvae, prior, chunk=10), materialized(vqvae, prior)
+    x, mask = data("gaussian", 9, seed=13)
+    ref = exact.log_prob(x, mask, batch_size=4)
+    spawn_ranks(_exact_on_rank, 2, str(tmp_path))
+    got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert [g["span"] for g in got] == [(0, 40), (40, 81)] and [g["decoded"] for g in got] == [40, 41]
+    for g in got:
+        torch.testing.assert_close(g["lp"], ref, atol=1e-5, rtol=0)
+        torch.testing.assert_close(g["log_prior"], exact.log_prior, atol=1e-5, rtol=0)
+        torch.testing.assert_close(g["rows"], circuit.log_prob(x.view(9, 16)).double(), atol=1e-5, rtol=0)

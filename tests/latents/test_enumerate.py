@@ -57,3 +57,25 @@ def test_limits_and_bad_input() -> None:
     prior.train()
     enumerate_log_prior(prior, progress=False)
     assert prior.training  # mode restored
+
+
+def _enumerate_on_rank(rank: int, out: str) -> None:
+    prior = make_prior(K=5, hw=(2, 2), C=2, sharpen=2.0)
+    torch.save(enumerate_log_prior(prior, batch_size=7, frontier_rows=11, progress=False), f"{out}/rank{rank}.pt")
+    one_code = enumerate_log_prior(make_prior(K=1, hw=(2, 2), C=2), progress=False)  # rank 1 has no first code
+    torch.save(one_code, f"{out}/k1rank{rank}.pt")
+
+
+def test_sharded_enumeration_equals_unsharded(tmp_path) -> None:
+    """2 gloo ranks split the first code (K = 5: slices of 2 and 3 subtrees; K = 1: one rank idle); each
+    gets the whole vector, equal to one process; the sharded code path alone (sharded=True, one rank) too."""
+    from helpers import spawn_ranks
+
+    prior = make_prior(K=5, hw=(2, 2), C=2, sharpen=2.0)
+    ref = enumerate_log_prior(prior, batch_size=7, frontier_rows=11, progress=False)
+    one = enumerate_log_prior(prior, batch_size=7, frontier_rows=11, progress=False, sharded=True)
+    torch.testing.assert_close(one, ref, atol=1e-6, rtol=0)
+    spawn_ranks(_enumerate_on_rank, 2, str(tmp_path))
+    for r in range(2):
+        torch.testing.assert_close(torch.load(tmp_path / f"rank{r}.pt"), ref, atol=1e-5, rtol=0)
+        torch.testing.assert_close(torch.load(tmp_path / f"k1rank{r}.pt"), torch.zeros(1), atol=1e-6, rtol=0)

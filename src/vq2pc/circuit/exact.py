@@ -35,6 +35,7 @@ from vq2pc.circuit.streaming import (
     add_gumbel_,
     logsumexp_,
 )
+from vq2pc.core.distributed import all_reduce_logsumexp, is_distributed, is_main, shard_range
 from vq2pc.core.leaves import Leaf
 from vq2pc.core.random import gumbel_noise
 from vq2pc.latents.enumerate import check_space, enumerate_log_prior, index_to_codes
@@ -129,13 +130,18 @@ class ExactModel:
         """Leaf ``[n, S]`` of the latents with lexicographic indices ``idx [n]``."""
         return decode_leaf(self.vqvae, index_to_codes(idx, self.K, *self.latent_hw), std_floor=self.std_floor)
 
-    def _chunks(self, batch: int, desc: str) -> Iterator[tuple[int, MixtureCircuit]]:
-        """Yield ``(n0, circuit)`` for consecutive chunks ``n0:n0+len(circuit)`` of the latent space;
-        the circuit's log-weights are ``log p(z)`` of the chunk (renormalized inside the circuit)."""
+    def _chunks(
+        self, batch: int, desc: str, span: tuple[int, int] | None = None
+    ) -> Iterator[tuple[int, MixtureCircuit]]:
+        """Yield ``(n0, circuit)`` for consecutive chunks ``n0:n0+len(circuit)`` of the latent space
+        (of its slice ``span = (lo, hi)`` when given) scored ``batch`` rows at a time; the circuit's
+        log-weights are ``log p(z)`` of the chunk (renormalized inside the circuit)."""
+        lo, hi = span or (0, len(self))
         step = max(1, min(self.chunk, int(self.memory_budget_mib * _MIB // (16 * batch))))
-        with tqdm(total=len(self), desc=desc, unit="z", disable=not self.progress, leave=False) as bar:
-            for n0 in range(0, len(self), step):
-                n1 = min(n0 + step, len(self))
+        quiet = not (self.progress and is_main())  # under torchrun: one bar, rank 0's
+        with tqdm(total=hi - lo, desc=desc, unit="z", disable=quiet, leave=False) as bar:
+            for n0 in range(lo, hi, step):
+                n1 = min(n0 + step, hi)
                 leaf = self._decode(torch.arange(n0, n1, device=self.device))
                 yield n0, MixtureCircuit(leaf, self.log_prior[n0:n1], memory_budget_mib=self.memory_budget_mib)
                 bar.update(n1 - n0)
@@ -145,14 +151,32 @@ class ExactModel:
         return circuit.log_likelihoods(x, mask) + self.log_prior[n0 : n0 + len(circuit)]
 
     # --- likelihoods ----------------------------------------------------------------
+    scores_whole_sets = True
+    """:meth:`log_prob` takes a whole test set at once (``evaluate.density`` relies on it)."""
+
     @torch.no_grad()
-    def log_prob(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        """``[B]`` exact log p(x), or log p(x_o) of the observed entries when ``mask`` is given."""
+    def log_prob(self, x: Tensor, mask: Tensor | None = None, batch_size: int = 500,
+                 sharded: bool | None = None) -> Tensor:
+        """``[B]`` exact log p(x), or log p(x_o) of the observed entries when ``mask`` is given.
+
+        Any ``B``: latent chunks outside, rows inside (``batch_size`` at a time, a running float64
+        log-sum-exp per row), so each latent is decoded once per call, whatever ``B``.
+        ``sharded`` (default: when a process group runs; every rank must call it then): each rank
+        streams its :func:`~vq2pc.core.distributed.shard_range` of ``K^{HW}`` and an exact
+        log-sum-exp all-reduce combines the ranks; every rank gets the result.
+        """
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         x, mask = self._prepare(x, mask)
+        sharded = is_distributed() if sharded is None else sharded
         acc = torch.full((x.shape[0],), -math.inf, dtype=torch.float64, device=self.device)
-        for n0, circuit in self._chunks(x.shape[0], "ExM log p(x)"):
-            acc = torch.logaddexp(acc, logsumexp_(self._scores(circuit, n0, x, mask)).double())
-        return acc.float()
+        rows = [slice(a, a + int(batch_size)) for a in range(0, x.shape[0], int(batch_size))]
+        span = shard_range(len(self)) if sharded else None
+        for n0, circuit in self._chunks(min(int(batch_size), max(1, x.shape[0])), "ExM log p(x)", span):
+            for r in rows:
+                scores = self._scores(circuit, n0, x[r], None if mask is None else mask[r])
+                acc[r] = torch.logaddexp(acc[r], logsumexp_(scores).double())
+        return (all_reduce_logsumexp(acc) if sharded else acc).float()
 
     @torch.no_grad()
     def posterior_top(self, x: Tensor, mask: Tensor | None = None, k: int = 10) -> tuple[Tensor, Tensor]:

@@ -11,6 +11,8 @@ import argparse
 import importlib
 import sys
 
+from vq2pc.core.distributed import init_from_env, shutdown
+
 # Modules that define verbs, in the order their verbs appear in --help.
 _VERB_MODULES = ["run", "train", "finetune", "circuit", "refine", "export"]
 
@@ -43,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    if getattr(args, "device", None):  # under torchrun: the process group, and this rank's cuda:<LOCAL_RANK>
+        args.device = init_from_env(args.device)
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError, FloatingPointError) as exc:
@@ -52,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"vq2pc {args.command}: interrupted (checkpoints written so far are kept; re-run to resume)", file=sys.stderr)
         return 130
+    finally:
+        shutdown()
 
 
 if __name__ == "__main__":  # pragma: no cover

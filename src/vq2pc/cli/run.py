@@ -6,8 +6,17 @@ import argparse
 
 import torch
 
+from vq2pc.core.distributed import init_from_env
 from vq2pc.pipeline import STAGES, run_pipeline
 from vq2pc.pipeline.config import load_config
+
+_TRAIN_CONFIGS = ("vqvae_train", "prior_train", "baseline_train")
+
+
+def _speed_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--amp", choices=["bf16", "fp16"],
+                   help="mixed-precision training (autocast) on CUDA; refused on CPU")
+    p.add_argument("--compile", action="store_true", help="torch.compile the training step")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -33,6 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, help="cap every data split at this many images (quick experiments)")
     p.add_argument("--seeds", type=int, nargs="+", metavar="SEED",
                    help="also train the latent-usage model with these seeds: Fig. 1 as mean ± std over models")
+    _speed_args(p)
     p.add_argument("--force", nargs="+", default=[], choices=STAGES, metavar="STAGE",
                    help=f"redo these stages even if their outputs exist: {', '.join(STAGES)}")
     p.set_defaults(func=_run)
@@ -46,5 +56,11 @@ def _run(args: argparse.Namespace) -> int:
         cfg.experiments.usage_seeds = list(args.seeds)
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {cfg.device}: CUDA is not available on this machine")
+    if args.amp and not cfg.device.startswith("cuda"):
+        raise ValueError(f"--amp {args.amp} needs a CUDA device (--device cuda); the run is on {cfg.device!r}")
+    for name in _TRAIN_CONFIGS:
+        train = getattr(cfg, name)
+        train.amp, train.compile = args.amp or train.amp, args.compile or train.compile
+    cfg.device = init_from_env(cfg.device)  # under torchrun: the process group, cuda:<LOCAL_RANK>
     run_pipeline(cfg, args.out, force=args.force)
     return 0

@@ -12,6 +12,7 @@ import yaml
 
 from vq2pc.circuit.distill import check_std_floor, distill
 from vq2pc.circuit.mixture import MixtureCircuit
+from vq2pc.core.distributed import is_main
 from vq2pc.core.leaves import LEAF_KINDS
 from vq2pc.data.datasets import DATASET_NAMES, DataSplits, load_dataset
 from vq2pc.latents.selection import STRATEGIES, WEIGHTS, select
@@ -36,11 +37,13 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--patience", type=int, default=8, help="early-stopping patience (epochs without improvement)")
     p.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate")
     p.add_argument("--batch-size", type=int, default=64, help="mini-batch size")
+    p.add_argument("--amp", choices=["bf16", "fp16"], help="mixed-precision training (autocast) on CUDA; refused on CPU")
+    p.add_argument("--compile", action="store_true", help="torch.compile the training step")
 
 
 def _train_cfg(a: argparse.Namespace) -> TrainConfig:
     return TrainConfig(epochs=a.epochs, patience=a.patience, lr=a.lr, batch_size=a.batch_size, seed=a.seed,
-                       device=a.device)
+                       device=a.device, amp=a.amp, compile=a.compile)
 
 
 def _splits(a: argparse.Namespace) -> DataSplits:
@@ -116,8 +119,9 @@ def _train_vqvae(a: argparse.Namespace) -> int:
                       quantizer_opts=_key_values(a.quantizer_opt, "--quantizer-opt"))
     make_quantizer(cfg.quantizer, cfg.K, cfg.D, cfg.beta, **cfg.quantizer_opts)  # bad options fail before any data work
     model, res = train_vqvae(splits, cfg, _train_cfg(a), checkpoint=a.out)
-    print(json.dumps({"checkpoint": a.out, "best_val_loss": res.best_val_loss, "epochs": res.epochs_run,
-                      "num_params": model.num_params}))
+    if is_main():
+        print(json.dumps({"checkpoint": a.out, "best_val_loss": res.best_val_loss, "epochs": res.epochs_run,
+                          "num_params": model.num_params}))
     return 0
 
 
@@ -141,7 +145,8 @@ def _train_prior(a: argparse.Namespace) -> int:
     prior, res = train_prior(encode_images(vqvae, splits.train_x, a.seed), splits.train_y if labeled else None, cfg,
                              _train_cfg(a), encode_images(vqvae, splits.val_x, a.seed), splits.val_y if labeled else None,
                              checkpoint=a.out)
-    print(json.dumps({"checkpoint": a.out, "best_val_nll_per_latent": res.best_val_loss, "epochs": res.epochs_run}))
+    if is_main():
+        print(json.dumps({"checkpoint": a.out, "best_val_nll_per_latent": res.best_val_loss, "epochs": res.epochs_run}))
     return 0
 
 

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from vq2pc.core.distributed import gather_rows, shard_range
 from vq2pc.data.datasets import bpd, to_model_space
 from vq2pc.evaluate.common import (
     DensityModel,
@@ -37,14 +38,23 @@ FAMILY_ORDER = ("ExM", "DMRS", "DMRS+EM", "DMRS+FT", "DMGS", "DMBS", "DMBS+FT", 
 
 @torch.no_grad()
 def model_log_prob(model: DensityModel, x: Tensor, mask: Tensor | None = None, batch_size: int = 500) -> Tensor:
-    """``log p(x_o)`` in nats for ``x [B,S]`` (model space), in batches on the model's device -> ``[B]`` float64."""
+    """``log p(x_o)`` in nats for ``x [B,S]`` (model space), in batches on the model's device -> ``[B]`` float64.
+
+    A model that streams its components itself (``scores_whole_sets``, the exact model) gets all rows at
+    once, so it decodes each latent once, not once per batch. Under ``torchrun`` (every rank calls this)
+    the other models score each rank's slice of the rows, gathered on every rank.
+    """
     device = model_device(model)
-    out = []
-    for i in range(0, x.shape[0], batch_size):
-        xb = x[i : i + batch_size].to(device)
-        mb = None if mask is None else mask[i : i + batch_size].to(device)
-        out.append(model.log_prob(xb, mb).double())
-    lp = torch.cat(out)
+    if getattr(model, "scores_whole_sets", False):
+        lp = model.log_prob(x.to(device), None if mask is None else mask.to(device), batch_size=batch_size).double()
+    else:
+        lo, hi = shard_range(x.shape[0])
+        out = [torch.zeros(0, dtype=torch.float64, device=device)]
+        for i in range(lo, hi, batch_size):
+            xb = x[i : min(i + batch_size, hi)].to(device)
+            mb = None if mask is None else mask[i : min(i + batch_size, hi)].to(device)
+            out.append(model.log_prob(xb, mb).double())
+        lp = gather_rows(torch.cat(out))
     if lp.shape != (x.shape[0],):
         raise ValueError(f"model.log_prob returned shape {tuple(lp.shape)}, expected ({x.shape[0]},)")
     return lp

@@ -13,6 +13,11 @@ At the last position the per-class scores are combined at once with
 ``frontier_rows`` it is split into groups of consecutive prefixes (whose
 subtrees are consecutive output slices) handled one after another.
 Prior calls: ``C · Σ_{d<HW} K^d`` rows (``≈ C·K^{HW-1}``).
+
+Sharded (under ``torchrun``, :mod:`vq2pc.core.distributed`): rank ``r`` expands only the
+subtrees whose first code lies in its :func:`~vq2pc.core.distributed.shard_range` of ``K``
+(a consecutive output slice), the other entries stay ``-inf``, and one max all-reduce
+assembles the whole vector on every rank.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from vq2pc.core.distributed import all_reduce_max_, is_distributed, is_main, shard_range
 from vq2pc.models.priors.pixelcnn import PixelCNNPrior
 
 __all__ = ["latent_space_size", "check_space", "index_to_codes", "codes_to_index", "enumerate_log_prior"]
@@ -103,6 +109,16 @@ class _Enumerator:
         children.view(n * K, -1)[:, d] = torch.arange(K, device=codes.device).repeat(n)
         self.expand(children, child_scores, d + 1, offset)
 
+    def expand_first(self, root: Tensor, lo: int, hi: int) -> None:
+        """Fill ``out[lo·K^{P-1} : hi·K^{P-1}]``: the subtrees whose first code lies in ``[lo, hi)`` (P >= 2;
+        empty on a rank left without codes when K < ranks)."""
+        if hi <= lo:
+            return
+        child_scores = self.next_all(root, 0)[0].T[lo:hi]  # [hi-lo, C]: the root's score is 0
+        children = root.repeat(hi - lo, 1, 1)
+        children.view(hi - lo, -1)[:, 0] = torch.arange(lo, hi, device=root.device)
+        self.expand(children, child_scores, 1, lo * self.K ** (self.P - 1))
+
 
 @torch.inference_mode()
 def enumerate_log_prior(
@@ -112,12 +128,15 @@ def enumerate_log_prior(
     progress: bool = True,
     max_space: int = 2**27,
     frontier_rows: int = 2**22,
+    sharded: bool | None = None,
 ) -> Tensor:
     """``[K^{HW}]`` float32 ``log p(z)`` of every latent, in lexicographic order (see module docstring).
 
     ``batch_size``: rows (prefix × class) per prior call. ``device``: where to
     compute (the prior is moved there; default: the prior's device).
     ``frontier_rows``: bound on prefix × class rows held per tree level.
+    ``sharded``: split the work over the ranks of the process group (default: when one runs;
+    then every rank must call this, and every rank gets the whole vector).
     Raises ``ValueError`` when ``K^{HW}`` exceeds ``max_space``.
     """
     h, w = prior.latent_hw
@@ -131,9 +150,14 @@ def enumerate_log_prior(
     prior.eval()
     out = torch.empty(space, dtype=torch.float32, device=dev)
     calls = prior.num_classes * sum(prior.K**d for d in range(prior.num_positions))
-    with tqdm(total=calls, desc="enumerate p(z)", unit="row", disable=not progress, leave=False) as bar:
+    with tqdm(total=calls, desc="enumerate p(z)", unit="row", disable=not (progress and is_main()), leave=False) as bar:
         state = _Enumerator(prior, out, batch_size, frontier_rows, bar)
         root = torch.zeros((1, h, w), dtype=torch.long, device=dev)
-        state.expand(root, torch.zeros((1, prior.num_classes), device=dev), 0, 0)
+        if (is_distributed() if sharded is None else sharded) and prior.num_positions > 1:
+            out.fill_(-torch.inf)
+            state.expand_first(root, *shard_range(prior.K))
+            all_reduce_max_(out)
+        else:
+            state.expand(root, torch.zeros((1, prior.num_classes), device=dev), 0, 0)
     prior.train(was_training)
     return out

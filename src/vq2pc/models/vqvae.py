@@ -173,18 +173,20 @@ def train_vqvae(
     steps_per_epoch = math.ceil(len(splits.train_x) / train_cfg.batch_size)
     step = [_completed_epochs(checkpoint) * steps_per_epoch]
 
-    def loss_fn(m: nn.Module, batch: tuple[Tensor, ...]) -> Tensor:
+    def dequantize(batch: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        """A global training batch of raw levels in model space (noise of step t: seed (seed, t))."""
         x = batch[0]
-        if x.dtype == torch.uint8:  # a training batch of raw levels
-            gen = torch.Generator(device=x.device).manual_seed(train_cfg.seed * 1_000_003 + step[0])
-            step[0] += 1
-            x = to_model_space(x, cfg.leaf, cfg.levels, gen)
-        return m.objective(x)
+        gen = torch.Generator(device=x.device).manual_seed(train_cfg.seed * 1_000_003 + step[0])
+        step[0] += 1
+        return (to_model_space(x, cfg.leaf, cfg.levels, gen),)
+
+    def loss_fn(m: nn.Module, batch: tuple[Tensor, ...]) -> Tensor:
+        return m.objective(batch[0])
 
     val_gen = torch.Generator().manual_seed(train_cfg.seed + 1)
     val = (to_model_space(splits.val_x, cfg.leaf, cfg.levels, val_gen),)
     result = fit(model, loss_fn, (splits.train_x,), val, train_cfg, checkpoint,
-                 kind="vqvae", meta={"config": asdict(cfg)}, desc="vqvae")
+                 kind="vqvae", meta={"config": asdict(cfg)}, desc="vqvae", prepare=dequantize)
     return model, result
 
 

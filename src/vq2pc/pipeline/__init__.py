@@ -17,6 +17,7 @@ from typing import Any, Iterable
 import torch
 import yaml
 
+from vq2pc.core.distributed import is_main
 from vq2pc.core.files import atomic_write, write_json
 from vq2pc.data.datasets import load_dataset
 from vq2pc.pipeline.baselines import run_baselines
@@ -37,7 +38,8 @@ class _Log:
         self.start = time.perf_counter()
 
     def __call__(self, msg: str) -> None:
-        print(f"[vq2pc {time.perf_counter() - self.start:5.0f}s] {msg}", flush=True)
+        if is_main():  # under torchrun: rank 0 speaks for all
+                print(f"[vq2pc {time.perf_counter() - self.start:5.0f}s] {msg}", flush=True)
 
 
 def run_pipeline(cfg: RunConfig, out: str | Path, force: Iterable[str] = ()) -> dict[str, Any]:

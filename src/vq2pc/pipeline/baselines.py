@@ -37,8 +37,10 @@ def _bpd_row(run: RunDir, cfg: RunConfig, splits: DataSplits, leaf: str, key: st
 
 
 def _train_params(train: Any) -> dict[str, Any]:
-    """A TrainConfig's settings that change results (not the progress bar or the device)."""
-    return {k: v for k, v in dataclasses.asdict(train).items() if k not in ("progress", "device")}
+    """A TrainConfig's settings that change results (not the progress bar, the device, torch.compile;
+    AMP only when on, so results cached before the flag existed stay valid)."""
+    return {k: v for k, v in dataclasses.asdict(train).items()
+            if k not in ("progress", "device", "compile") and not (k == "amp" and v is None)}
 
 
 def _einet_available(notes: list[str]) -> bool:

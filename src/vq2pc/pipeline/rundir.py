@@ -9,6 +9,9 @@ Layout (``<leaf>`` is gaussian/categorical/bernoulli, ``<model>`` a ModelSpec na
     results/<leaf>/.../<stage>.json          the numbers of every finished stage
     figures/*.png                            every figure
     report.json, report.md                   the gathered results
+
+Under ``torchrun`` every rank runs every stage and reads the same files (the run directory lies
+on a filesystem they share); rank 0 alone writes or removes them, between barriers.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from vq2pc.core.distributed import barrier, is_main
 from vq2pc.core.files import write_json
 
 __all__ = ["RunDir", "STAGES"]
@@ -59,9 +63,13 @@ class RunDir:
         """Path of a training checkpoint, removed first (training restarts) when ``stage`` is forced
         or when a file it was trained from (``after``, e.g. the VQ-VAE for the prior) is newer."""
         p = self.path(*parts)
-        if p.exists() and p not in self.redone and (self.forced(stage) or _newer(after, p)):
-            p.unlink()
+        stale = p.exists() and p not in self.redone and (self.forced(stage) or _newer(after, p))
+        barrier()  # under torchrun: every rank decided on the same file before rank 0 removes it
+        if stale:
+            if is_main():
+                p.unlink()
             self.redone.add(p)
+        barrier()
         return p
 
     def outdated(self, stage: str, path: Path, depends: tuple[Path, ...] = ()) -> bool:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from vq2pc.core.distributed import all_reduce_sum
 from vq2pc.models.quantizers.vq import VectorQuantizer
 
 __all__ = ["EMAVectorQuantizer"]
@@ -45,8 +46,8 @@ class EMAVectorQuantizer(VectorQuantizer):
     @torch.no_grad()
     def _after_assignment(self, flat: Tensor, codes: Tensor) -> None:
         super()._after_assignment(flat, codes)
-        counts = torch.bincount(codes, minlength=self.K).to(flat.dtype)
-        sums = torch.zeros_like(self.embed_sum).index_add_(0, codes, flat)
+        counts = all_reduce_sum(torch.bincount(codes, minlength=self.K).to(flat.dtype))  # global batch under DDP
+        sums = all_reduce_sum(torch.zeros_like(self.embed_sum).index_add_(0, codes, flat))
         self.cluster_size.mul_(self.decay).add_(counts, alpha=1.0 - self.decay)
         self.embed_sum.mul_(self.decay).add_(sums, alpha=1.0 - self.decay)
         n = self.cluster_size.sum()

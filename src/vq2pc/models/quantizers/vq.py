@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vq2pc.core.distributed import all_reduce_sum, gather_rows
 from vq2pc.models.quantizers import QuantizerOutput
 
 __all__ = ["VectorQuantizer", "nearest_codes", "kmeans", "kmeans_plus_plus", "perplexity"]
@@ -135,8 +136,8 @@ class VectorQuantizer(nn.Module):
         flat = _flatten(z_e)
         if self.l2_normalize:
             flat = F.normalize(flat, dim=1)
-        if self.training:
-            self._before_assignment(flat.detach())
+        if self.training:  # under DDP: the global batch's outputs, in global order, on every rank
+            self._before_assignment(gather_rows(flat.detach()))
         return flat
 
     # --- training-time hooks ------------------------------------------------------------------------
@@ -171,7 +172,7 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def _after_assignment(self, flat: Tensor, codes: Tensor) -> None:
-        counts = torch.bincount(codes, minlength=self.K).to(self.usage.dtype)
+        counts = all_reduce_sum(torch.bincount(codes, minlength=self.K).to(self.usage.dtype))  # global batch
         self.usage.mul_(self.usage_decay).add_(counts, alpha=1.0 - self.usage_decay)
         self.steps += 1
 
