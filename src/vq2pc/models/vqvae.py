@@ -61,8 +61,9 @@ class VQVAEConfig:
         check_leaf_kind(self.leaf)
         if self.quantizer not in QUANTIZER_NAMES:
             raise ValueError(f"unknown quantizer {self.quantizer!r}; expected one of {list(QUANTIZER_NAMES)}")
-        if self.levels < 2 or min(self.K, self.D, self.hidden) < 1 or self.res_blocks < 0 or self.beta < 0:
-            raise ValueError("need levels >= 2, K, D, hidden >= 1, res_blocks >= 0 and beta >= 0")
+        for name, low in (("levels", 2), ("K", 1), ("D", 1), ("hidden", 1), ("res_blocks", 0), ("beta", 0)):
+            if getattr(self, name) < low:
+                raise ValueError(f"VQ-VAE {name} must be >= {low}, got {getattr(self, name)}")
         num_downsamplings(self.image_shape[1:], self.latent_hw)  # raises if the grid is unreachable
 
     @property
