@@ -43,6 +43,7 @@ from vq2pc.circuit.streaming import (
 )
 from vq2pc.core.checkpoint import CheckpointError
 from vq2pc.core.leaves import Categorical, Leaf, leaf_from_tensors
+from vq2pc.core.random import uniform
 
 __all__ = ["MixtureCircuit"]
 
@@ -263,7 +264,7 @@ class MixtureCircuit:
         if x is None:
             count = check_sample_args(n, x, mask)
             cdf = torch.cumsum(self.log_weights.double().exp(), 0)
-            u = torch.rand(count, generator=generator, device=self.device, dtype=torch.float64) * cdf[-1]
+            u = uniform((count,), generator, self.device, torch.float64) * cdf[-1]
             idx = torch.searchsorted(cdf, u, right=True).clamp_max(len(self) - 1)
             return self._row_apply_leaf(idx, lambda lf: lf.sample(generator))
         xp, mp = self._prepare(x, mask)

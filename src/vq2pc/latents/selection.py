@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from vq2pc.core.random import gumbel_noise
+from vq2pc.core.random import gumbel_noise, randint
 from vq2pc.latents.beam import beam_search, stochastic_beam_search
 from vq2pc.latents.enumerate import (
     check_space,
@@ -111,10 +111,9 @@ def _select_sample(prior: PixelCNNPrior, N: int, generator: torch.Generator | No
     dev, P = prior.device, prior.num_positions
     collected = torch.empty((0, P), dtype=torch.long, device=dev)
     draws, size, limit = 0, 2 * N, max_draws_per_latent * N + 1024
-    gen_dev = generator.device if generator is not None else dev
     while collected.shape[0] < N and draws < limit:
         size = min(size, limit - draws)
-        c = torch.randint(prior.num_classes, (size,), generator=generator, device=gen_dev).to(dev)
+        c = randint(prior.num_classes, (size,), generator, dev)
         z = prior.sample(c, generator=generator, batch_size=batch_size).flatten(1)
         collected = torch.cat([collected, _first_distinct(collected, z, N - collected.shape[0])])
         draws, size = draws + size, 2 * size
