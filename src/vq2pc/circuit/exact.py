@@ -137,12 +137,13 @@ class ExactModel:
             for n0 in range(0, len(self), step):
                 n1 = min(n0 + step, len(self))
                 leaf = self._decode(torch.arange(n0, n1, device=self.device))
-                yield n0, MixtureCircuit(leaf, self.log_prior[n0:n1], memory_budget_mib=self.memory_budget_mib)
+                yield n0, MixtureCircuit(leaf, self.log_prior[n0:n1], memory_budget_mib=self.memory_budget_mib,
+                                         _trusted=True)  # decoded here: the input checks ran once, in _prepare
                 bar.update(n1 - n0)
 
     def _scores(self, circuit: MixtureCircuit, n0: int, x: Tensor, mask: Tensor | None) -> Tensor:
         """``[B, n]`` log p(z) + log p(x_o | z) for the chunk's latents (float32)."""
-        return circuit.log_likelihoods(x, mask) + self.log_prior[n0 : n0 + len(circuit)]
+        return circuit.log_likelihoods_prepared(x, mask) + self.log_prior[n0 : n0 + len(circuit)]
 
     # --- likelihoods ----------------------------------------------------------------
     @torch.no_grad()
@@ -176,10 +177,13 @@ class ExactModel:
     # --- conditionals -----------------------------------------------------------------
     @torch.no_grad()
     def conditional_mean(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        """``[B, S]`` exact E[x | x_o] = Σ_z p(z | x_o) E[x | z]; observed entries are copied through.
+        """``[B, S]`` exact E[x | x_o] = Σ_z p(z | x_o) E[x | z]; observed entries are copied through
+        (``mask=None``: everything is observed, so this is ``x`` itself).
 
         One streaming pass: running maximum of the scores, sums rescaled when it grows (float64)."""
         x, mask = self._prepare(x, mask)
+        if mask is None:
+            return x.clone()
         acc = SoftmaxWeightedSum(torch.float64)
         for n0, circuit in self._chunks(x.shape[0], "ExM E[x|x_o]"):
             acc.add(self._scores(circuit, n0, x, mask), circuit.component_means())

@@ -73,13 +73,18 @@ class MixtureCircuit:
         *,
         memory_budget_mib: float = 1024,
         meta: dict[str, Any] | None = None,
+        _trusted: bool = False,
     ) -> None:
-        _check_leaf(leaf)
+        # _trusted: leaf and weights come from vq2pc itself (ExactModel's chunks): skip the value checks,
+        # whose host syncs would run once per chunk.
+        if not _trusted:
+            _check_leaf(leaf)
         n = int(leaf.batch_shape[0])
         log_weights = torch.as_tensor(log_weights)
         if tuple(log_weights.shape) != (n,):
             raise ValueError(f"log_weights has shape {tuple(log_weights.shape)}; expected [{n}] (one per component)")
-        if torch.isnan(log_weights).any() or (log_weights == math.inf).any() or (log_weights == -math.inf).all():
+        if not _trusted and (torch.isnan(log_weights).any() or (log_weights == math.inf).any()
+                             or (log_weights == -math.inf).all()):
             raise ValueError("log_weights must be free of NaN and +inf and not all -inf")
         if not memory_budget_mib > 0:
             raise ValueError(f"memory_budget_mib must be > 0, got {memory_budget_mib}")
@@ -159,7 +164,11 @@ class MixtureCircuit:
     # --- likelihoods ----------------------------------------------------------------
     def log_likelihoods(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """``[B, N]`` per-component log p(x_o | n) (no weights)."""
-        x, mask = self._prepare(x, mask)
+        return self.log_likelihoods_prepared(*self._prepare(x, mask))
+
+    def log_likelihoods_prepared(self, x: Tensor, mask: Tensor | None) -> Tensor:
+        """:meth:`log_likelihoods` of ``x [B, S]`` / ``mask [B, S]`` already validated by ``prepare_input``
+        (for callers that stream one input through many circuits: no per-circuit checks)."""
 
         def block(xb: Tensor, mb: Tensor | None, cols: Blocks, scratch: Scratch) -> Tensor:
             out = scratch.take("rows", (len(xb), len(self)), self.log_weights.dtype, xb.device)
@@ -204,8 +213,11 @@ class MixtureCircuit:
         return self._means
 
     def conditional_mean(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        """``[B, S]`` E[x | x_o] = Σ_n p(n | x_o) E[x | n]; observed entries are copied through."""
+        """``[B, S]`` E[x | x_o] = Σ_n p(n | x_o) E[x | n]; observed entries are copied through
+        (``mask=None``: everything is observed, so this is ``x`` itself)."""
         x, mask = self._prepare(x, mask)
+        if mask is None:
+            return x.clone()
         means = self.component_means()
         extra = 3 * means.element_size() * self.num_variables
 
@@ -280,8 +292,11 @@ class MixtureCircuit:
         on x_u, which is exactly ``argmax over (n, x_u) of p(n, x_o, x_u)`` (for fixed n the
         leaves factorize, so the best x_u is n's mode; densities for Gaussian leaves). It is
         NOT the exact marginal MAP ``argmax_{x_u} Σ_n p(n, x_o, x_u)`` (NP-hard in general).
+        ``mask=None``: everything is observed, so this is ``x`` itself.
         """
         xp, mp = self._prepare(x, mask)
+        if mp is None:
+            return xp.clone()
         if self._mode_logp is None:
             self._mode_logp = self._row_apply_leaf(
                 torch.arange(len(self), device=self.device), lambda lf: lf.log_prob(lf.mode())

@@ -95,11 +95,16 @@ class VQVAE(SavableModel, nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     # --- input checks -------------------------------------------------------------------------------
-    def _check_x(self, x: Tensor) -> None:
+    def _check_x_shape(self, x: Tensor) -> None:
+        """Shape and dtype of ``x`` (no host sync: cheap enough for every training step)."""
         if x.dim() != 4 or tuple(x.shape[1:]) != self.cfg.image_shape:
             raise ValueError(f"x must have shape [B, {', '.join(map(str, self.cfg.image_shape))}], got {tuple(x.shape)}")
         if not x.dtype.is_floating_point:
             raise ValueError(f"x must be float model-space data (see data.to_model_space), got dtype {x.dtype}")
+
+    def _check_x(self, x: Tensor) -> None:
+        """Everything about user-given ``x``: shape, dtype, finite, within the leaf's support (host syncs)."""
+        self._check_x_shape(x)
         if not torch.isfinite(x).all():
             raise ValueError("x contains NaN or inf")
         hi = {"gaussian": 1.0, "categorical": self.cfg.levels - 1.0, "bernoulli": 1.0}[self.cfg.leaf]
@@ -144,18 +149,21 @@ class VQVAE(SavableModel, nn.Module):
         return self._head(self.quantizer.embed(codes.long()))
 
     def _terms(self, x: Tensor) -> tuple[Tensor, Tensor, QuantizerOutput]:
-        z_e = self.encode(x)
+        self._check_x_shape(x)  # the value checks run in `loss` (a user call), not every training step
+        z_e = self.encoder(self._encoder_input(x))
         q = self.quantizer(z_e)
         recon = -self._head(q.z_q).log_prob(x.reshape(x.shape[0], -1)).sum(1).mean()
         return recon + q.loss, recon, q
 
     def objective(self, x: Tensor) -> Tensor:
-        """The scalar training loss of :meth:`loss` without the statistics (no host sync for them)."""
+        """The scalar training loss of :meth:`loss` without the statistics and without the value checks of
+        ``x`` (no host sync: the trainer's batches come from ``data.to_model_space``)."""
         return self._terms(x)[0]
 
     def loss(self, x: Tensor) -> tuple[Tensor, dict[str, float]]:
         """Mean over the batch of ``−Σ_S log p(x | z_q)`` + quantizer loss, and the statistics
         ``recon_nll`` (nats per image), ``vq_loss`` and ``perplexity`` (of the batch's codes)."""
+        self._check_x(x)
         total, recon, q = self._terms(x)
         return total, {"recon_nll": float(recon.detach()), "vq_loss": float(q.loss.detach()),
                        "perplexity": float(q.perplexity)}
