@@ -319,12 +319,21 @@ class MixtureCircuit:
         try:
             if kind == "categorical":  # stored normalized: do not renormalize (bit-exact round trip)
                 logits = tensors["logits"]
+                _check_normalized(logits, -1)  # [N, S, L]
                 leaf: Leaf = categorical_view(logits.permute(1, 2, 0).reshape(-1, logits.shape[0]), logits.shape[2])
             else:
                 leaf = leaf_from_tensors(kind, tensors)
             return cls(leaf, log_weights, memory_budget_mib=memory_budget_mib, meta=meta)
         except (ValueError, KeyError, IndexError) as exc:
             raise CheckpointError(f"{path}: invalid circuit contents: {exc}") from None
+
+
+def _check_normalized(log_probs: Tensor, dim: int) -> None:
+    """``ValueError`` unless ``log_probs`` sum to 1 along ``dim`` (to float rounding)."""
+    err = float(torch.logsumexp(log_probs.double(), dim).abs().max()) if log_probs.numel() else 0.0
+    tol = 1e-4 if log_probs.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-9
+    if not err <= tol:  # NaN fails too
+        raise ValueError(f"categorical leaves are not normalized: |log Σ_levels p - 0| reaches {err:.3g} (> {tol:g})")
 
 
 def _ranges(total: int, step: int) -> list[tuple[int, int]]:
