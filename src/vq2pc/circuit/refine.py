@@ -273,6 +273,14 @@ def log_prior(circuit: MixtureCircuit, init: Leaf, cfg: EMConfig) -> float:
 
 
 # --- driver -------------------------------------------------------------------------
+def _comparable(circuit: MixtureCircuit, cfg: EMConfig, objective: float) -> float:
+    """``objective`` on the whole simplex: a Dirichlet prior with ``a > 1`` gives a zero weight log-density
+    ``-inf`` (:func:`log_prior` sums over the support only), so reviving a component is an improvement."""
+    if cfg.weights and cfg.prior_strength > 1.0 and bool(torch.isneginf(circuit.log_weights).any()):
+        return -math.inf
+    return objective if math.isfinite(objective) else -math.inf
+
+
 def em_refine(
     circuit: MixtureCircuit, x: Tensor, cfg: EMConfig | None = None, *, progress: bool = False
 ) -> tuple[MixtureCircuit, list[float]]:
@@ -293,14 +301,15 @@ def em_refine(
     init = circuit.leaf
     history: list[float] = []
     objective: list[float] = []
-    current, best, best_it = circuit, circuit, 0
+    current, best, best_it, best_score = circuit, circuit, 0, -math.inf
     for it in range(cfg.iterations + 1):
         last = it == cfg.iterations
         stats = e_step(current, x, cfg.batch_size, leaves=cfg.leaves and not last)
         history.append(stats.mean_ll)
         objective.append(stats.mean_ll + log_prior(current, init, cfg) / stats.n)
-        if objective[-1] > objective[best_it]:  # rounding can make a step worse: keep the best iterate
-            best, best_it = current, it
+        score = _comparable(current, cfg, objective[-1])
+        if it == 0 or score > best_score:  # rounding can make a step worse: keep the best iterate
+            best, best_it, best_score = current, it, score
         if progress:
             print(f"em iteration {it}: mean train log-likelihood {stats.mean_ll:.6f}", file=sys.stderr)
         if last or (it > 0 and objective[-1] - objective[-2] < cfg.tol) or not (cfg.weights or cfg.leaves):

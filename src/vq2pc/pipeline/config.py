@@ -107,7 +107,7 @@ class RunConfig:
     vqvae_train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=60, patience=10, lr=2e-3, batch_size=64))
     prior_train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=40, patience=8, lr=2e-3, batch_size=64))
     baseline_train: TrainConfig = field(
-        default_factory=lambda: TrainConfig(epochs=40, patience=8, lr=5e-3, batch_size=64, max_seconds=45))
+        default_factory=lambda: TrainConfig(epochs=40, patience=8, lr=5e-3, batch_size=64))
     baselines: BaselineSpec = field(default_factory=BaselineSpec)
     experiments: ExperimentSpec = field(default_factory=ExperimentSpec)
 
