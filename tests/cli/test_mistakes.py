@@ -241,8 +241,8 @@ def script_runs(workdir: Path) -> dict[str, tuple[int, str]]:
     before = listing(workdir)
     argvs = [[verb, *args.split()] for verb, args, _ in SUBPROCESS] + [["--debug", "train-vqvae", "--epochs", "0"]]
     procs = [subprocess.Popen([sys.executable, "-m", "vq2pc", *argv], cwd=workdir, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True) for argv in argvs]
-    results = {" ".join(argv): (p.wait(timeout=120), p.stderr.read()) for argv, p in zip(argvs, procs)}
+                              stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}) for argv in argvs]
+    results = {" ".join(argv): (p.wait(timeout=600), p.stderr.read()) for argv, p in zip(argvs, procs)}
     assert listing(workdir) == before  # no process left a file behind
     return results
 

@@ -1,10 +1,11 @@
 """Same seed, same numbers; a run killed with SIGKILL (during VQ-VAE training, then during prior training)
 and re-run ends with the report.json of an uninterrupted run. Real `python -m vq2pc run` processes on a
-tiny digits config (100 images per split, K=4 on a 2x2 grid, 8 channels, no baselines or figures)."""
+tiny digits config (64 images per split, K=4 on a 2x2 grid, 8 channels, no baselines or figures)."""
 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -16,10 +17,10 @@ import pytest
 
 from vq2pc.core.checkpoint import load_checkpoint
 
-EPOCHS = 12
+EPOCHS = 8
 TINY = f"""\
 dataset: digits
-limit: 100
+limit: 64
 leaves: [gaussian]
 models:
   - name: m
@@ -41,7 +42,8 @@ prior_train: {{epochs: {EPOCHS}, patience: {EPOCHS}, lr: 0.002, batch_size: 16, 
 
 def start(root: Path, out: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "vq2pc", "run", "--config", "tiny.yaml", "--out", out], cwd=root,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def finish(proc: subprocess.Popen) -> None:
