@@ -91,7 +91,6 @@ from vq2pc.models.priors.pixelcnn import PixelCNNPrior, PriorConfig
 from vq2pc.models.vqvae import VQVAE, VQVAEConfig
 
 
-
 def _unwritable_folder() -> str | None:
     """A folder where nobody, root included, may create a file (Linux: /sys), else None."""
     try:
