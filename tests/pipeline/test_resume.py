@@ -58,7 +58,7 @@ def numbers(root: Path, out: str) -> dict[str, Any]:
             return {k: strip(x) for k, x in v.items() if "seconds" not in k}
         if isinstance(v, list):
             return [strip(x) for x in v]
-        return v.replace(out, "OUT") if isinstance(v, str) else v
+        return v.replace(f"{out}/", "OUT/") if isinstance(v, str) else v
 
     return strip(json.loads((root / out / "report.json").read_text()))
 
@@ -86,24 +86,24 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def reference(root: Path) -> dict[str, Any]:
     """Two uninterrupted runs at once (the interrupted one needs a reference)."""
-    procs = [start(root, "A"), start(root, "B")]
+    procs = [start(root, "run-a"), start(root, "run-b")]
     for p in procs:
         finish(p)
-    return numbers(root, "A")
+    return numbers(root, "run-a")
 
 
 def test_same_seed_same_numbers(root: Path, reference: dict[str, Any]) -> None:
-    assert numbers(root, "B") == reference
+    assert numbers(root, "run-b") == reference
     assert reference["models"] and all(r["test_bpd"] > 0 for r in reference["models"])
 
 
 def test_killed_run_resumes_to_the_same_report(root: Path, reference: dict[str, Any]) -> None:
-    ckpt = root / "K" / "gaussian" / "m"
-    epochs = kill_during(start(root, "K"), ckpt / "vqvae.pt", "vqvae")
+    ckpt = root / "run-killed" / "gaussian" / "m"
+    epochs = kill_during(start(root, "run-killed"), ckpt / "vqvae.pt", "vqvae")
     assert 1 <= epochs < EPOCHS, "the kill did not land during VQ-VAE training"
-    assert not (ckpt / "prior.pt").exists() and not (root / "K" / "report.json").exists()
-    epochs = kill_during(start(root, "K"), ckpt / "prior.pt", "prior")
+    assert not (ckpt / "prior.pt").exists() and not (root / "run-killed" / "report.json").exists()
+    epochs = kill_during(start(root, "run-killed"), ckpt / "prior.pt", "prior")
     assert 1 <= epochs < EPOCHS, "the kill did not land during prior training"
-    assert not (root / "K" / "report.json").exists()
-    finish(start(root, "K"))
-    assert numbers(root, "K") == reference
+    assert not (root / "run-killed" / "report.json").exists()
+    finish(start(root, "run-killed"))
+    assert numbers(root, "run-killed") == reference
