@@ -84,42 +84,61 @@ def test_inner_beam_search_own_class_scores(prior) -> None:
         torch.testing.assert_close(r.class_scores[c], per_class[codes_to_index(r.codes[c], 3)], atol=1e-5, rtol=0)
 
 
+def check_beam(prior, s: Selection, N: int, log_p: torch.Tensor) -> None:
+    """A DMBS selection: distinct, exact log p(z), exactly min(N, D·K^{HW-1}) latents for the D distinct
+    first tokens drawn, and from each first token t the top latents of t's subtree by p(z)."""
+    K, P = prior.K, prior.num_positions
+    idx = codes_to_index(s.codes, K)
+    assert idx.unique().numel() == len(s)
+    torch.testing.assert_close(s.log_prior.double(), log_p[idx], atol=1e-5, rtol=0)
+    first = s.codes.flatten(1)[:, 0]
+    D, subtree = first.unique().numel(), K ** (P - 1)
+    assert D == s.info["distinct_first_tokens"]
+    assert len(s) == min(N, D * subtree), (len(s), N, D)
+    assert s.info["shortfall"] == N - len(s) and ("shortfall_reason" in s.info) == (len(s) < N)
+    for t in first.unique():
+        kept = idx[first == t]
+        assert len(kept) >= s.info["width"]
+        sub = torch.arange(subtree * int(t), subtree * (int(t) + 1))
+        assert set(kept.tolist()) == set(sub[log_p[sub].argsort(descending=True)[: len(kept)]].tolist())
+
+
 def test_beam_dmbs_completes_each_start_exactly(prior) -> None:
-    """Algorithm 1: with B = N // (s·C) = 9 = K^{HW-2}, a search from start token t drawn m times
-    (merged into one search of width m·B) keeps all its 2-token prefixes, so its result is exactly
-    the top-min(9m, 27) latents with z_1 = t; the union is distinct and N falls short only where a
-    subtree (27 latents) is smaller than m·B."""
+    """Algorithm 1: with B = N // (s·C) = 9 = K^{HW-2}, a search from start token t keeps all its
+    2-token prefixes, so its result is exactly the top latents with z_1 = t; repeated tokens merge into
+    one wider search and a subtree too small for its width passes the rest to the other tokens."""
     log_p, _ = exact(prior)
     s = select(prior, "beam", 36, starts=2, generator=torch.Generator().manual_seed(0))
     assert s.info["width"] == 9 and s.info["requested_N"] == 36
-    assert len(s) == 36 - s.info["duplicates"]
-    idx = codes_to_index(s.codes, 3)
-    assert idx.unique().numel() == len(s)
-    torch.testing.assert_close(s.log_prior.double(), log_p[idx], atol=1e-5, rtol=0)
-    assert torch.all(s.log_prior[:-1] >= s.log_prior[1:])
-    shortfall = 0
-    for t in s.codes[:, 0, 0].unique():
-        kept = idx[s.codes[:, 0, 0] == t]
-        assert len(kept) % 9 == 0 and 9 <= len(kept) <= 27
-        subtree = torch.arange(27 * int(t), 27 * int(t) + 27)
-        top = subtree[log_p[subtree].argsort(descending=True)[: len(kept)]]
-        assert set(kept.tolist()) == set(top.tolist())
-        shortfall += 9 if len(kept) == 27 else 0  # a token drawn 4 times asks for 36 > 27
-    assert s.info["duplicates"] <= shortfall
+    check_beam(prior, s, 36, log_p)
+
+
+@pytest.mark.parametrize("N", [37, 41, 50, 70])
+def test_beam_meets_n_not_divisible_by_the_starts(prior, N: int) -> None:
+    """The remainder N - s·C·B is not dropped: N latents whenever the drawn first tokens' subtrees hold N."""
+    log_p, _ = exact(prior)
+    met = 0
+    for seed in range(6):
+        s = select(prior, "beam", N, starts=2, generator=torch.Generator().manual_seed(seed))
+        check_beam(prior, s, N, log_p)
+        met += len(s) == N
+    assert met >= 1
 
 
 def test_beam_returns_requested_n_when_subtrees_are_large() -> None:
     """Repeated start tokens do not cost components: N distinct latents come back."""
     p = make_prior(K=4, hw=(2, 2), C=2)
     s = select(p, "beam", 40, starts=5, generator=torch.Generator().manual_seed(1))
-    assert len(s) == 40 and s.info["duplicates"] == 0
+    assert len(s) == 40 and s.info["shortfall"] == 0 and "shortfall_reason" not in s.info
     assert codes_to_index(s.codes, 4).unique().numel() == 40
 
 
 def test_beam_on_1x1_grid_returns_start_tokens() -> None:
     p = make_prior(K=4, hw=(1, 1), C=2)
     s = select(p, "beam", 4, starts=2, generator=torch.Generator().manual_seed(0))
-    assert len(s) == 4 - s.info["duplicates"] and s.codes.shape[1:] == (1, 1)
+    tokens = s.codes.flatten().unique()
+    assert s.codes.shape[1:] == (1, 1) and len(s) == tokens.numel() == s.info["distinct_first_tokens"]
+    assert s.info["shortfall"] == 4 - len(s) and ("shortfall_reason" in s.info) == (len(s) < 4)
 
 
 def ordered_pair_test(select_pair, log_target: torch.Tensor, log_other: torch.Tensor, n: int) -> None:

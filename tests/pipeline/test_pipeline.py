@@ -224,7 +224,10 @@ def test_beam_with_n_below_classes_is_skipped_not_fatal(tmp_path: Path) -> None:
     cfg = tiny_config(["gaussian"], N=[8, 32], full=False)
     cfg = dataclasses.replace(cfg, models=[dataclasses.replace(cfg.models[0], strategies=["beam", "topk"])])
     report = run_pipeline(cfg, tmp_path)
-    assert {(r["selection"], r["requested_N"]) for r in report["models"]} >= {("beam", 32), ("topk", 8), ("topk", 32)}
+    made = {(r["selection"], r["requested_N"]) for r in report["models"]}
+    assert made == {("beam", 32), ("topk", 8), ("topk", 32)}  # beam N=8 < C=10: no row ...
+    assert any("DMBS m N=8" in n and "skipped" in n for n in report["notes"])  # ... and a note says why
+    assert not (tmp_path / "gaussian" / "m" / "circuits" / "beam-N8.safetensors").exists()
 
 
 @pytest.mark.parametrize("overrides, key", [

@@ -66,6 +66,8 @@ def distill(
         raise ValueError("selection is empty: nothing to distill")
     leaf = decode_leaf(vqvae, selection.codes, batch_size, std_floor)
     info = {"strategy": selection.strategy, "weights": weights, **(meta or {})}
+    if selection.info.get("shortfall_reason"):  # fewer components than asked for, and why
+        info["shortfall_reason"] = selection.info["shortfall_reason"]
     if std_floor is not None:
         info["std_floor"] = float(std_floor)
     return MixtureCircuit(leaf, selection.log_weights(weights).to(leaf.device), meta=info)

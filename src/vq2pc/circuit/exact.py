@@ -35,7 +35,12 @@ from vq2pc.circuit.streaming import (
     add_gumbel_,
     logsumexp_,
 )
-from vq2pc.core.distributed import all_reduce_logsumexp, is_distributed, is_main, shard_range
+from vq2pc.core.distributed import (
+    all_reduce_logsumexp,
+    is_distributed,
+    is_main,
+    shard_range,
+)
 from vq2pc.core.leaves import Leaf
 from vq2pc.core.random import gumbel_noise
 from vq2pc.latents.enumerate import check_space, enumerate_log_prior, index_to_codes
@@ -143,12 +148,13 @@ class ExactModel:
             for n0 in range(lo, hi, step):
                 n1 = min(n0 + step, hi)
                 leaf = self._decode(torch.arange(n0, n1, device=self.device))
-                yield n0, MixtureCircuit(leaf, self.log_prior[n0:n1], memory_budget_mib=self.memory_budget_mib)
+                yield n0, MixtureCircuit(leaf, self.log_prior[n0:n1], memory_budget_mib=self.memory_budget_mib,
+                                         _trusted=True)  # decoded here: the input checks ran once, in _prepare
                 bar.update(n1 - n0)
 
     def _scores(self, circuit: MixtureCircuit, n0: int, x: Tensor, mask: Tensor | None) -> Tensor:
         """``[B, n]`` log p(z) + log p(x_o | z) for the chunk's latents (float32)."""
-        return circuit.log_likelihoods(x, mask) + self.log_prior[n0 : n0 + len(circuit)]
+        return circuit.log_likelihoods_prepared(x, mask) + self.log_prior[n0 : n0 + len(circuit)]
 
     # --- likelihoods ----------------------------------------------------------------
     scores_whole_sets = True
@@ -200,10 +206,13 @@ class ExactModel:
     # --- conditionals -----------------------------------------------------------------
     @torch.no_grad()
     def conditional_mean(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        """``[B, S]`` exact E[x | x_o] = Σ_z p(z | x_o) E[x | z]; observed entries are copied through.
+        """``[B, S]`` exact E[x | x_o] = Σ_z p(z | x_o) E[x | z]; observed entries are copied through
+        (``mask=None``: everything is observed, so this is ``x`` itself).
 
         One streaming pass: running maximum of the scores, sums rescaled when it grows (float64)."""
         x, mask = self._prepare(x, mask)
+        if mask is None:
+            return x.clone()
         acc = SoftmaxWeightedSum(torch.float64)
         for n0, circuit in self._chunks(x.shape[0], "ExM E[x|x_o]"):
             acc.add(self._scores(circuit, n0, x, mask), circuit.component_means())

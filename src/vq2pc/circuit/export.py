@@ -51,9 +51,9 @@ from torch import Tensor, nn
 from vq2pc.circuit.cirkit import require_cirkit
 from vq2pc.circuit.kernels import normalized_categorical
 from vq2pc.circuit.mixture import MixtureCircuit
+from vq2pc.core import validate
 from vq2pc.core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from vq2pc.core.files import atomic_write
-from vq2pc.core import validate
 from vq2pc.core.leaves import LEAF_KINDS, Leaf, leaf_from_tensors
 
 __all__ = [

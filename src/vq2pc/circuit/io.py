@@ -19,10 +19,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from vq2pc.core import validate
 from vq2pc.core.checkpoint import CheckpointError
 from vq2pc.core.files import atomic_write
 from vq2pc.core.leaves import LEAF_KINDS, Leaf
-from vq2pc.core import validate
 
 __all__ = ["FORMAT_TAG", "FORMAT_VERSION", "write_circuit", "read_circuit", "prepare_input", "check_sample_args"]
 

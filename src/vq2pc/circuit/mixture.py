@@ -43,6 +43,7 @@ from vq2pc.circuit.streaming import (
 )
 from vq2pc.core.checkpoint import CheckpointError
 from vq2pc.core.leaves import Categorical, Leaf, leaf_from_tensors
+from vq2pc.core.random import uniform
 
 __all__ = ["MixtureCircuit"]
 
@@ -72,13 +73,18 @@ class MixtureCircuit:
         *,
         memory_budget_mib: float = 1024,
         meta: dict[str, Any] | None = None,
+        _trusted: bool = False,
     ) -> None:
-        _check_leaf(leaf)
+        # _trusted: leaf and weights come from vq2pc itself (ExactModel's chunks): skip the value checks,
+        # whose host syncs would run once per chunk.
+        if not _trusted:
+            _check_leaf(leaf)
         n = int(leaf.batch_shape[0])
         log_weights = torch.as_tensor(log_weights)
         if tuple(log_weights.shape) != (n,):
             raise ValueError(f"log_weights has shape {tuple(log_weights.shape)}; expected [{n}] (one per component)")
-        if torch.isnan(log_weights).any() or (log_weights == math.inf).any() or (log_weights == -math.inf).all():
+        if not _trusted and (torch.isnan(log_weights).any() or (log_weights == math.inf).any()
+                             or (log_weights == -math.inf).all()):
             raise ValueError("log_weights must be free of NaN and +inf and not all -inf")
         if not memory_budget_mib > 0:
             raise ValueError(f"memory_budget_mib must be > 0, got {memory_budget_mib}")
@@ -158,7 +164,11 @@ class MixtureCircuit:
     # --- likelihoods ----------------------------------------------------------------
     def log_likelihoods(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """``[B, N]`` per-component log p(x_o | n) (no weights)."""
-        x, mask = self._prepare(x, mask)
+        return self.log_likelihoods_prepared(*self._prepare(x, mask))
+
+    def log_likelihoods_prepared(self, x: Tensor, mask: Tensor | None) -> Tensor:
+        """:meth:`log_likelihoods` of ``x [B, S]`` / ``mask [B, S]`` already validated by ``prepare_input``
+        (for callers that stream one input through many circuits: no per-circuit checks)."""
 
         def block(xb: Tensor, mb: Tensor | None, cols: Blocks, scratch: Scratch) -> Tensor:
             out = scratch.take("rows", (len(xb), len(self)), self.log_weights.dtype, xb.device)
@@ -203,8 +213,11 @@ class MixtureCircuit:
         return self._means
 
     def conditional_mean(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        """``[B, S]`` E[x | x_o] = Σ_n p(n | x_o) E[x | n]; observed entries are copied through."""
+        """``[B, S]`` E[x | x_o] = Σ_n p(n | x_o) E[x | n]; observed entries are copied through
+        (``mask=None``: everything is observed, so this is ``x`` itself)."""
         x, mask = self._prepare(x, mask)
+        if mask is None:
+            return x.clone()
         means = self.component_means()
         extra = 3 * means.element_size() * self.num_variables
 
@@ -263,7 +276,7 @@ class MixtureCircuit:
         if x is None:
             count = check_sample_args(n, x, mask)
             cdf = torch.cumsum(self.log_weights.double().exp(), 0)
-            u = torch.rand(count, generator=generator, device=self.device, dtype=torch.float64) * cdf[-1]
+            u = uniform((count,), generator, self.device, torch.float64) * cdf[-1]
             idx = torch.searchsorted(cdf, u, right=True).clamp_max(len(self) - 1)
             return self._row_apply_leaf(idx, lambda lf: lf.sample(generator))
         xp, mp = self._prepare(x, mask)
@@ -279,8 +292,11 @@ class MixtureCircuit:
         on x_u, which is exactly ``argmax over (n, x_u) of p(n, x_o, x_u)`` (for fixed n the
         leaves factorize, so the best x_u is n's mode; densities for Gaussian leaves). It is
         NOT the exact marginal MAP ``argmax_{x_u} Σ_n p(n, x_o, x_u)`` (NP-hard in general).
+        ``mask=None``: everything is observed, so this is ``x`` itself.
         """
         xp, mp = self._prepare(x, mask)
+        if mp is None:
+            return xp.clone()
         if self._mode_logp is None:
             self._mode_logp = self._row_apply_leaf(
                 torch.arange(len(self), device=self.device), lambda lf: lf.log_prob(lf.mode())
@@ -302,12 +318,21 @@ class MixtureCircuit:
         kind, tensors, log_weights, meta = read_circuit(path, device)
         try:
             if kind == "categorical":  # stored normalized: do not renormalize (bit-exact round trip)
+                _check_normalized(tensors["logits"], -1)  # [N, S, L]
                 leaf: Leaf = normalized_categorical(tensors["logits"])
             else:
                 leaf = leaf_from_tensors(kind, tensors)
             return cls(leaf, log_weights, memory_budget_mib=memory_budget_mib, meta=meta)
         except (ValueError, KeyError, IndexError) as exc:
             raise CheckpointError(f"{path}: invalid circuit contents: {exc}") from None
+
+
+def _check_normalized(log_probs: Tensor, dim: int) -> None:
+    """``ValueError`` unless ``log_probs`` sum to 1 along ``dim`` (to float rounding)."""
+    err = float(torch.logsumexp(log_probs.double(), dim).abs().max()) if log_probs.numel() else 0.0
+    tol = 1e-4 if log_probs.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-9
+    if not err <= tol:  # NaN fails too
+        raise ValueError(f"categorical leaves are not normalized: |log Σ_levels p - 0| reaches {err:.3g} (> {tol:g})")
 
 
 def _ranges(total: int, step: int) -> list[tuple[int, int]]:

@@ -267,13 +267,22 @@ def log_prior(circuit: MixtureCircuit, init: Leaf, cfg: EMConfig) -> float:
 
 
 # --- driver -------------------------------------------------------------------------
+def _comparable(circuit: MixtureCircuit, cfg: EMConfig, objective: float) -> float:
+    """``objective`` on the whole simplex: a Dirichlet prior with ``a > 1`` gives a zero weight log-density
+    ``-inf`` (:func:`log_prior` sums over the support only), so reviving a component is an improvement."""
+    if cfg.weights and cfg.prior_strength > 1.0 and bool(torch.isneginf(circuit.log_weights).any()):
+        return -math.inf
+    return objective if math.isfinite(objective) else -math.inf
+
+
 def em_refine(
     circuit: MixtureCircuit, x: Tensor, cfg: EMConfig | None = None, *, progress: bool = False
 ) -> tuple[MixtureCircuit, list[float]]:
     """Refine ``circuit`` by EM on training data ``x [n, S]`` (or ``[n, C, H, W]``, model space).
 
-    Returns a NEW circuit (the input is untouched; its meta plus ``meta["em"]`` with the
-    settings, ``history`` and the penalized ``objective`` per iteration) and ``history``:
+    Returns a NEW circuit, the iterate of highest penalized objective (never worse than the input;
+    the input is untouched; its meta plus ``meta["em"]`` with the settings, ``history``, the penalized
+    ``objective`` per iteration and the ``returned_iteration``) and ``history``:
     the mean training log-likelihood per iteration, ``history[0]`` before any update and
     ``history[k]`` after ``k`` updates. Stops early when the penalized objective improves
     by less than ``cfg.tol``. Raises ``ValueError`` for bad settings or data (wrong ``S``,
@@ -286,18 +295,21 @@ def em_refine(
     init = circuit.leaf
     history: list[float] = []
     objective: list[float] = []
-    current = circuit
+    current, best, best_it, best_score = circuit, circuit, 0, -math.inf
     for it in range(cfg.iterations + 1):
         last = it == cfg.iterations
         stats = e_step(current, x, cfg.batch_size, leaves=cfg.leaves and not last)
         history.append(stats.mean_ll)
         objective.append(stats.mean_ll + log_prior(current, init, cfg) / stats.n)
+        score = _comparable(current, cfg, objective[-1])
+        if it == 0 or score > best_score:  # rounding can make a step worse: keep the best iterate
+            best, best_it, best_score = current, it, score
         if progress:
             print(f"em iteration {it}: mean train log-likelihood {stats.mean_ll:.6f}", file=sys.stderr)
         if last or (it > 0 and objective[-1] - objective[-2] < cfg.tol) or not (cfg.weights or cfg.leaves):
             break
         current = m_step(current, stats, cfg, init)
     meta = {**circuit.meta, "em": {**asdict(cfg), "updates": len(history) - 1, "n_train": int(x.shape[0]),
-                                    "history": history, "objective": objective}}
-    out = MixtureCircuit(current.leaf, current.log_weights, memory_budget_mib=circuit.memory_budget_mib, meta=meta)
+                                    "history": history, "objective": objective, "returned_iteration": best_it}}
+    out = MixtureCircuit(best.leaf, best.log_weights, memory_budget_mib=circuit.memory_budget_mib, meta=meta)
     return out, history

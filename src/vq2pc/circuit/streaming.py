@@ -17,6 +17,8 @@ import math
 import torch
 from torch import Tensor
 
+from vq2pc.core.random import uniform_
+
 __all__ = ["RunningArgmax", "Scratch", "SoftmaxWeightedSum", "add_gumbel_", "logsumexp_"]
 
 
@@ -132,9 +134,6 @@ class RunningArgmax:
 def add_gumbel_(s: Tensor, generator: torch.Generator | None, scratch: Scratch) -> Tensor:
     """``s += Gumbel(0, 1)`` noise in place (argmax of the result is a draw from softmax(s))."""
     u = scratch.take("gumbel", tuple(s.shape), s.dtype, s.device)
-    if generator is not None and generator.device != s.device:  # e.g. a CPU generator for CUDA scores
-        u.copy_(torch.rand(u.shape, generator=generator, device=generator.device, dtype=u.dtype))
-    else:
-        u.uniform_(generator=generator)
+    uniform_(u, generator)  # e.g. a CPU generator for CUDA scores
     u.clamp_min_(torch.finfo(s.dtype).tiny).log_().neg_().log_()
     return s.sub_(u)

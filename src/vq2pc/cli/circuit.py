@@ -111,7 +111,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
 def _load_images(path: str, c: MixtureCircuit, shape: tuple[int, int, int], g: torch.Generator) -> Tensor:
     if not Path(path).is_file():
         raise FileNotFoundError(f"images file not found: {path}")
-    arr = torch.from_numpy(np.load(path, allow_pickle=False))
+    try:
+        arr = torch.from_numpy(np.load(path, allow_pickle=False))
+    except (ValueError, OSError, TypeError) as exc:  # not .npy, pickled objects, truncated
+        raise ValueError(f"cannot read images file {path}: not a numeric .npy array ({exc})") from None
     if arr.dim() == 3 and shape[0] == 1:
         arr = arr[:, None]
     if tuple(arr.shape[1:]) != shape:
@@ -126,6 +129,8 @@ def _load_images(path: str, c: MixtureCircuit, shape: tuple[int, int, int], g: t
 
 
 def cmd_inpaint(args: argparse.Namespace) -> int:
+    if args.show < 1:
+        raise ValueError(f"--show must be >= 1 (images in the figure), got {args.show}")
     c = MixtureCircuit.load(args.circuit, device=args.device)
     shape = _image_shape(c, args.image_shape)
     g = torch.Generator(device=args.device).manual_seed(args.seed)

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
+from vq2pc.core.devices import check_device
 from vq2pc.core.distributed import init_from_env
 from vq2pc.pipeline import STAGES, run_pipeline
 from vq2pc.pipeline.config import load_config
@@ -54,8 +53,7 @@ def _run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides)
     if args.seeds:
         cfg.experiments.usage_seeds = list(args.seeds)
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {cfg.device}: CUDA is not available on this machine")
+    check_device(cfg.device)  # the config's device too, before a run folder exists
     if args.amp and not cfg.device.startswith("cuda"):
         raise ValueError(f"--amp {args.amp} needs a CUDA device (--device cuda); the run is on {cfg.device!r}")
     for name in _TRAIN_CONFIGS:

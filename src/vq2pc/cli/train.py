@@ -113,12 +113,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _train_vqvae(a: argparse.Namespace) -> int:
+    train_cfg = _train_cfg(a)  # impossible settings fail before any data work
     splits = _splits(a)
     cfg = VQVAEConfig(image_shape=splits.image_shape, levels=splits.levels, leaf=a.leaf, latent_hw=tuple(a.grid),
                       K=a.K, D=a.D, hidden=a.hidden, res_blocks=a.res_blocks, beta=a.beta, quantizer=a.quantizer,
                       quantizer_opts=_key_values(a.quantizer_opt, "--quantizer-opt"))
     make_quantizer(cfg.quantizer, cfg.K, cfg.D, cfg.beta, **cfg.quantizer_opts)  # bad options fail before any data work
-    model, res = train_vqvae(splits, cfg, _train_cfg(a), checkpoint=a.out)
+    model, res = train_vqvae(splits, cfg, train_cfg, checkpoint=a.out)
     if is_main():
         print(json.dumps({"checkpoint": a.out, "best_val_loss": res.best_val_loss, "epochs": res.epochs_run,
                           "num_params": model.num_params}))
@@ -137,13 +138,14 @@ def _key_values(items: list[str], flag: str) -> dict[str, Any]:
 
 
 def _train_prior(a: argparse.Namespace) -> int:
+    train_cfg = _train_cfg(a)
     splits = _splits(a)
     vqvae = VQVAE.load(a.vqvae, device=a.device)
     labeled = splits.num_classes > 1 and not a.unlabeled
     cfg = PriorConfig(K=vqvae.cfg.K, latent_hw=vqvae.cfg.latent_hw, num_classes=splits.num_classes if labeled else 1,
                       hidden=a.hidden, layers=a.layers)
     prior, res = train_prior(encode_images(vqvae, splits.train_x, a.seed), splits.train_y if labeled else None, cfg,
-                             _train_cfg(a), encode_images(vqvae, splits.val_x, a.seed), splits.val_y if labeled else None,
+                             train_cfg, encode_images(vqvae, splits.val_x, a.seed), splits.val_y if labeled else None,
                              checkpoint=a.out)
     if is_main():
         print(json.dumps({"checkpoint": a.out, "best_val_nll_per_latent": res.best_val_loss, "epochs": res.epochs_run}))

@@ -24,6 +24,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from vq2pc.core.random import categorical, normal, uniform
 from vq2pc.core.validate import check_binary, check_finite, check_levels
 
 LOG_2PI = math.log(2.0 * math.pi)
@@ -118,7 +119,7 @@ class Gaussian(Leaf):
         return -0.5 * z * z - torch.log(self.scale) - 0.5 * LOG_2PI
 
     def sample(self, generator: torch.Generator | None = None) -> Tensor:
-        eps = torch.randn(self.loc.shape, generator=generator, device=self.loc.device, dtype=self.loc.dtype)
+        eps = normal(tuple(self.loc.shape), generator, self.loc.device, self.loc.dtype)
         return self.loc + self.scale * eps
 
     def mean(self) -> Tensor:
@@ -165,9 +166,7 @@ class Categorical(Leaf):
         return torch.gather(logits, -1, idx.expand(*shape, 1)).squeeze(-1)
 
     def sample(self, generator: torch.Generator | None = None) -> Tensor:
-        probs = self.logits.exp().reshape(-1, self.num_levels)
-        draws = torch.multinomial(probs, 1, generator=generator)
-        return draws.reshape(self.batch_shape).to(self.logits.dtype)
+        return categorical(self.logits.exp(), generator).to(self.logits.dtype)
 
     def mean(self) -> Tensor:
         levels = torch.arange(self.num_levels, device=self.logits.device, dtype=self.logits.dtype)
@@ -206,7 +205,7 @@ class Bernoulli(Leaf):
         return -torch.nn.functional.softplus(torch.where(x > 0.5, -self.logits, self.logits))
 
     def sample(self, generator: torch.Generator | None = None) -> Tensor:
-        u = torch.rand(self.logits.shape, generator=generator, device=self.logits.device, dtype=self.logits.dtype)
+        u = uniform(tuple(self.logits.shape), generator, self.logits.device, self.logits.dtype)
         return (u < torch.sigmoid(self.logits)).to(self.logits.dtype)
 
     def mean(self) -> Tensor:

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from vq2pc.core.leaves import check_leaf_kind
+from vq2pc.core.random import uniform
 from vq2pc.core.validate import check_binary, check_finite, check_levels
 from vq2pc.data.idx import IDX_SOURCES, load_idx_dataset
 
@@ -146,8 +147,7 @@ def to_model_space(v: Tensor, leaf_kind: str, levels: int, generator: torch.Gene
         return v.to(torch.float32)
     if leaf_kind == "bernoulli":
         return (v >= levels / 2).to(torch.float32)
-    noise_device = generator.device if generator is not None else v.device
-    u = torch.rand(v.shape, generator=generator, device=noise_device).to(v.device)
+    u = uniform(tuple(v.shape), generator, v.device)
     return (v.to(torch.float32) + u) / levels
 
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from vq2pc.core.random import uniform
+
 __all__ = ["MASK_KINDS", "make_mask"]
 
 MASK_KINDS = ("left", "right", "top", "bottom", "center", "random")
@@ -53,8 +55,7 @@ def make_mask(
         raise ValueError(f"batch must be >= 1, got {batch}")
     c, h, w = (int(v) for v in image_shape)
     if kind == "random":
-        gen_device = generator.device if generator is not None else "cpu"
-        hidden = torch.rand(batch, 1, h, w, generator=generator, device=gen_device) < 0.5
+        hidden = uniform((batch, 1, h, w), generator, generator.device if generator is not None else "cpu") < 0.5
     else:
         hidden = _hidden_region(kind, h, w)[None, None]
     observed = (~hidden).expand(batch, c, h, w).reshape(batch, c * h * w)

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from vq2pc.core.random import gumbel_noise
+from vq2pc.core.random import gumbel_noise, randint
 from vq2pc.latents.beam import beam_search, stochastic_beam_search
 from vq2pc.latents.enumerate import (
     check_space,
@@ -111,10 +111,9 @@ def _select_sample(prior: PixelCNNPrior, N: int, generator: torch.Generator | No
     dev, P = prior.device, prior.num_positions
     collected = torch.empty((0, P), dtype=torch.long, device=dev)
     draws, size, limit = 0, 2 * N, max_draws_per_latent * N + 1024
-    gen_dev = generator.device if generator is not None else dev
     while collected.shape[0] < N and draws < limit:
         size = min(size, limit - draws)
-        c = torch.randint(prior.num_classes, (size,), generator=generator, device=gen_dev).to(dev)
+        c = randint(prior.num_classes, (size,), generator, dev)
         z = prior.sample(c, generator=generator, batch_size=batch_size).flatten(1)
         collected = torch.cat([collected, _first_distinct(collected, z, N - collected.shape[0])])
         draws, size = draws + size, 2 * size
@@ -132,10 +131,12 @@ def _select_beam(prior: PixelCNNPrior, N: int, starts: int, generator: torch.Gen
 
     Searches from the same first token are one search: the score is the class marginal, so the
     class that drew the token does not change the search, and m searches of width B from one token
-    would return the same B latents m times. vq2pc runs them as ONE search of width m·B (grouped
-    by multiplicity m, one batched call per distinct m), so the union has N distinct latents, as
-    requested, instead of N minus the duplicates (the literal Algorithm 1). Only when a first
-    token's subtree holds fewer than m·B latents does N fall short (``info["duplicates"]``).
+    would return the same B latents m times. vq2pc runs them as ONE search whose width is the sum
+    of theirs, so the union holds distinct latents. The widths add up to exactly N: the remainder
+    N - starts·C·B goes one each to the first starts, and the width a first token's subtree
+    (K^{HW-1} latents) cannot use goes to the other drawn tokens. N falls short only when the drawn
+    tokens' subtrees hold fewer than N latents; ``info["shortfall"]`` and ``info["shortfall_reason"]``
+    say so.
     """
     C, dev = prior.num_classes, prior.device
     if starts < 1:
@@ -149,21 +150,38 @@ def _select_beam(prior: PixelCNNPrior, N: int, starts: int, generator: torch.Gen
         group_class = torch.arange(C, device=dev).repeat_interleave(starts)  # [G]
         noise = gumbel_noise((group_class.shape[0], prior.K), generator, dev)
         tokens = (first[group_class] + noise).argmax(1)  # z_1 ~ p(z_1 | c), i.i.d. per start
-    distinct, counts = torch.unique(tokens, return_counts=True)
+    budgets = _token_budgets(tokens.tolist(), N, width, prior.K ** (prior.num_positions - 1))
     parts_codes, parts_scores = [], []
-    for m in torch.unique(counts).tolist():  # one batched search per multiplicity (a handful)
-        toks = distinct[counts == m]
+    for b in sorted(set(budgets.values())):  # one batched search per budget (a handful)
+        toks = torch.tensor([t for t, bt in budgets.items() if bt == b], dtype=torch.long, device=dev)
         codes = torch.zeros((toks.shape[0], *prior.latent_hw), dtype=torch.long, device=dev)
         codes.view(toks.shape[0], -1)[:, 0] = toks
-        result = beam_search(prior, codes, first[:, toks].T, 1, m * width, batch_size=batch_size)
+        result = beam_search(prior, codes, first[:, toks].T, 1, b, batch_size=batch_size)
         parts_codes.append(result.codes.reshape(-1, *prior.latent_hw))
         parts_scores.append(result.class_scores.reshape(-1, C))
     flat, scores = torch.cat(parts_codes), torch.cat(parts_scores)
     log_p = torch.logsumexp(scores + prior.class_log_prior, 1)
     order = log_p.argsort(descending=True)
-    info = {"requested_N": N, "width": width, "starts": starts, "distinct_first_tokens": int(distinct.numel()),
-            "duplicates": N - int(flat.shape[0])}
+    info: dict[str, Any] = {"requested_N": N, "width": width, "starts": starts, "distinct_first_tokens": len(budgets),
+                            "shortfall": N - int(flat.shape[0])}
+    if info["shortfall"]:
+        info["shortfall_reason"] = (f"the {len(budgets)} distinct first tokens drawn hold only "
+                                    f"{len(budgets)}·K^(HW-1) = {flat.shape[0]} latents < N = {N}")
     return flat[order], log_p[order], info
+
+
+def _token_budgets(tokens: list[int], N: int, width: int, subtree: int) -> dict[int, int]:
+    """Beam width per distinct first token: ``width`` per start, the remainder of N one each to the
+    first starts, capped at the ``subtree`` size with the excess moved to tokens with room."""
+    budgets: dict[int, int] = {}
+    for g, t in enumerate(tokens):
+        budgets[t] = budgets.get(t, 0) + width + (g < N - width * len(tokens))
+    excess = sum(max(0, b - subtree) for b in budgets.values())
+    for t in sorted(budgets):
+        budgets[t] = min(budgets[t], subtree)
+        room = min(excess, subtree - budgets[t])
+        budgets[t], excess = budgets[t] + room, excess - room
+    return budgets
 
 
 def _select_topk(prior: PixelCNNPrior, N: int, max_space: int,

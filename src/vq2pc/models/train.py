@@ -61,6 +61,18 @@ class TrainConfig:
     amp: str | None = None  # "bf16" or "fp16": autocast on CUDA (refused on other devices)
     compile: bool = False  # torch.compile the training step
 
+    def __post_init__(self) -> None:
+        """Impossible settings fail here, when the config is built, not an epoch into training."""
+        for name, low in (("epochs", 1), ("patience", 0), ("batch_size", 1)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        for name in ("lr", "max_seconds"):
+            value = getattr(self, name)
+            if (value is not None or name == "lr") and not (
+                    isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf):
+                raise ValueError(f"{name} must be a positive number, got {value!r}")
+
 
 @dataclass
 class TrainResult:

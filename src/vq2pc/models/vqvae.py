@@ -19,7 +19,12 @@ from torch import Tensor, nn
 
 from vq2pc.core.checkpoint import SavableModel, load_checkpoint
 from vq2pc.core.leaves import Leaf, check_leaf_kind
-from vq2pc.data.datasets import DataSplits, check_fits, check_model_space, to_model_space
+from vq2pc.data.datasets import (
+    DataSplits,
+    check_fits,
+    check_model_space,
+    to_model_space,
+)
 from vq2pc.models.nets import (
     Decoder,
     Encoder,
@@ -61,8 +66,9 @@ class VQVAEConfig:
         check_leaf_kind(self.leaf)
         if self.quantizer not in QUANTIZER_NAMES:
             raise ValueError(f"unknown quantizer {self.quantizer!r}; expected one of {list(QUANTIZER_NAMES)}")
-        if self.levels < 2 or min(self.K, self.D, self.hidden) < 1 or self.res_blocks < 0 or self.beta < 0:
-            raise ValueError("need levels >= 2, K, D, hidden >= 1, res_blocks >= 0 and beta >= 0")
+        for name, low in (("levels", 2), ("K", 1), ("D", 1), ("hidden", 1), ("res_blocks", 0), ("beta", 0)):
+            if getattr(self, name) < low:
+                raise ValueError(f"VQ-VAE {name} must be >= {low}, got {getattr(self, name)}")
         num_downsamplings(self.image_shape[1:], self.latent_hw)  # raises if the grid is unreachable
 
     @property
@@ -94,9 +100,16 @@ class VQVAE(SavableModel, nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     # --- input checks -------------------------------------------------------------------------------
-    def _check_x(self, x: Tensor) -> None:
+    def _check_x_shape(self, x: Tensor) -> None:
+        """Shape and dtype of ``x`` (no host sync: cheap enough for every training step)."""
         if x.dim() != 4 or tuple(x.shape[1:]) != self.cfg.image_shape:
             raise ValueError(f"x must have shape [B, {', '.join(map(str, self.cfg.image_shape))}], got {tuple(x.shape)}")
+        if not x.dtype.is_floating_point:
+            raise ValueError(f"x must be float model-space data (see data.to_model_space), got dtype {x.dtype}")
+
+    def _check_x(self, x: Tensor) -> None:
+        """Everything about user-given ``x``: shape, dtype, finite, within the leaf's support (host syncs)."""
+        self._check_x_shape(x)
         check_model_space(x, self.cfg.leaf, self.cfg.levels)
 
     def _check_codes(self, codes: Tensor) -> None:
@@ -132,18 +145,21 @@ class VQVAE(SavableModel, nn.Module):
         return self._head(self.quantizer.embed(codes.long()))
 
     def _terms(self, x: Tensor) -> tuple[Tensor, Tensor, QuantizerOutput]:
-        z_e = self.encode(x)
+        self._check_x_shape(x)  # the value checks run in `loss` (a user call), not every training step
+        z_e = self.encoder(self._encoder_input(x))
         q = self.quantizer(z_e)
         recon = -self._head(q.z_q).log_prob(x.reshape(x.shape[0], -1)).sum(1).mean()
         return recon + q.loss, recon, q
 
     def objective(self, x: Tensor) -> Tensor:
-        """The scalar training loss of :meth:`loss` without the statistics (no host sync for them)."""
+        """The scalar training loss of :meth:`loss` without the statistics and without the value checks of
+        ``x`` (no host sync: the trainer's batches come from ``data.to_model_space``)."""
         return self._terms(x)[0]
 
     def loss(self, x: Tensor) -> tuple[Tensor, dict[str, float]]:
         """Mean over the batch of ``−Σ_S log p(x | z_q)`` + quantizer loss, and the statistics
         ``recon_nll`` (nats per image), ``vq_loss`` and ``perplexity`` (of the batch's codes)."""
+        self._check_x(x)
         total, recon, q = self._terms(x)
         return total, {"recon_nll": float(recon.detach()), "vq_loss": float(q.loss.detach()),
                        "perplexity": float(q.perplexity)}

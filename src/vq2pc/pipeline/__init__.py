@@ -26,7 +26,7 @@ from vq2pc.pipeline.experiments import run_experiments
 from vq2pc.pipeline.findings import findings
 from vq2pc.pipeline.finetune import finetune_all
 from vq2pc.pipeline.models import build_source_model, distill_all
-from vq2pc.pipeline.rundir import STAGES, RunDir
+from vq2pc.pipeline.rundir import STAGES, RunDir, check_stages
 
 __all__ = ["run_pipeline", "STAGES", "RunDir"]
 
@@ -46,11 +46,12 @@ def run_pipeline(cfg: RunConfig, out: str | Path, force: Iterable[str] = ()) -> 
     """Run every stage of ``cfg`` into ``out``; returns the report (also written as report.json/report.md)."""
     log = _Log()
     start = log.start
+    check_stages(force)
+    torch.manual_seed(cfg.seed)
+    splits = load_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seed, limit=cfg.limit)  # fails before a folder exists
     run = RunDir(Path(out), set(force))
     cfg_dict = config_to_dict(cfg)
     atomic_write(run.path("config.yaml"), lambda p: p.write_text(yaml.safe_dump(cfg_dict, sort_keys=False)))
-    torch.manual_seed(cfg.seed)
-    splits = load_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seed, limit=cfg.limit)
     log(f"{cfg.dataset}: {len(splits.train_x)} train / {len(splits.val_x)} val / {len(splits.test_x)} test images "
          f"of shape {tuple(splits.image_shape)}, L = {splits.levels}")
     report: dict[str, Any] = {

@@ -15,6 +15,7 @@ from vq2pc.circuit.cirkit import require_cirkit
 from vq2pc.circuit.mixture import MixtureCircuit
 from vq2pc.data.datasets import DataSplits
 from vq2pc.evaluate.density import BPD_FORMAT, bpd_fields, test_bpd
+from vq2pc.models.train import TrainConfig, TrainResult
 from vq2pc.pipeline.config import RunConfig
 from vq2pc.pipeline.rundir import RunDir
 
@@ -41,6 +42,17 @@ def _train_params(train: Any) -> dict[str, Any]:
     AMP only when on, so results cached before the flag existed stay valid)."""
     return {k: v for k, v in dataclasses.asdict(train).items()
             if k not in ("progress", "device", "compile") and not (k == "amp" and v is None)}
+
+
+def _time_cap(result: TrainResult, train: TrainConfig, name: str, notes: list[str]) -> float | None:
+    """``train.max_seconds`` when that wall-time cap ended the training (then a note says so), else None:
+    a capped result depends on the machine's speed, not only on the seed."""
+    capped = (train.max_seconds is not None and not result.stopped_early and result.epochs_run < train.epochs
+              and result.seconds > train.max_seconds)
+    if capped:
+        notes.append(f"{name} stopped at the time cap (max_seconds={train.max_seconds:g}) after {result.epochs_run} "
+                     f"of {train.epochs} epochs: its numbers depend on the machine's speed")
+    return train.max_seconds if capped else None
 
 
 def _einet_available(notes: list[str]) -> bool:
@@ -75,13 +87,15 @@ def run_baselines(
                 model, res = train_einet(splits, ecfg, train_cfg, checkpoint=ckpt)
                 name = f"EiNet (PD {pieces}, I={units})"
                 rows.append(_bpd_row(run, cfg, splits, leaf, key, model, ckpt, name=name, family="EiNet", selection="einet",
-                                     N=units, num_params=model.num_params, **res.summary()))
+                                     N=units, num_params=model.num_params, **res.summary(),
+                                     time_cap_fired=_time_cap(res, train_cfg, f"{name} ({leaf})", notes)))
                 models[name] = model
     if spec.cm:
         ccfg = CMConfig(image_shape=tuple(splits.image_shape), leaf=leaf, levels=splits.levels,
                         latent_dim=spec.cm_latent_dim, hidden=spec.cm_hidden, train_points=spec.cm_train_points)
         ckpt = run.checkpoint("baselines", leaf, "baselines", "cm.pt")
         model, res = train_cm(splits, ccfg, train_cfg, checkpoint=ckpt)
+        capped = _time_cap(res, train_cfg, f"CM ({leaf})", notes)
         path = run.path(leaf, "baselines", "cm.safetensors")
         if run.outdated("baselines", path, (ckpt,)):
             circuit = compile_cm(model, num_points=spec.cm_points, seed=cfg.seed)
@@ -92,6 +106,6 @@ def run_baselines(
         rows.append(_bpd_row(run, cfg, splits, leaf, "cm", circuit, path, name=f"CM (M={spec.cm_points})", family="CM",
                              selection="cm", N=len(circuit), num_params=circuit.num_params,
                              source_params=model.num_params, circuit_file=str(path.relative_to(run.root)),
-                             **res.summary()))
+                             **res.summary(), time_cap_fired=capped))
         models["CM"] = circuit
     return rows, models

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
+import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from vq2pc.circuit.finetune import FineTuneConfig
@@ -108,11 +111,20 @@ class RunConfig:
     vqvae_train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=60, patience=10, lr=2e-3, batch_size=64))
     prior_train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=40, patience=8, lr=2e-3, batch_size=64))
     baseline_train: TrainConfig = field(
-        default_factory=lambda: TrainConfig(epochs=40, patience=8, lr=5e-3, batch_size=64, max_seconds=45))
+        default_factory=lambda: TrainConfig(epochs=40, patience=8, lr=5e-3, batch_size=64))
     baselines: BaselineSpec = field(default_factory=BaselineSpec)
     experiments: ExperimentSpec = field(default_factory=ExperimentSpec)
 
     def validate(self) -> "RunConfig":
+        _check_device_name(self.device)
+        _check_counts(self, ("limit", "test_limit", "exact_test_limit", "max_exhaustive", "max_usage_space",
+                             "max_materialize"), "config")
+        _check_counts(self, ("seed",), "config", low=0)
+        if any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in self.experiments.usage_seeds):
+            raise ValueError(f"config: experiments.usage_seeds must be integers >= 0, got {self.experiments.usage_seeds}")
+        _check_counts(self.experiments, ("inpainting_images", "inpainting_eval_images", "num_samples",
+                                         "correlation_images", "bpd_draws"), "config.experiments")
+        _check_counts(self.baselines, ("cm_latent_dim", "cm_hidden", "cm_train_points", "cm_points"), "config.baselines")
         for leaf in self.leaves:
             if leaf not in LEAF_KINDS:
                 raise ValueError(f"config: unknown leaf {leaf!r}; expected one of {list(LEAF_KINDS)}")
@@ -125,6 +137,11 @@ class RunConfig:
                 raise ValueError(f"config: model {m.name!r} has unknown strategies {bad}; expected {list(STRATEGIES)}")
             if m.K < 1 or any(n < 1 for n in m.N):
                 raise ValueError(f"config: model {m.name!r} needs K >= 1 and every N >= 1")
+            _check_counts(m, ("D", "hidden", "prior_hidden", "prior_layers", "starts", "em_train_limit"),
+                          f"config: model {m.name!r}")
+            _check_counts(m, ("res_blocks", "em_iterations"), f"config: model {m.name!r}", low=0)
+            if min(m.latent_hw) < 1 or m.beta < 0:
+                raise ValueError(f"config: model {m.name!r} needs a positive latent_hw and beta >= 0")
             for key in ("em_strategies", "ft_strategies"):
                 bad = [s for s in getattr(m, key) if s not in STRATEGIES]
                 if bad:
@@ -150,26 +167,83 @@ class RunConfig:
         return next(m for m in self.models if m.name == (self.experiments.analysis_model or self.main.name))
 
 
+def _check_counts(obj: Any, names: tuple[str, ...], where: str, low: int = 1) -> None:
+    """Each attribute in ``names`` of ``obj`` is None or an integer >= ``low``."""
+    for name in names:
+        value = getattr(obj, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+            raise ValueError(f"{where}: {name} must be an integer >= {low}, got {value!r}")
+
+
+def _check_device_name(name: Any) -> None:
+    """A device string torch can parse (whether this machine has it is checked when the run starts)."""
+    try:
+        torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"config: device {name!r} is not a torch device; use cpu, cuda, cuda:N or mps") from None
+
+
 def _build(cls: type, data: dict[str, Any], where: str) -> Any:
-    """Instantiate dataclass ``cls`` from ``data``, recursing into nested dataclasses."""
+    """Instantiate dataclass ``cls`` from ``data``, checking every value against the field's type."""
     if not isinstance(data, dict):
         raise ValueError(f"config: {where} must be a mapping, got {type(data).__name__}")
     known = {f.name: f for f in fields(cls)}
     unknown = sorted(set(data) - set(known))
     if unknown:
         raise ValueError(f"config: unknown key(s) {unknown} in {where}; known: {sorted(known)}")
-    defaults = cls()
-    kwargs: dict[str, Any] = {}
-    for name, value in data.items():
-        current = getattr(defaults, name)
-        if dataclasses.is_dataclass(current):
-            value = _build(type(current), value, f"{where}.{name}")
-        elif name == "models":
-            value = [_build(ModelSpec, m, f"{where}.models[{i}]") for i, m in enumerate(value)]
-        elif isinstance(current, tuple) and value is not None:
-            value = tuple(value)
-        kwargs[name] = value
-    return cls(**kwargs)
+    hints = typing.get_type_hints(cls)
+    kwargs = {name: _typed(value, hints[name], f"{where}.{name}") for name, value in data.items()}
+    try:
+        return cls(**kwargs)
+    except ValueError as exc:  # a dataclass's own range checks (e.g. TrainConfig)
+        raise ValueError(f"{where}: {exc}") from None
+
+
+_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _type_name(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in args)
+    if origin in (list, tuple):
+        size = f"{len(args)} " if origin is tuple and Ellipsis not in args else ""
+        return f"a list of {size}{_type_name(args[0]).removeprefix('an ').removeprefix('a ')}s"
+    if origin is dict:
+        return "a mapping"
+    return _TYPE_NAMES.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _typed(value: Any, tp: Any, where: str) -> Any:
+    """``value`` checked against type ``tp`` (ints accepted for floats, lists for tuples); else a ValueError."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _typed(value, option, where)
+            except ValueError:
+                continue
+    elif origin is list and isinstance(value, list):
+        return [_typed(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    elif origin is tuple and isinstance(value, (list, tuple)) and (Ellipsis in args or len(value) == len(args)):
+        return tuple(_typed(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+    elif origin is dict and isinstance(value, dict):
+        return value
+    elif tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    elif tp in (bool, str) and isinstance(value, tp):
+        return value
+    elif tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    elif tp not in _TYPE_NAMES and origin is None:  # a type this checker does not know: the dataclass judges
+        return value
+    raise ValueError(f"{where} must be {_type_name(tp)}, got {value!r}")
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:

@@ -91,9 +91,6 @@ def _caveats(rows: list[dict], report: dict[str, Any]) -> list[str]:
     for r in rows:
         if full and r.get("test_images") and r["test_images"] < full:
             notes.append(f"{r['leaf']}: {r['name']} was evaluated on {r['test_images']} of {full} test images.")
-        if r.get("time_capped"):
-            notes.append(f"{r['leaf']}: {r['name']} stopped on its wall-time cap after {r.get('train_epochs')} epochs "
-                         f"({r.get('train_seconds', 0):.0f} s), before early stopping: it is not trained to convergence.")
         if r.get("requested_N") and r["N"] < r["requested_N"]:
             why = (f"the beam width B = N // (s·C) with s = {r.get('starts')} rounds down, and a start token's "
                    "subtree can hold fewer than the latents asked of it" if str(r.get("family")).startswith("DMBS")

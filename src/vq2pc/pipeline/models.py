@@ -81,8 +81,9 @@ def circuit_row(name: str, family: str, circuit: MixtureCircuit, bpd: dict[str, 
             **bpd_fields(bpd), **extra}
 
 
-def _selections(src: SourceModel, cfg: RunConfig) -> list[tuple[str, int | None]]:
-    """(strategy, N) pairs of a source model; exhaustive has no N (it takes the whole space)."""
+def _selections(src: SourceModel, cfg: RunConfig, notes: list[str]) -> list[tuple[str, int | None]]:
+    """(strategy, N) pairs of a source model; exhaustive has no N (it takes the whole space).
+    A beam N below the number of classes cannot be searched: a line in ``notes`` says so."""
     pairs: list[tuple[str, int | None]] = []
     for strategy in src.spec.strategies:
         if strategy == "exhaustive":
@@ -92,6 +93,8 @@ def _selections(src: SourceModel, cfg: RunConfig) -> list[tuple[str, int | None]
         limit = src.info["distinct_train_codes"] if strategy == "data" else src.info["latent_space"]
         floor = src.prior.num_classes if strategy == "beam" else 1  # DMBS needs a width N // (s·C) >= 1
         pairs += [(strategy, n) for n in src.spec.N if floor <= n <= limit]
+        notes += [f"{FAMILY[strategy]} {src.spec.name} N={n} ({src.leaf} pixels) was skipped: a beam width "
+                  f"N // (s·C) >= 1 needs N >= C = {floor}" for n in src.spec.N if n < floor]
         if strategy == "data" and any(n > limit for n in src.spec.N):
             pairs.append((strategy, limit))  # every distinct training code
     return pairs
@@ -178,7 +181,7 @@ def distill_all(
     rows, circuits = [], {}
     test_x = splits.test_x[: cfg.test_limit] if cfg.test_limit else splits.test_x
     per_component = _leaf_params(src.leaf, splits.num_variables, splits.levels)
-    for strategy, N in _selections(src, cfg):
+    for strategy, N in _selections(src, cfg, notes):
         if strategy == "exhaustive" and src.info["latent_space"] * per_component > cfg.max_materialize:
             rows.append(exact_row(run, cfg, splits, src))
             continue
@@ -202,7 +205,8 @@ def distill_all(
                                group=src.spec.group or src.spec.name,
                                K=src.spec.K, source_params=src.info["vqvae_params"], requested_N=N,
                                starts=beam_starts(src, N) if strategy == "beam" else None,
-                               test_images=len(test_x), circuit_file=str(path.relative_to(run.root)))
+                               test_images=len(test_x), circuit_file=str(path.relative_to(run.root)),
+                               shortfall_reason=circuit.meta.get("shortfall_reason"))
 
         row = run.cached("distill", f"{src.leaf}/{src.spec.name}/{key}", compute, outputs=(path,),
                          depends=src.files, params=distill_params(cfg, src.spec))
@@ -210,6 +214,9 @@ def distill_all(
             notes.append(row["skipped"])
             continue
         rows.append(row)
+        if row.get("shortfall_reason"):
+            notes.append(f"{row['name']} N={row['requested_N']} ({src.leaf} pixels) has {row['N']} components: "
+                         f"{row['shortfall_reason']}")
         if key not in circuits:  # reused from an earlier run
             circuits[key] = MixtureCircuit.load(path, device=cfg.device)
         if strategy in src.spec.em_strategies:

@@ -24,7 +24,7 @@ from typing import Any, Callable
 from vq2pc.core.distributed import barrier, is_main
 from vq2pc.core.files import write_json
 
-__all__ = ["RunDir", "STAGES"]
+__all__ = ["RunDir", "STAGES", "check_stages"]
 
 _PARAMS = "_params"  # key of the settings a cached result was computed with
 
@@ -42,9 +42,7 @@ class RunDir:
 
     def __post_init__(self) -> None:
         self.root = Path(self.root)
-        unknown = sorted(set(self.force) - set(STAGES))
-        if unknown:
-            raise ValueError(f"--force: unknown stage(s) {unknown}; expected some of {list(STAGES)}")
+        check_stages(self.force)
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / "figures").mkdir(exist_ok=True)
 
@@ -100,6 +98,13 @@ class RunDir:
         write_json(path, {**result, _PARAMS: params})
         self.redone.add(path)
         return result
+
+
+def check_stages(names: Any) -> None:
+    """Raise ``ValueError`` for a name in ``names`` that is not a stage."""
+    unknown = sorted(set(names) - set(STAGES))
+    if unknown:
+        raise ValueError(f"--force: unknown stage(s) {unknown}; expected some of {list(STAGES)}")
 
 
 def _newer(sources: tuple[Path, ...], target: Path) -> bool:

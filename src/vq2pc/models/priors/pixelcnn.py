@@ -137,7 +137,7 @@ class PixelCNNPrior(SavableModel, nn.Module):
             raise ValueError(f"{name} must have shape [B, {self.latent_hw[0]}, {self.latent_hw[1]}], got {shape}")
         if z.dtype.is_floating_point or z.dtype == torch.bool or z.is_complex():
             raise ValueError(f"{name} must be an integer tensor, got {z.dtype}")
-        if z.numel() and (int(z.min()) < 0 or int(z.max()) >= self.K):
+        if z.numel() and bool(((z < 0) | (z >= self.K)).any()):  # one host sync
             raise ValueError(f"{name} has codes outside [0, K={self.K}): min {int(z.min())}, max {int(z.max())}")
         return z.long()
 
@@ -148,7 +148,7 @@ class PixelCNNPrior(SavableModel, nn.Module):
             raise ValueError(f"{name} must have shape [{n}], got {shape}")
         if c.dtype.is_floating_point or c.dtype == torch.bool:
             raise ValueError(f"{name} must be an integer tensor, got {c.dtype}")
-        if n and (int(c.min()) < 0 or int(c.max()) >= self.num_classes):
+        if n and bool(((c < 0) | (c >= self.num_classes)).any()):
             raise ValueError(f"{name} has classes outside [0, C={self.num_classes}): {int(c.min())}..{int(c.max())}")
         return c.long()
 
@@ -201,8 +201,11 @@ class PixelCNNPrior(SavableModel, nn.Module):
         if not 0 <= int(i) < self.num_positions:
             raise ValueError(f"position i={i} outside [0, {self.num_positions}) for grid {self.latent_hw}")
         z = self.check_codes(z)
-        c = self.check_classes(c, z.shape[0]).to(z.device)
-        row, col = divmod(int(i), self.latent_hw[1])
+        return self._next_log_probs(z, self.check_classes(c, z.shape[0]).to(z.device), int(i))
+
+    def _next_log_probs(self, z: Tensor, c: Tensor, i: int) -> Tensor:
+        """:meth:`next_log_probs` of checked ``z`` (long) and ``c`` (long, on z's device): no host sync."""
+        row, col = divmod(i, self.latent_hw[1])
         # causality: only the vertical stack of rows < row and the horizontal stack of row `row`,
         # columns <= col, reach position i -- everything else is cropped away (exact, and 2x+ faster)
         e = self.embed_codes(z[:, : row + 1])
@@ -212,10 +215,13 @@ class PixelCNNPrior(SavableModel, nn.Module):
         return F.log_softmax(self.head(h[:, :, :, col:]).flatten(1), dim=1)
 
     def next_log_probs_all_classes(self, z: Tensor, i: int) -> Tensor:
-        """``[B, C, K]`` log p(z_i = k | z_<i, c) for every class (z repeated over classes in one call)."""
-        C = self.num_classes
+        """``[B, C, K]`` log p(z_i = k | z_<i, c) for every class (z repeated over classes in one call;
+        the codes are checked before the repeat, with one host sync)."""
+        if not 0 <= int(i) < self.num_positions:
+            raise ValueError(f"position i={i} outside [0, {self.num_positions}) for grid {self.latent_hw}")
+        z, C = self.check_codes(z), self.num_classes
         classes = torch.arange(C, device=z.device).repeat(z.shape[0])
-        return self.next_log_probs(z.repeat_interleave(C, dim=0), classes, i).view(z.shape[0], C, self.K)
+        return self._next_log_probs(z.repeat_interleave(C, dim=0), classes, int(i)).view(z.shape[0], C, self.K)
 
     @torch.no_grad()
     def sample(self, c: Tensor, generator: torch.Generator | None = None, batch_size: int = 8192) -> Tensor:
@@ -226,7 +232,7 @@ class PixelCNNPrior(SavableModel, nn.Module):
         for start in range(0, c.shape[0], batch_size):
             cc, zz = c[start : start + batch_size], flat[start : start + batch_size]
             for i in range(self.num_positions):
-                logp = self.next_log_probs(out[start : start + batch_size], cc, i)
+                logp = self._next_log_probs(out[start : start + batch_size], cc, i)  # c checked once, above
                 zz[:, i] = (logp + gumbel_noise(tuple(logp.shape), generator, logp.device)).argmax(1)
         return out
 
