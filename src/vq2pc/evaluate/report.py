@@ -4,7 +4,7 @@ The report dict the pipeline assembles (every key optional except as noted)::
 
     {"dataset": "digits", "leaf": "gaussian", "wall_time_s": 183.2, "device": "cpu",
      "settings": {...},                                   # flat or nested config values
-     "results": [{"name", "family" | "selection", "N", "num_params", "test_bpd", "test_bpd_std"}],
+     "results": [{"name", "family" | "selection", "N", "num_params", "test_bpd", "test_bpd_std", "selection_seconds"}],
      "figures": {"bpd_vs_N": "bpd_vs_N.png" | {"path": ..., "caption": ...}, ...},
      "latent_usage": latent_usage(...), "correlation": component_correlation(...),
      "inpainting": {model: inpainting_metrics(...)},
@@ -81,8 +81,10 @@ def _results(results: list[dict]) -> list[str]:
         shown = f"{bpd:.4f} ± {std:.4f}" if isinstance(bpd, float) and isinstance(std, float) else _fmt(bpd)
         params = r.get("num_params")
         params = int(params) if isinstance(params, float) and params.is_integer() else params
-        rows.append([r.get("name"), r.get("selection", r.get("family")), r.get("N"), params, shown])
-    return ["## Results", ""] + _table(["model", "selection", "N", "parameters", "test BPD ± std"], rows)
+        seconds = r.get("selection_seconds")
+        rows.append([r.get("name"), r.get("selection", r.get("family")), r.get("N"), params, shown,
+                     None if seconds is None else f"{seconds:.2f}"])
+    return ["## Results", ""] + _table(["model", "selection", "N", "parameters", "test BPD ± std", "selection time (s)"], rows)
 
 
 def _figures(report: dict, run_dir: Path) -> list[tuple[str, str, str]]:
@@ -171,11 +173,11 @@ def _flatten(d: dict, prefix: str = "") -> list[tuple[str, Any]]:
 
 def _sources(sources: list[dict]) -> list[str]:
     """The source VQ-VAEs: size, fit, codebook use (index collapse) and latent-space size."""
-    rows = [[s.get("leaf"), s.get("model"), s.get("K"), s.get("vqvae_params"), s.get("vqvae_val_loss"),
-             s.get("prior_val_nll_per_latent"), s.get("codebook_perplexity_test"), s.get("distinct_test_codes"),
-             s.get("latent_space")] for s in sources]
-    head = ["leaf", "model", "K", "VQ-VAE params", "VQ-VAE val loss (nats)", "prior val NLL (nats/latent)",
-            "codebook perplexity (test)", "distinct test codes", "latent space K^HW"]
+    rows = [[s.get("leaf"), s.get("model"), s.get("K"), s.get("vqvae_params"), s.get("vqvae_val_loss"), s.get("prior"),
+             s.get("prior_params"), s.get("prior_val_nll_per_latent"), s.get("codebook_perplexity_test"),
+             s.get("distinct_test_codes"), s.get("latent_space")] for s in sources]
+    head = ["leaf", "model", "K", "VQ-VAE params", "VQ-VAE val loss (nats)", "prior", "prior params",
+            "prior val NLL (nats/latent)", "codebook perplexity (test)", "distinct test codes", "latent space K^HW"]
     return ["## Source models", ""] + _table(head, rows)
 
 
