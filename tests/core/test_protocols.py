@@ -54,13 +54,13 @@ class TablePrior:
         logits = self.table[c]  # [n, P, K]
         return (logits + gumbel_noise(tuple(logits.shape), generator, c.device)).argmax(-1).view(-1, *self.latent_hw)
 
-    def to(self, *args: Any, **kwargs: Any) -> "TablePrior":
+    def to(self, *args: Any, **kwargs: Any) -> TablePrior:
         return self
 
-    def eval(self) -> "TablePrior":
+    def eval(self) -> TablePrior:
         return self
 
-    def train(self, mode: bool = True) -> "TablePrior":
+    def train(self, mode: bool = True) -> TablePrior:
         return self
 
 

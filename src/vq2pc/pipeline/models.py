@@ -13,9 +13,9 @@ from vq2pc.circuit.distill import distill
 from vq2pc.circuit.exact import ExactModel
 from vq2pc.circuit.mixture import MixtureCircuit
 from vq2pc.circuit.refine import EMConfig, em_refine
+from vq2pc.core.protocols import Prior
 from vq2pc.data.datasets import DataSplits, to_model_space
 from vq2pc.evaluate.density import test_bpd
-from vq2pc.core.protocols import Prior
 from vq2pc.latents.selection import Selection, SelectionShortfall, select
 from vq2pc.models.priors import prior_config, train_prior
 from vq2pc.models.quantizers.vq import perplexity

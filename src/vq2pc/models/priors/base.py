@@ -136,7 +136,8 @@ class AutoregressivePrior(SavableModel):
             state, logp = self.start(c[start : start + batch_size, None], batch_size=batch_size)
             for i in range(self.num_positions):
                 lp = logp[:, 0]
-                out[start : start + batch_size, i] = token = (lp + gumbel_noise(tuple(lp.shape), generator, lp.device)).argmax(1)
+                token = (lp + gumbel_noise(tuple(lp.shape), generator, lp.device)).argmax(1)
+                out[start : start + batch_size, i] = token
                 state, logp = self.step(state, token)
         return out.view(-1, *self.latent_hw)
 
