@@ -80,8 +80,9 @@ def _priors(rows: list[dict], report: dict[str, Any], leaf: str) -> list[str]:
     parts = []
     for s in sources:
         picked = [r for r in rows if r.get("model") == s["model"] and r.get("family") in ("DMRS", "DMBS")]
-        n = max((r["N"] for r in picked), default=None)
-        bpd = ", ".join(f"{r['family']} {r['test_bpd']:.4f}" for r in picked if r["N"] == n)
+        asked = {id(r): r.get("requested_N") or r["N"] for r in picked}  # DMBS rounds N down to s·C·B
+        n = max(asked.values(), default=None)
+        bpd = ", ".join(f"{r['family']} {r['test_bpd']:.4f}" for r in picked if asked[id(r)] == n)
         times = [r["selection_seconds"] for r in picked if r.get("selection_seconds") is not None]
         seconds = f", {sum(times) / len(times):.2f} s per DMRS/DMBS selection" if times else ""
         parts.append(f"{s['model']} ({s['prior']}, {s.get('prior_params')} params): val NLL "
