@@ -5,6 +5,7 @@ import itertools
 import torch
 
 from vq2pc.models.priors.pixelcnn import PixelCNNPrior, PriorConfig
+from vq2pc.models.priors.transformer import TransformerPrior, TransformerPriorConfig
 
 
 def make_prior(K: int = 3, hw: tuple[int, int] = (2, 2), C: int = 2, hidden: int = 8, layers: int = 3,
@@ -15,6 +16,17 @@ def make_prior(K: int = 3, hw: tuple[int, int] = (2, 2), C: int = 2, hidden: int
         prior.head[-1].weight.mul_(sharpen)
         for layer in prior.layers:
             layer.cond.weight.mul_(sharpen)
+    return prior
+
+
+def make_transformer(K: int = 3, hw: tuple[int, int] = (2, 2), C: int = 2, d: int = 8, layers: int = 2,
+                     heads: int = 2, seed: int = 0, sharpen: float = 1.0) -> TransformerPrior:
+    torch.manual_seed(seed)
+    cfg = TransformerPriorConfig(K=K, latent_hw=hw, num_classes=C, d_model=d, layers=layers, heads=heads)
+    prior = TransformerPrior(cfg).eval()
+    with torch.no_grad():  # sharpen > 1: further from uniform, classes further apart
+        prior.head.weight.mul_(sharpen)
+        prior.class_embed.weight.mul_(20 * sharpen)  # init std 0.02: make the classes differ
     return prior
 
 
@@ -67,3 +79,11 @@ def spawn_ranks(fn, world: int, *args, timeout: float = 600.0) -> None:
             for p in ctx.processes:
                 p.kill()
             raise TimeoutError(f"distributed test ranks still running after {timeout:.0f} s")
+def synthetic_codes(n: int, K: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Structured codes: z01 = z00 + c, z10 = z00, z11 = z00 + z01 (mod K)."""
+    g = torch.Generator().manual_seed(seed)
+    c = torch.randint(0, 2, (n,), generator=g)
+    z00 = torch.randint(0, K, (n,), generator=g)
+    z01 = (z00 + c) % K
+    z = torch.stack([z00, z01, z00, (z00 + z01) % K], 1).view(n, 2, 2)
+    return z, c

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import all_codes, make_prior
+from helpers import all_codes, make_prior, synthetic_codes
 from scipy.stats import chisquare
 
 from vq2pc.core.checkpoint import CheckpointError
@@ -85,16 +85,6 @@ def test_sampling_is_reproducible() -> None:
     a = prior.sample(c, generator=torch.Generator().manual_seed(5))
     b = prior.sample(c, generator=torch.Generator().manual_seed(5))
     assert torch.equal(a, b)
-
-
-def synthetic_codes(n: int, K: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Structured codes: z01 = z00 + c, z10 = z00, z11 = z00 + z01 (mod K)."""
-    g = torch.Generator().manual_seed(seed)
-    c = torch.randint(0, 2, (n,), generator=g)
-    z00 = torch.randint(0, K, (n,), generator=g)
-    z01 = (z00 + c) % K
-    z = torch.stack([z00, z01, z00, (z00 + z01) % K], 1).view(n, 2, 2)
-    return z, c
 
 
 def test_training_reduces_nll_and_checkpoints_roundtrip(tmp_path) -> None:

@@ -236,6 +236,10 @@ def test_beam_with_n_below_classes_is_skipped_not_fatal(tmp_path: Path) -> None:
     ({"experiments": {"num_sample": 5}}, "num_sample"),
     ({"models": [{"name": "m", "strategies": ["beam", "bogus_strategy"]}]}, "bogus_strategy"),
     ({"leaves": ["gaussian", "poisson"]}, "poisson"),
+    ({"models": [{"name": "m", "prior": "lstm"}]}, "lstm"),
+    ({"models": [{"name": "m", "prior": "transformer", "prior_hidden": 30, "prior_heads": 4}]}, "multiple of heads"),
+    ({"models": [{"name": "a"}, {"name": "b", "vqvae_from": "a", "K": 8}]}, r"'b' shares the VQ-VAE of 'a' but differs in \['K'\]"),
+    ({"models": [{"name": "b", "vqvae_from": "b"}]}, "vqvae_from 'b' must name another model"),
 ])
 def test_bad_config_raises_naming_the_key(overrides: dict[str, Any], key: str) -> None:
     with pytest.raises(ValueError, match=key):
@@ -281,6 +285,25 @@ def test_std_floor_reaches_every_circuit_and_names_its_rows(tmp_path: Path) -> N
         circuit = MixtureCircuit.load(f)
         assert circuit.meta["std_floor"] == 0.05 and float(circuit.leaf.scale.min()) >= 0.05
     assert report["experiments"]["gaussian"]["inpainting"]  # the showcase parses floored keys
+
+
+def test_a_transformer_twin_shares_the_vqvae_and_is_compared(tmp_path: Path) -> None:
+    """`vqvae_from` reuses the VQ-VAE (same codes, not retrained); rows name their prior and selection time."""
+    cfg = tiny_config(["gaussian"], N=[12], full=False)
+    model = dataclasses.replace(cfg.models[0], strategies=["sample", "beam"])
+    twin = dataclasses.replace(model, name="m-tf", vqvae_from="m", prior="transformer", prior_hidden=8, prior_heads=2)
+    report = run_pipeline(dataclasses.replace(cfg, models=[model, twin]).validate(), tmp_path)
+    assert not (tmp_path / "gaussian" / "m-tf" / "vqvae.pt").exists()
+    assert (tmp_path / "gaussian" / "m-tf" / "prior-transformer.pt").is_file()
+    src = {s["model"]: s for s in report["sources"]}
+    assert (src["m"]["prior"], src["m-tf"]["prior"]) == ("pixelcnn", "transformer")
+    assert src["m"]["vqvae_val_loss"] == src["m-tf"]["vqvae_val_loss"]
+    assert src["m"]["distinct_train_codes"] == src["m-tf"]["distinct_train_codes"]
+    rows = [r for r in report["models"] if r.get("model") == "m-tf"]
+    assert {r["selection"] for r in rows} == {"sample", "beam"}
+    assert all(r["prior"] == "transformer" and r["selection_seconds"] >= 0 for r in rows)
+    assert any(n.startswith("[gaussian] priors compared: m (pixelcnn") for n in report["notes"])
+    assert "| transformer |" in (tmp_path / "report.md").read_text()
 
 
 def test_a_changed_setting_recomputes_only_what_reads_it(tmp_path: Path) -> None:

@@ -13,7 +13,8 @@ from typing import Any
 import torch
 
 from vq2pc.circuit.mixture import MixtureCircuit
-from vq2pc.core.leaves import leaf_from_tensors
+from vq2pc.core.leaves import Leaf, leaf_from_tensors
+from vq2pc.core.protocols import Decoder
 from vq2pc.latents.selection import Selection
 
 __all__ = ["distill", "decode_leaf", "check_std_floor"]
@@ -30,8 +31,9 @@ def check_std_floor(std_floor: float | None, leaf_kind: str) -> None:
 
 
 @torch.no_grad()
-def decode_leaf(vqvae: torch.nn.Module, codes: torch.Tensor, batch_size: int = 512, std_floor: float | None = None):
-    """Decode codes ``[N, h, w]`` into one leaf with batch shape ``[N, S]`` (batched, eval mode).
+def decode_leaf(vqvae: Decoder, codes: torch.Tensor, batch_size: int = 512, std_floor: float | None = None) -> Leaf:
+    """Decode codes ``[N, h, w]`` into one leaf with batch shape ``[N, S]`` (batched, eval mode) with
+    any :class:`~vq2pc.core.protocols.Decoder`.
 
     ``std_floor``: raise every Gaussian std below it to it. The decoder's own floor is 1e-3
     (paper App. C); latents whose decoded strokes are that sharp give test images that miss
@@ -53,15 +55,15 @@ def decode_leaf(vqvae: torch.nn.Module, codes: torch.Tensor, batch_size: int = 5
 
 
 def distill(
-    vqvae: torch.nn.Module,
+    vqvae: Decoder,
     selection: Selection,
     weights: str = "uniform",
     batch_size: int = 512,
     meta: dict[str, Any] | None = None,
     std_floor: float | None = None,
 ) -> MixtureCircuit:
-    """Build the distilled circuit of ``selection`` (N components) from ``vqvae``'s decoder
-    (``std_floor``: see :func:`decode_leaf`)."""
+    """Build the distilled circuit of ``selection`` (N components) from a :class:`~vq2pc.core.protocols.Decoder`
+    such as a VQ-VAE (``std_floor``: see :func:`decode_leaf`)."""
     if selection.codes.shape[0] == 0:
         raise ValueError("selection is empty: nothing to distill")
     leaf = decode_leaf(vqvae, selection.codes, batch_size, std_floor)

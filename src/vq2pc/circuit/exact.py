@@ -22,7 +22,7 @@ import math
 from typing import Iterator
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from vq2pc.circuit.distill import check_std_floor, decode_leaf
@@ -42,9 +42,9 @@ from vq2pc.core.distributed import (
     shard_range,
 )
 from vq2pc.core.leaves import Leaf
+from vq2pc.core.protocols import Decoder, Prior, missing_members
 from vq2pc.core.random import gumbel_noise
 from vq2pc.latents.enumerate import check_space, enumerate_log_prior, index_to_codes
-from vq2pc.models.priors.pixelcnn import PixelCNNPrior
 
 __all__ = ["ExactModel"]
 
@@ -57,8 +57,8 @@ class ExactModel:
     """The exact mixture over every latent, queried by streaming over chunks of latents.
 
     Args:
-        vqvae: a :class:`~vq2pc.vqvae.VQVAE` (its decoder gives ``p(x | z)``).
-        prior: a :class:`~vq2pc.prior.PixelCNNPrior` with the same ``K`` and latent grid.
+        vqvae: a :class:`~vq2pc.core.protocols.Decoder` (e.g. a :class:`~vq2pc.models.vqvae.VQVAE`) giving ``p(x | z)``.
+        prior: a :class:`~vq2pc.core.protocols.Prior` with the same ``K`` and latent grid.
         chunk: most latents decoded and scored at once (lowered when one chunk's leaf
             parameters or a query's ``[B, chunk]`` scores would exceed ``memory_budget_mib``).
         max_space: largest ``K^{HW}`` accepted (``ValueError`` above it).
@@ -70,8 +70,8 @@ class ExactModel:
 
     def __init__(
         self,
-        vqvae: nn.Module,
-        prior: PixelCNNPrior,
+        vqvae: Decoder,
+        prior: Prior,
         *,
         chunk: int = 8192,
         max_space: int = 2**27,
@@ -80,23 +80,24 @@ class ExactModel:
         progress: bool = False,
         std_floor: float | None = None,
     ) -> None:
-        cfg = getattr(vqvae, "cfg", None)
-        if cfg is None or not isinstance(prior, PixelCNNPrior):
-            raise ValueError(f"need a VQVAE and a PixelCNNPrior, got {type(vqvae).__name__} and {type(prior).__name__}")
-        if prior.K != cfg.K or tuple(prior.latent_hw) != tuple(cfg.latent_hw):
+        for model, protocol in ((vqvae, Decoder), (prior, Prior)):
+            if not isinstance(model, protocol):
+                raise ValueError(f"{type(model).__name__} is not a {protocol.__name__}: it lacks "
+                                 f"{missing_members(model, protocol)} (see vq2pc.core.protocols)")
+        if prior.K != vqvae.K or tuple(prior.latent_hw) != tuple(vqvae.latent_hw):
             raise ValueError(f"prior (K={prior.K}, grid {tuple(prior.latent_hw)}) does not match the VQ-VAE "
-                             f"(K={cfg.K}, grid {tuple(cfg.latent_hw)})")
+                             f"(K={vqvae.K}, grid {tuple(vqvae.latent_hw)})")
         if int(chunk) < 1 or not memory_budget_mib > 0:
             raise ValueError(f"chunk must be >= 1 and memory_budget_mib > 0, got {chunk}, {memory_budget_mib}")
-        self.K, self.latent_hw = int(cfg.K), tuple(cfg.latent_hw)
+        self.K, self.latent_hw = int(vqvae.K), tuple(vqvae.latent_hw)
         self._space = check_space(self.K, *self.latent_hw, max_space)
         self.device = torch.device(device) if device is not None else next(vqvae.parameters()).device
         self.vqvae, self.prior = vqvae.to(self.device).eval(), prior.to(self.device).eval()
         self.memory_budget_mib, self.progress = float(memory_budget_mib), bool(progress)
-        check_std_floor(std_floor, cfg.leaf)
+        self._template = decode_leaf(vqvae, torch.zeros((1, *self.latent_hw), dtype=torch.long, device=self.device))
+        check_std_floor(std_floor, self._template.kind)
         self.std_floor = std_floor
         self.log_prior = enumerate_log_prior(prior, device=self.device, progress=progress, max_space=max_space)
-        self._template = decode_leaf(vqvae, torch.zeros((1, *self.latent_hw), dtype=torch.long, device=self.device))
         per_component = sum(t[0].numel() * t.element_size() for t in self._template.tensors().values())
         self._rows = max(1, int(self.memory_budget_mib * _MIB // (_COPIES * per_component)))  # decoded rows that fit
         self.chunk = min(int(chunk), self._rows)
@@ -241,7 +242,7 @@ class ExactModel:
     ) -> Tensor:
         """Exact samples ``[n, S]``; with ``x``/``mask``, one draw from p(x_u | x_o) per row, x_o kept.
 
-        Unconditional: ``c ~ p(c)``, ``z ~ p(z | c)`` (ancestral, :meth:`PixelCNNPrior.sample`),
+        Unconditional: ``c ~ p(c)``, ``z ~ p(z | c)`` (ancestral, :meth:`~vq2pc.core.protocols.Prior.sample`),
         ``x ~ p(x | z)``. Conditional: ``z`` by a streaming Gumbel-max over the posterior scores,
         then its leaf on x_u (same semantics as :meth:`MixtureCircuit.sample`; without ``mask``
         every entry is redrawn from the leaf of a posterior latent).

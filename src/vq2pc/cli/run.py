@@ -23,7 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "run",
         help="train VQ-VAE + prior, distill circuits, run every experiment, write a report",
         description=(
-            "Run the whole pipeline into a run directory: train the VQ-VAE and its PixelCNN prior, distill "
+            "Run the whole pipeline into a run directory: train the VQ-VAE and its prior (PixelCNN or Transformer), distill "
             "circuits with every selection strategy and N of the config, train the baselines (EiNet, continuous "
             "mixture), run the experiments (latent usage, BPD vs size, inpainting, samples + class balance, latent "
             "correlation) and write report.md / report.json with PNG figures. Without --config it runs the quick "

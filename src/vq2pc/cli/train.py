@@ -16,7 +16,7 @@ from vq2pc.core.distributed import is_main
 from vq2pc.core.leaves import LEAF_KINDS
 from vq2pc.data.datasets import DATASET_NAMES, DataSplits, load_dataset
 from vq2pc.latents.selection import STRATEGIES, WEIGHTS, select
-from vq2pc.models.priors.pixelcnn import PixelCNNPrior, PriorConfig, train_prior
+from vq2pc.models.priors import PRIOR_NAMES, load_prior, prior_config, train_prior
 from vq2pc.models.quantizers import QUANTIZER_NAMES, make_quantizer
 from vq2pc.models.train import TrainConfig
 from vq2pc.models.vqvae import VQVAE, VQVAEConfig, encode_images, train_vqvae
@@ -69,12 +69,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="vqvae.pt", help="checkpoint to write")
     p.set_defaults(func=_train_vqvae)
 
-    p = sub.add_parser("train-prior", help="train the class-conditional PixelCNN prior over a VQ-VAE's codes",
+    p = sub.add_parser("train-prior", help="train a class-conditional prior (PixelCNN or Transformer) over a VQ-VAE's codes",
                        formatter_class=_FMT, description="Encode the dataset with --vqvae and fit the prior.")
     _data_args(p), _train_args(p)
     p.add_argument("--vqvae", required=True, help="VQ-VAE checkpoint")
-    p.add_argument("--hidden", type=int, default=64, help="PixelCNN channels")
-    p.add_argument("--layers", type=int, default=4, help="gated PixelCNN layers")
+    p.add_argument("--prior", default="pixelcnn", choices=list(PRIOR_NAMES),
+                   help="gated PixelCNN, or causal Transformer with a key/value cache")
+    p.add_argument("--hidden", type=int, default=64, help="PixelCNN channels / Transformer width")
+    p.add_argument("--layers", type=int, default=4, help="gated PixelCNN layers / Transformer blocks")
+    p.add_argument("--heads", type=int, default=4, help="Transformer attention heads (--hidden must be a multiple)")
     p.add_argument("--unlabeled", action="store_true", help="ignore labels (C = 1)")
     p.add_argument("--out", default="prior.pt", help="checkpoint to write")
     p.set_defaults(func=_train_prior)
@@ -142,18 +145,19 @@ def _train_prior(a: argparse.Namespace) -> int:
     splits = _splits(a)
     vqvae = VQVAE.load(a.vqvae, device=a.device)
     labeled = splits.num_classes > 1 and not a.unlabeled
-    cfg = PriorConfig(K=vqvae.cfg.K, latent_hw=vqvae.cfg.latent_hw, num_classes=splits.num_classes if labeled else 1,
-                      hidden=a.hidden, layers=a.layers)
+    cfg = prior_config(a.prior, vqvae.K, vqvae.latent_hw, splits.num_classes if labeled else 1, a.hidden, a.layers,
+                       a.heads)
     prior, res = train_prior(encode_images(vqvae, splits.train_x, a.seed), splits.train_y if labeled else None, cfg,
                              train_cfg, encode_images(vqvae, splits.val_x, a.seed), splits.val_y if labeled else None,
                              checkpoint=a.out)
     if is_main():
-        print(json.dumps({"checkpoint": a.out, "best_val_nll_per_latent": res.best_val_loss, "epochs": res.epochs_run}))
+        print(json.dumps({"checkpoint": a.out, "prior": a.prior, "best_val_nll_per_latent": res.best_val_loss,
+                          "epochs": res.epochs_run, "num_params": prior.num_params}))
     return 0
 
 
 def _distill(a: argparse.Namespace) -> int:
-    vqvae, prior = VQVAE.load(a.vqvae, device=a.device), PixelCNNPrior.load(a.prior, device=a.device)
+    vqvae, prior = VQVAE.load(a.vqvae, device=a.device), load_prior(a.prior, device=a.device)
     check_std_floor(a.std_floor, vqvae.cfg.leaf)
     if (vqvae.cfg.K, tuple(vqvae.cfg.latent_hw)) != (prior.K, tuple(prior.latent_hw)):
         raise ValueError(f"--prior (K={prior.K}, grid {prior.latent_hw}) does not match --vqvae "
@@ -186,7 +190,7 @@ def _usage(a: argparse.Namespace) -> int:
     from vq2pc.evaluate.usage import latent_usage
     from vq2pc.latents.enumerate import enumerate_log_prior
 
-    prior = PixelCNNPrior.load(a.prior, device=a.device)
+    prior = load_prior(a.prior, device=a.device)
     res = latent_usage(enumerate_log_prior(prior, device=a.device, max_space=a.max_space), Path(a.out))
     print(json.dumps({k: v for k, v in res.items() if not isinstance(v, (list, dict))}))
     return 0

@@ -4,7 +4,7 @@ The report dict the pipeline assembles (every key optional except as noted)::
 
     {"dataset": "digits", "leaf": "gaussian", "wall_time_s": 183.2, "device": "cpu",
      "settings": {...},                                   # flat or nested config values
-     "results": [{"name", "family" | "selection", "N", "num_params", "test_bpd", "test_bpd_std"}],
+     "results": [{"name", "family" | "selection", "N", "num_params", "test_bpd", "test_bpd_std", "selection_seconds"}],
      "figures": {"bpd_vs_N": "bpd_vs_N.png" | {"path": ..., "caption": ...}, ...},
      "latent_usage": latent_usage(...), "correlation": component_correlation(...),
      "inpainting": {model: inpainting_metrics(...)},
@@ -87,9 +87,11 @@ def _results(results: list[dict]) -> list[str]:
         tail = " / ".join(_fmt(r.get(f"test_bpd_{k}"), 3) for k in ("median", "p90", "p99", "max"))
         secs = r.get("train_seconds", (r.get("finetune") or {}).get("seconds"))
         cost = None if secs is None else f"{secs:.0f}" + (" (capped)" if r.get("time_capped") else "")
-        rows.append([r.get("name"), r.get("selection", r.get("family")), r.get("N"), params, shown, tail, cost])
+        sel = r.get("selection_seconds")
+        rows.append([r.get("name"), r.get("selection", r.get("family")), r.get("N"), params, shown, tail,
+                     None if sel is None else f"{sel:.2f}", cost])
     head = ["model", "selection", "N", "parameters", "test BPD ± std", "per-image BPD median / p90 / p99 / max",
-            "training s"]
+            "selection time (s)", "training s"]
     return ["## Results", ""] + _table(head, rows)
 
 
@@ -187,12 +189,13 @@ def _cost(training: dict | None) -> str | None:
 
 def _sources(sources: list[dict]) -> list[str]:
     """The source VQ-VAEs: size, fit, codebook use (index collapse) and latent-space size."""
-    rows = [[s.get("leaf"), s.get("model"), s.get("K"), s.get("vqvae_params"), s.get("vqvae_val_loss"),
-             s.get("prior_val_nll_per_latent"), s.get("codebook_perplexity_test"), s.get("distinct_test_codes"),
-             s.get("latent_space"), _cost(s.get("vqvae_training")), _cost(s.get("prior_training"))] for s in sources]
-    head = ["leaf", "model", "K", "VQ-VAE params", "VQ-VAE val loss (nats)", "prior val NLL (nats/latent)",
-            "codebook perplexity (test)", "distinct test codes", "latent space K^HW", "VQ-VAE training s (epochs)",
-            "prior training s (epochs)"]
+    rows = [[s.get("leaf"), s.get("model"), s.get("K"), s.get("vqvae_params"), s.get("vqvae_val_loss"), s.get("prior"),
+             s.get("prior_params"), s.get("prior_val_nll_per_latent"), s.get("codebook_perplexity_test"),
+             s.get("distinct_test_codes"), s.get("latent_space"), _cost(s.get("vqvae_training")),
+             _cost(s.get("prior_training"))] for s in sources]
+    head = ["leaf", "model", "K", "VQ-VAE params", "VQ-VAE val loss (nats)", "prior", "prior params",
+            "prior val NLL (nats/latent)", "codebook perplexity (test)", "distinct test codes", "latent space K^HW",
+            "VQ-VAE training s (epochs)", "prior training s (epochs)"]
     return ["## Source models", ""] + _table(head, rows)
 
 

@@ -5,7 +5,7 @@ row-major), so ``index_to_codes(arange(K^{HW}))`` lists the grids in output orde
 
 Method: a prefix tree over positions, expanded breadth-first and in chunks. At
 depth ``d`` every prefix ``z_<d`` (for every class, in the same prior call)
-gets one :meth:`PixelCNNPrior.next_log_probs` evaluation, which scores all ``K``
+gets one :meth:`~vq2pc.core.protocols.Prior.next_log_probs_all_classes` evaluation, which scores all ``K``
 children at once: ``log p(z_≤d | c) = log p(z_<d | c) + log p(z_d | z_<d, c)``.
 At the last position the per-class scores are combined at once with
 ``logsumexp_c(log p(c) + ·)`` into the output slice, so nothing of size
@@ -27,7 +27,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from vq2pc.core.distributed import all_reduce_max_, is_distributed, is_main, shard_range
-from vq2pc.models.priors.pixelcnn import PixelCNNPrior
+from vq2pc.core.protocols import Prior, num_positions, prior_device
 
 __all__ = ["latent_space_size", "check_space", "index_to_codes", "codes_to_index", "enumerate_log_prior"]
 
@@ -76,9 +76,9 @@ def codes_to_index(z: Tensor, K: int) -> Tensor:
 class _Enumerator:
     """State of one enumeration: the prior, the output vector, chunk sizes and progress."""
 
-    def __init__(self, prior: PixelCNNPrior, out: Tensor, batch_size: int, frontier_rows: int, bar: tqdm) -> None:
+    def __init__(self, prior: Prior, out: Tensor, batch_size: int, frontier_rows: int, bar: tqdm) -> None:
         self.prior, self.out, self.bar = prior, out, bar
-        self.K, self.C, self.P = prior.K, prior.num_classes, prior.num_positions
+        self.K, self.C, self.P = prior.K, prior.num_classes, num_positions(prior)
         self.step = max(1, batch_size // self.C)  # prefixes per prior call (each repeated over C classes)
         self.frontier_rows = frontier_rows
         self.log_pc = prior.class_log_prior.float()
@@ -122,7 +122,7 @@ class _Enumerator:
 
 @torch.inference_mode()
 def enumerate_log_prior(
-    prior: PixelCNNPrior,
+    prior: Prior,
     batch_size: int = 16384,
     device: str | torch.device | None = None,
     progress: bool = True,
@@ -145,11 +145,11 @@ def enumerate_log_prior(
         raise ValueError(f"batch_size and frontier_rows must be >= 1, got {batch_size}, {frontier_rows}")
     if device is not None:
         prior.to(device)
-    dev = prior.device
+    dev = prior_device(prior)
     was_training = prior.training
     prior.eval()
     out = torch.empty(space, dtype=torch.float32, device=dev)
-    calls = prior.num_classes * sum(prior.K**d for d in range(prior.num_positions))
+    calls = prior.num_classes * sum(prior.K**d for d in range(num_positions(prior)))
     with tqdm(total=calls, desc="enumerate p(z)", unit="row", disable=not (progress and is_main()), leave=False) as bar:
         state = _Enumerator(prior, out, batch_size, frontier_rows, bar)
         root = torch.zeros((1, h, w), dtype=torch.long, device=dev)

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from vq2pc.core.protocols import Prior, check_codes, num_positions, prior_device
 from vq2pc.core.random import gumbel_noise, randint
 from vq2pc.latents.beam import beam_search, stochastic_beam_search
 from vq2pc.latents.enumerate import (
@@ -42,7 +43,6 @@ from vq2pc.latents.enumerate import (
     index_to_codes,
     latent_space_size,
 )
-from vq2pc.models.priors.pixelcnn import PixelCNNPrior
 
 __all__ = ["Selection", "select", "STRATEGIES", "WEIGHTS", "SelectionShortfall"]
 
@@ -84,9 +84,10 @@ def _check_n(N: int | None, space: int) -> int:
     return int(N)
 
 
-def _log_prob(prior: PixelCNNPrior, codes: Tensor, batch_size: int) -> Tensor:
+def _log_prob(prior: Prior, codes: Tensor, batch_size: int) -> Tensor:
+    """``[N]`` log p(z) = log Σ_c p(c) p(z|c) of codes ``[N,h,w]``."""
     with torch.inference_mode():
-        return prior.log_prob(codes, batch_size)
+        return torch.logsumexp(prior.log_prob_all_classes(codes, batch_size) + prior.class_log_prior, dim=1)
 
 
 def _first_distinct(collected: Tensor, draws: Tensor, need: int) -> Tensor:
@@ -105,10 +106,10 @@ class SelectionShortfall(ValueError):
     """A strategy could not find ``N`` distinct latents (the prior's mass sits on fewer)."""
 
 
-def _select_sample(prior: PixelCNNPrior, N: int, generator: torch.Generator | None, batch_size: int,
+def _select_sample(prior: Prior, N: int, generator: torch.Generator | None, batch_size: int,
                    max_draws_per_latent: int = 256) -> tuple[Tensor, dict[str, Any]]:
     """DMRS: first ``N`` distinct of i.i.d. draws ``c ~ U(C), z ~ p(z|c)``; draw batches double in size."""
-    dev, P = prior.device, prior.num_positions
+    dev, P = prior_device(prior), num_positions(prior)
     collected = torch.empty((0, P), dtype=torch.long, device=dev)
     draws, size, limit = 0, 2 * N, max_draws_per_latent * N + 1024
     while collected.shape[0] < N and draws < limit:
@@ -125,7 +126,7 @@ def _select_sample(prior: PixelCNNPrior, N: int, generator: torch.Generator | No
     return collected.view(N, *prior.latent_hw), {"draws": draws}
 
 
-def _select_beam(prior: PixelCNNPrior, N: int, starts: int, generator: torch.Generator | None,
+def _select_beam(prior: Prior, N: int, starts: int, generator: torch.Generator | None,
                  batch_size: int) -> tuple[Tensor, Tensor, dict[str, Any]]:
     """DMBS (Algorithm 1): starts·C searches of width B = N // (starts·C) from sampled first tokens.
 
@@ -138,7 +139,7 @@ def _select_beam(prior: PixelCNNPrior, N: int, starts: int, generator: torch.Gen
     tokens' subtrees hold fewer than N latents; ``info["shortfall"]`` and ``info["shortfall_reason"]``
     say so.
     """
-    C, dev = prior.num_classes, prior.device
+    C, dev = prior.num_classes, prior_device(prior)
     if starts < 1:
         raise ValueError(f"starts must be >= 1, got {starts}")
     width = N // (starts * C)
@@ -184,7 +185,7 @@ def _token_budgets(tokens: list[int], N: int, width: int, subtree: int) -> dict[
     return budgets
 
 
-def _select_topk(prior: PixelCNNPrior, N: int, max_space: int,
+def _select_topk(prior: Prior, N: int, max_space: int,
                  batch_size: int) -> tuple[Tensor, Tensor, dict[str, Any]]:
     """Top-N by p(z): exact by enumeration within ``max_space``, else a width-N beam on p(z) (approximate)."""
     h, w = prior.latent_hw
@@ -192,16 +193,16 @@ def _select_topk(prior: PixelCNNPrior, N: int, max_space: int,
         log_p = enumerate_log_prior(prior, batch_size=batch_size, progress=False, max_space=max_space)
         log_prior, idx = log_p.topk(N)
         return index_to_codes(idx, prior.K, h, w), log_prior, {"exact": True}
-    root = torch.zeros((1, h, w), dtype=torch.long, device=prior.device)
-    scores = torch.zeros((1, prior.num_classes), device=prior.device)
+    root = torch.zeros((1, h, w), dtype=torch.long, device=prior_device(prior))
+    scores = torch.zeros((1, prior.num_classes), device=prior_device(prior))
     result = beam_search(prior, root, scores, 0, N, batch_size=batch_size)
     return result.codes[0], result.keys[0], {"exact": False}
 
 
-def _select_data(prior: PixelCNNPrior, N: int | None, codes_from_data: Tensor | None) -> tuple[Tensor, Tensor]:
+def _select_data(prior: Prior, N: int | None, codes_from_data: Tensor | None) -> tuple[Tensor, Tensor]:
     if codes_from_data is None:
         raise ValueError("strategy 'data' needs codes_from_data [n,h,w] (the encoder's training-set codes)")
-    codes = prior.check_codes(codes_from_data, "codes_from_data").to(prior.device)
+    codes = check_codes(codes_from_data, prior.K, prior.latent_hw, "codes_from_data").to(prior_device(prior))
     if codes.shape[0] == 0:
         raise ValueError("codes_from_data is empty")
     unique, counts = torch.unique(codes.flatten(1), dim=0, return_counts=True)
@@ -213,7 +214,7 @@ def _select_data(prior: PixelCNNPrior, N: int | None, codes_from_data: Tensor | 
     return unique[keep].view(-1, *prior.latent_hw), log_freq
 
 
-def _dispatch(prior: PixelCNNPrior, strategy: str, N: int | None, starts: int,
+def _dispatch(prior: Prior, strategy: str, N: int | None, starts: int,
               generator: torch.Generator | None, max_space: int, codes_from_data: Tensor | None,
               batch_size: int) -> tuple[Tensor, Tensor, dict[str, Any]]:
     """Run one strategy; returns ``codes [N,h,w]``, ``log_prior [N]`` and ``info``."""
@@ -223,7 +224,7 @@ def _dispatch(prior: PixelCNNPrior, strategy: str, N: int | None, starts: int,
     if strategy == "exhaustive":
         check_space(prior.K, h, w, max_space)
         log_prior = enumerate_log_prior(prior, batch_size=batch_size, progress=False, max_space=max_space)
-        codes = index_to_codes(torch.arange(space, device=prior.device), prior.K, h, w)
+        codes = index_to_codes(torch.arange(space, device=prior_device(prior)), prior.K, h, w)
     elif strategy == "data":
         codes, log_prior = _select_data(prior, N, codes_from_data)
     else:
@@ -245,7 +246,7 @@ def _dispatch(prior: PixelCNNPrior, strategy: str, N: int | None, starts: int,
 
 
 def select(
-    prior: PixelCNNPrior,
+    prior: Prior,
     strategy: str,
     N: int | None,
     *,

@@ -95,6 +95,16 @@ class VQVAE(SavableModel, nn.Module):
         init_head(self.decoder.head, cfg.leaf, C)
 
     @property
+    def K(self) -> int:
+        """Codebook size (:class:`vq2pc.core.protocols.Decoder`)."""
+        return self.cfg.K
+
+    @property
+    def latent_hw(self) -> tuple[int, int]:
+        """Latent grid ``(h, w)`` (:class:`vq2pc.core.protocols.Decoder`)."""
+        return self.cfg.latent_hw
+
+    @property
     def num_params(self) -> int:
         """Number of trainable and codebook parameters."""
         return sum(p.numel() for p in self.parameters())

@@ -22,6 +22,7 @@ import yaml
 from vq2pc.circuit.finetune import FineTuneConfig
 from vq2pc.core.leaves import LEAF_KINDS
 from vq2pc.latents.selection import STRATEGIES, WEIGHTS
+from vq2pc.models.priors import prior_config
 from vq2pc.models.train import TrainConfig
 
 __all__ = ["ModelSpec", "BaselineSpec", "ExperimentSpec", "RunConfig", "load_config", "config_to_dict", "DEFAULT_CONFIG"]
@@ -42,8 +43,11 @@ class ModelSpec:
     beta: float = 0.25
     quantizer: str = "ema"  # vq (paper Eq. 6) | ema (codebook as moving cluster means)
     quantizer_opts: dict[str, Any] = field(default_factory=lambda: {"kmeans_init": True})
-    prior_hidden: int = 64
-    prior_layers: int = 4
+    vqvae_from: str | None = None  # reuse this model's trained VQ-VAE (its VQ-VAE keys must equal ours): compare priors
+    prior: str = "pixelcnn"  # pixelcnn | transformer (vq2pc.models.priors)
+    prior_hidden: int = 64  # PixelCNN channels / Transformer width
+    prior_layers: int = 4  # gated PixelCNN layers / Transformer blocks
+    prior_heads: int = 4  # Transformer attention heads (prior_hidden must be a multiple)
     strategies: list[str] = field(default_factory=lambda: ["exhaustive", "sample", "beam", "topk", "data"])
     N: list[int] = field(default_factory=lambda: [16, 64, 256, 1024])
     weights: str = "uniform"  # mixture weights of the non-exhaustive strategies: uniform (Eq. 2) | prior
@@ -56,6 +60,10 @@ class ModelSpec:
     std_floor: float | None = None  # Gaussian leaves: raise decoded stds below this (every circuit and ExM of the model)
     ft_strategies: list[str] = field(default_factory=list)  # also fine-tune these strategies' circuits (+FT rows)
     finetune: FineTuneConfig = field(default_factory=FineTuneConfig)  # settings of the +FT rows (device, seed: the run's)
+
+
+VQVAE_KEYS = ("latent_hw", "K", "D", "hidden", "res_blocks", "beta", "quantizer", "quantizer_opts")
+"""The ModelSpec keys that make its VQ-VAE (equal for a model and its ``vqvae_from``)."""
 
 
 @dataclass
@@ -90,6 +98,12 @@ class ExperimentSpec:
     bpd_draws: int = 3  # dequantization draws for continuous test BPD
 
 
+def transformer_twin() -> ModelSpec:
+    """The default run's second model: the first one's VQ-VAE with a Transformer prior (PixelCNN vs Transformer)."""
+    return ModelSpec(name="2x2-tf", vqvae_from="2x2", prior="transformer", strategies=["exhaustive", "sample", "beam"],
+                     em_strategies=[])
+
+
 @dataclass
 class RunConfig:
     """Everything a ``vq2pc run`` needs; see ``configs/`` for annotated examples."""
@@ -102,7 +116,7 @@ class RunConfig:
     seed: int = 0
     device: str = "cpu"
     leaves: list[str] = field(default_factory=lambda: ["gaussian", "categorical"])
-    models: list[ModelSpec] = field(default_factory=lambda: [ModelSpec()])
+    models: list[ModelSpec] = field(default_factory=lambda: [ModelSpec(), transformer_twin()])
     main_model: str | None = None  # model used for the experiments; default: the first
     max_exhaustive: int = 2**22  # largest latent space distilled exhaustively (ExM)
     max_usage_space: int = 2**27  # largest latent space enumerated for Fig. 1 (96^4 ≈ 2^26.3)
@@ -148,6 +162,8 @@ class RunConfig:
                     raise ValueError(f"config: model {m.name!r} has unknown {key} {bad}; expected {list(STRATEGIES)}")
             if m.weights not in WEIGHTS:
                 raise ValueError(f"config: model {m.name!r} weights must be one of {list(WEIGHTS)}, got {m.weights!r}")
+            _check_prior(m)
+            self._check_vqvae_from(m)
             if m.std_floor is not None and not (isinstance(m.std_floor, (int, float)) and 0 < m.std_floor < math.inf):
                 raise ValueError(f"config: model {m.name!r} std_floor must be a positive number, got {m.std_floor!r}")
         for key in ("main_model", "analysis_model"):
@@ -155,6 +171,17 @@ class RunConfig:
             if value is not None and value not in names:
                 raise ValueError(f"config: {key} {value!r} is not one of {names}")
         return self
+
+    def _check_vqvae_from(self, m: ModelSpec) -> None:
+        if m.vqvae_from is None:
+            return
+        source = next((s for s in self.models if s.name == m.vqvae_from and s is not m), None)
+        if source is None or source.vqvae_from is not None:
+            raise ValueError(f"config: model {m.name!r} vqvae_from {m.vqvae_from!r} must name another model that "
+                             "trains its own VQ-VAE")
+        differ = [k for k in VQVAE_KEYS if _plain(getattr(m, k)) != _plain(getattr(source, k))]
+        if differ:
+            raise ValueError(f"config: model {m.name!r} shares the VQ-VAE of {source.name!r} but differs in {differ}")
 
     @property
     def main(self) -> ModelSpec:
@@ -181,6 +208,12 @@ def _check_device_name(name: Any) -> None:
         torch.device(name)
     except (RuntimeError, TypeError):
         raise ValueError(f"config: device {name!r} is not a torch device; use cpu, cuda, cuda:N or mps") from None
+def _check_prior(m: ModelSpec) -> None:
+    """A clear error for an unknown prior (one of ``PRIOR_NAMES``) or sizes that do not make one."""
+    try:
+        prior_config(m.prior, m.K, tuple(m.latent_hw), 1, m.prior_hidden, m.prior_layers, m.prior_heads)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"config: model {m.name!r}: {exc}") from None
 
 
 def _build(cls: type, data: dict[str, Any], where: str) -> Any:
@@ -261,18 +294,20 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     return _build(RunConfig, data, "config").validate()
 
 
+def _plain(v: Any) -> Any:
+    """``v`` with tuples as lists, recursively (as it reads back from YAML/JSON)."""
+    if isinstance(v, tuple):
+        return list(v)
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_plain(x) for x in v]
+    return v
+
+
 def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
     """A plain dict (YAML/JSON-able) of ``cfg``."""
-    def plain(v: Any) -> Any:
-        if isinstance(v, tuple):
-            return list(v)
-        if isinstance(v, dict):
-            return {k: plain(x) for k, x in v.items()}
-        if isinstance(v, list):
-            return [plain(x) for x in v]
-        return v
-
-    return plain(asdict(cfg))
+    return _plain(asdict(cfg))
 
 
 DEFAULT_CONFIG = RunConfig()

@@ -99,10 +99,9 @@ def _usage(run: RunDir, cfg: RunConfig, splits: DataSplits, src: SourceModel, pn
     With ``experiments.usage_seeds`` the same model is trained again with each extra seed and the
     figure shows mean ± std over all of them.
     """
-    priors = [src.prior] + [
-        build_source_model(run, replace(cfg, seed=s), splits, src.leaf, replace(src.spec, name=f"{src.spec.name}-seed{s}")).prior
-        for s in cfg.experiments.usage_seeds if s != cfg.seed
-    ]
+    seeded = [(s, replace(src.spec, name=f"{src.spec.name}-seed{s}", vqvae_from=None))  # each trains its own VQ-VAE
+              for s in cfg.experiments.usage_seeds if s != cfg.seed]
+    priors = [src.prior] + [build_source_model(run, replace(cfg, seed=s), splits, src.leaf, spec).prior for s, spec in seeded]
     start = time.perf_counter()
     log_pzs = [enumerate_log_prior(p, device=cfg.device, max_space=cfg.max_usage_space) for p in priors]
     seconds = (time.perf_counter() - start) / len(priors)

@@ -1,7 +1,8 @@
 """Plain sentences, computed from a run's numbers, that check the paper's claims and flag caveats.
 
 They go to the report's "Honest notes": whether the exact model bounds the distilled ones,
-whether beam search matches random sampling at equal N, how the baselines compare, and
+whether beam search matches random sampling at equal N, how the baselines compare, how the
+priors compare when models differ only in their prior, and
 where a number was measured on fewer test images or components than asked for.
 """
 
@@ -85,6 +86,25 @@ def _refined(rows: list[dict], leaf: str) -> list[str]:
     return notes
 
 
+def _priors(rows: list[dict], report: dict[str, Any], leaf: str) -> list[str]:
+    """When a leaf's models use different priors: each one's val NLL, DMRS/DMBS BPD at its largest N, selection time."""
+    sources = [s for s in report.get("sources", []) if s.get("leaf") == leaf and s.get("prior")]
+    if len({s["prior"] for s in sources}) < 2:
+        return []
+    parts = []
+    for s in sources:
+        picked = [r for r in rows if r.get("model") == s["model"] and r.get("family") in ("DMRS", "DMBS")]
+        asked = {id(r): r.get("requested_N") or r["N"] for r in picked}  # DMBS rounds N down to s·C·B
+        n = max(asked.values(), default=None)
+        bpd = ", ".join(f"{r['family']} {r['test_bpd']:.4f}" for r in picked if asked[id(r)] == n)
+        times = [r["selection_seconds"] for r in picked if r.get("selection_seconds") is not None]
+        seconds = f", {sum(times) / len(times):.2f} s per DMRS/DMBS selection" if times else ""
+        parts.append(f"{s['model']} ({s['prior']}, {s.get('prior_params')} params): val NLL "
+                     f"{s.get('prior_val_nll_per_latent', float('nan')):.4f} nats/latent"
+                     + (f", N={n}: {bpd} BPD" if picked else "") + seconds)
+    return [f"[{leaf}] priors compared: " + "; ".join(parts) + "."]
+
+
 def _caveats(rows: list[dict], report: dict[str, Any]) -> list[str]:
     notes = []
     full = report.get("splits", {}).get("test")
@@ -105,4 +125,5 @@ def findings(report: dict[str, Any]) -> list[str]:
     for leaf in dict.fromkeys(r.get("leaf") for r in report.get("models", [])):
         rows = [r for r in report["models"] if r.get("leaf") == leaf and r.get("test_bpd") is not None]
         notes += _exm_bound(rows, leaf) + _beam_vs_sample(rows, leaf) + _baselines(rows, leaf) + _refined(rows, leaf)
+        notes += _priors(rows, report, leaf)
     return notes + _caveats(report.get("models", []), report)

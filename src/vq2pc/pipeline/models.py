@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -12,16 +13,17 @@ from vq2pc.circuit.distill import distill
 from vq2pc.circuit.exact import ExactModel
 from vq2pc.circuit.mixture import MixtureCircuit
 from vq2pc.circuit.refine import EMConfig, em_refine
+from vq2pc.core.protocols import Prior
 from vq2pc.data.datasets import DataSplits, to_model_space
 from vq2pc.evaluate.density import BPD_FORMAT, bpd_fields, test_bpd
 from vq2pc.latents.selection import Selection, SelectionShortfall, select
-from vq2pc.models.priors.pixelcnn import PixelCNNPrior, PriorConfig, train_prior
+from vq2pc.models.priors import prior_config, train_prior
 from vq2pc.models.quantizers.vq import perplexity
 from vq2pc.models.vqvae import VQVAE, VQVAEConfig, encode_images, train_vqvae
 from vq2pc.pipeline.config import ModelSpec, RunConfig
 from vq2pc.pipeline.rundir import RunDir
 
-__all__ = ["SourceModel", "build_source_model", "distill_all", "circuit_row", "FAMILY"]
+__all__ = ["SourceModel", "build_source_model", "distill_all", "circuit_row", "FAMILY", "select_latents", "make_circuit"]
 
 # Report names of the selection strategies (paper: ExM, DMRS, DMBS).
 FAMILY = {"exhaustive": "ExM", "sample": "DMRS", "gumbel": "DMGS", "beam": "DMBS", "topk": "TopK", "data": "DMData"}
@@ -34,7 +36,7 @@ class SourceModel:
     leaf: str
     spec: ModelSpec
     vqvae: VQVAE
-    prior: PixelCNNPrior
+    prior: Prior
     train_codes: torch.Tensor  # [n, h, w] codes of the training set
     info: dict[str, Any] = field(default_factory=dict)
     files: tuple[Path, ...] = ()  # its checkpoints: results computed from it are stale when these are newer
@@ -45,24 +47,29 @@ class SourceModel:
 
 
 def build_source_model(run: RunDir, cfg: RunConfig, splits: DataSplits, leaf: str, spec: ModelSpec) -> SourceModel:
-    """Train (or resume, or load) the VQ-VAE and the prior of ``spec`` for ``leaf`` pixels."""
+    """Train (or resume, or load) the VQ-VAE and the prior of ``spec`` for ``leaf`` pixels; with
+    ``spec.vqvae_from`` the VQ-VAE is that model's (trained here if it is not yet)."""
     vq_cfg = VQVAEConfig(
         image_shape=splits.image_shape, levels=splits.levels, leaf=leaf, latent_hw=tuple(spec.latent_hw),
         K=spec.K, D=spec.D, hidden=spec.hidden, res_blocks=spec.res_blocks, beta=spec.beta, quantizer=spec.quantizer,
         quantizer_opts=dict(spec.quantizer_opts),
     )
     train_cfg = replace(cfg.vqvae_train, seed=cfg.seed, device=cfg.device)
-    vqvae, vq_res = train_vqvae(splits, vq_cfg, train_cfg, checkpoint=run.checkpoint("vqvae", leaf, spec.name, "vqvae.pt"))
+    vqvae_file = run.path(leaf, spec.vqvae_from or spec.name, "vqvae.pt")
+    vqvae, vq_res = train_vqvae(splits, vq_cfg, train_cfg,
+                                checkpoint=run.checkpoint("vqvae", leaf, spec.vqvae_from or spec.name, "vqvae.pt"))
     codes = {s: encode_images(vqvae, getattr(splits, f"{s}_x"), cfg.seed) for s in ("train", "val", "test")}
     labeled = splits.num_classes > 1
-    prior_cfg = PriorConfig(K=spec.K, latent_hw=tuple(spec.latent_hw), num_classes=splits.num_classes if labeled else 1,
-                            hidden=spec.prior_hidden, layers=spec.prior_layers)
+    prior_cfg = prior_config(spec.prior, spec.K, tuple(spec.latent_hw), splits.num_classes if labeled else 1,
+                             spec.prior_hidden, spec.prior_layers, spec.prior_heads)
+    prior_file = _prior_file(spec)
     prior, pr_res = train_prior(
         codes["train"], splits.train_y if labeled else None, prior_cfg, replace(cfg.prior_train, seed=cfg.seed, device=cfg.device),
         codes["val"], splits.val_y if labeled else None,
-        checkpoint=run.checkpoint("prior", leaf, spec.name, "prior.pt", after=(run.path(leaf, spec.name, "vqvae.pt"),)),
+        checkpoint=run.checkpoint("prior", leaf, spec.name, prior_file, after=(vqvae_file,)),
     )
     info = {
+        "prior": spec.prior, "prior_params": prior.num_params, "prior_seconds": round(pr_res.seconds, 2),
         "vqvae_params": vqvae.num_params, "vqvae_val_loss": vq_res.best_val_loss, "vqvae_epochs": vq_res.epochs_run,
         "prior_val_nll_per_latent": pr_res.best_val_loss, "prior_epochs": pr_res.epochs_run,
         "vqvae_training": vq_res.summary(), "prior_training": pr_res.summary(),
@@ -72,7 +79,12 @@ def build_source_model(run: RunDir, cfg: RunConfig, splits: DataSplits, leaf: st
         "latent_space": spec.K ** (spec.latent_hw[0] * spec.latent_hw[1]),
     }
     return SourceModel(leaf, spec, vqvae, prior, codes["train"], info,
-                       files=(run.path(leaf, spec.name, "vqvae.pt"), run.path(leaf, spec.name, "prior.pt")))
+                       files=(vqvae_file, run.path(leaf, spec.name, prior_file)))
+
+
+def _prior_file(spec: ModelSpec) -> str:
+    """The prior's checkpoint: ``prior.pt`` for the PixelCNN, ``prior-<name>.pt`` for another prior."""
+    return "prior.pt" if spec.prior == "pixelcnn" else f"prior-{spec.prior}.pt"
 
 
 def circuit_row(name: str, family: str, circuit: MixtureCircuit, bpd: dict[str, float], **extra: Any) -> dict[str, Any]:
@@ -105,11 +117,19 @@ def beam_starts(src: SourceModel, N: int) -> int:
     return max(1, min(src.spec.starts, N // src.prior.num_classes))
 
 
-def make_selection(src: SourceModel, cfg: RunConfig, strategy: str, N: int | None) -> Selection:
-    """The latents ``strategy`` selects from ``src``'s prior (the run's seed: the same on every call)."""
+def select_latents(src: SourceModel, cfg: RunConfig, strategy: str, N: int | None) -> tuple[Selection, float]:
+    """The selection of ``strategy`` with ``N`` latents (the run's seed: the same on every call), and the
+    seconds it took (wall time)."""
     gen = torch.Generator().manual_seed(cfg.seed)
-    return select(src.prior, strategy, N or 0, starts=beam_starts(src, N or 0), generator=gen, max_space=cfg.max_exhaustive,
-                  codes_from_data=src.train_codes if strategy == "data" else None, device=cfg.device)
+    start = time.perf_counter()
+    selection = select(src.prior, strategy, N or 0, starts=beam_starts(src, N or 0), generator=gen, max_space=cfg.max_exhaustive,
+                       codes_from_data=src.train_codes if strategy == "data" else None, device=cfg.device)
+    return selection, time.perf_counter() - start
+
+
+def make_selection(src: SourceModel, cfg: RunConfig, strategy: str, N: int | None) -> Selection:
+    """The latents ``strategy`` selects from ``src``'s prior."""
+    return select_latents(src, cfg, strategy, N)[0]
 
 
 def selection_weights(src: SourceModel, strategy: str) -> str:
@@ -121,9 +141,11 @@ def circuit_meta(src: SourceModel) -> dict[str, Any]:
     return {"model": src.spec.name, "leaf": src.leaf, "K": src.spec.K, "latent_hw": list(src.spec.latent_hw)}
 
 
-def make_circuit(src: SourceModel, cfg: RunConfig, strategy: str, N: int | None) -> MixtureCircuit:
-    """Select latents with ``strategy`` and distill them (exhaustive uses prior weights: the exact model)."""
-    selection = make_selection(src, cfg, strategy, N)
+def make_circuit(src: SourceModel, cfg: RunConfig, strategy: str, N: int | None,
+                 selection: Selection | None = None) -> MixtureCircuit:
+    """Distill ``selection`` (default: select latents with ``strategy`` now); exhaustive uses prior weights:
+    the exact model."""
+    selection = selection if selection is not None else make_selection(src, cfg, strategy, N)
     return distill(src.vqvae, selection, weights=selection_weights(src, strategy), meta=circuit_meta(src),
                    std_floor=src.spec.std_floor)
 
@@ -136,8 +158,9 @@ def _floor_tags(spec: ModelSpec) -> tuple[str, str]:
 
 
 def distill_params(cfg: RunConfig, spec: ModelSpec, *extra: str) -> dict[str, Any]:
-    """The settings a distilled row depends on besides its files (a change recomputes the row)."""
-    keys = ("weights", "starts", "std_floor", *extra)
+    """The settings a distilled row depends on besides its files (a change recomputes the row); the prior
+    is named only when it is not the PixelCNN, so results of older run directories stay valid."""
+    keys = ("weights", "starts", "std_floor", *extra) + (("prior",) if spec.prior != "pixelcnn" else ())
     return {**{k: getattr(spec, k) for k in keys}, "seed": cfg.seed, "bpd_format": BPD_FORMAT, "test_limit": cfg.test_limit,
             "exact_test_limit": cfg.exact_test_limit, "bpd_draws": cfg.experiments.bpd_draws,
             "max_exhaustive": cfg.max_exhaustive, "max_materialize": cfg.max_materialize}
@@ -154,14 +177,17 @@ def exact_row(run: RunDir, cfg: RunConfig, splits: DataSplits, src: SourceModel)
     test_x = splits.test_x[:limit] if limit else splits.test_x
 
     def compute() -> dict[str, Any]:
+        start = time.perf_counter()  # the enumeration of log p(z) is ExM's selection
         model = ExactModel(src.vqvae, src.prior, max_space=cfg.max_exhaustive, device=cfg.device, progress=True,
                            std_floor=src.spec.std_floor)
+        seconds = time.perf_counter() - start
         bpd = test_bpd(model, test_x, src.leaf, splits.levels, draws=cfg.experiments.bpd_draws,
                        generator=torch.Generator().manual_seed(cfg.seed))
         return circuit_row(f"ExM {src.spec.name} (K={src.spec.K}){_floor_tags(src.spec)[1]}", "ExM", model, bpd,
                            selection="exhaustive", std_floor=src.spec.std_floor,
                            model=src.spec.name, leaf=src.leaf, group=src.spec.group or src.spec.name, K=src.spec.K,
-                           source_params=src.info["vqvae_params"], test_images=len(test_x), streamed=True)
+                           source_params=src.info["vqvae_params"], test_images=len(test_x), streamed=True,
+                           prior=src.spec.prior, selection_seconds=round(seconds, 3))
 
     return run.cached("distill", f"{src.leaf}/{src.spec.name}/exhaustive{_floor_tags(src.spec)[0]}", compute,
                       depends=src.files, params=distill_params(cfg, src.spec))
@@ -190,7 +216,8 @@ def distill_all(
 
         def compute() -> dict[str, Any]:
             try:
-                circuit = make_circuit(src, cfg, strategy, N)
+                selection, seconds = select_latents(src, cfg, strategy, N)
+                circuit = make_circuit(src, cfg, strategy, N, selection)
             except SelectionShortfall as exc:  # remembered, so a re-run does not search again
                 return {"skipped": f"{FAMILY[strategy]} {src.spec.name} N={N} ({src.leaf} pixels) was skipped: {exc}"}
             circuit.meta.update({"image_shape": list(splits.image_shape), "levels": splits.levels})
@@ -206,7 +233,8 @@ def distill_all(
                                K=src.spec.K, source_params=src.info["vqvae_params"], requested_N=N,
                                starts=beam_starts(src, N) if strategy == "beam" else None,
                                test_images=len(test_x), circuit_file=str(path.relative_to(run.root)),
-                               shortfall_reason=circuit.meta.get("shortfall_reason"))
+                               shortfall_reason=circuit.meta.get("shortfall_reason"),
+                               prior=src.spec.prior, selection_seconds=round(seconds, 3))
 
         row = run.cached("distill", f"{src.leaf}/{src.spec.name}/{key}", compute, outputs=(path,),
                          depends=src.files, params=distill_params(cfg, src.spec))

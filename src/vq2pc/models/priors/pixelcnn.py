@@ -16,17 +16,15 @@ with ``log p(c)`` in the buffer ``class_log_prior`` (training-label frequencies)
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vq2pc.core.checkpoint import SavableModel
-from vq2pc.core.random import gumbel_noise
-from vq2pc.models.train import TrainConfig, TrainResult, fit
+from vq2pc.models.priors.base import AutoregressivePrior, fit_prior
+from vq2pc.models.train import TrainConfig, TrainResult
 
 __all__ = ["PriorConfig", "PixelCNNPrior", "train_prior"]
 
@@ -48,11 +46,6 @@ class PriorConfig:
                 raise ValueError(f"PriorConfig.{name} must be >= 1, got {getattr(self, name)}")
         if min(self.latent_hw) < 1:
             raise ValueError(f"PriorConfig.latent_hw must be positive, got {self.latent_hw}")
-
-
-def _length(t: Tensor) -> int:
-    """Length of a 1-D tensor, or -1 (so that validation reports the bad shape)."""
-    return t.shape[0] if isinstance(t, Tensor) and t.dim() == 1 else -1
 
 
 class _GatedLayer(nn.Module):
@@ -92,19 +85,29 @@ class _GatedLayer(nn.Module):
         return self._gate(v_pre + cond_v), h_gated if self.first else h + h_gated
 
 
-class PixelCNNPrior(SavableModel, nn.Module):
-    """Class-conditional gated PixelCNN over ``[B, h, w]`` code grids (see module docstring)."""
+@dataclass
+class _GridState:
+    """PixelCNN decoding state: the partial grids ``[B, P]`` (filled below ``t``), classes ``[B, M]``."""
+
+    grid: Tensor
+    classes: Tensor
+    t: int
+    batch_size: int
+
+
+class PixelCNNPrior(AutoregressivePrior, nn.Module):
+    """Class-conditional gated PixelCNN over ``[B, h, w]`` code grids (see module docstring).
+
+    Incremental decoding recomputes from the partial grid (the state holds only the grid): a
+    PixelCNN has no cache, but :meth:`next_log_probs` crops its input to the rows that reach
+    position ``t``.
+    """
 
     checkpoint_kind = "prior"
     config_class = PriorConfig
 
-    class_log_prior: Tensor
-
     def __init__(self, cfg: PriorConfig) -> None:
         super().__init__()
-        self.cfg = cfg
-        self.K, self.num_classes = cfg.K, cfg.num_classes
-        self.latent_hw = cfg.latent_hw
         h, w = cfg.latent_hw
         first_half = max(1, min(3, max(h, w) - 1))  # taps beyond the grid would only see padding
         self.embed = nn.Embedding(cfg.K, cfg.hidden)
@@ -114,43 +117,7 @@ class PixelCNNPrior(SavableModel, nn.Module):
         self.head = nn.Sequential(
             nn.ReLU(), nn.Conv2d(cfg.hidden, cfg.hidden, 1), nn.ReLU(), nn.Conv2d(cfg.hidden, cfg.K, 1)
         )
-        uniform = torch.full((cfg.num_classes,), -torch.log(torch.tensor(float(cfg.num_classes))).item())
-        self.register_buffer("class_log_prior", uniform)
-
-    # ------------------------------------------------------------------ validation
-    @property
-    def num_positions(self) -> int:
-        return self.latent_hw[0] * self.latent_hw[1]
-
-    @property
-    def device(self) -> torch.device:
-        return self.embed.weight.device
-
-    @property
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
-
-    def check_codes(self, z: Tensor, name: str = "z") -> Tensor:
-        """Validate a ``[B, h, w]`` integer code grid with values in ``[0, K)``; return it as long."""
-        if not isinstance(z, Tensor) or z.dim() != 3 or tuple(z.shape[1:]) != self.latent_hw:
-            shape = tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__
-            raise ValueError(f"{name} must have shape [B, {self.latent_hw[0]}, {self.latent_hw[1]}], got {shape}")
-        if z.dtype.is_floating_point or z.dtype == torch.bool or z.is_complex():
-            raise ValueError(f"{name} must be an integer tensor, got {z.dtype}")
-        if z.numel() and bool(((z < 0) | (z >= self.K)).any()):  # one host sync
-            raise ValueError(f"{name} has codes outside [0, K={self.K}): min {int(z.min())}, max {int(z.max())}")
-        return z.long()
-
-    def check_classes(self, c: Tensor, n: int, name: str = "c") -> Tensor:
-        """Validate ``[n]`` integer class labels in ``[0, C)``; return them as long."""
-        if not isinstance(c, Tensor) or c.dim() != 1 or c.shape[0] != n:
-            shape = tuple(c.shape) if isinstance(c, Tensor) else type(c).__name__
-            raise ValueError(f"{name} must have shape [{n}], got {shape}")
-        if c.dtype.is_floating_point or c.dtype == torch.bool:
-            raise ValueError(f"{name} must be an integer tensor, got {c.dtype}")
-        if n and bool(((c < 0) | (c >= self.num_classes)).any()):
-            raise ValueError(f"{name} has classes outside [0, C={self.num_classes}): {int(c.min())}..{int(c.max())}")
-        return c.long()
+        self._init_prior(cfg)
 
     # ------------------------------------------------------------------ forward passes
     def embed_codes(self, z: Tensor) -> Tensor:
@@ -179,23 +146,6 @@ class PixelCNNPrior(SavableModel, nn.Module):
         logp = F.log_softmax(self.logits(z, c), dim=1)
         return logp.gather(1, z.long()[:, None]).flatten(1).sum(1)
 
-    def log_prob_all_classes(self, z: Tensor, batch_size: int = 8192) -> Tensor:
-        """``[B, C]`` log p(z | c) for every class; z is repeated over the classes, ``batch_size`` rows a call."""
-        z = self.check_codes(z)
-        C = self.num_classes
-        step = max(1, batch_size // C)
-        classes = torch.arange(C, device=z.device)
-        out = []
-        for start in range(0, z.shape[0], step):
-            zc = z[start : start + step]
-            rep = zc.repeat_interleave(C, dim=0)
-            out.append(self.log_prob_given_class(rep, classes.repeat(zc.shape[0])).view(-1, C))
-        return torch.cat(out) if out else z.new_zeros((0, C), dtype=torch.float32)
-
-    def log_prob(self, z: Tensor, batch_size: int = 8192) -> Tensor:
-        """``[B]`` log p(z) = log Σ_c p(c) p(z|c)."""
-        return torch.logsumexp(self.log_prob_all_classes(z, batch_size) + self.class_log_prior, dim=1)
-
     def next_log_probs(self, z: Tensor, c: Tensor, i: int) -> Tensor:
         """``[B, K]`` log p(z_i = k | z_<i, c) at row-major position ``i``; codes at positions ≥ i are ignored."""
         if not 0 <= int(i) < self.num_positions:
@@ -223,35 +173,33 @@ class PixelCNNPrior(SavableModel, nn.Module):
         classes = torch.arange(C, device=z.device).repeat(z.shape[0])
         return self._next_log_probs(z.repeat_interleave(C, dim=0), classes, int(i)).view(z.shape[0], C, self.K)
 
-    @torch.no_grad()
-    def sample(self, c: Tensor, generator: torch.Generator | None = None, batch_size: int = 8192) -> Tensor:
-        """Ancestral samples ``z ~ p(z | c)``: classes ``[n]`` -> codes ``[n,h,w]`` (HW passes per chunk)."""
-        c = self.check_classes(c, _length(c)).to(self.device)
-        out = torch.zeros((c.shape[0], *self.latent_hw), dtype=torch.long, device=self.device)
-        flat = out.view(c.shape[0], -1)
-        for start in range(0, c.shape[0], batch_size):
-            cc, zz = c[start : start + batch_size], flat[start : start + batch_size]
-            for i in range(self.num_positions):
-                logp = self._next_log_probs(out[start : start + batch_size], cc, i)  # c checked once, above
-                zz[:, i] = (logp + gumbel_noise(tuple(logp.shape), generator, logp.device)).argmax(1)
-        return out
+    # ------------------------------------------------------------------ incremental decoding
+    def start(self, classes: Tensor, prefix: Tensor | None = None, batch_size: int = 8192) -> tuple[_GridState, Tensor]:
+        """Partial grids from ``prefix [B, t]`` under ``classes [B, M]``; returns ``[B, M, K]`` log-probs at ``t``."""
+        classes, prefix = self.check_start(classes, prefix)
+        grid = torch.zeros((classes.shape[0], self.num_positions), dtype=torch.long, device=self.device)
+        grid[:, : prefix.shape[1]] = prefix
+        state = _GridState(grid, classes, prefix.shape[1], max(1, int(batch_size)))
+        return state, self._state_log_probs(state)
 
-    # ------------------------------------------------------------------ class prior, persistence
-    def set_class_prior(self, labels: Tensor | None) -> None:
-        """Set ``log p(c)`` from training labels ``[n]`` (frequencies); ``None`` keeps uniform (C = 1: log 1)."""
-        if labels is None:
-            return
-        labels = self.check_classes(labels, _length(labels), "labels")
-        if labels.numel() == 0:
-            raise ValueError("labels is empty: cannot estimate p(c)")
-        counts = torch.bincount(labels.cpu(), minlength=self.num_classes).double()
-        self.class_log_prior.copy_((counts / counts.sum()).log().float())
+    def step(self, state: _GridState, tokens: Tensor) -> tuple[_GridState, Tensor | None]:
+        """Write ``tokens [B]`` at position ``t`` (in place); ``[B, M, K]`` log-probs at ``t + 1`` or None at the end."""
+        state.grid[:, state.t] = tokens.to(state.grid.device)
+        state.t += 1
+        return state, self._state_log_probs(state) if state.t < self.num_positions else None
 
+    def reorder(self, state: _GridState, index: Tensor) -> _GridState:
+        """The sequences ``index [B']`` of ``state`` (a new state)."""
+        index = index.to(state.grid.device)
+        return _GridState(state.grid[index], state.classes[index], state.t, state.batch_size)
 
-def _nll_per_latent(model: nn.Module, batch: tuple[Tensor, ...]) -> Tensor:
-    """Mean NLL of a batch of codes, in nats per latent position."""
-    z, c = batch
-    return -model.log_prob_given_class(z, c).mean() / z[0].numel()
+    def _state_log_probs(self, state: _GridState) -> Tensor:
+        """``[B, M, K]`` log p(z_t | grid, c) for every sequence and class, ≤ ``batch_size`` rows a pass."""
+        B, M = state.classes.shape
+        seqs = max(1, state.batch_size // M)
+        parts = [self.next_log_probs(state.grid[a : a + seqs].repeat_interleave(M, 0).view(-1, *self.latent_hw),
+                                     state.classes[a : a + seqs].reshape(-1), state.t) for a in range(0, B, seqs)]
+        return torch.cat(parts).view(B, M, self.K) if parts else state.grid.new_zeros((0, M, self.K), dtype=torch.float)
 
 
 def train_prior(
@@ -263,19 +211,5 @@ def train_prior(
     val_labels: Tensor | None,
     checkpoint: str | Path | None = None,
 ) -> tuple[PixelCNNPrior, TrainResult]:
-    """Fit the prior on codes ``[n,h,w]`` (labels ``[n]`` or None) with :func:`train.fit` (NLL, nats/latent)."""
-    with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's global RNG
-        torch.manual_seed(train_cfg.seed)
-        model = PixelCNNPrior(cfg)
-    codes, val_codes = model.check_codes(codes, "codes"), model.check_codes(val_codes, "val_codes")
-    if labels is None:
-        labels = torch.zeros(codes.shape[0], dtype=torch.long)
-    if val_labels is None:
-        val_labels = torch.zeros(val_codes.shape[0], dtype=torch.long)
-    labels = model.check_classes(labels, codes.shape[0], "labels")
-    val_labels = model.check_classes(val_labels, val_codes.shape[0], "val_labels")
-    model.set_class_prior(labels)
-    meta: dict[str, Any] = {"config": asdict(cfg)}
-    result = fit(model, _nll_per_latent, (codes, labels), (val_codes, val_labels), train_cfg,
-                 checkpoint=checkpoint, kind="prior", meta=meta, desc="prior")
-    return model, result
+    """Fit the PixelCNN on codes ``[n,h,w]`` (labels ``[n]`` or None), see :func:`~vq2pc.models.priors.base.fit_prior`."""
+    return fit_prior(PixelCNNPrior, codes, labels, cfg, train_cfg, val_codes, val_labels, checkpoint)
