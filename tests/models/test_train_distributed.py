@@ -12,12 +12,8 @@ import torch
 from helpers import spawn_ranks
 
 from vq2pc.data import load_dataset
-from vq2pc.models.priors.pixelcnn import (
-    PixelCNNPrior,
-    PriorConfig,
-    _nll_per_latent,
-    train_prior,
-)
+from vq2pc.models.priors.base import _nll_per_latent
+from vq2pc.models.priors.pixelcnn import PixelCNNPrior, PriorConfig, train_prior
 from vq2pc.models.train import TrainConfig, fit
 from vq2pc.models.vqvae import VQVAE, VQVAEConfig, train_vqvae
 

@@ -12,7 +12,7 @@ from vq2pc.circuit.finetune import COMPONENT_MODES, FineTuneConfig, finetune_dis
 from vq2pc.cli.train import _FMT, _data_args, _splits
 from vq2pc.data.datasets import check_fits
 from vq2pc.latents.selection import select
-from vq2pc.models.priors.pixelcnn import PixelCNNPrior
+from vq2pc.models.priors import load_prior
 from vq2pc.models.vqvae import VQVAE
 
 _DEFAULTS = FineTuneConfig()
@@ -54,7 +54,7 @@ def _finetune(a: argparse.Namespace) -> int:
     cfg = FineTuneConfig(epochs=a.epochs, patience=a.patience, lr=a.lr, batch_size=a.batch_size,
                          components=a.components, top_k=a.top_k, refresh=a.refresh, subset=a.subset,
                          learn_weights=not a.fixed_weights, train_limit=a.train_limit, seed=a.seed, device=a.device)
-    vqvae, prior = VQVAE.load(a.vqvae, device=a.device), PixelCNNPrior.load(a.prior, device=a.device)
+    vqvae, prior = VQVAE.load(a.vqvae, device=a.device), load_prior(a.prior, device=a.device)
     if (vqvae.cfg.K, tuple(vqvae.cfg.latent_hw)) != (prior.K, tuple(prior.latent_hw)):
         raise ValueError(f"--prior (K={prior.K}, grid {prior.latent_hw}) does not match --vqvae "
                          f"(K={vqvae.cfg.K}, grid {vqvae.cfg.latent_hw})")

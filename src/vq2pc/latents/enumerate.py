@@ -153,7 +153,7 @@ def enumerate_log_prior(
     with tqdm(total=calls, desc="enumerate p(z)", unit="row", disable=not (progress and is_main()), leave=False) as bar:
         state = _Enumerator(prior, out, batch_size, frontier_rows, bar)
         root = torch.zeros((1, h, w), dtype=torch.long, device=dev)
-        if (is_distributed() if sharded is None else sharded) and prior.num_positions > 1:
+        if (is_distributed() if sharded is None else sharded) and num_positions(prior) > 1:
             out.fill_(-torch.inf)
             state.expand_first(root, *shard_range(prior.K))
             all_reduce_max_(out)

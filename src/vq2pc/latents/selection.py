@@ -151,7 +151,7 @@ def _select_beam(prior: Prior, N: int, starts: int, generator: torch.Generator |
         group_class = torch.arange(C, device=dev).repeat_interleave(starts)  # [G]
         noise = gumbel_noise((group_class.shape[0], prior.K), generator, dev)
         tokens = (first[group_class] + noise).argmax(1)  # z_1 ~ p(z_1 | c), i.i.d. per start
-    budgets = _token_budgets(tokens.tolist(), N, width, prior.K ** (prior.num_positions - 1))
+    budgets = _token_budgets(tokens.tolist(), N, width, prior.K ** (num_positions(prior) - 1))
     parts_codes, parts_scores = [], []
     for b in sorted(set(budgets.values())):  # one batched search per budget (a handful)
         toks = torch.tensor([t for t, bt in budgets.items() if bt == b], dtype=torch.long, device=dev)
