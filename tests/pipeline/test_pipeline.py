@@ -350,3 +350,32 @@ def test_a_selection_shortfall_is_a_note_not_a_failed_run(tmp_path: Path, monkey
     monkeypatch.setattr(models, "select", lambda *a, **kw: calls.append(1) or short_of_32(*a, **kw))
     again = run_pipeline(cfg, tmp_path)  # the skip is remembered: no selection runs again
     assert calls == [] and again["notes"] == report["notes"]
+
+
+def test_changed_data_or_seed_recomputes_and_a_copied_folder_is_reused(tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """The run folder remembers the data it was computed from by content (data.json): another --limit or
+    --seed retrains everything; a copy of the folder (`cp -r`: new file times, in copy order) reuses everything."""
+    import shutil
+
+    cfg = tiny_config(["gaussian"], full=False)
+    out = tmp_path / "run"
+    first = run_pipeline(cfg, out)
+    record = json.loads((out / "data.json").read_text())
+    assert record["limit"] == LIMIT and len(record["splits_sha256"]) == 64
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy, copy_function=shutil.copy)  # new modification times, in copy order
+    time.sleep(0.01)
+    before = mtimes(copy, "**/*.pt")
+    again = run_pipeline(cfg, copy)
+    assert mtimes(copy, "**/*.pt") == before and "every stage is recomputed" not in capsys.readouterr().out
+    assert [r["test_bpd"] for r in again["models"]] == [r["test_bpd"] for r in first["models"]]
+    for change in ({"limit": LIMIT - 30}, {"seed": 1}):
+        changed = dataclasses.replace(cfg, **change)
+        report = run_pipeline(changed, out)
+        assert "every stage is recomputed" in capsys.readouterr().out
+        assert mtimes(out, "**/*.pt") != before
+        assert json.loads((out / "data.json").read_text())[next(iter(change))] == next(iter(change.values()))
+        if "limit" in change:
+            assert report["splits"]["train"] < first["splits"]["train"]
+        before = mtimes(out, "**/*.pt")

@@ -17,6 +17,7 @@ Model space (:func:`to_model_space`) and BPD (:func:`bpd`) follow
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +55,15 @@ class DataSplits:
     def num_variables(self) -> int:
         """``S = C·H·W``."""
         return math.prod(self.image_shape)
+
+    def fingerprint(self) -> str:
+        """SHA-256 of every split's images and labels (and the name and levels): equal exactly when the
+        data a model is trained and evaluated on is the same, whatever file it came from."""
+        h = hashlib.sha256(f"{self.name}|{self.levels}|{self.image_shape}|{self.num_classes}".encode())
+        for t in (self.train_x, self.train_y, self.val_x, self.val_y, self.test_x, self.test_y):
+            h.update(str(tuple(t.shape)).encode())
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()
 
 
 def check_fits(image_shape: tuple[int, ...], levels: int, splits: DataSplits, what: str = "config") -> None:

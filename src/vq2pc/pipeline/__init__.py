@@ -50,6 +50,7 @@ def run_pipeline(cfg: RunConfig, out: str | Path, force: Iterable[str] = ()) -> 
     torch.manual_seed(cfg.seed)
     splits = load_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seed, limit=cfg.limit)  # fails before a folder exists
     run = RunDir(Path(out), set(force))
+    data_record = _check_data(run, cfg, splits, log)
     cfg_dict = config_to_dict(cfg)
     atomic_write(run.path("config.yaml"), lambda p: p.write_text(yaml.safe_dump(cfg_dict, sort_keys=False)))
     log(f"{cfg.dataset}: {len(splits.train_x)} train / {len(splits.val_x)} val / {len(splits.test_x)} test images "
@@ -80,11 +81,34 @@ def run_pipeline(cfg: RunConfig, out: str | Path, force: Iterable[str] = ()) -> 
         report["models"] += baseline_rows
         log(f"[{leaf}] experiments")
         report["experiments"][leaf] = run_experiments(run, cfg, splits, leaf, built, baselines, report)
+    write_json(run.root / "data.json", data_record)
     report["wall_seconds"] = round(time.perf_counter() - start, 2)
     report["total_wall_seconds"] = round(_previous_total(run) + report["wall_seconds"], 2)
     _finish_report(run, report)
     log(f"done in {report['wall_seconds']:.0f} s: {run.root / 'report.md'}")
     return report
+
+
+def _check_data(run: RunDir, cfg: RunConfig, splits: Any, log: _Log) -> dict[str, Any]:
+    """Force every stage when this folder's results were computed from other data or another seed.
+
+    ``data.json`` records the dataset, split seed, limit and the SHA-256 of the splits' contents (not file
+    times: a copied run folder stays valid). Every stage reads the data, so a change recomputes them all.
+    A changed record is written back only when the run finishes, so a run killed half-way through
+    recomputing is recomputed again, never half-reused."""
+    now = {"dataset": cfg.dataset, "seed": cfg.seed, "limit": cfg.limit, "splits_sha256": splits.fingerprint()}
+    path = run.root / "data.json"
+    try:
+        before = json.loads(path.read_text())
+    except (OSError, ValueError):
+        before = None  # a new folder (or one made before data.json existed)
+    if isinstance(before, dict) and before != now:
+        changed = sorted(k for k in now if before.get(k) != now[k])
+        log(f"the data of this run folder changed ({', '.join(changed)}): every stage is recomputed")
+        run.force.add("all")
+    elif before is None:
+        write_json(path, now)
+    return now
 
 
 def _previous_total(run: RunDir) -> float:

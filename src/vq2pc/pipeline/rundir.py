@@ -6,7 +6,9 @@ Layout (``<leaf>`` is gaussian/categorical/bernoulli, ``<model>`` a ModelSpec na
     <leaf>/<model>/vqvae.pt, prior.pt        training checkpoints (resume from here)
     <leaf>/<model>/circuits/<name>.safetensors   distilled circuits
     <leaf>/baselines/...                     EiNet / CM checkpoints and compiled CM circuit
-    results/<leaf>/.../<stage>.json          the numbers of every finished stage
+    results/<leaf>/.../<stage>.json          the numbers of every finished stage (+ settings and input hashes)
+    <file>.inputs.json                       SHA-256 of the files a checkpoint / compiled file was made from
+    data.json                                the data every stage read: dataset, seed, limit, SHA-256 of splits
     figures/*.png                            every figure
     report.json, report.md                   the gathered results
 
@@ -16,6 +18,7 @@ on a filesystem they share); rank 0 alone writes or removes them, between barrie
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +29,8 @@ from vq2pc.core.files import write_json
 
 __all__ = ["RunDir", "STAGES", "check_stages"]
 
-_PARAMS = "_params"  # key of the settings a cached result was computed with
+_PARAMS = "_params"
+_INPUTS = "_inputs"  # key of the SHA-256 of the files a cached result was computed from  # key of the settings a cached result was computed with
 
 # Stage names accepted by --force.
 STAGES = ("vqvae", "prior", "distill", "baselines", "usage", "inpainting", "samples", "correlation", "all")
@@ -59,9 +63,11 @@ class RunDir:
 
     def checkpoint(self, stage: str, *parts: str, after: tuple[Path, ...] = ()) -> Path:
         """Path of a training checkpoint, removed first (training restarts) when ``stage`` is forced
-        or when a file it was trained from (``after``, e.g. the VQ-VAE for the prior) is newer."""
+        or when a file it was trained from (``after``, e.g. the VQ-VAE for the prior) changed content."""
         p = self.path(*parts)
-        stale = p.exists() and p not in self.redone and (self.forced(stage) or _newer(after, p))
+        stale = p.exists() and p not in self.redone and (self.forced(stage) or self._changed(after, p))
+        if stale or not p.exists():
+            write_json(_inputs_file(p), self._digests(after))  # what this training starts from
         barrier()  # under torchrun: every rank decided on the same file before rank 0 removes it
         if stale:
             if is_main():
@@ -71,8 +77,32 @@ class RunDir:
         return p
 
     def outdated(self, stage: str, path: Path, depends: tuple[Path, ...] = ()) -> bool:
-        """Whether the output file ``path`` must be (re)made: missing, forced, or older than a dependency."""
-        return not path.exists() or (self.forced(stage) and path not in self.redone) or _newer(depends, path)
+        """Whether the output file ``path`` must be (re)made: missing, forced, or made from other contents
+        of ``depends`` (then the caller remakes it from the current ones, recorded here)."""
+        redo = not path.exists() or (self.forced(stage) and path not in self.redone) or self._changed(depends, path)
+        if redo:
+            write_json(_inputs_file(path), self._digests(depends))
+        return redo
+
+    def _changed(self, depends: tuple[Path, ...], target: Path) -> bool:
+        """Whether ``depends`` differ from the contents ``target`` was made from (recorded beside it);
+        a target made before records existed falls back to file times."""
+        try:
+            recorded = json.loads(_inputs_file(target).read_text())
+        except (OSError, ValueError):
+            return _newer(depends, target)
+        return recorded != self._digests(depends)
+
+    def _digests(self, paths: tuple[Path, ...]) -> dict[str, str | None]:
+        """Contents of ``paths`` by their path in the run folder (a moved or copied folder stays valid)."""
+        out = {}
+        for p in map(Path, paths):
+            try:
+                name = p.resolve().relative_to(self.root.resolve()).as_posix()
+            except ValueError:
+                name = str(p)
+            out[name] = _digest(p)
+        return out
 
     def cached(
         self, stage: str, name: str, compute: Callable[[], dict[str, Any]], outputs: tuple[Path, ...] = (),
@@ -89,13 +119,16 @@ class RunDir:
         """
         path = self.path("results", f"{name}.json")
         params = json.loads(json.dumps(params or {}, sort_keys=True))  # as it reads back from disk
-        if path.exists() and not _newer(depends, path) and not (self.forced(stage) and path not in self.redone):
+        if path.exists() and not (self.forced(stage) and path not in self.redone):
             stored = json.loads(path.read_text())
+            inputs = stored.pop(_INPUTS, None)
+            same = not _newer(depends, path) if inputs is None else inputs == self._digests(depends)
             done = stored.get("skipped") or all(Path(o).exists() for o in outputs)  # a skip has no outputs
-            if stored.pop(_PARAMS, {}) == params and done:
+            if stored.pop(_PARAMS, {}) == params and done and same:
                 return stored
+        digests = self._digests(depends)  # the inputs this result is computed from
         result = compute()
-        write_json(path, {**result, _PARAMS: params})
+        write_json(path, {**result, _PARAMS: params, _INPUTS: digests})
         self.redone.add(path)
         return result
 
@@ -105,6 +138,29 @@ def check_stages(names: Any) -> None:
     unknown = sorted(set(names) - set(STAGES))
     if unknown:
         raise ValueError(f"--force: unknown stage(s) {unknown}; expected some of {list(STAGES)}")
+
+
+_DIGESTS: dict[tuple[str, int, int], str] = {}  # (path, mtime, size) -> sha256, so a process hashes a file once
+
+
+def _digest(path: Path) -> str | None:
+    """SHA-256 of a file's contents (None when it does not exist)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    key = (str(path.resolve()), st.st_mtime_ns, st.st_size)
+    if key not in _DIGESTS:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+        _DIGESTS[key] = h.hexdigest()
+    return _DIGESTS[key]
+
+
+def _inputs_file(target: Path) -> Path:
+    return target.with_name(target.name + ".inputs.json")
 
 
 def _newer(sources: tuple[Path, ...], target: Path) -> bool:
