@@ -370,6 +370,9 @@ def test_changed_data_or_seed_recomputes_and_a_copied_folder_is_reused(tmp_path:
     again = run_pipeline(cfg, copy)
     assert mtimes(copy, "**/*.pt") == before and "every stage is recomputed" not in capsys.readouterr().out
     assert [r["test_bpd"] for r in again["models"]] == [r["test_bpd"] for r in first["models"]]
+    changed = dataclasses.replace(cfg, models=[dataclasses.replace(cfg.models[0], weights="prior")])
+    run_pipeline(changed, copy)  # a distillation setting: the circuits are redone (and the log says why), not the models
+    assert mtimes(copy, "**/*.pt") == before and "recomputed, its settings changed" in capsys.readouterr().out
     for change in ({"limit": LIMIT - 30}, {"seed": 1}):
         changed = dataclasses.replace(cfg, **change)
         report = run_pipeline(changed, out)

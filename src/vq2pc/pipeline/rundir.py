@@ -124,8 +124,13 @@ class RunDir:
             inputs = stored.pop(_INPUTS, None)
             same = not _newer(depends, path) if inputs is None else inputs == self._digests(depends)
             done = stored.get("skipped") or all(Path(o).exists() for o in outputs)  # a skip has no outputs
-            if stored.pop(_PARAMS, {}) == params and done and same:
+            settled = stored.pop(_PARAMS, {}) == params
+            if settled and done and same:
                 return stored
+            why = [w for w, ok in (("its settings", settled), ("its input files", same), ("its output files", done))
+                   if not ok]
+            if is_main():
+                print(f"[vq2pc] {stage} {name}: recomputed, {' and '.join(why)} changed", flush=True)
         digests = self._digests(depends)  # the inputs this result is computed from
         result = compute()
         write_json(path, {**result, _PARAMS: params, _INPUTS: digests})
