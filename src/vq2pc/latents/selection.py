@@ -34,6 +34,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from vq2pc.core.distributed import (
+    all_reduce_max_,
+    gather_rows,
+    is_distributed,
+    rank,
+    shard_range,
+    world_size,
+)
 from vq2pc.core.protocols import Prior, check_codes, num_positions, prior_device
 from vq2pc.core.random import gumbel_noise, randint
 from vq2pc.latents.beam import beam_search, stochastic_beam_search
@@ -106,16 +114,33 @@ class SelectionShortfall(ValueError):
     """A strategy could not find ``N`` distinct latents (the prior's mass sits on fewer)."""
 
 
+def _rank_stream(generator: torch.Generator | None, dev: torch.device) -> torch.Generator:
+    """This rank's own generator under torch.distributed: a seed drawn from ``generator`` (agreed across
+    ranks), offset by the rank, so the ranks draw disjoint streams."""
+    seed = randint(2**62, (1,), generator, dev)
+    base = int(all_reduce_max_(seed))  # the same on every rank even if their generators differ
+    gen_device = generator.device if generator is not None else dev
+    return torch.Generator(device=gen_device).manual_seed(base + 1 + rank())
+
+
 def _select_sample(prior: Prior, N: int, generator: torch.Generator | None, batch_size: int,
                    max_draws_per_latent: int = 256) -> tuple[Tensor, dict[str, Any]]:
-    """DMRS: first ``N`` distinct of i.i.d. draws ``c ~ U(C), z ~ p(z|c)``; draw batches double in size."""
+    """DMRS: first ``N`` distinct of i.i.d. draws ``c ~ U(C), z ~ p(z|c)``; draw batches double in size.
+
+    Under torch.distributed each rank draws its slice of every batch from its own stream and the slices
+    are gathered in rank order, so every rank deduplicates the same draws and returns the same latents."""
     dev, P = prior_device(prior), num_positions(prior)
+    sharded = is_distributed() and world_size() > 1
+    if sharded:
+        generator = _rank_stream(generator, dev)
     collected = torch.empty((0, P), dtype=torch.long, device=dev)
     draws, size, limit = 0, 2 * N, max_draws_per_latent * N + 1024
     while collected.shape[0] < N and draws < limit:
         size = min(size, limit - draws)
-        c = randint(prior.num_classes, (size,), generator, dev)
+        lo, hi = shard_range(size) if sharded else (0, size)
+        c = randint(prior.num_classes, (hi - lo,), generator, dev)
         z = prior.sample(c, generator=generator, batch_size=batch_size).flatten(1)
+        z = gather_rows(z) if sharded else z
         collected = torch.cat([collected, _first_distinct(collected, z, N - collected.shape[0])])
         draws, size = draws + size, 2 * size
     if collected.shape[0] < N:
