@@ -109,9 +109,8 @@ def component_log_likelihoods(leaf: Leaf, x: Tensor) -> Tensor:
     return leaf.log_prob(x.unsqueeze(1)).sum(-1)
 
 
-def _val_log_prob(decoder: nn.Module, codes: Tensor, log_w: Tensor, x_val: Tensor) -> float:
-    """Mean exact log p̂(x) of the mixture decoded now, over ``x_val [n, S]``."""
-    circuit = MixtureCircuit(decode_leaf(decoder, codes), log_w.detach())
+def _mean_log_prob(circuit: MixtureCircuit, x_val: Tensor) -> float:
+    """Mean exact log p̂(x) over ``x_val [n, S]``."""
     return float(circuit.log_prob(x_val).double().mean())
 
 
@@ -134,6 +133,10 @@ class _Trainer:
     def log_weights(self) -> Tensor:
         return torch.log_softmax(self.logits, 0)
 
+    def decoded(self) -> MixtureCircuit:
+        """The mixture as decoded now (all N components, no gradients)."""
+        return MixtureCircuit(decode_leaf(self.decoder, self.codes), self.log_weights().detach())
+
     def _pick(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Indices ``U`` of the components that get gradients for batch ``x``, and their log weights."""
         cfg, N = self.cfg, self.codes.shape[0]
@@ -141,7 +144,7 @@ class _Trainer:
             U = torch.randperm(N, generator=self.gen)[: cfg.subset].to(self.codes.device)
             return U, torch.log_softmax(self.logits[U], 0)
         if self.stale is None or self.step_count % cfg.refresh == 0:
-            self.stale = MixtureCircuit(decode_leaf(self.decoder, self.codes), self.log_weights().detach())
+            self.stale = self.decoded()
         with torch.no_grad():
             scores = self.stale.log_likelihoods(x) + self.stale.log_weights  # [B, N]
             U = torch.unique(scores.topk(min(cfg.top_k, N), dim=1).indices)
@@ -173,12 +176,13 @@ def finetune(decoder: nn.Module, codes: Tensor, log_weights: Tensor, splits: Dat
                          f"{tuple(codes.shape)} and {tuple(log_weights.shape)}")
     start = time.perf_counter()
     trainer = _Trainer(decoder, codes, log_weights, cfg)
-    leaf_kind = decode_leaf(decoder, codes[:1]).kind
+    trainer.stale = start_circuit = trainer.decoded()  # also the components' scores of the first steps
+    leaf_kind = start_circuit.leaf.kind
     train_v = splits.train_x[: cfg.train_limit] if cfg.train_limit else splits.train_x
     val_v = splits.val_x[: cfg.val_limit] if cfg.val_limit else splits.val_x
     x_val = to_model_space(val_v, leaf_kind, splits.levels, torch.Generator().manual_seed(cfg.seed + 1))
     x_val = x_val.flatten(1).to(cfg.device)
-    best = _val_log_prob(trainer.decoder, trainer.codes, trainer.log_weights(), x_val)
+    best = _mean_log_prob(start_circuit, x_val)
     result = FineTuneResult(decoder, trainer.log_weights().detach().to(log_weights.dtype).cpu(), best, best, 0, 0, 0.0)
     best_state = (copy.deepcopy(trainer.decoder.state_dict()), trainer.logits.detach().clone())
     bar = tqdm(range(1, cfg.epochs + 1), desc="fine-tune", disable=not cfg.progress, leave=False)
@@ -186,7 +190,7 @@ def finetune(decoder: nn.Module, codes: Tensor, log_weights: Tensor, splits: Dat
         order = torch.randperm(len(train_v), generator=torch.Generator().manual_seed(cfg.seed + 7919 * epoch))
         losses = [trainer.step(train_v[order[i: i + cfg.batch_size]], splits.levels, leaf_kind)
                   for i in range(0, len(train_v), cfg.batch_size)]
-        val = _val_log_prob(trainer.decoder, trainer.codes, trainer.log_weights(), x_val)
+        val = _mean_log_prob(trainer.decoded(), x_val)
         result.history.append({"epoch": epoch, "train_loss": sum(losses) / len(losses), "val_log_prob": val})
         result.epochs_run = epoch
         bar.set_postfix(val=f"{val:.1f}")

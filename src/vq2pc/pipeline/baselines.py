@@ -47,12 +47,10 @@ def _train_params(train: Any) -> dict[str, Any]:
 def _time_cap(result: TrainResult, train: TrainConfig, name: str, notes: list[str]) -> float | None:
     """``train.max_seconds`` when that wall-time cap ended the training (then a note says so), else None:
     a capped result depends on the machine's speed, not only on the seed."""
-    capped = (train.max_seconds is not None and not result.stopped_early and result.epochs_run < train.epochs
-              and result.seconds > train.max_seconds)
-    if capped:
+    if result.time_capped:
         notes.append(f"{name} stopped at the time cap (max_seconds={train.max_seconds:g}) after {result.epochs_run} "
                      f"of {train.epochs} epochs: its numbers depend on the machine's speed")
-    return train.max_seconds if capped else None
+    return train.max_seconds if result.time_capped else None
 
 
 def _einet_available(notes: list[str]) -> bool:

@@ -39,7 +39,9 @@ class SourceModel:
     prior: Prior
     train_codes: torch.Tensor  # [n, h, w] codes of the training set
     info: dict[str, Any] = field(default_factory=dict)
-    files: tuple[Path, ...] = ()  # its checkpoints: results computed from it are stale when these are newer
+    files: tuple[Path, ...] = ()  # its checkpoints: results computed from it are stale when these change
+    selections: dict[tuple[str, int | None], tuple[Selection, float]] = field(default_factory=dict, repr=False)
+    """Selections made in this process by (strategy, N), with their seconds: the +FT rows reuse the distilled ones."""
 
     @property
     def tag(self) -> str:
@@ -119,12 +121,15 @@ def beam_starts(src: SourceModel, N: int) -> int:
 
 def select_latents(src: SourceModel, cfg: RunConfig, strategy: str, N: int | None) -> tuple[Selection, float]:
     """The selection of ``strategy`` with ``N`` latents (the run's seed: the same on every call), and the
-    seconds it took (wall time)."""
-    gen = torch.Generator().manual_seed(cfg.seed)
-    start = time.perf_counter()
-    selection = select(src.prior, strategy, N or 0, starts=beam_starts(src, N or 0), generator=gen, max_space=cfg.max_exhaustive,
-                       codes_from_data=src.train_codes if strategy == "data" else None, device=cfg.device)
-    return selection, time.perf_counter() - start
+    seconds it took (wall time); made once per source model and process."""
+    if (strategy, N) not in src.selections:
+        gen = torch.Generator().manual_seed(cfg.seed)
+        start = time.perf_counter()
+        selection = select(src.prior, strategy, N or 0, starts=beam_starts(src, N or 0), generator=gen,
+                           max_space=cfg.max_exhaustive, device=cfg.device,
+                           codes_from_data=src.train_codes if strategy == "data" else None)
+        src.selections[strategy, N] = (selection, time.perf_counter() - start)
+    return src.selections[strategy, N]
 
 
 def make_selection(src: SourceModel, cfg: RunConfig, strategy: str, N: int | None) -> Selection:
