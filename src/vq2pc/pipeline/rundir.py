@@ -29,8 +29,8 @@ from vq2pc.core.files import write_json
 
 __all__ = ["RunDir", "STAGES", "check_stages"]
 
-_PARAMS = "_params"
-_INPUTS = "_inputs"  # key of the SHA-256 of the files a cached result was computed from  # key of the settings a cached result was computed with
+_PARAMS = "_params"  # key of the settings a cached result was computed with
+_INPUTS = "_inputs"  # key of the SHA-256 of the files a cached result was computed from
 
 # Stage names accepted by --force.
 STAGES = ("vqvae", "prior", "distill", "baselines", "usage", "inpainting", "samples", "correlation", "all")
