@@ -99,6 +99,26 @@ def test_whole_set_decodes_each_latent_once_and_equals_batched_and_materialized(
     assert sum(decoded) == 2 * 81
 
 
+def test_test_bpd_decodes_each_latent_once_for_all_draws(prior: PixelCNNPrior, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three dequantization draws of a 9-image test set: one pass of decodes in all, and the same BPD
+    (mean, per draw, per-image quantiles) as the materialized circuit with the same draws."""
+    from vq2pc.evaluate.density import test_bpd
+
+    vqvae = make_vqvae("gaussian")
+    exact, circuit = ExactModel(vqvae, prior, chunk=10), materialized(vqvae, prior)
+    decoded = []
+    decode = exact._decode
+    monkeypatch.setattr(exact, "_decode", lambda idx: decoded.append(len(idx)) or decode(idx))
+    v = torch.randint(0, LEVELS, (9, 1, 4, 4), generator=torch.Generator().manual_seed(5), dtype=torch.uint8)
+    got = test_bpd(exact, v, "gaussian", LEVELS, draws=3, batch_size=4, generator=torch.Generator().manual_seed(6))
+    want = test_bpd(circuit, v, "gaussian", LEVELS, draws=3, batch_size=4, generator=torch.Generator().manual_seed(6))
+    assert sum(decoded) == 81
+    assert got["draws"] == 3 and len(set(got["per_draw"])) == 3  # three different draws
+    for key in ("mean", "median", "max"):
+        assert got[key] == pytest.approx(want[key], abs=1e-4)
+    assert got["per_draw"] == pytest.approx(want["per_draw"], abs=1e-4)
+
+
 def test_structure_matches_materialized_circuit(prior: PixelCNNPrior) -> None:
     for leaf in ("gaussian", "categorical"):
         vqvae = make_vqvae(leaf)

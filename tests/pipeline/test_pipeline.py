@@ -230,6 +230,15 @@ def test_beam_with_n_below_classes_is_skipped_not_fatal(tmp_path: Path) -> None:
     assert not (tmp_path / "gaussian" / "m" / "circuits" / "beam-N8.safetensors").exists()
 
 
+def test_extra_n_adds_rows_for_its_strategy_only(tmp_path: Path) -> None:
+    cfg = tiny_config(["gaussian"], N=[4], full=False)
+    cfg = dataclasses.replace(cfg, models=[dataclasses.replace(cfg.models[0], strategies=["sample", "topk"],
+                                                                extra_N={"sample": [16, 4]})])
+    report = run_pipeline(cfg, tmp_path)
+    made = sorted((r["selection"], r["requested_N"]) for r in report["models"] if r["family"] in ("DMRS", "TopK"))
+    assert made == [("sample", 4), ("sample", 16), ("topk", 4)]  # 4 twice is one row
+
+
 @pytest.mark.parametrize("overrides, key", [
     ({"bogus_key": 1}, "bogus_key"),
     ({"models": [{"name": "m", "Kay": 4}]}, "Kay"),
@@ -240,6 +249,9 @@ def test_beam_with_n_below_classes_is_skipped_not_fatal(tmp_path: Path) -> None:
     ({"models": [{"name": "m", "prior": "transformer", "prior_hidden": 30, "prior_heads": 4}]}, "multiple of heads"),
     ({"models": [{"name": "a"}, {"name": "b", "vqvae_from": "a", "K": 8}]}, r"'b' shares the VQ-VAE of 'a' but differs in \['K'\]"),
     ({"models": [{"name": "b", "vqvae_from": "b"}]}, "vqvae_from 'b' must name another model"),
+    ({"models": [{"name": "m", "strategies": ["sample"], "extra_N": {"beam": [64]}}]}, "extra_N names 'beam'"),
+    ({"models": [{"name": "m", "strategies": ["sample"], "extra_N": {"sample": [0]}}]}, r"extra_N\['sample'\]"),
+    ({"models": [{"name": "m", "extra_N": [64]}]}, "extra_N must be a mapping"),
 ])
 def test_bad_config_raises_naming_the_key(overrides: dict[str, Any], key: str) -> None:
     with pytest.raises(ValueError, match=key):

@@ -50,6 +50,7 @@ class ModelSpec:
     prior_heads: int = 4  # Transformer attention heads (prior_hidden must be a multiple)
     strategies: list[str] = field(default_factory=lambda: ["exhaustive", "sample", "beam", "topk", "data"])
     N: list[int] = field(default_factory=lambda: [16, 64, 256, 1024])
+    extra_N: dict[str, list[int]] = field(default_factory=dict)  # more N for one strategy, e.g. {sample: [16384]}
     weights: str = "uniform"  # mixture weights of the non-exhaustive strategies: uniform (Eq. 2) | prior
     starts: int = 10  # DMBS: starting tokens per class (s)
     em_strategies: list[str] = field(default_factory=lambda: ["sample"])  # also refine these strategies' circuits by EM (+EM rows)
@@ -151,6 +152,7 @@ class RunConfig:
                 raise ValueError(f"config: model {m.name!r} has unknown strategies {bad}; expected {list(STRATEGIES)}")
             if m.K < 1 or any(n < 1 for n in m.N):
                 raise ValueError(f"config: model {m.name!r} needs K >= 1 and every N >= 1")
+            _check_extra_N(m)
             _check_counts(m, ("D", "hidden", "prior_hidden", "prior_layers", "starts", "em_train_limit"),
                           f"config: model {m.name!r}")
             _check_counts(m, ("res_blocks", "em_iterations"), f"config: model {m.name!r}", low=0)
@@ -192,6 +194,19 @@ class RunConfig:
     def analysis(self) -> ModelSpec:
         """The model of the latent-usage and correlation experiments."""
         return next(m for m in self.models if m.name == (self.experiments.analysis_model or self.main.name))
+
+
+def _check_extra_N(m: ModelSpec) -> None:
+    """``extra_N`` maps strategies of the model (not exhaustive) to lists of integers >= 1."""
+    where = f"config: model {m.name!r} extra_N"
+    if not isinstance(m.extra_N, dict):
+        raise ValueError(f"{where} must map strategies to lists of N, e.g. {{sample: [16384]}}; got {m.extra_N!r}")
+    for strategy, ns in m.extra_N.items():
+        if strategy not in m.strategies or strategy == "exhaustive":
+            raise ValueError(f"{where} names {strategy!r}, which is not one of the model's strategies "
+                             f"{[s for s in m.strategies if s != 'exhaustive']}")
+        if not isinstance(ns, list) or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in ns):
+            raise ValueError(f"{where}[{strategy!r}] must be a list of integers >= 1, got {ns!r}")
 
 
 def _check_counts(obj: Any, names: tuple[str, ...], where: str, low: int = 1) -> None:

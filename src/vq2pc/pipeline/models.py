@@ -106,10 +106,11 @@ def _selections(src: SourceModel, cfg: RunConfig, notes: list[str]) -> list[tupl
             continue
         limit = src.info["distinct_train_codes"] if strategy == "data" else src.info["latent_space"]
         floor = src.prior.num_classes if strategy == "beam" else 1  # DMBS needs a width N // (s·C) >= 1
-        pairs += [(strategy, n) for n in src.spec.N if floor <= n <= limit]
+        ns = sorted({*src.spec.N, *src.spec.extra_N.get(strategy, [])})
+        pairs += [(strategy, n) for n in ns if floor <= n <= limit]
         notes += [f"{FAMILY[strategy]} {src.spec.name} N={n} ({src.leaf} pixels) was skipped: a beam width "
-                  f"N // (s·C) >= 1 needs N >= C = {floor}" for n in src.spec.N if n < floor]
-        if strategy == "data" and any(n > limit for n in src.spec.N):
+                  f"N // (s·C) >= 1 needs N >= C = {floor}" for n in ns if n < floor]
+        if strategy == "data" and any(n > limit for n in ns):
             pairs.append((strategy, limit))  # every distinct training code
     return pairs
 
