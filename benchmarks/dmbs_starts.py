@@ -4,7 +4,7 @@ Beam search keeps the highest-p(z) completions of each of its ``s·C`` sampled s
 N latents share long prefixes and their components are redundant; more starts (narrower beams,
 width ``N / (s·C)``) spread them. This measures the lever on the *validation* split (test data is
 not used): for each ``s``, DMBS with N latents, fine-tuned (``vq2pc.circuit.finetune``), against DMRS
-with the same N and the same fine-tuning. Validation BPD before and after fine-tuning; one JSON
+(and, with ``--gumbel``, the stochastic beam search DMGS) with the same N and the same fine-tuning. Validation BPD before and after fine-tuning; one JSON
 line per selection.
 
     python benchmarks/dmbs_starts.py --run runs/mnist-ft --data-dir DIR --N 1024 --starts 10 40 102
@@ -36,7 +36,8 @@ def main() -> None:
     ap.add_argument("--model", default="4x4", help="source model name in the run directory")
     ap.add_argument("--data-dir", required=True, help="directory with the MNIST IDX files")
     ap.add_argument("--N", type=int, default=1024, help="components")
-    ap.add_argument("--starts", type=int, nargs="+", default=[10, 40, 102], help="DMBS start tokens per class")
+    ap.add_argument("--starts", type=int, nargs="*", default=[10, 40, 102], help="DMBS start tokens per class (none: no DMBS)")
+    ap.add_argument("--gumbel", action="store_true", help="also the stochastic beam search (DMGS, Kool et al.)")
     ap.add_argument("--epochs", type=int, default=2, help="fine-tuning epochs")
     ap.add_argument("--train-limit", type=int, default=20000, help="training images used by fine-tuning")
     ap.add_argument("--seed", type=int, default=0)
@@ -47,7 +48,7 @@ def main() -> None:
     cfg = FineTuneConfig(epochs=args.epochs, patience=1, lr=1e-3, top_k=1, refresh=25, train_limit=args.train_limit,
                          seed=args.seed, progress=False)
     S = splits.num_variables
-    runs = [("sample", None)] + [("beam", s) for s in args.starts]
+    runs = [("sample", None)] + [("gumbel", None)] * args.gumbel + [("beam", s) for s in args.starts]
     for strategy, s in runs:
         start = time.perf_counter()
         sel = select(prior, strategy, args.N, starts=s or 10, generator=torch.Generator().manual_seed(args.seed))
@@ -56,7 +57,7 @@ def main() -> None:
         distinct_first = len(torch.unique(sel.codes.flatten(1)[:, 0]))
         shared = (sel.codes.flatten(1)[:, None, :] == sel.codes.flatten(1)[None, :, :]).float().mean().item()
         print(json.dumps({
-            "selection": "DMRS" if strategy == "sample" else "DMBS", "starts": s, "N": len(sel),
+            "selection": {"sample": "DMRS", "gumbel": "DMGS", "beam": "DMBS"}[strategy], "starts": s, "N": len(sel),
             "val_bpd_paper_faithful": round(_val_bpd(res.start_val_log_prob, S, splits.levels), 4),
             "val_bpd_finetuned": round(_val_bpd(res.best_val_log_prob, S, splits.levels), 4),
             "distinct_first_codes": distinct_first, "mean_shared_positions": round(shared * sel.codes[0].numel(), 2),

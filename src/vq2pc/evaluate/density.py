@@ -32,7 +32,7 @@ from vq2pc.evaluate.plots import family_style, new_figure, save_figure, styled
 
 __all__ = ["test_bpd", "plot_bpd_tails", "bpd_quantiles", "bpd_fields", "BPD_FORMAT", "QUANTILE_LEVELS", "model_log_prob", "plot_bpd_vs_params", "plot_bpd_vs_N", "FAMILY_ORDER"]
 
-FAMILY_ORDER = ("ExM", "DMRS", "DMRS+EM", "DMRS+FT", "DMGS", "DMBS", "DMBS+FT", "TopK", "TopK+FT", "DMData", "DMData+FT",
+FAMILY_ORDER = ("ExM", "DMRS", "DMRS+EM", "DMRS+FT", "DMGS", "DMGS+FT", "DMBS", "DMBS+FT", "TopK", "TopK+FT", "DMData", "DMData+FT",
                 "CM", "EiNet")
 
 

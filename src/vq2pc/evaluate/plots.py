@@ -59,6 +59,7 @@ FAMILY_STYLE: dict[str, tuple[str, str, bool]] = {
     "DMRS+EM": ("tab:pink", "s", True),
     "DMRS+FT": ("indigo", "s", True),
     "DMBS+FT": ("darkgreen", "D", True),
+    "DMGS+FT": ("darkred", "P", True),
     "TopK+FT": ("darkorange", "^", True),
     "DMData+FT": ("darkolivegreen", "v", True),
     "CM": ("tab:brown", "o", False),

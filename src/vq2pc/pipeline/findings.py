@@ -35,18 +35,20 @@ def _exm_bound(rows: list[dict], leaf: str) -> list[str]:
 
 
 def _beam_vs_sample(rows: list[dict], leaf: str) -> list[str]:
-    """DMBS against DMRS at the same requested N, paper-faithful and fine-tuned (the paper: DMBS follows DMRS)."""
+    """DMBS (and the stochastic beam search DMGS) against DMRS at the same requested N, paper-faithful and
+    fine-tuned (the paper: DMBS follows DMRS)."""
     notes = []
-    for suffix in ("", "+FT"):
-        for beam in _by(rows, "DMBS" + suffix):
-            target = beam.get("requested_N") or beam["N"]
-            match = [r for r in _by(rows, "DMRS" + suffix)
-                     if r.get("model") == beam.get("model") and r.get("requested_N") == target]
-            if match:
-                diff = beam["test_bpd"] - match[0]["test_bpd"]
-                notes.append(f"[{leaf}] DMBS{suffix} vs DMRS{suffix} ({beam.get('model')}, N={target}): "
-                             f"{beam['test_bpd']:.4f} vs {match[0]['test_bpd']:.4f} BPD "
-                             f"(DMBS {'+' if diff >= 0 else ''}{diff:.4f}).")
+    for family in ("DMBS", "DMGS"):
+        for suffix in ("", "+FT"):
+            for beam in _by(rows, family + suffix):
+                target = beam.get("requested_N") or beam["N"]
+                match = [r for r in _by(rows, "DMRS" + suffix)
+                         if r.get("model") == beam.get("model") and r.get("requested_N") == target]
+                if match:
+                    diff = beam["test_bpd"] - match[0]["test_bpd"]
+                    notes.append(f"[{leaf}] {family}{suffix} vs DMRS{suffix} ({beam.get('model')}, N={target}): "
+                                 f"{beam['test_bpd']:.4f} vs {match[0]['test_bpd']:.4f} BPD "
+                                 f"({family} {'+' if diff >= 0 else ''}{diff:.4f}).")
     return notes
 
 

@@ -1,0 +1,28 @@
+"""The report's notes: comparisons computed from result rows, with the right signs and pairings."""
+
+from __future__ import annotations
+
+from vq2pc.pipeline.findings import findings
+
+
+def _row(family: str, N: int, bpd: float, **extra) -> dict:
+    return {"leaf": "gaussian", "model": "4x4", "family": family, "name": f"{family} 4x4", "N": N,
+            "requested_N": N, "test_bpd": bpd, **extra}
+
+
+def test_beam_searches_are_compared_with_dmrs_at_equal_n_only() -> None:
+    rows = [_row("DMRS", 256, 3.5), _row("DMRS", 1024, 3.2), _row("DMRS+FT", 1024, 3.0),
+            _row("DMBS", 1024, 3.7), _row("DMBS+FT", 1024, 3.4), _row("DMGS+FT", 1024, 2.95),
+            _row("DMBS", 4096, 3.1)]  # no DMRS at 4096: no note
+    notes = findings({"models": rows})
+    assert "[gaussian] DMBS vs DMRS (4x4, N=1024): 3.7000 vs 3.2000 BPD (DMBS +0.5000)." in notes
+    assert "[gaussian] DMBS+FT vs DMRS+FT (4x4, N=1024): 3.4000 vs 3.0000 BPD (DMBS +0.4000)." in notes
+    assert "[gaussian] DMGS+FT vs DMRS+FT (4x4, N=1024): 2.9500 vs 3.0000 BPD (DMGS -0.0500)." in notes
+    assert not any("N=4096" in n or "N=256" in n for n in notes)
+
+
+def test_baselines_are_compared_with_the_best_distilled_and_fine_tuned_circuits() -> None:
+    rows = [_row("DMRS", 4096, 4.6), _row("DMRS+FT", 4096, 2.87), _row("EiNet", 10, 2.94), _row("CM", 16384, 3.1)]
+    text = "\n".join(findings({"models": rows}))
+    assert "EiNet" in text and "2.9400 BPD is worse than the best fine-tuned" in text
+    assert "2.9400 BPD is better than the best distilled model DMRS 4x4 (N=4096) 4.6000" in text
