@@ -215,3 +215,26 @@ def test_cm_training_improves_validation_nll(digits, tmp_path):
     circuit = compile_cm(model, num_points=512, seed=0)
     assert circuit.log_prob(x_val).mean().item() == pytest.approx(-after, abs=0.05 * abs(after) + 1.0)
     assert math.isfinite(float(np.mean(circuit.sample(4, generator=torch.Generator().manual_seed(0)).numpy())))
+
+
+@pytest.mark.parametrize("kind", ["cm", "einet"])
+def test_interrupted_baseline_training_resumes_to_the_same_weights(kind, digits, tmp_path, request):
+    """One epoch, stop, resume to two: the same weights as two epochs straight. The dequantization noise
+    and the CM's integration points are seeded by the step, so the resumed run draws what the
+    uninterrupted one drew."""
+    small = type(digits)(**{**digits.__dict__, "train_x": digits.train_x[:120], "train_y": digits.train_y[:120]})
+    if kind == "cm":
+        cfg, train = CMConfig(digits.image_shape, leaf="gaussian", levels=digits.levels, hidden=8, train_points=32), train_cm
+    else:
+        request.getfixturevalue("cirkit")
+        einet_mod = request.getfixturevalue("einet_mod")
+        cfg = einet_mod.EiNetConfig(digits.image_shape, leaf="gaussian", levels=digits.levels, pieces=(4,),
+                                    num_input_units=2, num_sum_units=2)
+        train = einet_mod.train_einet
+    straight, _ = train(small, cfg, FAST, checkpoint=tmp_path / "straight.pt")
+    train(small, cfg, FAST.__class__(**{**FAST.__dict__, "epochs": 1}), checkpoint=tmp_path / "resumed.pt")
+    resumed, result = train(small, cfg, FAST, checkpoint=tmp_path / "resumed.pt")
+    assert result.epochs_run == 2
+    ref = straight.state_dict()
+    for name, value in resumed.state_dict().items():
+        torch.testing.assert_close(value, ref[name], rtol=0, atol=0, msg=name)

@@ -1,4 +1,5 @@
-"""Data-parallel training over 2 gloo ranks equals one process on the same global batches; a killed
+"""Data-parallel training (VQ-VAE, prior, continuous mixture) over 2 gloo ranks equals one process on the
+same global batches; a killed
 rank resumes; AMP is refused off CUDA."""
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import pytest
 import torch
 from helpers import spawn_ranks
 
+from vq2pc.baselines.cm import CMConfig, train_cm
 from vq2pc.data import load_dataset
 from vq2pc.models.priors.base import _nll_per_latent
 from vq2pc.models.priors.pixelcnn import PixelCNNPrior, PriorConfig, train_prior
@@ -25,6 +27,7 @@ VQ_CFG = VQVAEConfig(image_shape=(1, 8, 8), levels=17, leaf="gaussian", latent_h
 # by 1e-2, in one process too. So with them only the ranks' agreement is exact.
 KMEANS_CFG = replace(VQ_CFG, quantizer_opts={"kmeans_init": True, "dead_code_threshold": 0.5})
 PRIOR_CFG = PriorConfig(K=5, latent_hw=(2, 2), num_classes=3, hidden=8, layers=2)
+CM_CFG = CMConfig(image_shape=(1, 8, 8), leaf="gaussian", levels=17, latent_dim=3, hidden=8, train_points=16)
 TCFG = TrainConfig(epochs=1, batch_size=15, lr=3e-3, seed=4, progress=False)
 
 
@@ -42,8 +45,10 @@ def _train_both() -> dict[str, dict[str, torch.Tensor]]:
     vqvae, r1 = train_vqvae(_digits(), VQ_CFG, TCFG)
     (z, c), (vz, vc) = _codes(61, 1), _codes(20, 2)
     prior, r2 = train_prior(z, c, PRIOR_CFG, TCFG, vz, vc)
-    return {"vqvae": vqvae.state_dict(), "prior": prior.state_dict(),
-            "loss": torch.tensor([r1.history[0]["train"], r1.history[0]["val"], r2.history[0]["val"]])}
+    cm, r3 = train_cm(_digits(), CM_CFG, TCFG)
+    return {"vqvae": vqvae.state_dict(), "prior": prior.state_dict(), "cm": cm.state_dict(),
+            "loss": torch.tensor([r1.history[0]["train"], r1.history[0]["val"], r2.history[0]["val"],
+                                  r3.history[0]["train"], r3.history[0]["val"]])}
 
 
 def _ddp_epoch(rank: int, out: str) -> None:
@@ -59,8 +64,8 @@ def _close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
             assert torch.equal(a[k], b[k]), k
 
 
-def test_one_ddp_epoch_of_vqvae_and_prior_equals_one_process(tmp_path: Path) -> None:
-    """Same global batches and noise, gradients averaged with the right weights for uneven shards (the
+def test_one_ddp_epoch_of_vqvae_prior_and_cm_equals_one_process(tmp_path: Path) -> None:
+    """Same global batches, dequantization noise and (CM) integration points, gradients averaged with the right weights for uneven shards (the
     prior's 61 codes end in a 1-row batch: one rank computes a stand-in row with weight 0),
     BatchNorm on global-batch statistics: parameters, BatchNorm buffers and losses within 1e-5 of one
     process. With k-means init and dead-code replacement the ranks hold identical weights."""
@@ -69,7 +74,7 @@ def test_one_ddp_epoch_of_vqvae_and_prior_equals_one_process(tmp_path: Path) -> 
     spawn_ranks(_ddp_epoch, 2, str(tmp_path))
     got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     for g in got:
-        for part in ("vqvae", "prior"):
+        for part in ("vqvae", "prior", "cm"):
             _close(ref[part], g[part])
         torch.testing.assert_close(g["loss"], ref["loss"], atol=1e-5, rtol=1e-6)
     assert all(torch.equal(got[0]["kmeans"][k], got[1]["kmeans"][k]) for k in got[0]["kmeans"])

@@ -36,8 +36,8 @@ from vq2pc.circuit.mixture import MixtureCircuit
 from vq2pc.core.checkpoint import SavableModel
 from vq2pc.core.leaves import LOG_2PI, Categorical, Gaussian, Leaf
 from vq2pc.core.validate import rows
-from vq2pc.data.datasets import DataSplits, check_fits, to_model_space
-from vq2pc.models.train import TrainConfig, TrainResult, fit
+from vq2pc.data.datasets import DataSplits, check_fits
+from vq2pc.models.train import TrainConfig, TrainResult, completed_steps, dequantize_once, fit, step_dequantizer, step_seed
 
 __all__ = ["CMConfig", "ContinuousMixture", "sobol_normal", "train_cm", "compile_cm"]
 
@@ -141,18 +141,19 @@ class ContinuousMixture(SavableModel, nn.Module):
         return torch.logsumexp(self.component_log_likelihoods(x, z), 1) - math.log(z.shape[0])
 
 
-def _cm_loss(cfg: CMConfig, seed: int) -> Callable[[nn.Module, tuple[Tensor, ...]], Tensor]:
-    """Mean NLL (nats per dimension) with fresh RQMC points per training step, fixed ones for validation."""
-    rng = np.random.default_rng(seed)
-    dequant = torch.Generator().manual_seed(seed)
+def _cm_loss(cfg: CMConfig, seed: int, first_step: int) -> Callable[[nn.Module, tuple[Tensor, ...]], Tensor]:
+    """Mean NLL (nats per dimension) of a batch in model space, with fresh RQMC points per training step
+    (seeded by the step: the same on every rank and after a resume) and fixed ones for validation."""
     val_points = sobol_normal(cfg.train_points, cfg.latent_dim, seed + 1)
+    step = [int(first_step)]
 
     def loss(model: nn.Module, batch: tuple[Tensor, ...]) -> Tensor:
         if model.training:
-            z, gen = sobol_normal(cfg.train_points, cfg.latent_dim, rng), dequant
+            z = sobol_normal(cfg.train_points, cfg.latent_dim, step_seed(seed, step[0]))
+            step[0] += 1
         else:
-            z, gen = val_points, torch.Generator().manual_seed(seed + 1)
-        x = to_model_space(batch[0], cfg.leaf, cfg.levels, gen).flatten(1)
+            z = val_points
+        x = batch[0].flatten(1)
         return -model.log_prob(x, z.to(x.device)).mean() / x.shape[1]
 
     return loss
@@ -161,13 +162,17 @@ def _cm_loss(cfg: CMConfig, seed: int) -> Callable[[nn.Module, tuple[Tensor, ...
 def train_cm(
     splits: DataSplits, cfg: CMConfig, train_cfg: TrainConfig, checkpoint: str | Path | None = None
 ) -> tuple[ContinuousMixture, TrainResult]:
-    """Fit a continuous mixture by maximum (RQMC-estimated) likelihood with :func:`train.fit` (kind ``cm``)."""
+    """Fit a continuous mixture by maximum (RQMC-estimated) likelihood with :func:`train.fit` (kind ``cm``);
+    dequantization noise and integration points are drawn per step (seeded by the step)."""
     check_fits(cfg.image_shape, cfg.levels, splits)
     with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's global RNG
         torch.manual_seed(train_cfg.seed)
         model = ContinuousMixture(cfg)
-    result = fit(model, _cm_loss(cfg, train_cfg.seed), (splits.train_x,), (splits.val_x,), train_cfg,
-                 checkpoint=checkpoint, kind="cm", meta={"config": asdict(cfg)}, desc="cm")
+    first = completed_steps(checkpoint, "cm", len(splits.train_x), train_cfg.batch_size)
+    val = (dequantize_once(splits.val_x, cfg.leaf, cfg.levels, train_cfg.seed),)
+    result = fit(model, _cm_loss(cfg, train_cfg.seed, first), (splits.train_x,), val, train_cfg,
+                 checkpoint=checkpoint, kind="cm", meta={"config": asdict(cfg)}, desc="cm",
+                 prepare=step_dequantizer(cfg.leaf, cfg.levels, train_cfg.seed, first))
     return model, result
 
 

@@ -61,7 +61,7 @@ import functools
 import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -69,8 +69,8 @@ from torch import Tensor, nn
 from vq2pc.circuit.cirkit import UNCLAMPED_SEMIRING, require_cirkit
 from vq2pc.core.checkpoint import SavableModel
 from vq2pc.core.validate import check_finite, check_levels, observed_mask, rows
-from vq2pc.data.datasets import DataSplits, check_fits, to_model_space
-from vq2pc.models.train import TrainConfig, TrainResult, fit
+from vq2pc.data.datasets import DataSplits, check_fits
+from vq2pc.models.train import TrainConfig, TrainResult, completed_steps, dequantize_once, fit, step_dequantizer
 
 __all__ = ["EiNetConfig", "EiNet", "train_einet"]
 
@@ -312,25 +312,24 @@ def _categorical_log_probs(layer: Any) -> Tensor:
     return torch.log_softmax(layer.logits(), -1)
 
 
-def _nll_loss(leaf: str, levels: int, seed: int) -> Callable[[nn.Module, tuple[Tensor, ...]], Tensor]:
-    """Mean NLL in nats per dimension of a batch of uint8 images, dequantized per batch."""
-    train_gen = torch.Generator().manual_seed(seed)
-
-    def loss(model: nn.Module, batch: tuple[Tensor, ...]) -> Tensor:
-        gen = train_gen if model.training else torch.Generator().manual_seed(seed + 1)
-        x = to_model_space(batch[0], leaf, levels, gen).flatten(1)
-        return -model.log_prob(x).mean() / x.shape[1]
-
-    return loss
+def _nll_loss(model: nn.Module, batch: tuple[Tensor, ...]) -> Tensor:
+    """Mean NLL in nats per dimension of a batch in model space."""
+    x = batch[0].flatten(1)
+    return -model.log_prob(x).mean() / x.shape[1]
 
 
 def train_einet(
     splits: DataSplits, cfg: EiNetConfig, train_cfg: TrainConfig, checkpoint: str | Path | None = None
 ) -> tuple[EiNet, TrainResult]:
-    """Fit an EiNet by maximum likelihood (Adam, :func:`train.fit`, kind ``einet``) on ``splits``."""
+    """Fit an EiNet by maximum likelihood (Adam, :func:`train.fit`, kind ``einet``) on ``splits``; training
+    batches are dequantized per step (:func:`~vq2pc.models.train.step_dequantizer`: the same noise whatever
+    the number of ranks, and after a resume), the validation set once."""
     check_fits(cfg.image_shape, cfg.levels, splits)
     cfg = replace(cfg, seed=train_cfg.seed)
     model = EiNet(cfg)
-    result = fit(model, _nll_loss(cfg.leaf, cfg.levels, train_cfg.seed), (splits.train_x,), (splits.val_x,),
-                 train_cfg, checkpoint=checkpoint, kind="einet", meta={"config": asdict(cfg)}, desc="einet")
+    first = completed_steps(checkpoint, "einet", len(splits.train_x), train_cfg.batch_size)
+    val = (dequantize_once(splits.val_x, cfg.leaf, cfg.levels, train_cfg.seed),)
+    result = fit(model, _nll_loss, (splits.train_x,), val, train_cfg, checkpoint=checkpoint, kind="einet",
+                 meta={"config": asdict(cfg)}, desc="einet",
+                 prepare=step_dequantizer(cfg.leaf, cfg.levels, train_cfg.seed, first))
     return model, result

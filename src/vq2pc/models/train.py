@@ -29,6 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from vq2pc.core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from vq2pc.data.datasets import to_model_space
 from vq2pc.core.distributed import (
     all_reduce_max_,
     all_reduce_sum,
@@ -40,7 +41,8 @@ from vq2pc.core.distributed import (
     world_size,
 )
 
-__all__ = ["TrainConfig", "TrainResult", "fit", "batches", "evaluate_loss"]
+__all__ = ["TrainConfig", "TrainResult", "fit", "batches", "evaluate_loss", "completed_steps", "step_dequantizer",
+           "dequantize_once", "step_seed"]
 
 Batch = tuple[Tensor, ...]
 LossFn = Callable[[nn.Module, Batch], Tensor]
@@ -94,6 +96,40 @@ def batches(data: Sequence[Tensor], batch_size: int, generator: torch.Generator 
     n = data[0].shape[0]
     order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
     return [tuple(t[order[i : i + batch_size]] for t in data) for i in range(0, n, batch_size)]
+
+
+def step_seed(seed: int, step: int) -> int:
+    """The seed of training step ``step``'s random draws (dequantization noise, integration points)."""
+    return int(seed) * 1_000_003 + int(step)
+
+
+def completed_steps(checkpoint: str | Path | None, kind: str, num_train: int, batch_size: int) -> int:
+    """Training steps already run by an interrupted :func:`fit` with this checkpoint (0 if none): a resumed
+    run continues the per-step random draws where the interrupted one stopped."""
+    if checkpoint is None or not Path(checkpoint).exists():
+        return 0
+    epochs = int(load_checkpoint(checkpoint, kind).get("train_state", {}).get("epoch", 0))
+    return epochs * math.ceil(num_train / batch_size)
+
+
+def step_dequantizer(leaf: str, levels: int, seed: int, first_step: int = 0) -> Callable[[Batch], Batch]:
+    """``prepare`` for :func:`fit`: a global training batch of raw levels (first tensor) in model space,
+    the noise of step ``t`` from a generator seeded by :func:`step_seed` — the same whatever the number
+    of ranks, and the same after a resume (start at :func:`completed_steps`)."""
+    step = [int(first_step)]
+
+    def dequantize(batch: Batch) -> Batch:
+        x = batch[0]
+        gen = torch.Generator(device=x.device).manual_seed(step_seed(seed, step[0]))
+        step[0] += 1
+        return (to_model_space(x, leaf, levels, gen), *batch[1:])
+
+    return dequantize
+
+
+def dequantize_once(v: Tensor, leaf: str, levels: int, seed: int) -> Tensor:
+    """Validation levels ``v`` in model space with fixed noise (seed ``seed + 1``): losses comparable across epochs."""
+    return to_model_space(v, leaf, levels, torch.Generator().manual_seed(int(seed) + 1))
 
 
 @torch.no_grad()

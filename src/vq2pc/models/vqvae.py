@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from vq2pc.core.checkpoint import SavableModel, load_checkpoint
+from vq2pc.core.checkpoint import SavableModel
 from vq2pc.core.leaves import Leaf, check_leaf_kind
 from vq2pc.data.datasets import (
     DataSplits,
@@ -35,7 +35,7 @@ from vq2pc.models.nets import (
     num_downsamplings,
 )
 from vq2pc.models.quantizers import QUANTIZER_NAMES, QuantizerOutput, make_quantizer
-from vq2pc.models.train import TrainConfig, TrainResult, fit
+from vq2pc.models.train import TrainConfig, TrainResult, completed_steps, dequantize_once, fit, step_dequantizer
 
 __all__ = ["VQVAEConfig", "VQVAE", "train_vqvae", "encode_images"]
 
@@ -175,13 +175,6 @@ class VQVAE(SavableModel, nn.Module):
                        "perplexity": float(q.perplexity)}
 
 
-def _completed_epochs(checkpoint: str | Path | None) -> int:
-    """Epochs already run by an interrupted :func:`train_vqvae` with this checkpoint (0 if none)."""
-    if checkpoint is None or not Path(checkpoint).exists():
-        return 0
-    return int(load_checkpoint(checkpoint, "vqvae").get("train_state", {}).get("epoch", 0))
-
-
 def train_vqvae(
     splits: DataSplits, cfg: VQVAEConfig, train_cfg: TrainConfig, checkpoint: str | Path | None = None,
 ) -> tuple[VQVAE, TrainResult]:
@@ -196,23 +189,15 @@ def train_vqvae(
     check_fits(cfg.image_shape, cfg.levels, splits)
     torch.manual_seed(train_cfg.seed)
     model = VQVAE(cfg)
-    steps_per_epoch = math.ceil(len(splits.train_x) / train_cfg.batch_size)
-    step = [_completed_epochs(checkpoint) * steps_per_epoch]
-
-    def dequantize(batch: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-        """A global training batch of raw levels in model space (noise of step t: seed (seed, t))."""
-        x = batch[0]
-        gen = torch.Generator(device=x.device).manual_seed(train_cfg.seed * 1_000_003 + step[0])
-        step[0] += 1
-        return (to_model_space(x, cfg.leaf, cfg.levels, gen),)
+    first = completed_steps(checkpoint, "vqvae", len(splits.train_x), train_cfg.batch_size)
 
     def loss_fn(m: nn.Module, batch: tuple[Tensor, ...]) -> Tensor:
         return m.objective(batch[0])
 
-    val_gen = torch.Generator().manual_seed(train_cfg.seed + 1)
-    val = (to_model_space(splits.val_x, cfg.leaf, cfg.levels, val_gen),)
-    result = fit(model, loss_fn, (splits.train_x,), val, train_cfg, checkpoint,
-                 kind="vqvae", meta={"config": asdict(cfg)}, desc="vqvae", prepare=dequantize)
+    val = (dequantize_once(splits.val_x, cfg.leaf, cfg.levels, train_cfg.seed),)
+    result = fit(model, loss_fn, (splits.train_x,), val, train_cfg, checkpoint, kind="vqvae",
+                 meta={"config": asdict(cfg)}, desc="vqvae",
+                 prepare=step_dequantizer(cfg.leaf, cfg.levels, train_cfg.seed, first))
     return model, result
 
 
