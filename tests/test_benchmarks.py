@@ -39,9 +39,12 @@ def test_circuit_queries_on_mnist_images() -> None:
 @pytest.mark.skipif(not MNIST.is_dir(), reason=f"MNIST IDX files not found at {MNIST}")
 def test_exact_bpd_counts_one_pass_of_decodes_after_the_loop_swap() -> None:
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "exact_bpd.py"), "--data-dir", str(MNIST),
-                          "--K", "2", "--n-test", "40", "--batch-size", "20", "--draws", "1"],
+                          "--K", "2", "--n-test", "40", "--batch-size", "20", "--draws", "2"],
                          capture_output=True, text=True, check=True, timeout=300)
-    before, after = (json.loads(line) for line in out.stdout.splitlines())
-    assert (before["path"], after["path"]) == ("before", "after") and after["latents"] == 16
-    assert after["decodes"] == 16 and before["decodes"] == 2 * 16  # one pass per batch of 20 rows before
-    assert before["extrapolated"] and not after["extrapolated"] and "bpd_one_draw" in after
+    before, after, draws = (json.loads(line) for line in out.stdout.splitlines())
+    assert (before["path"], after["path"], draws["path"]) == ("before", "after", "draws")
+    assert draws["latents"] == 16
+    # before: one pass per batch of 20 rows and per draw; after: one per draw; draws: one in all
+    assert (before["decodes"], after["decodes"], draws["decodes"]) == (2 * 2 * 16, 2 * 16, 16)
+    assert before["extrapolated"] and after["extrapolated"] and not draws["extrapolated"]
+    assert "bpd" in draws and draws["bpd"] > 0
