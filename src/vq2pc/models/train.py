@@ -29,7 +29,6 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from vq2pc.core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from vq2pc.data.datasets import to_model_space
 from vq2pc.core.distributed import (
     all_reduce_max_,
     all_reduce_sum,
@@ -40,6 +39,7 @@ from vq2pc.core.distributed import (
     shard_range,
     world_size,
 )
+from vq2pc.data.datasets import to_model_space
 
 __all__ = ["TrainConfig", "TrainResult", "fit", "batches", "evaluate_loss", "completed_steps", "step_dequantizer",
            "dequantize_once", "step_seed"]
