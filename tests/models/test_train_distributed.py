@@ -1,4 +1,4 @@
-"""Data-parallel training (VQ-VAE, prior, continuous mixture) over 2 gloo ranks equals one process on the
+"""Data-parallel training (VQ-VAE, prior, continuous mixture, EiNet) over 2 gloo ranks equals one process on the
 same global batches; a killed
 rank resumes; AMP is refused off CUDA."""
 
@@ -82,6 +82,33 @@ def test_one_ddp_epoch_of_vqvae_prior_and_cm_equals_one_process(tmp_path: Path) 
     torch.manual_seed(TCFG.seed)
     init = VQVAE(VQ_CFG).state_dict()
     assert any((init[k] - ref["vqvae"][k]).abs().max() > 1e-3 for k in init if init[k].is_floating_point())
+
+
+def _einet() -> tuple[dict[str, torch.Tensor], list[dict]]:
+    from vq2pc.baselines.einet import EiNetConfig, train_einet
+
+    d = _digits()
+    cfg = EiNetConfig(d.image_shape, leaf="gaussian", levels=d.levels, pieces=(4,), num_input_units=2,
+                      num_sum_units=2)
+    model, result = train_einet(d, cfg, TCFG)
+    return model.state_dict(), result.history
+
+
+def _ddp_einet(rank: int, out: str) -> None:
+    torch.save(_einet(), f"{out}/einet{rank}.pt")
+
+
+def test_one_ddp_epoch_of_the_einet_equals_one_process(tmp_path: Path) -> None:
+    """The libcirkit EiNet under DDP: the same weights and losses as one process (to 1e-5)."""
+    pytest.importorskip("cirkit")
+    torch.set_num_threads(1)
+    ref, history = _einet()
+    spawn_ranks(_ddp_einet, 2, str(tmp_path))
+    for r in range(2):
+        got, got_history = torch.load(tmp_path / f"einet{r}.pt")
+        _close(ref, got)
+        assert got_history[0]["train"] == pytest.approx(history[0]["train"], abs=1e-5)
+        assert got_history[0]["val"] == pytest.approx(history[0]["val"], abs=1e-5)
 
 
 def _prior_fit(checkpoint: str, die_after: int | None = None) -> PixelCNNPrior:
