@@ -134,6 +134,11 @@ def test_report_md_links_and_config(full_run: dict[str, Any]) -> None:
     assert len(links) >= 7 * 2  # usage, 2 BPD plots, inpainting, samples, class balance, correlation; per leaf
     missing = [link for link in links if not (out / link).is_file()]
     assert not missing, missing
+    report = json.loads((out / "report.json").read_text())
+    figures = [p for section in report["experiments"].values() for p in section["figures"].values()]
+    figures += [part["figure"] for section in report["experiments"].values() for part in section.values()
+                if isinstance(part, dict) and "figure" in part]
+    assert figures and all((out / p).is_file() and not Path(p).is_absolute() for p in figures)  # movable folder
     written = yaml.safe_load((out / "config.yaml").read_text())
     assert written["leaves"] == ["gaussian", "categorical"] and written["limit"] == LIMIT
     assert written["models"][0]["K"] == 4 and written["models"][0]["N"] == [10, 32]

@@ -8,6 +8,7 @@ a PNG under ``figures/`` and its numbers under ``results/<leaf>/``.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from dataclasses import replace
 from typing import Any
@@ -90,6 +91,11 @@ def run_experiments(
             **ev.component_correlation(make_circuit(analysis, cfg, "sample", 4), make_circuit(analysis, cfg, "topk", 4),
                                        x_test[: E.correlation_images], fig("correlation")),
             "model": analysis.spec.name}, outputs=(fig("correlation"),), depends=analysis.files, params=params)
+    # relative to the run folder: report.json stays true when the folder is moved or copied
+    section["figures"] = {k: os.path.relpath(v, run.root) for k, v in section["figures"].items()}
+    for part in section.values():
+        if isinstance(part, dict) and isinstance(part.get("figure"), str):
+            part["figure"] = os.path.relpath(part["figure"], run.root)
     return section
 
 
