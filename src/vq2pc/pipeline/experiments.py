@@ -22,24 +22,29 @@ from vq2pc.evaluate.density import plot_bpd_tails
 from vq2pc.latents.enumerate import enumerate_log_prior
 from vq2pc.pipeline.config import RunConfig
 from vq2pc.pipeline.models import FAMILY, SourceModel, build_source_model, make_circuit
-from vq2pc.pipeline.rundir import RunDir
+from vq2pc.pipeline.rundir import Models, RunDir
 
 __all__ = ["run_experiments", "showcase_models"]
 
 
-def showcase_models(circuits: dict[str, Any], baselines: dict[str, Any]) -> dict[str, Any]:
-    """The models shown in the figures: the largest circuit of each strategy, then the baselines."""
-    best: dict[str, tuple[int, Any]] = {}
-    for key, circuit in circuits.items():
+def showcase_models(circuits: Models, baselines: dict[str, Any]) -> Models:
+    """The models shown in the figures: the largest circuit of each strategy, then the baselines
+    (each circuit is loaded when an experiment reads it)."""
+    best: dict[str, tuple[int, str]] = {}
+    for key, n in circuits.sizes.items():
         family = FAMILY[key.split("-")[0]] + ("+FT" if key.endswith("-ft") else "")  # strategy[-N<n>][-floor<f>][-ft]
-        if family not in best or len(circuit) > best[family][0]:
-            best[family] = (len(circuit), circuit)
-    shown = {f"{family} (N={n})": c for family, (n, c) in best.items()}
+        if family not in best or n > best[family][0]:
+            best[family] = (n, key)
+    shown = Models(circuits.device)
+    for family, (n, key) in best.items():
+        shown.loaders[f"{family} (N={n})"] = circuits.loaders[key]
     einets = [k for k in baselines if k.startswith("EiNet")]
-    shown.update({k: m for k, m in baselines.items() if not k.startswith("EiNet")})
+    for name, model in baselines.items():
+        if not name.startswith("EiNet"):
+            shown.add_model(name, model)
     if einets:  # the largest EiNet stands for all of them in the pictures
         name = max(einets, key=lambda k: baselines[k].num_params)
-        shown[name] = baselines[name]
+        shown.add_model(name, baselines[name])
     return shown
 
 
@@ -49,11 +54,11 @@ def _gen(cfg: RunConfig, offset: int = 0) -> torch.Generator:
 
 def run_experiments(
     run: RunDir, cfg: RunConfig, splits: DataSplits, leaf: str,
-    built: dict[str, tuple[SourceModel, dict[str, Any]]], baselines: dict[str, Any], report: dict[str, Any],
+    built: dict[str, tuple[SourceModel, Models]], baselines: dict[str, Any], report: dict[str, Any],
 ) -> dict[str, Any]:
     """Every enabled experiment for ``leaf``; returns the report section of this leaf.
 
-    ``built``: model name -> (source model, its circuits by selection key).
+    ``built``: model name -> (source model, its circuit files by selection key).
     """
     E = cfg.experiments
     (main, circuits), analysis = built[cfg.main.name], built[cfg.analysis.name][0]
@@ -117,7 +122,7 @@ def _usage(run: RunDir, cfg: RunConfig, splits: DataSplits, src: SourceModel, pn
             "seeds_used": [cfg.seed] + [s for s in cfg.experiments.usage_seeds if s != cfg.seed]}
 
 
-def _inpainting(cfg: RunConfig, splits: DataSplits, leaf: str, models: dict[str, Any], x_test: torch.Tensor, png) -> dict:
+def _inpainting(cfg: RunConfig, splits: DataSplits, leaf: str, models: Models, x_test: torch.Tensor, png) -> dict:
     E = cfg.experiments
     x = x_test[: E.inpainting_eval_images]
     masks = {k: make_mask(k, tuple(splits.image_shape), len(x), generator=_gen(cfg, 1)) for k in MASK_KINDS}
@@ -128,7 +133,7 @@ def _inpainting(cfg: RunConfig, splits: DataSplits, leaf: str, models: dict[str,
     return metrics
 
 
-def _samples(run: RunDir, cfg: RunConfig, splits: DataSplits, leaf: str, models: dict[str, Any], fig) -> dict:
+def _samples(run: RunDir, cfg: RunConfig, splits: DataSplits, leaf: str, models: Models, fig) -> dict:
     E = cfg.experiments
     train_cfg = replace(cfg.baseline_train, seed=cfg.seed, device=cfg.device)
     if E.classifier_epochs is not None:

@@ -13,7 +13,6 @@ from typing import Any
 import torch
 
 from vq2pc.circuit.finetune import finetune_distill
-from vq2pc.circuit.mixture import MixtureCircuit
 from vq2pc.data.datasets import DataSplits
 from vq2pc.evaluate.density import test_bpd
 from vq2pc.pipeline.config import RunConfig
@@ -25,7 +24,7 @@ from vq2pc.pipeline.models import (
     make_selection,
     selection_weights,
 )
-from vq2pc.pipeline.rundir import RunDir
+from vq2pc.pipeline.rundir import Models, RunDir
 
 __all__ = ["finetune_all"]
 
@@ -35,8 +34,8 @@ def _settings(cfg: RunConfig, src: SourceModel) -> Any:
 
 
 def ft_row(run: RunDir, cfg: RunConfig, splits: DataSplits, src: SourceModel, row: dict[str, Any],
-           circuits: dict[str, MixtureCircuit]) -> dict[str, Any]:
-    """The fine-tuned twin of the distilled ``row``: computed (or reused), its circuit added to ``circuits``."""
+           circuits: Models) -> dict[str, Any]:
+    """The fine-tuned twin of the distilled ``row``: computed (or reused), its circuit file added to ``circuits``."""
     key = f"{row['selection']}-N{row['requested_N']}-ft"
     path = run.path(src.leaf, src.spec.name, "circuits", f"{key}.safetensors")
     test_x = splits.test_x[: cfg.test_limit] if cfg.test_limit else splits.test_x
@@ -47,7 +46,6 @@ def ft_row(run: RunDir, cfg: RunConfig, splits: DataSplits, src: SourceModel, ro
                                         weights=selection_weights(src, row["selection"]), meta=circuit_meta(src))
         circuit.meta.update({"image_shape": list(splits.image_shape), "levels": splits.levels})
         circuit.save(path)
-        circuits[key] = circuit
         bpd = test_bpd(circuit, test_x, src.leaf, splits.levels, draws=cfg.experiments.bpd_draws,
                        generator=torch.Generator().manual_seed(cfg.seed))
         extra = {k: v for k, v in row.items() if k not in ("name", "family", "N", "num_params", "circuit_file")
@@ -60,13 +58,12 @@ def ft_row(run: RunDir, cfg: RunConfig, splits: DataSplits, src: SourceModel, ro
     params["finetune"].pop("progress")
     out = run.cached("distill", f"{src.leaf}/{src.spec.name}/{key}", compute, outputs=(path,), depends=src.files,
                      params=params)
-    if key not in circuits:
-        circuits[key] = MixtureCircuit.load(path, device=cfg.device)
+    circuits.add_file(key, path, out["N"])
     return out
 
 
 def finetune_all(run: RunDir, cfg: RunConfig, splits: DataSplits, src: SourceModel, rows: list[dict[str, Any]],
-                 circuits: dict[str, MixtureCircuit]) -> list[dict[str, Any]]:
+                 circuits: Models) -> list[dict[str, Any]]:
     """+FT rows for the rows of ``src`` whose selection is in ``ft_strategies`` (not for exhaustive/EM rows)."""
     wanted = [r for r in rows if r.get("selection") in src.spec.ft_strategies and r.get("requested_N")
               and r["family"] in ("DMRS", "DMGS", "DMBS", "TopK", "DMData")]

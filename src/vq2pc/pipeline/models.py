@@ -21,7 +21,7 @@ from vq2pc.models.priors import prior_config, train_prior
 from vq2pc.models.quantizers.vq import perplexity
 from vq2pc.models.vqvae import VQVAE, VQVAEConfig, encode_images, train_vqvae
 from vq2pc.pipeline.config import ModelSpec, RunConfig
-from vq2pc.pipeline.rundir import RunDir
+from vq2pc.pipeline.rundir import Models, RunDir
 
 __all__ = ["SourceModel", "build_source_model", "distill_all", "circuit_row", "FAMILY", "select_latents", "make_circuit"]
 
@@ -201,8 +201,8 @@ def exact_row(run: RunDir, cfg: RunConfig, splits: DataSplits, src: SourceModel)
 
 def distill_all(
     run: RunDir, cfg: RunConfig, splits: DataSplits, src: SourceModel, notes: list[str]
-) -> tuple[list[dict], dict[str, MixtureCircuit]]:
-    """Every (strategy, N) circuit of ``src``: saved, evaluated on the test set; returns report rows and circuits.
+) -> tuple[list[dict], Models]:
+    """Every (strategy, N) circuit of ``src``: saved, evaluated on the test set; returns report rows and the circuit files.
 
     A selection that cannot find N distinct latents (DMRS on a prior whose mass sits on fewer) is
     skipped with a line in ``notes``; the other circuits are still made.
@@ -210,7 +210,7 @@ def distill_all(
     An exhaustive selection whose circuit would hold more than ``cfg.max_materialize`` parameters is
     evaluated by streaming (:class:`ExactModel`) and not stored, so it is not among the returned circuits.
     """
-    rows, circuits = [], {}
+    rows, circuits = [], Models(cfg.device)
     test_x = splits.test_x[: cfg.test_limit] if cfg.test_limit else splits.test_x
     per_component = _leaf_params(src.leaf, splits.num_variables, splits.levels)
     for strategy, N in _selections(src, cfg, notes):
@@ -228,7 +228,6 @@ def distill_all(
                 return {"skipped": f"{FAMILY[strategy]} {src.spec.name} N={N} ({src.leaf} pixels) was skipped: {exc}"}
             circuit.meta.update({"image_shape": list(splits.image_shape), "levels": splits.levels})
             circuit.save(path)
-            circuits[key] = circuit  # no reload of what was just made
             bpd = test_bpd(circuit, test_x, src.leaf, splits.levels, draws=cfg.experiments.bpd_draws,
                            generator=torch.Generator().manual_seed(cfg.seed))
             family = FAMILY[strategy]
@@ -251,8 +250,7 @@ def distill_all(
         if row.get("shortfall_reason"):
             notes.append(f"{row['name']} N={row['requested_N']} ({src.leaf} pixels) has {row['N']} components: "
                          f"{row['shortfall_reason']}")
-        if key not in circuits:  # reused from an earlier run
-            circuits[key] = MixtureCircuit.load(path, device=cfg.device)
+        circuits.add_file(key, path, row["N"])
         if strategy in src.spec.em_strategies:
             rows.append(em_row(run, cfg, splits, src, key, circuits[key], row, test_x))
     return rows, circuits
