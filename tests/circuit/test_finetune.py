@@ -98,6 +98,10 @@ def test_component_log_likelihoods_equal_the_leaf_densities() -> None:
     xc = torch.randint(0, 4, (5, 7), generator=g).float()
     manual = torch.stack([cat.logits[m, torch.arange(7), xc[b].long()].sum() for b in range(5) for m in range(3)])
     assert torch.allclose(component_log_likelihoods(cat, xc).flatten(), manual)
+    raw = torch.randn(3, 7, 4, generator=g, requires_grad=True)  # gradients equal the broadcast gather's
+    (fast,) = torch.autograd.grad(component_log_likelihoods(Categorical(raw), xc).square().sum(), raw)
+    (slow,) = torch.autograd.grad(Categorical(raw).log_prob(xc.unsqueeze(1)).sum(-1).square().sum(), raw)
+    assert torch.allclose(fast, slow, atol=1e-5)
 
 
 @pytest.mark.parametrize("bad", [{"components": "some"}, {"epochs": 0}, {"lr": -1.0}, {"patience": -1},
