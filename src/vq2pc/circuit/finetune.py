@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from vq2pc.circuit.distill import decode_leaf
 from vq2pc.circuit.mixture import MixtureCircuit
 from vq2pc.core.leaves import Categorical, Gaussian, Leaf
+from vq2pc.core.random import step_seed
 from vq2pc.data.datasets import DataSplits, to_model_space
 from vq2pc.latents.selection import Selection
 
@@ -158,7 +159,7 @@ class _Trainer:
 
     def step(self, v: Tensor, levels: int, leaf_kind: str) -> float:
         """One Adam step on a batch of raw levels ``v [B, C, H, W]``; returns the batch loss (nats/image)."""
-        gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.step_count)
+        gen = torch.Generator().manual_seed(step_seed(self.cfg.seed, self.step_count))
         x = to_model_space(v, leaf_kind, levels, gen).flatten(1).to(self.cfg.device)
         U, log_w = self._pick(x)
         lp = component_log_likelihoods(self.decoder.decode(self.codes[U]), x)  # [B, |U|]

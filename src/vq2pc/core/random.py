@@ -12,7 +12,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["check_generator", "uniform", "uniform_", "normal", "randint", "categorical", "gumbel_noise"]
+__all__ = ["step_seed", "check_generator", "uniform", "uniform_", "normal", "randint", "categorical", "gumbel_noise"]
+
+
+def step_seed(seed: int, step: int) -> int:
+    """The seed of step ``step``'s random draws in a run seeded ``seed`` (training noise, integration points,
+    dead-code restarts): the same on every rank and after a resume at that step."""
+    return int(seed) * 1_000_003 + int(step)
 
 
 def check_generator(generator: object) -> torch.Generator | None:

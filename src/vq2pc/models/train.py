@@ -39,10 +39,11 @@ from vq2pc.core.distributed import (
     shard_range,
     world_size,
 )
+from vq2pc.core.random import step_seed
 from vq2pc.data.datasets import to_model_space
 
 __all__ = ["TrainConfig", "TrainResult", "fit", "batches", "evaluate_loss", "completed_steps", "step_dequantizer",
-           "dequantize_once", "step_seed"]
+           "dequantize_once"]
 
 Batch = tuple[Tensor, ...]
 LossFn = Callable[[nn.Module, Batch], Tensor]
@@ -96,11 +97,6 @@ def batches(data: Sequence[Tensor], batch_size: int, generator: torch.Generator 
     n = data[0].shape[0]
     order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
     return [tuple(t[order[i : i + batch_size]] for t in data) for i in range(0, n, batch_size)]
-
-
-def step_seed(seed: int, step: int) -> int:
-    """The seed of training step ``step``'s random draws (dequantization noise, integration points)."""
-    return int(seed) * 1_000_003 + int(step)
 
 
 def completed_steps(checkpoint: str | Path | None, kind: str, num_train: int, batch_size: int) -> int:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vq2pc.core.distributed import all_reduce_sum, gather_rows
+from vq2pc.core.random import step_seed
 from vq2pc.models.quantizers import QuantizerOutput
 
 __all__ = ["VectorQuantizer", "nearest_codes", "kmeans", "kmeans_plus_plus", "perplexity"]
@@ -148,7 +149,7 @@ class VectorQuantizer(nn.Module):
         return codebook_term + self.beta * commitment_term
 
     def _generator(self, device: torch.device) -> torch.Generator:
-        return torch.Generator(device=device).manual_seed(self.seed * 1_000_003 + int(self.steps))
+        return torch.Generator(device=device).manual_seed(step_seed(self.seed, self.steps))
 
     @torch.no_grad()
     def _set_codes(self, mask: Tensor, values: Tensor) -> None:
