@@ -81,3 +81,17 @@ def test_loaded_categorical_circuit_is_checked_for_normalization(tmp_path: Path)
     save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=header)
     with pytest.raises(CheckpointError, match="categorical leaves are not normalized"):
         MixtureCircuit.load(tmp_path / "bad.safetensors")
+
+
+def test_normalization_is_checked_in_every_block_of_components(tmp_path: Path) -> None:
+    """70 components of 300 × 200 log-probabilities are checked in two blocks (69 + 1): a defect in the
+    last component's last pixel is still found."""
+    logits = torch.log_softmax(torch.randn(70, 300, 200, generator=torch.Generator().manual_seed(0)), -1)
+    path = MixtureCircuit(Categorical(logits), torch.zeros(70)).save(tmp_path / "c.safetensors")
+    assert len(MixtureCircuit.load(path)) == 70
+    with safe_open(str(path), framework="pt") as f:
+        header, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    tensors["leaf.logits"][69, 299, 0] += 1.0
+    save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=header)
+    with pytest.raises(CheckpointError, match="categorical leaves are not normalized"):
+        MixtureCircuit.load(tmp_path / "bad.safetensors")

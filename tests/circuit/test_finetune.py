@@ -4,6 +4,7 @@ never returns worse than its start on validation, and leaves the source decoder 
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -11,11 +12,9 @@ import torch
 from vq2pc.circuit.distill import distill
 from vq2pc.circuit.finetune import (
     FineTuneConfig,
-    component_log_likelihoods,
     finetune,
     finetune_distill,
 )
-from vq2pc.core.leaves import Categorical, Gaussian
 from vq2pc.data.datasets import DataSplits, load_dataset, to_model_space
 from vq2pc.latents.selection import Selection
 from vq2pc.models.train import TrainConfig
@@ -69,6 +68,16 @@ def test_no_improvement_returns_the_start(vqvae: VQVAE, digits: DataSplits) -> N
     assert res.decoder is vqvae
 
 
+def test_cosine_schedule_decays_the_learning_rate_to_zero(vqvae: VQVAE, digits: DataSplits) -> None:
+    """Cosine decays per step over all epochs and ends at lr 0; constant keeps it."""
+    codes = torch.tensor([[[0, 1], [2, 3]], [[4, 5], [6, 7]], [[1, 1], [2, 2]]])
+    runs = {s: finetune(vqvae, codes, torch.zeros(3), digits, FineTuneConfig(
+        epochs=3, patience=3, lr=1e-3, batch_size=50, schedule=s, progress=False)) for s in ("constant", "cosine")}
+    assert [h["lr"] for h in runs["constant"].history] == [1e-3] * 3
+    expected = [0.5e-3 * (1 + math.cos(math.pi * e / 3)) for e in (1, 2, 3)]  # per step, read at epoch ends
+    assert [h["lr"] for h in runs["cosine"].history] == pytest.approx(expected, abs=1e-12)
+
+
 def test_categorical_finetuned_circuit_sums_to_one() -> None:
     """A tiny categorical model (1x2x2 images, L = 3): the fine-tuned circuit sums to 1 over all 81 images."""
     torch.manual_seed(0)
@@ -88,23 +97,7 @@ def test_categorical_finetuned_circuit_sums_to_one() -> None:
     assert abs(float(total)) < 1e-5
 
 
-def test_component_log_likelihoods_equal_the_leaf_densities() -> None:
-    g = torch.Generator().manual_seed(0)
-    x = torch.rand(5, 7, generator=g)
-    gauss = Gaussian(torch.rand(3, 7, generator=g), torch.rand(3, 7, generator=g) * 0.1 + 1e-3)
-    direct = gauss.log_prob(x.unsqueeze(1)).double().sum(-1)
-    assert torch.allclose(component_log_likelihoods(gauss, x).double(), direct, rtol=1e-5)
-    cat = Categorical(torch.log_softmax(torch.randn(3, 7, 4, generator=g), -1))
-    xc = torch.randint(0, 4, (5, 7), generator=g).float()
-    manual = torch.stack([cat.logits[m, torch.arange(7), xc[b].long()].sum() for b in range(5) for m in range(3)])
-    assert torch.allclose(component_log_likelihoods(cat, xc).flatten(), manual)
-    raw = torch.randn(3, 7, 4, generator=g, requires_grad=True)  # gradients equal the broadcast gather's
-    (fast,) = torch.autograd.grad(component_log_likelihoods(Categorical(raw), xc).square().sum(), raw)
-    (slow,) = torch.autograd.grad(Categorical(raw).log_prob(xc.unsqueeze(1)).sum(-1).square().sum(), raw)
-    assert torch.allclose(fast, slow, atol=1e-5)
-
-
-@pytest.mark.parametrize("bad", [{"components": "some"}, {"epochs": 0}, {"lr": -1.0}, {"patience": -1},
+@pytest.mark.parametrize("bad", [{"components": "some"}, {"schedule": "linear"}, {"epochs": 0}, {"lr": -1.0}, {"patience": -1},
                                  {"top_k": 0}, {"batch_size": 1.5}])
 def test_bad_settings_are_one_clear_error(bad: dict) -> None:
     with pytest.raises(ValueError, match="fine-tuning"):

@@ -8,7 +8,9 @@ import torch
 
 from vq2pc.circuit.mixture import MixtureCircuit
 from vq2pc.core.leaves import Categorical
-from vq2pc.pipeline.experiments import showcase_models
+from vq2pc.data.datasets import load_dataset
+from vq2pc.pipeline.config import ExperimentSpec, RunConfig
+from vq2pc.pipeline.experiments import _inpainting, showcase_models
 from vq2pc.pipeline.rundir import Models
 
 
@@ -30,3 +32,19 @@ def test_models_load_each_file_when_read(tmp_path: Path) -> None:
     shown = showcase_models(store, {"CM": "cm-model"})
     assert list(shown) == ["DMRS (N=4)", "DMBS+FT (N=3)", "CM"]
     assert len(shown["DMRS (N=4)"]) == 4 and shown["CM"] == "cm-model"
+
+
+def test_inpainting_reads_each_model_once(tmp_path: Path) -> None:
+    """Metrics and pictures come from one read of each model: a circuit file is not loaded twice."""
+    splits = load_dataset("digits", seed=0, limit=60)
+    cfg = RunConfig(experiments=ExperimentSpec(inpainting_eval_images=6, inpainting_images=2))
+    g = torch.Generator().manual_seed(0)
+    circuit = MixtureCircuit(Categorical(torch.randn(5, 64, splits.levels, generator=g).log_softmax(-1)), torch.zeros(5))
+    reads: list[str] = []
+    store = Models()
+    for name in ("a", "b"):
+        store.loaders[name] = lambda name=name: reads.append(name) or circuit
+    x = splits.test_x.flatten(1).float()
+    metrics = _inpainting(cfg, splits, "categorical", store, x, tmp_path / "inpainting.png")
+    assert reads == ["a", "b"] and set(metrics) == {"a", "b"}
+    assert (tmp_path / "inpainting.png").stat().st_size > 0

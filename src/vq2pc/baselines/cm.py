@@ -10,8 +10,9 @@ Training maximizes the integration-point estimate
 drawn by randomized quasi-Monte Carlo — a scrambled Sobol sequence mapped through
 the standard-normal inverse CDF — freshly at every step (validation uses one fixed
 set, so early stopping compares like with like). The per-point log-likelihoods
-``[B, M]`` are matrix products (Gaussian: ``x² @ a + x @ b + c``; categorical:
-one-hot ``x`` against the logits), as in the ``MixtureCircuit`` kernels.
+``[B, M]`` are :func:`vq2pc.core.leaves.component_log_likelihoods`, shared with
+fine-tuned distillation (Gaussian: one float64 product ``[x², x] @ [a; b]``;
+categorical: indexed log-probabilities).
 
 :func:`compile_cm` fixes ``num_points`` Sobol points (2^14 in the paper), decodes
 their leaves once and returns a ``MixtureCircuit`` with uniform weights, so every
@@ -32,9 +33,10 @@ import torch
 from scipy.stats import norm, qmc
 from torch import Tensor, nn
 
+from vq2pc.circuit.distill import decode_leaf
 from vq2pc.circuit.mixture import MixtureCircuit
 from vq2pc.core.checkpoint import SavableModel
-from vq2pc.core.leaves import LOG_2PI, Categorical, Gaussian, Leaf
+from vq2pc.core.leaves import Categorical, Gaussian, Leaf, component_log_likelihoods
 from vq2pc.core.validate import rows
 from vq2pc.data.datasets import DataSplits, check_fits
 from vq2pc.core.random import step_seed
@@ -130,12 +132,7 @@ class ContinuousMixture(SavableModel, nn.Module):
         x = rows(x, s).to(self.device, torch.float32)
         leaf = self.decode(z)
         leaf.validate_data(x)
-        if isinstance(leaf, Categorical):
-            onehot = nn.functional.one_hot(x.long(), self.cfg.levels).reshape(x.shape[0], -1).float()
-            return onehot @ leaf.logits.reshape(leaf.logits.shape[0], -1).T
-        prec = leaf.scale.reciprocal().square()  # [M, S]
-        const = (-0.5 * leaf.loc.square() * prec - leaf.scale.log()).sum(1) - 0.5 * s * LOG_2PI
-        return (x * x) @ (-0.5 * prec).T + x @ (leaf.loc * prec).T + const
+        return component_log_likelihoods(leaf, x)
 
     def log_prob(self, x: Tensor, z: Tensor) -> Tensor:
         """``[B]`` integration-point estimate ``logsumexp_j log p(x | z_j) − log M``."""
@@ -184,10 +181,7 @@ def compile_cm(
 ) -> MixtureCircuit:
     """A ``MixtureCircuit`` with ``num_points`` uniformly weighted components: the decoded Sobol points."""
     z = sobol_normal(num_points, model.cfg.latent_dim, seed).to(model.device)
-    model.eval()
-    parts = [model.decode(z[i : i + batch_size]).tensors() for i in range(0, num_points, batch_size)]
-    tensors = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-    leaf: Leaf = Gaussian(tensors["mean"], tensors["std"]) if model.cfg.leaf == "gaussian" else Categorical(tensors["logits"])
+    leaf = decode_leaf(model, z, batch_size)
     meta = {"source": "continuous-mixture", "latent_dim": model.cfg.latent_dim, "num_points": int(num_points),
             "seed": int(seed), "decoder_params": model.num_params}
     return MixtureCircuit(leaf, torch.zeros(num_points, device=model.device), memory_budget_mib=memory_budget_mib, meta=meta)

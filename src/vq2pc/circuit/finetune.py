@@ -38,14 +38,15 @@ from tqdm.auto import tqdm
 
 from vq2pc.circuit.distill import decode_leaf
 from vq2pc.circuit.mixture import MixtureCircuit
-from vq2pc.core.leaves import Categorical, Gaussian, Leaf
+from vq2pc.core.leaves import component_log_likelihoods
 from vq2pc.core.random import step_seed
 from vq2pc.data.datasets import DataSplits, to_model_space
 from vq2pc.latents.selection import Selection
 
-__all__ = ["FineTuneConfig", "FineTuneResult", "finetune", "finetune_distill", "component_log_likelihoods"]
+__all__ = ["FineTuneConfig", "FineTuneResult", "finetune", "finetune_distill"]
 
 COMPONENT_MODES = ("posterior", "random")
+SCHEDULES = ("constant", "cosine")
 
 
 @dataclass
@@ -55,6 +56,7 @@ class FineTuneConfig:
     epochs: int = 8
     patience: int = 2  # epochs without a better validation likelihood before stopping
     lr: float = 1e-4
+    schedule: str = "constant"  # constant | cosine (the learning rate decays to 0 over ``epochs`` epochs, per step)
     batch_size: int = 128
     components: str = "posterior"  # posterior | random
     top_k: int = 4  # posterior: components per image that get gradients
@@ -70,6 +72,8 @@ class FineTuneConfig:
     def __post_init__(self) -> None:
         if self.components not in COMPONENT_MODES:
             raise ValueError(f"fine-tuning components must be one of {list(COMPONENT_MODES)}, got {self.components!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"fine-tuning schedule must be one of {list(SCHEDULES)}, got {self.schedule!r}")
         ints = {"epochs": self.epochs, "batch_size": self.batch_size, "top_k": self.top_k,
                 "refresh": self.refresh, "subset": self.subset}
         bad = {k: v for k, v in ints.items() if not isinstance(v, int) or isinstance(v, bool) or v < 1}
@@ -95,27 +99,6 @@ class FineTuneResult:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
-def component_log_likelihoods(leaf: Leaf, x: Tensor) -> Tensor:
-    """``log p(x_b | θ_m)`` summed over the S variables: leaf batch ``[M, S]``, ``x [B, S]`` -> ``[B, M]``.
-
-    Differentiable in the leaf parameters. Gaussian leaves use the quadratic form as one matrix
-    product in float64 (stds near 1e-3 make the float32 terms cancel badly). Categorical leaves index
-    their ``[M, S·L]`` log-probabilities, so the backward pass scatters into ``[M, S·L]``; a broadcast
-    gather would scatter into ``[B, M, S, L]`` (13 GB at B = M = 128 on MNIST). Others broadcast."""
-    if isinstance(leaf, Categorical):
-        M, S, L = leaf.logits.shape
-        flat = (x.long() + torch.arange(S, device=x.device) * L).reshape(-1)  # [B·S] positions in S·L
-        return leaf.logits.reshape(M, S * L)[:, flat].reshape(M, x.shape[0], S).sum(-1).t()
-    if isinstance(leaf, Gaussian):
-        prec = leaf.scale.double().pow(-2)  # [M, S]
-        mu = leaf.loc.double()
-        xd = x.double()
-        const = (-0.5 * mu.pow(2) * prec - leaf.scale.double().log()).sum(1) - 0.5 * math.log(2 * math.pi) * x.shape[1]
-        quad = torch.cat([xd.pow(2), xd], 1) @ torch.cat([-0.5 * prec, mu * prec], 1).t()  # [B, M]
-        return (quad + const).to(leaf.loc.dtype)
-    return leaf.log_prob(x.unsqueeze(1)).sum(-1)
-
-
 def _mean_log_prob(circuit: MixtureCircuit, x_val: Tensor) -> float:
     """Mean exact log p̂(x) over ``x_val [n, S]``."""
     return float(circuit.log_prob(x_val).double().mean())
@@ -124,7 +107,8 @@ def _mean_log_prob(circuit: MixtureCircuit, x_val: Tensor) -> float:
 class _Trainer:
     """One fine-tuning run: state shared by the steps (decoder copy, weights, optimizer, stale leaves)."""
 
-    def __init__(self, decoder: nn.Module, codes: Tensor, log_weights: Tensor, cfg: FineTuneConfig) -> None:
+    def __init__(self, decoder: nn.Module, codes: Tensor, log_weights: Tensor, cfg: FineTuneConfig,
+                 total_steps: int) -> None:
         self.cfg, self.codes = cfg, codes.to(cfg.device)
         self.decoder = copy.deepcopy(decoder).to(cfg.device).eval()  # eval: batch norm keeps its statistics
         for p in self.decoder.parameters():
@@ -133,6 +117,8 @@ class _Trainer:
                                    requires_grad=cfg.learn_weights)
         params = list(self.decoder.parameters()) + ([self.logits] if cfg.learn_weights else [])
         self.opt = torch.optim.Adam(params, lr=cfg.lr)
+        self.sched = (torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=total_steps)
+                      if cfg.schedule == "cosine" else None)
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.stale: MixtureCircuit | None = None
         self.step_count = 0
@@ -167,6 +153,8 @@ class _Trainer:
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
+        if self.sched is not None:
+            self.sched.step()
         self.step_count += 1
         return float(loss.detach())
 
@@ -182,10 +170,10 @@ def finetune(decoder: nn.Module, codes: Tensor, log_weights: Tensor, splits: Dat
         raise ValueError(f"finetune needs codes [N,h,w] (N >= 1) and log_weights [N]; got "
                          f"{tuple(codes.shape)} and {tuple(log_weights.shape)}")
     start = time.perf_counter()
-    trainer = _Trainer(decoder, codes, log_weights, cfg)
+    train_v = splits.train_x[: cfg.train_limit] if cfg.train_limit else splits.train_x
+    trainer = _Trainer(decoder, codes, log_weights, cfg, cfg.epochs * math.ceil(len(train_v) / cfg.batch_size))
     trainer.stale = start_circuit = trainer.decoded()  # also the components' scores of the first steps
     leaf_kind = start_circuit.leaf.kind
-    train_v = splits.train_x[: cfg.train_limit] if cfg.train_limit else splits.train_x
     val_v = splits.val_x[: cfg.val_limit] if cfg.val_limit else splits.val_x
     x_val = to_model_space(val_v, leaf_kind, splits.levels, torch.Generator().manual_seed(cfg.seed + 1))
     x_val = x_val.flatten(1).to(cfg.device)
@@ -198,7 +186,8 @@ def finetune(decoder: nn.Module, codes: Tensor, log_weights: Tensor, splits: Dat
         losses = [trainer.step(train_v[order[i: i + cfg.batch_size]], splits.levels, leaf_kind)
                   for i in range(0, len(train_v), cfg.batch_size)]
         val = _mean_log_prob(trainer.decoded(), x_val)
-        result.history.append({"epoch": epoch, "train_loss": sum(losses) / len(losses), "val_log_prob": val})
+        result.history.append({"epoch": epoch, "train_loss": sum(losses) / len(losses), "val_log_prob": val,
+                               "lr": trainer.opt.param_groups[0]["lr"]})
         result.epochs_run = epoch
         bar.set_postfix(val=f"{val:.1f}")
         if val > result.best_val_log_prob:
@@ -223,7 +212,8 @@ def finetune_distill(decoder: nn.Module, selection: Selection, splits: DataSplit
     info = {"strategy": selection.strategy, "weights": "finetuned" if cfg.learn_weights else weights,
             "finetune": {"best_epoch": res.best_epoch, "epochs_run": res.epochs_run, "seconds": round(res.seconds, 3),
                          "start_val_log_prob": res.start_val_log_prob, "best_val_log_prob": res.best_val_log_prob,
-                         "components": cfg.components, "lr": cfg.lr},
+                         "components": cfg.components, "lr": cfg.lr,
+                         "schedule": cfg.schedule},
             **(meta or {})}
     leaf = decode_leaf(res.decoder, selection.codes)
     return MixtureCircuit(leaf, res.log_weights.to(leaf.device), meta=info), res

@@ -8,7 +8,7 @@ import json
 
 import torch
 
-from vq2pc.circuit.finetune import COMPONENT_MODES, FineTuneConfig, finetune_distill
+from vq2pc.circuit.finetune import COMPONENT_MODES, SCHEDULES, FineTuneConfig, finetune_distill
 from vq2pc.cli.train import _FMT, _data_args, _splits
 from vq2pc.data.datasets import check_fits
 from vq2pc.latents.selection import select
@@ -37,6 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--patience", type=int, default=_DEFAULTS.patience,
                    help="stop after this many epochs without a better validation likelihood")
     p.add_argument("--lr", type=float, default=_DEFAULTS.lr, help="Adam learning rate")
+    p.add_argument("--schedule", default=_DEFAULTS.schedule, choices=list(SCHEDULES),
+                   help="learning rate: constant, or cosine decay to 0 over --epochs (per step)")
     p.add_argument("--batch-size", type=int, default=_DEFAULTS.batch_size, help="training images per step")
     p.add_argument("--components", default=_DEFAULTS.components, choices=list(COMPONENT_MODES),
                    help="which components get gradients each step: each image's top-k by posterior, or a random subset")
@@ -51,8 +53,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _finetune(a: argparse.Namespace) -> int:
-    cfg = FineTuneConfig(epochs=a.epochs, patience=a.patience, lr=a.lr, batch_size=a.batch_size,
-                         components=a.components, top_k=a.top_k, refresh=a.refresh, subset=a.subset,
+    cfg = FineTuneConfig(epochs=a.epochs, patience=a.patience, lr=a.lr, schedule=a.schedule,
+                         batch_size=a.batch_size, components=a.components, top_k=a.top_k, refresh=a.refresh, subset=a.subset,
                          learn_weights=not a.fixed_weights, train_limit=a.train_limit, seed=a.seed, device=a.device)
     vqvae, prior = VQVAE.load(a.vqvae, device=a.device), load_prior(a.prior, device=a.device)
     if (vqvae.cfg.K, tuple(vqvae.cfg.latent_hw)) != (prior.K, tuple(prior.latent_hw)):

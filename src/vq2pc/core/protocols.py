@@ -26,11 +26,23 @@ from torch import Tensor
 
 from vq2pc.core.leaves import Leaf
 
-__all__ = ["Decoder", "Prior", "DecodingState", "check_codes", "num_positions", "prior_device", "missing_members"]
+__all__ = ["LeafDecoder", "Decoder", "Prior", "DecodingState", "check_codes", "num_positions", "prior_device", "missing_members"]
 
 DecodingState = Any
 """Opaque state of an incremental decoding (a prior's own type): a batch of ``B`` partial grids,
 each scored under ``M`` classes. :meth:`Prior.step` and :meth:`Prior.reorder` consume it."""
+
+
+@runtime_checkable
+class LeafDecoder(Protocol):
+    """Any model that decodes a batch of latents ``[B, ...]`` into a leaf with batch shape ``[B, S]``
+    (a :class:`Decoder`, or a continuous mixture's network over points ``[B, d]``)."""
+
+    def decode(self, latents: Tensor) -> Leaf: ...
+
+    def parameters(self, recurse: bool = True) -> Iterator[torch.nn.Parameter]: ...
+
+    def eval(self) -> Any: ...
 
 
 @runtime_checkable

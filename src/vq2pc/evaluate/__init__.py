@@ -45,7 +45,9 @@ from vq2pc.evaluate.density import (
 from vq2pc.evaluate.inpainting import (
     conditional_bpd,
     inpainting_metrics,
+    inpainting_panels,
     plot_inpainting,
+    plot_inpainting_panels,
 )
 from vq2pc.evaluate.report import (
     CAPTIONS,
@@ -66,7 +68,7 @@ __all__ = [
     "DensityModel", "InpaintingModel", "ComponentModel", "to_unit", "images_to_unit",
     "latent_usage", "usage_curve",
     "test_bpd", "model_log_prob", "plot_bpd_vs_params", "plot_bpd_vs_N",
-    "inpainting_metrics", "conditional_bpd", "plot_inpainting",
+    "inpainting_metrics", "conditional_bpd", "inpainting_panels", "plot_inpainting", "plot_inpainting_panels",
     "ClassifierConfig", "SmallCNN", "train_classifier", "classify", "accuracy", "load_classifier",
     "draw_samples", "kl_from_uniform", "label_histogram", "class_balance", "plot_samples",
     "component_correlation", "joint_log_likelihoods", "mean_pairwise_correlation",

@@ -42,7 +42,8 @@ from vq2pc.evaluate.plots import (
     to_rgb,
 )
 
-__all__ = ["inpainting_metrics", "conditional_bpd", "conditional_mean", "plot_inpainting"]
+__all__ = ["inpainting_metrics", "conditional_bpd", "conditional_mean", "inpainting_panels", "plot_inpainting",
+           "plot_inpainting_panels"]
 
 
 def _check_mask(mask: Tensor, x: Tensor, name: str) -> Tensor:
@@ -151,7 +152,50 @@ def _cell(model: DensityModel, x: Tensor, mask: Tensor, image_shape: tuple[int, 
     return tile_rgb(panels, ncols=4)
 
 
+def inpainting_panels(
+    model: DensityModel,
+    x: Tensor,
+    masks: Mapping[str, Tensor],
+    image_shape: tuple[int, int, int],
+    leaf_kind: str = "gaussian",
+    levels: int = 256,
+    generator: torch.Generator | None = None,
+) -> dict[str, np.ndarray]:
+    """One model's row of Fig. 3: mask name -> RGB mosaic of the images ``x [n,S]`` (model space), each
+    as original | observed (hidden pixels in red) | conditional mean | conditional sample (grey when the
+    model cannot produce one). ``masks``: name -> bool ``[n,S]`` (True = observed)."""
+    check_model_batch(x, "x")
+    if int(np.prod(image_shape)) != x.shape[1]:
+        raise ValueError(f"image_shape {image_shape} does not match S = {x.shape[1]}")
+    return {name: _cell(model, x, _check_mask(mask, x, name), image_shape, leaf_kind, levels, generator)
+            for name, mask in masks.items()}
+
+
 @styled
+def plot_inpainting_panels(panels: Mapping[str, Mapping[str, np.ndarray]], out_png: str | Path) -> Path:
+    """Fig. 3 from :func:`inpainting_panels` by model name: rows = models, columns = masks."""
+    if not panels or not all(panels.values()):
+        raise ValueError("plot_inpainting needs at least one model and one mask")
+    masks = list(next(iter(panels.values())))
+    height, width = next(iter(next(iter(panels.values())).values())).shape[:2]
+    cell_w = 2.4  # inches per mask column; rows keep the mosaic's aspect ratio
+    cell_h = cell_w * height / width
+    fig = new_figure(cell_w * len(masks) + 0.6, (cell_h + 0.25) * len(panels) + 0.7)
+    axes = fig.subplots(len(panels), len(masks), squeeze=False)
+    for r, (mname, row) in enumerate(panels.items()):
+        for c, kname in enumerate(masks):
+            ax = axes[r][c]
+            ax.imshow(row[kname], interpolation="nearest")
+            clean_axes(ax)
+            if r == 0:
+                ax.set_title(f"hidden: {kname}")
+            if c == 0:
+                ax.set_ylabel(mname, fontsize=10)
+    fig.suptitle("Inpainting p(x_u | x_o) — each panel: original | observed (hidden in red) | "
+                 "conditional mean | conditional sample", fontsize=9)
+    return save_figure(fig, out_png)
+
+
 def plot_inpainting(
     models: Mapping[str, DensityModel],
     x: Tensor,
@@ -163,33 +207,10 @@ def plot_inpainting(
     n_images: int = 2,
     generator: torch.Generator | None = None,
 ) -> Path:
-    """Fig. 3: rows = models, columns = masks; each cell shows, per image, the original,
-    the observed part (hidden pixels in red), the conditional mean and a conditional
-    sample (grey when the model cannot produce one). ``x [B,S]`` model space,
-    ``masks``: name of the hidden region (as in :mod:`vq2pc.masks`) -> bool ``[B,S]``
-    (True = observed); the first ``n_images`` are drawn.
-    """
+    """Fig. 3: rows = models, columns = masks (:func:`inpainting_panels` of the first ``n_images`` of
+    ``x [B,S]``, model space, for every model; ``masks``: name -> bool ``[B,S]``, True = observed)."""
     check_model_batch(x, "x")
-    if not models or not masks:
-        raise ValueError("plot_inpainting needs at least one model and one mask")
-    if int(np.prod(image_shape)) != x.shape[1]:
-        raise ValueError(f"image_shape {image_shape} does not match S = {x.shape[1]}")
     n = min(n_images, x.shape[0])
-    _, h, w = image_shape
-    cell_w = 2.4  # inches per mask column; rows keep the mosaic's aspect ratio
-    cell_h = cell_w * (n * (h + 1) - 1) / (4 * (w + 1) - 1)
-    fig = new_figure(cell_w * len(masks) + 0.6, (cell_h + 0.25) * len(models) + 0.7)
-    axes = fig.subplots(len(models), len(masks), squeeze=False)
-    for r, (mname, model) in enumerate(models.items()):
-        for c, (kname, mask) in enumerate(masks.items()):
-            mask = _check_mask(mask, x, kname)
-            ax = axes[r][c]
-            ax.imshow(_cell(model, x[:n], mask[:n], image_shape, leaf_kind, levels, generator), interpolation="nearest")
-            clean_axes(ax)
-            if r == 0:
-                ax.set_title(f"hidden: {kname}")
-            if c == 0:
-                ax.set_ylabel(mname, fontsize=10)
-    fig.suptitle("Inpainting p(x_u | x_o) — each panel: original | observed (hidden in red) | "
-                 "conditional mean | conditional sample", fontsize=9)
-    return save_figure(fig, out_png)
+    firsts = {k: _check_mask(m, x, k)[:n] for k, m in masks.items()}
+    return plot_inpainting_panels({name: inpainting_panels(model, x[:n], firsts, image_shape, leaf_kind, levels, generator)
+                                   for name, model in models.items()}, out_png)

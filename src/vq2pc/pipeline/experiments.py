@@ -126,10 +126,14 @@ def _inpainting(cfg: RunConfig, splits: DataSplits, leaf: str, models: Models, x
     E = cfg.experiments
     x = x_test[: E.inpainting_eval_images]
     masks = {k: make_mask(k, tuple(splits.image_shape), len(x), generator=_gen(cfg, 1)) for k in MASK_KINDS}
-    metrics = {name: ev.inpainting_metrics(m, x, masks, leaf, splits.levels) for name, m in models.items()}
     pictures = {k: v[: E.inpainting_images] for k, v in masks.items()}
-    ev.plot_inpainting(models, x[: E.inpainting_images], pictures, tuple(splits.image_shape), png,
-                       leaf_kind=leaf, levels=splits.levels, generator=_gen(cfg, 2))
+    metrics, panels, gen = {}, {}, _gen(cfg, 2)
+    for name in models:  # each model loaded once (a file-backed circuit is read when accessed)
+        model = models[name]
+        metrics[name] = ev.inpainting_metrics(model, x, masks, leaf, splits.levels)
+        panels[name] = ev.inpainting_panels(model, x[: E.inpainting_images], pictures, tuple(splits.image_shape),
+                                            leaf, splits.levels, gen)
+    ev.plot_inpainting_panels(panels, png)
     return metrics
 
 
