@@ -233,12 +233,13 @@ def test_finetune_verb_improves_validation_and_writes_a_circuit(stages: dict[str
     run_stage(stages, "train-prior", capsys)
     files, out = stages["files"], tmp_path / "ft.safetensors"
     code, stdout, err = run_cli(["finetune", "--vqvae", str(files["vqvae"]), "--prior", str(files["prior"]), *DATA,
-                                 "--N", "12", "--epochs", "2", "--lr", "3e-3", "--batch-size", "25", "--top-k", "2",
-                                 "--out", str(out)], capsys)
+                                 "--N", "12", "--epochs", "2", "--lr", "3e-3", "--schedule", "cosine", "--batch-size", "25",
+                                 "--top-k", "2", "--out", str(out)], capsys)
     assert code == 0, err
     result = last_json(stdout)
     circuit = MixtureCircuit.load(out)
     assert result["N"] == len(circuit) == 12 and circuit.meta["finetune"]["best_epoch"] == result["best_epoch"]
+    assert result["settings"]["schedule"] == circuit.meta["finetune"]["schedule"] == "cosine"
     assert result["best_val_log_prob"] >= result["start_val_log_prob"] and result["epochs_run"] >= 1
     code, _, err = run_cli(["finetune", "--vqvae", str(files["vqvae"]), "--prior", str(files["prior"]), *DATA,
                             "--components", "random", "--subset", "0", "--out", str(tmp_path / "bad.safetensors")],
