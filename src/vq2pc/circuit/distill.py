@@ -51,7 +51,7 @@ def decode_leaf(decoder: LeafDecoder, latents: torch.Tensor, batch_size: int = 5
     first = next(leaves)
     check_std_floor(std_floor, first.kind)
     if isinstance(first, Categorical):
-        return _categorical_leaf(itertools.chain([first], leaves), latents.shape[0])
+        return _categorical_leaf(first, leaves, latents.shape[0])
     parts: dict[str, list[torch.Tensor]] = {}
     for leaf in itertools.chain([first], leaves):
         for name, t in leaf.tensors().items():
@@ -62,19 +62,16 @@ def decode_leaf(decoder: LeafDecoder, latents: torch.Tensor, batch_size: int = 5
     return leaf_from_tensors(first.kind, tensors)
 
 
-def _categorical_leaf(leaves: Iterable[Categorical], n: int) -> Categorical:
-    """The normalized leaves of consecutive batches of components, laid out in one ``[S·L, n]`` table."""
-    table: torch.Tensor | None = None
-    n0 = 0
-    for leaf in leaves:
-        part = categorical_table(leaf.logits)  # [S·L, b], already normalized by Categorical
-        if table is None:
-            table = part.new_empty(part.shape[0], n)
+def _categorical_leaf(first: Categorical, rest: Iterable[Categorical], n: int) -> Categorical:
+    """The normalized leaves of consecutive batches of components (``first`` then ``rest``), laid out in one
+    ``[S·L, n]`` table."""
+    part = categorical_table(first.logits)  # [S·L, b], already normalized by Categorical
+    table, n0 = part.new_empty(part.shape[0], n), 0
+    for leaf in itertools.chain([first], rest):
+        part = categorical_table(leaf.logits)
         table[:, n0: n0 + part.shape[1]] = part
         n0 += part.shape[1]
-        levels = leaf.num_levels
-    assert table is not None and n0 == n
-    return categorical_view(table, levels)
+    return categorical_view(table, first.num_levels)
 
 
 def distill(
