@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from vq2pc.circuit.distill import decode_leaf
 from vq2pc.circuit.mixture import MixtureCircuit
 from vq2pc.core.leaves import component_log_likelihoods
+from vq2pc.core.optim import adam
 from vq2pc.core.random import step_seed
 from vq2pc.data.datasets import DataSplits, to_model_space
 from vq2pc.latents.selection import Selection
@@ -116,7 +117,7 @@ class _Trainer:
         self.logits = nn.Parameter(log_weights.detach().double().to(cfg.device).clone(),
                                    requires_grad=cfg.learn_weights)
         params = list(self.decoder.parameters()) + ([self.logits] if cfg.learn_weights else [])
-        self.opt = torch.optim.Adam(params, lr=cfg.lr)
+        self.opt = adam(params, cfg.lr)
         self.sched = (torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=total_steps)
                       if cfg.schedule == "cosine" else None)
         self.gen = torch.Generator().manual_seed(cfg.seed)

@@ -8,7 +8,8 @@
   under ``torchrun`` (no-ops in one process);
 * :mod:`~vq2pc.core.random` — random draws that are safe whatever device the generator is on;
 * :mod:`~vq2pc.core.validate` — checks of user input (batches, values, masks), one message per fact;
-* :mod:`~vq2pc.core.protocols` — the typed seams between stages (decoder, prior).
+* :mod:`~vq2pc.core.protocols` — the typed seams between stages (decoder, prior);
+* :mod:`~vq2pc.core.optim` — Adam, fused where torch can (every training loop uses it).
 
 May import: torch and the standard library only.
 """

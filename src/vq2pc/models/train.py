@@ -39,6 +39,7 @@ from vq2pc.core.distributed import (
     shard_range,
     world_size,
 )
+from vq2pc.core.optim import adam
 from vq2pc.core.random import step_seed
 from vq2pc.data.datasets import to_model_space
 
@@ -238,7 +239,7 @@ def fit(
     device = init_from_env(cfg.device)
     autocast, scaler = _autocast(cfg, device)
     model.to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    opt = adam(model.parameters(), cfg.lr)
     gen = torch.Generator().manual_seed(cfg.seed)
     state = {"epoch": 0, "best": math.inf, "bad": 0, "done": False, "history": [], "seconds": 0.0}
     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
