@@ -108,7 +108,7 @@ def test_beam_dmbs_completes_each_start_exactly(prior) -> None:
     2-token prefixes, so its result is exactly the top latents with z_1 = t; repeated tokens merge into
     one wider search and a subtree too small for its width passes the rest to the other tokens."""
     log_p, _ = exact(prior)
-    s = select(prior, "beam", 36, starts=2, generator=torch.Generator().manual_seed(0))
+    s = select(prior, "beam", 36, starts=2, beam_score="marginal", generator=torch.Generator().manual_seed(0))
     assert s.info["width"] == 9 and s.info["requested_N"] == 36
     check_beam(prior, s, 36, log_p)
 
@@ -119,10 +119,44 @@ def test_beam_meets_n_not_divisible_by_the_starts(prior, N: int) -> None:
     log_p, _ = exact(prior)
     met = 0
     for seed in range(6):
-        s = select(prior, "beam", N, starts=2, generator=torch.Generator().manual_seed(seed))
+        s = select(prior, "beam", N, starts=2, beam_score="marginal", generator=torch.Generator().manual_seed(seed))
         check_beam(prior, s, N, log_p)
         met += len(s) == N
     assert met >= 1
+
+
+def test_beam_class_score_ranks_each_search_by_its_own_class(prior) -> None:
+    """Algorithm 1's BeamSearch(z, p, {c}, ..): with s = 1 and B = N // C = 9 = K^{HW-2} (exact searches),
+    the selection holds the top 9 by p(z | c) of the start token's subtree for each class c; where both
+    classes find a latent it is kept once and the gap is filled from the same subtrees: still N latents."""
+    K, subtree = prior.K, prior.K ** (prior.num_positions - 1)
+    z = all_codes(K, prior.latent_hw)
+    with torch.no_grad():
+        per_class = prior.log_prob_all_classes(z).double()  # [81, C]
+
+    def top(c: int, t: int) -> set[int]:
+        sub = torch.arange(subtree * t, subtree * (t + 1))
+        return set(sub[per_class[sub, c].argsort(descending=True)[:9]].tolist())
+
+    differs = filled = 0
+    for seed in range(8):
+        s = select(prior, "beam", 18, starts=1, generator=torch.Generator().manual_seed(seed))
+        marginal = select(prior, "beam", 18, starts=1, beam_score="marginal", generator=torch.Generator().manual_seed(seed))
+        idx = set(codes_to_index(s.codes, K).tolist())
+        firsts = s.codes.flatten(1)[:, 0].unique().tolist()
+        starts = [(firsts[0], firsts[0])] if len(firsts) == 1 else [tuple(firsts), tuple(firsts[::-1])]
+        primary = [top(0, t0) | top(1, t1) for t0, t1 in starts]
+        assert any(p <= idx and (len(p) == 18 or p != idx) for p in primary), seed
+        assert len(idx) == len(s) == 18 and s.info["beam_score"] == "class" and s.info["shortfall"] == 0
+        assert {i // subtree for i in idx} == set(firsts)
+        filled += all(len(p) < 18 for p in primary)
+        differs += idx != set(codes_to_index(marginal.codes, K).tolist())
+    assert differs >= 1 and filled >= 1  # the scores differ on this prior; the fill was exercised
+
+
+def test_beam_score_must_be_known(prior) -> None:
+    with pytest.raises(ValueError, match="beam_score must be one of"):
+        select(prior, "beam", 18, starts=1, beam_score="joint")
 
 
 def test_beam_returns_requested_n_when_subtrees_are_large() -> None:

@@ -307,6 +307,27 @@ def test_a_changed_setting_recomputes_only_what_reads_it(tmp_path: Path) -> None
     assert mtimes(tmp_path, "gaussian/m/circuits/*.safetensors") == now and third["models"] == second["models"]
 
 
+def test_beam_score_recomputes_only_the_dmbs_rows(tmp_path: Path) -> None:
+    """``beam_score`` reaches the selection and the row; switching it redoes DMBS and its +FT twin only, and a
+    folder made with the class-marginal score (the only one before the option) is reused under ``marginal``."""
+    cfg = tiny_config(["gaussian"], full=False)
+    model = dataclasses.replace(cfg.models[0], strategies=["sample", "beam"], N=[20], starts=1,
+                                ft_strategies=["beam"], beam_score="marginal",
+                                finetune=dataclasses.replace(cfg.models[0].finetune, epochs=1))
+    cfg = dataclasses.replace(cfg, models=[model]).validate()
+    first = run_pipeline(cfg, tmp_path)
+    before = mtimes(tmp_path, "gaussian/m/circuits/*.safetensors")
+    assert run_pipeline(cfg, tmp_path)["models"] == first["models"]
+    assert mtimes(tmp_path, "gaussian/m/circuits/*.safetensors") == before
+    literal = dataclasses.replace(cfg, models=[dataclasses.replace(model, beam_score="class")]).validate()
+    second = run_pipeline(literal, tmp_path)
+    now = mtimes(tmp_path, "gaussian/m/circuits/*.safetensors")
+    assert all(now[k] == before[k] for k in now if "/sample-" in k)
+    assert all(now[k] > before[k] for k in now if "/beam-" in k)
+    scores = {r["name"]: r.get("beam_score") for r in second["models"]}
+    assert scores["DMBS m"] == scores["DMBS m+FT"] == "class" and scores["DMRS m"] is None
+
+
 def test_a_selection_shortfall_is_a_note_not_a_failed_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import vq2pc.pipeline.models as models
     from vq2pc.latents.selection import SelectionShortfall

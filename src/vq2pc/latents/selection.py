@@ -13,12 +13,9 @@ Strategies (``select(prior, strategy, N, ...)``):
   are an exact sample without replacement from ``p(z) = Σ_c p(c) p(z|c)`` in one pass (no
   rejection, so it also works when the prior is very concentrated).
 * ``beam`` (DMBS, Algorithms 1 + 2): for every class ``c``, ``starts`` first tokens
-  ``z_1 ~ p(z_1 | c)`` drawn i.i.d. (repeats possible, as in the paper); from each, a beam search
-  over positions ``2..HW`` of width ``B = N // (starts·C)`` scored by the class marginal
-  ``m = Σ_c' p(c') p(z_≤i | c')``. All ``starts·C`` searches run together (one prior call per
-  position). Beams from a repeated start token would coincide, so m repeats of a token run as
-  one search of width m·B and the union holds the requested N distinct latents (see
-  ``_select_beam``; ``info`` records the first tokens and any shortfall).
+  ``z_1 ~ p(z_1 | c)``; from each, a beam search of width ``N // (starts·C)`` ranked by
+  ``p(z_≤i | c)`` (``beam_score="class"``, Algorithm 1 read literally) or by ``p(z_≤i)``
+  (``"marginal"``); see :mod:`vq2pc.latents.dmbs`.
 * ``topk``: the ``N`` latents of highest ``p(z)`` — exact by enumeration when ``K^{HW} ≤
   max_space``, otherwise a deterministic beam search of width ``N`` on ``p(z)`` (approximate;
   ``info["exact"]`` says which).
@@ -43,8 +40,9 @@ from vq2pc.core.distributed import (
     world_size,
 )
 from vq2pc.core.protocols import Prior, check_codes, num_positions, prior_device
-from vq2pc.core.random import gumbel_noise, randint
+from vq2pc.core.random import randint
 from vq2pc.latents.beam import beam_search, stochastic_beam_search
+from vq2pc.latents.dmbs import BEAM_SCORES, select_dmbs
 from vq2pc.latents.enumerate import (
     check_space,
     enumerate_log_prior,
@@ -52,7 +50,7 @@ from vq2pc.latents.enumerate import (
     latent_space_size,
 )
 
-__all__ = ["Selection", "select", "STRATEGIES", "WEIGHTS", "SelectionShortfall"]
+__all__ = ["BEAM_SCORES", "STRATEGIES", "WEIGHTS", "Selection", "SelectionShortfall", "select"]
 
 STRATEGIES = ("exhaustive", "sample", "gumbel", "beam", "topk", "data")
 WEIGHTS = ("uniform", "prior")
@@ -151,65 +149,6 @@ def _select_sample(prior: Prior, N: int, generator: torch.Generator | None, batc
     return collected.view(N, *prior.latent_hw), {"draws": draws}
 
 
-def _select_beam(prior: Prior, N: int, starts: int, generator: torch.Generator | None,
-                 batch_size: int) -> tuple[Tensor, Tensor, dict[str, Any]]:
-    """DMBS (Algorithm 1): starts·C searches of width B = N // (starts·C) from sampled first tokens.
-
-    Searches from the same first token are one search: the score is the class marginal, so the
-    class that drew the token does not change the search, and m searches of width B from one token
-    would return the same B latents m times. vq2pc runs them as ONE search whose width is the sum
-    of theirs, so the union holds distinct latents. The widths add up to exactly N: the remainder
-    N - starts·C·B goes one each to the first starts, and the width a first token's subtree
-    (K^{HW-1} latents) cannot use goes to the other drawn tokens. N falls short only when the drawn
-    tokens' subtrees hold fewer than N latents; ``info["shortfall"]`` and ``info["shortfall_reason"]``
-    say so.
-    """
-    C, dev = prior.num_classes, prior_device(prior)
-    if starts < 1:
-        raise ValueError(f"starts must be >= 1, got {starts}")
-    width = N // (starts * C)
-    if width < 1:
-        raise ValueError(f"beam width B = N // (starts·C) = {N} // ({starts}·{C}) = 0 < 1; raise N or lower starts")
-    with torch.inference_mode():
-        root = torch.zeros((1, *prior.latent_hw), dtype=torch.long, device=dev)
-        first = prior.next_log_probs_all_classes(root, 0)[0]  # [C, K] log p(z_1 = k | c)
-        group_class = torch.arange(C, device=dev).repeat_interleave(starts)  # [G]
-        noise = gumbel_noise((group_class.shape[0], prior.K), generator, dev)
-        tokens = (first[group_class] + noise).argmax(1)  # z_1 ~ p(z_1 | c), i.i.d. per start
-    budgets = _token_budgets(tokens.tolist(), N, width, prior.K ** (num_positions(prior) - 1))
-    parts_codes, parts_scores = [], []
-    for b in sorted(set(budgets.values())):  # one batched search per budget (a handful)
-        toks = torch.tensor([t for t, bt in budgets.items() if bt == b], dtype=torch.long, device=dev)
-        codes = torch.zeros((toks.shape[0], *prior.latent_hw), dtype=torch.long, device=dev)
-        codes.view(toks.shape[0], -1)[:, 0] = toks
-        result = beam_search(prior, codes, first[:, toks].T, 1, b, batch_size=batch_size)
-        parts_codes.append(result.codes.reshape(-1, *prior.latent_hw))
-        parts_scores.append(result.class_scores.reshape(-1, C))
-    flat, scores = torch.cat(parts_codes), torch.cat(parts_scores)
-    log_p = torch.logsumexp(scores + prior.class_log_prior, 1)
-    order = log_p.argsort(descending=True)
-    info: dict[str, Any] = {"requested_N": N, "width": width, "starts": starts, "distinct_first_tokens": len(budgets),
-                            "shortfall": N - int(flat.shape[0])}
-    if info["shortfall"]:
-        info["shortfall_reason"] = (f"the {len(budgets)} distinct first tokens drawn hold only "
-                                    f"{len(budgets)}·K^(HW-1) = {flat.shape[0]} latents < N = {N}")
-    return flat[order], log_p[order], info
-
-
-def _token_budgets(tokens: list[int], N: int, width: int, subtree: int) -> dict[int, int]:
-    """Beam width per distinct first token: ``width`` per start, the remainder of N one each to the
-    first starts, capped at the ``subtree`` size with the excess moved to tokens with room."""
-    budgets: dict[int, int] = {}
-    for g, t in enumerate(tokens):
-        budgets[t] = budgets.get(t, 0) + width + (g < N - width * len(tokens))
-    excess = sum(max(0, b - subtree) for b in budgets.values())
-    for t in sorted(budgets):
-        budgets[t] = min(budgets[t], subtree)
-        room = min(excess, subtree - budgets[t])
-        budgets[t], excess = budgets[t] + room, excess - room
-    return budgets
-
-
 def _select_topk(prior: Prior, N: int, max_space: int,
                  batch_size: int) -> tuple[Tensor, Tensor, dict[str, Any]]:
     """Top-N by p(z): exact by enumeration within ``max_space``, else a width-N beam on p(z) (approximate)."""
@@ -239,7 +178,7 @@ def _select_data(prior: Prior, N: int | None, codes_from_data: Tensor | None) ->
     return unique[keep].view(-1, *prior.latent_hw), log_freq
 
 
-def _dispatch(prior: Prior, strategy: str, N: int | None, starts: int,
+def _dispatch(prior: Prior, strategy: str, N: int | None, starts: int, beam_score: str,
               generator: torch.Generator | None, max_space: int, codes_from_data: Tensor | None,
               batch_size: int) -> tuple[Tensor, Tensor, dict[str, Any]]:
     """Run one strategy; returns ``codes [N,h,w]``, ``log_prior [N]`` and ``info``."""
@@ -262,9 +201,7 @@ def _dispatch(prior: Prior, strategy: str, N: int | None, starts: int,
             codes = result.codes[0]
             log_prior = torch.logsumexp(result.class_scores[0] + prior.class_log_prior, 1)
         elif strategy == "beam":
-            codes, log_prior, info = _select_beam(prior, N, starts, generator, batch_size)
-            order = log_prior.argsort(descending=True)
-            codes, log_prior = codes[order], log_prior[order]
+            codes, log_prior, info = select_dmbs(prior, N, starts, generator, batch_size, beam_score)
         else:
             codes, log_prior, info = _select_topk(prior, N, max_space, batch_size)
     return codes, log_prior, info
@@ -276,6 +213,7 @@ def select(
     N: int | None,
     *,
     starts: int = 10,
+    beam_score: str = "class",
     generator: torch.Generator | None = None,
     max_space: int = 2**24,
     codes_from_data: Tensor | None = None,
@@ -285,7 +223,8 @@ def select(
     """Select latents with ``strategy`` (see the module docstring); returns a :class:`Selection`.
 
     ``N``: number of latents (ignored by ``exhaustive``; ``None`` = all distinct codes for ``data``).
-    ``starts``: start tokens per class for ``beam``. ``generator``: randomness of ``sample``,
+    ``starts``: start tokens per class for ``beam``; ``beam_score``: its score, ``"class"`` (Algorithm 1)
+    or ``"marginal"``. ``generator``: randomness of ``sample``,
     ``gumbel``, ``beam``. ``max_space``: largest ``K^{HW}`` enumerated (``exhaustive``, exact
     ``topk``). ``device``: where to compute (the prior is moved there). ``batch_size``: prior rows
     per call.
@@ -297,8 +236,8 @@ def select(
     was_training = prior.training
     prior.eval()
     try:
-        codes, log_prior, info = _dispatch(prior, strategy, N, starts, generator, max_space, codes_from_data,
-                                           batch_size)
+        codes, log_prior, info = _dispatch(prior, strategy, N, starts, beam_score, generator, max_space,
+                                           codes_from_data, batch_size)
     finally:
         prior.train(was_training)
     return Selection(codes=codes, log_prior=log_prior.float(), strategy=strategy, info=info)

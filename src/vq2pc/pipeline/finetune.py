@@ -54,7 +54,7 @@ def ft_row(run: RunDir, cfg: RunConfig, splits: DataSplits, src: SourceModel, ro
                            finetune=circuit.meta["finetune"], ft_history=res.history,
                            circuit_file=str(path.relative_to(run.root)))
 
-    params = {**distill_params(cfg, src.spec), "finetune": dataclasses.asdict(_settings(cfg, src))}
+    params = {**distill_params(cfg, src.spec, strategy=row["selection"]), "finetune": dataclasses.asdict(_settings(cfg, src))}
     params["finetune"].pop("progress")
     out = run.cached("distill", f"{src.leaf}/{src.spec.name}/{key}", compute, outputs=(path,), depends=src.files,
                      params=params)

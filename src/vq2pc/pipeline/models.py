@@ -126,7 +126,8 @@ def select_latents(src: SourceModel, cfg: RunConfig, strategy: str, N: int | Non
     if (strategy, N) not in src.selections:
         gen = torch.Generator().manual_seed(cfg.seed)
         start = time.perf_counter()
-        selection = select(src.prior, strategy, N or 0, starts=beam_starts(src, N or 0), generator=gen,
+        selection = select(src.prior, strategy, N or 0, starts=beam_starts(src, N or 0),
+                           beam_score=src.spec.beam_score, generator=gen,
                            max_space=cfg.max_exhaustive, device=cfg.device,
                            codes_from_data=src.train_codes if strategy == "data" else None)
         src.selections[strategy, N] = (selection, time.perf_counter() - start)
@@ -163,10 +164,12 @@ def _floor_tags(spec: ModelSpec) -> tuple[str, str]:
     return f"-floor{spec.std_floor:g}", f" σ≥{spec.std_floor:g}"
 
 
-def distill_params(cfg: RunConfig, spec: ModelSpec, *extra: str) -> dict[str, Any]:
-    """The settings a distilled row depends on besides its files (a change recomputes the row); the prior
-    is named only when it is not the PixelCNN, so results of older run directories stay valid."""
-    keys = ("weights", "starts", "std_floor", *extra) + (("prior",) if spec.prior != "pixelcnn" else ())
+def distill_params(cfg: RunConfig, spec: ModelSpec, *extra: str, strategy: str | None = None) -> dict[str, Any]:
+    """The settings a distilled row of ``strategy`` depends on besides its files (a change recomputes the row);
+    the prior is named only when it is not the PixelCNN and the beam score only for DMBS rows not scored by the
+    class marginal (what DMBS did before the option), so results of older run directories stay valid."""
+    keys = ("weights", "starts", "std_floor", *extra) + (("prior",) if spec.prior != "pixelcnn" else ()) + (
+        ("beam_score",) if strategy == "beam" and spec.beam_score != "marginal" else ())
     return {**{k: getattr(spec, k) for k in keys}, "seed": cfg.seed, "bpd_format": BPD_FORMAT, "test_limit": cfg.test_limit,
             "exact_test_limit": cfg.exact_test_limit, "bpd_draws": cfg.experiments.bpd_draws,
             "max_exhaustive": cfg.max_exhaustive, "max_materialize": cfg.max_materialize}
@@ -237,12 +240,13 @@ def distill_all(
                                group=src.spec.group or src.spec.name,
                                K=src.spec.K, source_params=src.info["vqvae_params"], requested_N=N,
                                starts=beam_starts(src, N) if strategy == "beam" else None,
+                               beam_score=src.spec.beam_score if strategy == "beam" else None,
                                test_images=len(test_x), circuit_file=str(path.relative_to(run.root)),
                                shortfall_reason=circuit.meta.get("shortfall_reason"),
                                prior=src.spec.prior, selection_seconds=round(seconds, 3))
 
         row = run.cached("distill", f"{src.leaf}/{src.spec.name}/{key}", compute, outputs=(path,),
-                         depends=src.files, params=distill_params(cfg, src.spec))
+                         depends=src.files, params=distill_params(cfg, src.spec, strategy=strategy))
         if "skipped" in row:
             notes.append(row["skipped"])
             continue
@@ -277,4 +281,4 @@ def em_row(run: RunDir, cfg: RunConfig, splits: DataSplits, src: SourceModel, ke
 
     em = ("em_iterations", "em_leaves", "em_prior_strength", "em_train_limit")
     return run.cached("distill", f"{src.leaf}/{spec.name}/{key}-em", compute, outputs=(path,), depends=(source,),
-                      params=distill_params(cfg, spec, *em))
+                      params=distill_params(cfg, spec, *em, strategy=row["selection"]))
