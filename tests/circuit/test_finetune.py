@@ -107,3 +107,34 @@ def test_bad_settings_are_one_clear_error(bad: dict) -> None:
 def test_bad_codes_are_one_clear_error(vqvae: VQVAE, digits: DataSplits) -> None:
     with pytest.raises(ValueError, match=r"codes \[N,h,w\]"):
         finetune(vqvae, torch.zeros(3, 4, dtype=torch.long), torch.zeros(3), digits)
+
+
+DDP_CFG = FineTuneConfig(epochs=2, patience=2, lr=3e-3, batch_size=45, top_k=2, refresh=2, progress=False)
+
+
+def _ddp_finetune(rank: int, folder: str) -> None:
+    vqvae = VQVAE.load(f"{folder}/vqvae.pt")
+    codes = torch.load(f"{folder}/codes.pt")
+    res = finetune(vqvae, codes, torch.zeros(codes.shape[0]), load_dataset("digits", seed=0, limit=300), DDP_CFG)
+    torch.save({"decoder": res.decoder.state_dict(), "log_weights": res.log_weights,
+                "history": [(h["train_loss"], h["val_log_prob"]) for h in res.history]}, f"{folder}/rank{rank}.pt")
+
+
+def test_finetuning_on_two_ranks_equals_one_process(vqvae: VQVAE, digits: DataSplits, tmp_path) -> None:
+    """Under torchrun (2 gloo ranks) each rank scores half of every global batch (45 rows: 22 and 23) against
+    the union of the components both halves picked; the steps, the validation and the result equal one process's."""
+    from helpers import spawn_ranks
+
+    codes = torch.randint(0, 8, (12, 2, 2), generator=torch.Generator().manual_seed(3))
+    vqvae.save(tmp_path / "vqvae.pt")
+    torch.save(codes, tmp_path / "codes.pt")
+    one = finetune(vqvae, codes, torch.zeros(12), digits, DDP_CFG)
+    spawn_ranks(_ddp_finetune, 2, str(tmp_path))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert one.best_epoch > 0 and len(one.history) == 2
+    for got in ranks:
+        torch.testing.assert_close(got["log_weights"], one.log_weights, rtol=1e-4, atol=1e-5)
+        for k, v in one.decoder.state_dict().items():
+            torch.testing.assert_close(got["decoder"][k], v, rtol=1e-4, atol=1e-5)
+        for (loss, val), h in zip(got["history"], one.history):
+            assert math.isclose(loss, h["train_loss"], rel_tol=1e-5) and math.isclose(val, h["val_log_prob"], rel_tol=1e-5)

@@ -33,11 +33,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from vq2pc.circuit.distill import decode_leaf
 from vq2pc.circuit.mixture import MixtureCircuit
+from vq2pc.core.distributed import all_reduce_max_, all_reduce_sum, is_distributed, is_main, shard_range
 from vq2pc.core.leaves import component_log_likelihoods
 from vq2pc.core.optim import adam
 from vq2pc.core.random import step_seed
@@ -101,8 +103,9 @@ class FineTuneResult:
 
 
 def _mean_log_prob(circuit: MixtureCircuit, x_val: Tensor) -> float:
-    """Mean exact log p̂(x) over ``x_val [n, S]``."""
-    return float(circuit.log_prob(x_val).double().mean())
+    """Mean exact log p̂(x) over ``x_val [n, S]`` (each rank scores its :func:`shard_range` rows)."""
+    lo, hi = shard_range(x_val.shape[0])
+    return float(all_reduce_sum(circuit.log_prob(x_val[lo:hi]).double().sum())) / x_val.shape[0]
 
 
 class _Trainer:
@@ -116,8 +119,8 @@ class _Trainer:
             p.requires_grad_(True)
         self.logits = nn.Parameter(log_weights.detach().double().to(cfg.device).clone(),
                                    requires_grad=cfg.learn_weights)
-        params = list(self.decoder.parameters()) + ([self.logits] if cfg.learn_weights else [])
-        self.opt = adam(params, cfg.lr)
+        self.params = list(self.decoder.parameters()) + ([self.logits] if cfg.learn_weights else [])
+        self.opt = adam(self.params, cfg.lr)
         self.sched = (torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=total_steps)
                       if cfg.schedule == "cosine" else None)
         self.gen = torch.Generator().manual_seed(cfg.seed)
@@ -140,24 +143,35 @@ class _Trainer:
         if self.stale is None or self.step_count % cfg.refresh == 0:
             self.stale = self.decoded()
         with torch.no_grad():
-            scores = self.stale.log_likelihoods(x) + self.stale.log_weights  # [B, N]
-            U = torch.unique(scores.topk(min(cfg.top_k, N), dim=1).indices)
+            scores = self.stale.log_likelihoods(x) + self.stale.log_weights  # [B_r, N]
+            chosen = torch.zeros(N, dtype=torch.int32, device=x.device)
+            chosen[scores.topk(min(cfg.top_k, N), dim=1).indices.flatten()] = 1
+            U = all_reduce_max_(chosen).nonzero().flatten()  # the union over every rank's images
         return U, self.log_weights()[U]
 
     def step(self, v: Tensor, levels: int, leaf_kind: str) -> float:
-        """One Adam step on a batch of raw levels ``v [B, C, H, W]``; returns the batch loss (nats/image)."""
+        """One Adam step on a global batch of raw levels ``v [B, C, H, W]``; returns its loss (nats/image).
+
+        Under ``torchrun`` each rank scores its :func:`shard_range` rows against the components that
+        any rank's images picked, and the gradients of the summed loss are all-reduced: the step equals
+        one process's on the same batch (the dequantization noise is drawn for the global batch)."""
         gen = torch.Generator().manual_seed(step_seed(self.cfg.seed, self.step_count))
         x = to_model_space(v, leaf_kind, levels, gen).flatten(1).to(self.cfg.device)
-        U, log_w = self._pick(x)
-        lp = component_log_likelihoods(self.decoder.decode(self.codes[U]), x)  # [B, |U|]
-        loss = -torch.logsumexp(lp.double() + log_w, dim=1).mean()
+        lo, hi = shard_range(x.shape[0])
+        U, log_w = self._pick(x[lo:hi])
+        lp = component_log_likelihoods(self.decoder.decode(self.codes[U]), x[lo:hi])  # [B_r, |U|]
+        loss = -torch.logsumexp(lp.double() + log_w, dim=1).sum() / x.shape[0]
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        if is_distributed():
+            for p in self.params:
+                if p.grad is not None:  # the same parameters have gradients on every rank (same U)
+                    dist.all_reduce(p.grad)
         self.opt.step()
         if self.sched is not None:
             self.sched.step()
         self.step_count += 1
-        return float(loss.detach())
+        return float(all_reduce_sum(loss.detach()))
 
 
 def finetune(decoder: nn.Module, codes: Tensor, log_weights: Tensor, splits: DataSplits,
@@ -181,7 +195,7 @@ def finetune(decoder: nn.Module, codes: Tensor, log_weights: Tensor, splits: Dat
     best = _mean_log_prob(start_circuit, x_val)
     result = FineTuneResult(decoder, trainer.log_weights().detach().to(log_weights.dtype).cpu(), best, best, 0, 0, 0.0)
     best_state = (copy.deepcopy(trainer.decoder.state_dict()), trainer.logits.detach().clone())
-    bar = tqdm(range(1, cfg.epochs + 1), desc="fine-tune", disable=not cfg.progress, leave=False)
+    bar = tqdm(range(1, cfg.epochs + 1), desc="fine-tune", disable=not (cfg.progress and is_main()), leave=False)
     for epoch in bar:
         order = torch.randperm(len(train_v), generator=torch.Generator().manual_seed(cfg.seed + 7919 * epoch))
         losses = [trainer.step(train_v[order[i: i + cfg.batch_size]], splits.levels, leaf_kind)
