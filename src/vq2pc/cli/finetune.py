@@ -11,6 +11,7 @@ import torch
 from vq2pc.circuit.finetune import COMPONENT_MODES, SCHEDULES, FineTuneConfig, finetune_distill
 from vq2pc.cli.train import _FMT, _data_args, _splits
 from vq2pc.data.datasets import check_fits
+from vq2pc.core.distributed import is_main
 from vq2pc.latents.selection import BEAM_SCORES, select
 from vq2pc.models.priors import load_prior
 from vq2pc.models.vqvae import VQVAE
@@ -71,7 +72,8 @@ def _finetune(a: argparse.Namespace) -> int:
     circuit, res = finetune_distill(vqvae, sel, splits, cfg, weights=a.weights, meta=meta)
     circuit.save(a.out)
     S = splits.num_variables
-    print(json.dumps({"circuit": a.out, "N": len(circuit), "strategy": a.strategy, **circuit.meta["finetune"],
-                      "val_nats_per_dim": [res.start_val_log_prob / S, res.best_val_log_prob / S],
-                      "settings": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("progress", "device")}}))
+    if is_main():  # under torchrun: rank 0 speaks for all
+        print(json.dumps({"circuit": a.out, "N": len(circuit), "strategy": a.strategy, **circuit.meta["finetune"],
+                          "val_nats_per_dim": [res.start_val_log_prob / S, res.best_val_log_prob / S],
+                          "settings": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("progress", "device")}}))
     return 0
