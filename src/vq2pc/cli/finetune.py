@@ -10,8 +10,8 @@ import torch
 
 from vq2pc.circuit.finetune import COMPONENT_MODES, SCHEDULES, FineTuneConfig, finetune_distill
 from vq2pc.cli.train import _FMT, _data_args, _splits
-from vq2pc.data.datasets import check_fits
 from vq2pc.core.distributed import is_main
+from vq2pc.data.datasets import check_fits
 from vq2pc.latents.selection import BEAM_SCORES, select
 from vq2pc.models.priors import load_prior
 from vq2pc.models.vqvae import VQVAE
