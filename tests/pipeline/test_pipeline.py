@@ -328,6 +328,32 @@ def test_beam_score_recomputes_only_the_dmbs_rows(tmp_path: Path) -> None:
     assert scores["DMBS m"] == scores["DMBS m+FT"] == "class" and scores["DMRS m"] is None
 
 
+def test_two_jobs_train_the_baselines_beside_and_give_the_same_report(tmp_path: Path) -> None:
+    """``jobs=2``: the baselines train in a second process (its log in the run folder), the first process reads
+    their cached results; every row equals the one-process run's (up to thread-count float noise)."""
+    cfg = tiny_config(["gaussian"], full=False)
+    cfg = dataclasses.replace(cfg, baselines=dataclasses.replace(cfg.baselines, einet=True, cm=True)).validate()
+    one = run_pipeline(cfg, tmp_path / "one")
+    two = run_pipeline(cfg, tmp_path / "two", jobs=2)
+    assert "[vq2pc baselines] gaussian: done" in (tmp_path / "two" / "baselines.log").read_text()
+    assert [r["name"] for r in two["models"]] == [r["name"] for r in one["models"]]
+    assert {"EiNet", "CM"} <= {r["family"] for r in two["models"]}
+    for a, b in zip(one["models"], two["models"]):
+        assert math.isclose(a["test_bpd"], b["test_bpd"], rel_tol=1e-4), a["name"]
+    before = mtimes(tmp_path / "two", "gaussian/baselines/*.pt")
+    again = run_pipeline(cfg, tmp_path / "two", force=["baselines"], jobs=2)  # redone there once, not twice here
+    after = mtimes(tmp_path / "two", "gaussian/baselines/*.pt")
+    log_done = (tmp_path / "two" / "baselines.log").stat().st_mtime_ns  # the second process's last line
+    assert before and before.keys() == after.keys() and all(before[k] < after[k] <= log_done for k in after)
+    for a, b in zip(two["models"], again["models"], strict=True):
+        assert math.isclose(a["test_bpd"], b["test_bpd"], rel_tol=1e-6), a["name"]
+
+
+def test_two_jobs_are_refused_where_they_make_no_sense(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="jobs must be 1 or 2"):
+        run_pipeline(tiny_config(["gaussian"], full=False), tmp_path, jobs=3)
+
+
 def test_a_selection_shortfall_is_a_note_not_a_failed_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import vq2pc.pipeline.models as models
     from vq2pc.latents.selection import SelectionShortfall

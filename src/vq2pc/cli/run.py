@@ -41,6 +41,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, help="cap every data split at this many images (quick experiments)")
     p.add_argument("--seeds", type=int, nargs="+", metavar="SEED",
                    help="also train the latent-usage model with these seeds: Fig. 1 as mean ± std over models")
+    p.add_argument("--jobs", type=int, default=1, choices=[1, 2],
+                   help="2: train the baselines (EiNet, continuous mixture) in a second process beside the VQ-VAE, "
+                        "prior and circuit stages, with half of the CPU threads (log: RUN/baselines.log); the "
+                        "numbers are the same up to float noise. Not under torchrun")
     _speed_args(p)
     p.add_argument("--force", nargs="+", default=[], choices=STAGES, metavar="STAGE",
                    help=f"redo these stages even if their outputs exist: {', '.join(STAGES)}")
@@ -60,5 +64,5 @@ def _run(args: argparse.Namespace) -> int:
         train = getattr(cfg, name)
         train.amp, train.compile = args.amp or train.amp, args.compile or train.compile
     cfg.device = init_from_env(cfg.device)  # under torchrun: the process group, cuda:<LOCAL_RANK>
-    run_pipeline(cfg, args.out, force=args.force)
+    run_pipeline(cfg, args.out, force=args.force, jobs=args.jobs)
     return 0

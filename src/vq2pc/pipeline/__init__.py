@@ -17,10 +17,10 @@ from typing import Any, Iterable
 import torch
 import yaml
 
-from vq2pc.core.distributed import is_main
+from vq2pc.core.distributed import is_distributed, is_main
 from vq2pc.core.files import atomic_write, write_json
 from vq2pc.data.datasets import load_dataset
-from vq2pc.pipeline.baselines import run_baselines
+from vq2pc.pipeline.baselines import BaselinesProcess, run_baselines
 from vq2pc.pipeline.config import RunConfig, config_to_dict
 from vq2pc.pipeline.experiments import run_experiments
 from vq2pc.pipeline.findings import findings
@@ -42,8 +42,13 @@ class _Log:
                 print(f"[vq2pc {time.perf_counter() - self.start:5.0f}s] {msg}", flush=True)
 
 
-def run_pipeline(cfg: RunConfig, out: str | Path, force: Iterable[str] = ()) -> dict[str, Any]:
-    """Run every stage of ``cfg`` into ``out``; returns the report (also written as report.json/report.md)."""
+def run_pipeline(cfg: RunConfig, out: str | Path, force: Iterable[str] = (), jobs: int = 1) -> dict[str, Any]:
+    """Run every stage of ``cfg`` into ``out``; returns the report (also written as report.json/report.md).
+
+    ``jobs=2`` trains the baselines in a second process (:class:`BaselinesProcess`, half of the torch
+    threads) beside the VQ-VAE, prior and circuit stages; the results are the same up to float noise."""
+    if jobs not in (1, 2) or (jobs == 2 and is_distributed()):
+        raise ValueError(f"jobs must be 1 or 2 (2 not under torchrun, whose ranks already share the work), got {jobs}")
     log = _Log()
     start = log.start
     check_stages(force)
@@ -61,6 +66,29 @@ def run_pipeline(cfg: RunConfig, out: str | Path, force: Iterable[str] = ()) -> 
         "device": cfg.device, "seed": cfg.seed, "config": cfg_dict,
         "models": [], "sources": [], "experiments": {}, "notes": [],
     }
+    helper = _start_baselines(cfg, run, log) if jobs == 2 else None
+    try:
+        _run_leaves(cfg, run, splits, report, log, helper)
+    finally:
+        if helper is not None:
+            helper.stop()
+    write_json(run.root / "data.json", data_record)
+    report["wall_seconds"] = round(time.perf_counter() - start, 2)
+    report["total_wall_seconds"] = round(_previous_total(run) + report["wall_seconds"], 2)
+    _finish_report(run, report)
+    log(f"done in {report['wall_seconds']:.0f} s: {run.root / 'report.md'}")
+    return report
+
+
+def _start_baselines(cfg: RunConfig, run: RunDir, log: _Log) -> BaselinesProcess:
+    helper = BaselinesProcess(cfg, run)
+    log(f"baselines in a second process with {helper.share} of {helper.threads} threads (log: {helper.log})")
+    return helper
+
+
+def _run_leaves(cfg: RunConfig, run: RunDir, splits: Any, report: dict[str, Any], log: _Log,
+                helper: BaselinesProcess | None) -> None:
+    """Every stage of every leaf: source models, circuits, +FT rows, baselines, experiments."""
     for leaf in cfg.leaves:
         built = {}
         for spec in cfg.models:
@@ -77,16 +105,14 @@ def run_pipeline(cfg: RunConfig, out: str | Path, force: Iterable[str] = ()) -> 
             for row in rows:
                 log(f"  {row['name']:<28} N={row['N']:<8} test BPD {row['test_bpd']:.4f}")
             built[spec.name] = (src, circuits)
+        if helper is not None:
+            if helper.process.is_alive():
+                log("waiting for the baselines process")
+            helper.join(run)
         baseline_rows, baselines = run_baselines(run, cfg, splits, leaf, report["notes"])
         report["models"] += baseline_rows
         log(f"[{leaf}] experiments")
         report["experiments"][leaf] = run_experiments(run, cfg, splits, leaf, built, baselines, report)
-    write_json(run.root / "data.json", data_record)
-    report["wall_seconds"] = round(time.perf_counter() - start, 2)
-    report["total_wall_seconds"] = round(_previous_total(run) + report["wall_seconds"], 2)
-    _finish_report(run, report)
-    log(f"done in {report['wall_seconds']:.0f} s: {run.root / 'report.md'}")
-    return report
 
 
 def _check_data(run: RunDir, cfg: RunConfig, splits: Any, log: _Log) -> dict[str, Any]:

@@ -56,6 +56,11 @@ class RunDir:
     def forced(self, stage: str) -> bool:
         return stage in self.force or "all" in self.force
 
+    def done_elsewhere(self, stage: str) -> None:
+        """``stage`` was redone by another process of this invocation: it is no longer forced here."""
+        stages = set(STAGES) - {"all"} if "all" in self.force else self.force
+        self.force = set(stages) - {stage}
+
     def path(self, *parts: str) -> Path:
         p = self.root.joinpath(*parts)
         p.parent.mkdir(parents=True, exist_ok=True)
