@@ -1,11 +1,16 @@
 """Small builders shared by several test modules."""
 
+import dataclasses
 import itertools
+from pathlib import Path
 
 import torch
 
+from vq2pc.circuit.finetune import FineTuneConfig
 from vq2pc.models.priors.pixelcnn import PixelCNNPrior, PriorConfig
 from vq2pc.models.priors.transformer import TransformerPrior, TransformerPriorConfig
+from vq2pc.models.train import TrainConfig
+from vq2pc.pipeline.config import BaselineSpec, ExperimentSpec, ModelSpec, RunConfig, load_config
 
 
 def make_prior(K: int = 3, hw: tuple[int, int] = (2, 2), C: int = 2, hidden: int = 8, layers: int = 3,
@@ -87,3 +92,32 @@ def synthetic_codes(n: int, K: int, seed: int) -> tuple[torch.Tensor, torch.Tens
     z01 = (z00 + c) % K
     z = torch.stack([z00, z01, z00, (z00 + z01) % K], 1).view(n, 2, 2)
     return z, c
+
+
+# The pipeline tests' tiny run (tests/pipeline)
+LIMIT = 150
+STRATEGIES = ["exhaustive", "sample", "beam", "topk", "data"]
+
+
+def tiny_config(leaves: list[str], epochs: int = 1, N: list[int] | None = None, full: bool = True) -> RunConfig:
+    """K=4 on a 2x2 grid (256 latents), 8 hidden channels, one epoch; ``full`` adds baselines and experiments.
+
+    N defaults to [10, 32]: digits has C=10 classes and DMBS needs N >= starts·C.
+    """
+    train = TrainConfig(epochs=epochs, patience=5, lr=2e-3, batch_size=64, progress=False)
+    model = ModelSpec(name="m", K=4, D=4, hidden=8, res_blocks=0, prior_hidden=8, prior_layers=1,
+                      strategies=STRATEGIES if full else ["topk"], N=N or ([10, 32] if full else [4]), starts=1,
+                      ft_strategies=["sample"] if full else [],
+                      finetune=FineTuneConfig(epochs=2, lr=3e-3, batch_size=50, top_k=2, refresh=2))
+    baselines = BaselineSpec(einet_pieces=[2], einet_inputs=[1], cm_points=64, cm_train_points=32, cm_hidden=8,
+                             einet=full, cm=full)
+    experiments = ExperimentSpec(num_samples=50, inpainting_eval_images=20, correlation_images=20, usage=full,
+                                 inpainting=full, samples=full, correlation=full)
+    cfg = load_config(None, {"limit": LIMIT})
+    return dataclasses.replace(cfg, leaves=leaves, models=[model], vqvae_train=train, prior_train=train,
+                               baseline_train=dataclasses.replace(train, max_seconds=10),
+                               baselines=baselines, experiments=experiments).validate()
+
+
+def mtimes(root: Path, pattern: str) -> dict[str, int]:
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in sorted(root.glob(pattern))}

@@ -13,50 +13,17 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from helpers import LIMIT, STRATEGIES, mtimes, tiny_config
 
 import vq2pc.models.train as train_module
 from vq2pc.circuit import MixtureCircuit
-from vq2pc.circuit.finetune import FineTuneConfig
 from vq2pc.core.checkpoint import CheckpointError, load_checkpoint
 from vq2pc.data import load_dataset
 from vq2pc.evaluate.density import test_bpd
-from vq2pc.models.train import TrainConfig
 from vq2pc.pipeline import run_pipeline
-from vq2pc.pipeline.config import (
-    BaselineSpec,
-    ExperimentSpec,
-    ModelSpec,
-    RunConfig,
-    load_config,
-)
+from vq2pc.pipeline.config import load_config
 
-LIMIT = 150
-STRATEGIES = ["exhaustive", "sample", "beam", "topk", "data"]
 DM_FAMILIES = {"sample": "DMRS", "beam": "DMBS", "topk": "TopK", "data": "DMData"}
-
-
-def tiny_config(leaves: list[str], epochs: int = 1, N: list[int] | None = None, full: bool = True) -> RunConfig:
-    """K=4 on a 2x2 grid (256 latents), 8 hidden channels, one epoch; ``full`` adds baselines and experiments.
-
-    N defaults to [10, 32]: digits has C=10 classes and DMBS needs N >= starts·C (see the xfail below).
-    """
-    train = TrainConfig(epochs=epochs, patience=5, lr=2e-3, batch_size=64, progress=False)
-    model = ModelSpec(name="m", K=4, D=4, hidden=8, res_blocks=0, prior_hidden=8, prior_layers=1,
-                      strategies=STRATEGIES if full else ["topk"], N=N or ([10, 32] if full else [4]), starts=1,
-                      ft_strategies=["sample"] if full else [],
-                      finetune=FineTuneConfig(epochs=2, lr=3e-3, batch_size=50, top_k=2, refresh=2))
-    baselines = BaselineSpec(einet_pieces=[2], einet_inputs=[1], cm_points=64, cm_train_points=32, cm_hidden=8,
-                             einet=full, cm=full)
-    experiments = ExperimentSpec(num_samples=50, inpainting_eval_images=20, correlation_images=20, usage=full,
-                                 inpainting=full, samples=full, correlation=full)
-    cfg = load_config(None, {"limit": LIMIT})
-    return dataclasses.replace(cfg, leaves=leaves, models=[model], vqvae_train=train, prior_train=train,
-                               baseline_train=dataclasses.replace(train, max_seconds=10),
-                               baselines=baselines, experiments=experiments).validate()
-
-
-def mtimes(root: Path, pattern: str) -> dict[str, int]:
-    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in sorted(root.glob(pattern))}
 
 
 @pytest.fixture(scope="module")
@@ -287,73 +254,6 @@ def test_a_transformer_twin_shares_the_vqvae_and_is_compared(tmp_path: Path) -> 
     assert "| transformer |" in (tmp_path / "report.md").read_text()
 
 
-def test_a_changed_setting_recomputes_only_what_reads_it(tmp_path: Path) -> None:
-    cfg = tiny_config(["gaussian"], full=False)
-    model = dataclasses.replace(cfg.models[0], strategies=["sample", "topk"], N=[8])
-    cfg = dataclasses.replace(cfg, models=[model]).validate()
-    first = run_pipeline(cfg, tmp_path)
-    circuits = mtimes(tmp_path, "gaussian/m/circuits/*.safetensors")
-    checkpoints = mtimes(tmp_path, "gaussian/m/*.pt")
-    prior_weighted = dataclasses.replace(cfg, models=[dataclasses.replace(model, weights="prior")]).validate()
-    second = run_pipeline(prior_weighted, tmp_path)
-    assert mtimes(tmp_path, "gaussian/m/*.pt") == checkpoints  # training does not read `weights`
-    now = mtimes(tmp_path, "gaussian/m/circuits/*.safetensors")
-    assert now.keys() == circuits.keys() and all(now[k] > circuits[k] for k in circuits)  # the circuits do
-    loaded = MixtureCircuit.load(tmp_path / "gaussian" / "m" / "circuits" / "sample-N8.safetensors")
-    assert loaded.meta["weights"] == "prior"
-    rows = {r["name"]: r["test_bpd"] for r in second["models"]}
-    assert rows.keys() == {r["name"] for r in first["models"]}
-    third = run_pipeline(prior_weighted, tmp_path)  # nothing changed: everything reused
-    assert mtimes(tmp_path, "gaussian/m/circuits/*.safetensors") == now and third["models"] == second["models"]
-
-
-def test_beam_score_recomputes_only_the_dmbs_rows(tmp_path: Path) -> None:
-    """``beam_score`` reaches the selection and the row; switching it redoes DMBS and its +FT twin only, and a
-    folder made with the class-marginal score (the only one before the option) is reused under ``marginal``."""
-    cfg = tiny_config(["gaussian"], full=False)
-    model = dataclasses.replace(cfg.models[0], strategies=["sample", "beam"], N=[20], starts=1,
-                                ft_strategies=["beam"], beam_score="marginal",
-                                finetune=dataclasses.replace(cfg.models[0].finetune, epochs=1))
-    cfg = dataclasses.replace(cfg, models=[model]).validate()
-    first = run_pipeline(cfg, tmp_path)
-    before = mtimes(tmp_path, "gaussian/m/circuits/*.safetensors")
-    assert run_pipeline(cfg, tmp_path)["models"] == first["models"]
-    assert mtimes(tmp_path, "gaussian/m/circuits/*.safetensors") == before
-    literal = dataclasses.replace(cfg, models=[dataclasses.replace(model, beam_score="class")]).validate()
-    second = run_pipeline(literal, tmp_path)
-    now = mtimes(tmp_path, "gaussian/m/circuits/*.safetensors")
-    assert all(now[k] == before[k] for k in now if "/sample-" in k)
-    assert all(now[k] > before[k] for k in now if "/beam-" in k)
-    scores = {r["name"]: r.get("beam_score") for r in second["models"]}
-    assert scores["DMBS m"] == scores["DMBS m+FT"] == "class" and scores["DMRS m"] is None
-
-
-def test_two_jobs_train_the_baselines_beside_and_give_the_same_report(tmp_path: Path) -> None:
-    """``jobs=2``: the baselines train in a second process (its log in the run folder), the first process reads
-    their cached results; every row equals the one-process run's (up to thread-count float noise)."""
-    cfg = tiny_config(["gaussian"], full=False)
-    cfg = dataclasses.replace(cfg, baselines=dataclasses.replace(cfg.baselines, einet=True, cm=True)).validate()
-    one = run_pipeline(cfg, tmp_path / "one")
-    two = run_pipeline(cfg, tmp_path / "two", jobs=2)
-    assert "[vq2pc baselines] gaussian: done" in (tmp_path / "two" / "baselines.log").read_text()
-    assert [r["name"] for r in two["models"]] == [r["name"] for r in one["models"]]
-    assert {"EiNet", "CM"} <= {r["family"] for r in two["models"]}
-    for a, b in zip(one["models"], two["models"]):
-        assert math.isclose(a["test_bpd"], b["test_bpd"], rel_tol=1e-4), a["name"]
-    before = mtimes(tmp_path / "two", "gaussian/baselines/*.pt")
-    again = run_pipeline(cfg, tmp_path / "two", force=["baselines"], jobs=2)  # redone there once, not twice here
-    after = mtimes(tmp_path / "two", "gaussian/baselines/*.pt")
-    log_done = (tmp_path / "two" / "baselines.log").stat().st_mtime_ns  # the second process's last line
-    assert before and before.keys() == after.keys() and all(before[k] < after[k] <= log_done for k in after)
-    for a, b in zip(two["models"], again["models"], strict=True):
-        assert math.isclose(a["test_bpd"], b["test_bpd"], rel_tol=1e-6), a["name"]
-
-
-def test_two_jobs_are_refused_where_they_make_no_sense(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="jobs must be 1 or 2"):
-        run_pipeline(tiny_config(["gaussian"], full=False), tmp_path, jobs=3)
-
-
 def test_a_selection_shortfall_is_a_note_not_a_failed_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import vq2pc.pipeline.models as models
     from vq2pc.latents.selection import SelectionShortfall
@@ -378,35 +278,3 @@ def test_a_selection_shortfall_is_a_note_not_a_failed_run(tmp_path: Path, monkey
     monkeypatch.setattr(models, "select", lambda *a, **kw: calls.append(1) or short_of_32(*a, **kw))
     again = run_pipeline(cfg, tmp_path)  # the skip is remembered: no selection runs again
     assert calls == [] and again["notes"] == report["notes"]
-
-
-def test_changed_data_or_seed_recomputes_and_a_copied_folder_is_reused(tmp_path: Path,
-                                                                        capsys: pytest.CaptureFixture[str]) -> None:
-    """The run folder remembers the data it was computed from by content (data.json): another --limit or
-    --seed retrains everything; a copy of the folder (`cp -r`: new file times, in copy order) reuses everything."""
-    import shutil
-
-    cfg = tiny_config(["gaussian"], full=False)
-    out = tmp_path / "run"
-    first = run_pipeline(cfg, out)
-    record = json.loads((out / "data.json").read_text())
-    assert record["limit"] == LIMIT and len(record["splits_sha256"]) == 64
-    copy = tmp_path / "copy"
-    shutil.copytree(out, copy, copy_function=shutil.copy)  # new modification times, in copy order
-    time.sleep(0.01)
-    before = mtimes(copy, "**/*.pt")
-    again = run_pipeline(cfg, copy)
-    assert mtimes(copy, "**/*.pt") == before and "every stage is recomputed" not in capsys.readouterr().out
-    assert [r["test_bpd"] for r in again["models"]] == [r["test_bpd"] for r in first["models"]]
-    changed = dataclasses.replace(cfg, models=[dataclasses.replace(cfg.models[0], weights="prior")])
-    run_pipeline(changed, copy)  # a distillation setting: the circuits are redone (and the log says why), not the models
-    assert mtimes(copy, "**/*.pt") == before and "recomputed, its settings changed" in capsys.readouterr().out
-    for change in ({"limit": LIMIT - 30}, {"seed": 1}):
-        changed = dataclasses.replace(cfg, **change)
-        report = run_pipeline(changed, out)
-        assert "every stage is recomputed" in capsys.readouterr().out
-        assert mtimes(out, "**/*.pt") != before
-        assert json.loads((out / "data.json").read_text())[next(iter(change))] == next(iter(change.values()))
-        if "limit" in change:
-            assert report["splits"]["train"] < first["splits"]["train"]
-        before = mtimes(out, "**/*.pt")

@@ -1,0 +1,115 @@
+"""Re-runs of a run folder: a changed setting redoes only the stages that read it, a changed data record or
+seed redoes everything, a copied folder is reused; ``jobs=2`` trains the baselines in a second process."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+
+import pytest
+from helpers import LIMIT, mtimes, tiny_config
+
+from vq2pc.circuit import MixtureCircuit
+from vq2pc.pipeline import run_pipeline
+
+
+def test_a_changed_setting_recomputes_only_what_reads_it(tmp_path: Path) -> None:
+    cfg = tiny_config(["gaussian"], full=False)
+    model = dataclasses.replace(cfg.models[0], strategies=["sample", "topk"], N=[8])
+    cfg = dataclasses.replace(cfg, models=[model]).validate()
+    first = run_pipeline(cfg, tmp_path)
+    circuits = mtimes(tmp_path, "gaussian/m/circuits/*.safetensors")
+    checkpoints = mtimes(tmp_path, "gaussian/m/*.pt")
+    prior_weighted = dataclasses.replace(cfg, models=[dataclasses.replace(model, weights="prior")]).validate()
+    second = run_pipeline(prior_weighted, tmp_path)
+    assert mtimes(tmp_path, "gaussian/m/*.pt") == checkpoints  # training does not read `weights`
+    now = mtimes(tmp_path, "gaussian/m/circuits/*.safetensors")
+    assert now.keys() == circuits.keys() and all(now[k] > circuits[k] for k in circuits)  # the circuits do
+    loaded = MixtureCircuit.load(tmp_path / "gaussian" / "m" / "circuits" / "sample-N8.safetensors")
+    assert loaded.meta["weights"] == "prior"
+    rows = {r["name"]: r["test_bpd"] for r in second["models"]}
+    assert rows.keys() == {r["name"] for r in first["models"]}
+    third = run_pipeline(prior_weighted, tmp_path)  # nothing changed: everything reused
+    assert mtimes(tmp_path, "gaussian/m/circuits/*.safetensors") == now and third["models"] == second["models"]
+
+
+def test_beam_score_recomputes_only_the_dmbs_rows(tmp_path: Path) -> None:
+    """``beam_score`` reaches the selection and the row; switching it redoes DMBS and its +FT twin only, and a
+    folder made with the class-marginal score (the only one before the option) is reused under ``marginal``."""
+    cfg = tiny_config(["gaussian"], full=False)
+    model = dataclasses.replace(cfg.models[0], strategies=["sample", "beam"], N=[20], starts=1,
+                                ft_strategies=["beam"], beam_score="marginal",
+                                finetune=dataclasses.replace(cfg.models[0].finetune, epochs=1))
+    cfg = dataclasses.replace(cfg, models=[model]).validate()
+    first = run_pipeline(cfg, tmp_path)
+    before = mtimes(tmp_path, "gaussian/m/circuits/*.safetensors")
+    assert run_pipeline(cfg, tmp_path)["models"] == first["models"]
+    assert mtimes(tmp_path, "gaussian/m/circuits/*.safetensors") == before
+    literal = dataclasses.replace(cfg, models=[dataclasses.replace(model, beam_score="class")]).validate()
+    second = run_pipeline(literal, tmp_path)
+    now = mtimes(tmp_path, "gaussian/m/circuits/*.safetensors")
+    assert all(now[k] == before[k] for k in now if "/sample-" in k)
+    assert all(now[k] > before[k] for k in now if "/beam-" in k)
+    scores = {r["name"]: r.get("beam_score") for r in second["models"]}
+    assert scores["DMBS m"] == scores["DMBS m+FT"] == "class" and scores["DMRS m"] is None
+
+
+def test_two_jobs_train_the_baselines_beside_and_give_the_same_report(tmp_path: Path) -> None:
+    """``jobs=2``: the baselines train in a second process (its log in the run folder), the first process reads
+    their cached results; every row equals the one-process run's (up to thread-count float noise)."""
+    cfg = tiny_config(["gaussian"], full=False)
+    cfg = dataclasses.replace(cfg, baselines=dataclasses.replace(cfg.baselines, einet=True, cm=True)).validate()
+    one = run_pipeline(cfg, tmp_path / "one")
+    two = run_pipeline(cfg, tmp_path / "two", jobs=2)
+    assert "[vq2pc baselines] gaussian: done" in (tmp_path / "two" / "baselines.log").read_text()
+    assert [r["name"] for r in two["models"]] == [r["name"] for r in one["models"]]
+    assert {"EiNet", "CM"} <= {r["family"] for r in two["models"]}
+    for a, b in zip(one["models"], two["models"]):
+        assert math.isclose(a["test_bpd"], b["test_bpd"], rel_tol=1e-4), a["name"]
+    before = mtimes(tmp_path / "two", "gaussian/baselines/*.pt")
+    again = run_pipeline(cfg, tmp_path / "two", force=["baselines"], jobs=2)  # redone there once, not twice here
+    after = mtimes(tmp_path / "two", "gaussian/baselines/*.pt")
+    log_done = (tmp_path / "two" / "baselines.log").stat().st_mtime_ns  # the second process's last line
+    assert before and before.keys() == after.keys() and all(before[k] < after[k] <= log_done for k in after)
+    for a, b in zip(two["models"], again["models"], strict=True):
+        assert math.isclose(a["test_bpd"], b["test_bpd"], rel_tol=1e-6), a["name"]
+
+
+def test_two_jobs_are_refused_where_they_make_no_sense(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="jobs must be 1 or 2"):
+        run_pipeline(tiny_config(["gaussian"], full=False), tmp_path, jobs=3)
+
+
+def test_changed_data_or_seed_recomputes_and_a_copied_folder_is_reused(tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """The run folder remembers the data it was computed from by content (data.json): another --limit or
+    --seed retrains everything; a copy of the folder (`cp -r`: new file times, in copy order) reuses everything."""
+    import shutil
+
+    cfg = tiny_config(["gaussian"], full=False)
+    out = tmp_path / "run"
+    first = run_pipeline(cfg, out)
+    record = json.loads((out / "data.json").read_text())
+    assert record["limit"] == LIMIT and len(record["splits_sha256"]) == 64
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy, copy_function=shutil.copy)  # new modification times, in copy order
+    time.sleep(0.01)
+    before = mtimes(copy, "**/*.pt")
+    again = run_pipeline(cfg, copy)
+    assert mtimes(copy, "**/*.pt") == before and "every stage is recomputed" not in capsys.readouterr().out
+    assert [r["test_bpd"] for r in again["models"]] == [r["test_bpd"] for r in first["models"]]
+    changed = dataclasses.replace(cfg, models=[dataclasses.replace(cfg.models[0], weights="prior")])
+    run_pipeline(changed, copy)  # a distillation setting: the circuits are redone (and the log says why), not the models
+    assert mtimes(copy, "**/*.pt") == before and "recomputed, its settings changed" in capsys.readouterr().out
+    for change in ({"limit": LIMIT - 30}, {"seed": 1}):
+        changed = dataclasses.replace(cfg, **change)
+        report = run_pipeline(changed, out)
+        assert "every stage is recomputed" in capsys.readouterr().out
+        assert mtimes(out, "**/*.pt") != before
+        assert json.loads((out / "data.json").read_text())[next(iter(change))] == next(iter(change.values()))
+        if "limit" in change:
+            assert report["splits"]["train"] < first["splits"]["train"]
+        before = mtimes(out, "**/*.pt")
