@@ -118,9 +118,9 @@ def _fill(prior: Prior, codes: Tensor, scores: Tensor, primary: Tensor, N: int) 
     """The distinct latents within a search's budget, then the best others by p(z) up to N; best first."""
     log_p = torch.logsumexp(scores + prior.class_log_prior, 1)
     _, inverse = torch.unique(codes.flatten(1), dim=0, return_inverse=True)
-    U, n = int(inverse.max()) + 1, codes.shape[0]
-    first = torch.full((U,), n, device=codes.device).scatter_reduce(0, inverse, torch.arange(n, device=codes.device), "amin")
-    chosen = torch.zeros(U, dtype=torch.bool, device=codes.device).index_fill_(0, inverse[primary], True)
+    U, n, dev = int(inverse.max()) + 1, codes.shape[0], codes.device
+    first = torch.full((U,), n, device=dev).scatter_reduce(0, inverse, torch.arange(n, device=dev), "amin")
+    chosen = torch.zeros(U, dtype=torch.bool, device=dev).index_fill_(0, inverse[primary], True)
     reserve = (~chosen).nonzero().flatten()
     fill = reserve[log_p[first[reserve]].argsort(descending=True)[: max(0, N - int(chosen.sum()))]]
     keep = first[torch.cat([chosen.nonzero().flatten(), fill])]

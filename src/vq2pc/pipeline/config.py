@@ -53,7 +53,7 @@ class ModelSpec:
     extra_N: dict[str, list[int]] = field(default_factory=dict)  # more N for one strategy, e.g. {sample: [16384]}
     weights: str = "uniform"  # mixture weights of the non-exhaustive strategies: uniform (Eq. 2) | prior
     starts: int = 10  # DMBS: starting tokens per class (s)
-    beam_score: str = "class"  # DMBS: a search of class c ranks by p(z_≤i | c) (Algorithm 1) | marginal: by p(z_≤i)
+    beam_score: str = "class"  # DMBS: class c's searches rank by p(z_≤i | c) (Algorithm 1) | marginal: p(z_≤i)
     em_strategies: list[str] = field(default_factory=lambda: ["sample"])  # also refine these strategies' circuits by EM (+EM rows)
     em_iterations: int = 5
     em_leaves: bool = True  # EM on the leaf parameters too, not only the weights
