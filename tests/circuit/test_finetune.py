@@ -12,6 +12,7 @@ import torch
 from vq2pc.circuit.distill import distill
 from vq2pc.circuit.finetune import (
     FineTuneConfig,
+    _Trainer,
     finetune,
     finetune_distill,
 )
@@ -98,10 +99,21 @@ def test_categorical_finetuned_circuit_sums_to_one() -> None:
 
 
 @pytest.mark.parametrize("bad", [{"components": "some"}, {"schedule": "linear"}, {"epochs": 0}, {"lr": -1.0}, {"patience": -1},
-                                 {"top_k": 0}, {"batch_size": 1.5}])
+                                 {"top_k": 0}, {"batch_size": 1.5}, {"clip": 0.0}, {"clip": "1"}, {"clip": math.inf}])
 def test_bad_settings_are_one_clear_error(bad: dict) -> None:
     with pytest.raises(ValueError, match="fine-tuning"):
         FineTuneConfig(**bad)
+
+
+@pytest.mark.parametrize("clip", [None, 0.5])
+def test_clip_bounds_the_gradient_of_a_step(vqvae: VQVAE, digits: DataSplits, clip: float | None) -> None:
+    """The gradient Adam applies has global norm <= clip; unclipped, this batch's is larger than 0.5."""
+    codes = torch.tensor([[[0, 1], [2, 3]], [[4, 5], [6, 7]], [[1, 1], [2, 2]]])
+    trainer = _Trainer(vqvae, codes, torch.zeros(3), FineTuneConfig(clip=clip, top_k=2, progress=False), total_steps=1)
+    trainer.stale = trainer.decoded()
+    trainer.step(digits.train_x[:50], digits.levels, "gaussian")
+    norm = float(torch.nn.utils.get_total_norm([p.grad for p in trainer.params if p.grad is not None]))
+    assert norm <= 0.5 + 1e-6 if clip else norm > 0.5
 
 
 def test_bad_codes_are_one_clear_error(vqvae: VQVAE, digits: DataSplits) -> None:

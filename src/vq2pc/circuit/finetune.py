@@ -65,6 +65,7 @@ class FineTuneConfig:
     top_k: int = 4  # posterior: components per image that get gradients
     refresh: int = 25  # posterior: steps between re-decodes of all N components (to pick the top-k)
     subset: int = 256  # random: components per step
+    clip: float | None = None  # max global gradient norm per step (None: no clipping)
     learn_weights: bool = True  # train the mixture weights jointly (else keep the selection's)
     train_limit: int | None = None  # first images of the training split used (None: all)
     val_limit: int | None = None  # first images of the validation split used for early stopping
@@ -82,8 +83,11 @@ class FineTuneConfig:
         bad = {k: v for k, v in ints.items() if not isinstance(v, int) or isinstance(v, bool) or v < 1}
         if bad or not isinstance(self.patience, int) or self.patience < 0:
             raise ValueError(f"fine-tuning needs positive integers for {sorted(ints)} and patience >= 0; got {bad or self.patience}")
-        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"fine-tuning lr must be a positive number, got {self.lr!r}")
+        for name in ("lr", "clip"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0) \
+                    and not (name == "clip" and v is None):
+                raise ValueError(f"fine-tuning {name} must be a positive number, got {v!r}")
 
 
 @dataclass
@@ -167,6 +171,8 @@ class _Trainer:
             for p in self.params:
                 if p.grad is not None:  # the same parameters have gradients on every rank (same U)
                     dist.all_reduce(p.grad)
+        if self.cfg.clip is not None:
+            nn.utils.clip_grad_norm_(self.params, self.cfg.clip)
         self.opt.step()
         if self.sched is not None:
             self.sched.step()

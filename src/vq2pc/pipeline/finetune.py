@@ -56,6 +56,8 @@ def ft_row(run: RunDir, cfg: RunConfig, splits: DataSplits, src: SourceModel, ro
 
     params = {**distill_params(cfg, src.spec, strategy=row["selection"]), "finetune": dataclasses.asdict(_settings(cfg, src))}
     params["finetune"].pop("progress")
+    if params["finetune"]["clip"] is None:  # runs from before clipping existed keep their cache keys
+        params["finetune"].pop("clip")
     out = run.cached("distill", f"{src.leaf}/{src.spec.name}/{key}", compute, outputs=(path,), depends=src.files,
                      params=params)
     circuits.add_file(key, path, out["N"])
