@@ -22,6 +22,10 @@ components that get gradients in a batch (``components``):
   784 pixels make one or two components carry nearly all of it);
 * ``"random"``: a fresh uniform subset of ``subset`` components per step, weights renormalized
   over it — the way continuous mixtures train with random integration points.
+
+An image that no component covers yet costs thousands of nats, and its gradient can be a thousand
+times the median step's; ``clip`` bounds each step's global gradient norm so that such steps do not
+wreck Adam's moments (on MNIST it is what lets small batches train stably, ``docs/NOTES.md``).
 """
 
 from __future__ import annotations
