@@ -56,6 +56,10 @@ COMPONENT_MODES = ("posterior", "random")
 SCHEDULES = ("constant", "cosine")
 
 
+def _positive_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+
 @dataclass
 class FineTuneConfig:
     """Settings of :func:`finetune` (see the module docstring for ``components``)."""
@@ -87,11 +91,10 @@ class FineTuneConfig:
         bad = {k: v for k, v in ints.items() if not isinstance(v, int) or isinstance(v, bool) or v < 1}
         if bad or not isinstance(self.patience, int) or self.patience < 0:
             raise ValueError(f"fine-tuning needs positive integers for {sorted(ints)} and patience >= 0; got {bad or self.patience}")
-        for name in ("lr", "clip"):
-            v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0) \
-                    and not (name == "clip" and v is None):
-                raise ValueError(f"fine-tuning {name} must be a positive number, got {v!r}")
+        if not _positive_number(self.lr):
+            raise ValueError(f"fine-tuning lr must be a positive number, got {self.lr!r}")
+        if self.clip is not None and not _positive_number(self.clip):
+            raise ValueError(f"fine-tuning clip must be a positive number or None, got {self.clip!r}")
 
 
 @dataclass
