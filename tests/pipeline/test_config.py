@@ -24,6 +24,7 @@ from vq2pc.pipeline.config import load_config
     ({"models": [{"name": "m", "strategies": ["sample"], "extra_N": {"beam": [64]}}]}, "extra_N names 'beam'"),
     ({"models": [{"name": "m", "strategies": ["sample"], "extra_N": {"sample": [0]}}]}, r"extra_N\['sample'\]"),
     ({"models": [{"name": "m", "extra_N": [64]}]}, "extra_N must be a mapping"),
+    ({"baselines": {"cm_batch_size": 0}}, "cm_batch_size"),
 ])
 def test_bad_config_raises_naming_the_key(overrides: dict[str, Any], key: str) -> None:
     with pytest.raises(ValueError, match=key):

@@ -8,6 +8,7 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers import LIMIT, mtimes, tiny_config
@@ -55,6 +56,23 @@ def test_beam_score_recomputes_only_the_dmbs_rows(tmp_path: Path) -> None:
     assert all(now[k] > before[k] for k in now if "/beam-" in k)
     scores = {r["name"]: r.get("beam_score") for r in second["models"]}
     assert scores["DMBS m"] == scores["DMBS m+FT"] == "class" and scores["DMRS m"] is None
+
+
+def test_cm_batch_size_trains_the_cm_alone_with_its_own_batch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``baselines.cm_batch_size`` reaches the CM's training; the EiNet keeps ``baseline_train``'s batch."""
+    import vq2pc.pipeline.baselines as stage
+
+    seen: dict[str, int] = {}
+    for name in ("train_cm", "train_einet"):
+        def spy(splits: Any, model_cfg: Any, train: Any, checkpoint: Any = None, _real: Any = getattr(stage, name),
+                _name: str = name) -> Any:
+            seen[_name] = train.batch_size
+            return _real(splits, model_cfg, train, checkpoint=checkpoint)
+        monkeypatch.setattr(stage, name, spy)
+    cfg = tiny_config(["gaussian"], full=False)
+    cfg = dataclasses.replace(cfg, baselines=dataclasses.replace(cfg.baselines, cm=True, einet=True, cm_batch_size=16))
+    run_pipeline(cfg.validate(), tmp_path)
+    assert seen == {"train_cm": 16, "train_einet": cfg.baseline_train.batch_size} and cfg.baseline_train.batch_size != 16
 
 
 def test_two_jobs_train_the_baselines_beside_and_give_the_same_report(tmp_path: Path) -> None:

@@ -24,7 +24,7 @@ from vq2pc.circuit.mixture import MixtureCircuit
 from vq2pc.data.datasets import DataSplits, load_dataset
 from vq2pc.evaluate.density import BPD_FORMAT, bpd_fields, test_bpd
 from vq2pc.models.train import TrainConfig, TrainResult
-from vq2pc.pipeline.config import RunConfig
+from vq2pc.pipeline.config import BaselineSpec, RunConfig
 from vq2pc.pipeline.rundir import RunDir
 
 __all__ = ["run_baselines", "BaselinesProcess"]
@@ -39,10 +39,15 @@ def _bpd_row(run: RunDir, cfg: RunConfig, splits: DataSplits, leaf: str, key: st
                        generator=torch.Generator().manual_seed(cfg.seed))
         return {**row, "leaf": leaf, **bpd_fields(bpd), "test_images": len(test_x)}
 
-    params = {"baselines": dataclasses.asdict(cfg.baselines), "train": _train_params(cfg.baseline_train),
+    params = {"baselines": _spec_params(cfg.baselines), "train": _train_params(cfg.baseline_train),
               "seed": cfg.seed, "test_limit": cfg.test_limit, "bpd_draws": cfg.experiments.bpd_draws,
               "bpd_format": BPD_FORMAT}
     return run.cached("baselines", f"{leaf}/baselines/{key}", compute, depends=(depends,), params=params)
+
+
+def _spec_params(spec: BaselineSpec) -> dict[str, Any]:
+    """The baseline settings; ``cm_batch_size`` only when set, so results cached before it existed stay valid."""
+    return {k: v for k, v in dataclasses.asdict(spec).items() if not (k == "cm_batch_size" and v is None)}
 
 
 def _train_params(train: Any) -> dict[str, Any]:
@@ -100,8 +105,9 @@ def run_baselines(
         ccfg = CMConfig(image_shape=tuple(splits.image_shape), leaf=leaf, levels=splits.levels,
                         latent_dim=spec.cm_latent_dim, hidden=spec.cm_hidden, train_points=spec.cm_train_points)
         ckpt = run.checkpoint("baselines", leaf, "baselines", "cm.pt")
-        model, res = train_cm(splits, ccfg, train_cfg, checkpoint=ckpt)
-        capped = _time_cap(res, train_cfg, f"CM ({leaf})", notes)
+        cm_train = replace(train_cfg, batch_size=spec.cm_batch_size or train_cfg.batch_size)
+        model, res = train_cm(splits, ccfg, cm_train, checkpoint=ckpt)
+        capped = _time_cap(res, cm_train, f"CM ({leaf})", notes)
         path = run.path(leaf, "baselines", "cm.safetensors")
         if run.outdated("baselines", path, (ckpt,)):
             circuit = compile_cm(model, num_points=spec.cm_points, seed=cfg.seed)

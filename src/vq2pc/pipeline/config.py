@@ -80,6 +80,9 @@ class BaselineSpec:
     cm_hidden: int = 64
     cm_train_points: int = 512
     cm_points: int = 4096  # integration points of the compiled circuit (paper: 2^14)
+    # The CM's training batch (None: baseline_train's). A CM step decodes its integration points once for
+    # the whole batch, so a step's cost barely grows with the batch and larger batches make epochs cheaper.
+    cm_batch_size: int | None = None
 
 
 @dataclass
@@ -140,7 +143,8 @@ class RunConfig:
             raise ValueError(f"config: experiments.usage_seeds must be integers >= 0, got {self.experiments.usage_seeds}")
         _check_counts(self.experiments, ("inpainting_images", "inpainting_eval_images", "num_samples",
                                          "correlation_images", "bpd_draws"), "config.experiments")
-        _check_counts(self.baselines, ("cm_latent_dim", "cm_hidden", "cm_train_points", "cm_points"), "config.baselines")
+        _check_counts(self.baselines, ("cm_latent_dim", "cm_hidden", "cm_train_points", "cm_points", "cm_batch_size"),
+                     "config.baselines")
         for leaf in self.leaves:
             if leaf not in LEAF_KINDS:
                 raise ValueError(f"config: unknown leaf {leaf!r}; expected one of {list(LEAF_KINDS)}")
