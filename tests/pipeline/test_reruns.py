@@ -58,6 +58,15 @@ def test_beam_score_recomputes_only_the_dmbs_rows(tmp_path: Path) -> None:
     assert scores["DMBS m"] == scores["DMBS m+FT"] == "class" and scores["DMRS m"] is None
 
 
+def test_settings_key_leaves_out_dropped_settings_and_unset_later_ones() -> None:
+    from vq2pc.models.train import TrainConfig
+    from vq2pc.pipeline.rundir import settings_key
+
+    key = settings_key(TrainConfig(), drop=("progress",), added_later=("amp", "max_seconds"))
+    assert "progress" not in key and "amp" not in key and "max_seconds" not in key and key["lr"] == TrainConfig().lr
+    assert settings_key(TrainConfig(amp="bf16"), added_later=("amp",))["amp"] == "bf16"
+
+
 def test_cm_batch_size_trains_the_cm_alone_with_its_own_batch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``baselines.cm_batch_size`` reaches the CM's training; the EiNet keeps ``baseline_train``'s batch."""
     import vq2pc.pipeline.baselines as stage

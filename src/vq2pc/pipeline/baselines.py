@@ -7,7 +7,6 @@ threads are split between the two. The first process then reads their cached res
 
 from __future__ import annotations
 
-import dataclasses
 import multiprocessing
 import traceback
 from contextlib import redirect_stderr, redirect_stdout
@@ -24,8 +23,8 @@ from vq2pc.circuit.mixture import MixtureCircuit
 from vq2pc.data.datasets import DataSplits, load_dataset
 from vq2pc.evaluate.density import BPD_FORMAT, bpd_fields, test_bpd
 from vq2pc.models.train import TrainConfig, TrainResult
-from vq2pc.pipeline.config import BaselineSpec, RunConfig
-from vq2pc.pipeline.rundir import RunDir
+from vq2pc.pipeline.config import RunConfig
+from vq2pc.pipeline.rundir import RunDir, settings_key
 
 __all__ = ["run_baselines", "BaselinesProcess"]
 
@@ -39,22 +38,11 @@ def _bpd_row(run: RunDir, cfg: RunConfig, splits: DataSplits, leaf: str, key: st
                        generator=torch.Generator().manual_seed(cfg.seed))
         return {**row, "leaf": leaf, **bpd_fields(bpd), "test_images": len(test_x)}
 
-    params = {"baselines": _spec_params(cfg.baselines), "train": _train_params(cfg.baseline_train),
+    params = {"baselines": settings_key(cfg.baselines, added_later=("cm_batch_size",)),
+              "train": settings_key(cfg.baseline_train, drop=("progress", "device", "compile"), added_later=("amp",)),
               "seed": cfg.seed, "test_limit": cfg.test_limit, "bpd_draws": cfg.experiments.bpd_draws,
               "bpd_format": BPD_FORMAT}
     return run.cached("baselines", f"{leaf}/baselines/{key}", compute, depends=(depends,), params=params)
-
-
-def _spec_params(spec: BaselineSpec) -> dict[str, Any]:
-    """The baseline settings; ``cm_batch_size`` only when set, so results cached before it existed stay valid."""
-    return {k: v for k, v in dataclasses.asdict(spec).items() if not (k == "cm_batch_size" and v is None)}
-
-
-def _train_params(train: Any) -> dict[str, Any]:
-    """A TrainConfig's settings that change results (not the progress bar, the device, torch.compile;
-    AMP only when on, so results cached before the flag existed stay valid)."""
-    return {k: v for k, v in dataclasses.asdict(train).items()
-            if k not in ("progress", "device", "compile") and not (k == "amp" and v is None)}
 
 
 def _time_cap(result: TrainResult, train: TrainConfig, name: str, notes: list[str]) -> float | None:

@@ -24,7 +24,7 @@ from vq2pc.pipeline.models import (
     make_selection,
     selection_weights,
 )
-from vq2pc.pipeline.rundir import Models, RunDir
+from vq2pc.pipeline.rundir import Models, RunDir, settings_key
 
 __all__ = ["finetune_all"]
 
@@ -54,10 +54,8 @@ def ft_row(run: RunDir, cfg: RunConfig, splits: DataSplits, src: SourceModel, ro
                            finetune=circuit.meta["finetune"], ft_history=res.history,
                            circuit_file=str(path.relative_to(run.root)))
 
-    params = {**distill_params(cfg, src.spec, strategy=row["selection"]), "finetune": dataclasses.asdict(_settings(cfg, src))}
-    params["finetune"].pop("progress")
-    if params["finetune"]["clip"] is None:  # runs from before clipping existed keep their cache keys
-        params["finetune"].pop("clip")
+    params = {**distill_params(cfg, src.spec, strategy=row["selection"]),
+              "finetune": settings_key(_settings(cfg, src), drop=("progress",), added_later=("clip",))}
     out = run.cached("distill", f"{src.leaf}/{src.spec.name}/{key}", compute, outputs=(path,), depends=src.files,
                      params=params)
     circuits.add_file(key, path, out["N"])

@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable
@@ -30,7 +30,7 @@ from vq2pc.circuit.mixture import MixtureCircuit
 from vq2pc.core.distributed import barrier, is_main
 from vq2pc.core.files import write_json
 
-__all__ = ["RunDir", "Models", "STAGES", "check_stages"]
+__all__ = ["RunDir", "Models", "STAGES", "check_stages", "settings_key"]
 
 _PARAMS = "_params"  # key of the settings a cached result was computed with
 _INPUTS = "_inputs"  # key of the SHA-256 of the files a cached result was computed from
@@ -174,6 +174,12 @@ class Models(Mapping[str, Any]):
 
     def __len__(self) -> int:
         return len(self.loaders)
+
+
+def settings_key(settings: Any, drop: tuple[str, ...] = (), added_later: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A dataclass's settings as part of a cache key: without ``drop`` (settings that do not change results)
+    and without each of ``added_later`` while it is None, so results cached before it existed stay valid."""
+    return {k: v for k, v in asdict(settings).items() if k not in drop and not (k in added_later and v is None)}
 
 
 def check_stages(names: Any) -> None:
