@@ -85,24 +85,90 @@ def test_cm_batch_size_trains_the_cm_alone_with_its_own_batch(tmp_path: Path, mo
 
 
 def test_two_jobs_train_the_baselines_beside_and_give_the_same_report(tmp_path: Path) -> None:
-    """``jobs=2``: the baselines train in a second process (its log in the run folder), the first process reads
-    their cached results; every row equals the one-process run's (up to thread-count float noise)."""
+    """``jobs=2``: the baselines train in a second process (its log in the run folder), which then shares the
+    +FT rows; the first process reads their cached results; every row equals the one-process run's (up to
+    thread-count float noise)."""
     cfg = tiny_config(["gaussian"], full=False)
-    cfg = dataclasses.replace(cfg, baselines=dataclasses.replace(cfg.baselines, einet=True, cm=True)).validate()
+    model = dataclasses.replace(cfg.models[0], strategies=["sample"], ft_strategies=["sample"], N=[4, 8])
+    cfg = dataclasses.replace(cfg, models=[model], baselines=dataclasses.replace(cfg.baselines, einet=True, cm=True))
+    cfg = cfg.validate()
     one = run_pipeline(cfg, tmp_path / "one")
     two = run_pipeline(cfg, tmp_path / "two", jobs=2)
-    assert "[vq2pc baselines] gaussian: done" in (tmp_path / "two" / "baselines.log").read_text()
+    assert "[vq2pc helper] gaussian baselines: done" in (tmp_path / "two" / "helper.log").read_text()
     assert [r["name"] for r in two["models"]] == [r["name"] for r in one["models"]]
-    assert {"EiNet", "CM"} <= {r["family"] for r in two["models"]}
+    assert {"EiNet", "CM", "DMRS+FT"} <= {r["family"] for r in two["models"]}
     for a, b in zip(one["models"], two["models"]):
         assert math.isclose(a["test_bpd"], b["test_bpd"], rel_tol=1e-4), a["name"]
     before = mtimes(tmp_path / "two", "gaussian/baselines/*.pt")
     again = run_pipeline(cfg, tmp_path / "two", force=["baselines"], jobs=2)  # redone there once, not twice here
     after = mtimes(tmp_path / "two", "gaussian/baselines/*.pt")
-    log_done = (tmp_path / "two" / "baselines.log").stat().st_mtime_ns  # the second process's last line
-    assert before and before.keys() == after.keys() and all(before[k] < after[k] <= log_done for k in after)
+    assert before and before.keys() == after.keys() and all(before[k] < after[k] for k in after)
+    assert (tmp_path / "two" / "helper.log").read_text().count("gaussian baselines: done") == 2
     for a, b in zip(two["models"], again["models"], strict=True):
         assert math.isclose(a["test_bpd"], b["test_bpd"], rel_tol=1e-6), a["name"]
+
+
+def test_the_second_process_fine_tunes_the_rows_it_takes(tmp_path: Path) -> None:
+    """Row sharing: while this process works on its first row, the second one takes the other, fine-tunes it
+    (forced: really computed there) and reports it; this process then reads it instead of computing it."""
+    import torch
+
+    from vq2pc.data.datasets import load_dataset
+    from vq2pc.pipeline.finetune import finetune_all, ft_row, ft_sources
+    from vq2pc.pipeline.helper import HelperProcess
+    from vq2pc.pipeline.models import build_source_model, distill_all
+    from vq2pc.pipeline.rundir import RunDir
+
+    cfg = tiny_config(["gaussian"], full=False)
+    model = dataclasses.replace(cfg.models[0], strategies=["sample"], ft_strategies=["sample"], N=[4, 8])
+    cfg = dataclasses.replace(cfg, models=[model]).validate()
+    first = {r["name"] + str(r["N"]): r["test_bpd"] for r in run_pipeline(cfg, tmp_path)["models"]}
+    threads = torch.get_num_threads()
+    run = RunDir(tmp_path, {"distill"})
+    splits = load_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seed, limit=cfg.limit)
+    src = build_source_model(run, cfg, splits, "gaussian", cfg.models[0])
+    rows, circuits = distill_all(run, cfg, splits, src, [])
+    helper = HelperProcess(cfg, run)
+    try:
+        helper.wait_baselines(run)
+        start = time.time_ns()
+
+        def slow(row: dict[str, Any]) -> None:  # hold the first row until the second process took the other
+            deadline = time.monotonic() + 120
+            while helper.ch.next.value < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            ft_row(run, cfg, splits, src, row, circuits)
+
+        assert helper.share_rows(run, src, ft_sources(src, rows), slow) == 1
+        log = (tmp_path / "helper.log").read_text()
+        assert "[vq2pc helper] DMRS m+FT N=" in log
+        ft = finetune_all(run, cfg, splits, src, rows, circuits)  # both read from the cache now
+        assert all(p.stat().st_mtime_ns > start for p in (tmp_path / "gaussian" / "m" / "circuits").glob("*-ft.*"))
+        for row in ft:
+            assert math.isclose(row["test_bpd"], first[row["name"] + str(row["N"])], rel_tol=1e-4), row["name"]
+        helper.close()
+        assert helper.process.exitcode == 0
+    finally:
+        helper.stop()
+    assert torch.get_num_threads() == threads
+
+
+def test_a_failed_second_process_is_one_clear_error(tmp_path: Path) -> None:
+    """When the second process fails, the first one raises one error that names its log (the trace is there)."""
+    from vq2pc.pipeline.helper import HelperProcess
+    from vq2pc.pipeline.rundir import RunDir
+
+    cfg = dataclasses.replace(tiny_config(["gaussian"], full=False), dataset="no-such-dataset")
+    run = RunDir(tmp_path)
+    helper = HelperProcess(cfg, run)
+    try:
+        with pytest.raises(RuntimeError, match=r"the second process failed \(exit code 1\); its output is in .*helper.log"):
+            helper.wait_baselines(run)
+        with pytest.raises(RuntimeError, match="the second process failed"):
+            helper.share_rows(run, None, [], print)  # type: ignore[arg-type]
+    finally:
+        helper.stop()
+    assert "Traceback" in (tmp_path / "helper.log").read_text()
 
 
 def test_two_jobs_are_refused_where_they_make_no_sense(tmp_path: Path) -> None:

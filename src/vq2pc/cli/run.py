@@ -43,7 +43,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="also train the latent-usage model with these seeds: Fig. 1 as mean ± std over models")
     p.add_argument("--jobs", type=int, default=1, choices=[1, 2],
                    help="2: train the baselines (EiNet, continuous mixture) in a second process beside the VQ-VAE, "
-                        "prior and circuit stages, with half of the CPU threads (log: RUN/baselines.log). Each "
+                        "prior and circuit stages, with half of the CPU threads; once they are done, that process "
+                        "shares the +FT rows with the first, row by row, largest N first (log: RUN/helper.log). Each "
                         "stage runs with fewer threads, so its numbers can differ from a --jobs 1 run by float "
                         "noise (which k-means initialisation amplifies); the same --jobs gives the same numbers. "
                         "Not under torchrun")

@@ -20,13 +20,14 @@ import yaml
 from vq2pc.core.distributed import is_distributed, is_main
 from vq2pc.core.files import atomic_write, write_json
 from vq2pc.data.datasets import load_dataset
-from vq2pc.pipeline.baselines import BaselinesProcess, run_baselines
+from vq2pc.pipeline.baselines import run_baselines
 from vq2pc.pipeline.config import RunConfig, config_to_dict
 from vq2pc.pipeline.experiments import run_experiments
 from vq2pc.pipeline.findings import findings
-from vq2pc.pipeline.finetune import finetune_all
-from vq2pc.pipeline.models import build_source_model, distill_all
-from vq2pc.pipeline.rundir import STAGES, RunDir, check_stages
+from vq2pc.pipeline.finetune import finetune_all, ft_row, ft_sources
+from vq2pc.pipeline.helper import HelperProcess
+from vq2pc.pipeline.models import SourceModel, build_source_model, distill_all
+from vq2pc.pipeline.rundir import STAGES, Models, RunDir, check_stages
 
 __all__ = ["run_pipeline", "STAGES", "RunDir"]
 
@@ -45,8 +46,8 @@ class _Log:
 def run_pipeline(cfg: RunConfig, out: str | Path, force: Iterable[str] = (), jobs: int = 1) -> dict[str, Any]:
     """Run every stage of ``cfg`` into ``out``; returns the report (also written as report.json/report.md).
 
-    ``jobs=2`` trains the baselines in a second process (:class:`BaselinesProcess`, half of the torch
-    threads) beside the VQ-VAE, prior and circuit stages. A stage's numbers depend on its thread count at
+    ``jobs=2`` trains the baselines in a second process (:class:`HelperProcess`, half of the torch
+    threads) beside the VQ-VAE, prior and circuit stages; it then shares the +FT rows. A stage's numbers depend on its thread count at
     float-noise level (amplified by chaotic steps such as k-means initialisation), so they can differ from
     a ``jobs=1`` run's; the same ``jobs`` on the same machine gives the same numbers."""
     if jobs not in (1, 2) or (jobs == 2 and is_distributed()):
@@ -68,9 +69,11 @@ def run_pipeline(cfg: RunConfig, out: str | Path, force: Iterable[str] = (), job
         "device": cfg.device, "seed": cfg.seed, "config": cfg_dict,
         "models": [], "sources": [], "experiments": {}, "notes": [],
     }
-    helper = _start_baselines(cfg, run, log) if jobs == 2 else None
+    helper = _start_helper(cfg, run, log) if jobs == 2 else None
     try:
         _run_leaves(cfg, run, splits, report, log, helper)
+        if helper is not None:
+            helper.close()
     finally:
         if helper is not None:
             helper.stop()
@@ -82,14 +85,15 @@ def run_pipeline(cfg: RunConfig, out: str | Path, force: Iterable[str] = (), job
     return report
 
 
-def _start_baselines(cfg: RunConfig, run: RunDir, log: _Log) -> BaselinesProcess:
-    helper = BaselinesProcess(cfg, run)
-    log(f"baselines in a second process with {helper.share} of {helper.threads} threads (log: {helper.log})")
+def _start_helper(cfg: RunConfig, run: RunDir, log: _Log) -> HelperProcess:
+    helper = HelperProcess(cfg, run)
+    log(f"baselines, then a share of the +FT rows, in a second process with {helper.share} of {helper.threads} "
+        f"threads (log: {helper.log})")
     return helper
 
 
 def _run_leaves(cfg: RunConfig, run: RunDir, splits: Any, report: dict[str, Any], log: _Log,
-                helper: BaselinesProcess | None) -> None:
+                helper: HelperProcess | None) -> None:
     """Every stage of every leaf: source models, circuits, +FT rows, baselines, experiments."""
     for leaf in cfg.leaves:
         built = {}
@@ -102,19 +106,31 @@ def _run_leaves(cfg: RunConfig, run: RunDir, splits: Any, report: dict[str, Any]
             rows, circuits = distill_all(run, cfg, splits, src, report["notes"])
             if spec.ft_strategies:
                 log(f"[{leaf}/{spec.name}] fine-tuned distillation of {', '.join(spec.ft_strategies)}")
+                if helper is not None:
+                    _share_ft_rows(run, cfg, splits, src, rows, circuits, helper, log)
                 rows += finetune_all(run, cfg, splits, src, rows, circuits)
             report["models"] += rows
             for row in rows:
                 log(f"  {row['name']:<28} N={row['N']:<8} test BPD {row['test_bpd']:.4f}")
             built[spec.name] = (src, circuits)
         if helper is not None:
-            if helper.process.is_alive():
-                log("waiting for the baselines process")
-            helper.join(run)
+            if not helper.ch.baselines_done.is_set():
+                log("waiting for the baselines in the second process")
+            helper.wait_baselines(run)
         baseline_rows, baselines = run_baselines(run, cfg, splits, leaf, report["notes"])
         report["models"] += baseline_rows
         log(f"[{leaf}] experiments")
         report["experiments"][leaf] = run_experiments(run, cfg, splits, leaf, built, baselines, report)
+
+
+def _share_ft_rows(run: RunDir, cfg: RunConfig, splits: Any, src: SourceModel, rows: list[dict[str, Any]],
+                   circuits: Models, helper: HelperProcess, log: _Log) -> None:
+    """Fine-tune the rows of ``src`` here and in the second process, each taking the next one (the
+    second process joins once its baselines are done); :func:`finetune_all` then reads them all."""
+    wanted = ft_sources(src, rows)
+    there = helper.share_rows(run, src, wanted, lambda row: ft_row(run, cfg, splits, src, row, circuits))
+    if there:
+        log(f"[{src.tag}] {there} of {len(wanted)} +FT rows computed in the second process (log: {helper.log})")
 
 
 def _check_data(run: RunDir, cfg: RunConfig, splits: Any, log: _Log) -> dict[str, Any]:

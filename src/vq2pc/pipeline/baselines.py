@@ -1,15 +1,12 @@
 """Pipeline stage: the paper's baselines (EiNet, continuous mixture) on the same data and splits.
 
 They read only the data, so ``vq2pc run --jobs 2`` trains them in a second process
-(:class:`BaselinesProcess`) while the first one trains the VQ-VAE and prior and distills; the CPU
-threads are split between the two. The first process then reads their cached results.
+(:class:`vq2pc.pipeline.helper.HelperProcess`) while the first one trains the VQ-VAE and prior and
+distills; the first process then reads their cached results.
 """
 
 from __future__ import annotations
 
-import multiprocessing
-import traceback
-from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -20,13 +17,13 @@ from vq2pc.baselines.cm import CMConfig, compile_cm, train_cm
 from vq2pc.baselines.einet import EiNetConfig, train_einet
 from vq2pc.circuit.cirkit import require_cirkit
 from vq2pc.circuit.mixture import MixtureCircuit
-from vq2pc.data.datasets import DataSplits, load_dataset
+from vq2pc.data.datasets import DataSplits
 from vq2pc.evaluate.density import BPD_FORMAT, bpd_fields, test_bpd
 from vq2pc.models.train import TrainConfig, TrainResult
 from vq2pc.pipeline.config import RunConfig
 from vq2pc.pipeline.rundir import RunDir, settings_key
 
-__all__ = ["run_baselines", "BaselinesProcess"]
+__all__ = ["run_baselines"]
 
 
 def _bpd_row(run: RunDir, cfg: RunConfig, splits: DataSplits, leaf: str, key: str, model: Any, depends: Path,
@@ -109,53 +106,3 @@ def run_baselines(
                              **res.summary(), time_cap_fired=capped))
         models["CM"] = circuit
     return rows, models
-
-
-class BaselinesProcess:
-    """:func:`run_baselines` for every leaf of ``cfg`` in a spawned process that takes half of this process's
-    torch threads (its output goes to ``<run>/baselines.log``); :meth:`join` waits for it and gives the
-    threads back (one clear error if it failed)."""
-
-    def __init__(self, cfg: RunConfig, run: RunDir) -> None:
-        self.log, self.threads = run.root / "baselines.log", torch.get_num_threads()
-        self.share = max(1, self.threads // 2)
-        self.process = multiprocessing.get_context("spawn").Process(
-            target=_baselines_job, args=(cfg, str(run.root), sorted(run.force), self.share, str(self.log)),
-            name="vq2pc-baselines", daemon=True)
-        self.process.start()
-        torch.set_num_threads(max(1, self.threads - self.share))
-        self.joined = False
-
-    def join(self, run: RunDir) -> None:
-        """Wait for the baselines (once); they were redone there, so ``run`` no longer forces them."""
-        if self.joined:
-            return
-        self.process.join()
-        self.joined = True
-        torch.set_num_threads(self.threads)
-        if self.process.exitcode != 0:
-            raise RuntimeError(f"the baselines process failed (exit code {self.process.exitcode}); "
-                               f"its output is in {self.log}")
-        run.done_elsewhere("baselines")
-
-    def stop(self) -> None:
-        """End it if it still runs (this process failed or was interrupted); its checkpoints stay."""
-        if self.process.is_alive():
-            self.process.terminate()
-            self.process.join()
-        torch.set_num_threads(self.threads)
-
-
-def _baselines_job(cfg: RunConfig, root: str, force: list[str], threads: int, log: str) -> None:
-    torch.set_num_threads(threads)
-    cfg = replace(cfg, baseline_train=replace(cfg.baseline_train, progress=False))
-    with open(log, "a", encoding="utf-8") as out, redirect_stdout(out), redirect_stderr(out):
-        try:
-            splits = load_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seed, limit=cfg.limit)
-            run = RunDir(Path(root), set(force))
-            for leaf in cfg.leaves:
-                run_baselines(run, cfg, splits, leaf, [])
-                print(f"[vq2pc baselines] {leaf}: done", flush=True)
-        except BaseException:  # the trace goes to the log; the first process reports the failure in one line
-            traceback.print_exc()
-            raise SystemExit(1) from None

@@ -26,7 +26,7 @@ from vq2pc.pipeline.models import (
 )
 from vq2pc.pipeline.rundir import Models, RunDir, settings_key
 
-__all__ = ["finetune_all"]
+__all__ = ["finetune_all", "ft_row", "ft_sources"]
 
 
 def _settings(cfg: RunConfig, src: SourceModel) -> Any:
@@ -62,9 +62,13 @@ def ft_row(run: RunDir, cfg: RunConfig, splits: DataSplits, src: SourceModel, ro
     return out
 
 
+def ft_sources(src: SourceModel, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows of ``src`` to fine-tune: those whose selection is in ``ft_strategies`` (not exhaustive/EM rows)."""
+    return [r for r in rows if r.get("selection") in src.spec.ft_strategies and r.get("requested_N")
+            and r["family"] in ("DMRS", "DMGS", "DMBS", "TopK", "DMData")]
+
+
 def finetune_all(run: RunDir, cfg: RunConfig, splits: DataSplits, src: SourceModel, rows: list[dict[str, Any]],
                  circuits: Models) -> list[dict[str, Any]]:
-    """+FT rows for the rows of ``src`` whose selection is in ``ft_strategies`` (not for exhaustive/EM rows)."""
-    wanted = [r for r in rows if r.get("selection") in src.spec.ft_strategies and r.get("requested_N")
-              and r["family"] in ("DMRS", "DMGS", "DMBS", "TopK", "DMData")]
-    return [ft_row(run, cfg, splits, src, r, circuits) for r in wanted]
+    """+FT rows for the :func:`ft_sources` of ``rows`` (computed, or read from the cache)."""
+    return [ft_row(run, cfg, splits, src, r, circuits) for r in ft_sources(src, rows)]
