@@ -47,9 +47,10 @@ def run_pipeline(cfg: RunConfig, out: str | Path, force: Iterable[str] = (), job
     """Run every stage of ``cfg`` into ``out``; returns the report (also written as report.json/report.md).
 
     ``jobs=2`` trains the baselines in a second process (:class:`HelperProcess`, half of the torch
-    threads) beside the VQ-VAE, prior and circuit stages; it then shares the +FT rows. A stage's numbers depend on its thread count at
-    float-noise level (amplified by chaotic steps such as k-means initialisation), so they can differ from
-    a ``jobs=1`` run's; the same ``jobs`` on the same machine gives the same numbers."""
+    threads) beside the VQ-VAE, prior and circuit stages; it then shares the +FT rows. A stage's numbers
+    depend on its thread count at float-noise level (amplified by chaotic steps such as k-means
+    initialisation), so they can differ from a ``jobs=1`` run's; the same ``jobs`` on the same machine gives
+    the same numbers."""
     if jobs not in (1, 2) or (jobs == 2 and is_distributed()):
         raise ValueError(f"jobs must be 1 or 2 (2 not under torchrun, whose ranks already share the work), got {jobs}")
     log = _Log()
