@@ -116,6 +116,16 @@ def test_clip_bounds_the_gradient_of_a_step(vqvae: VQVAE, digits: DataSplits, cl
     assert norm <= 0.5 + 1e-6 if clip else norm > 0.5
 
 
+def test_the_returned_circuit_is_the_one_scored_best(vqvae: VQVAE, digits: DataSplits) -> None:
+    """The circuit returned scores the best validation likelihood recorded, not the last epoch's."""
+    codes = torch.tensor([[[0, 1], [2, 3]], [[4, 5], [6, 7]], [[1, 1], [2, 2]], [[3, 2], [1, 0]]])
+    cfg = FineTuneConfig(epochs=3, patience=3, lr=3e-3, batch_size=50, top_k=2, refresh=2, progress=False)
+    circuit, res = finetune_distill(vqvae, _selection(codes), digits, cfg)
+    assert res.best_epoch >= 1
+    x_val = to_model_space(digits.val_x, "gaussian", digits.levels, torch.Generator().manual_seed(cfg.seed + 1))
+    assert float(circuit.log_prob(x_val.flatten(1)).double().mean()) == pytest.approx(res.best_val_log_prob, rel=1e-5)
+
+
 def test_bad_codes_are_one_clear_error(vqvae: VQVAE, digits: DataSplits) -> None:
     with pytest.raises(ValueError, match=r"codes \[N,h,w\]"):
         finetune(vqvae, torch.zeros(3, 4, dtype=torch.long), torch.zeros(3), digits)

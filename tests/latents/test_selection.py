@@ -7,7 +7,7 @@ import torch
 from helpers import all_codes, make_prior
 from scipy.stats import chisquare
 
-from vq2pc.latents.beam import beam_search
+from vq2pc.latents.beam import beam_search, stochastic_beam_search
 from vq2pc.latents.enumerate import codes_to_index, enumerate_log_prior
 from vq2pc.latents.selection import Selection, select
 
@@ -203,6 +203,53 @@ def test_gumbel_is_exact_sampling_without_replacement_from_p(tiny) -> None:
     log_p, log_q = exact(tiny)
     g = torch.Generator().manual_seed(0)
     ordered_pair_test(lambda: select(tiny, "gumbel", 2, generator=g).codes, log_p, log_q, 1200)
+
+
+def test_stochastic_beam_search_samples_its_own_class_without_replacement(tiny) -> None:
+    """A one-hot class row makes the Gumbel-top-k search sample from p(z | c), not p(z) (c = 1 has p(c) = 1/20)."""
+    with torch.no_grad():
+        log_own = tiny.log_prob_all_classes(all_codes(2, (2, 1))).double()[:, 1]
+    log_p, _ = exact(tiny)
+    g, own = torch.Generator().manual_seed(0), torch.tensor([[float("-inf"), 0.0]])
+    root = torch.zeros((1, 2, 1), dtype=torch.long), torch.zeros((1, 2))
+    ordered_pair_test(lambda: stochastic_beam_search(tiny, *root, 0, 2, g, own).codes[0], log_own, log_p, 1200)
+
+
+def test_stochastic_beam_search_from_a_prefix_samples_its_subtree(tiny) -> None:
+    """From z_1 = 1 (start = 1) a width-1 search draws z_2 ~ p(z_2 | z_1 = 1, c) and never leaves the subtree."""
+    with torch.no_grad():
+        per_class = tiny.log_prob_all_classes(all_codes(2, (2, 1))).double()
+    own = torch.tensor([[float("-inf"), 0.0]])
+    prefix, scores = torch.tensor([[[1], [0]]]), tiny.next_log_probs_all_classes(torch.tensor([[[1], [0]]]), 0)[:, :, 1]
+    g, counts = torch.Generator().manual_seed(0), torch.zeros(2)
+    for _ in range(600):
+        z = stochastic_beam_search(tiny, prefix, scores, 1, 1, g, own).codes[0, 0].flatten()
+        assert z[0] == 1
+        counts[z[1]] += 1
+    expected = per_class[2:, 1].softmax(0)  # latents (1, 0) and (1, 1), class 1
+    assert chisquare(counts, 600 * expected).pvalue > 1e-3
+
+
+def test_stochastic_dmbs_keeps_algorithm_1_and_samples_within_each_search(prior) -> None:
+    """beam_search="stochastic": N distinct latents from the same start tokens; at full width (B = 27, every
+    start's subtree) the same set as the deterministic beam, below it a sample that differs for some seed."""
+    K = prior.K
+    for seed in range(3):
+        kw = {"starts": 1, "generator": torch.Generator().manual_seed(seed)}
+        det = select(prior, "beam", 54, **kw)
+        sto = select(prior, "beam", 54, beam_search="stochastic", starts=1, generator=torch.Generator().manual_seed(seed))
+        assert set(codes_to_index(det.codes, K).tolist()) == set(codes_to_index(sto.codes, K).tolist())
+    differs = 0
+    for seed in range(6):
+        det = select(prior, "beam", 12, starts=2, generator=torch.Generator().manual_seed(seed))
+        sto = select(prior, "beam", 12, beam_search="stochastic", starts=2, generator=torch.Generator().manual_seed(seed))
+        idx = codes_to_index(sto.codes, K)
+        assert len(sto) == idx.unique().numel() == 12 and sto.info["beam_search"] == "stochastic"
+        assert set(sto.codes.flatten(1)[:, 0].tolist()) == set(det.codes.flatten(1)[:, 0].tolist())  # same starts
+        differs += set(idx.tolist()) != set(codes_to_index(det.codes, K).tolist())
+    assert differs >= 1
+    with pytest.raises(ValueError, match="beam_search must be one of"):
+        select(prior, "beam", 12, starts=1, beam_search="greedy")
 
 
 @pytest.mark.parametrize("strategy", ["sample", "gumbel"])

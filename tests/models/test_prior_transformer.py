@@ -84,7 +84,8 @@ def test_full_width_beam_search_is_exhaustive_top_n() -> None:
     torch.testing.assert_close(r.class_scores[0], per_class[ref_idx], atol=1e-5, rtol=0)
     top = select(prior, "topk", 10, max_space=10)  # a beam of width N (not exact in general)
     assert top.info["exact"] is False and len(top) == 10
-    sbs = stochastic_beam_search(prior, 81, torch.Generator().manual_seed(0))  # N = K^{HW}: every latent once
+    root = torch.zeros((1, 2, 2), dtype=torch.long), torch.zeros((1, 2))
+    sbs = stochastic_beam_search(prior, *root, 0, 81, torch.Generator().manual_seed(0))  # N = K^{HW}: every latent once
     assert codes_to_index(sbs.codes[0], 3).sort().values.tolist() == list(range(81))
     torch.testing.assert_close(sbs.class_scores[0], per_class[codes_to_index(sbs.codes[0], 3)], atol=1e-5, rtol=0)
 

@@ -37,9 +37,10 @@ def test_a_changed_setting_recomputes_only_what_reads_it(tmp_path: Path) -> None
     assert mtimes(tmp_path, "gaussian/m/circuits/*.safetensors") == now and third["models"] == second["models"]
 
 
-def test_beam_score_recomputes_only_the_dmbs_rows(tmp_path: Path) -> None:
-    """``beam_score`` reaches the selection and the row; switching it redoes DMBS and its +FT twin only, and a
-    folder made with the class-marginal score (the only one before the option) is reused under ``marginal``."""
+def test_beam_score_and_search_recompute_only_the_dmbs_rows(tmp_path: Path) -> None:
+    """``beam_score`` and ``beam_search`` reach the selection and the row; switching either redoes DMBS and its
+    +FT twin only, and a folder made with the class-marginal score (the only one before the option) is reused
+    under ``marginal``."""
     cfg = tiny_config(["gaussian"], full=False)
     model = dataclasses.replace(cfg.models[0], strategies=["sample", "beam"], N=[20], starts=1,
                                 ft_strategies=["beam"], beam_score="marginal",
@@ -56,6 +57,13 @@ def test_beam_score_recomputes_only_the_dmbs_rows(tmp_path: Path) -> None:
     assert all(now[k] > before[k] for k in now if "/beam-" in k)
     scores = {r["name"]: r.get("beam_score") for r in second["models"]}
     assert scores["DMBS m"] == scores["DMBS m+FT"] == "class" and scores["DMRS m"] is None
+    sampled = dataclasses.replace(literal, models=[dataclasses.replace(literal.models[0], beam_search="stochastic")])
+    third = run_pipeline(sampled.validate(), tmp_path)
+    last = mtimes(tmp_path, "gaussian/m/circuits/*.safetensors")
+    assert all(last[k] == now[k] for k in last if "/sample-" in k) and all(last[k] > now[k] for k in last if "/beam-" in k)
+    searches = {r["name"]: r.get("beam_search") for r in third["models"]}
+    assert searches["DMBS m (stochastic)"] == searches["DMBS m (stochastic)+FT"] == "stochastic"
+    assert searches["DMRS m"] is None
 
 
 def test_settings_key_leaves_out_dropped_settings_and_unset_later_ones() -> None:

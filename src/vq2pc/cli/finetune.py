@@ -9,10 +9,10 @@ import json
 import torch
 
 from vq2pc.circuit.finetune import COMPONENT_MODES, SCHEDULES, FineTuneConfig, finetune_distill
-from vq2pc.cli.train import _FMT, _data_args, _splits
+from vq2pc.cli.train import _FMT, _beam_args, _data_args, _splits
 from vq2pc.core.distributed import is_main
 from vq2pc.data.datasets import check_fits
-from vq2pc.latents.selection import BEAM_SCORES, select
+from vq2pc.latents.selection import select
 from vq2pc.models.priors import load_prior
 from vq2pc.models.vqvae import VQVAE
 
@@ -32,9 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prior", required=True, help="prior checkpoint")
     p.add_argument("--strategy", default="sample", choices=["sample", "gumbel", "beam", "topk"], help="selection")
     p.add_argument("--N", type=int, default=1024, help="number of components")
-    p.add_argument("--starts", type=int, default=10, help="beam: starting tokens per class")
-    p.add_argument("--beam-score", default="class", choices=list(BEAM_SCORES),
-                   help="beam: rank a class's searches by p(z|c) (Algorithm 1) or by the class marginal p(z)")
+    _beam_args(p)
     p.add_argument("--weights", default="uniform", choices=["uniform", "prior"], help="initial mixture weights")
     p.add_argument("--epochs", type=int, default=_DEFAULTS.epochs, help="maximum fine-tuning epochs")
     p.add_argument("--patience", type=int, default=_DEFAULTS.patience,
@@ -68,7 +66,7 @@ def _finetune(a: argparse.Namespace) -> int:
                          f"(K={vqvae.cfg.K}, grid {vqvae.cfg.latent_hw})")
     splits = _splits(a)
     check_fits(vqvae.cfg.image_shape, vqvae.cfg.levels, splits, "--vqvae")
-    sel = select(prior, a.strategy, a.N, starts=a.starts, beam_score=a.beam_score,
+    sel = select(prior, a.strategy, a.N, starts=a.starts, beam_score=a.beam_score, beam_search=a.beam_search,
                  generator=torch.Generator().manual_seed(a.seed),
                  device=a.device)
     meta = {"image_shape": list(vqvae.cfg.image_shape), "levels": vqvae.cfg.levels, "leaf": vqvae.cfg.leaf}

@@ -15,13 +15,23 @@ from vq2pc.circuit.mixture import MixtureCircuit
 from vq2pc.core.distributed import is_main
 from vq2pc.core.leaves import LEAF_KINDS
 from vq2pc.data.datasets import DATASET_NAMES, DataSplits, load_dataset
-from vq2pc.latents.selection import BEAM_SCORES, STRATEGIES, WEIGHTS, select
+from vq2pc.latents.selection import BEAM_SCORES, BEAM_SEARCHES, STRATEGIES, WEIGHTS, select
 from vq2pc.models.priors import PRIOR_NAMES, load_prior, prior_config, train_prior
 from vq2pc.models.quantizers import QUANTIZER_NAMES, make_quantizer
 from vq2pc.models.train import TrainConfig
 from vq2pc.models.vqvae import VQVAE, VQVAEConfig, encode_images, train_vqvae
 
 _FMT = argparse.ArgumentDefaultsHelpFormatter
+
+
+def _beam_args(p: argparse.ArgumentParser) -> None:
+    """DMBS options shared by the commands that select latents."""
+    p.add_argument("--starts", type=int, default=10, help="beam: starting tokens per class")
+    p.add_argument("--beam-score", default="class", choices=list(BEAM_SCORES),
+                   help="beam: rank a class's searches by p(z|c) (Algorithm 1) or by the class marginal p(z)")
+    p.add_argument("--beam-search", default="deterministic", choices=list(BEAM_SEARCHES),
+                   help="beam: keep the best B beams per position (Algorithm 2) or sample them without "
+                        "replacement (Gumbel-top-k: more diverse latents within a class)")
 
 
 def _data_args(p: argparse.ArgumentParser) -> None:
@@ -90,9 +100,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--N", type=int, default=256, help="number of components (ignored by exhaustive)")
     p.add_argument("--weights", default=None, choices=WEIGHTS,
                    help="mixture weights (default: prior for exhaustive, uniform otherwise)")
-    p.add_argument("--starts", type=int, default=10, help="beam: starting tokens per class")
-    p.add_argument("--beam-score", default="class", choices=list(BEAM_SCORES),
-                   help="beam: rank a class's searches by p(z|c) (Algorithm 1) or by the class marginal p(z)")
+    _beam_args(p)
     p.add_argument("--max-space", type=int, default=2**24, help="refuse exhaustive selection above this size")
     p.add_argument("--std-floor", type=float, default=None,
                    help="Gaussian leaves: raise decoded stds below this to it (bounds the cost of unseen strokes)")
@@ -164,7 +172,7 @@ def _distill(a: argparse.Namespace) -> int:
     if (vqvae.cfg.K, tuple(vqvae.cfg.latent_hw)) != (prior.K, tuple(prior.latent_hw)):
         raise ValueError(f"--prior (K={prior.K}, grid {prior.latent_hw}) does not match --vqvae "
                          f"(K={vqvae.cfg.K}, grid {vqvae.cfg.latent_hw})")
-    sel = select(prior, a.strategy, a.N, starts=a.starts, beam_score=a.beam_score,
+    sel = select(prior, a.strategy, a.N, starts=a.starts, beam_score=a.beam_score, beam_search=a.beam_search,
                  generator=torch.Generator().manual_seed(a.seed),
                  max_space=a.max_space, device=a.device)
     weights = a.weights or ("prior" if a.strategy == "exhaustive" else "uniform")

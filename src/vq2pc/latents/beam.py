@@ -108,6 +108,22 @@ def _search(prior: Prior, flat: Tensor, h: Tensor, keys: Tensor, start: int, wid
     return flat, h, keys
 
 
+def _start(prior: Prior, codes: Tensor, class_scores: Tensor, start: int, width: int,
+           class_log_weights: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """Checked inputs of a batched search: ``flat [G,1,P]``, ``h [G,1,C]`` and the score's ``lw [G,C]``."""
+    G, P = codes.shape[0], num_positions(prior)
+    codes = check_codes(codes, prior.K, prior.latent_hw, "codes").to(prior_device(prior))
+    if width < 1:
+        raise ValueError(f"beam width must be >= 1, got {width}")
+    if not 0 <= start <= P:
+        raise ValueError(f"start={start} outside [0, {P}]")
+    if class_scores.shape != (G, prior.num_classes):
+        raise ValueError(f"class_scores must have shape [{G}, {prior.num_classes}], got {tuple(class_scores.shape)}")
+    lw = prior.class_log_prior if class_log_weights is None else class_log_weights.to(codes.device)
+    lw = lw.float().expand(G, prior.num_classes)
+    return codes.flatten(1)[:, None].clone(), class_scores.float().to(codes.device)[:, None], lw
+
+
 @torch.inference_mode()
 def beam_search(
     prior: Prior,
@@ -127,24 +143,14 @@ def beam_search(
     group's score to its own class, the literal reading of Algorithm 1's ``BeamSearch(.., {c}, ..)``.
     Returns the final beams, ``b = min(width, K^{HW-start})`` per group, best first; ``keys`` = log m.
     """
-    G, P = codes.shape[0], num_positions(prior)
-    codes = check_codes(codes, prior.K, prior.latent_hw, "codes").to(prior_device(prior))
-    if width < 1:
-        raise ValueError(f"beam width must be >= 1, got {width}")
-    if not 0 <= start <= P:
-        raise ValueError(f"start={start} outside [0, {P}]")
-    if class_scores.shape != (G, prior.num_classes):
-        raise ValueError(f"class_scores must have shape [{G}, {prior.num_classes}], got {tuple(class_scores.shape)}")
-    lw = prior.class_log_prior if class_log_weights is None else class_log_weights.to(codes.device)
-    lw = lw.float().expand(G, prior.num_classes)
+    flat, h, lw = _start(prior, codes, class_scores, start, width, class_log_weights)
 
     def marginal(cand_h: Tensor, parent_keys: Tensor, gs: slice) -> Tensor:
         return torch.logsumexp(cand_h + lw[gs, None, :, None], dim=2)
 
-    flat, h = codes.flatten(1)[:, None].clone(), class_scores.float().to(codes.device)[:, None]
     keys = torch.logsumexp(h + lw[:, None], dim=2)
     flat, h, keys = _search(prior, flat, h, keys, start, width, marginal, batch_size)
-    return BeamResult(flat.view(G, -1, *prior.latent_hw), h, keys)
+    return BeamResult(flat.view(codes.shape[0], -1, *prior.latent_hw), h, keys)
 
 
 def _log1mexp(a: Tensor) -> Tensor:
@@ -154,30 +160,36 @@ def _log1mexp(a: Tensor) -> Tensor:
 
 @torch.inference_mode()
 def stochastic_beam_search(
-    prior: Prior, N: int, generator: torch.Generator | None = None, batch_size: int = 16384,
+    prior: Prior,
+    codes: Tensor,
+    class_scores: Tensor,
+    start: int,
+    width: int,
+    generator: torch.Generator | None = None,
+    class_log_weights: Tensor | None = None,
+    batch_size: int = 16384,
 ) -> BeamResult:
-    """``N`` distinct latents sampled without replacement from p(z) (Gumbel-top-k SBS, Kool et al. 2019).
+    """Gumbel-top-k stochastic beam search (Kool et al. 2019) for ``G`` independent searches at once.
 
-    Every prefix ``y`` carries ``φ(y) = log p(y) = logsumexp_c(log p(c) + h_c(y))`` and a perturbed
-    ``G(y)``; children get ``G_φ = φ + Gumbel`` conditioned on their maximum equal to the parent's
-    ``G`` (Eq. 10 of Kool et al., the stable form in their App. B), and the top ``N`` survive.
-    The final ``N`` grids, in decreasing ``G``, are a sample without replacement. Requires
-    ``N ≤ K^{HW}`` (checked by the caller). Returns one group: ``codes [1,N,h,w]``.
+    Same inputs as :func:`beam_search`. Each group's final beams are ``min(width, K^{HW-start})``
+    distinct completions of its partial grid, an exact sample without replacement from the score's
+    distribution over them: ``m(z) = Σ_c w_c p(z | c)`` restricted to the group's prefix (the default
+    ``w_c = p(c)`` gives ``p(z)``; a one-hot row, ``p(z | c)``). Every prefix ``y`` carries
+    ``φ(y) = log m(y)`` and a perturbed ``G(y)``; children get ``G_φ = φ + Gumbel`` conditioned on
+    their maximum equal to the parent's ``G`` (Eq. 10 of Kool et al., the stable form of their
+    App. B), and the top ``width`` survive. Beams are in decreasing ``G`` (the sampling order);
+    ``keys`` = ``G``.
     """
-    dev = prior_device(prior)
-    C = prior.num_classes
-    log_pc = prior.class_log_prior.double()
-    flat = torch.zeros((1, 1, num_positions(prior)), dtype=torch.long, device=dev)
-    h = torch.zeros((1, 1, C), device=dev)
-    parent_g = torch.zeros((1, 1), dtype=torch.float64, device=dev)
+    flat, h, lw = _start(prior, codes, class_scores, start, width, class_log_weights)
 
     def perturbed(cand_h: Tensor, g_par: Tensor, gs: slice) -> Tensor:
-        phi = torch.logsumexp(cand_h.double() + log_pc[:, None], dim=2)  # [g, j, K]
-        g_phi = phi + gumbel_noise(tuple(phi.shape), generator, dev).double()
+        phi = torch.logsumexp(cand_h.double() + lw[gs, None, :, None].double(), dim=2)  # [g, j, K]
+        g_phi = phi + gumbel_noise(tuple(phi.shape), generator, phi.device).double()
         z_max = g_phi.max(dim=2, keepdim=True).values
         g_par = g_par[:, :, None]
         v = g_par - g_phi + _log1mexp(g_phi - z_max)
         return g_par - v.clamp_min(0) - torch.log1p(torch.exp(-v.abs()))
 
-    flat, h, parent_g = _search(prior, flat, h, parent_g, 0, N, perturbed, batch_size)
-    return BeamResult(flat.view(1, -1, *prior.latent_hw), h, parent_g)
+    root_g = torch.zeros(flat.shape[:2], dtype=torch.float64, device=flat.device)  # any value: one root per group
+    flat, h, keys = _search(prior, flat, h, root_g, start, width, perturbed, batch_size)
+    return BeamResult(flat.view(codes.shape[0], -1, *prior.latent_hw), h, keys)

@@ -10,12 +10,22 @@ class ``c`` ranks its prefixes by:
 * ``"marginal"``: ``p(z_≤i) = Σ_c' p(c') p(z_≤i | c')`` for every search, so the class only draws
   the first token (what vq2pc did before the literal reading was measured better on MNIST).
 
+``search`` is how a search keeps its ``B`` beams per position:
+
+* ``"deterministic"`` (default): Algorithm 2, the ``B`` best by the score;
+* ``"stochastic"``: the Gumbel-top-k stochastic beam search (Kool et al. 2019,
+  :func:`~vq2pc.latents.beam.stochastic_beam_search`), so each search returns ``B`` completions
+  sampled without replacement from the score's distribution over its first token's subtree. The
+  paper names Algorithm 1 "the class-conditioned stochastic BS"; this is that reading with an exact
+  sampler. The deterministic beam keeps prototypes (latents one or two positions apart); the sampled
+  one keeps the class structure and the budget, and diversifies within a class.
+
 Searches with the same key (first token, and the class under ``"class"``) would return the same
 latents: they run as ONE search of their summed width. The widths add up to exactly N (the
 remainder N - starts·C·B goes one each to the first starts; width a first token's subtree of
 K^{HW-1} latents cannot use goes to the other keys). Under ``"class"`` two classes can find the
 same latent: it is kept once, and the searches are widened (by the shortfall, doubling) so that
-their next-best latents by p(z) fill the gap. Every search runs batched: one prior call per
+their next latents (the next-best, or the next sampled), ranked by p(z), fill the gap. Every search runs batched: one prior call per
 position for all keys of one width.
 """
 
@@ -29,22 +39,25 @@ from torch import Tensor
 
 from vq2pc.core.protocols import Prior, num_positions, prior_device
 from vq2pc.core.random import gumbel_noise
-from vq2pc.latents.beam import beam_search
+from vq2pc.latents.beam import beam_search, stochastic_beam_search
 
-__all__ = ["BEAM_SCORES", "select_dmbs"]
+__all__ = ["BEAM_SCORES", "BEAM_SEARCHES", "select_dmbs"]
 
 BEAM_SCORES = ("class", "marginal")
+BEAM_SEARCHES = ("deterministic", "stochastic")
 
 
 def select_dmbs(prior: Prior, N: int, starts: int, generator: torch.Generator | None, batch_size: int,
-                score: str = "class") -> tuple[Tensor, Tensor, dict[str, Any]]:
+                score: str = "class", search: str = "deterministic") -> tuple[Tensor, Tensor, dict[str, Any]]:
     """Algorithm 1: ``codes [n,h,w]`` (n ≤ N distinct latents), their ``log p(z) [n]``, best first, and
-    ``info`` (width, starts, score, distinct first tokens, shortfall and its reason when n < N)."""
+    ``info`` (width, starts, score, search, distinct first tokens, shortfall and its reason when n < N)."""
     C, dev = prior.num_classes, prior_device(prior)
     if starts < 1:
         raise ValueError(f"starts must be >= 1, got {starts}")
     if score not in BEAM_SCORES:
         raise ValueError(f"beam_score must be one of {list(BEAM_SCORES)}, got {score!r}")
+    if search not in BEAM_SEARCHES:
+        raise ValueError(f"beam_search must be one of {list(BEAM_SEARCHES)}, got {search!r}")
     width = N // (starts * C)
     if width < 1:
         raise ValueError(f"beam width B = N // (starts·C) = {N} // ({starts}·{C}) = 0 < 1; raise N or lower starts")
@@ -59,12 +72,12 @@ def select_dmbs(prior: Prior, N: int, starts: int, generator: torch.Generator | 
     budgets = _token_budgets(list(zip(classes, tokens.tolist())), N, width, subtree)
     extra = 0
     while True:
-        codes, log_p = _fill(prior, *_searches(prior, first, budgets, extra, batch_size), N)
+        codes, log_p = _fill(prior, *_searches(prior, first, budgets, extra, batch_size, search, generator), N)
         short = N - codes.shape[0]
         if short == 0 or max(budgets.values()) + extra >= subtree:  # filled, or every search holds its subtree
             break
         extra = max(2 * extra, short)
-    info: dict[str, Any] = {"requested_N": N, "width": width, "starts": starts, "beam_score": score,
+    info: dict[str, Any] = {"requested_N": N, "width": width, "starts": starts, "beam_score": score, "beam_search": search,
                             "distinct_first_tokens": len({t for _, t in budgets}), "shortfall": short}
     if short:
         info["shortfall_reason"] = (f"the drawn first tokens' subtrees (K^(HW-1) latents each) hold only "
@@ -86,9 +99,9 @@ def _token_budgets(keys: list[Hashable], N: int, width: int, subtree: int) -> di
     return budgets
 
 
-def _searches(prior: Prior, first: Tensor, budgets: dict[Hashable, int], extra: int,
-              batch_size: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Every key's search with width budget + ``extra``: ``codes [n,h,w]``, per-class ``scores [n,C]`` and
+def _searches(prior: Prior, first: Tensor, budgets: dict[Hashable, int], extra: int, batch_size: int,
+              search: str, generator: torch.Generator | None) -> tuple[Tensor, Tensor, Tensor]:
+    """Every key's ``search`` with width budget + ``extra``: ``codes [n,h,w]``, per-class ``scores [n,C]`` and
     ``primary [n]`` (the latent is within its search's budget)."""
     dev, C = first.device, prior.num_classes
     codes_out, scores_out, primary_out = [], [], []
@@ -96,8 +109,10 @@ def _searches(prior: Prior, first: Tensor, budgets: dict[Hashable, int], extra: 
         group = torch.tensor([k for k, bt in budgets.items() if bt == b], dtype=torch.long, device=dev)  # [g, 2]
         codes = torch.zeros((group.shape[0], *prior.latent_hw), dtype=torch.long, device=dev)
         codes.view(group.shape[0], -1)[:, 0] = group[:, 1]
-        result = beam_search(prior, codes, first[:, group[:, 1]].T, 1, b + extra, _own_class(group[:, 0], C),
-                             batch_size)
+        args = (prior, codes, first[:, group[:, 1]].T, 1, b + extra)
+        weights = _own_class(group[:, 0], C)
+        result = (beam_search(*args, weights, batch_size) if search == "deterministic"
+                  else stochastic_beam_search(*args, generator, weights, batch_size))
         g, kept = result.codes.shape[:2]
         codes_out.append(result.codes.reshape(-1, *prior.latent_hw))
         scores_out.append(result.class_scores.reshape(-1, C))

@@ -15,7 +15,8 @@ Strategies (``select(prior, strategy, N, ...)``):
 * ``beam`` (DMBS, Algorithms 1 + 2): for every class ``c``, ``starts`` first tokens
   ``z_1 ~ p(z_1 | c)``; from each, a beam search of width ``N // (starts·C)`` ranked by
   ``p(z_≤i | c)`` (``beam_score="class"``, Algorithm 1 read literally) or by ``p(z_≤i)``
-  (``"marginal"``); see :mod:`vq2pc.latents.dmbs`.
+  (``"marginal"``), keeping the best ``B`` beams per position (``beam_search="deterministic"``,
+  Algorithm 2) or sampling them without replacement (``"stochastic"``); see :mod:`vq2pc.latents.dmbs`.
 * ``topk``: the ``N`` latents of highest ``p(z)`` — exact by enumeration when ``K^{HW} ≤
   max_space``, otherwise a deterministic beam search of width ``N`` on ``p(z)`` (approximate;
   ``info["exact"]`` says which).
@@ -42,7 +43,7 @@ from vq2pc.core.distributed import (
 from vq2pc.core.protocols import Prior, check_codes, num_positions, prior_device
 from vq2pc.core.random import randint
 from vq2pc.latents.beam import beam_search, stochastic_beam_search
-from vq2pc.latents.dmbs import BEAM_SCORES, select_dmbs
+from vq2pc.latents.dmbs import BEAM_SCORES, BEAM_SEARCHES, select_dmbs
 from vq2pc.latents.enumerate import (
     check_space,
     enumerate_log_prior,
@@ -50,7 +51,7 @@ from vq2pc.latents.enumerate import (
     latent_space_size,
 )
 
-__all__ = ["BEAM_SCORES", "STRATEGIES", "WEIGHTS", "Selection", "SelectionShortfall", "select"]
+__all__ = ["BEAM_SCORES", "BEAM_SEARCHES", "STRATEGIES", "WEIGHTS", "Selection", "SelectionShortfall", "select"]
 
 STRATEGIES = ("exhaustive", "sample", "gumbel", "beam", "topk", "data")
 WEIGHTS = ("uniform", "prior")
@@ -157,10 +158,15 @@ def _select_topk(prior: Prior, N: int, max_space: int,
         log_p = enumerate_log_prior(prior, batch_size=batch_size, progress=False, max_space=max_space)
         log_prior, idx = log_p.topk(N)
         return index_to_codes(idx, prior.K, h, w), log_prior, {"exact": True}
-    root = torch.zeros((1, h, w), dtype=torch.long, device=prior_device(prior))
-    scores = torch.zeros((1, prior.num_classes), device=prior_device(prior))
-    result = beam_search(prior, root, scores, 0, N, batch_size=batch_size)
+    result = beam_search(prior, *_root(prior), 0, N, batch_size=batch_size)
     return result.codes[0], result.keys[0], {"exact": False}
+
+
+def _root(prior: Prior) -> tuple[Tensor, Tensor]:
+    """One empty grid ``[1,h,w]`` and its class scores ``[1,C]`` (zeros): a search from the first position."""
+    dev = prior_device(prior)
+    return (torch.zeros((1, *prior.latent_hw), dtype=torch.long, device=dev),
+            torch.zeros((1, prior.num_classes), device=dev))
 
 
 def _select_data(prior: Prior, N: int | None, codes_from_data: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -178,7 +184,7 @@ def _select_data(prior: Prior, N: int | None, codes_from_data: Tensor | None) ->
     return unique[keep].view(-1, *prior.latent_hw), log_freq
 
 
-def _dispatch(prior: Prior, strategy: str, N: int | None, starts: int, beam_score: str,
+def _dispatch(prior: Prior, strategy: str, N: int | None, starts: int, beam: tuple[str, str],
               generator: torch.Generator | None, max_space: int, codes_from_data: Tensor | None,
               batch_size: int) -> tuple[Tensor, Tensor, dict[str, Any]]:
     """Run one strategy; returns ``codes [N,h,w]``, ``log_prior [N]`` and ``info``."""
@@ -197,11 +203,11 @@ def _dispatch(prior: Prior, strategy: str, N: int | None, starts: int, beam_scor
             codes, info = _select_sample(prior, N, generator, batch_size)
             log_prior = _log_prob(prior, codes, batch_size)
         elif strategy == "gumbel":
-            result = stochastic_beam_search(prior, N, generator, batch_size)
+            result = stochastic_beam_search(prior, *_root(prior), 0, N, generator, batch_size=batch_size)
             codes = result.codes[0]
             log_prior = torch.logsumexp(result.class_scores[0] + prior.class_log_prior, 1)
         elif strategy == "beam":
-            codes, log_prior, info = select_dmbs(prior, N, starts, generator, batch_size, beam_score)
+            codes, log_prior, info = select_dmbs(prior, N, starts, generator, batch_size, *beam)
         else:
             codes, log_prior, info = _select_topk(prior, N, max_space, batch_size)
     return codes, log_prior, info
@@ -214,6 +220,7 @@ def select(
     *,
     starts: int = 10,
     beam_score: str = "class",
+    beam_search: str = "deterministic",
     generator: torch.Generator | None = None,
     max_space: int = 2**24,
     codes_from_data: Tensor | None = None,
@@ -224,7 +231,8 @@ def select(
 
     ``N``: number of latents (ignored by ``exhaustive``; ``None`` = all distinct codes for ``data``).
     ``starts``: start tokens per class for ``beam``; ``beam_score``: its score, ``"class"`` (Algorithm 1)
-    or ``"marginal"``. ``generator``: randomness of ``sample``,
+    or ``"marginal"``; ``beam_search``: ``"deterministic"`` (Algorithm 2) or ``"stochastic"`` (Gumbel-top-k).
+    ``generator``: randomness of ``sample``,
     ``gumbel``, ``beam``. ``max_space``: largest ``K^{HW}`` enumerated (``exhaustive``, exact
     ``topk``). ``device``: where to compute (the prior is moved there). ``batch_size``: prior rows
     per call.
@@ -236,8 +244,8 @@ def select(
     was_training = prior.training
     prior.eval()
     try:
-        codes, log_prior, info = _dispatch(prior, strategy, N, starts, beam_score, generator, max_space,
-                                           codes_from_data, batch_size)
+        codes, log_prior, info = _dispatch(prior, strategy, N, starts, (beam_score, beam_search), generator,
+                                           max_space, codes_from_data, batch_size)
     finally:
         prior.train(was_training)
     return Selection(codes=codes, log_prior=log_prior.float(), strategy=strategy, info=info)

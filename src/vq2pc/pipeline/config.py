@@ -21,7 +21,7 @@ import yaml
 
 from vq2pc.circuit.finetune import FineTuneConfig
 from vq2pc.core.leaves import LEAF_KINDS
-from vq2pc.latents.selection import BEAM_SCORES, STRATEGIES, WEIGHTS
+from vq2pc.latents.selection import BEAM_SCORES, BEAM_SEARCHES, STRATEGIES, WEIGHTS
 from vq2pc.models.priors import prior_config
 from vq2pc.models.train import TrainConfig
 
@@ -54,6 +54,7 @@ class ModelSpec:
     weights: str = "uniform"  # mixture weights of the non-exhaustive strategies: uniform (Eq. 2) | prior
     starts: int = 10  # DMBS: starting tokens per class (s)
     beam_score: str = "class"  # DMBS: class c's searches rank by p(z_≤i | c) (Algorithm 1) | marginal: p(z_≤i)
+    beam_search: str = "deterministic"  # DMBS: keep the best B beams (Algorithm 2) | stochastic: sample them (Gumbel-top-k)
     em_strategies: list[str] = field(default_factory=lambda: ["sample"])  # also refine these strategies' circuits by EM (+EM rows)
     em_iterations: int = 5
     em_leaves: bool = True  # EM on the leaf parameters too, not only the weights
@@ -169,9 +170,10 @@ class RunConfig:
                     raise ValueError(f"config: model {m.name!r} has unknown {key} {bad}; expected {list(STRATEGIES)}")
             if m.weights not in WEIGHTS:
                 raise ValueError(f"config: model {m.name!r} weights must be one of {list(WEIGHTS)}, got {m.weights!r}")
-            if m.beam_score not in BEAM_SCORES:
-                raise ValueError(f"config: model {m.name!r} beam_score must be one of {list(BEAM_SCORES)}, "
-                                 f"got {m.beam_score!r}")
+            for key, allowed in (("beam_score", BEAM_SCORES), ("beam_search", BEAM_SEARCHES)):
+                if getattr(m, key) not in allowed:
+                    raise ValueError(f"config: model {m.name!r} {key} must be one of {list(allowed)}, "
+                                     f"got {getattr(m, key)!r}")
             _check_prior(m)
             self._check_vqvae_from(m)
             if m.std_floor is not None and not (isinstance(m.std_floor, (int, float)) and 0 < m.std_floor < math.inf):

@@ -127,7 +127,7 @@ def select_latents(src: SourceModel, cfg: RunConfig, strategy: str, N: int | Non
         gen = torch.Generator().manual_seed(cfg.seed)
         start = time.perf_counter()
         selection = select(src.prior, strategy, N or 0, starts=beam_starts(src, N or 0),
-                           beam_score=src.spec.beam_score, generator=gen,
+                           beam_score=src.spec.beam_score, beam_search=src.spec.beam_search, generator=gen,
                            max_space=cfg.max_exhaustive, device=cfg.device,
                            codes_from_data=src.train_codes if strategy == "data" else None)
         src.selections[strategy, N] = (selection, time.perf_counter() - start)
@@ -166,10 +166,13 @@ def _floor_tags(spec: ModelSpec) -> tuple[str, str]:
 
 def distill_params(cfg: RunConfig, spec: ModelSpec, *extra: str, strategy: str | None = None) -> dict[str, Any]:
     """The settings a distilled row of ``strategy`` depends on besides its files (a change recomputes the row);
-    the prior is named only when it is not the PixelCNN and the beam score only for DMBS rows not scored by the
-    class marginal (what DMBS did before the option), so results of older run directories stay valid."""
+    the prior is named only when it is not the PixelCNN, the beam score only for DMBS rows not scored by the
+    class marginal (what DMBS did before the option) and the beam search only when it is stochastic, so results
+    of older run directories stay valid."""
+    beam = strategy == "beam"
     keys = ("weights", "starts", "std_floor", *extra) + (("prior",) if spec.prior != "pixelcnn" else ()) + (
-        ("beam_score",) if strategy == "beam" and spec.beam_score != "marginal" else ())
+        ("beam_score",) if beam and spec.beam_score != "marginal" else ()) + (
+        ("beam_search",) if beam and spec.beam_search != "deterministic" else ())
     return {**{k: getattr(spec, k) for k in keys}, "seed": cfg.seed, "bpd_format": BPD_FORMAT, "test_limit": cfg.test_limit,
             "exact_test_limit": cfg.exact_test_limit, "bpd_draws": cfg.experiments.bpd_draws,
             "max_exhaustive": cfg.max_exhaustive, "max_materialize": cfg.max_materialize}
@@ -234,13 +237,15 @@ def distill_all(
             bpd = test_bpd(circuit, test_x, src.leaf, splits.levels, draws=cfg.experiments.bpd_draws,
                            generator=torch.Generator().manual_seed(cfg.seed))
             family = FAMILY[strategy]
-            label = f"{family} {src.spec.name}" + (f" (K={src.spec.K})" if strategy == "exhaustive" else "")
+            label = f"{family} {src.spec.name}" + (f" (K={src.spec.K})" if strategy == "exhaustive" else "") + (
+                " (stochastic)" if strategy == "beam" and src.spec.beam_search == "stochastic" else "")
             return circuit_row(label + _floor_tags(src.spec)[1], family, circuit, bpd, selection=strategy,
                                model=src.spec.name, leaf=src.leaf, std_floor=src.spec.std_floor,
                                group=src.spec.group or src.spec.name,
                                K=src.spec.K, source_params=src.info["vqvae_params"], requested_N=N,
                                starts=beam_starts(src, N) if strategy == "beam" else None,
                                beam_score=src.spec.beam_score if strategy == "beam" else None,
+                               beam_search=src.spec.beam_search if strategy == "beam" else None,
                                test_images=len(test_x), circuit_file=str(path.relative_to(run.root)),
                                shortfall_reason=circuit.meta.get("shortfall_reason"),
                                prior=src.spec.prior, selection_seconds=round(seconds, 3))
