@@ -99,7 +99,8 @@ def test_categorical_finetuned_circuit_sums_to_one() -> None:
 
 
 @pytest.mark.parametrize("bad", [{"components": "some"}, {"schedule": "linear"}, {"epochs": 0}, {"lr": -1.0}, {"patience": -1},
-                                 {"top_k": 0}, {"batch_size": 1.5}, {"clip": 0.0}, {"clip": "1"}, {"clip": math.inf}])
+                                 {"top_k": 0}, {"batch_size": 1.5}, {"clip": 0.0}, {"clip": "1"}, {"clip": math.inf},
+                                 {"std_max": 0.0}, {"std_max": -0.1}])
 def test_bad_settings_are_one_clear_error(bad: dict) -> None:
     with pytest.raises(ValueError, match="fine-tuning"):
         FineTuneConfig(**bad)
@@ -124,6 +125,32 @@ def test_the_returned_circuit_is_the_one_scored_best(vqvae: VQVAE, digits: DataS
     assert res.best_epoch >= 1
     x_val = to_model_space(digits.val_x, "gaussian", digits.levels, torch.Generator().manual_seed(cfg.seed + 1))
     assert float(circuit.log_prob(x_val.flatten(1)).double().mean()) == pytest.approx(res.best_val_log_prob, rel=1e-5)
+
+
+def test_std_max_caps_every_std_in_training_and_in_the_circuit(vqvae: VQVAE, digits: DataSplits) -> None:
+    """With ``std_max`` every std of the circuit is below it, the validation score recorded is the capped
+    circuit's own, and fine-tuning still raises the (capped) validation likelihood."""
+    codes = torch.tensor([[[0, 1], [2, 3]], [[4, 5], [6, 7]], [[1, 1], [2, 2]], [[3, 2], [1, 0]]])
+    cfg = FineTuneConfig(epochs=2, patience=2, lr=3e-3, batch_size=50, top_k=2, refresh=2, std_max=0.05,
+                         progress=False)
+    circuit, res = finetune_distill(vqvae, _selection(codes), digits, cfg)
+    assert float(circuit.leaf.scale.max()) < 0.05
+    assert float(distill(vqvae, _selection(codes)).leaf.scale.max()) > 0.05  # the cap is doing something here
+    assert res.best_epoch >= 1 and res.best_val_log_prob > res.start_val_log_prob
+    x_val = to_model_space(digits.val_x, "gaussian", digits.levels, torch.Generator().manual_seed(cfg.seed + 1))
+    assert float(circuit.log_prob(x_val.flatten(1)).double().mean()) == pytest.approx(res.best_val_log_prob, rel=1e-5)
+    assert circuit.meta["finetune"]["std_max"] == 0.05
+
+
+def test_std_max_on_categorical_leaves_is_one_clear_error() -> None:
+    cfg = VQVAEConfig(image_shape=(1, 2, 2), levels=3, leaf="categorical", latent_hw=(1, 1), K=3, D=2, hidden=4,
+                      res_blocks=0)
+    v = torch.randint(0, 3, (30, 1, 2, 2), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+    y = torch.zeros(10, dtype=torch.long)
+    splits = DataSplits("tiny", 3, (1, 2, 2), 1, v[:10], y, v[10:20], y, v[20:], y)
+    with pytest.raises(ValueError, match="std_max applies to Gaussian leaves only"):
+        finetune_distill(VQVAE(cfg).eval(), _selection(torch.arange(3).view(3, 1, 1)), splits,
+                         FineTuneConfig(epochs=1, std_max=0.1, progress=False))
 
 
 def test_bad_codes_are_one_clear_error(vqvae: VQVAE, digits: DataSplits) -> None:

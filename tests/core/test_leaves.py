@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from vq2pc.core.leaves import Bernoulli, Categorical, Gaussian, component_log_likelihoods
+from vq2pc.core.leaves import Bernoulli, Categorical, Gaussian, cap_std, component_log_likelihoods
 
 
 def test_component_log_likelihoods_equal_the_leaf_densities() -> None:
@@ -24,3 +25,21 @@ def test_component_log_likelihoods_equal_the_leaf_densities() -> None:
     bern = Bernoulli(torch.randn(3, 7, generator=g))
     xb = torch.randint(0, 2, (5, 7), generator=g).float()
     assert torch.allclose(component_log_likelihoods(bern, xb), bern.log_prob(xb.unsqueeze(1)).sum(-1))
+
+
+def test_cap_std_stays_below_the_cap_keeps_small_stds_and_has_a_gradient() -> None:
+    std = torch.logspace(-3, 0, 50).requires_grad_(True)
+    mean = torch.rand(50)
+    capped = cap_std(Gaussian(mean, std), 0.1)
+    assert isinstance(capped, Gaussian) and torch.equal(capped.loc, mean)
+    out, raw = capped.scale.detach(), std.detach()
+    assert float(out.max()) < 0.1 and bool((out < raw).all())
+    small = raw < 1e-2  # σ·c/(σ+c) = σ·(1 − σ/(σ+c)): relative change below σ/c
+    assert torch.allclose(out[small], raw[small], rtol=0.1)
+    assert out[0].item() == pytest.approx(1e-3 * 0.1 / 0.101)
+    (grad,) = torch.autograd.grad(capped.scale.sum(), std)
+    assert bool((grad > 0).all())
+    leaf = Gaussian(mean, raw)
+    assert cap_std(leaf, None) is leaf
+    with pytest.raises(ValueError, match="Gaussian leaves only"):
+        cap_std(Categorical(torch.zeros(2, 3, 4)), 0.1)

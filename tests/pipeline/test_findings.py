@@ -26,3 +26,15 @@ def test_baselines_are_compared_with_the_best_distilled_and_fine_tuned_circuits(
     text = "\n".join(findings({"models": rows}))
     assert "EiNet" in text and "2.9400 BPD is worse than the best fine-tuned" in text
     assert "2.9400 BPD is better than the best distilled model DMRS 4x4 (N=4096) 4.6000" in text
+
+
+def test_each_fine_tuned_row_is_compared_with_the_row_it_refines() -> None:
+    """A +FT row, capped ("+FT σ<c") or not, is set against its paper-faithful twin at the same N."""
+    rows = [_row("DMRS", 4096, 7.6), _row("DMRS", 1024, 20.6),
+            {**_row("DMRS+FT", 4096, 4.07), "name": "DMRS 4x4+FT σ<0.125"},
+            {**_row("DMRS+FT", 1024, 3.03), "name": "DMRS 4x4+FT"}]
+    notes = findings({"models": rows})
+    assert ("[gaussian] fine-tuned distillation σ<0.125 (beyond the paper) of DMRS 4x4 N=4096: "
+            "7.6000 -> 4.0700 test BPD.") in notes
+    assert ("[gaussian] fine-tuned distillation (beyond the paper) of DMRS 4x4 N=1024: "
+            "20.6000 -> 3.0300 test BPD.") in notes

@@ -26,6 +26,10 @@ components that get gradients in a batch (``components``):
 An image that no component covers yet costs thousands of nats, and its gradient can be a thousand
 times the median step's; ``clip`` bounds each step's global gradient norm so that such steps do not
 wreck Adam's moments (on MNIST it is what lets small batches train stably, ``docs/NOTES.md``).
+
+The likelihood-optimal Gaussian stds are wide, and samples of the fine-tuned mixture are speckled
+(a classifier reads many as "8"). ``std_max`` caps every std smoothly below a value, in training and
+in the circuit, so the components stay sharp: a trade of test BPD for sample quality (``docs/NOTES.md``).
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ from tqdm.auto import tqdm
 from vq2pc.circuit.distill import decode_leaf
 from vq2pc.circuit.mixture import MixtureCircuit
 from vq2pc.core.distributed import all_reduce_max_, all_reduce_sum, is_distributed, is_main, shard_range
-from vq2pc.core.leaves import component_log_likelihoods
+from vq2pc.core.leaves import cap_std, component_log_likelihoods
 from vq2pc.core.optim import adam
 from vq2pc.core.random import step_seed
 from vq2pc.data.datasets import DataSplits, to_model_space
@@ -75,6 +79,8 @@ class FineTuneConfig:
     subset: int = 256  # random: components per step
     clip: float | None = None  # max global gradient norm per step (None: no clipping)
     learn_weights: bool = True  # train the mixture weights jointly (else keep the selection's)
+    std_max: float | None = None  # Gaussian leaves: cap every std smoothly below this (core.leaves.cap_std), in
+    #   training and in the circuit: sharper components and class-balanced samples at a cost in BPD (docs/NOTES.md)
     train_limit: int | None = None  # first images of the training split used (None: all)
     val_limit: int | None = None  # first images of the validation split used for early stopping
     seed: int = 0
@@ -93,13 +99,16 @@ class FineTuneConfig:
             raise ValueError(f"fine-tuning needs positive integers for {sorted(ints)} and patience >= 0; got {bad or self.patience}")
         if not _positive_number(self.lr):
             raise ValueError(f"fine-tuning lr must be a positive number, got {self.lr!r}")
-        if self.clip is not None and not _positive_number(self.clip):
-            raise ValueError(f"fine-tuning clip must be a positive number or None, got {self.clip!r}")
+        for name in ("clip", "std_max"):
+            if getattr(self, name) is not None and not _positive_number(getattr(self, name)):
+                raise ValueError(f"fine-tuning {name} must be a positive number or None, got {getattr(self, name)!r}")
 
 
 @dataclass
 class FineTuneResult:
     """The fine-tuned decoder (a copy), the mixture's ``log_weights [N]`` and the training record.
+
+    With ``std_max`` the circuit's leaves are ``cap_std(decoder.decode(codes), std_max)``, not the raw decoder's.
 
     ``val_log_prob`` values are mean nats per validation image of the exact mixture."""
 
@@ -143,7 +152,8 @@ class _Trainer:
 
     def decoded(self) -> MixtureCircuit:
         """The mixture as decoded now (all N components, no gradients)."""
-        return MixtureCircuit(decode_leaf(self.decoder, self.codes), self.log_weights().detach())
+        return MixtureCircuit(cap_std(decode_leaf(self.decoder, self.codes), self.cfg.std_max),
+                              self.log_weights().detach())
 
     def _pick(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Indices ``U`` of the components that get gradients for batch ``x``, and their log weights."""
@@ -170,7 +180,8 @@ class _Trainer:
         x = to_model_space(v, leaf_kind, levels, gen).flatten(1).to(self.cfg.device)
         lo, hi = shard_range(x.shape[0])
         U, log_w = self._pick(x[lo:hi])
-        lp = component_log_likelihoods(self.decoder.decode(self.codes[U]), x[lo:hi])  # [B_r, |U|]
+        leaf = cap_std(self.decoder.decode(self.codes[U]), self.cfg.std_max)
+        lp = component_log_likelihoods(leaf, x[lo:hi])  # [B_r, |U|]
         loss = -torch.logsumexp(lp.double() + log_w, dim=1).sum() / x.shape[0]
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -240,8 +251,8 @@ def finetune_distill(decoder: nn.Module, selection: Selection, splits: DataSplit
     info = {"strategy": selection.strategy, "weights": "finetuned" if cfg.learn_weights else weights,
             "finetune": {"best_epoch": res.best_epoch, "epochs_run": res.epochs_run, "seconds": round(res.seconds, 3),
                          "start_val_log_prob": res.start_val_log_prob, "best_val_log_prob": res.best_val_log_prob,
-                         "components": cfg.components, "lr": cfg.lr,
-                         "schedule": cfg.schedule},
+                         "components": cfg.components, "lr": cfg.lr, "schedule": cfg.schedule,
+                         **({"std_max": cfg.std_max} if cfg.std_max is not None else {})},
             **(meta or {})}
-    leaf = decode_leaf(res.decoder, selection.codes)
+    leaf = cap_std(decode_leaf(res.decoder, selection.codes), cfg.std_max)
     return MixtureCircuit(leaf, res.log_weights.to(leaf.device), meta=info), res

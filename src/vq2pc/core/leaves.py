@@ -30,7 +30,7 @@ from vq2pc.core.validate import check_binary, check_finite, check_levels
 LOG_2PI = math.log(2.0 * math.pi)
 
 __all__ = ["Leaf", "Gaussian", "Categorical", "Bernoulli", "leaf_from_tensors", "LEAF_KINDS", "check_leaf_kind",
-           "component_log_likelihoods"]
+           "cap_std", "component_log_likelihoods"]
 
 
 class Leaf:
@@ -235,6 +235,17 @@ def leaf_from_tensors(kind: str, tensors: dict[str, Tensor]) -> Leaf:
     if missing:
         raise ValueError(f"{kind} leaf needs tensors {list(names)}; missing {missing}")
     return cls(*[tensors[n] for n in names])
+
+
+def cap_std(leaf: Leaf, std_max: float | None) -> Leaf:
+    """``leaf`` with every Gaussian std ``σ`` replaced by ``σ·c / (σ + c)`` for ``c = std_max``: a smooth cap
+    that stays below ``c``, leaves ``σ ≪ c`` nearly unchanged (``c/2`` at ``σ = c``) and keeps a gradient
+    everywhere. Differentiable; the leaf itself when ``std_max`` is None."""
+    if std_max is None:
+        return leaf
+    if not isinstance(leaf, Gaussian):
+        raise ValueError(f"std_max applies to Gaussian leaves only, not {leaf.kind} ones")
+    return Gaussian(leaf.loc, leaf.scale * std_max / (leaf.scale + std_max))
 
 
 def component_log_likelihoods(leaf: Leaf, x: Tensor) -> Tensor:

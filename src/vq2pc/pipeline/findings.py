@@ -79,11 +79,12 @@ def _refined(rows: list[dict], leaf: str) -> list[str]:
     notes = []
     for tag, what in _REFINEMENTS.items():
         for new in (r for r in rows if str(r.get("family", "")).endswith(tag)):
-            base = [r for r in rows if r.get("name") == new["name"][: -len(tag)] and r.get("N") == new["N"]]
+            name, _, variant = new["name"].rpartition(tag)  # "DMRS 4x4", "+FT", "" or " σ<0.125"
+            base = [r for r in rows if r.get("name") == name and r.get("N") == new["N"]]
             if base:
                 median = (f" (median per image {base[0]['test_bpd_median']:.3f} -> {new['test_bpd_median']:.3f})"
                           if "test_bpd_median" in base[0] and "test_bpd_median" in new else "")
-                notes.append(f"[{leaf}] {what} (beyond the paper) of {base[0]['name']} N={new['N']}: "
+                notes.append(f"[{leaf}] {what}{variant} (beyond the paper) of {base[0]['name']} N={new['N']}: "
                              f"{base[0]['test_bpd']:.4f} -> {new['test_bpd']:.4f} test BPD{median}.")
     return notes
 

@@ -39,10 +39,11 @@ def ft_row(run: RunDir, cfg: RunConfig, splits: DataSplits, src: SourceModel, ro
     key = f"{row['selection']}-N{row['requested_N']}-ft"
     path = run.path(src.leaf, src.spec.name, "circuits", f"{key}.safetensors")
     test_x = splits.test_x[: cfg.test_limit] if cfg.test_limit else splits.test_x
+    settings = _settings(cfg, src)
 
     def compute() -> dict[str, Any]:
         selection = make_selection(src, cfg, row["selection"], row["requested_N"])
-        circuit, res = finetune_distill(src.vqvae, selection, splits, _settings(cfg, src),
+        circuit, res = finetune_distill(src.vqvae, selection, splits, settings,
                                         weights=selection_weights(src, row["selection"]), meta=circuit_meta(src))
         circuit.meta.update({"image_shape": list(splits.image_shape), "levels": splits.levels})
         circuit.save(path)
@@ -50,12 +51,13 @@ def ft_row(run: RunDir, cfg: RunConfig, splits: DataSplits, src: SourceModel, ro
                        generator=torch.Generator().manual_seed(cfg.seed))
         extra = {k: v for k, v in row.items() if k not in ("name", "family", "N", "num_params", "circuit_file")
                  and not k.startswith("test_bpd")}
-        return circuit_row(f"{row['name']}+FT", f"{row['family']}+FT", circuit, bpd, **extra,
+        cap = "" if settings.std_max is None else f" σ<{settings.std_max:g}"
+        return circuit_row(f"{row['name']}+FT{cap}", f"{row['family']}+FT", circuit, bpd, **extra,
                            finetune=circuit.meta["finetune"], ft_history=res.history,
                            circuit_file=str(path.relative_to(run.root)))
 
     params = {**distill_params(cfg, src.spec, strategy=row["selection"]),
-              "finetune": settings_key(_settings(cfg, src), drop=("progress",), added_later=("clip",))}
+              "finetune": settings_key(settings, drop=("progress",), added_later=("clip", "std_max"))}
     out = run.cached("distill", f"{src.leaf}/{src.spec.name}/{key}", compute, outputs=(path,), depends=src.files,
                      params=params)
     circuits.add_file(key, path, out["N"])
