@@ -25,6 +25,10 @@ from vq2pc.pipeline.config import load_config
     ({"models": [{"name": "m", "strategies": ["sample"], "extra_N": {"sample": [0]}}]}, r"extra_N\['sample'\]"),
     ({"models": [{"name": "m", "extra_N": [64]}]}, "extra_N must be a mapping"),
     ({"baselines": {"cm_batch_size": 0}}, "cm_batch_size"),
+    ({"models": [{"name": "m", "ft_strategies": ["sample"], "ft_std_max": [0.1, -1]}]}, "ft_std_max must be a list"),
+    ({"models": [{"name": "m", "ft_std_max": [0.1]}]}, "ft_std_max needs ft_strategies"),
+    ({"leaves": ["categorical"], "models": [{"name": "m", "ft_strategies": ["sample"], "ft_std_max": [0.1]}]},
+     "ft_std_max caps Gaussian stds"),
 ])
 def test_bad_config_raises_naming_the_key(overrides: dict[str, Any], key: str) -> None:
     with pytest.raises(ValueError, match=key):

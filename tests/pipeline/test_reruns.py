@@ -66,22 +66,26 @@ def test_beam_score_and_search_recompute_only_the_dmbs_rows(tmp_path: Path) -> N
     assert searches["DMRS m"] is None
 
 
-def test_std_max_recomputes_only_the_ft_rows_and_names_them(tmp_path: Path) -> None:
-    """``finetune.std_max`` redoes the +FT rows only (the paper-faithful ones are reused), names them
-    "+FT σ<c" and caps every std of their circuits; unset, it leaves a folder made before it reusable."""
+def test_ft_std_max_adds_capped_ft_rows_beside_the_uncapped_ones(tmp_path: Path) -> None:
+    """``ft_std_max`` adds a "+FT σ<c" row per cap and selection, reusing every row that was there; its circuit's
+    stds are all below c, and the report pairs it with its paper-faithful twin."""
     cfg = tiny_config(["gaussian"], full=False)
     model = dataclasses.replace(cfg.models[0], strategies=["sample"], N=[20], ft_strategies=["sample"],
                                 finetune=dataclasses.replace(cfg.models[0].finetune, epochs=1))
     cfg = dataclasses.replace(cfg, models=[model]).validate()
     run_pipeline(cfg, tmp_path)
     before = mtimes(tmp_path, "gaussian/m/circuits/*.safetensors")
-    capped = dataclasses.replace(model, finetune=dataclasses.replace(model.finetune, std_max=0.05))
+    capped = dataclasses.replace(model, ft_std_max=[0.05])
     out = run_pipeline(dataclasses.replace(cfg, models=[capped]).validate(), tmp_path)
     now = mtimes(tmp_path, "gaussian/m/circuits/*.safetensors")
-    assert all((now[k] > before[k]) == k.endswith("-ft.safetensors") for k in now)
-    row = next(r for r in out["models"] if r["name"] == "DMRS m+FT σ<0.05")
-    assert row["family"] == "DMRS+FT" and row["finetune"]["std_max"] == 0.05
+    assert all(now[k] == before[k] for k in before)
+    assert set(now) - set(before) == {"gaussian/m/circuits/sample-N20-ft-cap0.05.safetensors"}
+    rows = {r["name"]: r for r in out["models"]}
+    row = rows["DMRS m+FT σ<0.05"]
+    assert row["family"] == "DMRS+FT σ<0.05" and row["finetune"]["std_max"] == 0.05 and "DMRS m+FT" in rows
     assert float(MixtureCircuit.load(tmp_path / row["circuit_file"]).leaf.scale.max()) < 0.05
+    assert any(n.startswith("[gaussian] fine-tuned distillation σ<0.05 (beyond the paper) of DMRS m N=")
+               for n in out["notes"])
 
 
 def test_settings_key_leaves_out_dropped_settings_and_unset_later_ones() -> None:

@@ -69,9 +69,13 @@ _FALLBACK_COLORS = ["tab:red", "tab:pink", "tab:cyan", "black"]
 
 
 def family_style(family: str) -> tuple[str, str, bool]:
-    """``(colour, marker, trained)`` for a family; unknown families get a stable fallback."""
+    """``(colour, marker, trained)`` for a family; a capped one ("DMRS+FT σ<0.125") takes its base's colour with
+    a star; unknown families get a stable fallback."""
     if family in FAMILY_STYLE:
         return FAMILY_STYLE[family]
+    base, _, cap = family.partition(" σ<")
+    if cap and base in FAMILY_STYLE:
+        return FAMILY_STYLE[base][0], "*", FAMILY_STYLE[base][2]
     color = _FALLBACK_COLORS[sum(map(ord, family)) % len(_FALLBACK_COLORS)]
     return color, "P", False
 

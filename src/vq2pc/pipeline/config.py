@@ -63,6 +63,7 @@ class ModelSpec:
     std_floor: float | None = None  # Gaussian leaves: raise decoded stds below this (every circuit and ExM of the model)
     ft_strategies: list[str] = field(default_factory=list)  # also fine-tune these strategies' circuits (+FT rows)
     finetune: FineTuneConfig = field(default_factory=FineTuneConfig)  # settings of the +FT rows (device, seed: the run's)
+    ft_std_max: list[float] = field(default_factory=list)  # more +FT rows of Gaussian leaves, stds capped below each
 
 
 VQVAE_KEYS = ("latent_hw", "K", "D", "hidden", "res_blocks", "beta", "quantizer", "quantizer_opts")
@@ -178,11 +179,22 @@ class RunConfig:
             self._check_vqvae_from(m)
             if m.std_floor is not None and not (isinstance(m.std_floor, (int, float)) and 0 < m.std_floor < math.inf):
                 raise ValueError(f"config: model {m.name!r} std_floor must be a positive number, got {m.std_floor!r}")
+            self._check_ft_std_max(m)
         for key in ("main_model", "analysis_model"):
             value = getattr(self, key) if key == "main_model" else self.experiments.analysis_model
             if value is not None and value not in names:
                 raise ValueError(f"config: {key} {value!r} is not one of {names}")
         return self
+
+    def _check_ft_std_max(self, m: ModelSpec) -> None:
+        caps = m.ft_std_max
+        if not isinstance(caps, list) or not all(isinstance(c, (int, float)) and not isinstance(c, bool)
+                                                 and 0 < c < math.inf for c in caps):
+            raise ValueError(f"config: model {m.name!r} ft_std_max must be a list of positive numbers, got {caps!r}")
+        if caps and not m.ft_strategies:
+            raise ValueError(f"config: model {m.name!r} ft_std_max needs ft_strategies (the circuits to fine-tune)")
+        if caps and "gaussian" not in self.leaves:
+            raise ValueError(f"config: model {m.name!r} ft_std_max caps Gaussian stds; leaves are {self.leaves}")
 
     def _check_vqvae_from(self, m: ModelSpec) -> None:
         if m.vqvae_from is None:

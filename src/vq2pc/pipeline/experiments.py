@@ -32,7 +32,9 @@ def showcase_models(circuits: Models, baselines: dict[str, Any]) -> Models:
     (each circuit is loaded when an experiment reads it)."""
     best: dict[str, tuple[int, str]] = {}
     for key, n in circuits.sizes.items():
-        family = FAMILY[key.split("-")[0]] + ("+FT" if key.endswith("-ft") else "")  # strategy[-N<n>][-floor<f>][-ft]
+        strategy, *parts = key.split("-")  # strategy[-N<n>][-floor<f>][-ft[-cap<c>]]
+        family = FAMILY[strategy] + ("+FT" if "ft" in parts else "") + "".join(
+            f" σ<{p[3:]}" for p in parts if p.startswith("cap"))
         if family not in best or n > best[family][0]:
             best[family] = (n, key)
     shown = Models(circuits.device)

@@ -38,8 +38,9 @@ def _beam_vs_sample(rows: list[dict], leaf: str) -> list[str]:
     """DMBS (and the stochastic beam search DMGS) against DMRS at the same requested N, paper-faithful and
     fine-tuned (the paper: DMBS follows DMRS)."""
     notes = []
+    suffixes = sorted({str(r["family"])[4:] for r in rows if str(r.get("family", ""))[:4] in ("DMBS", "DMGS")})
     for family in ("DMBS", "DMGS"):
-        for suffix in ("", "+FT"):
+        for suffix in suffixes:  # "", "+FT", "+FT σ<c"
             for beam in _by(rows, family + suffix):
                 target = beam.get("requested_N") or beam["N"]
                 match = [r for r in _by(rows, "DMRS" + suffix)
@@ -55,7 +56,7 @@ def _beam_vs_sample(rows: list[dict], leaf: str) -> list[str]:
 def _baselines(rows: list[dict], leaf: str) -> list[str]:
     """The best CM and EiNet against the best paper-faithful and the best fine-tuned distilled circuit."""
     kinds = {"distilled model": [r for r in rows if r.get("family") in _DISTILLED + ("ExM",)],
-             "fine-tuned distilled model": [r for r in rows if str(r.get("family", "")).endswith("+FT")]}
+             "fine-tuned distilled model": [r for r in rows if "+FT" in str(r.get("family", ""))]}
     notes = []
     for kind, distilled in kinds.items():
         if not distilled:
@@ -78,7 +79,7 @@ def _refined(rows: list[dict], leaf: str) -> list[str]:
     """Each +EM / +FT row against the paper-faithful row it refines (mean and median per-image BPD)."""
     notes = []
     for tag, what in _REFINEMENTS.items():
-        for new in (r for r in rows if str(r.get("family", "")).endswith(tag)):
+        for new in (r for r in rows if tag in str(r.get("family", ""))):
             name, _, variant = new["name"].rpartition(tag)  # "DMRS 4x4", "+FT", "" or " σ<0.125"
             base = [r for r in rows if r.get("name") == name and r.get("N") == new["N"]]
             if base:

@@ -36,10 +36,13 @@ def _settings(cfg: RunConfig, src: SourceModel) -> Any:
 def ft_row(run: RunDir, cfg: RunConfig, splits: DataSplits, src: SourceModel, row: dict[str, Any],
            circuits: Models) -> dict[str, Any]:
     """The fine-tuned twin of the distilled ``row``: computed (or reused), its circuit file added to ``circuits``."""
-    key = f"{row['selection']}-N{row['requested_N']}-ft"
+    settings, cap = _settings(cfg, src), row.get("ft_std_max")
+    if cap is not None:
+        settings = dataclasses.replace(settings, std_max=cap)
+    capped = "" if settings.std_max is None else f"{settings.std_max:g}"
+    key = f"{row['selection']}-N{row['requested_N']}-ft" + (capped and f"-cap{capped}")
     path = run.path(src.leaf, src.spec.name, "circuits", f"{key}.safetensors")
     test_x = splits.test_x[: cfg.test_limit] if cfg.test_limit else splits.test_x
-    settings = _settings(cfg, src)
 
     def compute() -> dict[str, Any]:
         selection = make_selection(src, cfg, row["selection"], row["requested_N"])
@@ -49,10 +52,10 @@ def ft_row(run: RunDir, cfg: RunConfig, splits: DataSplits, src: SourceModel, ro
         circuit.save(path)
         bpd = test_bpd(circuit, test_x, src.leaf, splits.levels, draws=cfg.experiments.bpd_draws,
                        generator=torch.Generator().manual_seed(cfg.seed))
-        extra = {k: v for k, v in row.items() if k not in ("name", "family", "N", "num_params", "circuit_file")
-                 and not k.startswith("test_bpd")}
-        cap = "" if settings.std_max is None else f" σ<{settings.std_max:g}"
-        return circuit_row(f"{row['name']}+FT{cap}", f"{row['family']}+FT", circuit, bpd, **extra,
+        extra = {k: v for k, v in row.items() if k not in ("name", "family", "N", "num_params", "circuit_file",
+                                                            "ft_std_max") and not k.startswith("test_bpd")}
+        label = "+FT" + (capped and f" σ<{capped}")
+        return circuit_row(row["name"] + label, row["family"] + label, circuit, bpd, **extra,
                            finetune=circuit.meta["finetune"], ft_history=res.history,
                            circuit_file=str(path.relative_to(run.root)))
 
@@ -65,9 +68,12 @@ def ft_row(run: RunDir, cfg: RunConfig, splits: DataSplits, src: SourceModel, ro
 
 
 def ft_sources(src: SourceModel, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The rows of ``src`` to fine-tune: those whose selection is in ``ft_strategies`` (not exhaustive/EM rows)."""
-    return [r for r in rows if r.get("selection") in src.spec.ft_strategies and r.get("requested_N")
+    """The rows of ``src`` to fine-tune: those whose selection is in ``ft_strategies`` (not exhaustive/EM rows),
+    then, for Gaussian leaves, each of them again per cap of ``ft_std_max`` (marked ``"ft_std_max"``)."""
+    base = [r for r in rows if r.get("selection") in src.spec.ft_strategies and r.get("requested_N")
             and r["family"] in ("DMRS", "DMGS", "DMBS", "TopK", "DMData")]
+    caps = src.spec.ft_std_max if src.leaf == "gaussian" else []
+    return base + [{**r, "ft_std_max": cap} for cap in caps for r in base]
 
 
 def finetune_all(run: RunDir, cfg: RunConfig, splits: DataSplits, src: SourceModel, rows: list[dict[str, Any]],
