@@ -27,6 +27,8 @@ from vq2pc.pipeline.config import load_config
     ({"baselines": {"cm_batch_size": 0}}, "cm_batch_size"),
     ({"models": [{"name": "m", "ft_strategies": ["sample"], "ft_std_max": [0.1, -1]}]}, "ft_std_max must be a list"),
     ({"models": [{"name": "m", "ft_std_max": [0.1]}]}, "ft_std_max needs ft_strategies"),
+    ({"models": [{"name": "m", "ft_strategies": ["sample"], "ft_std_max": [0.1], "ft_std_max_N": 64}]},
+     "ft_std_max_N must be a list"),
     ({"leaves": ["categorical"], "models": [{"name": "m", "ft_strategies": ["sample"], "ft_std_max": [0.1]}]},
      "ft_std_max caps Gaussian stds"),
 ])

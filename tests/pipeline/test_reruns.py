@@ -67,15 +67,15 @@ def test_beam_score_and_search_recompute_only_the_dmbs_rows(tmp_path: Path) -> N
 
 
 def test_ft_std_max_adds_capped_ft_rows_beside_the_uncapped_ones(tmp_path: Path) -> None:
-    """``ft_std_max`` adds a "+FT σ<c" row per cap and selection, reusing every row that was there; its circuit's
-    stds are all below c, and the report pairs it with its paper-faithful twin."""
+    """``ft_std_max`` adds a "+FT σ<c" row per cap and selection at ``ft_std_max_N``, reusing every row that was
+    there; its circuit's stds are all below c, and the report pairs it with its paper-faithful twin."""
     cfg = tiny_config(["gaussian"], full=False)
-    model = dataclasses.replace(cfg.models[0], strategies=["sample"], N=[20], ft_strategies=["sample"],
+    model = dataclasses.replace(cfg.models[0], strategies=["sample"], N=[10, 20], ft_strategies=["sample"],
                                 finetune=dataclasses.replace(cfg.models[0].finetune, epochs=1))
     cfg = dataclasses.replace(cfg, models=[model]).validate()
     run_pipeline(cfg, tmp_path)
     before = mtimes(tmp_path, "gaussian/m/circuits/*.safetensors")
-    capped = dataclasses.replace(model, ft_std_max=[0.05])
+    capped = dataclasses.replace(model, ft_std_max=[0.05], ft_std_max_N=[20])  # N = 10 gets no capped row
     out = run_pipeline(dataclasses.replace(cfg, models=[capped]).validate(), tmp_path)
     now = mtimes(tmp_path, "gaussian/m/circuits/*.safetensors")
     assert all(now[k] == before[k] for k in before)

@@ -64,6 +64,7 @@ class ModelSpec:
     ft_strategies: list[str] = field(default_factory=list)  # also fine-tune these strategies' circuits (+FT rows)
     finetune: FineTuneConfig = field(default_factory=FineTuneConfig)  # settings of the +FT rows (device, seed: the run's)
     ft_std_max: list[float] = field(default_factory=list)  # more +FT rows of Gaussian leaves, stds capped below each
+    ft_std_max_N: list[int] | None = None  # the N of those capped rows (None: every N of the +FT rows)
 
 
 VQVAE_KEYS = ("latent_hw", "K", "D", "hidden", "res_blocks", "beta", "quantizer", "quantizer_opts")
@@ -193,6 +194,9 @@ class RunConfig:
             raise ValueError(f"config: model {m.name!r} ft_std_max must be a list of positive numbers, got {caps!r}")
         if caps and not m.ft_strategies:
             raise ValueError(f"config: model {m.name!r} ft_std_max needs ft_strategies (the circuits to fine-tune)")
+        only = m.ft_std_max_N
+        if only is not None and not (isinstance(only, list) and all(isinstance(n, int) and n > 0 for n in only)):
+            raise ValueError(f"config: model {m.name!r} ft_std_max_N must be a list of positive integers, got {only!r}")
         if caps and "gaussian" not in self.leaves:
             raise ValueError(f"config: model {m.name!r} ft_std_max caps Gaussian stds; leaves are {self.leaves}")
 

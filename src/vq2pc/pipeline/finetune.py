@@ -69,11 +69,11 @@ def ft_row(run: RunDir, cfg: RunConfig, splits: DataSplits, src: SourceModel, ro
 
 def ft_sources(src: SourceModel, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The rows of ``src`` to fine-tune: those whose selection is in ``ft_strategies`` (not exhaustive/EM rows),
-    then, for Gaussian leaves, each of them again per cap of ``ft_std_max`` (marked ``"ft_std_max"``)."""
+    then, for Gaussian leaves, those at ``ft_std_max_N`` again per cap of ``ft_std_max`` (marked ``"ft_std_max"``)."""
     base = [r for r in rows if r.get("selection") in src.spec.ft_strategies and r.get("requested_N")
             and r["family"] in ("DMRS", "DMGS", "DMBS", "TopK", "DMData")]
-    caps = src.spec.ft_std_max if src.leaf == "gaussian" else []
-    return base + [{**r, "ft_std_max": cap} for cap in caps for r in base]
+    caps, only = (src.spec.ft_std_max if src.leaf == "gaussian" else []), src.spec.ft_std_max_N
+    return base + [{**r, "ft_std_max": cap} for cap in caps for r in base if only is None or r["requested_N"] in only]
 
 
 def finetune_all(run: RunDir, cfg: RunConfig, splits: DataSplits, src: SourceModel, rows: list[dict[str, Any]],
