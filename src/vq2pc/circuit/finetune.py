@@ -51,6 +51,7 @@ from vq2pc.core.distributed import all_reduce_max_, all_reduce_sum, is_distribut
 from vq2pc.core.leaves import cap_std, component_log_likelihoods
 from vq2pc.core.optim import adam
 from vq2pc.core.random import step_seed
+from vq2pc.core.validate import is_positive_number
 from vq2pc.data.datasets import DataSplits, to_model_space
 from vq2pc.latents.selection import Selection
 
@@ -58,10 +59,6 @@ __all__ = ["FineTuneConfig", "FineTuneResult", "finetune", "finetune_distill"]
 
 COMPONENT_MODES = ("posterior", "random")
 SCHEDULES = ("constant", "cosine")
-
-
-def _positive_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
 
 
 @dataclass
@@ -97,10 +94,10 @@ class FineTuneConfig:
         bad = {k: v for k, v in ints.items() if not isinstance(v, int) or isinstance(v, bool) or v < 1}
         if bad or not isinstance(self.patience, int) or self.patience < 0:
             raise ValueError(f"fine-tuning needs positive integers for {sorted(ints)} and patience >= 0; got {bad or self.patience}")
-        if not _positive_number(self.lr):
+        if not is_positive_number(self.lr):
             raise ValueError(f"fine-tuning lr must be a positive number, got {self.lr!r}")
         for name in ("clip", "std_max"):
-            if getattr(self, name) is not None and not _positive_number(getattr(self, name)):
+            if getattr(self, name) is not None and not is_positive_number(getattr(self, name)):
                 raise ValueError(f"fine-tuning {name} must be a positive number or None, got {getattr(self, name)!r}")
 
 

@@ -41,6 +41,7 @@ from vq2pc.core.distributed import (
 )
 from vq2pc.core.optim import adam
 from vq2pc.core.random import step_seed
+from vq2pc.core.validate import is_positive_number
 from vq2pc.data.datasets import to_model_space
 
 __all__ = ["TrainConfig", "TrainResult", "fit", "batches", "evaluate_loss", "completed_steps", "step_dequantizer",
@@ -73,8 +74,7 @@ class TrainConfig:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
         for name in ("lr", "max_seconds"):
             value = getattr(self, name)
-            if (value is not None or name == "lr") and not (
-                    isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf):
+            if (value is not None or name == "lr") and not is_positive_number(value):
                 raise ValueError(f"{name} must be a positive number, got {value!r}")
 
 

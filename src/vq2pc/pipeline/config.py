@@ -21,6 +21,7 @@ import yaml
 
 from vq2pc.circuit.finetune import FineTuneConfig
 from vq2pc.core.leaves import LEAF_KINDS
+from vq2pc.core.validate import is_positive_number
 from vq2pc.latents.selection import BEAM_SCORES, BEAM_SEARCHES, STRATEGIES, WEIGHTS
 from vq2pc.models.priors import prior_config
 from vq2pc.models.train import TrainConfig
@@ -189,8 +190,7 @@ class RunConfig:
 
     def _check_ft_std_max(self, m: ModelSpec) -> None:
         caps = m.ft_std_max
-        if not isinstance(caps, list) or not all(isinstance(c, (int, float)) and not isinstance(c, bool)
-                                                 and 0 < c < math.inf for c in caps):
+        if not isinstance(caps, list) or not all(map(is_positive_number, caps)):
             raise ValueError(f"config: model {m.name!r} ft_std_max must be a list of positive numbers, got {caps!r}")
         if caps and not m.ft_strategies:
             raise ValueError(f"config: model {m.name!r} ft_std_max needs ft_strategies (the circuits to fine-tune)")

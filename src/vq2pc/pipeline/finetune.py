@@ -36,9 +36,9 @@ def _settings(cfg: RunConfig, src: SourceModel) -> Any:
 def ft_row(run: RunDir, cfg: RunConfig, splits: DataSplits, src: SourceModel, row: dict[str, Any],
            circuits: Models) -> dict[str, Any]:
     """The fine-tuned twin of the distilled ``row``: computed (or reused), its circuit file added to ``circuits``."""
-    settings, cap = _settings(cfg, src), row.get("ft_std_max")
-    if cap is not None:
-        settings = dataclasses.replace(settings, std_max=cap)
+    settings = _settings(cfg, src)
+    if "ft_std_max" in row:
+        settings = dataclasses.replace(settings, std_max=row["ft_std_max"])
     capped = "" if settings.std_max is None else f"{settings.std_max:g}"
     key = f"{row['selection']}-N{row['requested_N']}-ft" + (capped and f"-cap{capped}")
     path = run.path(src.leaf, src.spec.name, "circuits", f"{key}.safetensors")
