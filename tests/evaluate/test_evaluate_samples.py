@@ -15,6 +15,8 @@ from vq2pc.evaluate import (
     classify,
     draw_samples,
     kl_from_uniform,
+    kl_std,
+    label_histogram,
     load_classifier,
     plot_samples,
     train_classifier,
@@ -32,6 +34,26 @@ def test_kl_from_uniform_extremes() -> None:
         kl_from_uniform([0, 0])
     with pytest.raises(ValueError):
         kl_from_uniform([1, -1, 3])
+
+
+def test_kl_std_matches_the_delta_method_and_the_uniform_chi_square() -> None:
+    # skewed histogram, large n: the estimate is ~normal with std sqrt(Var_p[log p] / n)
+    p = torch.tensor([0.05, 0.1, 0.15, 0.2, 0.5], dtype=torch.float64)
+    n = 20_000
+    delta = math.sqrt(float((p * p.log() ** 2).sum() - (p * p.log()).sum() ** 2) / n)
+    assert kl_std((p * n).round().tolist()) == pytest.approx(delta, rel=0.1)
+    # uniform histogram: n·2·KL ~ chi-square with C-1 degrees of freedom, std sqrt(2 (C-1)) / (2 n)
+    assert kl_std([1000] * 10) == pytest.approx(math.sqrt(18) / 20_000, rel=0.15)
+    assert kl_std([5, 0, 0]) == 0.0  # one class: every resampled histogram is the same
+    with pytest.raises(ValueError):
+        kl_std([0, 0])
+
+
+def test_label_histogram_carries_counts_kl_and_its_noise() -> None:
+    h = label_histogram(torch.tensor([0, 1, 1, 2, 2, 2]), 4)
+    assert h["hist"] == [1, 2, 3, 0] and h["n"] == 6
+    assert h["kl_from_uniform"] == pytest.approx(kl_from_uniform([1, 2, 3, 0]))
+    assert h["kl_std"] == pytest.approx(kl_std([1, 2, 3, 0])) and h["kl_std"] > 0
 
 
 @pytest.fixture(scope="module")

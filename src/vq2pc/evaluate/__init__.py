@@ -59,6 +59,7 @@ from vq2pc.evaluate.samples import (
     class_balance,
     draw_samples,
     kl_from_uniform,
+    kl_std,
     label_histogram,
     plot_samples,
 )
@@ -70,7 +71,7 @@ __all__ = [
     "test_bpd", "model_log_prob", "plot_bpd_vs_params", "plot_bpd_vs_N",
     "inpainting_metrics", "conditional_bpd", "inpainting_panels", "plot_inpainting", "plot_inpainting_panels",
     "ClassifierConfig", "SmallCNN", "train_classifier", "classify", "accuracy", "load_classifier",
-    "draw_samples", "kl_from_uniform", "label_histogram", "class_balance", "plot_samples",
+    "draw_samples", "kl_from_uniform", "kl_std", "label_histogram", "class_balance", "plot_samples",
     "component_correlation", "joint_log_likelihoods", "mean_pairwise_correlation",
     "write_report", "write_report_json", "render_report", "CAPTIONS",
 ]

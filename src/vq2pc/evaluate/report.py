@@ -139,9 +139,9 @@ def _balance(cb: dict) -> list[str]:
     if cb.get("classifier_accuracy") is not None:
         lines += [f"Classifier test accuracy: {100 * cb['classifier_accuracy']:.2f}%.", ""]
     hists = cb.get("histograms") or {k: v for k, v in cb.items() if isinstance(v, dict) and "hist" in v}
-    rows = [[name, h.get("n"), h.get("kl_from_uniform"), " ".join(str(c) for c in h.get("hist", []))]
+    rows = [[name, h.get("n"), h.get("kl_from_uniform"), h.get("kl_std"), " ".join(str(c) for c in h.get("hist", []))]
             for name, h in hists.items()]
-    return lines + _table(["source", "images", "KL from uniform (nats)", "counts per class"], rows)
+    return lines + _table(["source", "images", "KL from uniform (nats)", "± std (bootstrap)", "counts per class"], rows)
 
 
 def _correlation(c: dict) -> list[str]:
