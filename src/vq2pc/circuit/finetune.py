@@ -55,10 +55,17 @@ from vq2pc.core.validate import is_positive_number
 from vq2pc.data.datasets import DataSplits, to_model_space
 from vq2pc.latents.selection import Selection
 
-__all__ = ["FineTuneConfig", "FineTuneResult", "finetune", "finetune_distill"]
+__all__ = ["FineTuneConfig", "FineTuneResult", "finetune", "finetune_distill", "CAP_MARK", "cap_text"]
 
 COMPONENT_MODES = ("posterior", "random")
 SCHEDULES = ("constant", "cosine")
+CAP_MARK = " σ<"
+"""Marks a row fine-tuned under ``std_max``: "DMRS+FT σ<0.125" (its file key: "…-ft-cap0.125")."""
+
+
+def cap_text(std_max: float | None) -> str:
+    """``std_max`` as row names and file keys write it ("0.125"); "" when there is no cap."""
+    return "" if std_max is None else f"{std_max:g}"
 
 
 @dataclass

@@ -15,6 +15,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from torch import Tensor
 
+from vq2pc.circuit.finetune import CAP_MARK
 from vq2pc.core.files import atomic_write
 
 __all__ = [
@@ -73,7 +74,7 @@ def family_style(family: str) -> tuple[str, str, bool]:
     a star; unknown families get a stable fallback."""
     if family in FAMILY_STYLE:
         return FAMILY_STYLE[family]
-    base, _, cap = family.partition(" σ<")
+    base, _, cap = family.partition(CAP_MARK)
     if cap and base in FAMILY_STYLE:
         return FAMILY_STYLE[base][0], "*", FAMILY_STYLE[base][2]
     color = _FALLBACK_COLORS[sum(map(ord, family)) % len(_FALLBACK_COLORS)]

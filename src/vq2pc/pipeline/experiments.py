@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from vq2pc import evaluate as ev
+from vq2pc.circuit.finetune import CAP_MARK
 from vq2pc.data.datasets import DataSplits, to_model_space
 from vq2pc.data.masks import MASK_KINDS, make_mask
 from vq2pc.evaluate.density import plot_bpd_tails
@@ -34,7 +35,7 @@ def showcase_models(circuits: Models, baselines: dict[str, Any]) -> Models:
     for key, n in circuits.sizes.items():
         strategy, *parts = key.split("-")  # strategy[-N<n>][-floor<f>][-ft[-cap<c>]]
         family = FAMILY[strategy] + ("+FT" if "ft" in parts else "") + "".join(
-            f" σ<{p[3:]}" for p in parts if p.startswith("cap"))
+            CAP_MARK + p[3:] for p in parts if p.startswith("cap"))
         if family not in best or n > best[family][0]:
             best[family] = (n, key)
     shown = Models(circuits.device)

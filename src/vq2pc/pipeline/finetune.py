@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from vq2pc.circuit.finetune import finetune_distill
+from vq2pc.circuit.finetune import CAP_MARK, cap_text, finetune_distill
 from vq2pc.data.datasets import DataSplits
 from vq2pc.evaluate.density import test_bpd
 from vq2pc.pipeline.config import RunConfig
@@ -39,7 +39,7 @@ def ft_row(run: RunDir, cfg: RunConfig, splits: DataSplits, src: SourceModel, ro
     settings = _settings(cfg, src)
     if "ft_std_max" in row:
         settings = dataclasses.replace(settings, std_max=row["ft_std_max"])
-    capped = "" if settings.std_max is None else f"{settings.std_max:g}"
+    capped = cap_text(settings.std_max)
     key = f"{row['selection']}-N{row['requested_N']}-ft" + (capped and f"-cap{capped}")
     path = run.path(src.leaf, src.spec.name, "circuits", f"{key}.safetensors")
     test_x = splits.test_x[: cfg.test_limit] if cfg.test_limit else splits.test_x
@@ -54,7 +54,7 @@ def ft_row(run: RunDir, cfg: RunConfig, splits: DataSplits, src: SourceModel, ro
                        generator=torch.Generator().manual_seed(cfg.seed))
         extra = {k: v for k, v in row.items() if k not in ("name", "family", "N", "num_params", "circuit_file",
                                                             "ft_std_max") and not k.startswith("test_bpd")}
-        label = "+FT" + (capped and f" σ<{capped}")
+        label = "+FT" + (capped and CAP_MARK + capped)
         return circuit_row(row["name"] + label, row["family"] + label, circuit, bpd, **extra,
                            finetune=circuit.meta["finetune"], ft_history=res.history,
                            circuit_file=str(path.relative_to(run.root)))
