@@ -100,7 +100,7 @@ def test_categorical_finetuned_circuit_sums_to_one() -> None:
 
 @pytest.mark.parametrize("bad", [{"components": "some"}, {"schedule": "linear"}, {"epochs": 0}, {"lr": -1.0}, {"patience": -1},
                                  {"top_k": 0}, {"batch_size": 1.5}, {"clip": 0.0}, {"clip": "1"}, {"clip": math.inf},
-                                 {"std_max": 0.0}, {"std_max": -0.1}])
+                                 {"std_max": 0.0}, {"std_max": -0.1}, {"refresh_N": 0}, {"refresh_N": 2.5}])
 def test_bad_settings_are_one_clear_error(bad: dict) -> None:
     with pytest.raises(ValueError, match="fine-tuning"):
         FineTuneConfig(**bad)
@@ -115,6 +115,23 @@ def test_clip_bounds_the_gradient_of_a_step(vqvae: VQVAE, digits: DataSplits, cl
     trainer.step(digits.train_x[:50], digits.levels, "gaussian")
     norm = float(torch.nn.utils.get_total_norm([p.grad for p in trainer.params if p.grad is not None]))
     assert norm <= 0.5 + 1e-6 if clip else norm > 0.5
+
+
+def test_refresh_N_stretches_the_refresh_interval_in_proportion_to_N() -> None:
+    cfg = FineTuneConfig(refresh=100, refresh_N=4096)
+    assert [cfg.for_N(n).refresh for n in (256, 4096, 4097, 16384, 65536)] == [100, 100, 101, 400, 1600]
+    assert cfg.for_N(16384).refresh_N is None and FineTuneConfig(refresh=7).for_N(10**6).refresh == 7
+
+
+def test_refresh_N_trains_like_the_interval_it_resolves_to(vqvae: VQVAE, digits: DataSplits) -> None:
+    """N = 4 with refresh 1 above refresh_N = 2 runs exactly as refresh 2 (ceil(1·4/2)): the same circuit."""
+    codes = torch.tensor([[[0, 1], [2, 3]], [[4, 5], [6, 7]], [[1, 1], [2, 2]], [[3, 2], [1, 0]]])
+    base = dict(epochs=1, patience=1, lr=3e-3, batch_size=50, top_k=1, train_limit=200, progress=False)
+    scaled, _ = finetune_distill(vqvae, _selection(codes), digits, FineTuneConfig(refresh=1, refresh_N=2, **base))
+    fixed, _ = finetune_distill(vqvae, _selection(codes), digits, FineTuneConfig(refresh=2, **base))
+    every, _ = finetune_distill(vqvae, _selection(codes), digits, FineTuneConfig(refresh=1, **base))
+    assert scaled.meta["finetune"]["refresh"] == 2
+    assert torch.equal(scaled.leaf.loc, fixed.leaf.loc) and not torch.equal(scaled.leaf.loc, every.leaf.loc)
 
 
 def test_the_returned_circuit_is_the_one_scored_best(vqvae: VQVAE, digits: DataSplits) -> None:

@@ -37,7 +37,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -80,6 +80,8 @@ class FineTuneConfig:
     components: str = "posterior"  # posterior | random
     top_k: int = 4  # posterior: components per image that get gradients
     refresh: int = 25  # posterior: steps between re-decodes of all N components (to pick the top-k)
+    refresh_N: int | None = None  # above this N the interval grows ∝ N (refresh·N/refresh_N steps): the same
+    #   re-decode cost per step as at refresh_N; None: `refresh` at every N (docs/NOTES.md, "refresh")
     subset: int = 256  # random: components per step
     clip: float | None = None  # max global gradient norm per step (None: no clipping)
     learn_weights: bool = True  # train the mixture weights jointly (else keep the selection's)
@@ -97,7 +99,8 @@ class FineTuneConfig:
         if self.schedule not in SCHEDULES:
             raise ValueError(f"fine-tuning schedule must be one of {list(SCHEDULES)}, got {self.schedule!r}")
         ints = {"epochs": self.epochs, "batch_size": self.batch_size, "top_k": self.top_k,
-                "refresh": self.refresh, "subset": self.subset}
+                "refresh": self.refresh, "subset": self.subset, **({} if self.refresh_N is None else
+                                                                   {"refresh_N": self.refresh_N})}
         bad = {k: v for k, v in ints.items() if not isinstance(v, int) or isinstance(v, bool) or v < 1}
         if bad or not isinstance(self.patience, int) or self.patience < 0:
             raise ValueError(f"fine-tuning needs positive integers for {sorted(ints)} and patience >= 0; got {bad or self.patience}")
@@ -106,6 +109,12 @@ class FineTuneConfig:
         for name in ("clip", "std_max"):
             if getattr(self, name) is not None and not is_positive_number(getattr(self, name)):
                 raise ValueError(f"fine-tuning {name} must be a positive number or None, got {getattr(self, name)!r}")
+
+    def for_N(self, N: int) -> "FineTuneConfig":
+        """These settings for a mixture of ``N`` components: ``refresh_N`` resolved into ``refresh``."""
+        if self.refresh_N is None or N <= self.refresh_N:
+            return replace(self, refresh_N=None)
+        return replace(self, refresh=math.ceil(self.refresh * N / self.refresh_N), refresh_N=None)
 
 
 @dataclass
@@ -208,10 +217,10 @@ def finetune(decoder: nn.Module, codes: Tensor, log_weights: Tensor, splits: Dat
     mixture over ``codes [N,h,w]`` (``log_weights [N]``) on ``splits``; keeps the best validation epoch.
 
     The source ``decoder`` is not modified. Deterministic for a given ``cfg.seed`` and device."""
-    cfg = cfg or FineTuneConfig()
     if codes.dim() != 3 or log_weights.shape != (codes.shape[0],) or codes.shape[0] == 0:
         raise ValueError(f"finetune needs codes [N,h,w] (N >= 1) and log_weights [N]; got "
                          f"{tuple(codes.shape)} and {tuple(log_weights.shape)}")
+    cfg = (cfg or FineTuneConfig()).for_N(codes.shape[0])
     start = time.perf_counter()
     train_v = splits.train_x[: cfg.train_limit] if cfg.train_limit else splits.train_x
     trainer = _Trainer(decoder, codes, log_weights, cfg, cfg.epochs * math.ceil(len(train_v) / cfg.batch_size))
@@ -256,6 +265,7 @@ def finetune_distill(decoder: nn.Module, selection: Selection, splits: DataSplit
             "finetune": {"best_epoch": res.best_epoch, "epochs_run": res.epochs_run, "seconds": round(res.seconds, 3),
                          "start_val_log_prob": res.start_val_log_prob, "best_val_log_prob": res.best_val_log_prob,
                          "components": cfg.components, "lr": cfg.lr, "schedule": cfg.schedule,
+                         **({"refresh": cfg.for_N(len(selection.codes)).refresh} if cfg.components == "posterior" else {}),
                          **({"std_max": cfg.std_max} if cfg.std_max is not None else {})},
             **(meta or {})}
     leaf = cap_std(decode_leaf(res.decoder, selection.codes), cfg.std_max)

@@ -46,6 +46,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=int, default=_DEFAULTS.top_k, help="posterior: components per image")
     p.add_argument("--refresh", type=int, default=_DEFAULTS.refresh,
                    help="posterior: steps between re-decodes of all N components")
+    p.add_argument("--refresh-N", type=int, default=_DEFAULTS.refresh_N,
+                   help="posterior: above this N, re-decode every refresh·N/refresh-N steps instead (the same "
+                        "decoding cost per step as at this N; at N = 16384 on MNIST, 4x less often gave a better "
+                        "circuit in 30%% less time); default: every --refresh steps at any N")
     p.add_argument("--subset", type=int, default=_DEFAULTS.subset, help="random: components per step")
     p.add_argument("--clip", type=float, default=_DEFAULTS.clip,
                    help="clip each step's gradient to this global norm (images no component covers give rare "
@@ -63,6 +67,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _finetune(a: argparse.Namespace) -> int:
     cfg = FineTuneConfig(epochs=a.epochs, patience=a.patience, lr=a.lr, schedule=a.schedule,
                          batch_size=a.batch_size, components=a.components, top_k=a.top_k, refresh=a.refresh,
+                         refresh_N=a.refresh_N,
                          subset=a.subset, clip=a.clip, std_max=a.std_max, learn_weights=not a.fixed_weights,
                          train_limit=a.train_limit, seed=a.seed, device=a.device)
     vqvae, prior = VQVAE.load(a.vqvae, device=a.device), load_prior(a.prior, device=a.device)

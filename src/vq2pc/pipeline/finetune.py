@@ -39,6 +39,7 @@ def ft_row(run: RunDir, cfg: RunConfig, splits: DataSplits, src: SourceModel, ro
     settings = _settings(cfg, src)
     if "ft_std_max" in row:
         settings = dataclasses.replace(settings, std_max=row["ft_std_max"])
+    settings = settings.for_N(row["N"])  # the refresh interval this N runs with (its cache key)
     capped = cap_text(settings.std_max)
     key = f"{row['selection']}-N{row['requested_N']}-ft" + (capped and f"-cap{capped}")
     path = run.path(src.leaf, src.spec.name, "circuits", f"{key}.safetensors")
@@ -60,7 +61,7 @@ def ft_row(run: RunDir, cfg: RunConfig, splits: DataSplits, src: SourceModel, ro
                            circuit_file=str(path.relative_to(run.root)))
 
     params = {**distill_params(cfg, src.spec, strategy=row["selection"]),
-              "finetune": settings_key(settings, drop=("progress",), added_later=("clip", "std_max"))}
+              "finetune": settings_key(settings, drop=("progress",), added_later=("clip", "std_max", "refresh_N"))}
     out = run.cached("distill", f"{src.leaf}/{src.spec.name}/{key}", compute, outputs=(path,), depends=src.files,
                      params=params)
     circuits.add_file(key, path, out["N"])
