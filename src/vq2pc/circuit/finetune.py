@@ -81,7 +81,7 @@ class FineTuneConfig:
     top_k: int = 4  # posterior: components per image that get gradients
     refresh: int = 25  # posterior: steps between re-decodes of all N components (to pick the top-k)
     refresh_N: int | None = None  # above this N the interval grows ∝ N (refresh·N/refresh_N steps): the same
-    #   re-decode cost per step as at refresh_N; None: `refresh` at every N (docs/NOTES.md, "refresh")
+    #   re-decode cost per step as at refresh_N; None: `refresh` at every N (docs/NOTES.md, "Refreshing the picks")
     subset: int = 256  # random: components per step
     clip: float | None = None  # max global gradient norm per step (None: no clipping)
     learn_weights: bool = True  # train the mixture weights jointly (else keep the selection's)
@@ -99,8 +99,9 @@ class FineTuneConfig:
         if self.schedule not in SCHEDULES:
             raise ValueError(f"fine-tuning schedule must be one of {list(SCHEDULES)}, got {self.schedule!r}")
         ints = {"epochs": self.epochs, "batch_size": self.batch_size, "top_k": self.top_k,
-                "refresh": self.refresh, "subset": self.subset, **({} if self.refresh_N is None else
-                                                                   {"refresh_N": self.refresh_N})}
+                "refresh": self.refresh, "subset": self.subset}
+        if self.refresh_N is not None:
+            ints["refresh_N"] = self.refresh_N
         bad = {k: v for k, v in ints.items() if not isinstance(v, int) or isinstance(v, bool) or v < 1}
         if bad or not isinstance(self.patience, int) or self.patience < 0:
             raise ValueError(f"fine-tuning needs positive integers for {sorted(ints)} and patience >= 0; got {bad or self.patience}")
@@ -259,13 +260,13 @@ def finetune_distill(decoder: nn.Module, selection: Selection, splits: DataSplit
                      weights: str = "uniform", meta: dict[str, Any] | None = None) -> tuple[MixtureCircuit, FineTuneResult]:
     """:func:`finetune` the mixture of ``selection`` (initial ``weights``: uniform | prior) and decode it
     into a :class:`MixtureCircuit` whose meta records the fine-tuning."""
-    cfg = cfg or FineTuneConfig()
+    cfg = (cfg or FineTuneConfig()).for_N(len(selection.codes))
     res = finetune(decoder, selection.codes, selection.log_weights(weights), splits, cfg)
     info = {"strategy": selection.strategy, "weights": "finetuned" if cfg.learn_weights else weights,
             "finetune": {"best_epoch": res.best_epoch, "epochs_run": res.epochs_run, "seconds": round(res.seconds, 3),
                          "start_val_log_prob": res.start_val_log_prob, "best_val_log_prob": res.best_val_log_prob,
                          "components": cfg.components, "lr": cfg.lr, "schedule": cfg.schedule,
-                         **({"refresh": cfg.for_N(len(selection.codes)).refresh} if cfg.components == "posterior" else {}),
+                         **({"refresh": cfg.refresh} if cfg.components == "posterior" else {}),
                          **({"std_max": cfg.std_max} if cfg.std_max is not None else {})},
             **(meta or {})}
     leaf = cap_std(decode_leaf(res.decoder, selection.codes), cfg.std_max)
