@@ -29,6 +29,10 @@ from vq2pc.pipeline.config import load_config
     ({"models": [{"name": "m", "ft_std_max": [0.1]}]}, "ft_std_max needs ft_strategies"),
     ({"models": [{"name": "m", "ft_strategies": ["sample"], "ft_std_max": [0.1], "ft_std_max_N": 64}]},
      "ft_std_max_N must be a list"),
+    ({"models": [{"name": "m", "ft_strategies": ["sample"], "ft_std_max": [0.1], "ft_std_max_strategies": ["beam"]}]},
+     "ft_std_max_strategies must be a list"),
+    ({"models": [{"name": "m", "ft_strategies": ["sample"], "ft_std_max": [0.1], "ft_std_max_strategies": "sample"}]},
+     "ft_std_max_strategies must be a list"),
     ({"leaves": ["categorical"], "models": [{"name": "m", "ft_strategies": ["sample"], "ft_std_max": [0.1]}]},
      "ft_std_max caps Gaussian stds"),
 ])

@@ -66,6 +66,7 @@ class ModelSpec:
     finetune: FineTuneConfig = field(default_factory=FineTuneConfig)  # settings of the +FT rows (device, seed: the run's)
     ft_std_max: list[float] = field(default_factory=list)  # more +FT rows of Gaussian leaves, stds capped below each
     ft_std_max_N: list[int] | None = None  # the N of those capped rows (None: every N of the +FT rows)
+    ft_std_max_strategies: list[str] | None = None  # the selections given capped rows (None: every ft_strategies one)
 
 
 VQVAE_KEYS = ("latent_hw", "K", "D", "hidden", "res_blocks", "beta", "quantizer", "quantizer_opts")
@@ -197,6 +198,10 @@ class RunConfig:
         only = m.ft_std_max_N
         if only is not None and not (isinstance(only, list) and all(isinstance(n, int) and n > 0 for n in only)):
             raise ValueError(f"config: model {m.name!r} ft_std_max_N must be a list of positive integers, got {only!r}")
+        which = m.ft_std_max_strategies
+        if which is not None and not (isinstance(which, list) and set(map(str, which)) <= set(m.ft_strategies)):
+            raise ValueError(f"config: model {m.name!r} ft_std_max_strategies must be a list of ft_strategies "
+                             f"({m.ft_strategies}), got {which!r}")
         if caps and "gaussian" not in self.leaves:
             raise ValueError(f"config: model {m.name!r} ft_std_max caps Gaussian stds; leaves are {self.leaves}")
 
