@@ -105,6 +105,25 @@ def test_gradients_reach_encoder_decoder_and_codebook(digits: DataSplits) -> Non
     assert all(p.grad is not None for p in model.decoder.parameters())
 
 
+@pytest.mark.parametrize("quantizer", ["vq", "ema", "gumbel", "gmvq"])
+def test_loss_under_bf16_autocast_keeps_codebook_and_leaves_float32(quantizer: str, digits: DataSplits) -> None:
+    """``--amp bf16`` autocasts the training step: the quantizer (k-means init, EMA updates) and the
+    leaves must still run in float32 (on CUDA the k-means init failed: bf16 centres into a float32 codebook)."""
+    torch.manual_seed(0)
+    model = VQVAE(_cfg(quantizer=quantizer, quantizer_opts={"kmeans_init": True} if quantizer in ("vq", "ema") else {}))
+    model.train()
+    x = _x(model, digits.train_x[:32])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        total, _ = model.loss(x)
+    total.backward()
+    assert total.dtype == torch.float32 and torch.isfinite(total)
+    assert all(b.dtype == torch.float32 for b in model.quantizer.buffers() if b.is_floating_point())
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        total_again, _ = model.loss(x)  # a second step: codebook initialised, EMA statistics updated
+    assert torch.isfinite(total_again)
+
+
 # --- bad input -------------------------------------------------------------------------------------
 def test_bad_inputs_raise_clear_errors(digits: DataSplits) -> None:
     model = VQVAE(_cfg("categorical")).eval()

@@ -33,6 +33,11 @@ from vq2pc.pipeline.config import load_config
      "ft_std_max_strategies must be a list"),
     ({"models": [{"name": "m", "ft_strategies": ["sample"], "ft_std_max": [0.1], "ft_std_max_strategies": "sample"}]},
      "ft_std_max_strategies must be a list"),
+    ({"models": [{"name": "m", "ft_strategies": ["sample"], "ft_N": [64]}]}, "ft_N must be a mapping"),
+    ({"models": [{"name": "m", "ft_strategies": ["sample"], "ft_N": {"beam": [64]}}]}, "ft_N names 'beam'"),
+    ({"models": [{"name": "m", "N": [64], "ft_strategies": ["sample"], "ft_N": {"sample": [128]}}]},
+     r"ft_N\['sample'\] must be a non-empty list of sample's N \[64\]"),
+    ({"models": [{"name": "m", "N": [64], "ft_strategies": ["sample"], "ft_N": {"sample": []}}]}, r"ft_N\['sample'\]"),
     ({"leaves": ["categorical"], "models": [{"name": "m", "ft_strategies": ["sample"], "ft_std_max": [0.1]}]},
      "ft_std_max caps Gaussian stds"),
 ])

@@ -1,4 +1,4 @@
-"""Which +FT rows a model gets: ``ft_strategies``, and the capped twins at ``ft_std_max_N`` of ``ft_std_max_strategies``."""
+"""Which +FT rows a model gets: ``ft_strategies`` at ``ft_N``, and the capped twins at ``ft_std_max_N`` of ``ft_std_max_strategies``."""
 
 from __future__ import annotations
 
@@ -24,6 +24,16 @@ def _made(leaf: str = "gaussian", **spec) -> list[tuple[str, int, float | None]]
 
 def test_uncapped_rows_are_the_ft_strategies_at_every_n() -> None:
     assert _made() == [("sample", 256, None), ("sample", 4096, None), ("beam", 256, None), ("beam", 4096, None)]
+
+
+def test_ft_n_keeps_only_those_n_of_the_strategies_it_names() -> None:
+    assert _made(ft_N={"beam": [4096]}) == [("sample", 256, None), ("sample", 4096, None), ("beam", 4096, None)]
+    assert _made(ft_N={"sample": [256], "beam": [256]}) == [("sample", 256, None), ("beam", 256, None)]
+
+
+def test_capped_twins_come_only_from_rows_ft_n_keeps() -> None:
+    made = _made(ft_N={"sample": [256]}, ft_std_max=[0.1], ft_std_max_N=[4096])
+    assert made == [("sample", 256, None), ("beam", 256, None), ("beam", 4096, None), ("beam", 4096, 0.1)]
 
 
 @pytest.mark.parametrize(("spec", "capped"), [

@@ -147,7 +147,7 @@ class VQVAE(SavableModel, nn.Module):
 
     def _head(self, z_q: Tensor) -> Leaf:
         C = self.cfg.image_shape[0]
-        return head_leaf(self.decoder(z_q), self.cfg.leaf, C, self.cfg.levels)
+        return head_leaf(self.decoder(z_q).float(), self.cfg.leaf, C, self.cfg.levels)  # float32 leaves under AMP
 
     def decode(self, codes: Tensor) -> Leaf:
         """``codes [B, h, w]`` -> leaf ``p(x | z)`` with batch shape ``[B, S]`` (variables in C, H, W order)."""
@@ -157,7 +157,8 @@ class VQVAE(SavableModel, nn.Module):
     def _terms(self, x: Tensor) -> tuple[Tensor, Tensor, QuantizerOutput]:
         self._check_x_shape(x)  # the value checks run in `loss` (a user call), not every training step
         z_e = self.encoder(self._encoder_input(x))
-        q = self.quantizer(z_e)
+        with torch.autocast(z_e.device.type, enabled=False):  # codebook, k-means and EMA stay float32 under AMP
+            q = self.quantizer(z_e.float())
         recon = -self._head(q.z_q).log_prob(x.reshape(x.shape[0], -1)).sum(1).mean()
         return recon + q.loss, recon, q
 

@@ -63,6 +63,7 @@ class ModelSpec:
     em_train_limit: int | None = 10000  # training images used by EM
     std_floor: float | None = None  # Gaussian leaves: raise decoded stds below this (every circuit and ExM of the model)
     ft_strategies: list[str] = field(default_factory=list)  # also fine-tune these strategies' circuits (+FT rows)
+    ft_N: dict[str, list[int]] = field(default_factory=dict)  # +FT rows only at these N of a strategy (one not named: every N)
     finetune: FineTuneConfig = field(default_factory=FineTuneConfig)  # settings of the +FT rows (device, seed: the run's)
     ft_std_max: list[float] = field(default_factory=list)  # more +FT rows of Gaussian leaves, stds capped below each
     ft_std_max_N: list[int] | None = None  # the N of those capped rows (None: every N of the +FT rows)
@@ -182,6 +183,7 @@ class RunConfig:
             self._check_vqvae_from(m)
             if m.std_floor is not None and not (isinstance(m.std_floor, (int, float)) and 0 < m.std_floor < math.inf):
                 raise ValueError(f"config: model {m.name!r} std_floor must be a positive number, got {m.std_floor!r}")
+            _check_ft_N(m)
             self._check_ft_std_max(m)
         for key in ("main_model", "analysis_model"):
             value = getattr(self, key) if key == "main_model" else self.experiments.analysis_model
@@ -238,6 +240,19 @@ def _check_extra_N(m: ModelSpec) -> None:
                              f"{[s for s in m.strategies if s != 'exhaustive']}")
         if not isinstance(ns, list) or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in ns):
             raise ValueError(f"{where}[{strategy!r}] must be a list of integers >= 1, got {ns!r}")
+
+
+def _check_ft_N(m: ModelSpec) -> None:
+    """``ft_N`` maps ``ft_strategies`` to lists of that strategy's N (``N`` and its ``extra_N``)."""
+    where = f"config: model {m.name!r} ft_N"
+    if not isinstance(m.ft_N, dict):
+        raise ValueError(f"{where} must map ft_strategies to lists of N, e.g. {{beam: [4096]}}; got {m.ft_N!r}")
+    for strategy, ns in m.ft_N.items():
+        if strategy not in m.ft_strategies:
+            raise ValueError(f"{where} names {strategy!r}, which is not one of ft_strategies {m.ft_strategies}")
+        have = [*m.N, *m.extra_N.get(strategy, [])]
+        if not isinstance(ns, list) or not ns or not set(ns) <= set(have):
+            raise ValueError(f"{where}[{strategy!r}] must be a non-empty list of {strategy}'s N {have}, got {ns!r}")
 
 
 def _check_counts(obj: Any, names: tuple[str, ...], where: str, low: int = 1) -> None:
