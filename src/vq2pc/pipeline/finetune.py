@@ -70,8 +70,8 @@ def ft_row(run: RunDir, cfg: RunConfig, splits: DataSplits, src: SourceModel, ro
 
 def ft_sources(src: SourceModel, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The rows of ``src`` to fine-tune: those whose selection is in ``ft_strategies`` (not exhaustive/EM rows)
-    at its ``ft_N`` (every N of a selection ``ft_N`` does not name), then, for Gaussian leaves, those at ``ft_std_max_N`` of the ``ft_std_max_strategies`` again per cap of
-    ``ft_std_max`` (marked ``"ft_std_max"``)."""
+    at its ``ft_N`` (every N of a selection ``ft_N`` does not name), then, for Gaussian leaves, those at
+    ``ft_std_max_N`` of the ``ft_std_max_strategies`` again per cap of ``ft_std_max`` (marked ``"ft_std_max"``)."""
     spec = src.spec
     base = [r for r in rows if r.get("selection") in spec.ft_strategies and r.get("requested_N")
             and r["family"] in ("DMRS", "DMGS", "DMBS", "TopK", "DMData")
