@@ -75,7 +75,7 @@ def ft_sources(src: SourceModel, rows: list[dict[str, Any]]) -> list[dict[str, A
     spec = src.spec
     base = [r for r in rows if r.get("selection") in spec.ft_strategies and r.get("requested_N")
             and r["family"] in ("DMRS", "DMGS", "DMBS", "TopK", "DMData")
-            and r["requested_N"] in spec.ft_N.get(r["selection"], [r["requested_N"]])]
+            and (r["selection"] not in spec.ft_N or r["requested_N"] in spec.ft_N[r["selection"]])]
     caps = spec.ft_std_max if src.leaf == "gaussian" else []
     capped = [r for r in base if (spec.ft_std_max_N is None or r["requested_N"] in spec.ft_std_max_N)
               and (spec.ft_std_max_strategies is None or r["selection"] in spec.ft_std_max_strategies)]
