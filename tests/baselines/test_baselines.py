@@ -120,16 +120,31 @@ def test_einet_gaussian_conditional_mean_matches_quadrature(cirkit, einet_mod):
         assert got[0, 1].item() == pytest.approx(expect.item(), abs=1e-4)
 
 
-def test_einet_samples_follow_the_distribution(cirkit, einet_mod):
-    model = _cat_einet(einet_mod, levels=2, seed=1)
-    probs = model.log_prob(_all_images(2, 4)).detach().double().exp()
-    draws = model.sample(8000, generator=torch.Generator().manual_seed(0))
-    again = model.sample(8000, generator=torch.Generator().manual_seed(0))
+@pytest.mark.parametrize("shape, pieces", [((1, 2, 2), (2,)), ((1, 3, 3), (3,)), ((1, 2, 4), (2,))])
+def test_einet_samples_follow_the_distribution(cirkit, einet_mod, shape, pieces):
+    # (3, 3) has mixing layers of arity 2..4; (2, 4) multi-pixel patches (a Hadamard layer)
+    cfg = einet_mod.EiNetConfig(shape, leaf="categorical", levels=2, pieces=pieces, num_input_units=3,
+                                num_sum_units=3, seed=1)
+    model = einet_mod.EiNet(cfg)
+    s, n = cfg.num_variables, 40000
+    probs = model.log_prob(_all_images(2, s)).detach().double().exp()
+    draws = model.sample(n, generator=torch.Generator().manual_seed(0))
+    again = model.sample(n, generator=torch.Generator().manual_seed(0))
     assert torch.equal(draws, again)
-    idx = (draws.long() * torch.tensor([8, 4, 2, 1])).sum(1)
-    counts = torch.bincount(idx, minlength=16).double()
+    idx = (draws.long() * 2 ** torch.arange(s - 1, -1, -1)).sum(1)
+    counts = torch.bincount(idx, minlength=2**s).double()
     assert probs.sum().item() == pytest.approx(1.0, abs=1e-6)
-    assert stats.chisquare(counts.numpy(), (probs / probs.sum() * 8000).numpy()).pvalue > 1e-3
+    assert stats.chisquare(counts.numpy(), (probs / probs.sum() * n).numpy()).pvalue > 1e-3
+
+
+def test_einet_gaussian_samples_have_the_model_mean(cirkit, einet_mod):
+    cfg = einet_mod.EiNetConfig((1, 2, 4), leaf="gaussian", pieces=(2,), num_input_units=3, num_sum_units=3,
+                                min_std=0.05, max_std=0.3, seed=2)
+    model = einet_mod.EiNet(cfg)
+    draws = model.sample(40000, generator=torch.Generator().manual_seed(1))
+    mean = model.conditional_mean(torch.zeros(1, 8), torch.zeros(1, 8, dtype=torch.bool))[0]
+    stderr = draws.std(0) / 200.0
+    assert torch.all((draws.mean(0) - mean).abs() < 4 * stderr)
 
 
 def test_einet_trains_resumes_and_round_trips(cirkit, einet_mod, digits, tmp_path):
