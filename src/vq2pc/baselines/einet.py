@@ -75,7 +75,8 @@ from vq2pc.models.train import TrainConfig, TrainResult, completed_steps, dequan
 __all__ = ["EiNetConfig", "EiNet", "train_einet"]
 
 _SUM_PRODUCT = ("tucker", "cp", "cp-t")
-_SAMPLE_CHUNK = 1024
+_SAMPLE_CHUNK = 1024  # samples per selector pass, fewer where their activations exceed the budget below
+_SAMPLE_BUDGET_BYTES = 512 << 20
 
 
 @dataclass
@@ -283,11 +284,13 @@ class EiNet(SavableModel, nn.Module):
             raise ValueError(f"n must be a positive number of samples, got {n}")
         seed = int(torch.randint(0, 2**62, (1,), generator=generator))
         dev = self.device
+        units = sum(layer.num_folds * layer.num_output_units for layer in self.circuit.layers)  # per sample
+        chunk = max(1, min(_SAMPLE_CHUNK, _SAMPLE_BUDGET_BYTES // (8 * units)))  # float32 values and gradients
         parts = []
         with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
             torch.manual_seed(seed)
-            for start in range(0, int(n), _SAMPLE_CHUNK):
-                parts.append(self._sample_chunk(min(_SAMPLE_CHUNK, int(n) - start)))
+            for start in range(0, int(n), chunk):
+                parts.append(self._sample_chunk(min(chunk, int(n) - start)))
         return torch.cat(parts)
 
     def _sample_chunk(self, m: int) -> Tensor:
