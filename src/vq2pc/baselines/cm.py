@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from vq2pc.circuit.distill import decode_leaf
 from vq2pc.circuit.mixture import MixtureCircuit
 from vq2pc.core.checkpoint import SavableModel
+from vq2pc.core.devices import flush_denormals
 from vq2pc.core.leaves import Categorical, Gaussian, Leaf, component_log_likelihoods
 from vq2pc.core.validate import rows
 from vq2pc.data.datasets import DataSplits, check_fits
@@ -168,9 +169,10 @@ def train_cm(
         model = ContinuousMixture(cfg)
     first = completed_steps(checkpoint, "cm", len(splits.train_x), train_cfg.batch_size)
     val = (dequantize_once(splits.val_x, cfg.leaf, cfg.levels, train_cfg.seed),)
-    result = fit(model, _cm_loss(cfg, train_cfg.seed, first), (splits.train_x,), val, train_cfg,
-                 checkpoint=checkpoint, kind="cm", meta={"config": asdict(cfg)}, desc="cm",
-                 prepare=step_dequantizer(cfg.leaf, cfg.levels, train_cfg.seed, first))
+    with flush_denormals(train_cfg.device):  # the posterior's tiny gradients (~1.9x per step on MNIST)
+        result = fit(model, _cm_loss(cfg, train_cfg.seed, first), (splits.train_x,), val, train_cfg,
+                     checkpoint=checkpoint, kind="cm", meta={"config": asdict(cfg)}, desc="cm",
+                     prepare=step_dequantizer(cfg.leaf, cfg.levels, train_cfg.seed, first))
     return model, result
 
 
