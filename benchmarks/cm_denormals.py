@@ -18,7 +18,6 @@ import copy
 import json
 import sys
 import time
-from pathlib import Path
 
 import torch
 
@@ -53,10 +52,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
-    if not (Path(args.data_dir) / "mnist").is_dir():
-        sys.exit(f"no MNIST under {args.data_dir}/mnist: pass --data-dir (this benchmark does not download)")
     torch.set_num_threads(args.threads)
-    splits = load_dataset("mnist", args.data_dir, seed=0, download=False)
+    try:
+        splits = load_dataset("mnist", args.data_dir, seed=0, download=False)
+    except FileNotFoundError as exc:
+        sys.exit(f"{exc} (pass --data-dir; this benchmark does not download)")
     x = to_model_space(splits.train_x[: args.batch_size], "gaussian", splits.levels, torch.Generator().manual_seed(0))
     torch.manual_seed(0)
     model = ContinuousMixture(CMConfig(splits.image_shape, latent_dim=16, hidden=256, train_points=args.train_points))
