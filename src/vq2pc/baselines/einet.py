@@ -66,22 +66,30 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from vq2pc.baselines.regions import REGION_GRAPHS, learn_tree, region_graph
 from vq2pc.circuit.cirkit import UNCLAMPED_SEMIRING, require_cirkit
 from vq2pc.core.checkpoint import SavableModel
 from vq2pc.core.validate import check_finite, check_levels, observed_mask, rows
 from vq2pc.data.datasets import DataSplits, check_fits
 from vq2pc.models.train import TrainConfig, TrainResult, completed_steps, dequantize_once, fit, step_dequantizer
 
-__all__ = ["EiNetConfig", "EiNet", "train_einet"]
+__all__ = ["EiNetConfig", "EiNet", "train_einet", "SUM_PRODUCT_LAYERS"]
 
-_SUM_PRODUCT = ("tucker", "cp", "cp-t")
+SUM_PRODUCT_LAYERS = ("tucker", "cp", "cp-t")
 _SAMPLE_CHUNK = 1024  # samples per selector pass, fewer where their activations exceed the budget below
 _SAMPLE_BUDGET_BYTES = 512 << 20
 
 
 @dataclass
 class EiNetConfig:
-    """Structure of an EiNet; ``pieces`` are EiNet's ``pd_num_pieces`` (pieces per axis)."""
+    """Structure of a libcirkit circuit over an image.
+
+    ``region_graph`` picks the structure: ``poon-domingos`` (the EiNet: ``pieces`` are EiNet's
+    ``pd_num_pieces``, pieces per axis), ``quad-graph`` / ``quad-tree-2`` / ``quad-tree-4`` (libcirkit's
+    image templates) or ``chow-liu-tree`` (HCLT: the Chow–Liu tree of the training pixels, learned by
+    :func:`train_einet` and kept in ``tree`` as each variable's parent, -1 at the root, so a saved
+    model rebuilds the same structure).
+    """
 
     image_shape: tuple[int, int, int]
     leaf: str = "gaussian"
@@ -93,10 +101,13 @@ class EiNetConfig:
     min_std: float = 1e-3
     max_std: float = 1.0
     seed: int = 0  # parameter initialization (train_einet sets it to the training seed)
+    region_graph: str = "poon-domingos"
+    tree: tuple[int, ...] | None = None  # chow-liu-tree: parent of each variable (-1: the root)
 
     def __post_init__(self) -> None:
         self.image_shape = tuple(int(s) for s in self.image_shape)  # type: ignore[assignment]
         self.pieces = tuple(int(p) for p in self.pieces)
+        self.tree = None if self.tree is None else tuple(int(t) for t in self.tree)
         if len(self.image_shape) != 3 or min(self.image_shape) < 1:
             raise ValueError(f"image_shape must be (C, H, W) with positive sizes, got {self.image_shape}")
         if self.leaf not in ("gaussian", "categorical"):
@@ -107,10 +118,14 @@ class EiNetConfig:
             raise ValueError(f"pieces must be positive piece counts per axis, got {self.pieces}")
         if min(self.num_input_units, self.num_sum_units) < 1:
             raise ValueError("num_input_units and num_sum_units must be >= 1")
-        if self.sum_product not in _SUM_PRODUCT:
-            raise ValueError(f"sum_product must be one of {_SUM_PRODUCT}, got {self.sum_product!r}")
+        if self.sum_product not in SUM_PRODUCT_LAYERS:
+            raise ValueError(f"sum_product must be one of {SUM_PRODUCT_LAYERS}, got {self.sum_product!r}")
         if not 0 < self.min_std < self.max_std:
             raise ValueError(f"need 0 < min_std < max_std, got {self.min_std}, {self.max_std}")
+        if self.region_graph not in REGION_GRAPHS:
+            raise ValueError(f"region_graph must be one of {REGION_GRAPHS}, got {self.region_graph!r}")
+        if self.tree is not None and (len(self.tree) != self.num_variables or sorted(self.tree).count(-1) != 1):
+            raise ValueError(f"tree must give one parent per variable ({self.num_variables}) with one root (-1)")
 
     @property
     def num_variables(self) -> int:
@@ -123,7 +138,7 @@ class EiNetConfig:
 
 
 def _build_circuit(cfg: EiNetConfig) -> nn.Module:
-    """Symbolic Poon–Domingos circuit -> folded torch circuit in the unclamped log semiring."""
+    """Symbolic circuit over ``cfg``'s region graph -> folded torch circuit in the unclamped log semiring."""
     require_cirkit()
     from cirkit.pipeline import PipelineContext
     from cirkit.symbolic.initializers import NormalInitializer, UniformInitializer
@@ -134,7 +149,6 @@ def _build_circuit(cfg: EiNetConfig) -> nn.Module:
         TensorParameter,
         mixing_weight_factory,
     )
-    from cirkit.templates.region_graph import PoonDomingos
     from cirkit.templates.utils import Parameterization, parameterization_to_factory
 
     def std_factory(shape: tuple[int, ...]) -> Any:
@@ -149,8 +163,7 @@ def _build_circuit(cfg: EiNetConfig) -> nn.Module:
     else:
         input_factory = functools.partial(CategoricalLayer, num_categories=cfg.levels)
     weights = parameterization_to_factory(Parameterization(activation="softmax", initialization="normal"))
-    rg = PoonDomingos(cfg.image_shape, delta=cfg.deltas())
-    symbolic = rg.build_circuit(
+    symbolic = region_graph(cfg.region_graph, cfg.image_shape, cfg.deltas(), cfg.tree).build_circuit(
         input_factory=input_factory, sum_product=cfg.sum_product, sum_weight_factory=weights,
         nary_sum_weight_factory=functools.partial(mixing_weight_factory, param_factory=weights),
         num_input_units=cfg.num_input_units, num_sum_units=cfg.num_sum_units, num_classes=1,
@@ -164,7 +177,8 @@ def _build_circuit(cfg: EiNetConfig) -> nn.Module:
 
 
 class EiNet(SavableModel, nn.Module):
-    """A trained-by-likelihood Poon–Domingos PC over ``S = C·H·W`` pixels (model space, see data.py)."""
+    """A libcirkit circuit (Poon–Domingos EiNet, QuadGraph, HCLT, ...) trained by likelihood over
+    ``S = C·H·W`` pixels (model space, see data.py)."""
 
     checkpoint_kind = "einet"
     config_class = EiNetConfig
@@ -350,6 +364,8 @@ def train_einet(
     the number of ranks, and after a resume), the validation set once."""
     check_fits(cfg.image_shape, cfg.levels, splits)
     cfg = replace(cfg, seed=train_cfg.seed)
+    if cfg.region_graph == "chow-liu-tree" and cfg.tree is None:
+        cfg = replace(cfg, tree=learn_tree(splits.train_x, cfg.leaf, cfg.levels))
     model = EiNet(cfg)
     first = completed_steps(checkpoint, "einet", len(splits.train_x), train_cfg.batch_size)
     val = (dequantize_once(splits.val_x, cfg.leaf, cfg.levels, train_cfg.seed),)

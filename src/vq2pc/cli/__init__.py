@@ -19,7 +19,7 @@ from vq2pc.core.distributed import init_from_env, shutdown
 from vq2pc.core.files import check_writable
 
 # Modules that define verbs, in the order their verbs appear in --help.
-_VERB_MODULES = ["run", "train", "finetune", "circuit", "refine", "export"]
+_VERB_MODULES = ["run", "train", "baseline", "finetune", "circuit", "refine", "export"]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -80,7 +80,7 @@ def _check_arguments(args: argparse.Namespace) -> None:
     for flag in ("out", "npy"):
         path = getattr(args, flag, None)
         if path is not None:
-            check_writable(path, directory=args.command == "run" and flag == "out")
+            check_writable(path, directory=args.command in ("run", "train-baseline") and flag == "out")
 
 
 def _one_line(exc: BaseException, command: str) -> str:

@@ -65,6 +65,9 @@ FAMILY_STYLE: dict[str, tuple[str, str, bool]] = {
     "DMData+FT": ("darkolivegreen", "v", True),
     "CM": ("tab:brown", "o", False),
     "EiNet": ("tab:gray", "o", True),
+    "QuadGraph": ("tab:cyan", "h", True),
+    "QuadTree": ("tab:blue", "h", True),
+    "HCLT": ("black", "X", True),
 }
 _FALLBACK_COLORS = ["tab:red", "tab:pink", "tab:cyan", "black"]
 

@@ -7,7 +7,8 @@ distills; the first process then reads their cached results.
 
 from __future__ import annotations
 
-from dataclasses import replace
+import functools
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,13 +18,14 @@ from vq2pc.baselines.cm import CMConfig, compile_cm, train_cm
 from vq2pc.baselines.einet import EiNetConfig, train_einet
 from vq2pc.circuit.cirkit import require_cirkit
 from vq2pc.circuit.mixture import MixtureCircuit
+from vq2pc.core.files import write_json
 from vq2pc.data.datasets import DataSplits
 from vq2pc.evaluate.density import BPD_FORMAT, bpd_fields, test_bpd
 from vq2pc.models.train import TrainConfig, TrainResult
-from vq2pc.pipeline.config import RunConfig
+from vq2pc.pipeline.config import BaselineSpec, CircuitSpec, RunConfig
 from vq2pc.pipeline.rundir import RunDir, settings_key
 
-__all__ = ["run_baselines"]
+__all__ = ["run_baselines", "fit_circuit"]
 
 
 def _bpd_row(run: RunDir, cfg: RunConfig, splits: DataSplits, leaf: str, key: str, model: Any, depends: Path,
@@ -61,6 +63,27 @@ def _einet_available(notes: list[str]) -> bool:
     return True
 
 
+_FAMILIES = {"poon-domingos": "EiNet", "quad-graph": "QuadGraph", "quad-tree-2": "QuadTree",
+             "quad-tree-4": "QuadTree", "chow-liu-tree": "HCLT"}
+
+
+def _circuit_specs(spec: BaselineSpec, splits: DataSplits, leaf: str) -> list[tuple[str, str, str, EiNetConfig]]:
+    """``(key, name, family, config)`` of every libcirkit baseline: the EiNets (pieces × inputs, Tucker
+    layers) and the ``circuits`` (QuadGraph, HCLT, ...)."""
+    shape = dict(image_shape=tuple(splits.image_shape), leaf=leaf, levels=splits.levels)
+    out = []
+    if spec.einet:
+        out += [(f"einet-p{p}-I{i}", f"EiNet (PD {p}, I={i})", "EiNet",
+                 EiNetConfig(**shape, pieces=(p,), num_input_units=i, num_sum_units=i))
+                for p in spec.einet_pieces for i in spec.einet_inputs]
+    for c in spec.circuits:
+        family = _FAMILIES[c.region_graph]
+        out.append((f"{c.region_graph}-{c.sum_product}-{c.units}", f"{family} ({c.sum_product.upper()}, {c.units})",
+                    family, EiNetConfig(**shape, region_graph=c.region_graph, sum_product=c.sum_product,
+                                        num_input_units=c.units, num_sum_units=c.units)))
+    return out
+
+
 def run_baselines(
     run: RunDir, cfg: RunConfig, splits: DataSplits, leaf: str, notes: list[str]
 ) -> tuple[list[dict], dict[str, Any]]:
@@ -73,19 +96,14 @@ def run_baselines(
         notes.append("baselines are not run for bernoulli pixels")
         return rows, models
     train_cfg = replace(cfg.baseline_train, seed=cfg.seed, device=cfg.device)
-    if spec.einet and _einet_available(notes):
-        for pieces in spec.einet_pieces:
-            for units in spec.einet_inputs:
-                key = f"einet-p{pieces}-I{units}"
-                ecfg = EiNetConfig(image_shape=tuple(splits.image_shape), leaf=leaf, levels=splits.levels,
-                                   pieces=(pieces,), num_input_units=units, num_sum_units=units)
-                ckpt = run.checkpoint("baselines", leaf, "baselines", f"{key}.pt")
-                model, res = train_einet(splits, ecfg, train_cfg, checkpoint=ckpt)
-                name = f"EiNet (PD {pieces}, I={units})"
-                rows.append(_bpd_row(run, cfg, splits, leaf, key, model, ckpt, name=name, family="EiNet", selection="einet",
-                                     N=units, num_params=model.num_params, **res.summary(),
-                                     time_cap_fired=_time_cap(res, train_cfg, f"{name} ({leaf})", notes)))
-                models[name] = model
+    if (spec.einet or spec.circuits) and _einet_available(notes):
+        for key, name, family, ecfg in _circuit_specs(spec, splits, leaf):
+            ckpt = run.checkpoint("baselines", leaf, "baselines", f"{key}.pt")
+            model, res = train_einet(splits, ecfg, train_cfg, checkpoint=ckpt)
+            rows.append(_bpd_row(run, cfg, splits, leaf, key, model, ckpt, name=name, family=family, selection=family.lower(),
+                                 N=ecfg.num_input_units, num_params=model.num_params, **res.summary(),
+                                 time_cap_fired=_time_cap(res, train_cfg, f"{name} ({leaf})", notes)))
+            models[name] = model
     if spec.cm:
         ccfg = CMConfig(image_shape=tuple(splits.image_shape), leaf=leaf, levels=splits.levels,
                         latent_dim=spec.cm_latent_dim, hidden=spec.cm_hidden, train_points=spec.cm_train_points)
@@ -106,3 +124,27 @@ def run_baselines(
                              **res.summary(), time_cap_fired=capped))
         models["CM"] = circuit
     return rows, models
+
+
+def fit_circuit(splits: DataSplits, spec: CircuitSpec, leaf: str, train: TrainConfig, out: Path,
+                bpd_draws: int = 1) -> dict[str, Any]:
+    """Train one libcirkit circuit baseline outside a run (``vq2pc train-baseline``), resumable from
+    ``out/<key>.pt``; score it on the validation and test splits with the report's :func:`test_bpd` and
+    write the row to ``out/<key>.json``. Returns the row."""
+    shape = dict(image_shape=tuple(splits.image_shape), leaf=leaf, levels=splits.levels)
+    ecfg = EiNetConfig(**shape, region_graph=spec.region_graph, sum_product=spec.sum_product,
+                       num_input_units=spec.units, num_sum_units=spec.units)
+    key, family = f"{spec.region_graph}-{spec.sum_product}-{spec.units}", _FAMILIES[spec.region_graph]
+    out.mkdir(parents=True, exist_ok=True)
+    model, res = train_einet(splits, ecfg, train, checkpoint=out / f"{key}.pt")
+    model.eval()
+    score = functools.partial(test_bpd, model, leaf_kind=leaf, levels=splits.levels, draws=bpd_draws)
+    with torch.no_grad():
+        val, test = score(splits.val_x, generator=torch.Generator().manual_seed(train.seed)), \
+            score(splits.test_x, generator=torch.Generator().manual_seed(train.seed))
+    row = {"name": f"{family} ({spec.sum_product.upper()}, {spec.units})", "family": family, "leaf": leaf,
+           **asdict(spec), "num_params": model.num_params, "val_bpd": val["mean"], **bpd_fields(test),
+           "test_images": len(splits.test_x), **res.summary(), "seed": train.seed, "lr": train.lr,
+           "batch_size": train.batch_size, "history": res.history}
+    write_json(out / f"{key}.json", row)
+    return row

@@ -19,6 +19,8 @@ from typing import Any
 import torch
 import yaml
 
+from vq2pc.baselines.einet import SUM_PRODUCT_LAYERS
+from vq2pc.baselines.regions import REGION_GRAPHS
 from vq2pc.circuit.finetune import FineTuneConfig
 from vq2pc.core.leaves import LEAF_KINDS
 from vq2pc.core.validate import is_positive_number
@@ -26,7 +28,7 @@ from vq2pc.latents.selection import BEAM_SCORES, BEAM_SEARCHES, STRATEGIES, WEIG
 from vq2pc.models.priors import prior_config
 from vq2pc.models.train import TrainConfig
 
-__all__ = ["ModelSpec", "BaselineSpec", "ExperimentSpec", "RunConfig", "load_config", "config_to_dict", "DEFAULT_CONFIG"]
+__all__ = ["ModelSpec", "CircuitSpec", "BaselineSpec", "ExperimentSpec", "RunConfig", "load_config", "config_to_dict", "DEFAULT_CONFIG"]
 
 
 
@@ -75,12 +77,30 @@ VQVAE_KEYS = ("latent_hw", "K", "D", "hidden", "res_blocks", "beta", "quantizer"
 
 
 @dataclass
+class CircuitSpec:
+    """A libcirkit circuit baseline beside the EiNets: its region graph, layer kind and width."""
+
+    region_graph: str = "quad-graph"  # quad-graph | quad-tree-2 | quad-tree-4 | chow-liu-tree (HCLT) | poon-domingos
+    sum_product: str = "cp"  # cp | cp-t | tucker
+    units: int = 64  # input units per pixel and sum units per layer
+
+    def __post_init__(self) -> None:
+        if self.region_graph not in REGION_GRAPHS:
+            raise ValueError(f"region_graph must be one of {list(REGION_GRAPHS)}, got {self.region_graph!r}")
+        if self.sum_product not in SUM_PRODUCT_LAYERS:
+            raise ValueError(f"sum_product must be one of {list(SUM_PRODUCT_LAYERS)}, got {self.sum_product!r}")
+        if isinstance(self.units, bool) or not isinstance(self.units, int) or self.units < 1:
+            raise ValueError(f"units must be an integer >= 1, got {self.units!r}")
+
+
+@dataclass
 class BaselineSpec:
     """The paper's baselines, trained on the same data and splits."""
 
     einet: bool = True
     einet_pieces: list[int] = field(default_factory=lambda: [2, 4])
     einet_inputs: list[int] = field(default_factory=lambda: [5])
+    circuits: list[CircuitSpec] = field(default_factory=list)  # the field's circuits: QuadGraph, HCLT, ...
     cm: bool = True
     cm_latent_dim: int = 16
     cm_hidden: int = 64

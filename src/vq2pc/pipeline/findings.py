@@ -54,7 +54,7 @@ def _beam_vs_sample(rows: list[dict], leaf: str) -> list[str]:
 
 
 def _baselines(rows: list[dict], leaf: str) -> list[str]:
-    """The best CM and EiNet against the best paper-faithful and the best fine-tuned distilled circuit."""
+    """The best of each baseline family (CM, EiNet, QuadGraph, QuadTree, HCLT) against the best paper-faithful and the best fine-tuned distilled circuit."""
     kinds = {"distilled model": [r for r in rows if r.get("family") in _DISTILLED + ("ExM",)],
              "fine-tuned distilled model": [r for r in rows if "+FT" in str(r.get("family", ""))]}
     notes = []
@@ -62,7 +62,7 @@ def _baselines(rows: list[dict], leaf: str) -> list[str]:
         if not distilled:
             continue
         best = min(distilled, key=lambda r: r["test_bpd"])
-        for family in ("CM", "EiNet"):
+        for family in ("CM", "EiNet", "QuadGraph", "QuadTree", "HCLT"):
             fam = _by(rows, family)
             if fam:
                 top = min(fam, key=lambda r: r["test_bpd"])
