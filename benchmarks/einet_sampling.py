@@ -3,7 +3,7 @@
 Prints one JSON line per input-unit count: num_input_units, leaf, samples, seconds, seconds_per_1000, threads.
 The cost depends on the structure, not on trained weights, so an initialised EiNet (PD 4 on 28×28) is timed.
 libcirkit 0.3.1's ``SamplingQuery``, which it replaced, took 72.6 s per 1,000 on the trained I = 10 EiNet
-of ``docs/results/mnist-ft-2h-cpu/`` (2 threads, session 15).
+of ``docs/results/mnist-ft-2h-cpu/`` (2 threads).
 
     python benchmarks/einet_sampling.py                  # I = 10, 10,000 samples
     python benchmarks/einet_sampling.py --inputs 10 40 --threads 1

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The CUDA path end to end on one GPU, timed: the check a session runs when it is lent a GPU.
+# The CUDA path end to end on one GPU, timed: the check to run on a machine with a GPU.
 #   bash benchmarks/gpu_check.sh DATA_DIR OUT [STEP ...]     (default: digits amp mnist)
 #   digits  the quick default (embedded digits) with +FT and capped +FT rows added, on cuda, fp32 (≤ 300 s)
 #   amp     MNIST VQ-VAE (4x4, K = 512) for 2 epochs with bf16 autocast + torch.compile, then fp16 autocast

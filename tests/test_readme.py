@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 
@@ -20,7 +22,8 @@ def pytest_command(line: str) -> str | None:
     return None if match is None else " ".join(match.group(0).replace("python3", "python", 1).split())
 
 
-def test_readme_python_blocks_run() -> None:
+def test_readme_python_blocks_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # the examples write files (a saved circuit) into the working directory
     blocks = fenced_blocks(README, "python")
     assert blocks, "README.md has no ```python example"
     namespace: dict[str, object] = {"__name__": "readme"}

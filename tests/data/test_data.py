@@ -14,7 +14,7 @@ import torch
 from vq2pc import data
 from vq2pc.data import idx
 
-MNIST_DIR = Path("/work/shared/data/mnist")
+MNIST_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "mnist"  # beside the checkout, as in test_benchmarks
 needs_mnist = pytest.mark.skipif(not (MNIST_DIR / "train-images-idx3-ubyte.gz").is_file(),
                                  reason=f"real MNIST IDX files not found in {MNIST_DIR}")
 

@@ -71,7 +71,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--hidden", type=int, default=32, help="channels of the conv nets")
     p.add_argument("--res-blocks", type=int, default=1, help="residual blocks at the latent level")
     p.add_argument("--quantizer", default="vq", choices=list(QUANTIZER_NAMES),
-                   help="vq (paper Eq. 6), ema, gumbel or gmvq (GM-VQ with the ALBO); see README 'Quantizers'")
+                   help="vq (paper Eq. 6), ema, gumbel or gmvq (GM-VQ with the ALBO); see docs/concepts/quantizers.md")
     p.add_argument("--beta", type=float, default=0.25,
                    help="commitment weight (vq, ema); KL weight (gumbel); latent-alignment weight (gmvq)")
     p.add_argument("--quantizer-opt", action="append", default=[], metavar="KEY=VALUE",
