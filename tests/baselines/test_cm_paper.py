@@ -134,6 +134,7 @@ def test_mlp_checkpoints_keep_their_old_config_record(digits):
     ({"top_k": 65}, "top_k must be <= points"),
     ({"refresh": 0}, "refresh must be an integer >= 1"),
     ({"feature_hw": (3, 3)}, "not reachable"),
+    ({"feature_hw": (8, 8)}, "smaller than the image"),
     ({"min_std": 0.01}, "VQ-VAE's Gaussian head"),
 ])
 def test_bad_paper_settings_fail_with_one_clear_error(digits, kw, match):

@@ -115,7 +115,8 @@ class CMConfig:
                              f"got min_std={self.min_std:g}, max_std={self.max_std:g}")
         if len(self.feature_hw) != 2:
             raise ValueError(f"CM (paper recipe) feature_hw must be (h, w), got {self.feature_hw}")
-        num_downsamplings(self.image_shape[1:], self.feature_hw)  # raises if H×W is not reached by doubling
+        if num_downsamplings(self.image_shape[1:], self.feature_hw) < 1:  # raises if H×W is not reached by doubling
+            raise ValueError(f"CM (paper recipe) feature_hw must be smaller than the image, got {self.feature_hw}")
 
     @property
     def num_variables(self) -> int:
@@ -147,7 +148,8 @@ def sobol_normal(num_points: int, dim: int, seed: int | np.random.Generator | No
 class ConvDecoder(nn.Module):
     """``z [M, d] -> [M, head_channels, H, W]``: a linear layer to a ``channels × feature_hw`` map, then the
     VQ-VAE decoder (:class:`vq2pc.models.nets.Decoder`: 1×1 conv, residual blocks, transposed convs up to
-    H×W, the head conv), its Gaussian std started near ``STD_INIT`` (:func:`~vq2pc.models.nets.init_head`)."""
+    H×W) whose last transposed conv is the head, as in the paper's CM decoder (``head_upsamples``: 6× less
+    work per point than a full-resolution layer and a head conv); the Gaussian std starts near ``STD_INIT``."""
 
     def __init__(self, cfg: CMConfig) -> None:
         super().__init__()
@@ -156,7 +158,7 @@ class ConvDecoder(nn.Module):
         self.linear = nn.Linear(cfg.latent_dim, math.prod(self.map_shape))
         sizes = halving_sizes(image_hw, num_downsamplings(image_hw, cfg.feature_hw))
         out = head_channels(cfg.leaf, cfg.image_shape[0], cfg.levels)
-        self.net = Decoder(cfg.channels, cfg.channels, out, sizes, cfg.res_blocks)
+        self.net = Decoder(cfg.channels, cfg.channels, out, sizes, cfg.res_blocks, head_upsamples=True)
         init_head(self.net.head, cfg.leaf, cfg.image_shape[0])
 
     def forward(self, z: Tensor) -> Tensor:
