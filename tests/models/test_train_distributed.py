@@ -153,3 +153,28 @@ def test_amp_is_refused_off_cuda() -> None:
     (z, c) = _codes(8, 1)
     with pytest.raises(ValueError, match="needs a CUDA device"):
         fit(model, _nll_per_latent, (z, c), (z, c), replace(TCFG, amp="bf16"))
+
+
+CM_PAPER_CFG = CMConfig(image_shape=(1, 8, 8), leaf="gaussian", levels=17, latent_dim=3, recipe="paper", channels=4,
+                        feature_hw=(2, 2), points=64, refresh=2)
+
+
+def _cm_paper() -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    cm, result = train_cm(_digits(), CM_PAPER_CFG, replace(TCFG, epochs=2))
+    return cm.state_dict(), torch.tensor([h[k] for h in result.history for k in ("train", "val")])
+
+
+def _ddp_cm_paper(rank: int, out: str) -> None:
+    torch.save(_cm_paper(), f"{out}/rank{rank}.pt")
+
+
+def test_ddp_cm_paper_recipe_equals_one_process(tmp_path: Path) -> None:
+    """The paper recipe's top-1 picks are united over the ranks (every rank decodes the same grid points), so
+    two epochs over 2 gloo ranks equal one process: parameters and losses within 1e-5."""
+    torch.set_num_threads(1)
+    ref, ref_loss = _cm_paper()
+    spawn_ranks(_ddp_cm_paper, 2, str(tmp_path))
+    for r in range(2):
+        got, loss = torch.load(tmp_path / f"rank{r}.pt")
+        _close(ref, got)
+        torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-6)

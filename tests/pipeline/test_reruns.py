@@ -114,6 +114,23 @@ def test_cm_batch_size_trains_the_cm_alone_with_its_own_batch(tmp_path: Path, mo
     assert seen == {"train_cm": 16, "train_einet": cfg.baseline_train.batch_size} and cfg.baseline_train.batch_size != 16
 
 
+def test_cm_recipe_paper_trains_and_compiles_its_own_grid(tmp_path: Path) -> None:
+    """``baselines.cm_recipe: paper`` reaches the CM: its checkpoint is the paper recipe over a grid of
+    ``cm_points`` seeded by the run, and the report's CM row is that grid's circuit."""
+    from vq2pc.baselines.cm import ContinuousMixture
+
+    cfg = tiny_config(["gaussian"], full=False)
+    cfg = dataclasses.replace(cfg, seed=3, baselines=dataclasses.replace(
+        cfg.baselines, cm=True, einet=False, cm_recipe="paper", cm_channels=4, cm_refresh=2))
+    out = run_pipeline(cfg.validate(), tmp_path)
+    row = next(r for r in out["models"] if r["family"] == "CM")
+    model = ContinuousMixture.load((tmp_path / row["circuit_file"]).with_name("cm.pt"))
+    circuit = MixtureCircuit.load(tmp_path / row["circuit_file"])
+    assert row["recipe"] == "paper" and row["N"] == len(circuit) == 64 and circuit.meta["recipe"] == "paper"
+    assert (model.cfg.recipe, model.cfg.points, model.cfg.grid_seed, model.cfg.channels) == ("paper", 64, 3, 4)
+    assert row["source_params"] == model.num_params
+
+
 def test_two_jobs_train_the_baselines_beside_and_give_the_same_report(tmp_path: Path) -> None:
     """``jobs=2``: the baselines train in a second process (its log in the run folder), which then shares the
     +FT rows; the first process reads their cached results; every row equals the one-process run's (up to

@@ -19,6 +19,14 @@ their leaves once and returns a ``MixtureCircuit`` with uniform weights, so ever
 query of the CM is answered by the same engine as the distilled models.
 ``ContinuousMixture.num_params`` is the decoder size (what the paper plots);
 the compiled circuit's size is ``MixtureCircuit.num_params``.
+
+``recipe="paper"`` is the recipe of the distillation paper's own CM code instead
+(:mod:`vq2pc.baselines.cm_paper` trains it): a convolutional decoder (a linear layer to a
+``channels × feature_hw`` map, then the VQ-VAE decoder's blocks of :mod:`vq2pc.models.nets` and its
+pixel head), a FIXED grid of ``points`` Sobol points drawn once from ``grid_seed`` (a buffer of the model,
+uniform weights: the model is the compiled mixture, trained and tested alike), and training on each
+image's top-``top_k`` grid points by posterior. Its batch norms are frozen (statistics of the grid's
+first points at initialization), so a component's leaves do not depend on the batch that decodes it.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ import torch
 from scipy.stats import norm, qmc
 from torch import Tensor, nn
 
+from vq2pc.baselines.cm_paper import GridLoss
 from vq2pc.circuit.distill import decode_leaf
 from vq2pc.circuit.mixture import MixtureCircuit
 from vq2pc.core.checkpoint import SavableModel
@@ -41,14 +50,23 @@ from vq2pc.core.leaves import Categorical, Gaussian, Leaf, component_log_likelih
 from vq2pc.core.validate import rows
 from vq2pc.data.datasets import DataSplits, check_fits
 from vq2pc.core.random import step_seed
+from vq2pc.models.nets import STD_MAX, STD_MIN, Decoder, halving_sizes, head_channels, head_leaf, init_head, \
+    num_downsamplings
 from vq2pc.models.train import TrainConfig, TrainResult, completed_steps, dequantize_once, fit, step_dequantizer
 
-__all__ = ["CMConfig", "ContinuousMixture", "sobol_normal", "train_cm", "compile_cm"]
+__all__ = ["CMConfig", "ContinuousMixture", "sobol_normal", "train_cm", "compile_cm", "CM_RECIPES"]
+
+CM_RECIPES = ("mlp", "paper")
 
 
 @dataclass
 class CMConfig:
-    """A continuous mixture: latent size, decoder width and training integration points (a power of 2)."""
+    """A continuous mixture: latent size, decoder and how it trains (``recipe``, see the module docstring).
+
+    ``mlp``: an MLP of width ``hidden`` trained on ``train_points`` fresh integration points per step.
+    ``paper``: a convolutional decoder (``channels``, ``feature_hw``, ``res_blocks``) over a fixed grid of
+    ``points`` Sobol points (``grid_seed``), trained on each image's ``top_k`` grid points by a posterior
+    refreshed every ``refresh`` steps (the paper code: top 1, re-scored every step)."""
 
     image_shape: tuple[int, int, int]
     leaf: str = "gaussian"
@@ -58,9 +76,18 @@ class CMConfig:
     train_points: int = 2**10
     min_std: float = 1e-3
     max_std: float = 1.0
+    recipe: str = "mlp"  # mlp | paper
+    channels: int = 32  # paper: channels of the convolutional decoder
+    feature_hw: tuple[int, int] = (4, 4)  # paper: the linear layer's map, upsampled by transposed convs to H×W
+    res_blocks: int = 1  # paper: residual blocks at feature_hw
+    points: int = 2**14  # paper: the fixed grid (= the compiled circuit's components)
+    grid_seed: int = 0  # paper: seed of the grid's scrambled Sobol sequence
+    refresh: int = 100  # paper: training steps between re-decodes of the whole grid (to find the top-k)
+    top_k: int = 1  # paper: grid points per image that get gradients
 
     def __post_init__(self) -> None:
         self.image_shape = tuple(int(s) for s in self.image_shape)  # type: ignore[assignment]
+        self.feature_hw = tuple(int(s) for s in self.feature_hw)  # type: ignore[assignment]
         if len(self.image_shape) != 3 or min(self.image_shape) < 1:
             raise ValueError(f"image_shape must be (C, H, W) with positive sizes, got {self.image_shape}")
         if self.leaf not in ("gaussian", "categorical"):
@@ -70,10 +97,39 @@ class CMConfig:
         _check_power_of_two(self.train_points, "train_points")
         if not 0 < self.min_std < self.max_std:
             raise ValueError(f"need 0 < min_std < max_std, got {self.min_std}, {self.max_std}")
+        if self.recipe not in CM_RECIPES:
+            raise ValueError(f"CM recipe must be one of {list(CM_RECIPES)}, got {self.recipe!r}")
+        if self.recipe == "paper":
+            self._check_paper()
+
+    def _check_paper(self) -> None:
+        for name, low in (("channels", 1), ("res_blocks", 0), ("refresh", 1), ("top_k", 1), ("grid_seed", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"CM (paper recipe) {name} must be an integer >= {low}, got {value!r}")
+        _check_power_of_two(self.points, "points")
+        if self.top_k > self.points:
+            raise ValueError(f"CM (paper recipe) top_k must be <= points ({self.points}), got {self.top_k}")
+        if (self.min_std, self.max_std) != (STD_MIN, STD_MAX):
+            raise ValueError(f"CM (paper recipe) uses the VQ-VAE's Gaussian head, stds in [{STD_MIN:g}, {STD_MAX:g}]; "
+                             f"got min_std={self.min_std:g}, max_std={self.max_std:g}")
+        if len(self.feature_hw) != 2:
+            raise ValueError(f"CM (paper recipe) feature_hw must be (h, w), got {self.feature_hw}")
+        if num_downsamplings(self.image_shape[1:], self.feature_hw) < 1:  # raises if H×W is not reached by doubling
+            raise ValueError(f"CM (paper recipe) feature_hw must be smaller than the image, got {self.feature_hw}")
 
     @property
     def num_variables(self) -> int:
         return math.prod(self.image_shape)
+
+    def record(self) -> dict:
+        """The config as a checkpoint records it; an MLP recipe's without the paper recipe's fields, as
+        before those existed (so a checkpoint written then still resumes)."""
+        out = asdict(self)
+        return {k: v for k, v in out.items() if k not in PAPER_FIELDS} if self.recipe == "mlp" else out
+
+
+PAPER_FIELDS = ("recipe", "channels", "feature_hw", "res_blocks", "points", "grid_seed", "refresh", "top_k")
 
 
 def _check_power_of_two(n: int, name: str) -> None:
@@ -89,8 +145,29 @@ def sobol_normal(num_points: int, dim: int, seed: int | np.random.Generator | No
     return torch.from_numpy(norm.ppf(np.clip(u, eps, 1.0 - eps))).float()
 
 
+class ConvDecoder(nn.Module):
+    """``z [M, d] -> [M, head_channels, H, W]``: a linear layer to a ``channels × feature_hw`` map, then the
+    VQ-VAE decoder (:class:`vq2pc.models.nets.Decoder`: 1×1 conv, residual blocks, transposed convs up to
+    H×W) whose last transposed conv is the head, as in the paper's CM decoder (``head_upsamples``: 6× less
+    work per point than a full-resolution layer and a head conv); the Gaussian std starts near ``STD_INIT``."""
+
+    def __init__(self, cfg: CMConfig) -> None:
+        super().__init__()
+        image_hw = cfg.image_shape[1:]
+        self.map_shape = (cfg.channels, *cfg.feature_hw)
+        self.linear = nn.Linear(cfg.latent_dim, math.prod(self.map_shape))
+        sizes = halving_sizes(image_hw, num_downsamplings(image_hw, cfg.feature_hw))
+        out = head_channels(cfg.leaf, cfg.image_shape[0], cfg.levels)
+        self.net = Decoder(cfg.channels, cfg.channels, out, sizes, cfg.res_blocks, head_upsamples=True)
+        init_head(self.net.head, cfg.leaf, cfg.image_shape[0])
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.net(self.linear(z).reshape(-1, *self.map_shape))
+
+
 class ContinuousMixture(SavableModel, nn.Module):
-    """Decoder ``z [M, d] -> leaf [M, S]`` (MLP: d -> h -> 2h -> S·P) and the integration-point likelihood."""
+    """Decoder ``z [M, d] -> leaf [M, S]`` and the integration-point likelihood. ``recipe="mlp"``: an MLP
+    (d -> h -> 2h -> S·P); ``recipe="paper"``: a :class:`ConvDecoder` and the fixed grid ``grid [M, d]``."""
 
     checkpoint_kind = "cm"
     config_class = CMConfig
@@ -98,6 +175,11 @@ class ContinuousMixture(SavableModel, nn.Module):
     def __init__(self, cfg: CMConfig) -> None:
         super().__init__()
         self.cfg = cfg
+        if cfg.recipe == "paper":
+            self.decoder: nn.Module = ConvDecoder(cfg)
+            self.register_buffer("grid", sobol_normal(cfg.points, cfg.latent_dim, cfg.grid_seed))
+            self._calibrate_batchnorm()
+            return
         per_pixel = 2 if cfg.leaf == "gaussian" else cfg.levels
         h = cfg.hidden
         self.decoder = nn.Sequential(
@@ -105,6 +187,29 @@ class ContinuousMixture(SavableModel, nn.Module):
             nn.Linear(h, 2 * h), nn.LeakyReLU(0.1),
             nn.Linear(2 * h, cfg.num_variables * per_pixel),
         )
+
+    @torch.no_grad()
+    def _calibrate_batchnorm(self, points: int = 1024) -> None:
+        """Set every batch norm's statistics to those of the grid's first ``points`` points (a balanced
+        Sobol subset), then freeze them (:meth:`train` keeps them in eval mode)."""
+        norms = [m for m in self.decoder.modules() if isinstance(m, nn.BatchNorm2d)]
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # a cumulative average: one pass gives the batch's statistics
+            m.train()
+        self.decoder(self.grid[:points])
+        for m in norms:
+            m.momentum = 0.1
+            m.eval()
+
+    def train(self, mode: bool = True) -> "ContinuousMixture":
+        """``nn.Module.train``, except that the paper recipe's batch norms stay frozen."""
+        super().train(mode)
+        if self.cfg.recipe == "paper":
+            for m in self.decoder.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.eval()
+        return self
 
     @property
     def num_params(self) -> int:
@@ -120,6 +225,8 @@ class ContinuousMixture(SavableModel, nn.Module):
         if z.dim() != 2 or z.shape[1] != self.cfg.latent_dim:
             raise ValueError(f"z must be [M, {self.cfg.latent_dim}], got {tuple(z.shape)}")
         out = self.decoder(z.to(self.device))
+        if self.cfg.recipe == "paper":
+            return head_leaf(out, self.cfg.leaf, self.cfg.image_shape[0], self.cfg.levels)
         s = self.cfg.num_variables
         if self.cfg.leaf == "categorical":
             return Categorical(out.reshape(-1, s, self.cfg.levels))
@@ -127,17 +234,28 @@ class ContinuousMixture(SavableModel, nn.Module):
         std = self.cfg.min_std + (self.cfg.max_std - self.cfg.min_std) * torch.sigmoid(out[..., 1])
         return Gaussian(torch.sigmoid(out[..., 0]), std)
 
-    def component_log_likelihoods(self, x: Tensor, z: Tensor) -> Tensor:
-        """``x [B, S]`` (model space), ``z [M, d]`` -> ``[B, M]`` log p(x | z_j), by matrix products."""
+    def component_log_likelihoods(self, x: Tensor, z: Tensor | None = None) -> Tensor:
+        """``x [B, S]`` (model space), ``z [M, d]`` (default: the paper recipe's grid) -> ``[B, M]``
+        log p(x | z_j), by matrix products."""
+        z = self._points(z)
         s = self.cfg.num_variables
         x = rows(x, s).to(self.device, torch.float32)
         leaf = self.decode(z)
         leaf.validate_data(x)
         return component_log_likelihoods(leaf, x)
 
-    def log_prob(self, x: Tensor, z: Tensor) -> Tensor:
-        """``[B]`` integration-point estimate ``logsumexp_j log p(x | z_j) − log M``."""
+    def log_prob(self, x: Tensor, z: Tensor | None = None) -> Tensor:
+        """``[B]`` integration-point estimate ``logsumexp_j log p(x | z_j) − log M`` (over the paper recipe's
+        grid by default: then it is exact, the model's own likelihood)."""
+        z = self._points(z)
         return torch.logsumexp(self.component_log_likelihoods(x, z), 1) - math.log(z.shape[0])
+
+    def _points(self, z: Tensor | None) -> Tensor:
+        if z is not None:
+            return z
+        if self.cfg.recipe != "paper":
+            raise ValueError("an MLP-recipe CM has no grid of its own: pass the integration points z [M, d]")
+        return self.grid
 
 
 def _cm_loss(cfg: CMConfig, seed: int, first_step: int) -> Callable[[nn.Module, tuple[Tensor, ...]], Tensor]:
@@ -161,17 +279,24 @@ def _cm_loss(cfg: CMConfig, seed: int, first_step: int) -> Callable[[nn.Module, 
 def train_cm(
     splits: DataSplits, cfg: CMConfig, train_cfg: TrainConfig, checkpoint: str | Path | None = None
 ) -> tuple[ContinuousMixture, TrainResult]:
-    """Fit a continuous mixture by maximum (RQMC-estimated) likelihood with :func:`train.fit` (kind ``cm``);
-    dequantization noise and integration points are drawn per step (seeded by the step)."""
+    """Fit a continuous mixture by maximum likelihood with :func:`train.fit` (kind ``cm``); dequantization
+    noise is drawn per step (seeded by the step). ``recipe="mlp"``: the RQMC estimate over fresh integration
+    points per step (seeded by the step); ``recipe="paper"``: the grid's top-k bound
+    (:class:`~vq2pc.baselines.cm_paper.GridLoss`), early-stopped on the exact validation likelihood."""
     check_fits(cfg.image_shape, cfg.levels, splits)
     with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's global RNG
         torch.manual_seed(train_cfg.seed)
         model = ContinuousMixture(cfg)
     first = completed_steps(checkpoint, "cm", len(splits.train_x), train_cfg.batch_size)
     val = (dequantize_once(splits.val_x, cfg.leaf, cfg.levels, train_cfg.seed),)
+    if cfg.recipe == "paper":
+        loss: Callable[[nn.Module, tuple[Tensor, ...]], Tensor] = GridLoss(
+            model, first, math.ceil(len(splits.train_x) / train_cfg.batch_size))
+    else:
+        loss = _cm_loss(cfg, train_cfg.seed, first)
     with flush_denormals(train_cfg.device):  # the posterior's tiny gradients (~1.9x per step on MNIST)
-        result = fit(model, _cm_loss(cfg, train_cfg.seed, first), (splits.train_x,), val, train_cfg,
-                     checkpoint=checkpoint, kind="cm", meta={"config": asdict(cfg)}, desc="cm",
+        result = fit(model, loss, (splits.train_x,), val, train_cfg,
+                     checkpoint=checkpoint, kind="cm", meta={"config": cfg.record()}, desc="cm",
                      prepare=step_dequantizer(cfg.leaf, cfg.levels, train_cfg.seed, first))
     return model, result
 
@@ -181,9 +306,18 @@ def compile_cm(
     model: ContinuousMixture, num_points: int = 2**14, seed: int = 0, *, batch_size: int = 1024,
     memory_budget_mib: float = 1024,
 ) -> MixtureCircuit:
-    """A ``MixtureCircuit`` with ``num_points`` uniformly weighted components: the decoded Sobol points."""
-    z = sobol_normal(num_points, model.cfg.latent_dim, seed).to(model.device)
+    """A ``MixtureCircuit`` with ``num_points`` uniformly weighted components: the decoded Sobol points
+    (seeded by ``seed``). A paper-recipe CM is its own grid: ``num_points`` and ``seed`` must be its
+    ``points`` and ``grid_seed``."""
+    cfg = model.cfg
+    if cfg.recipe == "paper":
+        if (num_points, seed) != (cfg.points, cfg.grid_seed):
+            raise ValueError(f"a paper-recipe CM is the mixture over its own grid of {cfg.points} points (seed "
+                             f"{cfg.grid_seed}); got num_points={num_points}, seed={seed}")
+        z = model.grid
+    else:
+        z = sobol_normal(num_points, cfg.latent_dim, seed).to(model.device)
     leaf = decode_leaf(model, z, batch_size)
-    meta = {"source": "continuous-mixture", "latent_dim": model.cfg.latent_dim, "num_points": int(num_points),
-            "seed": int(seed), "decoder_params": model.num_params}
+    meta = {"source": "continuous-mixture", "latent_dim": cfg.latent_dim, "num_points": int(num_points),
+            "seed": int(seed), "decoder_params": model.num_params, "recipe": cfg.recipe}
     return MixtureCircuit(leaf, torch.zeros(num_points, device=model.device), memory_budget_mib=memory_budget_mib, meta=meta)

@@ -38,7 +38,7 @@ import copy
 import math
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -48,14 +48,15 @@ from tqdm.auto import tqdm
 from vq2pc.circuit.distill import decode_leaf
 from vq2pc.circuit.mixture import MixtureCircuit
 from vq2pc.core.distributed import all_reduce_max_, all_reduce_sum, is_distributed, is_main, shard_range
-from vq2pc.core.leaves import cap_std, component_log_likelihoods
+from vq2pc.core.leaves import Leaf, cap_std, component_log_likelihoods
 from vq2pc.core.optim import adam
 from vq2pc.core.random import step_seed
 from vq2pc.core.validate import is_positive_number
 from vq2pc.data.datasets import DataSplits, to_model_space
 from vq2pc.latents.selection import Selection
 
-__all__ = ["FineTuneConfig", "FineTuneResult", "finetune", "finetune_distill", "CAP_MARK", "cap_text"]
+__all__ = ["FineTuneConfig", "FineTuneResult", "finetune", "finetune_distill", "PosteriorPicks", "subset_nll",
+           "CAP_MARK", "cap_text"]
 
 COMPONENT_MODES = ("posterior", "random")
 SCHEDULES = ("constant", "cosine")
@@ -136,6 +137,40 @@ class FineTuneResult:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
+class PosteriorPicks:
+    """``components: posterior``: the components that get gradients in a step. Each image's ``top_k`` components
+    by posterior under a stale decode of the whole mixture (``decode()``, first at the first call, again at each
+    :meth:`refresh`), united over the batch's rows and, under ``torchrun``, over every rank's rows (so every rank
+    decodes the same components). The components may be codes of a VQ-VAE or points of a continuous mixture:
+    only ``decode`` knows them."""
+
+    def __init__(self, decode: Callable[[], MixtureCircuit], top_k: int) -> None:
+        self.decode, self.top_k = decode, int(top_k)
+        self.stale: MixtureCircuit | None = None
+
+    def refresh(self) -> None:
+        """Decode the whole mixture again (no gradients); later picks use it."""
+        self.stale = self.decode()
+
+    @torch.no_grad()
+    def __call__(self, x: Tensor) -> Tensor:
+        """``x [B, S]`` (model space) -> the indices ``U`` (ascending, distinct) of the picked components."""
+        if self.stale is None:
+            self.refresh()
+        scores = self.stale.log_likelihoods(x) + self.stale.log_weights  # [B, N]
+        N = len(self.stale)
+        chosen = torch.zeros(N, dtype=torch.int32, device=x.device)
+        chosen[scores.topk(min(self.top_k, N), dim=1).indices.flatten()] = 1
+        return all_reduce_max_(chosen).nonzero().flatten()
+
+
+def subset_nll(leaf: Leaf, x: Tensor, log_w: Tensor) -> Tensor:
+    """``[B]`` ``−log Σ_{n∈U} w_n p(x_b | θ_n)`` (float64, differentiable) for ``x [B, S]``, the leaves of the
+    components ``U`` (batch ``[|U|, S]``) and their log weights ``log_w [|U|]``: a lower bound of the mixture's
+    log-likelihood, tight when the posterior mass of each image lies in ``U``."""
+    return -torch.logsumexp(component_log_likelihoods(leaf, x).double() + log_w, dim=1)
+
+
 def _mean_log_prob(circuit: MixtureCircuit, x_val: Tensor) -> float:
     """Mean exact log p̂(x) over ``x_val [n, S]`` (each rank scores its :func:`shard_range` rows)."""
     lo, hi = shard_range(x_val.shape[0])
@@ -158,7 +193,7 @@ class _Trainer:
         self.sched = (torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=total_steps)
                       if cfg.schedule == "cosine" else None)
         self.gen = torch.Generator().manual_seed(cfg.seed)
-        self.stale: MixtureCircuit | None = None
+        self.picks = PosteriorPicks(self.decoded, cfg.top_k)
         self.step_count = 0
 
     def log_weights(self) -> Tensor:
@@ -175,13 +210,9 @@ class _Trainer:
         if cfg.components == "random":
             U = torch.randperm(N, generator=self.gen)[: cfg.subset].to(self.codes.device)
             return U, torch.log_softmax(self.logits[U], 0)
-        if self.stale is None or self.step_count % cfg.refresh == 0:
-            self.stale = self.decoded()
-        with torch.no_grad():
-            scores = self.stale.log_likelihoods(x) + self.stale.log_weights  # [B_r, N]
-            chosen = torch.zeros(N, dtype=torch.int32, device=x.device)
-            chosen[scores.topk(min(cfg.top_k, N), dim=1).indices.flatten()] = 1
-            U = all_reduce_max_(chosen).nonzero().flatten()  # the union over every rank's images
+        if self.step_count % cfg.refresh == 0:
+            self.picks.refresh()
+        U = self.picks(x)
         return U, self.log_weights()[U]
 
     def step(self, v: Tensor, levels: int, leaf_kind: str) -> float:
@@ -195,8 +226,7 @@ class _Trainer:
         lo, hi = shard_range(x.shape[0])
         U, log_w = self._pick(x[lo:hi])
         leaf = cap_std(self.decoder.decode(self.codes[U]), self.cfg.std_max)
-        lp = component_log_likelihoods(leaf, x[lo:hi])  # [B_r, |U|]
-        loss = -torch.logsumexp(lp.double() + log_w, dim=1).sum() / x.shape[0]
+        loss = subset_nll(leaf, x[lo:hi], log_w).sum() / x.shape[0]
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         if is_distributed():
@@ -225,7 +255,7 @@ def finetune(decoder: nn.Module, codes: Tensor, log_weights: Tensor, splits: Dat
     start = time.perf_counter()
     train_v = splits.train_x[: cfg.train_limit] if cfg.train_limit else splits.train_x
     trainer = _Trainer(decoder, codes, log_weights, cfg, cfg.epochs * math.ceil(len(train_v) / cfg.batch_size))
-    trainer.stale = start_circuit = trainer.decoded()  # also the components' scores of the first steps
+    trainer.picks.stale = start_circuit = trainer.decoded()  # also the components' scores of the first steps
     leaf_kind = start_circuit.leaf.kind
     val_v = splits.val_x[: cfg.val_limit] if cfg.val_limit else splits.val_x
     x_val = to_model_space(val_v, leaf_kind, splits.levels, torch.Generator().manual_seed(cfg.seed + 1))

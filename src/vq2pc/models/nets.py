@@ -96,23 +96,34 @@ class Decoder(nn.Module):
 
     ``sizes`` are the encoder's grid sizes from the image down to the latent
     grid (:func:`halving_sizes`); each transposed conv restores the next one up.
+    ``head_upsamples``: the last transposed conv is the head (it outputs ``out_channels``; no full-resolution
+    ``hidden``-channel layer, the costliest of the decoder, and no head conv), as the continuous mixture's
+    decoder in the paper's code; it needs at least one upsampling.
     """
 
-    def __init__(self, D: int, hidden: int, out_channels: int, sizes: list[tuple[int, int]], res_blocks: int) -> None:
+    def __init__(self, D: int, hidden: int, out_channels: int, sizes: list[tuple[int, int]], res_blocks: int,
+                 head_upsamples: bool = False) -> None:
         super().__init__()
+        if head_upsamples and len(sizes) < 2:
+            raise ValueError("head_upsamples needs a latent grid smaller than the image (one upsampling at least)")
         layers: list[nn.Module] = [nn.Conv2d(D, hidden, 1)]
         layers += [ResBlock(hidden) for _ in range(res_blocks)]
         layers.append(nn.ReLU())
-        for (big_h, big_w), (h, w) in zip(reversed(sizes[:-1]), reversed(sizes[1:])):
+        ups = list(zip(reversed(sizes[:-1]), reversed(sizes[1:])))
+        for i, ((big_h, big_w), (h, w)) in enumerate(ups):
             pad = (big_h - (2 * h - 1), big_w - (2 * w - 1))  # (h-1)·2 - 2 + 3 + pad = big
+            if head_upsamples and i == len(ups) - 1:
+                layers.append(nn.ConvTranspose2d(hidden, out_channels, 3, stride=2, padding=1, output_padding=pad))
+                break
             up = nn.ConvTranspose2d(hidden, hidden, 3, stride=2, padding=1, output_padding=pad, bias=False)
             layers.append(_conv_bn_relu(up, hidden))
-        layers.append(nn.Conv2d(hidden, out_channels, 3, padding=1))
+        else:
+            layers.append(nn.Conv2d(hidden, out_channels, 3, padding=1))
         self.net = nn.Sequential(*layers)
 
     @property
-    def head(self) -> nn.Conv2d:
-        """The last convolution, whose channels parametrize the pixel leaves."""
+    def head(self) -> nn.Conv2d | nn.ConvTranspose2d:
+        """The last (transposed) convolution, whose channels parametrize the pixel leaves."""
         return self.net[-1]
 
     def forward(self, z: Tensor) -> Tensor:
@@ -128,7 +139,7 @@ def head_channels(leaf: str, channels: int, levels: int) -> int:
 
 
 @torch.no_grad()
-def init_head(head: nn.Conv2d, leaf: str, channels: int) -> None:
+def init_head(head: nn.Conv2d | nn.ConvTranspose2d, leaf: str, channels: int) -> None:
     """Start a Gaussian head's std near :data:`STD_INIT` by setting the bias of its std channels."""
     if leaf == "gaussian":
         lo, hi = math.log(STD_MIN), math.log(STD_MAX)

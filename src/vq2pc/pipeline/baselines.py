@@ -37,11 +37,26 @@ def _bpd_row(run: RunDir, cfg: RunConfig, splits: DataSplits, leaf: str, key: st
                        generator=torch.Generator().manual_seed(cfg.seed))
         return {**row, "leaf": leaf, **bpd_fields(bpd), "test_images": len(test_x)}
 
-    params = {"baselines": settings_key(cfg.baselines, added_later=("cm_batch_size",)),
+    params = {"baselines": settings_key(cfg.baselines, added_later=CM_ADDED_LATER),
               "train": settings_key(cfg.baseline_train, drop=("progress", "device", "compile"), added_later=("amp",)),
               "seed": cfg.seed, "test_limit": cfg.test_limit, "bpd_draws": cfg.experiments.bpd_draws,
               "bpd_format": BPD_FORMAT}
     return run.cached("baselines", f"{leaf}/baselines/{key}", compute, depends=(depends,), params=params)
+
+
+CM_ADDED_LATER = ("cm_batch_size", "cm_recipe", "cm_channels", "cm_refresh", "cm_top_k")
+"""BaselineSpec keys added after results were cached: left out of a cache key while None."""
+
+
+def _cm_config(spec: BaselineSpec, splits: DataSplits, leaf: str, seed: int) -> CMConfig:
+    """The CM of ``spec``: the MLP recipe, or the paper recipe over a grid of ``cm_points`` (seeded by the run)."""
+    common = {"image_shape": tuple(splits.image_shape), "leaf": leaf, "levels": splits.levels,
+              "latent_dim": spec.cm_latent_dim}
+    if spec.cm_recipe != "paper":
+        return CMConfig(**common, hidden=spec.cm_hidden, train_points=spec.cm_train_points)
+    paper = {"channels": spec.cm_channels, "refresh": spec.cm_refresh, "top_k": spec.cm_top_k}
+    return CMConfig(**common, recipe="paper", points=spec.cm_points, grid_seed=seed,
+                    **{k: v for k, v in paper.items() if v is not None})
 
 
 def _time_cap(result: TrainResult, train: TrainConfig, name: str, notes: list[str]) -> float | None:
@@ -105,8 +120,7 @@ def run_baselines(
                                  time_cap_fired=_time_cap(res, train_cfg, f"{name} ({leaf})", notes)))
             models[name] = model
     if spec.cm:
-        ccfg = CMConfig(image_shape=tuple(splits.image_shape), leaf=leaf, levels=splits.levels,
-                        latent_dim=spec.cm_latent_dim, hidden=spec.cm_hidden, train_points=spec.cm_train_points)
+        ccfg = _cm_config(spec, splits, leaf, cfg.seed)
         ckpt = run.checkpoint("baselines", leaf, "baselines", "cm.pt")
         cm_train = replace(train_cfg, batch_size=spec.cm_batch_size or train_cfg.batch_size)
         model, res = train_cm(splits, ccfg, cm_train, checkpoint=ckpt)
@@ -119,7 +133,7 @@ def run_baselines(
             run.redone.add(path)
         circuit = MixtureCircuit.load(path, device=cfg.device)
         rows.append(_bpd_row(run, cfg, splits, leaf, "cm", circuit, path, name=f"CM (M={spec.cm_points})", family="CM",
-                             selection="cm", N=len(circuit), num_params=circuit.num_params,
+                             selection="cm", N=len(circuit), num_params=circuit.num_params, recipe=ccfg.recipe,
                              source_params=model.num_params, circuit_file=str(path.relative_to(run.root)),
                              **res.summary(), time_cap_fired=capped))
         models["CM"] = circuit

@@ -21,6 +21,7 @@ import yaml
 
 from vq2pc.baselines.einet import SUM_PRODUCT_LAYERS
 from vq2pc.baselines.regions import REGION_GRAPHS
+from vq2pc.baselines.cm import CM_RECIPES
 from vq2pc.circuit.finetune import FineTuneConfig
 from vq2pc.core.leaves import LEAF_KINDS
 from vq2pc.core.validate import is_positive_number
@@ -109,6 +110,14 @@ class BaselineSpec:
     # The CM's training batch (None: baseline_train's). A CM step decodes its integration points once for
     # the whole batch, so a step's cost barely grows with the batch and larger batches make epochs cheaper.
     cm_batch_size: int | None = None
+    # The CM's recipe (None: mlp). mlp: an MLP decoder (cm_hidden) on cm_train_points fresh points per step;
+    # paper: the distillation paper's code: a convolutional decoder (cm_channels) over a fixed grid of
+    # cm_points Sobol points, trained on each image's cm_top_k grid points by a posterior re-decoded every
+    # cm_refresh steps (vq2pc.baselines.cm; docs/NOTES.md, "The CM's recipe"). None: CMConfig's defaults.
+    cm_recipe: str | None = None
+    cm_channels: int | None = None
+    cm_refresh: int | None = None
+    cm_top_k: int | None = None
 
 
 @dataclass
@@ -171,6 +180,7 @@ class RunConfig:
                                          "correlation_images", "bpd_draws"), "config.experiments")
         _check_counts(self.baselines, ("cm_latent_dim", "cm_hidden", "cm_train_points", "cm_points", "cm_batch_size"),
                      "config.baselines")
+        _check_cm_recipe(self.baselines)
         for leaf in self.leaves:
             if leaf not in LEAF_KINDS:
                 raise ValueError(f"config: unknown leaf {leaf!r}; expected one of {list(LEAF_KINDS)}")
@@ -247,6 +257,21 @@ class RunConfig:
     def analysis(self) -> ModelSpec:
         """The model of the latent-usage and correlation experiments."""
         return next(m for m in self.models if m.name == (self.experiments.analysis_model or self.main.name))
+
+
+def _check_cm_recipe(b: BaselineSpec) -> None:
+    """``cm_recipe`` is None, mlp or paper; the paper recipe's settings are counts, given only with it."""
+    where = "config.baselines"
+    if b.cm_recipe not in (None, *CM_RECIPES):
+        raise ValueError(f"{where}: cm_recipe must be one of {list(CM_RECIPES)}, got {b.cm_recipe!r}")
+    _check_counts(b, ("cm_channels", "cm_refresh", "cm_top_k"), where)
+    paper_only = [k for k in ("cm_channels", "cm_refresh", "cm_top_k") if getattr(b, k) is not None]
+    if b.cm_recipe != "paper" and paper_only:
+        raise ValueError(f"{where}: {paper_only} apply to cm_recipe: paper only (cm_recipe is {b.cm_recipe or 'mlp'!r})")
+    if b.cm_recipe == "paper" and b.cm_points & (b.cm_points - 1):
+        raise ValueError(f"{where}: cm_points is the paper recipe's Sobol grid, a power of 2; got {b.cm_points}")
+    if b.cm_recipe == "paper" and b.cm_top_k is not None and b.cm_top_k > b.cm_points:
+        raise ValueError(f"{where}: cm_top_k must be <= cm_points ({b.cm_points}), got {b.cm_top_k}")
 
 
 def _check_extra_N(m: ModelSpec) -> None:
