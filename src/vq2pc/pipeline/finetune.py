@@ -47,10 +47,14 @@ def ft_row(run: RunDir, cfg: RunConfig, splits: DataSplits, src: SourceModel, ro
 
     def compute() -> dict[str, Any]:
         selection = make_selection(src, cfg, row["selection"], row["requested_N"])
-        circuit, res = finetune_distill(src.vqvae, selection, splits, settings,
+        # an interrupted fine-tuning resumes from here (training restarts if the source or the settings changed)
+        ckpt = run.checkpoint("distill", src.leaf, src.spec.name, "circuits", f"{key}.pt", after=src.files,
+                              params=params)
+        circuit, res = finetune_distill(src.vqvae, selection, splits, settings, checkpoint=ckpt,
                                         weights=selection_weights(src, row["selection"]), meta=circuit_meta(src))
         circuit.meta.update({"image_shape": list(splits.image_shape), "levels": splits.levels})
         circuit.save(path)
+        run.discard(ckpt)
         bpd = test_bpd(circuit, test_x, src.leaf, splits.levels, draws=cfg.experiments.bpd_draws,
                        generator=torch.Generator().manual_seed(cfg.seed))
         extra = {k: v for k, v in row.items() if k not in ("name", "family", "N", "num_params", "circuit_file",

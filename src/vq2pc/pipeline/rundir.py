@@ -69,13 +69,15 @@ class RunDir:
     def figure(self, name: str) -> Path:
         return self.path("figures", name)
 
-    def checkpoint(self, stage: str, *parts: str, after: tuple[Path, ...] = ()) -> Path:
+    def checkpoint(self, stage: str, *parts: str, after: tuple[Path, ...] = (),
+                   params: dict[str, Any] | None = None) -> Path:
         """Path of a training checkpoint, removed first (training restarts) when ``stage`` is forced
-        or when a file it was trained from (``after``, e.g. the VQ-VAE for the prior) changed content."""
+        or when a file it was trained from (``after``, e.g. the VQ-VAE for the prior) changed content,
+        or the settings it was trained with (``params``, when given) changed."""
         p = self.path(*parts)
-        stale = p.exists() and p not in self.redone and (self.forced(stage) or self._changed(after, p))
+        stale = p.exists() and p not in self.redone and (self.forced(stage) or self._changed(after, p, params))
         if stale or not p.exists():
-            write_json(_inputs_file(p), self._digests(after))  # what this training starts from
+            write_json(_inputs_file(p), self._record(after, params))  # what this training starts from
         barrier()  # under torchrun: every rank decided on the same file before rank 0 removes it
         if stale:
             if is_main():
@@ -83,6 +85,12 @@ class RunDir:
             self.redone.add(p)
         barrier()
         return p
+
+    def discard(self, path: Path) -> None:
+        """Remove a finished training's checkpoint and its record (rank 0; the file is not needed any more)."""
+        if is_main():
+            path.unlink(missing_ok=True)
+            _inputs_file(path).unlink(missing_ok=True)
 
     def outdated(self, stage: str, path: Path, depends: tuple[Path, ...] = ()) -> bool:
         """Whether the output file ``path`` must be (re)made: missing, forced, or made from other contents
@@ -92,14 +100,19 @@ class RunDir:
             write_json(_inputs_file(path), self._digests(depends))
         return redo
 
-    def _changed(self, depends: tuple[Path, ...], target: Path) -> bool:
-        """Whether ``depends`` differ from the contents ``target`` was made from (recorded beside it);
-        a target made before records existed falls back to file times."""
+    def _changed(self, depends: tuple[Path, ...], target: Path, params: dict[str, Any] | None = None) -> bool:
+        """Whether ``depends`` (or ``params``) differ from the contents ``target`` was made from (recorded
+        beside it); a target made before records existed falls back to file times."""
         try:
             recorded = json.loads(_inputs_file(target).read_text())
         except (OSError, ValueError):
             return _newer(depends, target)
-        return recorded != self._digests(depends)
+        return recorded != self._record(depends, params)
+
+    def _record(self, depends: tuple[Path, ...], params: dict[str, Any] | None) -> dict[str, Any]:
+        """What a file records beside it: the digests of ``depends``, and ``params`` when given."""
+        digests: dict[str, Any] = self._digests(depends)
+        return digests if params is None else {**digests, _PARAMS: json.loads(json.dumps(params, sort_keys=True))}
 
     def _digests(self, paths: tuple[Path, ...]) -> dict[str, str | None]:
         """Contents of ``paths`` by their path in the run folder (a moved or copied folder stays valid)."""
