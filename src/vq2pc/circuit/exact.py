@@ -3,9 +3,9 @@
 The exact model is the exhaustive distilled circuit with prior weights, but it is
 never materialized: MNIST with a 2×2 grid and ``K = 32`` has ``2^20`` components
 (6.6 GB of Gaussian leaf parameters), ``K = 96`` has 85M. Instead ``log p(z)`` is
-enumerated once (``[K^{HW}]`` float32, :func:`vq2pc.enumerate.enumerate_log_prior`)
+enumerated once (``[K^{HW}]`` float32, :func:`vq2pc.latents.enumerate.enumerate_log_prior`)
 and every query streams over the latent space in lexicographic chunks: a chunk of
-latents is decoded (:func:`vq2pc.distillation.decode_leaf`), wrapped in a chunk
+latents is decoded (:func:`vq2pc.circuit.distill.decode_leaf`), wrapped in a chunk
 :class:`~vq2pc.circuit.MixtureCircuit` whose ``log_likelihoods`` (the fast kernel)
 gives ``[B, n_chunk]``, ``log p(z)`` of the chunk is added, and the result is folded
 into running reductions (float64 log-sum-exp, rescaled weighted sums, running
@@ -65,7 +65,7 @@ class ExactModel:
         memory_budget_mib: memory bound of one chunk (and of each chunk circuit's temporaries).
         device: where to compute (both models are moved there, in place); default: the VQ-VAE's device.
         progress: show a tqdm bar per streaming pass.
-        std_floor: raise decoded Gaussian stds below it to it (see :func:`vq2pc.distillation.decode_leaf`).
+        std_floor: raise decoded Gaussian stds below it to it (see :func:`vq2pc.circuit.distill.decode_leaf`).
     """
 
     def __init__(

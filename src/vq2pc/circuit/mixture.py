@@ -2,7 +2,7 @@
 
 ``p̂(x) = Σ_n w_n Π_i p(x_i | θ_n)`` over ``N`` components and ``S`` variables.
 Every query reduces to the component log-likelihood matrix ``ℓ [B, N]``
-(:mod:`vq2pc.circuit_kernels`: one matrix product for Gaussian and Bernoulli
+(:mod:`vq2pc.circuit.kernels`: one matrix product for Gaussian and Bernoulli
 leaves, an ``embedding_bag`` table sum for categorical leaves) followed by a
 streaming reduction over ``N``. The batch is cut into row blocks and the
 components into column blocks so that the temporaries of one block stay within
