@@ -88,13 +88,34 @@ def test_ft_std_max_adds_capped_ft_rows_beside_the_uncapped_ones(tmp_path: Path)
                for n in out["notes"])
 
 
-def test_settings_key_leaves_out_dropped_settings_and_unset_later_ones() -> None:
+def test_settings_key_leaves_out_dropped_settings_only() -> None:
     from vq2pc.models.train import TrainConfig
     from vq2pc.pipeline.rundir import settings_key
 
-    key = settings_key(TrainConfig(), drop=("progress",), added_later=("amp", "max_seconds"))
-    assert "progress" not in key and "amp" not in key and "max_seconds" not in key and key["lr"] == TrainConfig().lr
-    assert settings_key(TrainConfig(amp="bf16"), added_later=("amp",))["amp"] == "bf16"
+    key = settings_key(TrainConfig(), drop=("progress",))
+    assert "progress" not in key and key["amp"] is None and key["lr"] == TrainConfig().lr
+    assert key.keys() == {f.name for f in dataclasses.fields(TrainConfig)} - {"progress"}
+
+
+def test_a_folder_of_another_cache_schema_is_refused_until_forced(tmp_path: Path) -> None:
+    """A run folder stamped before cache schemas existed (no "cache_schema" in data.json) is refused with one
+    message naming both ways out; --force all recomputes it, and the stamp then holds this schema."""
+    from vq2pc.data.datasets import load_dataset
+    from vq2pc.pipeline import _check_data, run_pipeline
+    from vq2pc.pipeline.rundir import CACHE_SCHEMA, RunDir
+
+    cfg = tiny_config(["gaussian"], full=False)
+    splits = load_dataset(cfg.dataset, seed=cfg.seed, limit=cfg.limit)
+    old = {"dataset": cfg.dataset, "seed": cfg.seed, "limit": cfg.limit, "splits_sha256": splits.fingerprint()}
+    (tmp_path / "data.json").write_text(json.dumps(old))
+    with pytest.raises(ValueError, match=r"cache schema 1, this one reads 2\): run into a new folder, or pass "
+                                         r"--force all"):
+        run_pipeline(cfg, tmp_path)
+    assert not (tmp_path / "gaussian").exists(), "a refused folder was written to"
+    run = RunDir(tmp_path, {"all"})
+    assert _check_data(run, cfg, splits, print) == {**old, "cache_schema": CACHE_SCHEMA}
+    (tmp_path / "data.json").write_text(json.dumps({**old, "cache_schema": CACHE_SCHEMA}))
+    _check_data(RunDir(tmp_path), cfg, splits, print)  # this schema: reused
 
 
 def test_cm_batch_size_trains_the_cm_alone_with_its_own_batch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -103,7 +124,7 @@ def test_cm_batch_size_trains_the_cm_alone_with_its_own_batch(tmp_path: Path, mo
 
     seen: dict[str, int] = {}
     for name in ("train_cm", "train_einet"):
-        def spy(splits: Any, model_cfg: Any, train: Any, checkpoint: Any = None, _real: Any = getattr(stage, name),
+        def spy(splits: Any, model_cfg: Any, train: Any, checkpoint: Any = None, _real: Any = getattr(stage, name),  # noqa: B008 (binds this stage)
                 _name: str = name) -> Any:
             seen[_name] = train.batch_size
             return _real(splits, model_cfg, train, checkpoint=checkpoint)

@@ -27,7 +27,7 @@ from vq2pc.pipeline.findings import findings
 from vq2pc.pipeline.finetune import finetune_all, ft_row, ft_sources
 from vq2pc.pipeline.helper import HelperProcess
 from vq2pc.pipeline.models import SourceModel, build_source_model, distill_all
-from vq2pc.pipeline.rundir import STAGES, Models, RunDir, check_stages
+from vq2pc.pipeline.rundir import CACHE_SCHEMA, STAGES, Models, RunDir, check_schema, check_stages
 
 __all__ = ["run_pipeline", "STAGES", "RunDir"]
 
@@ -138,19 +138,23 @@ def _check_data(run: RunDir, cfg: RunConfig, splits: Any, log: _Log) -> dict[str
     """Force every stage when this folder's results were computed from other data or another seed.
 
     ``data.json`` records the dataset, split seed, limit and the SHA-256 of the splits' contents (not file
-    times: a copied run folder stays valid). Every stage reads the data, so a change recomputes them all.
+    times: a copied run folder stays valid), and the :data:`CACHE_SCHEMA` (a folder of another one is refused).
+    Every stage reads the data, so a change recomputes them all.
     A changed record is written back only when the run finishes, so a run killed half-way through
     recomputing is recomputed again, never half-reused."""
-    now = {"dataset": cfg.dataset, "seed": cfg.seed, "limit": cfg.limit, "splits_sha256": splits.fingerprint()}
+    now = {"dataset": cfg.dataset, "seed": cfg.seed, "limit": cfg.limit, "splits_sha256": splits.fingerprint(),
+           "cache_schema": CACHE_SCHEMA}
     path = run.root / "data.json"
     try:
         before = json.loads(path.read_text())
     except (OSError, ValueError):
         before = None  # a new folder (or one made before data.json existed)
-    if isinstance(before, dict) and before != now:
-        changed = sorted(k for k in now if before.get(k) != now[k])
-        log(f"the data of this run folder changed ({', '.join(changed)}): every stage is recomputed")
-        run.force.add("all")
+    if isinstance(before, dict):
+        check_schema(run, before)
+        changed = sorted(k for k in now if k != "cache_schema" and before.get(k) != now[k])
+        if changed:
+            log(f"the data of this run folder changed ({', '.join(changed)}): every stage is recomputed")
+            run.force.add("all")
     elif before is None:
         write_json(path, now)
     return now

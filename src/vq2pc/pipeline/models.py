@@ -166,13 +166,9 @@ def _floor_tags(spec: ModelSpec) -> tuple[str, str]:
 
 def distill_params(cfg: RunConfig, spec: ModelSpec, *extra: str, strategy: str | None = None) -> dict[str, Any]:
     """The settings a distilled row of ``strategy`` depends on besides its files (a change recomputes the row);
-    the prior is named only when it is not the PixelCNN, the beam score only for DMBS rows not scored by the
-    class marginal (what DMBS did before the option) and the beam search only when it is stochastic, so results
-    of older run directories stay valid."""
-    beam = strategy == "beam"
-    keys = ("weights", "starts", "std_floor", *extra) + (("prior",) if spec.prior != "pixelcnn" else ()) + (
-        ("beam_score",) if beam and spec.beam_score != "marginal" else ()) + (
-        ("beam_search",) if beam and spec.beam_search != "deterministic" else ())
+    the beam score and search only for DMBS rows."""
+    keys = ("weights", "starts", "std_floor", "prior", *extra) + (
+        ("beam_score", "beam_search") if strategy == "beam" else ())
     return {**{k: getattr(spec, k) for k in keys}, "seed": cfg.seed, "bpd_format": BPD_FORMAT, "test_limit": cfg.test_limit,
             "exact_test_limit": cfg.exact_test_limit, "bpd_draws": cfg.experiments.bpd_draws,
             "max_exhaustive": cfg.max_exhaustive, "max_materialize": cfg.max_materialize}

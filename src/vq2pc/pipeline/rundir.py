@@ -30,10 +30,16 @@ from vq2pc.circuit.mixture import MixtureCircuit
 from vq2pc.core.distributed import barrier, is_main
 from vq2pc.core.files import write_json
 
-__all__ = ["RunDir", "Models", "STAGES", "check_stages", "settings_key"]
+__all__ = ["RunDir", "Models", "STAGES", "CACHE_SCHEMA", "check_stages", "check_schema", "settings_key"]
 
 _PARAMS = "_params"  # key of the settings a cached result was computed with
 _INPUTS = "_inputs"  # key of the SHA-256 of the files a cached result was computed from
+
+CACHE_SCHEMA = 2
+"""Version of what the cache keys hold (the settings stored under ``_params``, stamped in ``data.json``). A key
+holds every setting a stage reads; a change to what they hold bumps this version, and a run folder stamped with
+another one is refused (:func:`check_schema`) instead of being recomputed piecemeal. 1: keys that left out
+settings added later while unset."""
 
 # Stage names accepted by --force.
 STAGES = ("vqvae", "prior", "distill", "baselines", "usage", "inpainting", "samples", "correlation", "all")
@@ -102,7 +108,7 @@ class RunDir:
 
     def _changed(self, depends: tuple[Path, ...], target: Path, params: dict[str, Any] | None = None) -> bool:
         """Whether ``depends`` (or ``params``) differ from the contents ``target`` was made from (recorded
-        beside it); a target made before records existed falls back to file times."""
+        beside it); a target without a record (a file put there by hand) falls back to file times."""
         try:
             recorded = json.loads(_inputs_file(target).read_text())
         except (OSError, ValueError):
@@ -129,8 +135,8 @@ class RunDir:
         self, stage: str, name: str, compute: Callable[[], dict[str, Any]], outputs: tuple[Path, ...] = (),
         depends: tuple[Path, ...] = (), params: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """Return ``results/<name>.json`` if it and ``outputs`` exist, no file in ``depends`` is newer,
-        it was computed with the same ``params`` (the config values the stage reads) and ``stage`` is not
+        """Return ``results/<name>.json`` if it and ``outputs`` exist, the files in ``depends`` have the contents
+        it was computed from, it was computed with the same ``params`` (the config values the stage reads) and ``stage`` is not
         forced; else compute it.
 
         ``compute`` writes ``outputs`` (files) itself and returns the numbers, which are written last, so a
@@ -139,11 +145,11 @@ class RunDir:
         has no outputs and is reused like any other.
         """
         path = self.path("results", f"{name}.json")
-        params = json.loads(json.dumps(params or {}, sort_keys=True))  # as it reads back from disk
+        params = json.loads(json.dumps({"cache_schema": CACHE_SCHEMA, **(params or {})}, sort_keys=True))  # as read
         if path.exists() and not (self.forced(stage) and path not in self.redone):
             stored = json.loads(path.read_text())
             inputs = stored.pop(_INPUTS, None)
-            same = not _newer(depends, path) if inputs is None else inputs == self._digests(depends)
+            same = inputs == self._digests(depends)
             done = stored.get("skipped") or all(Path(o).exists() for o in outputs)  # a skip has no outputs
             settled = stored.pop(_PARAMS, {}) == params
             if settled and done and same:
@@ -189,10 +195,19 @@ class Models(Mapping[str, Any]):
         return len(self.loaders)
 
 
-def settings_key(settings: Any, drop: tuple[str, ...] = (), added_later: tuple[str, ...] = ()) -> dict[str, Any]:
-    """A dataclass's settings as part of a cache key: without ``drop`` (settings that do not change results)
-    and without each of ``added_later`` while it is None, so results cached before it existed stay valid."""
-    return {k: v for k, v in asdict(settings).items() if k not in drop and not (k in added_later and v is None)}
+def settings_key(settings: Any, drop: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A dataclass's settings as part of a cache key: all of them but ``drop`` (settings that do not change results)."""
+    return {k: v for k, v in asdict(settings).items() if k not in drop}
+
+
+def check_schema(run: RunDir, stamp: dict[str, Any]) -> None:
+    """Refuse a run folder whose stamp (``data.json``) has another :data:`CACHE_SCHEMA` (1 when it has none),
+    unless every stage is forced: its cached results cannot be told valid or stale."""
+    schema = stamp.get("cache_schema", 1)
+    if schema != CACHE_SCHEMA and not run.forced("all"):
+        raise ValueError(f"{run.root} holds results cached by another version of vq2pc (cache schema {schema}, "
+                         f"this one reads {CACHE_SCHEMA}): run into a new folder, or pass --force all to recompute "
+                         "everything in this one")
 
 
 def check_stages(names: Any) -> None:
