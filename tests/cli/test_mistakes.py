@@ -295,7 +295,7 @@ def test_a_refused_write_deep_inside_is_one_line(workdir: Path, capsys: pytest.C
 
 def test_run_that_fails_loading_data_leaves_no_folder(workdir: Path, capsys: pytest.CaptureFixture[str],
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    import vq2pc.pipeline as pipeline
+    import vq2pc.pipeline.orchestrate as pipeline
 
     monkeypatch.chdir(workdir)
     monkeypatch.setattr(pipeline, "load_dataset", _raise(FileNotFoundError("mnist file train-images-idx3-ubyte.gz "

@@ -101,7 +101,7 @@ def test_a_folder_of_another_cache_schema_is_refused_until_forced(tmp_path: Path
     """A run folder stamped before cache schemas existed (no "cache_schema" in data.json) is refused with one
     message naming both ways out; --force all recomputes it, and the stamp then holds this schema."""
     from vq2pc.data.datasets import load_dataset
-    from vq2pc.pipeline import _check_data, run_pipeline
+    from vq2pc.pipeline.orchestrate import _check_data, run_pipeline
     from vq2pc.pipeline.rundir import CACHE_SCHEMA, RunDir
 
     cfg = tiny_config(["gaussian"], full=False)
