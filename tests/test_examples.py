@@ -49,7 +49,7 @@ def test_circuit_is_the_mixture_of_the_external_decoder(example) -> None:
 
 
 def test_marginals_normalize(example) -> None:
-    module, d = example
+    _, d = example
     S = d.circuit.num_variables
     none = d.circuit.log_prob(d.x_test[:3], torch.zeros(S, dtype=torch.bool))
     torch.testing.assert_close(none, torch.zeros(3))  # the marginal over no pixel is log 1

@@ -82,7 +82,7 @@ def test_truncated_gzip_names_file(tmp_path: Path) -> None:
     path = tmp_path / "train-images-idx3-ubyte.gz"
     _write_idx(path, idx.IMAGES_MAGIC, (2, 3, 3), bytes(18))
     path.write_bytes(path.read_bytes()[:-12])
-    with pytest.raises(ValueError, match="train-images-idx3-ubyte.gz"):
+    with pytest.raises(ValueError, match=r"train-images-idx3-ubyte\.gz"):
         idx.read_idx(path, idx.IMAGES_MAGIC)
 
 

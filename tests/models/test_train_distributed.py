@@ -139,7 +139,7 @@ def _resumed(rank: int, out: str) -> None:
 def test_killed_rank_resumes_from_the_last_checkpoint(tmp_path: Path) -> None:
     torch.set_num_threads(1)
     ref = _prior_fit(str(tmp_path / "single.pt")).state_dict()
-    with pytest.raises(Exception, match="17|exit"):
+    with pytest.raises(Exception, match=r"17|exit"):
         spawn_ranks(_killed, 2, str(tmp_path))
     ck = torch.load(tmp_path / "prior.pt", weights_only=True)
     assert ck["train_state"]["epoch"] == 1  # the first epoch's checkpoint survived the kill

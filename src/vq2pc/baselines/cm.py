@@ -38,9 +38,9 @@ from vq2pc.circuit.mixture import MixtureCircuit
 from vq2pc.core.checkpoint import SavableModel
 from vq2pc.core.devices import flush_denormals
 from vq2pc.core.leaves import Categorical, Gaussian, Leaf, component_log_likelihoods
+from vq2pc.core.random import step_seed
 from vq2pc.core.validate import rows
 from vq2pc.data.datasets import DataSplits, check_fits
-from vq2pc.core.random import step_seed
 from vq2pc.models.train import TrainConfig, TrainResult, completed_steps, dequantize_once, fit, step_dequantizer
 
 __all__ = ["CMConfig", "ContinuousMixture", "sobol_normal", "train_cm", "compile_cm"]

@@ -111,7 +111,7 @@ class FineTuneConfig:
             if getattr(self, name) is not None and not is_positive_number(getattr(self, name)):
                 raise ValueError(f"fine-tuning {name} must be a positive number or None, got {getattr(self, name)!r}")
 
-    def for_N(self, N: int) -> "FineTuneConfig":
+    def for_N(self, N: int) -> FineTuneConfig:
         """These settings for a mixture of ``N`` components: ``refresh_N`` resolved into ``refresh``."""
         if self.refresh_N is None or N <= self.refresh_N:
             return replace(self, refresh_N=None)
@@ -166,7 +166,7 @@ class _Mixture(nn.Module):
         self.fresh = False  # whether ``stale`` is the decode of the current weights
         self.step = 0
 
-    def train(self, mode: bool = True) -> "_Mixture":
+    def train(self, mode: bool = True) -> _Mixture:
         return super().train(False)
 
     def load_state_dict(self, *args: Any, **kwargs: Any) -> Any:  # a resume: the cached decode is of other weights

@@ -120,7 +120,7 @@ class MixtureCircuit:
     def device(self) -> torch.device:
         return self.log_weights.device
 
-    def to(self, device: str | torch.device) -> "MixtureCircuit":
+    def to(self, device: str | torch.device) -> MixtureCircuit:
         """A copy of this circuit on ``device``."""
         return MixtureCircuit(
             self.leaf.to(device), self._given_log_weights.to(device), memory_budget_mib=self.memory_budget_mib, meta=self.meta
@@ -313,7 +313,7 @@ class MixtureCircuit:
     @classmethod
     def load(
         cls, path: str | Path, device: str | torch.device | None = None, *, memory_budget_mib: float = 1024
-    ) -> "MixtureCircuit":
+    ) -> MixtureCircuit:
         """Load a circuit written by :meth:`save`; ``ValueError`` (:class:`CheckpointError`) for bad files."""
         kind, tensors, log_weights, meta = read_circuit(path, device)
         try:

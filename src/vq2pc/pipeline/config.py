@@ -140,7 +140,7 @@ class RunConfig:
     baselines: BaselineSpec = field(default_factory=BaselineSpec)
     experiments: ExperimentSpec = field(default_factory=ExperimentSpec)
 
-    def validate(self) -> "RunConfig":
+    def validate(self) -> RunConfig:
         _check_device_name(self.device)
         _check_counts(self, ("limit", "test_limit", "exact_test_limit", "max_exhaustive", "max_usage_space",
                              "max_materialize"), "config")
