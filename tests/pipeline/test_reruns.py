@@ -184,11 +184,11 @@ def test_the_second_process_fine_tunes_the_rows_it_takes(tmp_path: Path) -> None
         helper.wait_baselines(run)
         start = time.time_ns()
 
-        def slow(row: dict[str, Any]) -> None:  # hold the first row until the second process took the other
+        def slow(job: Any) -> None:  # hold the first row until the second process took the other
             deadline = time.monotonic() + 120
             while helper.ch.next.value < 2 and time.monotonic() < deadline:
                 time.sleep(0.05)
-            ft_row(run, cfg, splits, src, row, circuits)
+            ft_row(run, cfg, splits, src, job, circuits)
 
         assert helper.share_rows(run, src, ft_sources(src, rows), slow) == 1
         log = (tmp_path / "helper.log").read_text()
@@ -196,7 +196,7 @@ def test_the_second_process_fine_tunes_the_rows_it_takes(tmp_path: Path) -> None
         ft = finetune_all(run, cfg, splits, src, rows, circuits)  # both read from the cache now
         assert all(p.stat().st_mtime_ns > start for p in (tmp_path / "gaussian" / "m" / "circuits").glob("*-ft.*"))
         for row in ft:
-            assert math.isclose(row["test_bpd"], first[row["name"] + str(row["N"])], rel_tol=1e-4), row["name"]
+            assert math.isclose(row.test_bpd, first[row.name + str(row.N)], rel_tol=1e-4), row.name
         helper.close()
         assert helper.process.exitcode == 0
     finally:

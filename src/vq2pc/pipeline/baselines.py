@@ -21,25 +21,27 @@ from vq2pc.data.datasets import DataSplits
 from vq2pc.evaluate.density import BPD_FORMAT, bpd_fields, test_bpd
 from vq2pc.models.train import TrainConfig, TrainResult
 from vq2pc.pipeline.config import RunConfig
+from vq2pc.pipeline.rows import ResultRow
 from vq2pc.pipeline.rundir import RunDir, settings_key
 
 __all__ = ["run_baselines"]
 
 
 def _bpd_row(run: RunDir, cfg: RunConfig, splits: DataSplits, leaf: str, key: str, model: Any, depends: Path,
-             **row: Any) -> dict:
+             **fields: Any) -> ResultRow:
     test_x = splits.test_x[: cfg.test_limit] if cfg.test_limit else splits.test_x
 
     def compute() -> dict[str, Any]:
         bpd = test_bpd(model, test_x, leaf, splits.levels, draws=cfg.experiments.bpd_draws,
                        generator=torch.Generator().manual_seed(cfg.seed))
-        return {**row, "leaf": leaf, **bpd_fields(bpd), "test_images": len(test_x)}
+        return ResultRow.build(**fields, leaf=leaf, **bpd_fields(bpd), test_images=len(test_x)).to_dict()
 
     params = {"baselines": settings_key(cfg.baselines),
               "train": settings_key(cfg.baseline_train, drop=("progress", "device", "compile")),
               "seed": cfg.seed, "test_limit": cfg.test_limit, "bpd_draws": cfg.experiments.bpd_draws,
               "bpd_format": BPD_FORMAT}
-    return run.cached("baselines", f"{leaf}/baselines/{key}", compute, depends=(depends,), params=params)
+    return ResultRow.from_dict(run.cached("baselines", f"{leaf}/baselines/{key}", compute, depends=(depends,),
+                                          params=params))
 
 
 def _time_cap(result: TrainResult, train: TrainConfig, name: str, notes: list[str]) -> float | None:
@@ -63,7 +65,7 @@ def _einet_available(notes: list[str]) -> bool:
 
 def run_baselines(
     run: RunDir, cfg: RunConfig, splits: DataSplits, leaf: str, notes: list[str]
-) -> tuple[list[dict], dict[str, Any]]:
+) -> tuple[list[ResultRow], dict[str, Any]]:
     """Train (or resume/load) every configured baseline for ``leaf``; returns report rows and the models by name.
 
     Skipped baselines (bernoulli pixels, libcirkit missing) are explained in ``notes``.

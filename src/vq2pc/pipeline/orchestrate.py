@@ -25,6 +25,7 @@ from vq2pc.pipeline.findings import findings
 from vq2pc.pipeline.finetune import finetune_all, ft_row, ft_sources
 from vq2pc.pipeline.helper import HelperProcess
 from vq2pc.pipeline.models import SourceModel, build_source_model, distill_all
+from vq2pc.pipeline.rows import ResultRow
 from vq2pc.pipeline.rundir import CACHE_SCHEMA, Models, RunDir, check_schema, check_stages
 
 __all__ = ["run_pipeline"]
@@ -108,26 +109,26 @@ def _run_leaves(cfg: RunConfig, run: RunDir, splits: Any, report: dict[str, Any]
                 if helper is not None:
                     _share_ft_rows(run, cfg, splits, src, rows, circuits, helper, log)
                 rows += finetune_all(run, cfg, splits, src, rows, circuits)
-            report["models"] += rows
+            report["models"] += [row.to_dict() for row in rows]
             for row in rows:
-                log(f"  {row['name']:<28} N={row['N']:<8} test BPD {row['test_bpd']:.4f}")
+                log(f"  {row.name:<28} N={row.N:<8} test BPD {row.test_bpd:.4f}")
             built[spec.name] = (src, circuits)
         if helper is not None:
             if not helper.ch.baselines_done.is_set():
                 log("waiting for the baselines in the second process")
             helper.wait_baselines(run)
         baseline_rows, baselines = run_baselines(run, cfg, splits, leaf, report["notes"])
-        report["models"] += baseline_rows
+        report["models"] += [row.to_dict() for row in baseline_rows]
         log(f"[{leaf}] experiments")
         report["experiments"][leaf] = run_experiments(run, cfg, splits, leaf, built, baselines, report)
 
 
-def _share_ft_rows(run: RunDir, cfg: RunConfig, splits: Any, src: SourceModel, rows: list[dict[str, Any]],
+def _share_ft_rows(run: RunDir, cfg: RunConfig, splits: Any, src: SourceModel, rows: list[ResultRow],
                    circuits: Models, helper: HelperProcess, log: _Log) -> None:
     """Fine-tune the rows of ``src`` here and in the second process, each taking the next one (the
     second process joins once its baselines are done); :func:`finetune_all` then reads them all."""
     wanted = ft_sources(src, rows)
-    there = helper.share_rows(run, src, wanted, lambda row: ft_row(run, cfg, splits, src, row, circuits))
+    there = helper.share_rows(run, src, wanted, lambda job: ft_row(run, cfg, splits, src, job, circuits))
     if there:
         log(f"[{src.tag}] {there} of {len(wanted)} +FT rows computed in the second process (log: {helper.log})")
 
