@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow
+
 pytest.importorskip("vector_quantize_pytorch", reason="optional extra not installed: pip install -e '.[external]'")
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "external_vq.py"

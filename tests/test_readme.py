@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 
@@ -20,6 +22,7 @@ def pytest_command(line: str) -> str | None:
     return None if match is None else " ".join(match.group(0).replace("python3", "python", 1).split())
 
 
+@pytest.mark.slow
 def test_readme_python_blocks_run() -> None:
     blocks = fenced_blocks(README, "python")
     assert blocks, "README.md has no ```python example"

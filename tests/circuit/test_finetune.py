@@ -188,6 +188,7 @@ def _ddp_finetune(rank: int, folder: str) -> None:
                 "history": [(h["train_loss"], h["val_log_prob"]) for h in res.history]}, f"{folder}/rank{rank}.pt")
 
 
+@pytest.mark.slow
 def test_finetuning_on_two_ranks_equals_one_process(vqvae: VQVAE, digits: DataSplits, tmp_path) -> None:
     """Under torchrun (2 gloo ranks) each rank scores half of every global batch (45 rows: 22 and 23) against
     the union of the components both halves picked; the steps, the validation and the result equal one process's."""

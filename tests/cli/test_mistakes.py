@@ -246,12 +246,14 @@ def script_runs(workdir: Path) -> dict[str, tuple[int, str]]:
     return results
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("verb, args, expected", SUBPROCESS, ids=[f"{v} {a}" for v, a, _ in SUBPROCESS])
 def test_mistake_through_the_script(script_runs: dict[str, tuple[int, str]], verb: str, args: str, expected: str) -> None:
     code, err = script_runs[f"{verb} {args}"]
     assert_one_line_failure(code, err, verb, expected)
 
 
+@pytest.mark.slow
 def test_debug_shows_the_traceback(script_runs: dict[str, tuple[int, str]]) -> None:
     code, err = script_runs["--debug train-vqvae --epochs 0"]
     assert code != 0 and "Traceback" in err and "epochs must be an integer >= 1" in err

@@ -19,6 +19,8 @@ from vq2pc.models.priors.pixelcnn import PixelCNNPrior, PriorConfig, train_prior
 from vq2pc.models.train import TrainConfig, fit
 from vq2pc.models.vqvae import VQVAE, VQVAEConfig, train_vqvae
 
+pytestmark = pytest.mark.slow
+
 # 70 training images in global batches of 15: ranks hold 7 and 8 rows, the last batch 5 and 5.
 VQ_CFG = VQVAEConfig(image_shape=(1, 8, 8), levels=17, leaf="gaussian", latent_hw=(2, 2), K=6, D=3, hidden=8,
                      res_blocks=1)

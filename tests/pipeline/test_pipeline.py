@@ -23,6 +23,8 @@ from vq2pc.evaluate.density import test_bpd
 from vq2pc.pipeline import run_pipeline
 from vq2pc.pipeline.config import load_config
 
+pytestmark = pytest.mark.slow
+
 DM_FAMILIES = {"sample": "DMRS", "beam": "DMBS", "topk": "TopK", "data": "DMData"}
 
 

@@ -17,6 +17,7 @@ from vq2pc.circuit import MixtureCircuit
 from vq2pc.pipeline import run_pipeline
 
 
+@pytest.mark.slow
 def test_a_changed_setting_recomputes_only_what_reads_it(tmp_path: Path) -> None:
     cfg = tiny_config(["gaussian"], full=False)
     model = dataclasses.replace(cfg.models[0], strategies=["sample", "topk"], N=[8])
@@ -37,6 +38,7 @@ def test_a_changed_setting_recomputes_only_what_reads_it(tmp_path: Path) -> None
     assert mtimes(tmp_path, "gaussian/m/circuits/*.safetensors") == now and third["models"] == second["models"]
 
 
+@pytest.mark.slow
 def test_beam_score_and_search_recompute_only_the_dmbs_rows(tmp_path: Path) -> None:
     """``beam_score`` and ``beam_search`` reach the selection and the row; switching either redoes DMBS and its
     +FT twin only, and a folder made with the class-marginal score (the only one before the option) is reused
@@ -66,6 +68,7 @@ def test_beam_score_and_search_recompute_only_the_dmbs_rows(tmp_path: Path) -> N
     assert searches["DMRS m"] is None
 
 
+@pytest.mark.slow
 def test_ft_std_max_adds_capped_ft_rows_beside_the_uncapped_ones(tmp_path: Path) -> None:
     """``ft_std_max`` adds a "+FT σ<c" row per cap and selection at ``ft_std_max_N``, reusing every row that was
     there; its circuit's stds are all below c, and the report pairs it with its paper-faithful twin."""
@@ -118,6 +121,7 @@ def test_a_folder_of_another_cache_schema_is_refused_until_forced(tmp_path: Path
     _check_data(RunDir(tmp_path), cfg, splits, print)  # this schema: reused
 
 
+@pytest.mark.slow
 def test_cm_batch_size_trains_the_cm_alone_with_its_own_batch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``baselines.cm_batch_size`` reaches the CM's training; the EiNet keeps ``baseline_train``'s batch."""
     import vq2pc.pipeline.baselines as stage
@@ -135,6 +139,7 @@ def test_cm_batch_size_trains_the_cm_alone_with_its_own_batch(tmp_path: Path, mo
     assert seen == {"train_cm": 16, "train_einet": cfg.baseline_train.batch_size} and cfg.baseline_train.batch_size != 16
 
 
+@pytest.mark.slow
 def test_two_jobs_train_the_baselines_beside_and_give_the_same_report(tmp_path: Path) -> None:
     """``jobs=2``: the baselines train in a second process (its log in the run folder), which then shares the
     +FT rows; the first process reads their cached results; every row equals the one-process run's (up to
@@ -159,6 +164,7 @@ def test_two_jobs_train_the_baselines_beside_and_give_the_same_report(tmp_path: 
         assert math.isclose(a["test_bpd"], b["test_bpd"], rel_tol=1e-6), a["name"]
 
 
+@pytest.mark.slow
 def test_the_second_process_fine_tunes_the_rows_it_takes(tmp_path: Path) -> None:
     """Row sharing: while this process works on its first row, the second one takes the other, fine-tunes it
     (forced: really computed there) and reports it; this process then reads it instead of computing it."""
@@ -204,6 +210,7 @@ def test_the_second_process_fine_tunes_the_rows_it_takes(tmp_path: Path) -> None
     assert torch.get_num_threads() == threads
 
 
+@pytest.mark.slow
 def test_a_failed_second_process_is_one_clear_error(tmp_path: Path) -> None:
     """When the second process fails, the first one raises one error that names its log (the trace is there)."""
     from vq2pc.pipeline.helper import HelperProcess
@@ -227,6 +234,7 @@ def test_two_jobs_are_refused_where_they_make_no_sense(tmp_path: Path) -> None:
         run_pipeline(tiny_config(["gaussian"], full=False), tmp_path, jobs=3)
 
 
+@pytest.mark.slow
 def test_changed_data_or_seed_recomputes_and_a_copied_folder_is_reused(tmp_path: Path,
                                                                         capsys: pytest.CaptureFixture[str]) -> None:
     """The run folder remembers the data it was computed from by content (data.json): another --limit or
