@@ -23,8 +23,17 @@ import torch
 from torch import Tensor, nn
 from vector_quantize_pytorch import VectorQuantize
 
-from vq2pc import (Gaussian, MixtureCircuit, PixelCNNPrior, PriorConfig, Selection, TrainConfig, distill,
-                   load_dataset, select)
+from vq2pc import (
+    Gaussian,
+    MixtureCircuit,
+    PixelCNNPrior,
+    PriorConfig,
+    Selection,
+    TrainConfig,
+    distill,
+    load_dataset,
+    select,
+)
 from vq2pc.data import bpd, to_model_space
 from vq2pc.models.priors.pixelcnn import train_prior
 

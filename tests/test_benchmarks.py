@@ -20,6 +20,7 @@ def _run(*args: str) -> list[dict]:
     return [json.loads(line) for line in out.stdout.splitlines()]
 
 
+@pytest.mark.slow
 def test_circuit_queries_prints_every_case() -> None:
     lines = _run("--N", "64", "--B", "16", "--S", "20", "--levels", "8")
     assert all(KEYS <= set(line) for line in lines)
@@ -30,12 +31,14 @@ def test_circuit_queries_prints_every_case() -> None:
     assert all("times_gaussian" in line for line in lines if line["leaf"] == "categorical")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not MNIST.is_dir(), reason=f"MNIST IDX files not found at {MNIST}")
 def test_circuit_queries_on_mnist_images() -> None:
     lines = _run("--data", "mnist", "--mnist-dir", str(MNIST), "--N", "32", "--B", "8", "--leaves", "categorical")
     assert {line["query"] for line in lines} >= {"log_prob", "conditional_mean"}
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not MNIST.is_dir(), reason=f"MNIST IDX files not found at {MNIST}")
 def test_exact_bpd_counts_one_pass_of_decodes_after_the_loop_swap() -> None:
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "exact_bpd.py"), "--data-dir", str(MNIST),

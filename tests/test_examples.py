@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow
+
 pytest.importorskip("vector_quantize_pytorch", reason="optional extra not installed: pip install -e '.[external]'")
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "external_vq.py"
@@ -49,7 +51,7 @@ def test_circuit_is_the_mixture_of_the_external_decoder(example) -> None:
 
 
 def test_marginals_normalize(example) -> None:
-    module, d = example
+    _, d = example
     S = d.circuit.num_variables
     none = d.circuit.log_prob(d.x_test[:3], torch.zeros(S, dtype=torch.bool))
     torch.testing.assert_close(none, torch.zeros(3))  # the marginal over no pixel is log 1

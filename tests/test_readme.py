@@ -22,6 +22,7 @@ def pytest_command(line: str) -> str | None:
     return None if match is None else " ".join(match.group(0).replace("python3", "python", 1).split())
 
 
+@pytest.mark.slow
 def test_readme_python_blocks_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)  # the examples write files (a saved circuit) into the working directory
     blocks = fenced_blocks(README, "python")
@@ -42,6 +43,6 @@ def test_readme_shows_run_and_test_commands() -> None:
 def test_ci_runs_the_readme_test_command() -> None:
     ci = (ROOT / ".ci" / "run").read_text()
     readme_cmds = {c for c in map(pytest_command, "\n".join(fenced_blocks(README, "bash")).splitlines()) if c}
-    ci_cmds = {c for c in map(pytest_command, (l for l in ci.splitlines() if not l.lstrip().startswith("#"))) if c}
+    ci_cmds = {c for c in map(pytest_command, (line for line in ci.splitlines() if not line.lstrip().startswith("#"))) if c}
     assert ci_cmds, ".ci/run runs no `python -m pytest`"
     assert ci_cmds == readme_cmds, (ci_cmds, readme_cmds)

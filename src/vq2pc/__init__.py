@@ -16,8 +16,6 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from vq2pc import _compat
-
 __version__ = "0.1.0"
 
 _EXPORTS = {
@@ -45,8 +43,6 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
-
-_compat.install()
 
 
 def __getattr__(name: str) -> Any:

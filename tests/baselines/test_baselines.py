@@ -71,6 +71,7 @@ def test_einet_gaussian_integrates_to_one(cirkit, einet_mod):
     assert model.log_prob(xx[:3], torch.zeros(2, dtype=torch.bool)).detach().abs().max() < 1e-5
 
 
+@pytest.mark.slow
 def test_einet_mnist_size_is_not_clamped_and_learns(cirkit, einet_mod):
     """The reported libcirkit failure: a default compile gives -708.40 for every 28x28 input."""
     cfg = einet_mod.EiNetConfig((1, 28, 28), leaf="gaussian", pieces=(4,), num_input_units=2, num_sum_units=2)
@@ -120,6 +121,7 @@ def test_einet_gaussian_conditional_mean_matches_quadrature(cirkit, einet_mod):
         assert got[0, 1].item() == pytest.approx(expect.item(), abs=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape, pieces", [((1, 2, 2), (2,)), ((1, 3, 3), (3,)), ((1, 2, 4), (2,))])
 def test_einet_samples_follow_the_distribution(cirkit, einet_mod, shape, pieces):
     # (3, 3) has mixing layers of arity 2..4; (2, 4) multi-pixel patches (a Hadamard layer)
@@ -147,6 +149,7 @@ def test_einet_gaussian_samples_have_the_model_mean(cirkit, einet_mod):
     assert torch.all((draws.mean(0) - mean).abs() < 4 * stderr)
 
 
+@pytest.mark.slow
 def test_einet_trains_resumes_and_round_trips(cirkit, einet_mod, digits, tmp_path):
     cfg = einet_mod.EiNetConfig(digits.image_shape, leaf="gaussian", levels=digits.levels, pieces=(4,),
                                 num_input_units=3, num_sum_units=3)
@@ -233,6 +236,7 @@ def test_cm_training_improves_validation_nll(digits, tmp_path):
     assert math.isfinite(float(np.mean(circuit.sample(4, generator=torch.Generator().manual_seed(0)).numpy())))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["cm", "einet"])
 def test_interrupted_baseline_training_resumes_to_the_same_weights(kind, digits, tmp_path, request):
     """One epoch, stop, resume to two: the same weights as two epochs straight. The dequantization noise

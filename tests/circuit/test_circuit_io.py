@@ -48,7 +48,7 @@ def test_load_rejects_foreign_truncated_and_missing(tmp_path: Path) -> None:
     path = c.save(tmp_path / "c.safetensors")
     data = path.read_bytes()
     (tmp_path / "t.safetensors").write_bytes(data[: len(data) // 2])
-    with pytest.raises(ValueError, match="corrupt|truncated"):
+    with pytest.raises(ValueError, match=r"corrupt|truncated"):
         MixtureCircuit.load(tmp_path / "t.safetensors")
     torch.save({"a": torch.zeros(2)}, tmp_path / "f.pt")
     with pytest.raises(ValueError, match="not a readable vq2pc circuit"):

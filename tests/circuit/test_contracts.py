@@ -76,7 +76,7 @@ def test_loaded_categorical_circuit_is_checked_for_normalization(tmp_path: Path)
     path = circuits()["categorical"].save(tmp_path / "c.safetensors")
     MixtureCircuit.load(path)  # a saved circuit is normalized
     with safe_open(str(path), framework="pt") as f:
-        header, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+        header, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not iterable)
     tensors["leaf.logits"] = tensors["leaf.logits"] + 0.5  # every level's probability scaled by e^0.5
     save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=header)
     with pytest.raises(CheckpointError, match="categorical leaves are not normalized"):
@@ -90,7 +90,7 @@ def test_normalization_is_checked_in_every_block_of_components(tmp_path: Path) -
     path = MixtureCircuit(Categorical(logits), torch.zeros(70)).save(tmp_path / "c.safetensors")
     assert len(MixtureCircuit.load(path)) == 70
     with safe_open(str(path), framework="pt") as f:
-        header, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+        header, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not iterable)
     tensors["leaf.logits"][69, 299, 0] += 1.0
     save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=header)
     with pytest.raises(CheckpointError, match="categorical leaves are not normalized"):

@@ -271,6 +271,7 @@ def _exact_on_rank(rank: int, out: str) -> None:
                 "rows": model_log_prob(materialized(vqvae, p), x.view(9, 16), batch_size=2)}, f"{out}/rank{rank}.pt")
 
 
+@pytest.mark.slow
 def test_sharded_log_likelihoods_equal_single_process(prior: PixelCNNPrior, tmp_path) -> None:
     """2 gloo ranks: each decodes only its slice of the 81 latents, the log-sum-exp all-reduce gives the
     single-process ExM log-likelihoods; a circuit scored on each rank's rows and gathered is the same too."""

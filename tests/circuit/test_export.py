@@ -154,7 +154,7 @@ def test_export_cirkit_reloads(cirkit, tmp_path, kind):
 
 def test_load_cirkit_rejects_bad_files(cirkit, tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="junk.pt"):
+    with pytest.raises(CheckpointError, match=r"junk\.pt"):
         load_cirkit(tmp_path / "junk.pt")
     path = export_cirkit(make_circuit("gaussian", n=4, s=3), tmp_path / "c.pt")
     data = torch.load(path, weights_only=True)
@@ -185,7 +185,7 @@ def test_from_npz_rejects_bad_files(tmp_path):
     with pytest.raises(CheckpointError, match="not found"):
         from_npz(tmp_path / "missing.npz")
     np.savez(tmp_path / "foreign.npz", a=np.zeros(3))
-    with pytest.raises(CheckpointError, match="foreign.npz"):
+    with pytest.raises(CheckpointError, match=r"foreign\.npz"):
         from_npz(tmp_path / "foreign.npz")
 
 

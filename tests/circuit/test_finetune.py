@@ -12,13 +12,13 @@ import torch
 from vq2pc.circuit.distill import distill
 from vq2pc.circuit.finetune import (
     FineTuneConfig,
-    _Trainer,
+    _Mixture,
     finetune,
     finetune_distill,
 )
 from vq2pc.data.datasets import DataSplits, load_dataset, to_model_space
 from vq2pc.latents.selection import Selection
-from vq2pc.models.train import TrainConfig
+from vq2pc.models.train import TrainConfig, fit
 from vq2pc.models.vqvae import VQVAE, VQVAEConfig, train_vqvae
 
 
@@ -108,12 +108,14 @@ def test_bad_settings_are_one_clear_error(bad: dict) -> None:
 
 @pytest.mark.parametrize("clip", [None, 0.5])
 def test_clip_bounds_the_gradient_of_a_step(vqvae: VQVAE, digits: DataSplits, clip: float | None) -> None:
-    """The gradient Adam applies has global norm <= clip; unclipped, this batch's is larger than 0.5."""
+    """The gradient Adam applies (fit's last step leaves it in place) has global norm <= clip; unclipped, this
+    batch's is larger than 0.5."""
     codes = torch.tensor([[[0, 1], [2, 3]], [[4, 5], [6, 7]], [[1, 1], [2, 2]]])
-    trainer = _Trainer(vqvae, codes, torch.zeros(3), FineTuneConfig(clip=clip, top_k=2, progress=False), total_steps=1)
-    trainer.stale = trainer.decoded()
-    trainer.step(digits.train_x[:50], digits.levels, "gaussian")
-    norm = float(torch.nn.utils.get_total_norm([p.grad for p in trainer.params if p.grad is not None]))
+    model = _Mixture(vqvae, codes, torch.zeros(3), FineTuneConfig(top_k=2))
+    x = to_model_space(digits.train_x[:50], "gaussian", digits.levels, torch.Generator().manual_seed(0))
+    fit(model, lambda m, batch: m.loss(batch[0]), (x,), (), TrainConfig(epochs=1, batch_size=50, clip=clip,
+                                                                       progress=False), validate=lambda m: 0.0)
+    norm = float(torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None]))
     assert norm <= 0.5 + 1e-6 if clip else norm > 0.5
 
 
@@ -126,7 +128,7 @@ def test_refresh_N_stretches_the_refresh_interval_in_proportion_to_N() -> None:
 def test_refresh_N_trains_like_the_interval_it_resolves_to(vqvae: VQVAE, digits: DataSplits) -> None:
     """N = 4 with refresh 1 above refresh_N = 2 runs exactly as refresh 2 (ceil(1·4/2)): the same circuit."""
     codes = torch.tensor([[[0, 1], [2, 3]], [[4, 5], [6, 7]], [[1, 1], [2, 2]], [[3, 2], [1, 0]]])
-    base = dict(epochs=1, patience=1, lr=3e-3, batch_size=50, top_k=1, train_limit=200, progress=False)
+    base = dict(epochs=1, patience=1, lr=3e-3, batch_size=25, top_k=1, train_limit=200, progress=False)
     scaled, _ = finetune_distill(vqvae, _selection(codes), digits, FineTuneConfig(refresh=1, refresh_N=2, **base))
     fixed, _ = finetune_distill(vqvae, _selection(codes), digits, FineTuneConfig(refresh=2, **base))
     every, _ = finetune_distill(vqvae, _selection(codes), digits, FineTuneConfig(refresh=1, **base))
@@ -186,6 +188,7 @@ def _ddp_finetune(rank: int, folder: str) -> None:
                 "history": [(h["train_loss"], h["val_log_prob"]) for h in res.history]}, f"{folder}/rank{rank}.pt")
 
 
+@pytest.mark.slow
 def test_finetuning_on_two_ranks_equals_one_process(vqvae: VQVAE, digits: DataSplits, tmp_path) -> None:
     """Under torchrun (2 gloo ranks) each rank scores half of every global batch (45 rows: 22 and 23) against
     the union of the components both halves picked; the steps, the validation and the result equal one process's."""

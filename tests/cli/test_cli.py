@@ -206,24 +206,24 @@ def test_distill_std_floor_raises_small_stds(stages: dict[str, Any], tmp_path: P
                                              capsys: pytest.CaptureFixture[str]) -> None:
     run_stage(stages, "train-prior", capsys)
     files, out_path = stages["files"], tmp_path / "floored.safetensors"
-    code, out, err = run_cli(["distill", "--vqvae", str(files["vqvae"]), "--prior", str(files["prior"]),
+    code, _, err = run_cli(["distill", "--vqvae", str(files["vqvae"]), "--prior", str(files["prior"]),
                               "--strategy", "exhaustive", "--std-floor", "0.05", "--out", str(out_path)], capsys)
     assert code == 0, err
     floored = MixtureCircuit.load(out_path)
     assert floored.meta["std_floor"] == 0.05 and float(floored.leaf.scale.min()) >= 0.05
-    code, out, err = run_cli(["distill", "--vqvae", str(files["vqvae"]), "--prior", str(files["prior"]),
+    code, _, err = run_cli(["distill", "--vqvae", str(files["vqvae"]), "--prior", str(files["prior"]),
                               "--std-floor", "-1", "--out", str(tmp_path / "bad.safetensors")], capsys)
     assert code == 1 and "std_floor must be a positive" in err and not (tmp_path / "bad.safetensors").exists()
 
 
 def test_train_vqvae_with_gmvq_quantizer_and_options(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     base = ["train-vqvae", *DATA, "--epochs", "1", "--hidden", "8", "--K", "4", "--D", "4", "--res-blocks", "0"]
-    code, out, err = run_cli([*base, "--quantizer", "gmvq", "--quantizer-opt", "alpha=2.0",
+    code, _, err = run_cli([*base, "--quantizer", "gmvq", "--quantizer-opt", "alpha=2.0",
                               "--quantizer-opt", "kmeans_init=true", "--out", str(tmp_path / "g.pt")], capsys)
     assert code == 0, err
     cfg = load_checkpoint(tmp_path / "g.pt", "vqvae")["meta"]["config"]
     assert cfg["quantizer"] == "gmvq" and cfg["quantizer_opts"] == {"alpha": 2.0, "kmeans_init": True}
-    code, out, err = run_cli([*base, "--quantizer", "gmvq", "--quantizer-opt", "alpha", "--out", str(tmp_path / "h.pt")],
+    code, _, err = run_cli([*base, "--quantizer", "gmvq", "--quantizer-opt", "alpha", "--out", str(tmp_path / "h.pt")],
                              capsys)
     assert code == 1 and "KEY=VALUE" in err and not (tmp_path / "h.pt").exists()
 

@@ -246,12 +246,14 @@ def script_runs(workdir: Path) -> dict[str, tuple[int, str]]:
     return results
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("verb, args, expected", SUBPROCESS, ids=[f"{v} {a}" for v, a, _ in SUBPROCESS])
 def test_mistake_through_the_script(script_runs: dict[str, tuple[int, str]], verb: str, args: str, expected: str) -> None:
     code, err = script_runs[f"{verb} {args}"]
     assert_one_line_failure(code, err, verb, expected)
 
 
+@pytest.mark.slow
 def test_debug_shows_the_traceback(script_runs: dict[str, tuple[int, str]]) -> None:
     code, err = script_runs["--debug train-vqvae --epochs 0"]
     assert code != 0 and "Traceback" in err and "epochs must be an integer >= 1" in err
@@ -295,7 +297,7 @@ def test_a_refused_write_deep_inside_is_one_line(workdir: Path, capsys: pytest.C
 
 def test_run_that_fails_loading_data_leaves_no_folder(workdir: Path, capsys: pytest.CaptureFixture[str],
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    import vq2pc.pipeline as pipeline
+    import vq2pc.pipeline.orchestrate as pipeline
 
     monkeypatch.chdir(workdir)
     monkeypatch.setattr(pipeline, "load_dataset", _raise(FileNotFoundError("mnist file train-images-idx3-ubyte.gz "

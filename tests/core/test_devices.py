@@ -28,9 +28,8 @@ def test_flushed_inside_kept_after() -> None:
 
 
 def test_restored_after_an_error() -> None:
-    with pytest.raises(RuntimeError, match="boom"):
-        with flush_denormals("cpu"):
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), flush_denormals("cpu"):
+        raise RuntimeError("boom")
     assert _survives()
 
 

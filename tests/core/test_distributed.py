@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from helpers import spawn_ranks
 
@@ -37,6 +38,7 @@ def _collectives(rank: int, out: str) -> None:
                 "seen": seen, "world": D.world_size()}, Path(out) / f"rank{rank}.pt")
 
 
+@pytest.mark.slow
 def test_two_ranks_logsumexp_gather_and_collective_write(tmp_path: Path) -> None:
     spawn_ranks(_collectives, 2, str(tmp_path))
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))

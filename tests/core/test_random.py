@@ -58,10 +58,10 @@ def test_uniform_in_place_matches_the_fresh_draw() -> None:
 @pytest.mark.parametrize("bad", [42, np.random.default_rng(0), "cpu"], ids=["int", "numpy", "str"])
 def test_a_bad_generator_is_a_clear_error(bad: object) -> None:
     for draw in (*DRAWS.values(), lambda g, d: rnd.categorical(torch.ones(2, 3), g)):
-        with pytest.raises(ValueError, match="generator must be a torch.Generator or None"):
+        with pytest.raises(ValueError, match=r"generator must be a torch\.Generator or None"):
             draw(bad, "cpu")
     circuit = MixtureCircuit(Gaussian(torch.zeros(2, 3), torch.ones(2, 3)), torch.zeros(2))
-    with pytest.raises(ValueError, match="generator must be a torch.Generator"):
+    with pytest.raises(ValueError, match=r"generator must be a torch\.Generator"):
         circuit.sample(4, generator=bad)
 
 

@@ -49,6 +49,7 @@ def test_read_idx_sanity_values() -> None:
     assert int(images.sum(dtype=np.int64)) == 1_567_298_545
 
 
+@pytest.mark.slow
 @needs_mnist
 @pytest.mark.parametrize("data_dir", [MNIST_DIR.parent, MNIST_DIR])
 def test_mnist_splits(data_dir: Path) -> None:
@@ -67,6 +68,7 @@ def test_mnist_splits(data_dir: Path) -> None:
     assert total == 1_567_298_545
 
 
+@pytest.mark.slow
 @needs_mnist
 def test_env_var_lookup_and_limit(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("VQ2PC_DATA", str(MNIST_DIR.parent))
@@ -82,7 +84,7 @@ def test_truncated_gzip_names_file(tmp_path: Path) -> None:
     path = tmp_path / "train-images-idx3-ubyte.gz"
     _write_idx(path, idx.IMAGES_MAGIC, (2, 3, 3), bytes(18))
     path.write_bytes(path.read_bytes()[:-12])
-    with pytest.raises(ValueError, match="train-images-idx3-ubyte.gz"):
+    with pytest.raises(ValueError, match=r"train-images-idx3-ubyte\.gz"):
         idx.read_idx(path, idx.IMAGES_MAGIC)
 
 

@@ -16,6 +16,7 @@ def _circuit(mean: torch.Tensor, std: float = 0.2) -> MixtureCircuit:
     return MixtureCircuit(Gaussian(mean, torch.full_like(mean, std)), torch.zeros(mean.shape[0]))
 
 
+@pytest.mark.slow
 def test_identical_versus_distinct_components(tmp_path) -> None:
     g = torch.Generator().manual_seed(0)
     same = _circuit(torch.rand(1, S, generator=g).expand(4, S).clone())

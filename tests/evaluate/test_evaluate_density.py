@@ -110,5 +110,5 @@ def test_plot_rows_are_validated(tmp_path) -> None:
         plot_bpd_vs_params([{"name": "x", "family": "DMRS", "test_bpd": 1.0}], tmp_path / "a.png")
     with pytest.raises(ValueError, match="no result rows"):
         plot_bpd_vs_N([{"name": "EiNet", "family": "EiNet", "N": None, "test_bpd": 3.0}], tmp_path / "b.png")
-    with pytest.raises(ValueError, match=".png"):
+    with pytest.raises(ValueError, match=r"\.png"):
         plot_bpd_vs_N(ROWS, tmp_path / "b.jpg")

@@ -66,6 +66,7 @@ def _enumerate_on_rank(rank: int, out: str) -> None:
     torch.save(one_code, f"{out}/k1rank{rank}.pt")
 
 
+@pytest.mark.slow
 def test_sharded_enumeration_equals_unsharded(tmp_path) -> None:
     """2 gloo ranks split the first code (K = 5: slices of 2 and 3 subtrees; K = 1: one rank idle); each
     gets the whole vector, equal to one process; the sharded code path alone (sharded=True, one rank) too."""

@@ -191,6 +191,7 @@ def ordered_pair_test(select_pair, log_target: torch.Tensor, log_other: torch.Te
     assert chisquare(first, n * log_other.softmax(0)).pvalue < 1e-4  # the test can tell the two apart
 
 
+@pytest.mark.slow
 def test_sample_is_paper_dmrs_without_replacement(tiny) -> None:
     """N=2 draws (c ~ U(C), z ~ p(z|c), distinct): the first matches q(z) = Σ_c (1/C) p(z|c), the
     ordered pair matches sampling without replacement from q (chi-square, 1200 repeats, fixed seed)."""
@@ -199,12 +200,14 @@ def test_sample_is_paper_dmrs_without_replacement(tiny) -> None:
     ordered_pair_test(lambda: select(tiny, "sample", 2, generator=g).codes, log_q, log_p, 1200)
 
 
+@pytest.mark.slow
 def test_gumbel_is_exact_sampling_without_replacement_from_p(tiny) -> None:
     log_p, log_q = exact(tiny)
     g = torch.Generator().manual_seed(0)
     ordered_pair_test(lambda: select(tiny, "gumbel", 2, generator=g).codes, log_p, log_q, 1200)
 
 
+@pytest.mark.slow
 def test_stochastic_beam_search_samples_its_own_class_without_replacement(tiny) -> None:
     """A one-hot class row makes the Gumbel-top-k search sample from p(z | c), not p(z) (c = 1 has p(c) = 1/20)."""
     with torch.no_grad():
@@ -215,6 +218,7 @@ def test_stochastic_beam_search_samples_its_own_class_without_replacement(tiny) 
     ordered_pair_test(lambda: stochastic_beam_search(tiny, *root, 0, 2, g, own).codes[0], log_own, log_p, 1200)
 
 
+@pytest.mark.slow
 def test_stochastic_beam_search_from_a_prefix_samples_its_subtree(tiny) -> None:
     """From z_1 = 1 (start = 1) a width-1 search draws z_2 ~ p(z_2 | z_1 = 1, c) and never leaves the subtree."""
     with torch.no_grad():
@@ -312,6 +316,7 @@ def _dmrs_on_rank(rank: int, out: str) -> None:
     torch.save((sel.codes, sel.info["draws"]), f"{out}/dmrs{rank}.pt")
 
 
+@pytest.mark.slow
 def test_sharded_dmrs_gives_every_rank_the_same_distinct_latents(tmp_path) -> None:
     """2 gloo ranks draw disjoint streams (each its slice of every batch), gather and deduplicate: both return
     the same N distinct latents of the prior, with the same draw count; one process is unchanged by this."""

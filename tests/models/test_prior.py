@@ -87,6 +87,7 @@ def test_sampling_is_reproducible() -> None:
     assert torch.equal(a, b)
 
 
+@pytest.mark.slow
 def test_training_reduces_nll_and_checkpoints_roundtrip(tmp_path) -> None:
     K = 4
     z, c = synthetic_codes(768, K, 0)

@@ -99,6 +99,7 @@ def test_selection_strategies_run_on_the_transformer(strategy: str) -> None:
         torch.testing.assert_close(s.log_prior, prior.log_prob(s.codes), atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_training_reduces_nll_and_checkpoints_roundtrip(tmp_path) -> None:
     K = 4
     z, c = synthetic_codes(768, K, 0)

@@ -122,7 +122,7 @@ def test_ema_codebook_tracks_cluster_means() -> None:
 
 
 def test_bad_arguments() -> None:
-    with pytest.raises(ValueError, match="bad quantizer options.*foo"):
+    with pytest.raises(ValueError, match=r"bad quantizer options.*foo"):
         make_quantizer("ema", 4, 2, 0.25, foo=1)
     with pytest.raises(ValueError, match="unknown quantizer"):
         make_quantizer("gumbel-xyz", 4, 2, 0.25)

@@ -19,6 +19,8 @@ from vq2pc.models.priors.pixelcnn import PixelCNNPrior, PriorConfig, train_prior
 from vq2pc.models.train import TrainConfig, fit
 from vq2pc.models.vqvae import VQVAE, VQVAEConfig, train_vqvae
 
+pytestmark = pytest.mark.slow
+
 # 70 training images in global batches of 15: ranks hold 7 and 8 rows, the last batch 5 and 5.
 VQ_CFG = VQVAEConfig(image_shape=(1, 8, 8), levels=17, leaf="gaussian", latent_hw=(2, 2), K=6, D=3, hidden=8,
                      res_blocks=1)
@@ -139,7 +141,7 @@ def _resumed(rank: int, out: str) -> None:
 def test_killed_rank_resumes_from_the_last_checkpoint(tmp_path: Path) -> None:
     torch.set_num_threads(1)
     ref = _prior_fit(str(tmp_path / "single.pt")).state_dict()
-    with pytest.raises(Exception, match="17|exit"):
+    with pytest.raises(Exception, match=r"17|exit"):
         spawn_ranks(_killed, 2, str(tmp_path))
     ck = torch.load(tmp_path / "prior.pt", weights_only=True)
     assert ck["train_state"]["epoch"] == 1  # the first epoch's checkpoint survived the kill

@@ -146,6 +146,7 @@ def test_bad_inputs_raise_clear_errors(digits: DataSplits) -> None:
 
 
 # --- training and checkpoints ----------------------------------------------------------------------
+@pytest.mark.slow
 def test_training_decreases_validation_loss(digits: DataSplits) -> None:
     cfg, tcfg = _cfg(), TrainConfig(epochs=3, batch_size=64, progress=False, seed=0)
     torch.manual_seed(tcfg.seed)
@@ -160,6 +161,7 @@ def test_training_decreases_validation_loss(digits: DataSplits) -> None:
     assert after == pytest.approx(result.best_val_loss, rel=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("quantizer", ["gumbel", "gmvq"])
 def test_gumbel_family_vqvae_trains_uses_its_codebook_and_round_trips(
     quantizer: str, tmp_path: Path, digits: DataSplits

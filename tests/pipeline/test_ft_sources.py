@@ -8,18 +8,19 @@ import pytest
 
 from vq2pc.pipeline.config import ModelSpec
 from vq2pc.pipeline.finetune import ft_sources
+from vq2pc.pipeline.rows import ResultRow
 
 _FAMILY = {"sample": "DMRS", "beam": "DMBS", "gumbel": "DMGS"}
 
 
-def _rows() -> list[dict]:
-    return [{"selection": s, "requested_N": n, "family": _FAMILY[s]} for s in _FAMILY for n in (256, 4096)]
+def _rows() -> list[ResultRow]:
+    return [ResultRow(f"{f} m", f, n, 3.0, selection=s, requested_N=n) for s, f in _FAMILY.items() for n in (256, 4096)]
 
 
 def _made(leaf: str = "gaussian", **spec) -> list[tuple[str, int, float | None]]:
     model = ModelSpec(name="m", ft_strategies=["sample", "beam"], **spec)
     out = ft_sources(SimpleNamespace(spec=model, leaf=leaf), _rows())
-    return [(r["selection"], r["requested_N"], r.get("ft_std_max")) for r in out]
+    return [(job.row.selection, job.row.requested_N, job.std_max) for job in out]
 
 
 def test_uncapped_rows_are_the_ft_strategies_at_every_n() -> None:

@@ -23,6 +23,8 @@ from vq2pc.evaluate.density import test_bpd
 from vq2pc.pipeline import run_pipeline
 from vq2pc.pipeline.config import load_config
 
+pytestmark = pytest.mark.slow
+
 DM_FAMILIES = {"sample": "DMRS", "beam": "DMBS", "topk": "TopK", "data": "DMData"}
 
 
@@ -51,6 +53,7 @@ def test_finetuned_rows_beside_the_paper_faithful_ones(full_run: dict[str, Any])
             assert {"test_bpd_median", "test_bpd_p99", "test_bpd_max"} <= r.keys()
             circuit = MixtureCircuit.load(out / r["circuit_file"])
             assert circuit.meta["finetune"]["best_epoch"] == ft["best_epoch"]
+            assert not (out / r["circuit_file"]).with_suffix(".pt").exists(), "the fine-tuning checkpoint was kept"
             if leaf == "categorical":  # the marginal of nothing observed is log 1 = 0: a normalized circuit
                 x = torch.zeros(2, circuit.num_variables)
                 lp = circuit.log_prob(x, mask=torch.zeros_like(x, dtype=torch.bool))

@@ -17,6 +17,7 @@ from vq2pc.circuit import MixtureCircuit
 from vq2pc.pipeline import run_pipeline
 
 
+@pytest.mark.slow
 def test_a_changed_setting_recomputes_only_what_reads_it(tmp_path: Path) -> None:
     cfg = tiny_config(["gaussian"], full=False)
     model = dataclasses.replace(cfg.models[0], strategies=["sample", "topk"], N=[8])
@@ -37,6 +38,7 @@ def test_a_changed_setting_recomputes_only_what_reads_it(tmp_path: Path) -> None
     assert mtimes(tmp_path, "gaussian/m/circuits/*.safetensors") == now and third["models"] == second["models"]
 
 
+@pytest.mark.slow
 def test_beam_score_and_search_recompute_only_the_dmbs_rows(tmp_path: Path) -> None:
     """``beam_score`` and ``beam_search`` reach the selection and the row; switching either redoes DMBS and its
     +FT twin only, and a folder made with the class-marginal score (the only one before the option) is reused
@@ -66,6 +68,7 @@ def test_beam_score_and_search_recompute_only_the_dmbs_rows(tmp_path: Path) -> N
     assert searches["DMRS m"] is None
 
 
+@pytest.mark.slow
 def test_ft_std_max_adds_capped_ft_rows_beside_the_uncapped_ones(tmp_path: Path) -> None:
     """``ft_std_max`` adds a "+FT σ<c" row per cap and selection at ``ft_std_max_N``, reusing every row that was
     there; its circuit's stds are all below c, and the report pairs it with its paper-faithful twin."""
@@ -88,22 +91,44 @@ def test_ft_std_max_adds_capped_ft_rows_beside_the_uncapped_ones(tmp_path: Path)
                for n in out["notes"])
 
 
-def test_settings_key_leaves_out_dropped_settings_and_unset_later_ones() -> None:
+def test_settings_key_leaves_out_dropped_settings_only() -> None:
     from vq2pc.models.train import TrainConfig
     from vq2pc.pipeline.rundir import settings_key
 
-    key = settings_key(TrainConfig(), drop=("progress",), added_later=("amp", "max_seconds"))
-    assert "progress" not in key and "amp" not in key and "max_seconds" not in key and key["lr"] == TrainConfig().lr
-    assert settings_key(TrainConfig(amp="bf16"), added_later=("amp",))["amp"] == "bf16"
+    key = settings_key(TrainConfig(), drop=("progress",))
+    assert "progress" not in key and key["amp"] is None and key["lr"] == TrainConfig().lr
+    assert key.keys() == {f.name for f in dataclasses.fields(TrainConfig)} - {"progress"}
 
 
+def test_a_folder_of_another_cache_schema_is_refused_until_forced(tmp_path: Path) -> None:
+    """A run folder stamped before cache schemas existed (no "cache_schema" in data.json) is refused with one
+    message naming both ways out; --force all recomputes it, and the stamp then holds this schema."""
+    from vq2pc.data.datasets import load_dataset
+    from vq2pc.pipeline.orchestrate import _check_data, run_pipeline
+    from vq2pc.pipeline.rundir import CACHE_SCHEMA, RunDir
+
+    cfg = tiny_config(["gaussian"], full=False)
+    splits = load_dataset(cfg.dataset, seed=cfg.seed, limit=cfg.limit)
+    old = {"dataset": cfg.dataset, "seed": cfg.seed, "limit": cfg.limit, "splits_sha256": splits.fingerprint()}
+    (tmp_path / "data.json").write_text(json.dumps(old))
+    with pytest.raises(ValueError, match=r"cache schema 1, this one reads 2\): run into a new folder, or pass "
+                                         r"--force all"):
+        run_pipeline(cfg, tmp_path)
+    assert not (tmp_path / "gaussian").exists(), "a refused folder was written to"
+    run = RunDir(tmp_path, {"all"})
+    assert _check_data(run, cfg, splits, print) == {**old, "cache_schema": CACHE_SCHEMA}
+    (tmp_path / "data.json").write_text(json.dumps({**old, "cache_schema": CACHE_SCHEMA}))
+    _check_data(RunDir(tmp_path), cfg, splits, print)  # this schema: reused
+
+
+@pytest.mark.slow
 def test_cm_batch_size_trains_the_cm_alone_with_its_own_batch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``baselines.cm_batch_size`` reaches the CM's training; the EiNet keeps ``baseline_train``'s batch."""
     import vq2pc.pipeline.baselines as stage
 
     seen: dict[str, int] = {}
     for name in ("train_cm", "train_einet"):
-        def spy(splits: Any, model_cfg: Any, train: Any, checkpoint: Any = None, _real: Any = getattr(stage, name),
+        def spy(splits: Any, model_cfg: Any, train: Any, checkpoint: Any = None, _real: Any = getattr(stage, name),  # noqa: B008 (binds this stage)
                 _name: str = name) -> Any:
             seen[_name] = train.batch_size
             return _real(splits, model_cfg, train, checkpoint=checkpoint)
@@ -114,6 +139,7 @@ def test_cm_batch_size_trains_the_cm_alone_with_its_own_batch(tmp_path: Path, mo
     assert seen == {"train_cm": 16, "train_einet": cfg.baseline_train.batch_size} and cfg.baseline_train.batch_size != 16
 
 
+@pytest.mark.slow
 def test_cm_recipe_paper_trains_and_compiles_its_own_grid(tmp_path: Path) -> None:
     """``baselines.cm_recipe: paper`` reaches the CM: its checkpoint is the paper recipe over a grid of
     ``cm_points`` seeded by the run, and the report's CM row is that grid's circuit."""
@@ -131,6 +157,7 @@ def test_cm_recipe_paper_trains_and_compiles_its_own_grid(tmp_path: Path) -> Non
     assert row["source_params"] == model.num_params
 
 
+@pytest.mark.slow
 def test_two_jobs_train_the_baselines_beside_and_give_the_same_report(tmp_path: Path) -> None:
     """``jobs=2``: the baselines train in a second process (its log in the run folder), which then shares the
     +FT rows; the first process reads their cached results; every row equals the one-process run's (up to
@@ -155,6 +182,7 @@ def test_two_jobs_train_the_baselines_beside_and_give_the_same_report(tmp_path: 
         assert math.isclose(a["test_bpd"], b["test_bpd"], rel_tol=1e-6), a["name"]
 
 
+@pytest.mark.slow
 def test_the_second_process_fine_tunes_the_rows_it_takes(tmp_path: Path) -> None:
     """Row sharing: while this process works on its first row, the second one takes the other, fine-tunes it
     (forced: really computed there) and reports it; this process then reads it instead of computing it."""
@@ -180,11 +208,11 @@ def test_the_second_process_fine_tunes_the_rows_it_takes(tmp_path: Path) -> None
         helper.wait_baselines(run)
         start = time.time_ns()
 
-        def slow(row: dict[str, Any]) -> None:  # hold the first row until the second process took the other
+        def slow(job: Any) -> None:  # hold the first row until the second process took the other
             deadline = time.monotonic() + 120
             while helper.ch.next.value < 2 and time.monotonic() < deadline:
                 time.sleep(0.05)
-            ft_row(run, cfg, splits, src, row, circuits)
+            ft_row(run, cfg, splits, src, job, circuits)
 
         assert helper.share_rows(run, src, ft_sources(src, rows), slow) == 1
         log = (tmp_path / "helper.log").read_text()
@@ -192,7 +220,7 @@ def test_the_second_process_fine_tunes_the_rows_it_takes(tmp_path: Path) -> None
         ft = finetune_all(run, cfg, splits, src, rows, circuits)  # both read from the cache now
         assert all(p.stat().st_mtime_ns > start for p in (tmp_path / "gaussian" / "m" / "circuits").glob("*-ft.*"))
         for row in ft:
-            assert math.isclose(row["test_bpd"], first[row["name"] + str(row["N"])], rel_tol=1e-4), row["name"]
+            assert math.isclose(row.test_bpd, first[row.name + str(row.N)], rel_tol=1e-4), row.name
         helper.close()
         assert helper.process.exitcode == 0
     finally:
@@ -200,6 +228,7 @@ def test_the_second_process_fine_tunes_the_rows_it_takes(tmp_path: Path) -> None
     assert torch.get_num_threads() == threads
 
 
+@pytest.mark.slow
 def test_a_failed_second_process_is_one_clear_error(tmp_path: Path) -> None:
     """When the second process fails, the first one raises one error that names its log (the trace is there)."""
     from vq2pc.pipeline.helper import HelperProcess
@@ -223,6 +252,7 @@ def test_two_jobs_are_refused_where_they_make_no_sense(tmp_path: Path) -> None:
         run_pipeline(tiny_config(["gaussian"], full=False), tmp_path, jobs=3)
 
 
+@pytest.mark.slow
 def test_changed_data_or_seed_recomputes_and_a_copied_folder_is_reused(tmp_path: Path,
                                                                         capsys: pytest.CaptureFixture[str]) -> None:
     """The run folder remembers the data it was computed from by content (data.json): another --limit or

@@ -17,6 +17,8 @@ import pytest
 
 from vq2pc.core.checkpoint import load_checkpoint
 
+pytestmark = pytest.mark.slow
+
 EPOCHS = 8
 TINY = f"""\
 dataset: digits

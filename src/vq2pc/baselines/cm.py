@@ -47,11 +47,19 @@ from vq2pc.circuit.mixture import MixtureCircuit
 from vq2pc.core.checkpoint import SavableModel
 from vq2pc.core.devices import flush_denormals
 from vq2pc.core.leaves import Categorical, Gaussian, Leaf, component_log_likelihoods
+from vq2pc.core.random import step_seed
 from vq2pc.core.validate import rows
 from vq2pc.data.datasets import DataSplits, check_fits
-from vq2pc.core.random import step_seed
-from vq2pc.models.nets import STD_MAX, STD_MIN, Decoder, halving_sizes, head_channels, head_leaf, init_head, \
-    num_downsamplings
+from vq2pc.models.nets import (
+    STD_MAX,
+    STD_MIN,
+    Decoder,
+    halving_sizes,
+    head_channels,
+    head_leaf,
+    init_head,
+    num_downsamplings,
+)
 from vq2pc.models.train import TrainConfig, TrainResult, completed_steps, dequantize_once, fit, step_dequantizer
 
 __all__ = ["CMConfig", "ContinuousMixture", "sobol_normal", "train_cm", "compile_cm", "CM_RECIPES"]
@@ -202,7 +210,7 @@ class ContinuousMixture(SavableModel, nn.Module):
             m.momentum = 0.1
             m.eval()
 
-    def train(self, mode: bool = True) -> "ContinuousMixture":
+    def train(self, mode: bool = True) -> ContinuousMixture:
         """``nn.Module.train``, except that the paper recipe's batch norms stay frozen."""
         super().train(mode)
         if self.cfg.recipe == "paper":

@@ -45,7 +45,7 @@ class GridLoss:
     ``first_step``: training steps already run (a resumed run's :func:`completed_steps`);
     ``steps_per_epoch``: ``ceil(n_train / batch_size)``, where the refresh count restarts."""
 
-    def __init__(self, model: "ContinuousMixture", first_step: int, steps_per_epoch: int) -> None:
+    def __init__(self, model: ContinuousMixture, first_step: int, steps_per_epoch: int) -> None:
         self.model, self.step, self.per_epoch = model, int(first_step), int(steps_per_epoch)
         self.refresh = model.cfg.refresh
         self.decoded_at: int | None = None  # the step whose parameters `current` was decoded with

@@ -3,9 +3,9 @@
 The exact model is the exhaustive distilled circuit with prior weights, but it is
 never materialized: MNIST with a 2×2 grid and ``K = 32`` has ``2^20`` components
 (6.6 GB of Gaussian leaf parameters), ``K = 96`` has 85M. Instead ``log p(z)`` is
-enumerated once (``[K^{HW}]`` float32, :func:`vq2pc.enumerate.enumerate_log_prior`)
+enumerated once (``[K^{HW}]`` float32, :func:`vq2pc.latents.enumerate.enumerate_log_prior`)
 and every query streams over the latent space in lexicographic chunks: a chunk of
-latents is decoded (:func:`vq2pc.distillation.decode_leaf`), wrapped in a chunk
+latents is decoded (:func:`vq2pc.circuit.distill.decode_leaf`), wrapped in a chunk
 :class:`~vq2pc.circuit.MixtureCircuit` whose ``log_likelihoods`` (the fast kernel)
 gives ``[B, n_chunk]``, ``log p(z)`` of the chunk is added, and the result is folded
 into running reductions (float64 log-sum-exp, rescaled weighted sums, running
@@ -28,13 +28,8 @@ from tqdm.auto import tqdm
 from vq2pc.circuit.distill import check_std_floor, decode_leaf
 from vq2pc.circuit.io import check_sample_args, prepare_input
 from vq2pc.circuit.mixture import MixtureCircuit
-from vq2pc.circuit.streaming import (
-    RunningArgmax,
-    Scratch,
-    SoftmaxWeightedSum,
-    add_gumbel_,
-    logsumexp_,
-)
+from vq2pc.circuit.queries import Block, posterior_draw, posterior_mean
+from vq2pc.circuit.streaming import Scratch, logsumexp_
 from vq2pc.core.distributed import (
     all_reduce_logsumexp,
     is_distributed,
@@ -65,7 +60,7 @@ class ExactModel:
         memory_budget_mib: memory bound of one chunk (and of each chunk circuit's temporaries).
         device: where to compute (both models are moved there, in place); default: the VQ-VAE's device.
         progress: show a tqdm bar per streaming pass.
-        std_floor: raise decoded Gaussian stds below it to it (see :func:`vq2pc.distillation.decode_leaf`).
+        std_floor: raise decoded Gaussian stds below it to it (see :func:`vq2pc.circuit.distill.decode_leaf`).
     """
 
     def __init__(
@@ -157,6 +152,11 @@ class ExactModel:
         """``[B, n]`` log p(z) + log p(x_o | z) for the chunk's latents (float32)."""
         return circuit.log_likelihoods_prepared(x, mask) + self.log_prior[n0 : n0 + len(circuit)]
 
+    def _score_blocks(self, x: Tensor, mask: Tensor | None, desc: str) -> Iterator[Block]:
+        """The latent space's chunks as :mod:`~vq2pc.circuit.queries` reads them (one streaming pass)."""
+        for n0, circuit in self._chunks(x.shape[0], desc):
+            yield n0, self._scores(circuit, n0, x, mask), circuit.component_means
+
     # --- likelihoods ----------------------------------------------------------------
     scores_whole_sets = True
     """:meth:`log_prob` takes a whole test set at once (``evaluate.density`` relies on it)."""
@@ -214,18 +214,12 @@ class ExactModel:
         x, mask = self._prepare(x, mask)
         if mask is None:
             return x.clone()
-        acc = SoftmaxWeightedSum(torch.float64)
-        for n0, circuit in self._chunks(x.shape[0], "ExM E[x|x_o]"):
-            acc.add(self._scores(circuit, n0, x, mask), circuit.component_means())
-        cm = acc.result().float()
+        cm = posterior_mean(self._score_blocks(x, mask, "ExM E[x|x_o]"), torch.float64).float()
         return cm if mask is None else torch.where(mask, x, cm)
 
     def _posterior_draw(self, x: Tensor, mask: Tensor | None, generator: torch.Generator | None) -> Tensor:
         """``[B]`` index of one latent per row drawn from p(z | x_o) (streaming Gumbel-max)."""
-        best, scratch = RunningArgmax(), Scratch()
-        for n0, circuit in self._chunks(x.shape[0], "ExM posterior draw"):
-            best.add(add_gumbel_(self._scores(circuit, n0, x, mask), generator, scratch), n0)
-        return best.result()
+        return posterior_draw(self._score_blocks(x, mask, "ExM posterior draw"), generator, Scratch())
 
     def _sample_leaves(self, idx: Tensor, generator: torch.Generator | None) -> Tensor:
         """``[n, S]``: one draw from p(x | z) for each latent index ``idx [n]`` (decoded in memory-bounded blocks)."""

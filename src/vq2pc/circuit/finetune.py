@@ -10,13 +10,14 @@ thousands of nats. Fine-tuning keeps the selected latents ``z_1..z_N`` fixed and
 over the decoder's (and codebook's) parameters and, optionally, the mixture weights ``w``, on
 the training split, early-stopped on the validation split's exact mixture log-likelihood. The
 result is decoded again into a circuit: still an exact mixture over the same latents, decoded
-by a VQ-VAE decoder.
+by a VQ-VAE decoder. :func:`vq2pc.models.train.fit` trains it, so a fine-tuning run has what every
+training has: an atomic per-epoch checkpoint, resume to the same numbers, DDP, early stopping.
 
 Each step needs ``log p(x_b | z_n)`` with gradients only where it matters. Two ways to pick the
 components that get gradients in a batch (``components``):
 
-* ``"posterior"`` (default): the leaves of all N components are decoded without gradients every
-  ``refresh`` steps; each image's ``top_k`` components by (stale) posterior are decoded again
+* ``"posterior"`` (default): the leaves of all N components are decoded without gradients at the
+  start of every epoch and every ``refresh`` steps into it; each image's ``top_k`` components by (stale) posterior are decoded again
   with gradients, and the loss is ``−log Σ_{n∈U} w_n p(x | z_n)`` over their union ``U`` — a
   lower bound of the full mixture's log-likelihood, tight when the posterior is peaked (it is:
   784 pixels make one or two components carry nearly all of it);
@@ -35,31 +36,29 @@ in the circuit, so the components stay sharp: a trade of test BPD for sample qua
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
-import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from vq2pc.circuit.distill import decode_leaf
 from vq2pc.circuit.mixture import MixtureCircuit
-from vq2pc.core.distributed import all_reduce_max_, all_reduce_sum, is_distributed, is_main, shard_range
+from vq2pc.core.distributed import all_reduce_max_, all_reduce_sum, shard_range
 from vq2pc.core.leaves import Leaf, cap_std, component_log_likelihoods
-from vq2pc.core.optim import adam
 from vq2pc.core.random import step_seed
 from vq2pc.core.validate import is_positive_number
-from vq2pc.data.datasets import DataSplits, to_model_space
+from vq2pc.data.datasets import DataSplits
 from vq2pc.latents.selection import Selection
+from vq2pc.models.train import SCHEDULES, TrainConfig, completed_steps, dequantize_once, fit, step_dequantizer
 
 __all__ = ["FineTuneConfig", "FineTuneResult", "finetune", "finetune_distill", "PosteriorPicks", "subset_nll",
            "CAP_MARK", "cap_text"]
 
 COMPONENT_MODES = ("posterior", "random")
-SCHEDULES = ("constant", "cosine")
 CAP_MARK = " σ<"
 """Marks a row fine-tuned under ``std_max``: "DMRS+FT σ<0.125" (its file key: "…-ft-cap0.125")."""
 
@@ -80,7 +79,8 @@ class FineTuneConfig:
     batch_size: int = 128
     components: str = "posterior"  # posterior | random
     top_k: int = 4  # posterior: components per image that get gradients
-    refresh: int = 25  # posterior: steps between re-decodes of all N components (to pick the top-k)
+    refresh: int = 25  # posterior: steps between re-decodes of all N components (to pick the top-k), counted
+    #   from each epoch's start (its first steps use the decode that validated the epoch before)
     refresh_N: int | None = None  # above this N the interval grows ∝ N (refresh·N/refresh_N steps): the same
     #   re-decode cost per step as at refresh_N; None: `refresh` at every N (docs/NOTES.md, "Refreshing the picks")
     subset: int = 256  # random: components per step
@@ -112,7 +112,7 @@ class FineTuneConfig:
             if getattr(self, name) is not None and not is_positive_number(getattr(self, name)):
                 raise ValueError(f"fine-tuning {name} must be a positive number or None, got {getattr(self, name)!r}")
 
-    def for_N(self, N: int) -> "FineTuneConfig":
+    def for_N(self, N: int) -> FineTuneConfig:
         """These settings for a mixture of ``N`` components: ``refresh_N`` resolved into ``refresh``."""
         if self.refresh_N is None or N <= self.refresh_N:
             return replace(self, refresh_N=None)
@@ -137,6 +137,12 @@ class FineTuneResult:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
+def _mean_log_prob(circuit: MixtureCircuit, x_val: Tensor) -> float:
+    """Mean exact log p̂(x) over ``x_val [n, S]`` (each rank scores its :func:`shard_range` rows)."""
+    lo, hi = shard_range(x_val.shape[0])
+    return float(all_reduce_sum(circuit.log_prob(x_val[lo:hi]).double().sum())) / x_val.shape[0]
+
+
 class PosteriorPicks:
     """``components: posterior``: the components that get gradients in a step. Each image's ``top_k`` components
     by posterior under a stale decode of the whole mixture (``decode()``, first at the first call, again at each
@@ -152,16 +158,21 @@ class PosteriorPicks:
         """Decode the whole mixture again (no gradients); later picks use it."""
         self.stale = self.decode()
 
-    @torch.no_grad()
     def __call__(self, x: Tensor) -> Tensor:
         """``x [B, S]`` (model space) -> the indices ``U`` (ascending, distinct) of the picked components."""
         if self.stale is None:
             self.refresh()
-        scores = self.stale.log_likelihoods(x) + self.stale.log_weights  # [B, N]
-        N = len(self.stale)
-        chosen = torch.zeros(N, dtype=torch.int32, device=x.device)
-        chosen[scores.topk(min(self.top_k, N), dim=1).indices.flatten()] = 1
-        return all_reduce_max_(chosen).nonzero().flatten()
+        return top_k_union(self.stale, x, self.top_k)
+
+
+@torch.no_grad()
+def top_k_union(circuit: MixtureCircuit, x: Tensor, top_k: int) -> Tensor:
+    """The ascending indices ``U`` of the components among the ``top_k`` by posterior of any row of ``x [B, S]``,
+    united over every rank's rows under ``torchrun``."""
+    scores = circuit.log_likelihoods(x) + circuit.log_weights  # [B, N]
+    chosen = torch.zeros(len(circuit), dtype=torch.int32, device=x.device)
+    chosen[scores.topk(min(top_k, len(circuit)), dim=1).indices.flatten()] = 1
+    return all_reduce_max_(chosen).nonzero().flatten()
 
 
 def subset_nll(leaf: Leaf, x: Tensor, log_w: Tensor) -> Tensor:
@@ -171,127 +182,127 @@ def subset_nll(leaf: Leaf, x: Tensor, log_w: Tensor) -> Tensor:
     return -torch.logsumexp(component_log_likelihoods(leaf, x).double() + log_w, dim=1)
 
 
-def _mean_log_prob(circuit: MixtureCircuit, x_val: Tensor) -> float:
-    """Mean exact log p̂(x) over ``x_val [n, S]`` (each rank scores its :func:`shard_range` rows)."""
-    lo, hi = shard_range(x_val.shape[0])
-    return float(all_reduce_sum(circuit.log_prob(x_val[lo:hi]).double().sum())) / x_val.shape[0]
+class _Mixture(nn.Module):
+    """What fine-tuning trains: a copy of the decoder, the selected ``codes [N,h,w]`` and the logits of the
+    mixture weights ``[N]`` (a parameter with ``learn_weights``, else a buffer); :meth:`loss` is a step's loss.
 
+    It stays in eval mode (batch norm keeps its statistics). :meth:`current` caches the mixture decoded
+    without gradients until the next step changes the weights: the posterior picks of the first steps of
+    an epoch use the decode that validated the epoch before."""
 
-class _Trainer:
-    """One fine-tuning run: state shared by the steps (decoder copy, weights, optimizer, stale leaves)."""
-
-    def __init__(self, decoder: nn.Module, codes: Tensor, log_weights: Tensor, cfg: FineTuneConfig,
-                 total_steps: int) -> None:
-        self.cfg, self.codes = cfg, codes.to(cfg.device)
-        self.decoder = copy.deepcopy(decoder).to(cfg.device).eval()  # eval: batch norm keeps its statistics
+    def __init__(self, decoder: nn.Module, codes: Tensor, log_weights: Tensor, cfg: FineTuneConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.decoder = copy.deepcopy(decoder).eval()
         for p in self.decoder.parameters():
             p.requires_grad_(True)
-        self.logits = nn.Parameter(log_weights.detach().double().to(cfg.device).clone(),
-                                   requires_grad=cfg.learn_weights)
-        self.params = list(self.decoder.parameters()) + ([self.logits] if cfg.learn_weights else [])
-        self.opt = adam(self.params, cfg.lr)
-        self.sched = (torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=total_steps)
-                      if cfg.schedule == "cosine" else None)
-        self.gen = torch.Generator().manual_seed(cfg.seed)
-        self.picks = PosteriorPicks(self.decoded, cfg.top_k)
-        self.step_count = 0
+        self.register_buffer("codes", codes.clone(), persistent=False)
+        logits = log_weights.detach().double().clone()
+        if cfg.learn_weights:
+            self.logits = nn.Parameter(logits)
+        else:
+            self.register_buffer("logits", logits)
+        self.stale: MixtureCircuit | None = None  # the decode the posterior picks read
+        self.fresh = False  # whether ``stale`` is the decode of the current weights
+        self.step = 0
+
+    def train(self, mode: bool = True) -> _Mixture:
+        return super().train(False)
+
+    def load_state_dict(self, *args: Any, **kwargs: Any) -> Any:  # a resume: the cached decode is of other weights
+        self.fresh = False
+        return super().load_state_dict(*args, **kwargs)
 
     def log_weights(self) -> Tensor:
         return torch.log_softmax(self.logits, 0)
 
-    def decoded(self) -> MixtureCircuit:
+    @torch.no_grad()
+    def current(self) -> MixtureCircuit:
         """The mixture as decoded now (all N components, no gradients)."""
-        return MixtureCircuit(cap_std(decode_leaf(self.decoder, self.codes), self.cfg.std_max),
-                              self.log_weights().detach())
+        if not self.fresh or self.stale is None:
+            leaf = cap_std(decode_leaf(self.decoder, self.codes), self.cfg.std_max)
+            self.stale, self.fresh = MixtureCircuit(leaf, self.log_weights().detach()), True
+        return self.stale
+
+    def before_step(self, step: int, index: int) -> None:
+        """:func:`~vq2pc.models.train.fit`'s hook: posterior picks re-decode every ``refresh`` steps of an epoch."""
+        self.step = step
+        if self.cfg.components == "posterior" and index % self.cfg.refresh == 0:
+            self.current()
 
     def _pick(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Indices ``U`` of the components that get gradients for batch ``x``, and their log weights."""
+        """Indices ``U`` of the components that get gradients for this rank's rows ``x``, and their log weights."""
         cfg, N = self.cfg, self.codes.shape[0]
-        if cfg.components == "random":
-            U = torch.randperm(N, generator=self.gen)[: cfg.subset].to(self.codes.device)
+        if cfg.components == "random":  # a stream apart from the step's dequantization noise
+            gen = torch.Generator().manual_seed(step_seed(cfg.seed, self.step) + (1 << 48))
+            U = torch.randperm(N, generator=gen)[: cfg.subset].to(self.codes.device)
             return U, torch.log_softmax(self.logits[U], 0)
-        if self.step_count % cfg.refresh == 0:
-            self.picks.refresh()
-        U = self.picks(x)
+        U = top_k_union(self.stale if self.stale is not None else self.current(), x, cfg.top_k)
         return U, self.log_weights()[U]
 
-    def step(self, v: Tensor, levels: int, leaf_kind: str) -> float:
-        """One Adam step on a global batch of raw levels ``v [B, C, H, W]``; returns its loss (nats/image).
-
-        Under ``torchrun`` each rank scores its :func:`shard_range` rows against the components that
-        any rank's images picked, and the gradients of the summed loss are all-reduced: the step equals
-        one process's on the same batch (the dequantization noise is drawn for the global batch)."""
-        gen = torch.Generator().manual_seed(step_seed(self.cfg.seed, self.step_count))
-        x = to_model_space(v, leaf_kind, levels, gen).flatten(1).to(self.cfg.device)
-        lo, hi = shard_range(x.shape[0])
-        U, log_w = self._pick(x[lo:hi])
+    def loss(self, x: Tensor) -> Tensor:
+        """``−log Σ_{n∈U} w_n p(x | z_n)``, the mean over this rank's rows ``x [B_r, C, H, W]`` (model space)
+        of the components :meth:`_pick` chose (nats per image)."""
+        x = x.flatten(1)
+        U, log_w = self._pick(x)
+        self.fresh = False  # the step after this loss changes the weights
         leaf = cap_std(self.decoder.decode(self.codes[U]), self.cfg.std_max)
-        loss = subset_nll(leaf, x[lo:hi], log_w).sum() / x.shape[0]
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if is_distributed():
-            for p in self.params:
-                if p.grad is not None:  # the same parameters have gradients on every rank (same U)
-                    dist.all_reduce(p.grad)
-        if self.cfg.clip is not None:
-            nn.utils.clip_grad_norm_(self.params, self.cfg.clip)
-        self.opt.step()
-        if self.sched is not None:
-            self.sched.step()
-        self.step_count += 1
-        return float(all_reduce_sum(loss.detach()))
+        return subset_nll(leaf, x, log_w).mean()
+
+
+def _train_config(cfg: FineTuneConfig) -> TrainConfig:
+    """The :func:`~vq2pc.models.train.fit` settings of fine-tuning: ``patience`` epochs may fail to beat
+    the best before the next failure stops training."""
+    return TrainConfig(epochs=cfg.epochs, patience=cfg.patience + 1, lr=cfg.lr, batch_size=cfg.batch_size,
+                       seed=cfg.seed, device=cfg.device, progress=cfg.progress, schedule=cfg.schedule, clip=cfg.clip)
+
+
+def _meta(cfg: FineTuneConfig, codes: Tensor, log_weights: Tensor) -> dict[str, Any]:
+    """What a fine-tuning checkpoint is resumed for: the same settings, latents and starting weights."""
+    digest = hashlib.sha256(codes.cpu().numpy().tobytes() + log_weights.double().cpu().numpy().tobytes())
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("progress", "device")}
+    return {"config": {**settings, "selection_sha256": digest.hexdigest()}}
 
 
 def finetune(decoder: nn.Module, codes: Tensor, log_weights: Tensor, splits: DataSplits,
-             cfg: FineTuneConfig | None = None) -> FineTuneResult:
+             cfg: FineTuneConfig | None = None, checkpoint: str | Path | None = None) -> FineTuneResult:
     """Fine-tune a copy of ``decoder`` (``decode(codes [B,h,w]) -> Leaf [B,S]``) and the weights of the
     mixture over ``codes [N,h,w]`` (``log_weights [N]``) on ``splits``; keeps the best validation epoch.
 
-    The source ``decoder`` is not modified. Deterministic for a given ``cfg.seed`` and device."""
+    :func:`~vq2pc.models.train.fit` trains it: ``checkpoint`` (optional) is written after every epoch,
+    and a call with the same path resumes an interrupted run (to the same numbers); under ``torchrun``
+    every rank calls it, and the steps equal one process's. The source ``decoder`` is not modified.
+    Deterministic for a given ``cfg.seed`` and device."""
     if codes.dim() != 3 or log_weights.shape != (codes.shape[0],) or codes.shape[0] == 0:
         raise ValueError(f"finetune needs codes [N,h,w] (N >= 1) and log_weights [N]; got "
                          f"{tuple(codes.shape)} and {tuple(log_weights.shape)}")
     cfg = (cfg or FineTuneConfig()).for_N(codes.shape[0])
-    start = time.perf_counter()
+    model = _Mixture(decoder, codes, log_weights, cfg).to(cfg.device)
+    leaf_kind = model.current().leaf.kind
     train_v = splits.train_x[: cfg.train_limit] if cfg.train_limit else splits.train_x
-    trainer = _Trainer(decoder, codes, log_weights, cfg, cfg.epochs * math.ceil(len(train_v) / cfg.batch_size))
-    trainer.picks.stale = start_circuit = trainer.decoded()  # also the components' scores of the first steps
-    leaf_kind = start_circuit.leaf.kind
     val_v = splits.val_x[: cfg.val_limit] if cfg.val_limit else splits.val_x
-    x_val = to_model_space(val_v, leaf_kind, splits.levels, torch.Generator().manual_seed(cfg.seed + 1))
-    x_val = x_val.flatten(1).to(cfg.device)
-    best = _mean_log_prob(start_circuit, x_val)
-    result = FineTuneResult(decoder, trainer.log_weights().detach().to(log_weights.dtype).cpu(), best, best, 0, 0, 0.0)
-    best_state = (copy.deepcopy(trainer.decoder.state_dict()), trainer.logits.detach().clone())
-    bar = tqdm(range(1, cfg.epochs + 1), desc="fine-tune", disable=not (cfg.progress and is_main()), leave=False)
-    for epoch in bar:
-        order = torch.randperm(len(train_v), generator=torch.Generator().manual_seed(cfg.seed + 7919 * epoch))
-        losses = [trainer.step(train_v[order[i: i + cfg.batch_size]], splits.levels, leaf_kind)
-                  for i in range(0, len(train_v), cfg.batch_size)]
-        val = _mean_log_prob(trainer.decoded(), x_val)
-        result.history.append({"epoch": epoch, "train_loss": sum(losses) / len(losses), "val_log_prob": val,
-                               "lr": trainer.opt.param_groups[0]["lr"]})
-        result.epochs_run = epoch
-        bar.set_postfix(val=f"{val:.1f}")
-        if val > result.best_val_log_prob:
-            result.best_val_log_prob, result.best_epoch = val, epoch
-            best_state = (copy.deepcopy(trainer.decoder.state_dict()), trainer.logits.detach().clone())
-        elif epoch - result.best_epoch > cfg.patience:
-            break
-    if result.best_epoch > 0:
-        trainer.decoder.load_state_dict(best_state[0])
-        result.decoder = trainer.decoder.eval()
-        result.log_weights = torch.log_softmax(best_state[1], 0).to(log_weights.dtype).cpu()
-    result.seconds = time.perf_counter() - start
-    return result
+    x_val = dequantize_once(val_v, leaf_kind, splits.levels, cfg.seed).flatten(1).to(cfg.device)
+    first = completed_steps(checkpoint, "finetune", len(train_v), cfg.batch_size)
+    res = fit(model, lambda m, batch: m.loss(batch[0]), (train_v,), (), _train_config(cfg), checkpoint,
+              kind="finetune", meta=_meta(cfg, codes, log_weights), desc="fine-tune", prepare=step_dequantizer(leaf_kind, splits.levels, cfg.seed, first),
+              validate=lambda m: -_mean_log_prob(m.current(), x_val), before_step=model.before_step,
+              score_start=True)
+    history = [{"epoch": h["epoch"], "train_loss": h["train"], "val_log_prob": -h["val"], "lr": h["lr"]}
+               for h in res.history]
+    return FineTuneResult(
+        decoder=model.decoder.eval() if res.best_epoch else decoder,
+        log_weights=model.log_weights().detach().to(log_weights.dtype).cpu(),
+        start_val_log_prob=-float(res.start_val_loss), best_val_log_prob=-res.best_val_loss,
+        best_epoch=res.best_epoch, epochs_run=res.epochs_run, seconds=res.seconds, history=history)
 
 
 def finetune_distill(decoder: nn.Module, selection: Selection, splits: DataSplits, cfg: FineTuneConfig | None = None,
-                     weights: str = "uniform", meta: dict[str, Any] | None = None) -> tuple[MixtureCircuit, FineTuneResult]:
-    """:func:`finetune` the mixture of ``selection`` (initial ``weights``: uniform | prior) and decode it
-    into a :class:`MixtureCircuit` whose meta records the fine-tuning."""
+                     weights: str = "uniform", meta: dict[str, Any] | None = None,
+                     checkpoint: str | Path | None = None) -> tuple[MixtureCircuit, FineTuneResult]:
+    """:func:`finetune` the mixture of ``selection`` (initial ``weights``: uniform | prior; resumable from
+    ``checkpoint``) and decode it into a :class:`MixtureCircuit` whose meta records the fine-tuning."""
     cfg = (cfg or FineTuneConfig()).for_N(len(selection.codes))
-    res = finetune(decoder, selection.codes, selection.log_weights(weights), splits, cfg)
+    res = finetune(decoder, selection.codes, selection.log_weights(weights), splits, cfg, checkpoint)
     info = {"strategy": selection.strategy, "weights": "finetuned" if cfg.learn_weights else weights,
             "finetune": {"best_epoch": res.best_epoch, "epochs_run": res.epochs_run, "seconds": round(res.seconds, 3),
                          "start_val_log_prob": res.start_val_log_prob, "best_val_log_prob": res.best_val_log_prob,

@@ -56,7 +56,7 @@ def read_circuit(path: str | Path, device: str | torch.device | None) -> tuple[s
     try:
         with safe_open(str(path), framework="pt", device=str(device or "cpu")) as f:
             header = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
     except Exception as exc:  # safetensors raises several types for corrupt files
         raise CheckpointError(f"{path} is not a readable vq2pc circuit (corrupt, truncated or foreign): {exc}") from None
     if header.get("format") != FORMAT_TAG:

@@ -282,8 +282,8 @@ def categorical_table(logits: Tensor) -> Tensor:
     row ``i·L + l``, column ``n`` = ``log p(x_i = l | component n)`` (a view where strides allow)."""
     if logits.dim() != 3:
         raise ValueError(f"categorical logits must be [N, S, L], got {tuple(logits.shape)}")
-    n, s, l = logits.shape
-    return logits.permute(1, 2, 0).reshape(s * l, n)
+    n, s, L = logits.shape
+    return logits.permute(1, 2, 0).reshape(s * L, n)
 
 
 def categorical_view(table: Tensor, num_levels: int) -> Categorical:

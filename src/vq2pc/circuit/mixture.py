@@ -2,7 +2,7 @@
 
 ``p̂(x) = Σ_n w_n Π_i p(x_i | θ_n)`` over ``N`` components and ``S`` variables.
 Every query reduces to the component log-likelihood matrix ``ℓ [B, N]``
-(:mod:`vq2pc.circuit_kernels`: one matrix product for Gaussian and Bernoulli
+(:mod:`vq2pc.circuit.kernels`: one matrix product for Gaussian and Bernoulli
 leaves, an ``embedding_bag`` table sum for categorical leaves) followed by a
 streaming reduction over ``N``. The batch is cut into row blocks and the
 components into column blocks so that the temporaries of one block stay within
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
 
@@ -34,13 +35,8 @@ from vq2pc.circuit.io import (
     write_circuit,
 )
 from vq2pc.circuit.kernels import make_kernel, normalized_categorical
-from vq2pc.circuit.streaming import (
-    RunningArgmax,
-    Scratch,
-    SoftmaxWeightedSum,
-    add_gumbel_,
-    logsumexp_,
-)
+from vq2pc.circuit.queries import Block, log_marginal, posterior_draw, posterior_mean
+from vq2pc.circuit.streaming import RunningArgmax, Scratch, logsumexp_
 from vq2pc.core.checkpoint import CheckpointError
 from vq2pc.core.leaves import Categorical, Leaf, leaf_from_tensors
 from vq2pc.core.random import uniform
@@ -120,7 +116,7 @@ class MixtureCircuit:
     def device(self) -> torch.device:
         return self.log_weights.device
 
-    def to(self, device: str | torch.device) -> "MixtureCircuit":
+    def to(self, device: str | torch.device) -> MixtureCircuit:
         """A copy of this circuit on ``device``."""
         return MixtureCircuit(
             self.leaf.to(device), self._given_log_weights.to(device), memory_budget_mib=self.memory_budget_mib, meta=self.meta
@@ -144,6 +140,11 @@ class MixtureCircuit:
     def _scores(self, x: Tensor, mask: Tensor | None, n0: int, n1: int, scratch: Scratch) -> Tensor:
         """``[b, n1-n0]`` log w_n + log p(x_o | n), a view of ``scratch`` (may be overwritten)."""
         return self._kernel.loglik(x, mask, n0, n1, bias=self.log_weights[n0:n1], scratch=scratch)
+
+    def _score_blocks(self, x: Tensor, mask: Tensor | None, cols: Blocks, scratch: Scratch) -> Iterator[Block]:
+        """The component blocks ``cols`` of rows ``x`` as :mod:`~vq2pc.circuit.queries` reads them."""
+        for n0, n1 in cols:
+            yield n0, self._scores(x, mask, n0, n1, scratch), lambda n0=n0, n1=n1: self.component_means()[n0:n1]
 
     def _prepare(self, x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
         return prepare_input(x, mask, self.leaf, self._kernel.fill_value())
@@ -181,14 +182,7 @@ class MixtureCircuit:
     def log_prob(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """``[B]`` log p̂(x), or the log marginal of the observed entries when ``mask`` is given."""
         x, mask = self._prepare(x, mask)
-        return self._row_map(x, mask, self._log_prob_block)
-
-    def _log_prob_block(self, x: Tensor, mask: Tensor | None, cols: Blocks, scratch: Scratch) -> Tensor:
-        lse = None
-        for n0, n1 in cols:
-            part = logsumexp_(self._scores(x, mask, n0, n1, scratch))
-            lse = part if lse is None else torch.logaddexp(lse, part)
-        return lse
+        return self._row_map(x, mask, lambda *args: log_marginal(self._score_blocks(*args)))
 
     def posterior(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """``[B, N]`` log p(n | x_o); each row log-sum-exps to 0."""
@@ -218,38 +212,21 @@ class MixtureCircuit:
         x, mask = self._prepare(x, mask)
         if mask is None:
             return x.clone()
-        means = self.component_means()
-        extra = 3 * means.element_size() * self.num_variables
+        extra = 3 * self.component_means().element_size() * self.num_variables
 
         def block(xb: Tensor, mb: Tensor | None, cols: Blocks, scratch: Scratch) -> Tensor:
-            acc = SoftmaxWeightedSum()
-            for n0, n1 in cols:
-                acc.add(self._scores(xb, mb, n0, n1, scratch), means[n0:n1])
-            cm = acc.result()
+            cm = posterior_mean(self._score_blocks(xb, mb, cols, scratch))
             return cm if mb is None else torch.where(mb, xb, cm)
 
         return self._row_map(x, mask, block, extra)
 
-    def _argmax_component(
-        self,
-        x: Tensor,
-        mask: Tensor | None,
-        generator: torch.Generator | None,
-        gumbel: bool,
-        hidden_bonus: Tensor | None = None,
-    ) -> Tensor:
-        """``[B]`` argmax_n of the scores, plus Gumbel noise when ``gumbel`` (a posterior draw),
-        plus ``Σ_{i unobserved} hidden_bonus[n, i]`` when given (``[N, S]``)."""
+    def _map_component(self, x: Tensor, mask: Tensor, hidden_bonus: Tensor) -> Tensor:
+        """``[B]`` argmax_n of the scores plus ``Σ_{i unobserved} hidden_bonus[n, i]`` (``[N, S]``)."""
 
-        def block(xb: Tensor, mb: Tensor | None, cols: Blocks, scratch: Scratch) -> Tensor:
+        def block(xb: Tensor, mb: Tensor, cols: Blocks, scratch: Scratch) -> Tensor:
             best = RunningArgmax()
-            for n0, n1 in cols:
-                s = self._scores(xb, mb, n0, n1, scratch)
-                if hidden_bonus is not None and mb is not None:
-                    s.addmm_((~mb).to(s.dtype), hidden_bonus[n0:n1].T)
-                if gumbel:
-                    add_gumbel_(s, generator, scratch)
-                best.add(s, n0)
+            for n0, s, _ in self._score_blocks(xb, mb, cols, scratch):
+                best.add(s.addmm_((~mb).to(s.dtype), hidden_bonus[n0 : n0 + s.shape[1]].T), n0)
             return best.result()
 
         return self._row_map(x, mask, block)
@@ -281,7 +258,11 @@ class MixtureCircuit:
             return self._row_apply_leaf(idx, lambda lf: lf.sample(generator))
         xp, mp = self._prepare(x, mask)
         check_sample_args(n, x, mask, rows=xp.shape[0])
-        idx = self._argmax_component(xp, mp, generator, gumbel=True)
+
+        def draw_component(xb: Tensor, mb: Tensor | None, cols: Blocks, scratch: Scratch) -> Tensor:
+            return posterior_draw(self._score_blocks(xb, mb, cols, scratch), generator, scratch)
+
+        idx = self._row_map(xp, mp, draw_component)
         draw = self._row_apply_leaf(idx, lambda lf: lf.sample(generator))
         return draw if mp is None else torch.where(mp, xp, draw)
 
@@ -301,7 +282,7 @@ class MixtureCircuit:
             self._mode_logp = self._row_apply_leaf(
                 torch.arange(len(self), device=self.device), lambda lf: lf.log_prob(lf.mode())
             )
-        idx = self._argmax_component(xp, mp, None, gumbel=False, hidden_bonus=self._mode_logp)
+        idx = self._map_component(xp, mp, self._mode_logp)
         mode = self._row_apply_leaf(idx, lambda lf: lf.mode())
         return mode if mp is None else torch.where(mp, xp, mode)
 
@@ -313,7 +294,7 @@ class MixtureCircuit:
     @classmethod
     def load(
         cls, path: str | Path, device: str | torch.device | None = None, *, memory_budget_mib: float = 1024
-    ) -> "MixtureCircuit":
+    ) -> MixtureCircuit:
         """Load a circuit written by :meth:`save`; ``ValueError`` (:class:`CheckpointError`) for bad files."""
         kind, tensors, log_weights, meta = read_circuit(path, device)
         try:

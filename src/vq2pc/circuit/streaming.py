@@ -1,6 +1,6 @@
 """Exact reductions over the components of a mixture, one block of columns at a time.
 
-The queries of :class:`vq2pc.circuit.MixtureCircuit` and :class:`vq2pc.exact.ExactModel`
+The queries of :class:`vq2pc.circuit.MixtureCircuit` and :class:`vq2pc.circuit.exact.ExactModel`
 see the score matrix ``s[b, n] = log w_n + log p(x_b | n)`` in column blocks
 ``[b, n1-n0]`` and reduce over ``n`` without holding all of it. Every helper here
 works **in place** on the block it is given (the block is overwritten): on the CPU

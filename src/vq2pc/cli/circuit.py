@@ -103,7 +103,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
     _save_grid(list(shown.view(cols, cols, -1)), shape, [""] * cols, args.out)
     if args.npy:
         arr = x.reshape(args.n, *shape).cpu().numpy()
-        atomic_write(args.npy, lambda p: np.save(open(p, "wb"), arr))
+
+        def write(p: Path) -> None:  # closed (so flushed) before atomic_write moves it into place
+            with open(p, "wb") as f:
+                np.save(f, arr)
+
+        atomic_write(args.npy, write)
     print(json.dumps({"samples": args.n, "out": args.out, "npy": args.npy}))
     return 0
 

@@ -19,7 +19,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="export a saved circuit to libcirkit (--format cirkit) or to a plain NumPy archive (--format npz)",
         description=(
             "cirkit: the compiled libcirkit circuit (input layers -> Hadamard -> sum), reload it with "
-            "vq2pc.export.load_cirkit (needs libcirkit==0.3.1). npz: log_weights [N] and the leaf arrays with a "
+            "vq2pc.circuit.export.load_cirkit (needs libcirkit==0.3.1). npz: log_weights [N] and the leaf arrays with a "
             "JSON header, readable from any language with an npz reader (e.g. for SPFlow or ProbabilisticCircuits.jl)."
         ),
     )

@@ -53,7 +53,7 @@ class SavableModel:
     """Mixin for ``nn.Module`` models built from one dataclass config (``self.cfg``).
 
     ``save`` writes ``{"config", "state_dict"}`` as a ``vq2pc/<checkpoint_kind>`` checkpoint;
-    ``load`` reads that or a :func:`vq2pc.train.fit` checkpoint (config under ``meta``, best
+    ``load`` reads that or a :func:`vq2pc.models.train.fit` checkpoint (config under ``meta``, best
     weights), and turns every mismatch into one :class:`CheckpointError` naming the file.
     """
 

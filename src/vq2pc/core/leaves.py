@@ -56,15 +56,15 @@ class Leaf:
     def device(self) -> torch.device:
         return next(iter(self.tensors().values())).device
 
-    def map(self, fn) -> "Leaf":
+    def map(self, fn) -> Leaf:
         """A leaf of the same kind with ``fn`` applied to every parameter tensor."""
         return type(self)(*[fn(t) for t in self.tensors().values()])
 
-    def __getitem__(self, idx) -> "Leaf":
+    def __getitem__(self, idx) -> Leaf:
         """Index the leading (row/component) axes, e.g. ``leaf[10:20]``."""
         return self.map(lambda t: t[idx])
 
-    def to(self, *args, **kwargs) -> "Leaf":
+    def to(self, *args, **kwargs) -> Leaf:
         return self.map(lambda t: t.to(*args, **kwargs))
 
     # --- distribution ------------------------------------------------------------

@@ -8,7 +8,7 @@ Raw images are integer levels ``v ∈ {0..L-1}`` stored as ``uint8`` tensors
 * ``mnist``, ``fashion-mnist``: the four standard IDX ``.gz`` files (L = 256,
   C = 10); 50k / 10k train / validation from the training file with a seeded
   permutation, the 10k test file as test. Files are looked up in ``data_dir``,
-  ``$VQ2PC_DATA`` and the user cache dir (see :mod:`vq2pc.datasets.idx`),
+  ``$VQ2PC_DATA`` and the user cache dir (see :mod:`vq2pc.data.idx`),
   md5-verified, and downloaded into the cache when missing.
 
 Model space (:func:`to_model_space`) and BPD (:func:`bpd`) follow

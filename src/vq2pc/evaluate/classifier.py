@@ -1,6 +1,6 @@
 """A small CNN classifier (2 conv layers + linear) used to judge samples (paper App. E, Fig. 5).
 
-It is trained in the project with the shared trainer (:func:`vq2pc.train.fit`,
+It is trained in the project with the shared trainer (:func:`vq2pc.models.train.fit`,
 checkpoint kind ``"classifier"``) on the dataset's images mapped to ``[0, 1]``
 (``v / (L-1)``); model samples are mapped the same way before classification
 (:func:`vq2pc.evaluate.common.to_unit`).

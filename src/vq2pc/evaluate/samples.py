@@ -80,7 +80,7 @@ def kl_std(counts: Tensor | np.ndarray | list, draws: int = 2000, seed: int = 0)
     """Standard deviation of :func:`kl_from_uniform` over ``draws`` histograms of the same total resampled
     from ``counts [C]`` (multinomial, a fixed ``seed``): the sampling noise of the KL estimate."""
     c = _check_counts(counts)
-    n = int(round(c.sum()))
+    n = round(c.sum())
     resampled = np.random.default_rng(seed).multinomial(n, c / c.sum(), size=int(draws))  # [draws, C]
     return float(np.round(_kl_rows(resampled.astype(np.float64)).std(ddof=1), 12))  # 0, not 1e-16, for one class
 

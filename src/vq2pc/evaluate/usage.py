@@ -106,7 +106,7 @@ def latent_usage(log_pz: Tensor | Sequence[Tensor], out_png: str | Path, title: 
         fr = np.array([c[f"fraction_{key}"] for c in curves])
         result[f"fraction_{key}"] = float(fr.mean())
         result[f"fraction_{key}_std"] = float(fr.std())
-        result[f"count_{key}"] = int(round(float(np.mean([c[f"count_{key}"] for c in curves]))))
+        result[f"count_{key}"] = round(float(np.mean([c[f"count_{key}"] for c in curves])))
     result["per_seed"] = [
         {k: v for k, v in c.items() if k not in ("counts", "cdf")} for c in curves
     ]

@@ -44,11 +44,12 @@ from vq2pc.core.random import step_seed
 from vq2pc.core.validate import is_positive_number
 from vq2pc.data.datasets import to_model_space
 
-__all__ = ["TrainConfig", "TrainResult", "fit", "batches", "evaluate_loss", "completed_steps", "step_dequantizer",
+__all__ = ["TrainConfig", "TrainResult", "SCHEDULES", "fit", "batches", "evaluate_loss", "completed_steps", "step_dequantizer",
            "dequantize_once"]
 
 Batch = tuple[Tensor, ...]
 LossFn = Callable[[nn.Module, Batch], Tensor]
+SCHEDULES = ("constant", "cosine")
 
 
 @dataclass
@@ -65,6 +66,8 @@ class TrainConfig:
     max_seconds: float | None = None  # stop (keeping the best weights) after this wall time
     amp: str | None = None  # "bf16" or "fp16": autocast on CUDA (refused on other devices)
     compile: bool = False  # torch.compile the training step
+    schedule: str = "constant"  # constant | cosine (the learning rate decays to 0 over ``epochs`` epochs, per step)
+    clip: float | None = None  # max global gradient norm per step (None: no clipping)
 
     def __post_init__(self) -> None:
         """Impossible settings fail here, when the config is built, not an epoch into training."""
@@ -72,7 +75,9 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-        for name in ("lr", "max_seconds"):
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {list(SCHEDULES)}, got {self.schedule!r}")
+        for name in ("lr", "max_seconds", "clip"):
             value = getattr(self, name)
             if (value is not None or name == "lr") and not is_positive_number(value):
                 raise ValueError(f"{name} must be a positive number, got {value!r}")
@@ -86,6 +91,8 @@ class TrainResult:
     seconds: float
     history: list[dict[str, float]] = field(default_factory=list)
     time_capped: bool = False  # training ended because ``max_seconds`` ran out (not by early stopping or epochs)
+    best_epoch: int = 0  # the epoch whose weights were kept (0: the starting weights, under ``score_start``)
+    start_val_loss: float | None = None  # the starting weights' validation loss (under ``score_start``)
 
     def summary(self) -> dict[str, Any]:
         """The JSON-able record a report gives of this training: its cost and how it ended."""
@@ -214,6 +221,118 @@ def _agree(flag: bool, device: str) -> bool:
     return bool(all_reduce_max_(torch.tensor([float(flag)], device=device)))
 
 
+class _Loop:
+    """One :func:`fit` run's changing parts: optimizer, learning-rate schedule, batch-order generator,
+    the training state (epochs, best validation loss, history, time) and the best weights."""
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig, steps_per_epoch: int) -> None:
+        self.model, self.cfg, self.steps_per_epoch = model, cfg, steps_per_epoch
+        self.opt = adam(model.parameters(), cfg.lr)
+        self.sched = (torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=cfg.epochs * steps_per_epoch)
+                      if cfg.schedule == "cosine" else None)
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.state: dict[str, Any] = {"epoch": 0, "best": math.inf, "best_epoch": 0, "start": None, "bad": 0,
+                                      "done": False, "history": [], "seconds": 0.0}
+        self.best_state = _copy_state(model)
+
+    def resume(self, checkpoint: str | Path, kind: str, meta: dict[str, Any] | None) -> bool:
+        """Continue from ``checkpoint`` if it holds an interrupted (or finished) run; False if there is none."""
+        if not Path(checkpoint).exists():
+            return False
+        ck = load_checkpoint(checkpoint, kind)
+        if "train_state" not in ck:
+            return False
+        _check_resumable(ck, checkpoint, meta)
+        try:
+            self.model.load_state_dict(ck["last_state_dict"])
+            self.opt.load_state_dict(ck["optimizer"])
+            if self.sched is not None:
+                self.sched.load_state_dict(ck["schedule"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise CheckpointError(f"{checkpoint} does not fit this model ({str(exc).splitlines()[0]}); "
+                                  "delete it or re-run with --force to train from scratch") from None
+        self.gen.set_state(ck["rng"])
+        self.state = {**self.state, **ck["train_state"]}
+        self.best_state = ck["state_dict"]
+        # "done" is judged by this call's budget: a larger `epochs` continues a finished run.
+        self.state["done"] = self.state["bad"] >= self.cfg.patience or self._out_of_time()
+        return True
+
+    def _out_of_time(self) -> bool:
+        return self.cfg.max_seconds is not None and self.state["seconds"] > self.cfg.max_seconds
+
+    def apply(self, scaler: Any) -> None:
+        """The optimizer step on the gradients just computed (clipped with ``cfg.clip``), then the schedule's."""
+        if self.cfg.clip is not None:
+            if scaler is not None:
+                scaler.unscale_(self.opt)
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip)
+        if scaler is None:
+            self.opt.step()
+        else:
+            scaler.step(self.opt)
+            scaler.update()
+        if self.sched is not None:
+            self.sched.step()
+
+    def record(self, train: float, val: float, device: str) -> None:
+        """The end of an epoch: its losses, the best weights, whether training is done."""
+        state = self.state
+        state["epoch"] += 1
+        state["history"].append({"epoch": state["epoch"], "train": train, "val": val,
+                                 "lr": self.opt.param_groups[0]["lr"]})
+        if val < state["best"]:
+            state["best"], state["best_epoch"], state["bad"] = val, state["epoch"], 0
+            self.best_state = _copy_state(self.model)
+        else:
+            state["bad"] += 1
+        out_of_time = _agree(self._out_of_time(), device)
+        state["done"] = state["bad"] >= self.cfg.patience or state["epoch"] >= self.cfg.epochs or out_of_time
+
+    def save(self, checkpoint: str | Path, kind: str, meta: dict[str, Any] | None) -> None:
+        save_checkpoint(checkpoint, kind, {
+            "meta": meta or {}, "state_dict": self.best_state, "last_state_dict": self.model.state_dict(),
+            "optimizer": self.opt.state_dict(), "rng": self.gen.get_state(), "train_state": self.state,
+            "train_config": asdict(self.cfg), **({"schedule": self.sched.state_dict()} if self.sched else {}),
+        })
+
+    def result(self) -> TrainResult:
+        state, cfg = self.state, self.cfg
+        return TrainResult(
+            best_val_loss=float(state["best"]), epochs_run=int(state["epoch"]),
+            stopped_early=state["bad"] >= cfg.patience, seconds=float(state["seconds"]),
+            history=list(state["history"]), best_epoch=int(state["best_epoch"]), start_val_loss=state["start"],
+            time_capped=bool(self._out_of_time() and state["bad"] < cfg.patience and state["epoch"] < cfg.epochs),
+        )
+
+
+def _copy_state(model: nn.Module) -> dict[str, Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _train_epoch(loop: _Loop, step: nn.Module, train_data: Sequence[Tensor], device: str, autocast: Any,
+                 scaler: Any, prepare: Callable[[Batch], Batch] | None,
+                 before_step: Callable[[int, int], None] | None, desc: str) -> float:
+    """One epoch of training steps (see :func:`fit`); returns the mean training loss of its batches."""
+    loop.model.train()
+    losses = []
+    for i, batch in enumerate(batches(train_data, loop.cfg.batch_size, loop.gen)):
+        if before_step is not None:
+            before_step(loop.state["epoch"] * loop.steps_per_epoch + i, i)
+        b = tuple(t.to(device) for t in batch)
+        local, weight, rows = _local(prepare(b) if prepare is not None else b)
+        with autocast():
+            loss = step(*local)
+        losses.append(_global_mean(loss, rows, b[0].shape[0]))
+        if not math.isfinite(losses[-1]):
+            raise FloatingPointError(f"{desc}: loss became {losses[-1]} at epoch {loop.state['epoch'] + 1}")
+        loop.opt.zero_grad(set_to_none=True)
+        scaled = loss if weight == 1.0 else loss * weight
+        (scaled if scaler is None else scaler.scale(scaled)).backward()
+        loop.apply(scaler)
+    return sum(losses) / len(losses)
+
+
 def fit(
     model: nn.Module,
     loss_fn: LossFn,
@@ -225,6 +344,9 @@ def fit(
     meta: dict[str, Any] | None = None,
     desc: str = "train",
     prepare: Callable[[Batch], Batch] | None = None,
+    validate: Callable[[nn.Module], float] | None = None,
+    before_step: Callable[[int, int], None] | None = None,
+    score_start: bool = False,
 ) -> TrainResult:
     """Train ``model`` in place; at the end it holds the weights of the best validation epoch.
 
@@ -234,81 +356,40 @@ def fit(
     the same whatever P). ``checkpoint`` (optional) is written atomically after every
     epoch as a ``vq2pc/<kind>`` checkpoint holding ``meta`` as well, so
     ``load_checkpoint(path, kind)["state_dict"]`` is the best model.
+
+    Hooks: ``validate(model)`` replaces the mean ``loss_fn`` over ``val_data`` as the validation loss
+    (lower is better; every rank calls it). ``before_step(step, index)`` runs before each training step
+    with the number of steps run before it and the batch's index in its epoch (both the same after a
+    resume). ``score_start``: the starting weights are validated first, and kept (``best_epoch`` 0)
+    unless an epoch beats them.
     Under ``torchrun`` every rank calls ``fit`` (see the module docstring).
     """
     device = init_from_env(cfg.device)
     autocast, scaler = _autocast(cfg, device)
     model.to(device)
-    opt = adam(model.parameters(), cfg.lr)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    state = {"epoch": 0, "best": math.inf, "bad": 0, "done": False, "history": [], "seconds": 0.0}
-    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    if checkpoint is not None and Path(checkpoint).exists():
-        ck = load_checkpoint(checkpoint, kind)
-        if "train_state" in ck:
-            _check_resumable(ck, checkpoint, meta)
-            try:
-                model.load_state_dict(ck["last_state_dict"])
-                opt.load_state_dict(ck["optimizer"])
-            except (RuntimeError, ValueError, KeyError) as exc:
-                raise CheckpointError(f"{checkpoint} does not fit this model ({str(exc).splitlines()[0]}); "
-                                      "delete it or re-run with --force to train from scratch") from None
-            gen.set_state(ck["rng"])
-            state = ck["train_state"]
-            best_state = ck["state_dict"]
-            # "done" is judged by this call's budget: a larger `epochs` continues a finished run.
-            state["done"] = state["bad"] >= cfg.patience or (
-                cfg.max_seconds is not None and state["seconds"] > cfg.max_seconds)
-    start = time.perf_counter() - state["seconds"]
-    bar = tqdm(total=cfg.epochs, initial=state["epoch"], desc=desc, disable=not (cfg.progress and is_main()),
+    loop = _Loop(model, cfg, math.ceil(train_data[0].shape[0] / cfg.batch_size))
+
+    def score() -> float:
+        return validate(model) if validate is not None else evaluate_loss(
+            model, loss_fn, val_data, max(cfg.batch_size, 256), device)
+
+    if not (checkpoint is not None and loop.resume(checkpoint, kind, meta)) and score_start:
+        loop.state["start"] = loop.state["best"] = score()
+    start = time.perf_counter() - loop.state["seconds"]
+    bar = tqdm(total=cfg.epochs, initial=loop.state["epoch"], desc=desc, disable=not (cfg.progress and is_main()),
                leave=False)
     with global_batchnorm(model):
         step = _wrap(model, loss_fn, cfg, device)
-        while not state["done"] and state["epoch"] < cfg.epochs:
-            model.train()
-            losses = []
-            for batch in batches(train_data, cfg.batch_size, gen):
-                b = tuple(t.to(device) for t in batch)
-                local, weight, rows = _local(prepare(b) if prepare is not None else b)
-                with autocast():
-                    loss = step(*local)
-                losses.append(_global_mean(loss, rows, b[0].shape[0]))
-                if not math.isfinite(losses[-1]):
-                    raise FloatingPointError(f"{desc}: loss became {losses[-1]} at epoch {state['epoch'] + 1}")
-                opt.zero_grad(set_to_none=True)
-                scaled = loss if weight == 1.0 else loss * weight
-                if scaler is None:
-                    scaled.backward()
-                    opt.step()
-                else:
-                    scaler.scale(scaled).backward()
-                    scaler.step(opt)
-                    scaler.update()
-            val = evaluate_loss(model, loss_fn, val_data, max(cfg.batch_size, 256), device)
-            state["epoch"] += 1
-            state["history"].append({"epoch": state["epoch"], "train": sum(losses) / len(losses), "val": val})
-            if val < state["best"]:
-                state["best"], state["bad"] = val, 0
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            else:
-                state["bad"] += 1
-            state["seconds"] = time.perf_counter() - start
-            out_of_time = _agree(cfg.max_seconds is not None and state["seconds"] > cfg.max_seconds, device)
-            state["done"] = state["bad"] >= cfg.patience or state["epoch"] >= cfg.epochs or out_of_time
+        while not loop.state["done"] and loop.state["epoch"] < cfg.epochs:
+            train = _train_epoch(loop, step, train_data, device, autocast, scaler, prepare, before_step, desc)
+            val = score()
+            loop.state["seconds"] = time.perf_counter() - start
+            loop.record(train, val, device)
             bar.update(1)
-            bar.set_postfix(train=f"{state['history'][-1]['train']:.4g}", val=f"{val:.4g}")
+            bar.set_postfix(train=f"{loop.state['history'][-1]['train']:.4g}", val=f"{val:.4g}")
             if checkpoint is not None:
-                save_checkpoint(checkpoint, kind, {
-                    "meta": meta or {}, "state_dict": best_state, "last_state_dict": model.state_dict(),
-                    "optimizer": opt.state_dict(), "rng": gen.get_state(), "train_state": state,
-                    "train_config": asdict(cfg),
-                })
+                loop.save(checkpoint, kind, meta)
     bar.close()
-    model.load_state_dict(best_state)
+    model.load_state_dict(loop.best_state)
     model.eval()
-    return TrainResult(
-        best_val_loss=float(state["best"]), epochs_run=int(state["epoch"]),
-        stopped_early=state["bad"] >= cfg.patience, seconds=float(state["seconds"]), history=list(state["history"]),
-        time_capped=bool(cfg.max_seconds is not None and state["seconds"] > cfg.max_seconds
-                         and state["bad"] < cfg.patience and state["epoch"] < cfg.epochs),
-    )
+    return loop.result()

@@ -3,7 +3,7 @@
 Data enter in model space (:func:`vq2pc.data.to_model_space`): dequantized
 ``[0, 1)`` reals for the Gaussian head, integer levels for the categorical
 head, ``{0, 1}`` for the Bernoulli head. ``decode(codes)`` returns a
-:mod:`vq2pc.leaves` leaf with batch shape ``[B, S]`` — the same object the
+:mod:`vq2pc.core.leaves` leaf with batch shape ``[B, S]`` — the same object the
 distilled circuit is built from.
 """
 
@@ -42,7 +42,7 @@ __all__ = ["VQVAEConfig", "VQVAE", "train_vqvae", "encode_images"]
 
 @dataclass
 class VQVAEConfig:
-    """Architecture of a VQ-VAE. ``quantizer_opts`` go to :func:`vq2pc.quantizers.make_quantizer`."""
+    """Architecture of a VQ-VAE. ``quantizer_opts`` go to :func:`vq2pc.models.quantizers.make_quantizer`."""
 
     image_shape: tuple[int, int, int]
     levels: int

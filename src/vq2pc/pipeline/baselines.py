@@ -23,29 +23,27 @@ from vq2pc.data.datasets import DataSplits
 from vq2pc.evaluate.density import BPD_FORMAT, bpd_fields, test_bpd
 from vq2pc.models.train import TrainConfig, TrainResult
 from vq2pc.pipeline.config import BaselineSpec, CircuitSpec, RunConfig
+from vq2pc.pipeline.rows import ResultRow
 from vq2pc.pipeline.rundir import RunDir, settings_key
 
 __all__ = ["run_baselines", "fit_circuit"]
 
 
 def _bpd_row(run: RunDir, cfg: RunConfig, splits: DataSplits, leaf: str, key: str, model: Any, depends: Path,
-             **row: Any) -> dict:
+             **fields: Any) -> ResultRow:
     test_x = splits.test_x[: cfg.test_limit] if cfg.test_limit else splits.test_x
 
     def compute() -> dict[str, Any]:
         bpd = test_bpd(model, test_x, leaf, splits.levels, draws=cfg.experiments.bpd_draws,
                        generator=torch.Generator().manual_seed(cfg.seed))
-        return {**row, "leaf": leaf, **bpd_fields(bpd), "test_images": len(test_x)}
+        return ResultRow.build(**fields, leaf=leaf, **bpd_fields(bpd), test_images=len(test_x)).to_dict()
 
-    params = {"baselines": settings_key(cfg.baselines, added_later=CM_ADDED_LATER),
-              "train": settings_key(cfg.baseline_train, drop=("progress", "device", "compile"), added_later=("amp",)),
+    params = {"baselines": settings_key(cfg.baselines),
+              "train": settings_key(cfg.baseline_train, drop=("progress", "device", "compile")),
               "seed": cfg.seed, "test_limit": cfg.test_limit, "bpd_draws": cfg.experiments.bpd_draws,
               "bpd_format": BPD_FORMAT}
-    return run.cached("baselines", f"{leaf}/baselines/{key}", compute, depends=(depends,), params=params)
-
-
-CM_ADDED_LATER = ("cm_batch_size", "cm_recipe", "cm_channels", "cm_refresh", "cm_top_k")
-"""BaselineSpec keys added after results were cached: left out of a cache key while None."""
+    return ResultRow.from_dict(run.cached("baselines", f"{leaf}/baselines/{key}", compute, depends=(depends,),
+                                          params=params))
 
 
 def _cm_config(spec: BaselineSpec, splits: DataSplits, leaf: str, seed: int) -> CMConfig:
@@ -101,7 +99,7 @@ def _circuit_specs(spec: BaselineSpec, splits: DataSplits, leaf: str) -> list[tu
 
 def run_baselines(
     run: RunDir, cfg: RunConfig, splits: DataSplits, leaf: str, notes: list[str]
-) -> tuple[list[dict], dict[str, Any]]:
+) -> tuple[list[ResultRow], dict[str, Any]]:
     """Train (or resume/load) every configured baseline for ``leaf``; returns report rows and the models by name.
 
     Skipped baselines (bernoulli pixels, libcirkit missing) are explained in ``notes``.
@@ -115,8 +113,8 @@ def run_baselines(
         for key, name, family, ecfg in _circuit_specs(spec, splits, leaf):
             ckpt = run.checkpoint("baselines", leaf, "baselines", f"{key}.pt")
             model, res = train_einet(splits, ecfg, train_cfg, checkpoint=ckpt)
-            rows.append(_bpd_row(run, cfg, splits, leaf, key, model, ckpt, name=name, family=family, selection=family.lower(),
-                                 N=ecfg.num_input_units, num_params=model.num_params, **res.summary(),
+            rows.append(_bpd_row(run, cfg, splits, leaf, key, model, ckpt, name=name, family=family,
+                                 selection=family.lower(), N=ecfg.num_input_units, num_params=model.num_params, **res.summary(),
                                  time_cap_fired=_time_cap(res, train_cfg, f"{name} ({leaf})", notes)))
             models[name] = model
     if spec.cm:

@@ -19,9 +19,9 @@ from typing import Any
 import torch
 import yaml
 
+from vq2pc.baselines.cm import CM_RECIPES
 from vq2pc.baselines.einet import SUM_PRODUCT_LAYERS
 from vq2pc.baselines.regions import REGION_GRAPHS
-from vq2pc.baselines.cm import CM_RECIPES
 from vq2pc.circuit.finetune import FineTuneConfig
 from vq2pc.core.leaves import LEAF_KINDS
 from vq2pc.core.validate import is_positive_number
@@ -169,7 +169,7 @@ class RunConfig:
     baselines: BaselineSpec = field(default_factory=BaselineSpec)
     experiments: ExperimentSpec = field(default_factory=ExperimentSpec)
 
-    def validate(self) -> "RunConfig":
+    def validate(self) -> RunConfig:
         _check_device_name(self.device)
         _check_counts(self, ("limit", "test_limit", "exact_test_limit", "max_exhaustive", "max_usage_space",
                              "max_materialize"), "config")

@@ -25,20 +25,18 @@ import torch
 from vq2pc.data.datasets import DataSplits, load_dataset
 from vq2pc.pipeline.baselines import run_baselines
 from vq2pc.pipeline.config import RunConfig
-from vq2pc.pipeline.finetune import ft_row
+from vq2pc.pipeline.finetune import FTJob, ft_row
 from vq2pc.pipeline.models import SourceModel, build_source_model
 from vq2pc.pipeline.rundir import Models, RunDir
 
 __all__ = ["HelperProcess"]
-
-Row = dict[str, Any]
 
 
 @dataclass
 class _Channels:
     """What the two processes share: posted rows, reports of rows done, and the claim counter."""
 
-    tasks: Any  # Queue of (batch, leaf, model name, rows, selections) or None (stop)
+    tasks: Any  # Queue of (batch, leaf, model name, FT jobs, selections) or None (stop)
     reports: Any  # Queue of (batch, row index, result files the second process wrote)
     baselines_done: Any  # Event
     batch: Any  # Value: the batch whose rows are being claimed
@@ -84,15 +82,15 @@ class HelperProcess:
             torch.set_num_threads(self._own_threads())
             run.done_elsewhere("baselines")
 
-    def share_rows(self, run: RunDir, src: SourceModel, rows: list[Row], compute: Callable[[Row], Any]) -> int:
-        """``compute`` each of ``rows`` here or have the second process compute it (once its baselines are
+    def share_rows(self, run: RunDir, src: SourceModel, jobs: list[FTJob], compute: Callable[[FTJob], Any]) -> int:
+        """``compute`` each of ``jobs`` here or have the second process compute it (once its baselines are
         done); returns how many it computed. Its results are then in ``run``'s cache, marked as redone."""
         self._check()
         self.batches += 1
-        b, order = self.batches, sorted(rows, key=lambda r: -r["requested_N"])
+        b, order = self.batches, sorted(jobs, key=lambda job: -job.row.requested_N)
         with self.ch.next.get_lock():
             self.ch.batch.value, self.ch.next.value = b, 0
-        wanted = {(r["selection"], r["requested_N"]) for r in order}
+        wanted = {(job.row.selection, job.row.requested_N) for job in order}
         self.ch.tasks.put((b, src.leaf, src.spec.name, order, {k: v for k, v in src.selections.items() if k in wanted}))
         torch.set_num_threads(self.share)
         try:
@@ -154,14 +152,14 @@ def _serve_rows(cfg: RunConfig, run: RunDir, splits: DataSplits, ch: _Channels) 
     """Take posted +FT rows until told to stop; each one's result files are reported back."""
     sources: dict[tuple[str, str], SourceModel] = {}
     while (task := ch.tasks.get()) is not None:
-        batch, leaf, name, rows, selections = task
-        while (i := ch.take(batch, len(rows))) is not None:
+        batch, leaf, name, jobs, selections = task
+        while (i := ch.take(batch, len(jobs))) is not None:
             if (leaf, name) not in sources:  # loaded from the first process's checkpoints
                 spec = next(m for m in cfg.models if m.name == name)
                 sources[leaf, name] = build_source_model(run, cfg, splits, leaf, spec)
             src = sources[leaf, name]
             src.selections.update(selections)  # the first process's, so that both fine-tune the same latents
             before, start = set(run.redone), time.perf_counter()
-            row = ft_row(run, cfg, splits, src, rows[i], Models(cfg.device))
-            print(f"[vq2pc helper] {row['name']} N={row['N']}: {time.perf_counter() - start:.0f} s", flush=True)
+            row = ft_row(run, cfg, splits, src, jobs[i], Models(cfg.device))
+            print(f"[vq2pc helper] {row.name} N={row.N}: {time.perf_counter() - start:.0f} s", flush=True)
             ch.reports.put((batch, i, [str(p) for p in run.redone - before]))

@@ -21,9 +21,11 @@ from vq2pc.models.priors import prior_config, train_prior
 from vq2pc.models.quantizers.vq import perplexity
 from vq2pc.models.vqvae import VQVAE, VQVAEConfig, encode_images, train_vqvae
 from vq2pc.pipeline.config import ModelSpec, RunConfig
+from vq2pc.pipeline.rows import ResultRow
 from vq2pc.pipeline.rundir import Models, RunDir
 
-__all__ = ["SourceModel", "build_source_model", "distill_all", "circuit_row", "FAMILY", "select_latents", "make_circuit"]
+__all__ = ["SourceModel", "build_source_model", "distill_all", "circuit_row", "refined_row", "FAMILY", "select_latents",
+           "make_circuit"]
 
 # Report names of the selection strategies (paper: ExM, DMRS, DMBS).
 FAMILY = {"exhaustive": "ExM", "sample": "DMRS", "gumbel": "DMGS", "beam": "DMBS", "topk": "TopK", "data": "DMData"}
@@ -89,10 +91,16 @@ def _prior_file(spec: ModelSpec) -> str:
     return "prior.pt" if spec.prior == "pixelcnn" else f"prior-{spec.prior}.pt"
 
 
-def circuit_row(name: str, family: str, circuit: MixtureCircuit, bpd: dict[str, float], **extra: Any) -> dict[str, Any]:
-    """One entry of report.json's ``models`` list."""
-    return {"name": name, "family": family, "N": len(circuit), "num_params": circuit.num_params,
-            **bpd_fields(bpd), **extra}
+def circuit_row(name: str, family: str, circuit: MixtureCircuit, bpd: dict[str, float], **fields: Any) -> ResultRow:
+    """One entry of report.json's ``models`` list: ``circuit``'s size, its :func:`test_bpd` and ``fields``."""
+    return ResultRow.build(name=name, family=family, N=len(circuit), num_params=circuit.num_params,
+                           **bpd_fields(bpd), **fields)
+
+
+def refined_row(row: ResultRow, tag: str, circuit: MixtureCircuit, bpd: dict[str, float], **fields: Any) -> ResultRow:
+    """The row of ``circuit``, made from the circuit of ``row`` (by EM, fine-tuning): name and family + ``tag``."""
+    return row.replace(name=row.name + tag, family=row.family + tag, N=len(circuit), num_params=circuit.num_params,
+                       **bpd_fields(bpd), **fields)
 
 
 def _selections(src: SourceModel, cfg: RunConfig, notes: list[str]) -> list[tuple[str, int | None]]:
@@ -166,13 +174,9 @@ def _floor_tags(spec: ModelSpec) -> tuple[str, str]:
 
 def distill_params(cfg: RunConfig, spec: ModelSpec, *extra: str, strategy: str | None = None) -> dict[str, Any]:
     """The settings a distilled row of ``strategy`` depends on besides its files (a change recomputes the row);
-    the prior is named only when it is not the PixelCNN, the beam score only for DMBS rows not scored by the
-    class marginal (what DMBS did before the option) and the beam search only when it is stochastic, so results
-    of older run directories stay valid."""
-    beam = strategy == "beam"
-    keys = ("weights", "starts", "std_floor", *extra) + (("prior",) if spec.prior != "pixelcnn" else ()) + (
-        ("beam_score",) if beam and spec.beam_score != "marginal" else ()) + (
-        ("beam_search",) if beam and spec.beam_search != "deterministic" else ())
+    the beam score and search only for DMBS rows."""
+    keys = ("weights", "starts", "std_floor", "prior", *extra) + (
+        ("beam_score", "beam_search") if strategy == "beam" else ())
     return {**{k: getattr(spec, k) for k in keys}, "seed": cfg.seed, "bpd_format": BPD_FORMAT, "test_limit": cfg.test_limit,
             "exact_test_limit": cfg.exact_test_limit, "bpd_draws": cfg.experiments.bpd_draws,
             "max_exhaustive": cfg.max_exhaustive, "max_materialize": cfg.max_materialize}
@@ -183,7 +187,7 @@ def _leaf_params(leaf: str, S: int, levels: int) -> int:
     return {"gaussian": 2 * S, "categorical": S * levels, "bernoulli": S}[leaf]
 
 
-def exact_row(run: RunDir, cfg: RunConfig, splits: DataSplits, src: SourceModel) -> dict[str, Any]:
+def exact_row(run: RunDir, cfg: RunConfig, splits: DataSplits, src: SourceModel) -> ResultRow:
     """Test BPD of the exact model streamed over the latent space (too large to store as a circuit)."""
     limit = cfg.exact_test_limit or cfg.test_limit
     test_x = splits.test_x[:limit] if limit else splits.test_x
@@ -199,15 +203,16 @@ def exact_row(run: RunDir, cfg: RunConfig, splits: DataSplits, src: SourceModel)
                            selection="exhaustive", std_floor=src.spec.std_floor,
                            model=src.spec.name, leaf=src.leaf, group=src.spec.group or src.spec.name, K=src.spec.K,
                            source_params=src.info["vqvae_params"], test_images=len(test_x), streamed=True,
-                           prior=src.spec.prior, selection_seconds=round(seconds, 3))
+                           prior=src.spec.prior, selection_seconds=round(seconds, 3)).to_dict()
 
-    return run.cached("distill", f"{src.leaf}/{src.spec.name}/exhaustive{_floor_tags(src.spec)[0]}", compute,
-                      depends=src.files, params=distill_params(cfg, src.spec))
+    return ResultRow.from_dict(run.cached(
+        "distill", f"{src.leaf}/{src.spec.name}/exhaustive{_floor_tags(src.spec)[0]}", compute, depends=src.files,
+        params=distill_params(cfg, src.spec)))
 
 
 def distill_all(
     run: RunDir, cfg: RunConfig, splits: DataSplits, src: SourceModel, notes: list[str]
-) -> tuple[list[dict], Models]:
+) -> tuple[list[ResultRow], Models]:
     """Every (strategy, N) circuit of ``src``: saved, evaluated on the test set; returns report rows and the circuit files.
 
     A selection that cannot find N distinct latents (DMRS on a prior whose mass sits on fewer) is
@@ -248,25 +253,25 @@ def distill_all(
                                beam_search=src.spec.beam_search if strategy == "beam" else None,
                                test_images=len(test_x), circuit_file=str(path.relative_to(run.root)),
                                shortfall_reason=circuit.meta.get("shortfall_reason"),
-                               prior=src.spec.prior, selection_seconds=round(seconds, 3))
+                               prior=src.spec.prior, selection_seconds=round(seconds, 3)).to_dict()
 
-        row = run.cached("distill", f"{src.leaf}/{src.spec.name}/{key}", compute, outputs=(path,),
-                         depends=src.files, params=distill_params(cfg, src.spec, strategy=strategy))
-        if "skipped" in row:
-            notes.append(row["skipped"])
+        record = run.cached("distill", f"{src.leaf}/{src.spec.name}/{key}", compute, outputs=(path,),
+                            depends=src.files, params=distill_params(cfg, src.spec, strategy=strategy))
+        if "skipped" in record:
+            notes.append(record["skipped"])
             continue
-        rows.append(row)
-        if row.get("shortfall_reason"):
-            notes.append(f"{row['name']} N={row['requested_N']} ({src.leaf} pixels) has {row['N']} components: "
-                         f"{row['shortfall_reason']}")
-        circuits.add_file(key, path, row["N"])
+        rows.append(row := ResultRow.from_dict(record))
+        if row.shortfall_reason:
+            notes.append(f"{row.name} N={row.requested_N} ({src.leaf} pixels) has {row.N} components: "
+                         f"{row.shortfall_reason}")
+        circuits.add_file(key, path, row.N)
         if strategy in src.spec.em_strategies:
             rows.append(em_row(run, cfg, splits, src, key, circuits[key], row, test_x))
     return rows, circuits
 
 
 def em_row(run: RunDir, cfg: RunConfig, splits: DataSplits, src: SourceModel, key: str, circuit: MixtureCircuit,
-           row: dict[str, Any], test_x: torch.Tensor) -> dict[str, Any]:
+           row: ResultRow, test_x: torch.Tensor) -> ResultRow:
     """The circuit ``key`` refined by EM on training data (beyond the paper), saved and evaluated."""
     spec = src.spec
     path = run.path(src.leaf, spec.name, "circuits", f"{key}-em.safetensors")
@@ -280,10 +285,10 @@ def em_row(run: RunDir, cfg: RunConfig, splits: DataSplits, src: SourceModel, ke
         refined.save(path)
         bpd = test_bpd(refined, test_x, src.leaf, splits.levels, draws=cfg.experiments.bpd_draws,
                        generator=torch.Generator().manual_seed(cfg.seed))
-        extra = {k: v for k, v in row.items() if k not in ("name", "family", "N", "num_params") and not k.startswith("test_bpd")}
-        return circuit_row(f"{row['name']}+EM", f"{row['family']}+EM", refined, bpd, **{
-            **extra, "em_history": history, "circuit_file": str(path.relative_to(run.root))})
+        return refined_row(row, "+EM", refined, bpd, em_history=history,
+                           circuit_file=str(path.relative_to(run.root))).to_dict()
 
     em = ("em_iterations", "em_leaves", "em_prior_strength", "em_train_limit")
-    return run.cached("distill", f"{src.leaf}/{spec.name}/{key}-em", compute, outputs=(path,), depends=(source,),
-                      params=distill_params(cfg, spec, *em, strategy=row["selection"]))
+    return ResultRow.from_dict(run.cached(
+        "distill", f"{src.leaf}/{spec.name}/{key}-em", compute, outputs=(path,), depends=(source,),
+        params=distill_params(cfg, spec, *em, strategy=row.selection)))

@@ -30,10 +30,16 @@ from vq2pc.circuit.mixture import MixtureCircuit
 from vq2pc.core.distributed import barrier, is_main
 from vq2pc.core.files import write_json
 
-__all__ = ["RunDir", "Models", "STAGES", "check_stages", "settings_key"]
+__all__ = ["RunDir", "Models", "STAGES", "CACHE_SCHEMA", "check_stages", "check_schema", "settings_key"]
 
 _PARAMS = "_params"  # key of the settings a cached result was computed with
 _INPUTS = "_inputs"  # key of the SHA-256 of the files a cached result was computed from
+
+CACHE_SCHEMA = 2
+"""Version of what the cache keys hold (the settings stored under ``_params``, stamped in ``data.json``). A key
+holds every setting a stage reads; a change to what they hold bumps this version, and a run folder stamped with
+another one is refused (:func:`check_schema`) instead of being recomputed piecemeal. 1: keys that left out
+settings added later while unset."""
 
 # Stage names accepted by --force.
 STAGES = ("vqvae", "prior", "distill", "baselines", "usage", "inpainting", "samples", "correlation", "all")
@@ -69,13 +75,15 @@ class RunDir:
     def figure(self, name: str) -> Path:
         return self.path("figures", name)
 
-    def checkpoint(self, stage: str, *parts: str, after: tuple[Path, ...] = ()) -> Path:
+    def checkpoint(self, stage: str, *parts: str, after: tuple[Path, ...] = (),
+                   params: dict[str, Any] | None = None) -> Path:
         """Path of a training checkpoint, removed first (training restarts) when ``stage`` is forced
-        or when a file it was trained from (``after``, e.g. the VQ-VAE for the prior) changed content."""
+        or when a file it was trained from (``after``, e.g. the VQ-VAE for the prior) changed content,
+        or the settings it was trained with (``params``, when given) changed."""
         p = self.path(*parts)
-        stale = p.exists() and p not in self.redone and (self.forced(stage) or self._changed(after, p))
+        stale = p.exists() and p not in self.redone and (self.forced(stage) or self._changed(after, p, params))
         if stale or not p.exists():
-            write_json(_inputs_file(p), self._digests(after))  # what this training starts from
+            write_json(_inputs_file(p), self._record(after, params))  # what this training starts from
         barrier()  # under torchrun: every rank decided on the same file before rank 0 removes it
         if stale:
             if is_main():
@@ -83,6 +91,12 @@ class RunDir:
             self.redone.add(p)
         barrier()
         return p
+
+    def discard(self, path: Path) -> None:
+        """Remove a finished training's checkpoint and its record (rank 0; the file is not needed any more)."""
+        if is_main():
+            path.unlink(missing_ok=True)
+            _inputs_file(path).unlink(missing_ok=True)
 
     def outdated(self, stage: str, path: Path, depends: tuple[Path, ...] = ()) -> bool:
         """Whether the output file ``path`` must be (re)made: missing, forced, or made from other contents
@@ -92,14 +106,19 @@ class RunDir:
             write_json(_inputs_file(path), self._digests(depends))
         return redo
 
-    def _changed(self, depends: tuple[Path, ...], target: Path) -> bool:
-        """Whether ``depends`` differ from the contents ``target`` was made from (recorded beside it);
-        a target made before records existed falls back to file times."""
+    def _changed(self, depends: tuple[Path, ...], target: Path, params: dict[str, Any] | None = None) -> bool:
+        """Whether ``depends`` (or ``params``) differ from the contents ``target`` was made from (recorded
+        beside it); a target without a record (a file put there by hand) falls back to file times."""
         try:
             recorded = json.loads(_inputs_file(target).read_text())
         except (OSError, ValueError):
             return _newer(depends, target)
-        return recorded != self._digests(depends)
+        return recorded != self._record(depends, params)
+
+    def _record(self, depends: tuple[Path, ...], params: dict[str, Any] | None) -> dict[str, Any]:
+        """What a file records beside it: the digests of ``depends``, and ``params`` when given."""
+        digests: dict[str, Any] = self._digests(depends)
+        return digests if params is None else {**digests, _PARAMS: json.loads(json.dumps(params, sort_keys=True))}
 
     def _digests(self, paths: tuple[Path, ...]) -> dict[str, str | None]:
         """Contents of ``paths`` by their path in the run folder (a moved or copied folder stays valid)."""
@@ -116,8 +135,8 @@ class RunDir:
         self, stage: str, name: str, compute: Callable[[], dict[str, Any]], outputs: tuple[Path, ...] = (),
         depends: tuple[Path, ...] = (), params: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """Return ``results/<name>.json`` if it and ``outputs`` exist, no file in ``depends`` is newer,
-        it was computed with the same ``params`` (the config values the stage reads) and ``stage`` is not
+        """Return ``results/<name>.json`` if it and ``outputs`` exist, the files in ``depends`` have the contents
+        it was computed from, it was computed with the same ``params`` (the config values the stage reads) and ``stage`` is not
         forced; else compute it.
 
         ``compute`` writes ``outputs`` (files) itself and returns the numbers, which are written last, so a
@@ -126,11 +145,11 @@ class RunDir:
         has no outputs and is reused like any other.
         """
         path = self.path("results", f"{name}.json")
-        params = json.loads(json.dumps(params or {}, sort_keys=True))  # as it reads back from disk
+        params = json.loads(json.dumps({"cache_schema": CACHE_SCHEMA, **(params or {})}, sort_keys=True))  # as read
         if path.exists() and not (self.forced(stage) and path not in self.redone):
             stored = json.loads(path.read_text())
             inputs = stored.pop(_INPUTS, None)
-            same = not _newer(depends, path) if inputs is None else inputs == self._digests(depends)
+            same = inputs == self._digests(depends)
             done = stored.get("skipped") or all(Path(o).exists() for o in outputs)  # a skip has no outputs
             settled = stored.pop(_PARAMS, {}) == params
             if settled and done and same:
@@ -176,10 +195,19 @@ class Models(Mapping[str, Any]):
         return len(self.loaders)
 
 
-def settings_key(settings: Any, drop: tuple[str, ...] = (), added_later: tuple[str, ...] = ()) -> dict[str, Any]:
-    """A dataclass's settings as part of a cache key: without ``drop`` (settings that do not change results)
-    and without each of ``added_later`` while it is None, so results cached before it existed stay valid."""
-    return {k: v for k, v in asdict(settings).items() if k not in drop and not (k in added_later and v is None)}
+def settings_key(settings: Any, drop: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A dataclass's settings as part of a cache key: all of them but ``drop`` (settings that do not change results)."""
+    return {k: v for k, v in asdict(settings).items() if k not in drop}
+
+
+def check_schema(run: RunDir, stamp: dict[str, Any]) -> None:
+    """Refuse a run folder whose stamp (``data.json``) has another :data:`CACHE_SCHEMA` (1 when it has none),
+    unless every stage is forced: its cached results cannot be told valid or stale."""
+    schema = stamp.get("cache_schema", 1)
+    if schema != CACHE_SCHEMA and not run.forced("all"):
+        raise ValueError(f"{run.root} holds results cached by another version of vq2pc (cache schema {schema}, "
+                         f"this one reads {CACHE_SCHEMA}): run into a new folder, or pass --force all to recompute "
+                         "everything in this one")
 
 
 def check_stages(names: Any) -> None:

@@ -9,7 +9,7 @@ At evaluation ``c = argmax logits`` and ``z_q = e_c``. τ anneals geometrically
 from ``tau_start`` to ``tau_end`` over ``anneal_steps`` training steps.
 
 :class:`GumbelFamily` (forward pass, temperature) and :func:`gumbel_softmax_draw`
-are shared with :mod:`vq2pc.quantizers.gmvq`.
+are shared with :mod:`vq2pc.models.quantizers.gmvq`.
 """
 
 from __future__ import annotations
