@@ -56,8 +56,9 @@ class MixtureCircuit:
     """A mixture of ``N`` fully factorized components over ``S`` variables.
 
     Args:
-        leaf: ``Gaussian(mean [N,S], std [N,S])``, ``Categorical(logits [N,S,L])`` or
-            ``Bernoulli(logits [N,S])``: component ``n`` is row ``n`` of the leaf.
+        leaf: ``Gaussian(mean [N,S], std [N,S])``, ``Categorical(logits [N,S,L])``,
+            ``Bernoulli(logits [N,S])`` or ``DiscretizedGaussian``/``DiscretizedLogistic(mean [N,S],
+            scale [N,S], L)``: component ``n`` is row ``n`` of the leaf.
         log_weights: ``[N]`` log mixture weights (normalized here; ``-inf`` allowed).
         memory_budget_mib: bound on the extra memory of one query's temporaries.
         meta: JSON-serializable dict saved with the circuit (e.g. ``image_shape``, ``levels``).
@@ -134,11 +135,13 @@ class MixtureCircuit:
         """Row blocks and component blocks whose temporaries fit the memory budget."""
         budget = self.memory_budget_mib * _MIB
         n, k = len(self), self._kernel
-        cell, row = k.cell_bytes(), k.row_bytes() + extra_row_bytes
+        cell, row, col = k.cell_bytes(), k.row_bytes() + extra_row_bytes, k.column_bytes()
+        # A kernel with per-call column costs (discretized tables) gets every row per call when it can.
+        ref = batch if col else min(batch, 64)
         n_blk = n
-        if k.slices_components and min(batch, 64) * (n * cell + row) > budget:
-            n_blk = max(1, int((budget / min(batch, 64) - row) // cell))
-        b_blk = max(1, min(batch, int(budget // (n_blk * cell + row))))
+        if k.slices_components and ref * (n * cell + row) + n * col > budget:
+            n_blk = max(1, int((budget - ref * row) // (ref * cell + col)))
+        b_blk = max(1, min(batch, int((budget - n_blk * col) // (n_blk * cell + row))))
         return _ranges(batch, b_blk), _ranges(n, n_blk)
 
     def _scores(self, x: Tensor, mask: Tensor | None, n0: int, n1: int, scratch: Scratch) -> Tensor:
@@ -315,13 +318,13 @@ class MixtureCircuit:
         cls, path: str | Path, device: str | torch.device | None = None, *, memory_budget_mib: float = 1024
     ) -> "MixtureCircuit":
         """Load a circuit written by :meth:`save`; ``ValueError`` (:class:`CheckpointError`) for bad files."""
-        kind, tensors, log_weights, meta = read_circuit(path, device)
+        kind, tensors, log_weights, meta, levels = read_circuit(path, device)
         try:
             if kind == "categorical":  # stored normalized: do not renormalize (bit-exact round trip)
                 _check_normalized(tensors["logits"])  # [N, S, L]
                 leaf: Leaf = normalized_categorical(tensors.pop("logits"))  # the file's copy is freed once laid out
             else:
-                leaf = leaf_from_tensors(kind, tensors)
+                leaf = leaf_from_tensors(kind, tensors, levels)
             return cls(leaf, log_weights, memory_budget_mib=memory_budget_mib, meta=meta)
         except (ValueError, KeyError, IndexError) as exc:
             raise CheckpointError(f"{path}: invalid circuit contents: {exc}") from None
@@ -347,7 +350,8 @@ def _ranges(total: int, step: int) -> list[tuple[int, int]]:
 def _check_leaf(leaf: Leaf) -> None:
     """Shape and value checks of a circuit's leaf (``ValueError`` naming the problem)."""
     if not isinstance(leaf, Leaf):
-        raise ValueError(f"leaf must be a Gaussian, Categorical or Bernoulli leaf, got {type(leaf).__name__}")
+        raise ValueError(f"leaf must be a vq2pc leaf (Gaussian, Categorical, Bernoulli, discretized), "
+                         f"got {type(leaf).__name__}")
     shape = leaf.batch_shape
     if len(shape) != 2:
         raise ValueError(f"leaf batch shape must be [N, S], got {tuple(shape)}")
