@@ -129,3 +129,15 @@ def test_marginal_over_unobserved_pixel_blocks_is_the_smaller_circuit() -> None:
     mask[:3] = True  # the other pixel blocks are skipped, not built
     head = MixtureCircuit(DiscretizedGaussian(c.leaf.loc[:, :3], c.leaf.scale[:, :3], 8), c.log_weights)
     assert torch.allclose(c.log_prob(x, mask), head.log_prob(x[:, :3]), rtol=0, atol=1e-12)
+
+
+def test_em_refines_the_weights_of_a_discretized_circuit_only() -> None:
+    from vq2pc.circuit.refine import EMConfig, em_refine
+
+    c = _circuit(DiscretizedLogistic, n=4, s=3, levels=4, seed=9)
+    x = torch.randint(0, 4, (200, 3), generator=torch.Generator().manual_seed(0)).double()
+    refined, history = em_refine(c, x, EMConfig(iterations=5, leaves=False, prior_strength=1.0))
+    assert history[-1] >= history[0] and float(refined.log_prob(x).mean()) >= float(c.log_prob(x).mean()) - 1e-12
+    assert torch.equal(refined.leaf.loc, c.leaf.loc)
+    with pytest.raises(ValueError, match="no closed-form update of discretized-logistic leaves"):
+        em_refine(c, x, EMConfig(iterations=1, leaves=True))

@@ -246,3 +246,27 @@ def test_finetune_verb_improves_validation_and_writes_a_circuit(stages: dict[str
                            capsys)
     assert code != 0 and "fine-tuning" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "bad.safetensors").exists()
+
+
+def test_discretized_distill_evaluates_sample_and_inpaint_on_levels(stages: dict[str, Any], tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """`distill --discretized`: integer-level circuit whose BPD is the Gaussian circuit's discrete BPD."""
+    gauss = run_stage(stages, "evaluate", capsys)
+    assert gauss["test_bpd_discrete"] < gauss["test_bpd"]
+    out_file = tmp_path / "d.safetensors"
+    code, out, err = run_cli(["distill", "--vqvae", str(stages["files"]["vqvae"]), "--prior", str(stages["files"]["prior"]),
+                              "--strategy", "exhaustive", "--discretized", "--out", str(out_file)], capsys)
+    assert code == 0, err
+    assert MixtureCircuit.load(out_file).leaf.kind == "discretized-gaussian"
+    code, out, err = run_cli(["evaluate", str(out_file), *DATA], capsys)
+    assert code == 0, err
+    assert last_json(out)["test_bpd"] == pytest.approx(gauss["test_bpd_discrete"], rel=1e-4)
+    code, out, err = run_cli(["sample", str(out_file), "--n", "4", "--out", str(tmp_path / "s.png"),
+                              "--npy", str(tmp_path / "s.npy")], capsys)
+    assert code == 0, err
+    draws = np.load(tmp_path / "s.npy")
+    assert draws.min() >= 0 and draws.max() <= 16 and (draws == np.round(draws)).all()
+    np.save(tmp_path / "x.npy", load_dataset("digits", None, seed=0, limit=100).test_x[:3].numpy())
+    code, out, err = run_cli(["inpaint", str(out_file), "--images", str(tmp_path / "x.npy"), "--mask", "bottom",
+                              "--out", str(tmp_path / "i.png")], capsys)
+    assert code == 0, err

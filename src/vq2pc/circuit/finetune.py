@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 from vq2pc.circuit.distill import decode_leaf
 from vq2pc.circuit.mixture import MixtureCircuit
 from vq2pc.core.distributed import all_reduce_max_, all_reduce_sum, is_distributed, is_main, shard_range
-from vq2pc.core.leaves import cap_std, component_log_likelihoods
+from vq2pc.core.leaves import Leaf, cap_std, component_log_likelihoods, discretize
 from vq2pc.core.optim import adam
 from vq2pc.core.random import step_seed
 from vq2pc.core.validate import is_positive_number
@@ -87,6 +87,8 @@ class FineTuneConfig:
     learn_weights: bool = True  # train the mixture weights jointly (else keep the selection's)
     std_max: float | None = None  # Gaussian leaves: cap every std smoothly below this (core.leaves.cap_std), in
     #   training and in the circuit: sharper components and class-balanced samples at a cost in BPD (docs/NOTES.md)
+    discretized: int | None = None  # Gaussian leaves: train and build the exact discrete mixture, each leaf its
+    #   L-level twin (core.leaves.discretize, L = this); data are integer levels, not dequantized
     train_limit: int | None = None  # first images of the training split used (None: all)
     val_limit: int | None = None  # first images of the validation split used for early stopping
     seed: int = 0
@@ -107,6 +109,9 @@ class FineTuneConfig:
             raise ValueError(f"fine-tuning needs positive integers for {sorted(ints)} and patience >= 0; got {bad or self.patience}")
         if not is_positive_number(self.lr):
             raise ValueError(f"fine-tuning lr must be a positive number, got {self.lr!r}")
+        if self.discretized is not None and (isinstance(self.discretized, bool) or not isinstance(self.discretized, int)
+                                             or self.discretized < 2):
+            raise ValueError(f"fine-tuning discretized must be a number of levels >= 2 or None, got {self.discretized!r}")
         for name in ("clip", "std_max"):
             if getattr(self, name) is not None and not is_positive_number(getattr(self, name)):
                 raise ValueError(f"fine-tuning {name} must be a positive number or None, got {getattr(self, name)!r}")
@@ -134,6 +139,12 @@ class FineTuneResult:
     epochs_run: int
     seconds: float
     history: list[dict[str, float]] = field(default_factory=list)
+
+
+def circuit_leaf(leaf: Leaf, cfg: FineTuneConfig) -> Leaf:
+    """A decoded leaf as the circuit holds it: ``std_max``-capped, then discretized when ``cfg.discretized``."""
+    leaf = cap_std(leaf, cfg.std_max)
+    return leaf if cfg.discretized is None else discretize(leaf, cfg.discretized)
 
 
 def _mean_log_prob(circuit: MixtureCircuit, x_val: Tensor) -> float:
@@ -166,7 +177,7 @@ class _Trainer:
 
     def decoded(self) -> MixtureCircuit:
         """The mixture as decoded now (all N components, no gradients)."""
-        return MixtureCircuit(cap_std(decode_leaf(self.decoder, self.codes), self.cfg.std_max),
+        return MixtureCircuit(circuit_leaf(decode_leaf(self.decoder, self.codes), self.cfg),
                               self.log_weights().detach())
 
     def _pick(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -194,7 +205,7 @@ class _Trainer:
         x = to_model_space(v, leaf_kind, levels, gen).flatten(1).to(self.cfg.device)
         lo, hi = shard_range(x.shape[0])
         U, log_w = self._pick(x[lo:hi])
-        leaf = cap_std(self.decoder.decode(self.codes[U]), self.cfg.std_max)
+        leaf = circuit_leaf(self.decoder.decode(self.codes[U]), self.cfg)
         lp = component_log_likelihoods(leaf, x[lo:hi])  # [B_r, |U|]
         loss = -torch.logsumexp(lp.double() + log_w, dim=1).sum() / x.shape[0]
         self.opt.zero_grad(set_to_none=True)
@@ -226,7 +237,7 @@ def finetune(decoder: nn.Module, codes: Tensor, log_weights: Tensor, splits: Dat
     train_v = splits.train_x[: cfg.train_limit] if cfg.train_limit else splits.train_x
     trainer = _Trainer(decoder, codes, log_weights, cfg, cfg.epochs * math.ceil(len(train_v) / cfg.batch_size))
     trainer.stale = start_circuit = trainer.decoded()  # also the components' scores of the first steps
-    leaf_kind = start_circuit.leaf.kind
+    leaf_kind = start_circuit.leaf.data_kind
     val_v = splits.val_x[: cfg.val_limit] if cfg.val_limit else splits.val_x
     x_val = to_model_space(val_v, leaf_kind, splits.levels, torch.Generator().manual_seed(cfg.seed + 1))
     x_val = x_val.flatten(1).to(cfg.device)
@@ -267,7 +278,8 @@ def finetune_distill(decoder: nn.Module, selection: Selection, splits: DataSplit
                          "start_val_log_prob": res.start_val_log_prob, "best_val_log_prob": res.best_val_log_prob,
                          "components": cfg.components, "lr": cfg.lr, "schedule": cfg.schedule,
                          **({"refresh": cfg.refresh} if cfg.components == "posterior" else {}),
-                         **({"std_max": cfg.std_max} if cfg.std_max is not None else {})},
+                         **({"std_max": cfg.std_max} if cfg.std_max is not None else {}),
+                         **({"discretized": cfg.discretized} if cfg.discretized is not None else {})},
             **(meta or {})}
-    leaf = cap_std(decode_leaf(res.decoder, selection.codes), cfg.std_max)
+    leaf = circuit_leaf(decode_leaf(res.decoder, selection.codes), cfg)
     return MixtureCircuit(leaf, res.log_weights.to(leaf.device), meta=info), res

@@ -42,7 +42,7 @@ from vq2pc.circuit.streaming import (
     logsumexp_,
 )
 from vq2pc.core.checkpoint import CheckpointError
-from vq2pc.core.leaves import Categorical, Leaf, leaf_from_tensors
+from vq2pc.core.leaves import Categorical, Leaf, discretize, leaf_from_tensors
 from vq2pc.core.random import uniform
 
 __all__ = ["MixtureCircuit"]
@@ -129,6 +129,13 @@ class MixtureCircuit:
 
     def __repr__(self) -> str:
         return f"MixtureCircuit(kind={self.leaf.kind}, N={len(self)}, S={self.num_variables})"
+
+    def discretized(self, levels: int) -> "MixtureCircuit":
+        """The exact ``levels``-level twin of a Gaussian-leaf circuit (same weights, leaves
+        ``Gaussian.discretized``, sharing their tensors): its discrete BPD is never above this circuit's
+        dequantized BPD. ``ValueError`` for other leaves."""
+        return MixtureCircuit(discretize(self.leaf, levels), self._given_log_weights,
+                              memory_budget_mib=self.memory_budget_mib, meta={**self.meta, "levels": levels})
 
     # --- blocking -------------------------------------------------------------------
     def _blocks(self, batch: int, extra_row_bytes: int = 0) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:

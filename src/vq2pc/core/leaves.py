@@ -370,7 +370,8 @@ def component_log_likelihoods(leaf: Leaf, x: Tensor) -> Tensor:
     Differentiable in the leaf parameters. Gaussian leaves use the quadratic form as one matrix
     product in float64 (stds near 1e-3 make the float32 terms cancel badly). Categorical leaves index
     their ``[M, S·L]`` log-probabilities, so the backward pass scatters into ``[M, S·L]``; a broadcast
-    gather would scatter into ``[B, M, S, L]`` (13 GB at B = M = 128 on MNIST). Others broadcast."""
+    gather would scatter into ``[B, M, S, L]`` (13 GB at B = M = 128 on MNIST). Discretized leaves go
+    through :func:`vq2pc.core.discretized.component_sums`. Others broadcast."""
     if isinstance(leaf, Categorical):
         M, S, L = leaf.logits.shape
         flat = (x.long() + torch.arange(S, device=x.device) * L).reshape(-1)  # [B·S] positions in S·L
@@ -382,4 +383,6 @@ def component_log_likelihoods(leaf: Leaf, x: Tensor) -> Tensor:
         const = (-0.5 * mu.pow(2) * prec - leaf.scale.double().log()).sum(1) - 0.5 * LOG_2PI * x.shape[1]
         quad = torch.cat([xd.pow(2), xd], 1) @ torch.cat([-0.5 * prec, mu * prec], 1).t()  # [B, M]
         return (quad + const).to(leaf.loc.dtype)
+    if isinstance(leaf, Discretized):  # blocks of components, recomputed in the backward pass
+        return disc.component_sums(x, leaf.loc, leaf.scale, leaf.levels, leaf.cdf)
     return leaf.log_prob(x.unsqueeze(1)).sum(-1)

@@ -61,7 +61,7 @@ def ft_row(run: RunDir, cfg: RunConfig, splits: DataSplits, src: SourceModel, ro
                            circuit_file=str(path.relative_to(run.root)))
 
     params = {**distill_params(cfg, src.spec, strategy=row["selection"]),
-              "finetune": settings_key(settings, drop=("progress",), added_later=("clip", "std_max", "refresh_N"))}
+              "finetune": settings_key(settings, drop=("progress",), added_later=("clip", "std_max", "refresh_N", "discretized"))}
     out = run.cached("distill", f"{src.leaf}/{src.spec.name}/{key}", compute, outputs=(path,), depends=src.files,
                      params=params)
     circuits.add_file(key, path, out["N"])
