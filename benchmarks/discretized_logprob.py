@@ -1,7 +1,8 @@
 """Time and memory of a discretized-leaf circuit's log_prob against the categorical table at equal N.
 
 Prints one JSON line per (N, leaf): leaf, N, B, S, L, threads, seconds (one log_prob of B random
-images), peak_rss_mib (the process's ru_maxrss after the query), query_extra_mib (its growth during
+images), cpu_seconds (the process's CPU time over it: with one thread, a measure that a busy machine
+inflates less than the wall time), peak_rss_mib (the process's ru_maxrss after the query), query_extra_mib (its growth during
 the query: the query's own temporaries), params_mib (the leaf parameters held) and table_mib (what a
 full categorical table [S·L, N] float32 takes). Each case runs in its own process, so every peak is
 its own (``--same-process``: all in this one, faster to start; peaks then accumulate). Categorical
@@ -38,12 +39,17 @@ def _rss_mib() -> float:
 
 
 def _leaf(kind: str, n: int, s: int, levels: int, g: torch.Generator) -> Leaf:
-    if kind == "categorical":  # built in place as the circuit's [S·L, N] table: one copy, no renormalizing copy
+    if (
+        kind == "categorical"
+    ):  # built in place as the circuit's [S·L, N] table: one copy, no renormalizing copy
         table = torch.randn(s, levels, n, generator=g)
         for i in range(s):
             table[i] -= table[i].logsumexp(0, keepdim=True)
         return categorical_view(table.reshape(s * levels, n), levels)
-    mean, scale = torch.rand(n, s, generator=g), torch.rand(n, s, generator=g) * 0.19 + 0.01
+    mean, scale = (
+        torch.rand(n, s, generator=g),
+        torch.rand(n, s, generator=g) * 0.19 + 0.01,
+    )
     return CIRCUIT_LEAF_KINDS[kind](mean, scale, levels)
 
 
@@ -53,17 +59,33 @@ def run_case(a: argparse.Namespace) -> dict:
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, a.levels, (a.B, a.S), generator=g).float()
     leaf = _leaf(a.leaf, a.case_N, a.S, a.levels, g)
-    circuit = MixtureCircuit(leaf, torch.zeros(a.case_N), memory_budget_mib=a.budget_mib)
-    params = sum(t.numel() * t.element_size() for t in circuit.leaf.tensors().values()) / 2**20
+    circuit = MixtureCircuit(
+        leaf, torch.zeros(a.case_N), memory_budget_mib=a.budget_mib
+    )
+    params = (
+        sum(t.numel() * t.element_size() for t in circuit.leaf.tensors().values())
+        / 2**20
+    )
     before = _rss_mib()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     lp = circuit.log_prob(x)
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     assert bool(torch.isfinite(lp).all())
-    return {"leaf": a.leaf, "N": a.case_N, "B": a.B, "S": a.S, "L": a.levels, "threads": a.threads,
-            "budget_mib": a.budget_mib, "seconds": float(f"{seconds:.4g}"), "peak_rss_mib": round(_rss_mib(), 1),
-            "query_extra_mib": round(_rss_mib() - before, 1), "params_mib": round(params, 1),
-            "table_mib": round(a.case_N * a.S * a.levels * 4 / 2**20, 1)}
+    return {
+        "leaf": a.leaf,
+        "N": a.case_N,
+        "B": a.B,
+        "S": a.S,
+        "L": a.levels,
+        "threads": a.threads,
+        "budget_mib": a.budget_mib,
+        "seconds": float(f"{seconds:.4g}"),
+        "cpu_seconds": float(f"{cpu:.4g}"),
+        "peak_rss_mib": round(_rss_mib(), 1),
+        "query_extra_mib": round(_rss_mib() - before, 1),
+        "params_mib": round(params, 1),
+        "table_mib": round(a.case_N * a.S * a.levels * 4 / 2**20, 1),
+    }
 
 
 def main() -> None:
@@ -73,10 +95,19 @@ def main() -> None:
     p.add_argument("--S", type=int, default=784)
     p.add_argument("--levels", type=int, default=256)
     p.add_argument("--leaves", nargs="+", default=list(LEAVES), choices=LEAVES)
-    p.add_argument("--cat-max-N", type=int, default=4096, help="largest N given a categorical table")
+    p.add_argument(
+        "--cat-max-N",
+        type=int,
+        default=4096,
+        help="largest N given a categorical table",
+    )
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--budget-mib", type=float, default=1024, help="the circuit's memory budget")
-    p.add_argument("--same-process", action="store_true", help="run every case in this process")
+    p.add_argument(
+        "--budget-mib", type=float, default=1024, help="the circuit's memory budget"
+    )
+    p.add_argument(
+        "--same-process", action="store_true", help="run every case in this process"
+    )
     p.add_argument("--leaf", help=argparse.SUPPRESS)  # child process: run one case
     p.add_argument("--case-N", type=int, help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -86,14 +117,46 @@ def main() -> None:
     for n in a.N:
         for leaf in a.leaves:
             if leaf == "categorical" and n > a.cat_max_N:
-                print(json.dumps({"leaf": leaf, "N": n, "skipped": f"its table [S·L, N] takes "
-                                  f"{n * a.S * a.levels * 4 / 2**30:.1f} GiB (N > --cat-max-N {a.cat_max_N})"}), flush=True)
+                print(
+                    json.dumps(
+                        {
+                            "leaf": leaf,
+                            "N": n,
+                            "skipped": f"its table [S·L, N] takes "
+                            f"{n * a.S * a.levels * 4 / 2**30:.1f} GiB (N > --cat-max-N {a.cat_max_N})",
+                        }
+                    ),
+                    flush=True,
+                )
                 continue
             if a.same_process:
-                print(json.dumps(run_case(argparse.Namespace(**{**vars(a), "leaf": leaf, "case_N": n}))), flush=True)
+                print(
+                    json.dumps(
+                        run_case(
+                            argparse.Namespace(**{**vars(a), "leaf": leaf, "case_N": n})
+                        )
+                    ),
+                    flush=True,
+                )
                 continue
-            args = [sys.executable, __file__, "--leaf", leaf, "--case-N", str(n), "--B", str(a.B), "--S", str(a.S),
-                    "--levels", str(a.levels), "--threads", str(a.threads), "--budget-mib", str(a.budget_mib)]
+            args = [
+                sys.executable,
+                __file__,
+                "--leaf",
+                leaf,
+                "--case-N",
+                str(n),
+                "--B",
+                str(a.B),
+                "--S",
+                str(a.S),
+                "--levels",
+                str(a.levels),
+                "--threads",
+                str(a.threads),
+                "--budget-mib",
+                str(a.budget_mib),
+            ]
             out = subprocess.run(args, capture_output=True, text=True, check=True)
             print(out.stdout.strip(), flush=True)
 

@@ -196,7 +196,8 @@ def test_rows_with_nothing_observed_have_log_marginal_zero(kind: str) -> None:
 def test_float64_gaussian_with_wide_and_narrow_pixels_equals_the_leaves() -> None:
     """Both parts of the Gaussian kernel in float64 must not share one result buffer."""
     g = torch.Generator().manual_seed(11)
-    mean, std = torch.rand(4, 6, generator=g, dtype=torch.float64), torch.rand(4, 6, generator=g, dtype=torch.float64) * 0.2 + 0.02
+    mean = torch.rand(4, 6, generator=g, dtype=torch.float64)
+    std = torch.rand(4, 6, generator=g, dtype=torch.float64) * 0.2 + 0.02
     c = MixtureCircuit(Gaussian(mean, std), torch.zeros(4, dtype=torch.float64))
     assert c._kernel.s_wide > 0 and c._kernel.s_narrow > 0
     x = torch.rand(30, 6, generator=g, dtype=torch.float64)

@@ -254,7 +254,8 @@ def test_discretized_distill_evaluates_sample_and_inpaint_on_levels(stages: dict
     gauss = run_stage(stages, "evaluate", capsys)
     assert gauss["test_bpd_discrete"] < gauss["test_bpd"]
     out_file = tmp_path / "d.safetensors"
-    code, out, err = run_cli(["distill", "--vqvae", str(stages["files"]["vqvae"]), "--prior", str(stages["files"]["prior"]),
+    files = stages["files"]
+    code, out, err = run_cli(["distill", "--vqvae", str(files["vqvae"]), "--prior", str(files["prior"]),
                               "--strategy", "exhaustive", "--discretized", "--out", str(out_file)], capsys)
     assert code == 0, err
     assert MixtureCircuit.load(out_file).leaf.kind == "discretized-gaussian"

@@ -201,7 +201,9 @@ class EiNet(SavableModel, nn.Module):
             check_finite(name, seen)
         return x, mask
 
-    def _evaluate(self, x: Tensor, hidden: Tensor | None, probes: dict | None = None, levels: int | None = None) -> Tensor:
+    def _evaluate(
+        self, x: Tensor, hidden: Tensor | None, probes: dict | None = None, levels: int | None = None
+    ) -> Tensor:
         """``[B]`` log p(x_o); hidden variables' input units output their log partition (0).
 
         With ``probes``, a zero tensor with gradient is added to every input layer's

@@ -109,9 +109,9 @@ class FineTuneConfig:
             raise ValueError(f"fine-tuning needs positive integers for {sorted(ints)} and patience >= 0; got {bad or self.patience}")
         if not is_positive_number(self.lr):
             raise ValueError(f"fine-tuning lr must be a positive number, got {self.lr!r}")
-        if self.discretized is not None and (isinstance(self.discretized, bool) or not isinstance(self.discretized, int)
-                                             or self.discretized < 2):
-            raise ValueError(f"fine-tuning discretized must be a number of levels >= 2 or None, got {self.discretized!r}")
+        d = self.discretized
+        if d is not None and (isinstance(d, bool) or not isinstance(d, int) or d < 2):
+            raise ValueError(f"fine-tuning discretized must be a number of levels >= 2 or None, got {d!r}")
         for name in ("clip", "std_max"):
             if getattr(self, name) is not None and not is_positive_number(getattr(self, name)):
                 raise ValueError(f"fine-tuning {name} must be a positive number or None, got {getattr(self, name)!r}")

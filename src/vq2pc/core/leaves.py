@@ -141,8 +141,8 @@ class Gaussian(Leaf):
         return self.loc
 
     def discretized(self, levels: int) -> "DiscretizedGaussian":
-        """The exact ``levels``-level twin: ``P(v) = Φ(((v+1)/L − μ)/σ) − Φ((v/L − μ)/σ)``, open end bins, the
-        same tensors (no copy). It puts on ``v`` the mass this density puts on ``v``'s dequantization bin
+        """The exact ``levels``-level twin: ``P(v) = Φ(((v+1)/L − μ)/σ) − Φ((v/L − μ)/σ)``, open end bins,
+        the same tensors (no copy). It puts on ``v`` the mass this density puts on ``v``'s dequantization bin
         (more at the ends), so its BPD is never above the dequantized BPD (Jensen)."""
         return DiscretizedGaussian(self.loc, self.scale, levels)
 
@@ -316,7 +316,8 @@ class DiscretizedLogistic(Discretized):
 LEAF_KINDS: dict[str, type[Leaf]] = {cls.kind: cls for cls in (Gaussian, Categorical, Bernoulli)}
 """The pixel models by name: the one list of decoder heads (configs, CLI choices and checks read it)."""
 
-CIRCUIT_LEAF_KINDS: dict[str, type[Leaf]] = {**LEAF_KINDS, **{c.kind: c for c in (DiscretizedGaussian, DiscretizedLogistic)}}
+CIRCUIT_LEAF_KINDS: dict[str, type[Leaf]] = {**LEAF_KINDS, DiscretizedGaussian.kind: DiscretizedGaussian,
+                                             DiscretizedLogistic.kind: DiscretizedLogistic}
 """Every leaf kind a circuit may hold (its file format reads it): the heads and the discretized leaves,
 which a circuit gets from a Gaussian head (:func:`discretize`)."""
 
@@ -334,7 +335,8 @@ def leaf_from_tensors(kind: str, tensors: dict[str, Tensor], levels: int = 0) ->
     if kind not in CIRCUIT_LEAF_KINDS:
         raise ValueError(f"unknown leaf kind {kind!r}; expected one of {list(CIRCUIT_LEAF_KINDS)}")
     cls = CIRCUIT_LEAF_KINDS[kind]
-    names = {"gaussian": ("mean", "std"), "categorical": ("logits",), "bernoulli": ("logits",)}.get(kind, ("mean", "scale"))
+    names = {"gaussian": ("mean", "std"), "categorical": ("logits",), "bernoulli": ("logits",)}.get(
+        kind, ("mean", "scale"))
     missing = [n for n in names if n not in tensors]
     if missing:
         raise ValueError(f"{kind} leaf needs tensors {list(names)}; missing {missing}")

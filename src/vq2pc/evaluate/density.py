@@ -33,7 +33,8 @@ from vq2pc.evaluate.common import (
 )
 from vq2pc.evaluate.plots import family_style, new_figure, save_figure, styled
 
-__all__ = ["test_bpd", "discrete_twin", "plot_bpd_tails", "bpd_quantiles", "bpd_fields", "BPD_FORMAT", "QUANTILE_LEVELS", "model_log_prob", "plot_bpd_vs_params", "plot_bpd_vs_N", "FAMILY_ORDER"]
+__all__ = ["test_bpd", "discrete_twin",
+           "plot_bpd_tails", "bpd_quantiles", "bpd_fields", "BPD_FORMAT", "QUANTILE_LEVELS", "model_log_prob", "plot_bpd_vs_params", "plot_bpd_vs_N", "FAMILY_ORDER"]
 
 FAMILY_ORDER = ("ExM", "DMRS", "DMRS+EM", "DMRS+FT", "DMGS", "DMGS+FT", "DMBS", "DMBS+FT", "TopK", "TopK+FT", "DMData", "DMData+FT",
                 "CM", "EiNet")
@@ -103,7 +104,8 @@ def test_bpd(
     twin = discrete_twin(model, levels) if discrete and leaf_kind == "gaussian" else None
     extra: dict[str, float] = {}
     if twin is not None:  # every row in one call: a discretized circuit builds its tables once per call
-        d = bpd(model_log_prob(twin, v_test.reshape(n, s).float(), batch_size=n), s, levels, "categorical").double().cpu()
+        lp = model_log_prob(twin, v_test.reshape(n, s).float(), batch_size=n)
+        d = bpd(lp, s, levels, "categorical").double().cpu()
         extra = {"discrete": float(d.mean()), "discrete_median": float(d.median())}
     return {"mean": float(arr.mean()), "std": float(arr.std()), "per_draw": per_draw, "draws": draws, "n_images": n,
             **bpd_quantiles(per_image), **extra}
@@ -124,7 +126,8 @@ def discrete_twin(model: Any, levels: int) -> DensityModel | None:
 def bpd_fields(bpd: dict[str, Any]) -> dict[str, Any]:
     """The result-row fields of a :func:`test_bpd` result: mean ± std over draws and per-image quantiles."""
     return {"test_bpd": bpd["mean"], "test_bpd_std": bpd.get("std", 0.0),
-            **{f"test_bpd_{k}": bpd[k] for k in ("median", "p90", "p99", "max", "discrete", "discrete_median") if k in bpd},
+            **{f"test_bpd_{k}": bpd[k] for k in ("median", "p90", "p99", "max", "discrete", "discrete_median")
+               if k in bpd},
             "test_bpd_quantiles": bpd.get("quantile_curve")}
 
 
