@@ -52,7 +52,7 @@ def ft_row(run: RunDir, cfg: RunConfig, splits: DataSplits, src: SourceModel, ro
         circuit.meta.update({"image_shape": list(splits.image_shape), "levels": splits.levels})
         circuit.save(path)
         bpd = test_bpd(circuit, test_x, src.leaf, splits.levels, draws=cfg.experiments.bpd_draws,
-                       generator=torch.Generator().manual_seed(cfg.seed))
+                       discrete=cfg.experiments.bpd_discrete, generator=torch.Generator().manual_seed(cfg.seed))
         extra = {k: v for k, v in row.items() if k not in ("name", "family", "N", "num_params", "circuit_file",
                                                             "ft_std_max") and not k.startswith("test_bpd")}
         label = "+FT" + (capped and CAP_MARK + capped)
