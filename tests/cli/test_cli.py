@@ -246,6 +246,12 @@ def test_finetune_verb_improves_validation_and_writes_a_circuit(stages: dict[str
                            capsys)
     assert code != 0 and "fine-tuning" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "bad.safetensors").exists()
+    code, stdout, err = run_cli(["finetune", "--vqvae", str(files["vqvae"]), "--prior", str(files["prior"]), *DATA,
+                                 "--N", "12", "--epochs", "1", "--batch-size", "50", "--discretized",
+                                 "--out", str(tmp_path / "d.safetensors")], capsys)
+    assert code == 0, err
+    assert last_json(stdout)["settings"]["discretized"] == 17
+    assert MixtureCircuit.load(tmp_path / "d.safetensors").leaf.kind == "discretized-gaussian"
 
 
 def test_discretized_distill_evaluates_sample_and_inpaint_on_levels(stages: dict[str, Any], tmp_path: Path,
