@@ -51,3 +51,14 @@ def test_exact_bpd_counts_one_pass_of_decodes_after_the_loop_swap() -> None:
     assert (before["decodes"], after["decodes"], draws["decodes"]) == (2 * 2 * 16, 2 * 16, 16)
     assert before["extrapolated"] and after["extrapolated"] and not draws["extrapolated"]
     assert "bpd" in draws and draws["bpd"] > 0
+
+
+def test_discretized_logprob_prints_every_case_and_skips_large_tables() -> None:
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "discretized_logprob.py"), "--N", "32", "64",
+                          "--B", "8", "--S", "12", "--levels", "8", "--cat-max-N", "32", "--same-process"],
+                         capture_output=True, text=True, check=True, timeout=120)
+    lines = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [(line["leaf"], line["N"]) for line in lines] == [
+        (leaf, n) for n in (32, 64) for leaf in ("discretized-gaussian", "discretized-logistic", "categorical")]
+    assert "skipped" in lines[-1] and all("skipped" not in line for line in lines[:-1])
+    assert all(line["seconds"] > 0 and line["peak_rss_mib"] > 0 and line["query_extra_mib"] >= 0 for line in lines[:-1])

@@ -191,3 +191,15 @@ def test_rows_with_nothing_observed_have_log_marginal_zero(kind: str) -> None:
     torch.testing.assert_close(c.posterior(x, mask=mask)[[1, 4]], c.log_weights.expand(2, -1), atol=1e-5, rtol=0)
     direct = c.leaf.log_prob(x[:, None]).masked_fill(~mask[:, None], 0.0).sum(-1)  # [B, N]
     torch.testing.assert_close(c.log_likelihoods(x, mask=mask), direct, atol=1e-4, rtol=1e-5)
+
+
+def test_float64_gaussian_with_wide_and_narrow_pixels_equals_the_leaves() -> None:
+    """Both parts of the Gaussian kernel in float64 must not share one result buffer."""
+    g = torch.Generator().manual_seed(11)
+    mean = torch.rand(4, 6, generator=g, dtype=torch.float64)
+    std = torch.rand(4, 6, generator=g, dtype=torch.float64) * 0.2 + 0.02
+    c = MixtureCircuit(Gaussian(mean, std), torch.zeros(4, dtype=torch.float64))
+    assert c._kernel.s_wide > 0 and c._kernel.s_narrow > 0
+    x = torch.rand(30, 6, generator=g, dtype=torch.float64)
+    ref = torch.logsumexp(c.log_weights + c.leaf.log_prob(x[:, None]).sum(-1), 1)
+    assert torch.allclose(c.log_prob(x), ref, rtol=0, atol=1e-10)

@@ -246,3 +246,34 @@ def test_finetune_verb_improves_validation_and_writes_a_circuit(stages: dict[str
                            capsys)
     assert code != 0 and "fine-tuning" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "bad.safetensors").exists()
+    code, stdout, err = run_cli(["finetune", "--vqvae", str(files["vqvae"]), "--prior", str(files["prior"]), *DATA,
+                                 "--N", "12", "--epochs", "1", "--batch-size", "50", "--discretized",
+                                 "--out", str(tmp_path / "d.safetensors")], capsys)
+    assert code == 0, err
+    assert last_json(stdout)["settings"]["discretized"] == 17
+    assert MixtureCircuit.load(tmp_path / "d.safetensors").leaf.kind == "discretized-gaussian"
+
+
+def test_discretized_distill_evaluates_sample_and_inpaint_on_levels(stages: dict[str, Any], tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """`distill --discretized`: integer-level circuit whose BPD is the Gaussian circuit's discrete BPD."""
+    gauss = run_stage(stages, "evaluate", capsys)
+    assert gauss["test_bpd_discrete"] < gauss["test_bpd"]
+    out_file = tmp_path / "d.safetensors"
+    files = stages["files"]
+    code, out, err = run_cli(["distill", "--vqvae", str(files["vqvae"]), "--prior", str(files["prior"]),
+                              "--strategy", "exhaustive", "--discretized", "--out", str(out_file)], capsys)
+    assert code == 0, err
+    assert MixtureCircuit.load(out_file).leaf.kind == "discretized-gaussian"
+    code, out, err = run_cli(["evaluate", str(out_file), *DATA], capsys)
+    assert code == 0, err
+    assert last_json(out)["test_bpd"] == pytest.approx(gauss["test_bpd_discrete"], rel=1e-4)
+    code, out, err = run_cli(["sample", str(out_file), "--n", "4", "--out", str(tmp_path / "s.png"),
+                              "--npy", str(tmp_path / "s.npy")], capsys)
+    assert code == 0, err
+    draws = np.load(tmp_path / "s.npy")
+    assert draws.min() >= 0 and draws.max() <= 16 and (draws == np.round(draws)).all()
+    np.save(tmp_path / "x.npy", load_dataset("digits", None, seed=0, limit=100).test_x[:3].numpy())
+    code, out, err = run_cli(["inpaint", str(out_file), "--images", str(tmp_path / "x.npy"), "--mask", "bottom",
+                              "--out", str(tmp_path / "i.png")], capsys)
+    assert code == 0, err

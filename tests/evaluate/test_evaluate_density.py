@@ -112,3 +112,23 @@ def test_plot_rows_are_validated(tmp_path) -> None:
         plot_bpd_vs_N([{"name": "EiNet", "family": "EiNet", "N": None, "test_bpd": 3.0}], tmp_path / "b.png")
     with pytest.raises(ValueError, match=r"\.png"):
         plot_bpd_vs_N(ROWS, tmp_path / "b.jpg")
+
+
+def test_gaussian_rows_get_the_discrete_bpd_of_their_twin() -> None:
+    """A single Gaussian per pixel: the discrete BPD is −Σ log2(Φ(b) − Φ(a))/S, below the dequantized BPD."""
+    v = _images()
+    mean, std = torch.full((1, 9), 0.4, dtype=torch.float64), torch.full((1, 9), 0.3, dtype=torch.float64)
+    c = MixtureCircuit(Gaussian(mean, std), torch.zeros(1, dtype=torch.float64))
+    res = density.test_bpd(c, v, "gaussian", L, draws=2, generator=torch.Generator().manual_seed(5))
+    lo = (v.reshape(-1, 9).double() / L - 0.4) / 0.3
+    hi = ((v.reshape(-1, 9).double() + 1) / L - 0.4) / 0.3
+    cdf = torch.special.ndtr
+    p = torch.where(v.reshape(-1, 9) == L - 1, 1.0, cdf(hi)) - torch.where(v.reshape(-1, 9) == 0, 0.0, cdf(lo))
+    expected = float((-p.log2().sum(1) / 9).mean())
+    assert res["discrete"] == pytest.approx(expected, rel=1e-9)
+    assert res["discrete"] < res["mean"]
+    fields = density.bpd_fields(res)
+    assert fields["test_bpd_discrete"] == res["discrete"] and "test_bpd_discrete_median" in fields
+    assert "discrete" not in density.test_bpd(c, v, "gaussian", L, draws=1, discrete=False)
+    cat = MixtureCircuit(Categorical(torch.zeros(1, 9, L)), torch.zeros(1))
+    assert "discrete" not in density.test_bpd(cat, v, "categorical", L)  # discrete already

@@ -45,6 +45,7 @@ from vq2pc.pipeline.config import load_config
     ({"models": [{"name": "m", "N": [64], "ft_strategies": ["sample"], "ft_N": {"sample": []}}]}, r"ft_N\['sample'\]"),
     ({"leaves": ["categorical"], "models": [{"name": "m", "ft_strategies": ["sample"], "ft_std_max": [0.1]}]},
      "ft_std_max caps Gaussian stds"),
+    ({"experiments": {"bpd_discrete": "yes"}}, "bpd_discrete"),
 ])
 def test_bad_config_raises_naming_the_key(overrides: dict[str, Any], key: str) -> None:
     with pytest.raises(ValueError, match=key):
@@ -65,3 +66,8 @@ def test_every_shipped_config_loads_and_builds_its_quantizers(path: Path) -> Non
     for spec in cfg.models:  # unknown quantizer options fail here, not an hour into a run
         quantizer = make_quantizer(spec.quantizer, spec.K, spec.D, spec.beta, **spec.quantizer_opts)
         assert quantizer.codebook.shape == (spec.K, spec.D)
+
+
+def test_bpd_discrete_is_on_by_default_and_can_be_switched_off() -> None:
+    assert load_config(None, {}).experiments.bpd_discrete is True
+    assert load_config(None, {"experiments": {"bpd_discrete": False}}).experiments.bpd_discrete is False

@@ -82,6 +82,18 @@ def test_report_rows(full_run: dict[str, Any]) -> None:
                 assert r["name"].startswith(DM_FAMILIES[r["selection"]])
 
 
+def test_gaussian_rows_carry_their_discrete_bpd(full_run: dict[str, Any]) -> None:
+    """Every Gaussian row (circuits, +EM, +FT, CM, EiNet) has the discrete BPD of its twin, below its
+    dequantized BPD; the report shows the column. Categorical rows are discrete already."""
+    rows = full_run["report"]["models"]
+    for r in rows:
+        if r["leaf"] == "gaussian":
+            assert 0 < r["test_bpd_discrete"] < r["test_bpd"], r["name"]
+        else:
+            assert "test_bpd_discrete" not in r, r["name"]
+    assert "discrete BPD" in (full_run["out"] / "report.md").read_text()
+
+
 @pytest.mark.parametrize("leaf", ["gaussian", "categorical"])
 def test_exm_bpd_recomputed_from_saved_circuit(full_run: dict[str, Any], leaf: str) -> None:
     """The reported ExM test BPD is that of the saved circuit file, recomputed independently."""

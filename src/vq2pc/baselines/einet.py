@@ -69,11 +69,12 @@ from torch import Tensor, nn
 from vq2pc.baselines.regions import REGION_GRAPHS, learn_tree, region_graph
 from vq2pc.circuit.cirkit import UNCLAMPED_SEMIRING, require_cirkit
 from vq2pc.core.checkpoint import SavableModel
+from vq2pc.core.discretized import level_log_prob
 from vq2pc.core.validate import check_finite, check_levels, observed_mask, rows
 from vq2pc.data.datasets import DataSplits, check_fits
 from vq2pc.models.train import TrainConfig, TrainResult, completed_steps, dequantize_once, fit, step_dequantizer
 
-__all__ = ["EiNetConfig", "EiNet", "train_einet", "SUM_PRODUCT_LAYERS"]
+__all__ = ["EiNetConfig", "EiNet", "DiscretizedEiNet", "train_einet", "SUM_PRODUCT_LAYERS"]
 
 SUM_PRODUCT_LAYERS = ("tucker", "cp", "cp-t")
 _SAMPLE_CHUNK = 1024  # samples per selector pass, fewer where their activations exceed the budget below
@@ -214,16 +215,24 @@ class EiNet(SavableModel, nn.Module):
             check_finite(name, seen)
         return x, mask
 
-    def _evaluate(self, x: Tensor, hidden: Tensor | None, probes: dict | None = None) -> Tensor:
+    def _evaluate(
+        self, x: Tensor, hidden: Tensor | None, probes: dict | None = None, levels: int | None = None
+    ) -> Tensor:
         """``[B]`` log p(x_o); hidden variables' input units output their log partition (0).
 
         With ``probes``, a zero tensor with gradient is added to every input layer's
-        log output and stored under the layer (for conditional marginals).
+        log output and stored under the layer (for conditional marginals). With ``levels``, ``x``
+        holds integer levels and every Gaussian input unit gives its discretized twin's log-probability.
         """
-        from cirkit.backend.torch.layers import TorchInputLayer
+        from cirkit.backend.torch.layers import TorchGaussianLayer, TorchInputLayer
+        from cirkit.backend.torch.semiring import LSESumSemiring
 
         def layer_fn(layer: nn.Module, *inputs: Tensor) -> Tensor:
-            out = layer(*inputs)  # (F, B, K)
+            if levels is not None and isinstance(layer, TorchGaussianLayer):  # x (F, B, 1), parameters (F, K)
+                lp = level_log_prob(inputs[0], layer.mean()[:, None], layer.stddev()[:, None], levels, "gaussian")
+                out = layer.semiring.map_from(lp, LSESumSemiring)  # (F, B, K)
+            else:
+                out = layer(*inputs)  # (F, B, K)
             if not isinstance(layer, TorchInputLayer):
                 return out
             if hidden is not None:
@@ -243,6 +252,12 @@ class EiNet(SavableModel, nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.log_prob(x)
+
+    def discretized(self, levels: int) -> DiscretizedEiNet:
+        """The exact ``levels``-level twin of a Gaussian EiNet (see :class:`DiscretizedEiNet`)."""
+        if self.cfg.leaf != "gaussian":
+            raise ValueError(f"only a Gaussian EiNet has a discretized twin, not a {self.cfg.leaf} one")
+        return DiscretizedEiNet(self, levels)
 
     def _conditional(self, x: Tensor, mask: Tensor) -> list[tuple[Any, Tensor]]:
         """Per input layer, ``δ [F, B, K]``: unit weights of the conditionals ``p(x_i | x_o)``."""
@@ -331,6 +346,30 @@ class EiNet(SavableModel, nn.Module):
                 draws = layer.sample(m).float()  # (F, K, m)
                 out[:, layer.scope_idx[:, 0]] = torch.einsum("fmk,fkm->mf", on, draws)
         return out
+
+
+class DiscretizedEiNet:
+    """A Gaussian EiNet whose input units are replaced by their discretized twins (``P(v) = Φ((v+1)/L) −
+    Φ(v/L)`` in the units' data space, open end bins: :mod:`vq2pc.core.discretized`); the rest of the
+    circuit as trained. A normalized distribution over integer levels: its BPD is the exact discrete BPD,
+    never above the EiNet's dequantized BPD. Shares the EiNet's parameters."""
+
+    def __init__(self, einet: EiNet, levels: int) -> None:
+        self.einet, self.levels = einet, int(levels)
+
+    @property
+    def num_params(self) -> int:
+        return self.einet.num_params
+
+    @property
+    def device(self) -> torch.device:
+        return self.einet.device
+
+    def log_prob(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """``[B]`` log P(v_o) of integer levels ``x`` (exact marginals, as :meth:`EiNet.log_prob`)."""
+        x, mask = self.einet._prepare(x, mask)
+        check_levels(x if mask is None else x[mask], self.levels, "x" if mask is None else "x (observed entries)")
+        return self.einet._evaluate(x, None if mask is None else ~mask, levels=self.levels)
 
 
 def _select_children(layer: Any, x: Tensor) -> Tensor:

@@ -15,7 +15,7 @@ import torch
 
 from vq2pc.circuit.kernels import categorical_table, categorical_view
 from vq2pc.circuit.mixture import MixtureCircuit
-from vq2pc.core.leaves import Categorical, Leaf, leaf_from_tensors
+from vq2pc.core.leaves import Categorical, Leaf, discretize, leaf_from_tensors
 from vq2pc.core.protocols import Decoder, LeafDecoder
 from vq2pc.latents.selection import Selection
 
@@ -81,12 +81,17 @@ def distill(
     batch_size: int = 512,
     meta: dict[str, Any] | None = None,
     std_floor: float | None = None,
+    discretized: int | None = None,
 ) -> MixtureCircuit:
     """Build the distilled circuit of ``selection`` (N components) from a :class:`~vq2pc.core.protocols.Decoder`
-    such as a VQ-VAE (``std_floor``: see :func:`decode_leaf`)."""
+    such as a VQ-VAE (``std_floor``: see :func:`decode_leaf`). ``discretized = L``: a Gaussian decoder's
+    leaves become their exact ``L``-level twins (``DiscretizedGaussian``; the circuit then reads integer
+    levels and scores discrete BPD), with no retraining."""
     if selection.codes.shape[0] == 0:
         raise ValueError("selection is empty: nothing to distill")
     leaf = decode_leaf(vqvae, selection.codes, batch_size, std_floor)
+    if discretized is not None:
+        leaf = discretize(leaf, discretized)
     info = {"strategy": selection.strategy, "weights": weights, **(meta or {})}
     if selection.info.get("shortfall_reason"):  # fewer components than asked for, and why
         info["shortfall_reason"] = selection.info["shortfall_reason"]

@@ -87,6 +87,9 @@ def _cirkit() -> Any:
 def _check_circuit(circuit: Any) -> MixtureCircuit:
     if not isinstance(circuit, MixtureCircuit):
         raise ValueError(f"expected a MixtureCircuit, got {type(circuit).__name__}")
+    if circuit.leaf.kind not in LEAF_KINDS:
+        raise ValueError(f"{circuit.leaf.kind} leaves are not exported (libcirkit has no such input layer); "
+                         "save the circuit (MixtureCircuit.save) instead")
     return circuit
 
 

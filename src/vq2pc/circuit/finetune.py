@@ -48,7 +48,7 @@ from torch import Tensor, nn
 from vq2pc.circuit.distill import decode_leaf
 from vq2pc.circuit.mixture import MixtureCircuit
 from vq2pc.core.distributed import all_reduce_max_, all_reduce_sum, shard_range
-from vq2pc.core.leaves import Leaf, cap_std, component_log_likelihoods
+from vq2pc.core.leaves import Leaf, cap_std, component_log_likelihoods, discretize
 from vq2pc.core.random import step_seed
 from vq2pc.core.validate import is_positive_number
 from vq2pc.data.datasets import DataSplits
@@ -88,6 +88,8 @@ class FineTuneConfig:
     learn_weights: bool = True  # train the mixture weights jointly (else keep the selection's)
     std_max: float | None = None  # Gaussian leaves: cap every std smoothly below this (core.leaves.cap_std), in
     #   training and in the circuit: sharper components and class-balanced samples at a cost in BPD (docs/NOTES.md)
+    discretized: int | None = None  # Gaussian leaves: train and build the exact discrete mixture, each leaf its
+    #   L-level twin (core.leaves.discretize, L = this); data are integer levels, not dequantized
     train_limit: int | None = None  # first images of the training split used (None: all)
     val_limit: int | None = None  # first images of the validation split used for early stopping
     seed: int = 0
@@ -108,6 +110,9 @@ class FineTuneConfig:
             raise ValueError(f"fine-tuning needs positive integers for {sorted(ints)} and patience >= 0; got {bad or self.patience}")
         if not is_positive_number(self.lr):
             raise ValueError(f"fine-tuning lr must be a positive number, got {self.lr!r}")
+        d = self.discretized
+        if d is not None and (isinstance(d, bool) or not isinstance(d, int) or d < 2):
+            raise ValueError(f"fine-tuning discretized must be a number of levels >= 2 or None, got {d!r}")
         for name in ("clip", "std_max"):
             if getattr(self, name) is not None and not is_positive_number(getattr(self, name)):
                 raise ValueError(f"fine-tuning {name} must be a positive number or None, got {getattr(self, name)!r}")
@@ -135,6 +140,12 @@ class FineTuneResult:
     epochs_run: int
     seconds: float
     history: list[dict[str, float]] = field(default_factory=list)
+
+
+def circuit_leaf(leaf: Leaf, cfg: FineTuneConfig) -> Leaf:
+    """A decoded leaf as the circuit holds it: ``std_max``-capped, then discretized when ``cfg.discretized``."""
+    leaf = cap_std(leaf, cfg.std_max)
+    return leaf if cfg.discretized is None else discretize(leaf, cfg.discretized)
 
 
 def _mean_log_prob(circuit: MixtureCircuit, x_val: Tensor) -> float:
@@ -220,7 +231,7 @@ class _Mixture(nn.Module):
     def current(self) -> MixtureCircuit:
         """The mixture as decoded now (all N components, no gradients)."""
         if not self.fresh or self.stale is None:
-            leaf = cap_std(decode_leaf(self.decoder, self.codes), self.cfg.std_max)
+            leaf = circuit_leaf(decode_leaf(self.decoder, self.codes), self.cfg)
             self.stale, self.fresh = MixtureCircuit(leaf, self.log_weights().detach()), True
         return self.stale
 
@@ -246,7 +257,7 @@ class _Mixture(nn.Module):
         x = x.flatten(1)
         U, log_w = self._pick(x)
         self.fresh = False  # the step after this loss changes the weights
-        leaf = cap_std(self.decoder.decode(self.codes[U]), self.cfg.std_max)
+        leaf = circuit_leaf(self.decoder.decode(self.codes[U]), self.cfg)
         return subset_nll(leaf, x, log_w).mean()
 
 
@@ -278,7 +289,7 @@ def finetune(decoder: nn.Module, codes: Tensor, log_weights: Tensor, splits: Dat
                          f"{tuple(codes.shape)} and {tuple(log_weights.shape)}")
     cfg = (cfg or FineTuneConfig()).for_N(codes.shape[0])
     model = _Mixture(decoder, codes, log_weights, cfg).to(cfg.device)
-    leaf_kind = model.current().leaf.kind
+    leaf_kind = model.current().leaf.data_kind
     train_v = splits.train_x[: cfg.train_limit] if cfg.train_limit else splits.train_x
     val_v = splits.val_x[: cfg.val_limit] if cfg.val_limit else splits.val_x
     x_val = dequantize_once(val_v, leaf_kind, splits.levels, cfg.seed).flatten(1).to(cfg.device)
@@ -308,7 +319,8 @@ def finetune_distill(decoder: nn.Module, selection: Selection, splits: DataSplit
                          "start_val_log_prob": res.start_val_log_prob, "best_val_log_prob": res.best_val_log_prob,
                          "components": cfg.components, "lr": cfg.lr, "schedule": cfg.schedule,
                          **({"refresh": cfg.refresh} if cfg.components == "posterior" else {}),
-                         **({"std_max": cfg.std_max} if cfg.std_max is not None else {})},
+                         **({"std_max": cfg.std_max} if cfg.std_max is not None else {}),
+                         **({"discretized": cfg.discretized} if cfg.discretized is not None else {})},
             **(meta or {})}
-    leaf = cap_std(decode_leaf(res.decoder, selection.codes), cfg.std_max)
+    leaf = circuit_leaf(decode_leaf(res.decoder, selection.codes), cfg)
     return MixtureCircuit(leaf, res.log_weights.to(leaf.device), meta=info), res

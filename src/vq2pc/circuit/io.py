@@ -4,7 +4,7 @@ File format: ONE ``.safetensors`` file. Tensors: ``log_weights [N]`` and the lea
 tensors under ``leaf.<name>`` (``leaf.mean``/``leaf.std`` ``[N, S]``,
 ``leaf.logits`` ``[N, S, L]`` or ``[N, S]``). The safetensors string metadata
 holds ``format = "vq2pc/circuit"``, ``format_version``, ``kind``, ``N``, ``S``,
-``L`` (0 unless categorical) and ``meta`` (JSON of the user's metadata dict,
+``L`` (0 unless categorical or discretized) and ``meta`` (JSON of the user's metadata dict,
 e.g. ``image_shape`` and ``levels``). Writes are atomic.
 """
 
@@ -22,7 +22,7 @@ from torch import Tensor
 from vq2pc.core import validate
 from vq2pc.core.checkpoint import CheckpointError
 from vq2pc.core.files import atomic_write
-from vq2pc.core.leaves import LEAF_KINDS, Leaf
+from vq2pc.core.leaves import CIRCUIT_LEAF_KINDS, Leaf
 
 __all__ = ["FORMAT_TAG", "FORMAT_VERSION", "write_circuit", "read_circuit", "prepare_input", "check_sample_args"]
 
@@ -48,8 +48,10 @@ def write_circuit(path: str | Path, leaf: Leaf, log_weights: Tensor, meta: dict[
     return atomic_write(path, lambda p: save_file(tensors, str(p), metadata=header))
 
 
-def read_circuit(path: str | Path, device: str | torch.device | None) -> tuple[str, dict[str, Tensor], Tensor, dict]:
-    """Read ``(kind, leaf tensors, log_weights, meta)``; raise :class:`CheckpointError` for bad files."""
+def read_circuit(
+    path: str | Path, device: str | torch.device | None
+) -> tuple[str, dict[str, Tensor], Tensor, dict, int]:
+    """Read ``(kind, leaf tensors, log_weights, meta, L)``; raise :class:`CheckpointError` for bad files."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"circuit file not found: {path}")
@@ -64,18 +66,18 @@ def read_circuit(path: str | Path, device: str | torch.device | None) -> tuple[s
     if header.get("format_version") != str(FORMAT_VERSION):
         raise CheckpointError(f"{path}: unsupported circuit format version {header.get('format_version')!r}")
     kind = header.get("kind", "")
-    if kind not in LEAF_KINDS or "log_weights" not in tensors:
+    if kind not in CIRCUIT_LEAF_KINDS or "log_weights" not in tensors:
         raise CheckpointError(f"{path}: unknown leaf kind {kind!r} or missing log_weights")
     try:
         meta = json.loads(header.get("meta", "{}"))
-        n, s = int(header["N"]), int(header["S"])
+        n, s, levels = int(header["N"]), int(header["S"]), int(header.get("L", "0"))
     except (KeyError, ValueError) as exc:
         raise CheckpointError(f"{path}: bad circuit metadata: {exc}") from None
     leaf_tensors = {k[len("leaf."):]: v for k, v in tensors.items() if k.startswith("leaf.")}
     shapes = {tuple(t.shape[:2]) for t in leaf_tensors.values()}
     if shapes != {(n, s)} or tuple(tensors["log_weights"].shape) != (n,):
         raise CheckpointError(f"{path}: tensor shapes do not match the metadata N={n}, S={s}")
-    return kind, leaf_tensors, tensors["log_weights"], meta
+    return kind, leaf_tensors, tensors["log_weights"], meta, levels
 
 
 def prepare_input(

@@ -38,7 +38,7 @@ from vq2pc.circuit.kernels import make_kernel, normalized_categorical
 from vq2pc.circuit.queries import Block, log_marginal, posterior_draw, posterior_mean
 from vq2pc.circuit.streaming import RunningArgmax, Scratch, logsumexp_
 from vq2pc.core.checkpoint import CheckpointError
-from vq2pc.core.leaves import Categorical, Leaf, leaf_from_tensors
+from vq2pc.core.leaves import Categorical, Leaf, discretize, leaf_from_tensors
 from vq2pc.core.random import uniform
 
 __all__ = ["MixtureCircuit"]
@@ -52,8 +52,9 @@ class MixtureCircuit:
     """A mixture of ``N`` fully factorized components over ``S`` variables.
 
     Args:
-        leaf: ``Gaussian(mean [N,S], std [N,S])``, ``Categorical(logits [N,S,L])`` or
-            ``Bernoulli(logits [N,S])``: component ``n`` is row ``n`` of the leaf.
+        leaf: ``Gaussian(mean [N,S], std [N,S])``, ``Categorical(logits [N,S,L])``,
+            ``Bernoulli(logits [N,S])`` or ``DiscretizedGaussian``/``DiscretizedLogistic(mean [N,S],
+            scale [N,S], L)``: component ``n`` is row ``n`` of the leaf.
         log_weights: ``[N]`` log mixture weights (normalized here; ``-inf`` allowed).
         memory_budget_mib: bound on the extra memory of one query's temporaries.
         meta: JSON-serializable dict saved with the circuit (e.g. ``image_shape``, ``levels``).
@@ -125,16 +126,25 @@ class MixtureCircuit:
     def __repr__(self) -> str:
         return f"MixtureCircuit(kind={self.leaf.kind}, N={len(self)}, S={self.num_variables})"
 
+    def discretized(self, levels: int) -> MixtureCircuit:
+        """The exact ``levels``-level twin of a Gaussian-leaf circuit (same weights, leaves
+        ``Gaussian.discretized``, sharing their tensors): its discrete BPD is never above this circuit's
+        dequantized BPD. ``ValueError`` for other leaves."""
+        return MixtureCircuit(discretize(self.leaf, levels), self._given_log_weights,
+                              memory_budget_mib=self.memory_budget_mib, meta={**self.meta, "levels": levels})
+
     # --- blocking -------------------------------------------------------------------
     def _blocks(self, batch: int, extra_row_bytes: int = 0) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
         """Row blocks and component blocks whose temporaries fit the memory budget."""
         budget = self.memory_budget_mib * _MIB
         n, k = len(self), self._kernel
-        cell, row = k.cell_bytes(), k.row_bytes() + extra_row_bytes
+        cell, row, col = k.cell_bytes(), k.row_bytes() + extra_row_bytes, k.column_bytes()
+        # A kernel with per-call column costs (discretized tables) gets every row per call when it can.
+        ref = batch if col else min(batch, 64)
         n_blk = n
-        if k.slices_components and min(batch, 64) * (n * cell + row) > budget:
-            n_blk = max(1, int((budget / min(batch, 64) - row) // cell))
-        b_blk = max(1, min(batch, int(budget // (n_blk * cell + row))))
+        if k.slices_components and ref * (n * cell + row) + n * col > budget:
+            n_blk = max(1, int((budget - ref * row) // (ref * cell + col)))
+        b_blk = max(1, min(batch, int((budget - n_blk * col) // (n_blk * cell + row))))
         return _ranges(batch, b_blk), _ranges(n, n_blk)
 
     def _scores(self, x: Tensor, mask: Tensor | None, n0: int, n1: int, scratch: Scratch) -> Tensor:
@@ -296,13 +306,13 @@ class MixtureCircuit:
         cls, path: str | Path, device: str | torch.device | None = None, *, memory_budget_mib: float = 1024
     ) -> MixtureCircuit:
         """Load a circuit written by :meth:`save`; ``ValueError`` (:class:`CheckpointError`) for bad files."""
-        kind, tensors, log_weights, meta = read_circuit(path, device)
+        kind, tensors, log_weights, meta, levels = read_circuit(path, device)
         try:
             if kind == "categorical":  # stored normalized: do not renormalize (bit-exact round trip)
                 _check_normalized(tensors["logits"])  # [N, S, L]
                 leaf: Leaf = normalized_categorical(tensors.pop("logits"))  # the file's copy is freed once laid out
             else:
-                leaf = leaf_from_tensors(kind, tensors)
+                leaf = leaf_from_tensors(kind, tensors, levels)
             return cls(leaf, log_weights, memory_budget_mib=memory_budget_mib, meta=meta)
         except (ValueError, KeyError, IndexError) as exc:
             raise CheckpointError(f"{path}: invalid circuit contents: {exc}") from None
@@ -328,7 +338,8 @@ def _ranges(total: int, step: int) -> list[tuple[int, int]]:
 def _check_leaf(leaf: Leaf) -> None:
     """Shape and value checks of a circuit's leaf (``ValueError`` naming the problem)."""
     if not isinstance(leaf, Leaf):
-        raise ValueError(f"leaf must be a Gaussian, Categorical or Bernoulli leaf, got {type(leaf).__name__}")
+        raise ValueError(f"leaf must be a vq2pc leaf (Gaussian, Categorical, Bernoulli, discretized), "
+                         f"got {type(leaf).__name__}")
     shape = leaf.batch_shape
     if len(shape) != 2:
         raise ValueError(f"leaf batch shape must be [N, S], got {tuple(shape)}")

@@ -46,7 +46,7 @@ from torch import Tensor
 from vq2pc.circuit.io import prepare_input
 from vq2pc.circuit.kernels import categorical_table, categorical_view
 from vq2pc.circuit.mixture import MixtureCircuit
-from vq2pc.core.leaves import Bernoulli, Categorical, Gaussian, Leaf
+from vq2pc.core.leaves import Bernoulli, Categorical, Discretized, Gaussian, Leaf
 
 __all__ = ["EMPTY_MASS", "LOGIT_CLAMP", "EMConfig", "EStats", "e_step", "em_refine", "log_prior", "m_step", "weights_m_step"]
 
@@ -290,6 +290,9 @@ def em_refine(
     """
     cfg = EMConfig() if cfg is None else cfg
     cfg.validate()
+    if cfg.leaves and isinstance(circuit.leaf, Discretized):
+        raise ValueError(f"EM has no closed-form update of {circuit.leaf.kind} leaves: refine the weights only "
+                         "(leaves=False; the CLI without --leaves)")
     fill = torch.zeros(circuit.num_variables, dtype=circuit.log_weights.dtype, device=circuit.device)
     x, _ = prepare_input(x, None, circuit.leaf, fill)
     init = circuit.leaf

@@ -66,7 +66,7 @@ def _image_shape(c: MixtureCircuit, override: list[int] | None) -> tuple[int, in
 
 def _display(c: MixtureCircuit, x: Tensor) -> Tensor:
     """Model-space values -> [0, 1] for display."""
-    if c.leaf.kind == "categorical":
+    if c.leaf.data_kind == "categorical":
         return x / max(c.leaf.num_levels - 1, 1)
     return x.clamp(0, 1)
 
@@ -130,7 +130,7 @@ def _load_images(path: str, c: MixtureCircuit, shape: tuple[int, int, int], g: t
         to_model_space,  # integer levels: the data module's conventions
     )
 
-    return to_model_space(arr, c.leaf.kind, int(c.meta.get("levels", 256)), g).float()
+    return to_model_space(arr, c.leaf.data_kind, int(c.meta.get("levels", 256)), g).float()
 
 
 def cmd_inpaint(args: argparse.Namespace) -> int:

@@ -58,6 +58,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="Gaussian leaves: cap every std smoothly below this, in training and in the circuit "
                         "(sharper, class-balanced samples at a cost in BPD; 0.125 on MNIST pixels in [0, 1]); "
                         "default: no cap")
+    p.add_argument("--discretized", action="store_true",
+                   help="Gaussian VQ-VAE: fine-tune the exact discrete likelihood (discretized Gaussian leaves "
+                        "over the pixel levels, integer images, no dequantization)")
     p.add_argument("--fixed-weights", action="store_true", help="keep the selection's mixture weights")
     p.add_argument("--train-limit", type=int, help="use only the first images of the training split")
     p.add_argument("--out", default="circuit-ft.safetensors", help="circuit file to write")
@@ -74,6 +77,10 @@ def _finetune(a: argparse.Namespace) -> int:
     if (vqvae.cfg.K, tuple(vqvae.cfg.latent_hw)) != (prior.K, tuple(prior.latent_hw)):
         raise ValueError(f"--prior (K={prior.K}, grid {prior.latent_hw}) does not match --vqvae "
                          f"(K={vqvae.cfg.K}, grid {vqvae.cfg.latent_hw})")
+    if a.discretized:
+        if vqvae.cfg.leaf != "gaussian":
+            raise ValueError(f"--discretized needs a Gaussian VQ-VAE; this one has {vqvae.cfg.leaf} leaves")
+        cfg = dataclasses.replace(cfg, discretized=vqvae.cfg.levels)
     splits = _splits(a)
     check_fits(vqvae.cfg.image_shape, vqvae.cfg.levels, splits, "--vqvae")
     sel = select(prior, a.strategy, a.N, starts=a.starts, beam_score=a.beam_score, beam_search=a.beam_search,

@@ -71,7 +71,7 @@ def cmd_refine(args: argparse.Namespace) -> int:
     circuit = MixtureCircuit.load(args.circuit, device=args.device)
     splits = load_dataset(args.dataset, args.data_dir, seed=args.seed, limit=args.limit)
     levels = _levels(circuit, splits)
-    kind = circuit.leaf.kind
+    kind = circuit.leaf.data_kind
     g = torch.Generator().manual_seed(args.seed)
     train = _model_space(splits.train_x, kind, levels, g, args.device)
     test = _model_space(splits.test_x, kind, levels, g, args.device)

@@ -104,6 +104,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-space", type=int, default=2**24, help="refuse exhaustive selection above this size")
     p.add_argument("--std-floor", type=float, default=None,
                    help="Gaussian leaves: raise decoded stds below this to it (bounds the cost of unseen strokes)")
+    p.add_argument("--discretized", action="store_true",
+                   help="Gaussian VQ-VAE: discretized Gaussian leaves over the pixel levels (an exact discrete "
+                        "likelihood of integer images, no retraining)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--device", default="cpu", help="torch device")
     p.add_argument("--out", default="circuit.safetensors", help="circuit file to write")
@@ -169,6 +172,8 @@ def _train_prior(a: argparse.Namespace) -> int:
 def _distill(a: argparse.Namespace) -> int:
     vqvae, prior = VQVAE.load(a.vqvae, device=a.device), load_prior(a.prior, device=a.device)
     check_std_floor(a.std_floor, vqvae.cfg.leaf)
+    if a.discretized and vqvae.cfg.leaf != "gaussian":
+        raise ValueError(f"--discretized needs a Gaussian VQ-VAE; this one has {vqvae.cfg.leaf} leaves")
     if (vqvae.cfg.K, tuple(vqvae.cfg.latent_hw)) != (prior.K, tuple(prior.latent_hw)):
         raise ValueError(f"--prior (K={prior.K}, grid {prior.latent_hw}) does not match --vqvae "
                          f"(K={vqvae.cfg.K}, grid {vqvae.cfg.latent_hw})")
@@ -177,7 +182,8 @@ def _distill(a: argparse.Namespace) -> int:
                  max_space=a.max_space, device=a.device)
     weights = a.weights or ("prior" if a.strategy == "exhaustive" else "uniform")
     meta = {"image_shape": list(vqvae.cfg.image_shape), "levels": vqvae.cfg.levels, "leaf": vqvae.cfg.leaf}
-    circuit = distill(vqvae, sel, weights=weights, meta=meta, std_floor=a.std_floor)
+    circuit = distill(vqvae, sel, weights=weights, meta=meta, std_floor=a.std_floor,
+                      discretized=vqvae.cfg.levels if a.discretized else None)
     circuit.save(a.out)
     print(json.dumps({"circuit": a.out, "N": len(circuit), "num_params": circuit.num_params, "strategy": a.strategy}))
     return 0
@@ -191,9 +197,11 @@ def _evaluate(a: argparse.Namespace) -> int:
     if circuit.num_variables != splits.num_variables:
         raise ValueError(f"circuit has S={circuit.num_variables} variables but {a.dataset} images have "
                          f"S={splits.num_variables}")
-    bpd = test_bpd(circuit, splits.test_x, circuit.leaf.kind, splits.levels, draws=a.draws,
+    bpd = test_bpd(circuit, splits.test_x, circuit.leaf.data_kind, splits.levels, draws=a.draws,
                    generator=torch.Generator().manual_seed(a.seed))
-    print(json.dumps({"circuit": a.circuit, "N": len(circuit), "test_bpd": bpd["mean"], "test_bpd_std": bpd["std"]}))
+    discrete = {"test_bpd_discrete": bpd["discrete"]} if "discrete" in bpd else {}
+    print(json.dumps({"circuit": a.circuit, "N": len(circuit), "test_bpd": bpd["mean"], "test_bpd_std": bpd["std"],
+                      **discrete}))
     return 0
 
 

@@ -10,6 +10,9 @@ components ``N`` inside a circuit) over ``S`` variables:
 * ``Gaussian(mean, std)``      mean, std: ``[..., S]``; data are reals (``[0, 1]`` after dequantization)
 * ``Categorical(logits)``      logits: ``[..., S, L]``; data are integer levels ``0..L-1``
 * ``Bernoulli(logits)``        logits: ``[..., S]``; data are ``{0, 1}``
+* ``DiscretizedGaussian(mean, scale, levels)`` / ``DiscretizedLogistic(...)``  mean, scale: ``[..., S]``;
+  data are integer levels ``0..L-1``, ``P(v) = F((v+1)/L) − F(v/L)`` (:mod:`vq2pc.core.discretized`): the
+  exact discrete twin of a Gaussian leaf (``Gaussian.discretized(L)``), whose BPD it never exceeds
 
 ``log_prob(x)`` is element-wise: ``x`` broadcasts against the parameters'
 batch shape and the result is ``[..., S]`` (sum over the last axis for the
@@ -24,13 +27,15 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from vq2pc.core import discretized as disc
 from vq2pc.core.random import categorical, normal, uniform
 from vq2pc.core.validate import check_binary, check_finite, check_levels
 
 LOG_2PI = math.log(2.0 * math.pi)
 
-__all__ = ["Leaf", "Gaussian", "Categorical", "Bernoulli", "leaf_from_tensors", "LEAF_KINDS", "check_leaf_kind",
-           "cap_std", "component_log_likelihoods"]
+__all__ = ["Leaf", "Gaussian", "Categorical", "Bernoulli", "Discretized", "DiscretizedGaussian", "DiscretizedLogistic",
+           "leaf_from_tensors", "LEAF_KINDS", "CIRCUIT_LEAF_KINDS", "check_leaf_kind", "discretize", "cap_std",
+           "component_log_likelihoods"]
 
 
 class Leaf:
@@ -46,6 +51,12 @@ class Leaf:
     @property
     def batch_shape(self) -> torch.Size:
         raise NotImplementedError
+
+    @property
+    def data_kind(self) -> str:
+        """The data space ``log_prob`` reads, as ``data.to_model_space`` names it (the leaf kind, except
+        that discretized leaves read integer levels, like ``"categorical"``)."""
+        return self.kind
 
     @property
     def num_variables(self) -> int:
@@ -128,6 +139,12 @@ class Gaussian(Leaf):
 
     def mode(self) -> Tensor:
         return self.loc
+
+    def discretized(self, levels: int) -> DiscretizedGaussian:
+        """The exact ``levels``-level twin: ``P(v) = Φ(((v+1)/L − μ)/σ) − Φ((v/L − μ)/σ)``, open end bins,
+        the same tensors (no copy). It puts on ``v`` the mass this density puts on ``v``'s dequantization bin
+        (more at the ends), so its BPD is never above the dequantized BPD (Jensen)."""
+        return DiscretizedGaussian(self.loc, self.scale, levels)
 
 
 class Categorical(Leaf):
@@ -216,8 +233,93 @@ class Bernoulli(Leaf):
         return (self.logits > 0).to(self.logits.dtype)
 
 
+class Discretized(Leaf):
+    """Independent discretized location-scale distributions over ``L`` levels (``mean, scale [..., S]``,
+    data: integer levels): see :mod:`vq2pc.core.discretized`. ``cdf`` names ``F``."""
+
+    cdf: ClassVar[str] = ""
+
+    def __init__(self, mean: Tensor, scale: Tensor, levels: int) -> None:
+        if mean.shape != scale.shape:
+            raise ValueError(f"mean {tuple(mean.shape)} and scale {tuple(scale.shape)} must have the same shape")
+        if mean.dim() < 1:
+            raise ValueError("mean must have at least one axis (S)")
+        if isinstance(levels, bool) or not isinstance(levels, int) or levels < 2:
+            raise ValueError(f"levels must be an integer >= 2, got {levels!r}")
+        self.loc, self.scale, self.levels = mean, scale, levels
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {"mean": self.loc, "scale": self.scale}
+
+    def map(self, fn) -> Discretized:
+        return type(self)(fn(self.loc), fn(self.scale), self.levels)
+
+    @property
+    def batch_shape(self) -> torch.Size:
+        return self.loc.shape
+
+    @property
+    def data_kind(self) -> str:
+        return "categorical"
+
+    @property
+    def num_levels(self) -> int:
+        """``L``."""
+        return self.levels
+
+    def check(self) -> None:
+        check_finite("mean", self.loc)
+        check_finite("scale", self.scale)
+        if (self.scale <= 0).any():
+            raise ValueError("scale must be > 0 everywhere")
+
+    def validate_data(self, x: Tensor, name: str = "x") -> None:
+        check_levels(x, self.levels, name)
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        return disc.level_log_prob(x, self.loc, self.scale, self.levels, self.cdf)
+
+    def sample(self, generator: torch.Generator | None = None) -> Tensor:
+        """A continuous draw ``μ + s·F⁻¹(u)``, binned: exactly ``P`` (the end bins take the tails)."""
+        tiny = torch.finfo(self.loc.dtype).tiny
+        u = uniform(tuple(self.loc.shape), generator, self.loc.device, self.loc.dtype).clamp_min(tiny)
+        y = self.loc + self.scale * disc.quantile(u, self.cdf)
+        return torch.floor(y * self.levels).clamp(0, self.levels - 1)
+
+    def mean(self) -> Tensor:
+        return disc.survival_sum(self.loc, self.scale, self.levels, self.cdf)
+
+    def mode(self) -> Tensor:
+        """The most probable level: the bin holding ``μ`` beats every other inner bin (a symmetric unimodal
+        ``F``, bins of equal width), so only it and the two open end bins are compared (ties: lowest)."""
+        top = self.levels - 1
+        inner = (torch.ceil(self.loc * self.levels) - 1).clamp(0, top)  # μ on an edge: the lower bin (a tie)
+        cand = torch.stack([torch.zeros_like(inner), inner, torch.full_like(inner, top)])  # [3, ..., S]
+        best = self.log_prob(cand).argmax(0, keepdim=True)
+        return cand.gather(0, best).squeeze(0)
+
+
+class DiscretizedGaussian(Discretized):
+    """Discretized normal: ``F = Φ`` (the twin of :class:`Gaussian`, ``Gaussian.discretized``)."""
+
+    kind = "discretized-gaussian"
+    cdf = "gaussian"
+
+
+class DiscretizedLogistic(Discretized):
+    """Discretized logistic (PixelCNN++'s pixel model): ``F = sigmoid``."""
+
+    kind = "discretized-logistic"
+    cdf = "logistic"
+
+
 LEAF_KINDS: dict[str, type[Leaf]] = {cls.kind: cls for cls in (Gaussian, Categorical, Bernoulli)}
-"""The pixel models by name: the one list of leaf kinds (configs, CLI choices and checks read it)."""
+"""The pixel models by name: the one list of decoder heads (configs, CLI choices and checks read it)."""
+
+CIRCUIT_LEAF_KINDS: dict[str, type[Leaf]] = {**LEAF_KINDS, DiscretizedGaussian.kind: DiscretizedGaussian,
+                                             DiscretizedLogistic.kind: DiscretizedLogistic}
+"""Every leaf kind a circuit may hold (its file format reads it): the heads and the discretized leaves,
+which a circuit gets from a Gaussian head (:func:`discretize`)."""
 
 
 def check_leaf_kind(kind: str) -> str:
@@ -227,14 +329,30 @@ def check_leaf_kind(kind: str) -> str:
     return kind
 
 
-def leaf_from_tensors(kind: str, tensors: dict[str, Tensor]) -> Leaf:
-    """Rebuild a leaf from ``kind`` and the dict that ``Leaf.tensors()`` returned."""
-    cls = LEAF_KINDS[check_leaf_kind(kind)]
-    names = {"gaussian": ("mean", "std"), "categorical": ("logits",), "bernoulli": ("logits",)}[kind]
+def leaf_from_tensors(kind: str, tensors: dict[str, Tensor], levels: int = 0) -> Leaf:
+    """Rebuild a leaf from ``kind`` and the dict that ``Leaf.tensors()`` returned (``levels``: ``L`` of a
+    discretized leaf, which holds no tensor of that size)."""
+    if kind not in CIRCUIT_LEAF_KINDS:
+        raise ValueError(f"unknown leaf kind {kind!r}; expected one of {list(CIRCUIT_LEAF_KINDS)}")
+    cls = CIRCUIT_LEAF_KINDS[kind]
+    names = {"gaussian": ("mean", "std"), "categorical": ("logits",), "bernoulli": ("logits",)}.get(
+        kind, ("mean", "scale"))
     missing = [n for n in names if n not in tensors]
     if missing:
         raise ValueError(f"{kind} leaf needs tensors {list(names)}; missing {missing}")
-    return cls(*[tensors[n] for n in names])
+    extra = (levels,) if issubclass(cls, Discretized) else ()
+    return cls(*[tensors[n] for n in names], *extra)
+
+
+def discretize(leaf: Leaf, levels: int) -> Leaf:
+    """The discrete twin of a Gaussian leaf (:meth:`Gaussian.discretized`); a discretized leaf of ``levels``
+    levels as it is; ``ValueError`` for any other leaf."""
+    if isinstance(leaf, Gaussian):
+        return leaf.discretized(levels)
+    if isinstance(leaf, Discretized) and leaf.levels == levels:
+        return leaf
+    raise ValueError(f"only Gaussian leaves have a discretized twin, not {leaf.kind} ones"
+                     + (f" of {leaf.levels} levels (asked for {levels})" if isinstance(leaf, Discretized) else ""))
 
 
 def cap_std(leaf: Leaf, std_max: float | None) -> Leaf:
@@ -254,7 +372,8 @@ def component_log_likelihoods(leaf: Leaf, x: Tensor) -> Tensor:
     Differentiable in the leaf parameters. Gaussian leaves use the quadratic form as one matrix
     product in float64 (stds near 1e-3 make the float32 terms cancel badly). Categorical leaves index
     their ``[M, S·L]`` log-probabilities, so the backward pass scatters into ``[M, S·L]``; a broadcast
-    gather would scatter into ``[B, M, S, L]`` (13 GB at B = M = 128 on MNIST). Others broadcast."""
+    gather would scatter into ``[B, M, S, L]`` (13 GB at B = M = 128 on MNIST). Discretized leaves go
+    through :func:`vq2pc.core.discretized.component_sums`. Others broadcast."""
     if isinstance(leaf, Categorical):
         M, S, L = leaf.logits.shape
         flat = (x.long() + torch.arange(S, device=x.device) * L).reshape(-1)  # [B·S] positions in S·L
@@ -266,4 +385,6 @@ def component_log_likelihoods(leaf: Leaf, x: Tensor) -> Tensor:
         const = (-0.5 * mu.pow(2) * prec - leaf.scale.double().log()).sum(1) - 0.5 * LOG_2PI * x.shape[1]
         quad = torch.cat([xd.pow(2), xd], 1) @ torch.cat([-0.5 * prec, mu * prec], 1).t()  # [B, M]
         return (quad + const).to(leaf.loc.dtype)
+    if isinstance(leaf, Discretized):  # blocks of components, recomputed in the backward pass
+        return disc.component_sums(x, leaf.loc, leaf.scale, leaf.levels, leaf.cdf)
     return leaf.log_prob(x.unsqueeze(1)).sum(-1)

@@ -79,6 +79,7 @@ def _results(results: list[dict]) -> list[str]:
         return order.get(fam, len(order)), str(r.get("group", "")), r.get("N") or 0, str(r.get("name", ""))
 
     rows = []
+    discrete = any(r.get("test_bpd_discrete") is not None for r in results)
     for r in sorted(results, key=key):
         bpd, std = r.get("test_bpd"), r.get("test_bpd_std")
         shown = f"{bpd:.4f} ± {std:.4f}" if isinstance(bpd, float) and isinstance(std, float) else _fmt(bpd)
@@ -90,8 +91,12 @@ def _results(results: list[dict]) -> list[str]:
         sel = r.get("selection_seconds")
         rows.append([r.get("name"), r.get("selection", r.get("family")), r.get("N"), params, shown, tail,
                      None if sel is None else f"{sel:.2f}", cost])
+        if discrete:
+            rows[-1].insert(5, None if r.get("test_bpd_discrete") is None else f"{r['test_bpd_discrete']:.4f}")
     head = ["model", "selection", "N", "parameters", "test BPD ± std", "per-image BPD median / p90 / p99 / max",
             "selection time (s)", "training s"]
+    if discrete:  # Gaussian rows: the exact discrete BPD of the discretized twin (comparable with discrete MNIST)
+        head.insert(5, "discrete BPD")
     return ["## Results", ""] + _table(head, rows)
 
 

@@ -35,13 +35,13 @@ def _bpd_row(run: RunDir, cfg: RunConfig, splits: DataSplits, leaf: str, key: st
 
     def compute() -> dict[str, Any]:
         bpd = test_bpd(model, test_x, leaf, splits.levels, draws=cfg.experiments.bpd_draws,
-                       generator=torch.Generator().manual_seed(cfg.seed))
+                       discrete=cfg.experiments.bpd_discrete, generator=torch.Generator().manual_seed(cfg.seed))
         return ResultRow.build(**fields, leaf=leaf, **bpd_fields(bpd), test_images=len(test_x)).to_dict()
 
     params = {"baselines": settings_key(cfg.baselines),
               "train": settings_key(cfg.baseline_train, drop=("progress", "device", "compile")),
               "seed": cfg.seed, "test_limit": cfg.test_limit, "bpd_draws": cfg.experiments.bpd_draws,
-              "bpd_format": BPD_FORMAT}
+              "bpd_format": BPD_FORMAT, "bpd_discrete": cfg.experiments.bpd_discrete}
     return ResultRow.from_dict(run.cached("baselines", f"{leaf}/baselines/{key}", compute, depends=(depends,),
                                           params=params))
 

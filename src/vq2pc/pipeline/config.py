@@ -136,6 +136,8 @@ class ExperimentSpec:
     correlation: bool = True
     correlation_images: int = 297
     bpd_draws: int = 3  # dequantization draws for continuous test BPD
+    bpd_discrete: bool = True  # Gaussian rows: also the exact discrete BPD of the discretized twin (test_bpd_discrete;
+    #   one extra pass over the test set, its tables cost S·L·N tail evaluations: docs/NOTES.md "Discretized leaves")
 
 
 def transformer_twin() -> ModelSpec:

@@ -64,7 +64,7 @@ def ft_row(run: RunDir, cfg: RunConfig, splits: DataSplits, src: SourceModel, jo
         circuit.save(path)
         run.discard(ckpt)
         bpd = test_bpd(circuit, test_x, src.leaf, splits.levels, draws=cfg.experiments.bpd_draws,
-                       generator=torch.Generator().manual_seed(cfg.seed))
+                       discrete=cfg.experiments.bpd_discrete, generator=torch.Generator().manual_seed(cfg.seed))
         return refined_row(row, "+FT" + (capped and CAP_MARK + capped), circuit, bpd,
                            finetune=circuit.meta["finetune"], ft_history=res.history,
                            circuit_file=str(path.relative_to(run.root))).to_dict()

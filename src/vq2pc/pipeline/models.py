@@ -179,7 +179,8 @@ def distill_params(cfg: RunConfig, spec: ModelSpec, *extra: str, strategy: str |
         ("beam_score", "beam_search") if strategy == "beam" else ())
     return {**{k: getattr(spec, k) for k in keys}, "seed": cfg.seed, "bpd_format": BPD_FORMAT, "test_limit": cfg.test_limit,
             "exact_test_limit": cfg.exact_test_limit, "bpd_draws": cfg.experiments.bpd_draws,
-            "max_exhaustive": cfg.max_exhaustive, "max_materialize": cfg.max_materialize}
+            "max_exhaustive": cfg.max_exhaustive, "max_materialize": cfg.max_materialize,
+            "bpd_discrete": cfg.experiments.bpd_discrete}
 
 
 def _leaf_params(leaf: str, S: int, levels: int) -> int:
@@ -198,7 +199,7 @@ def exact_row(run: RunDir, cfg: RunConfig, splits: DataSplits, src: SourceModel)
                            std_floor=src.spec.std_floor)
         seconds = time.perf_counter() - start
         bpd = test_bpd(model, test_x, src.leaf, splits.levels, draws=cfg.experiments.bpd_draws,
-                       generator=torch.Generator().manual_seed(cfg.seed))
+                       discrete=cfg.experiments.bpd_discrete, generator=torch.Generator().manual_seed(cfg.seed))
         return circuit_row(f"ExM {src.spec.name} (K={src.spec.K}){_floor_tags(src.spec)[1]}", "ExM", model, bpd,
                            selection="exhaustive", std_floor=src.spec.std_floor,
                            model=src.spec.name, leaf=src.leaf, group=src.spec.group or src.spec.name, K=src.spec.K,
@@ -240,7 +241,7 @@ def distill_all(
             circuit.meta.update({"image_shape": list(splits.image_shape), "levels": splits.levels})
             circuit.save(path)
             bpd = test_bpd(circuit, test_x, src.leaf, splits.levels, draws=cfg.experiments.bpd_draws,
-                           generator=torch.Generator().manual_seed(cfg.seed))
+                           discrete=cfg.experiments.bpd_discrete, generator=torch.Generator().manual_seed(cfg.seed))
             family = FAMILY[strategy]
             label = f"{family} {src.spec.name}" + (f" (K={src.spec.K})" if strategy == "exhaustive" else "") + (
                 " (stochastic)" if strategy == "beam" and src.spec.beam_search == "stochastic" else "")
@@ -284,7 +285,7 @@ def em_row(run: RunDir, cfg: RunConfig, splits: DataSplits, src: SourceModel, ke
         refined, history = em_refine(circuit, x, em_cfg)
         refined.save(path)
         bpd = test_bpd(refined, test_x, src.leaf, splits.levels, draws=cfg.experiments.bpd_draws,
-                       generator=torch.Generator().manual_seed(cfg.seed))
+                       discrete=cfg.experiments.bpd_discrete, generator=torch.Generator().manual_seed(cfg.seed))
         return refined_row(row, "+EM", refined, bpd, em_history=history,
                            circuit_file=str(path.relative_to(run.root))).to_dict()
 
