@@ -8,11 +8,8 @@ the experiments switched on in ``experiments``. Unknown keys are an error
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import types
-import typing
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +25,7 @@ from vq2pc.core.validate import is_positive_number
 from vq2pc.latents.selection import BEAM_SCORES, BEAM_SEARCHES, STRATEGIES, WEIGHTS
 from vq2pc.models.priors import prior_config
 from vq2pc.models.train import TrainConfig
+from vq2pc.pipeline.typed_yaml import build_dataclass, plain
 
 __all__ = ["ModelSpec", "CircuitSpec", "BaselineSpec", "ExperimentSpec", "RunConfig", "load_config", "config_to_dict", "DEFAULT_CONFIG"]
 
@@ -246,7 +244,7 @@ class RunConfig:
         if source is None or source.vqvae_from is not None:
             raise ValueError(f"config: model {m.name!r} vqvae_from {m.vqvae_from!r} must name another model that "
                              "trains its own VQ-VAE")
-        differ = [k for k in VQVAE_KEYS if _plain(getattr(m, k)) != _plain(getattr(source, k))]
+        differ = [k for k in VQVAE_KEYS if plain(getattr(m, k)) != plain(getattr(source, k))]
         if differ:
             raise ValueError(f"config: model {m.name!r} shares the VQ-VAE of {source.name!r} but differs in {differ}")
 
@@ -324,69 +322,6 @@ def _check_prior(m: ModelSpec) -> None:
         raise ValueError(f"config: model {m.name!r}: {exc}") from None
 
 
-def _build(cls: type, data: dict[str, Any], where: str) -> Any:
-    """Instantiate dataclass ``cls`` from ``data``, checking every value against the field's type."""
-    if not isinstance(data, dict):
-        raise ValueError(f"config: {where} must be a mapping, got {type(data).__name__}")
-    known = {f.name: f for f in fields(cls)}
-    unknown = sorted(set(data) - set(known))
-    if unknown:
-        raise ValueError(f"config: unknown key(s) {unknown} in {where}; known: {sorted(known)}")
-    hints = typing.get_type_hints(cls)
-    kwargs = {name: _typed(value, hints[name], f"{where}.{name}") for name, value in data.items()}
-    try:
-        return cls(**kwargs)
-    except ValueError as exc:  # a dataclass's own range checks (e.g. TrainConfig)
-        raise ValueError(f"{where}: {exc}") from None
-
-
-_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
-
-
-def _type_name(tp: Any) -> str:
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join("null" if a is type(None) else _type_name(a) for a in args)
-    if origin in (list, tuple):
-        size = f"{len(args)} " if origin is tuple and Ellipsis not in args else ""
-        return f"a list of {size}{_type_name(args[0]).removeprefix('an ').removeprefix('a ')}s"
-    if origin is dict:
-        return "a mapping"
-    return _TYPE_NAMES.get(tp, getattr(tp, "__name__", str(tp)))
-
-
-def _typed(value: Any, tp: Any, where: str) -> Any:
-    """``value`` checked against type ``tp`` (ints accepted for floats, lists for tuples); else a ValueError."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if tp is Any:
-        return value
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, where)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        for option in (a for a in args if a is not type(None)):
-            try:
-                return _typed(value, option, where)
-            except ValueError:
-                continue
-    elif origin is list and isinstance(value, list):
-        return [_typed(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
-    elif origin is tuple and isinstance(value, (list, tuple)) and (Ellipsis in args or len(value) == len(args)):
-        return tuple(_typed(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
-    elif origin is dict and isinstance(value, dict):
-        return value
-    elif tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    elif tp in (bool, str) and isinstance(value, tp):
-        return value
-    elif tp is int and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    elif tp not in _TYPE_NAMES and origin is None:  # a type this checker does not know: the dataclass judges
-        return value
-    raise ValueError(f"{where} must be {_type_name(tp)}, got {value!r}")
-
-
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
     """Load a YAML config (or the defaults when ``path`` is None) and apply top-level ``overrides``."""
     data: dict[str, Any] = {}
@@ -399,23 +334,12 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         except yaml.YAMLError as exc:
             raise ValueError(f"config {path} is not valid YAML: {exc}") from None
     data.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    return _build(RunConfig, data, "config").validate()
-
-
-def _plain(v: Any) -> Any:
-    """``v`` with tuples as lists, recursively (as it reads back from YAML/JSON)."""
-    if isinstance(v, tuple):
-        return list(v)
-    if isinstance(v, dict):
-        return {k: _plain(x) for k, x in v.items()}
-    if isinstance(v, list):
-        return [_plain(x) for x in v]
-    return v
+    return build_dataclass(RunConfig, data, "config").validate()
 
 
 def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
     """A plain dict (YAML/JSON-able) of ``cfg``."""
-    return _plain(asdict(cfg))
+    return plain(asdict(cfg))
 
 
 DEFAULT_CONFIG = RunConfig()
