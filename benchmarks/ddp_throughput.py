@@ -10,7 +10,7 @@ Prints one JSON line per P: P, device, images_per_s (training images of one epoc
 seconds, validation included), seconds, images, batch_size, threads_per_rank, load_avg (1-minute
 load average at the start: other jobs on the machine slow every figure).
 
-    python benchmarks/ddp_throughput.py --data-dir /work/shared/data/mnist --P 1 2
+    python benchmarks/ddp_throughput.py --data-dir ../shared/data/mnist --P 1 2
     python benchmarks/ddp_throughput.py --data-dir DATA --device cuda --P 1 2 4 8
 """
 

@@ -20,7 +20,7 @@ to every batch. Cost is linear in both, so the scaled seconds are the full run's
 The VQ-VAE (2x2 grid, D = 1, hidden 64, 2 residual blocks: configs/mnist-exact-2x2.yaml) and
 the class-conditional PixelCNN prior are randomly initialised: the cost does not depend on the weights.
 
-    python benchmarks/exact_bpd.py --data-dir /work/shared/data/mnist --K 16 32 --latent-fraction 0.25
+    python benchmarks/exact_bpd.py --data-dir ../shared/data/mnist --K 16 32 --latent-fraction 0.25
 """
 
 from __future__ import annotations
