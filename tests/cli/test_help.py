@@ -96,6 +96,7 @@ def test_selection_finetune_and_refine_defaults_are_the_run_configs() -> None:
     assert (a.starts, a.beam_score, a.beam_search, a.max_space, a.std_min) == (
         model.starts, model.beam_score, model.beam_search, run.max_exhaustive, model.std_floor)
     a = PARSER.parse_args(["finetune", "--vqvae", "v", "--prior", "p"])
+    assert a.N == PARSER.parse_args(["distill", "--vqvae", "v", "--prior", "p"]).N == max(model.N)
     assert finetune_config(a) == FineTuneConfig(seed=run.seed, device=run.device)
     a = PARSER.parse_args(["refine", "c", "--out", "r"])
     assert (a.iterations, a.leaves, a.prior_strength) == (model.em_iterations, model.em_leaves,

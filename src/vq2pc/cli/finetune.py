@@ -31,7 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--vqvae", required=True, help="VQ-VAE checkpoint")
     p.add_argument("--prior", required=True, help="prior checkpoint")
     p.add_argument("--strategy", default="sample", choices=["sample", "gumbel", "beam", "topk"], help="selection")
-    components_option(p, 1024)
+    components_option(p)
     beam_options(p)
     p.add_argument("--weights", default=MODEL.weights, choices=["uniform", "prior"], help="initial mixture weights")
     p.add_argument("--epochs", type=int, default=_DEFAULTS.epochs, help="maximum fine-tuning epochs")

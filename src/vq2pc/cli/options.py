@@ -70,9 +70,9 @@ def out_option(p: argparse.ArgumentParser, what: str, **kwargs: Any) -> argparse
     return option(p, "out", help=what, **kwargs)
 
 
-def components_option(p: argparse.ArgumentParser, default: int, extra: str = "") -> argparse.Action:
-    """``--components/-N``: the number N of mixture components."""
-    return option(p, "N", type=int, default=default, metavar="N", help=f"mixture components N{extra}")
+def components_option(p: argparse.ArgumentParser, extra: str = "") -> argparse.Action:
+    """``--components/-N``: the number N of mixture components (default: the default run's largest N)."""
+    return option(p, "N", type=int, default=max(MODEL.N), metavar="N", help=f"mixture components N{extra}")
 
 
 def data_options(p: argparse.ArgumentParser) -> None:

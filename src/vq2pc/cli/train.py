@@ -46,7 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--vqvae", required=True, help="VQ-VAE checkpoint")
     p.add_argument("--prior", required=True, help="prior checkpoint")
     p.add_argument("--strategy", default="beam", choices=[s for s in STRATEGIES if s != "data"], help="selection")
-    components_option(p, 256, " (ignored by exhaustive)")
+    components_option(p, " (ignored by exhaustive)")
     p.add_argument("--weights", default=None, choices=WEIGHTS,
                    help=f"mixture weights (default: prior for exhaustive, {MODEL.weights} otherwise)")
     beam_options(p)
