@@ -45,8 +45,8 @@ def main() -> None:
     splits = load_dataset("mnist", args.data_dir, seed=args.seed, download=False)
     vqvae = VQVAE.load(f"{args.run}/gaussian/{args.model}/vqvae.pt")
     prior = load_prior(f"{args.run}/gaussian/{args.model}/prior.pt")
-    cfg = FineTuneConfig(epochs=args.epochs, patience=1, lr=1e-3, top_k=1, refresh=25, train_limit=args.train_limit,
-                         seed=args.seed, progress=False)
+    cfg = FineTuneConfig(epochs=args.epochs, patience=1, lr=1e-3, schedule="constant", batch_size=128, top_k=1,
+                         refresh=25, train_limit=args.train_limit, seed=args.seed, progress=False)
     S = splits.num_variables
     runs = [("sample", None)] + [("gumbel", None)] * args.gumbel + [("beam", s) for s in args.starts]
     for strategy, s in runs:

@@ -2,8 +2,10 @@
 
 import dataclasses
 import itertools
+import os
 from pathlib import Path
 
+import pytest
 import torch
 
 from vq2pc.circuit.finetune import FineTuneConfig
@@ -11,6 +13,26 @@ from vq2pc.models.priors.pixelcnn import PixelCNNPrior, PriorConfig
 from vq2pc.models.priors.transformer import TransformerPrior, TransformerPriorConfig
 from vq2pc.models.train import TrainConfig
 from vq2pc.pipeline.config import BaselineSpec, ExperimentSpec, ModelSpec, RunConfig, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+MNIST_FILE = "train-images-idx3-ubyte.gz"
+
+
+def find_mnist() -> Path | None:
+    """The folder of the MNIST IDX files, found as a user's run finds it: ``$VQ2PC_DATA`` (the folder or its
+    ``mnist/``), else ``../shared/data`` beside the repository (where CI puts it); None when neither has them."""
+    bases = [Path(d) for d in (os.environ.get("VQ2PC_DATA"),) if d] + [ROOT.parent / "shared" / "data"]
+    for base in bases:
+        for folder in (base / "mnist", base):
+            if (folder / MNIST_FILE).is_file():
+                return folder
+    return None
+
+
+MNIST_DIR = find_mnist()
+"""The MNIST IDX folder (None without it); ``MNIST_DIR.parent`` is a ``--data-dir`` when it is a ``mnist/``."""
+needs_mnist = pytest.mark.skipif(MNIST_DIR is None, reason="real MNIST not found: set $VQ2PC_DATA to the folder of "
+                                 "its IDX files, or put them in ../shared/data/mnist beside the repository")
 
 
 def make_prior(K: int = 3, hw: tuple[int, int] = (2, 2), C: int = 2, hidden: int = 8, layers: int = 3,

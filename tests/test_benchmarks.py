@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import MNIST_DIR, needs_mnist
 
 ROOT = Path(__file__).resolve().parents[1]
-MNIST = ROOT.parent / "shared" / "data" / "mnist"
 KEYS = {"query", "leaf", "N", "B", "S", "seconds", "fraction_of_matmul", "speedup_vs_slow", "peak_rss_mib"}
 
 
@@ -32,16 +32,16 @@ def test_circuit_queries_prints_every_case() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not MNIST.is_dir(), reason=f"MNIST IDX files not found at {MNIST}")
+@needs_mnist
 def test_circuit_queries_on_mnist_images() -> None:
-    lines = _run("--data", "mnist", "--mnist-dir", str(MNIST), "--N", "32", "--B", "8", "--leaves", "categorical")
+    lines = _run("--data", "mnist", "--mnist-dir", str(MNIST_DIR), "--N", "32", "--B", "8", "--leaves", "categorical")
     assert {line["query"] for line in lines} >= {"log_prob", "conditional_mean"}
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not MNIST.is_dir(), reason=f"MNIST IDX files not found at {MNIST}")
+@needs_mnist
 def test_exact_bpd_counts_one_pass_of_decodes_after_the_loop_swap() -> None:
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "exact_bpd.py"), "--data-dir", str(MNIST),
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "exact_bpd.py"), "--data-dir", str(MNIST_DIR),
                           "--K", "2", "--n-test", "40", "--batch-size", "20", "--draws", "2"],
                          capture_output=True, text=True, check=True, timeout=300)
     before, after, draws = (json.loads(line) for line in out.stdout.splitlines())

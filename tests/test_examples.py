@@ -1,5 +1,6 @@
-"""The worked example ``examples/external_vq.py`` (docs/external-vq.md) runs, at tiny size, and its
-circuit is a normalized, exact mixture of what the external decoder decodes."""
+"""The examples run: the notebooks (executed with nbclient, tiny settings) and the worked example
+``examples/external_vq.py`` (docs/external-vq.md), whose circuit is a normalized, exact mixture of what the
+external decoder decodes."""
 
 from __future__ import annotations
 
@@ -10,16 +11,53 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import MNIST_DIR
 
 pytestmark = pytest.mark.slow
 
 pytest.importorskip("vector_quantize_pytorch", reason="optional extra not installed: pip install -e '.[external]'")
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "external_vq.py"
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLE = EXAMPLES / "external_vq.py"
+NOTEBOOK_TIMEOUT = 300  # seconds per cell; each notebook takes well under a minute on an idle 2-core machine
+
+
+def _run_notebook(name: str, monkeypatch: pytest.MonkeyPatch) -> object:
+    nbclient = pytest.importorskip("nbclient", reason="optional extra not installed: pip install -e '.[notebooks]'")
+    import nbformat
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the kernel inherits it: tiny models run fastest on one thread
+    notebook = nbformat.read(EXAMPLES / name, as_version=4)
+    assert all(not cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code"), \
+        f"{name} is committed with outputs"
+    nbclient.NotebookClient(notebook, timeout=NOTEBOOK_TIMEOUT, kernel_name="python3",
+                            resources={"metadata": {"path": str(EXAMPLES)}}).execute()
+    return notebook
+
+
+def _images_shown(notebook: object) -> int:
+    return sum("image/png" in out.get("data", {}) for cell in notebook.cells for out in cell.get("outputs", []))
+
+
+def test_quickstart_notebook_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Trains, distills, fine-tunes and queries on digits; its own asserts check +FT < DMRS < uniform BPD."""
+    notebook = _run_notebook("quickstart.ipynb", monkeypatch)
+    assert _images_shown(notebook) == 1
+
+
+def test_mnist_queries_notebook_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without VQ2PC_CIRCUIT the notebook trains a tiny model on 500 MNIST images, found as users find them."""
+    if MNIST_DIR is None:
+        pytest.skip("real MNIST not found: set $VQ2PC_DATA or put it in ../shared/data/mnist beside the repository")
+    monkeypatch.setenv("VQ2PC_DATA", str(MNIST_DIR))
+    monkeypatch.delenv("VQ2PC_CIRCUIT", raising=False)
+    notebook = _run_notebook("mnist_queries.ipynb", monkeypatch)
+    assert _images_shown(notebook) == 3
 
 
 @pytest.fixture(scope="module")
 def example():
+    pytest.importorskip("vector_quantize_pytorch", reason="optional extra not installed: pip install -e '.[external]'")
     spec = importlib.util.spec_from_file_location("external_vq", EXAMPLE)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there

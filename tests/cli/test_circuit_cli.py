@@ -40,7 +40,7 @@ def circuit_path(tmp_path: Path) -> Path:
 
 
 def test_sample_writes_png_and_npy(tmp_path: Path, circuit_path: Path) -> None:
-    rc = main(["sample", str(circuit_path), "--n", "9", "--out", str(tmp_path / "s.png"), "--npy", str(tmp_path / "s.npy")])
+    rc = main(["sample", str(circuit_path), "--num-samples", "9", "--out", str(tmp_path / "s.png"), "--npy", str(tmp_path / "s.npy")])
     assert rc == 0
     assert (tmp_path / "s.png").stat().st_size > 0
     assert np.load(tmp_path / "s.npy").shape == (9, 1, 4, 4)

@@ -18,7 +18,7 @@ from vq2pc.data import load_dataset
 from vq2pc.evaluate.density import test_bpd
 from vq2pc.models.priors.pixelcnn import PixelCNNPrior, PriorConfig
 
-VERBS = ["run", "train-vqvae", "train-prior", "distill", "finetune", "evaluate", "usage", "sample", "inpaint", "refine", "export"]
+VERBS = ["run", "train-vqvae", "train-prior", "train-baseline", "distill", "finetune", "evaluate", "usage", "sample", "inpaint", "refine", "export"]
 DATA = ["--limit", "100", "--seed", "0"]
 
 
@@ -169,7 +169,7 @@ def test_transformer_prior_trains_distills_and_reports_usage(stages: dict[str, A
     assert code == 0, err
     assert last_json(out)["prior"] == "transformer"
     assert load_checkpoint(prior, "transformer-prior")["meta"]["config"]["heads"] == 2
-    code, out, err = run_cli(["distill", "--vqvae", vqvae, "--prior", str(prior), "--strategy", "beam", "--N", "20",
+    code, out, err = run_cli(["distill", "--vqvae", vqvae, "--prior", str(prior), "--strategy", "beam", "--components", "20",
                               "--starts", "1", "--out", str(tmp_path / "c.safetensors")], capsys)
     assert code == 0, err
     assert 0 < last_json(out)["N"] <= 20
@@ -184,7 +184,7 @@ def test_sample_and_inpaint_on_distilled_circuit(stages: dict[str, Any], tmp_pat
                                                  capsys: pytest.CaptureFixture[str]) -> None:
     run_stage(stages, "distill", capsys)
     circuit = str(stages["files"]["circuit"])
-    code, out, err = run_cli(["sample", circuit, "--n", "9", "--out", str(tmp_path / "s.png"),
+    code, out, err = run_cli(["sample", circuit, "-n", "9", "--out", str(tmp_path / "s.png"),
                               "--npy", str(tmp_path / "s.npy")], capsys)
     assert code == 0, err
     assert last_json(out)["samples"] == 9
@@ -207,12 +207,12 @@ def test_distill_std_floor_raises_small_stds(stages: dict[str, Any], tmp_path: P
     run_stage(stages, "train-prior", capsys)
     files, out_path = stages["files"], tmp_path / "floored.safetensors"
     code, _, err = run_cli(["distill", "--vqvae", str(files["vqvae"]), "--prior", str(files["prior"]),
-                              "--strategy", "exhaustive", "--std-floor", "0.05", "--out", str(out_path)], capsys)
+                            "--strategy", "exhaustive", "--std-min", "0.05", "--out", str(out_path)], capsys)
     assert code == 0, err
     floored = MixtureCircuit.load(out_path)
     assert floored.meta["std_floor"] == 0.05 and float(floored.leaf.scale.min()) >= 0.05
     code, _, err = run_cli(["distill", "--vqvae", str(files["vqvae"]), "--prior", str(files["prior"]),
-                              "--std-floor", "-1", "--out", str(tmp_path / "bad.safetensors")], capsys)
+                            "--std-min", "-1", "--out", str(tmp_path / "bad.safetensors")], capsys)
     assert code == 1 and "std_floor must be a positive" in err and not (tmp_path / "bad.safetensors").exists()
 
 
@@ -233,7 +233,7 @@ def test_finetune_verb_improves_validation_and_writes_a_circuit(stages: dict[str
     run_stage(stages, "train-prior", capsys)
     files, out = stages["files"], tmp_path / "ft.safetensors"
     code, stdout, err = run_cli(["finetune", "--vqvae", str(files["vqvae"]), "--prior", str(files["prior"]), *DATA,
-                                 "--N", "12", "--epochs", "2", "--lr", "3e-3", "--schedule", "cosine", "--batch-size", "25",
+                                 "-N", "12", "--epochs", "2", "--lr", "3e-3", "--schedule", "cosine", "--batch-size", "25",
                                  "--top-k", "2", "--out", str(out)], capsys)
     assert code == 0, err
     result = last_json(stdout)
@@ -242,7 +242,7 @@ def test_finetune_verb_improves_validation_and_writes_a_circuit(stages: dict[str
     assert result["settings"]["schedule"] == circuit.meta["finetune"]["schedule"] == "cosine"
     assert result["best_val_log_prob"] >= result["start_val_log_prob"] and result["epochs_run"] >= 1
     code, _, err = run_cli(["finetune", "--vqvae", str(files["vqvae"]), "--prior", str(files["prior"]), *DATA,
-                            "--components", "random", "--subset", "0", "--out", str(tmp_path / "bad.safetensors")],
+                            "--grad-components", "random", "--subset", "0", "--out", str(tmp_path / "bad.safetensors")],
                            capsys)
     assert code != 0 and "fine-tuning" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "bad.safetensors").exists()

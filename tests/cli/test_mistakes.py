@@ -38,21 +38,21 @@ train-prior
   --vqvae a prior checkpoint           prior.pt is not a vq2pc vqvae checkpoint (format tag: 'vq2pc/prior')
 distill
   prior of another K                   --prior (K=3, grid (2, 2)) does not match --vqvae (K=4, grid (2, 2))
-  --N 0                                N must be a positive integer, got 0
+  --components 0                       N must be a positive integer, got 0
   --starts 0 (beam)                    starts must be >= 1, got 0
   exhaustive above --max-space         latent space K^(HW) = 4^4 = 256 exceeds max_space = 10; raise max_space ...
-  --std-floor -1                       std_floor must be a positive finite number, got -1.0
-  --N above the latent space           N=300 exceeds the latent space K^(HW)=256
+  --std-min -1                         std_floor must be a positive finite number, got -1.0
+  -N above the latent space            N=300 exceeds the latent space K^(HW)=256
 evaluate
   --draws 0                            draws must be >= 1, got 0
   a checkpoint given as circuit        vq.pt is not a readable vq2pc circuit (corrupt, truncated or foreign): ...
 usage
   a VQ-VAE given as --prior            vq.pt is not a vq2pc prior checkpoint (format tag: 'vq2pc/vqvae')
 sample
-  --n 0                                n must be a positive number of samples, got 0
+  -n 0                                 n must be a positive number of samples, got 0
   --npy in an unwritable folder        cannot write /sys/s.npy: Permission denied (/sys)
   --image-shape 1 4 4 for S=64         image shape (1, 4, 4) does not have S=64 entries
-  out of memory while drawing          out of memory: lower --n (or use --device cpu)
+  out of memory while drawing          out of memory: lower --num-samples (or use --device cpu)
 inpaint
   --images missing.npy                 images file not found: missing.npy
   --images of the wrong shape          images have shape (4, 1, 3, 3); expected [n, 1, 8, 8]
@@ -61,7 +61,7 @@ inpaint
 refine
   --iterations -1                      iterations must be an integer >= 0, got -1
   --batch-size 0                       batch_size must be a positive integer, got 0
-  --min-std 2                          max_std must be finite and >= min_std=2.0, got 1.0
+  --std-min 2                          max_std must be finite and >= min_std=2.0, got 1.0
   a write refused deep inside          Permission denied: r.safetensors
 export
   --format onnx                        argument --format: invalid choice: 'onnx' (choose from 'cirkit', 'npz') (...)
@@ -145,18 +145,18 @@ CASES: list[tuple[str, str, str]] = [
     ("train-prior", "--vqvae prior.pt --limit 20 --out p.pt", "prior.pt is not a vq2pc vqvae checkpoint"),
     ("train-prior", "--vqvae vq.pt --lr -1 --out p.pt", "lr must be a positive number"),
     ("distill", "--vqvae vq.pt --prior prior3.pt --out c2.safetensors", "--prior (K=3, grid (2, 2)) does not match"),
-    ("distill", "--vqvae vq.pt --prior prior.pt --N 0 --out c2.safetensors", "N must be a positive integer, got 0"),
-    ("distill", "--vqvae vq.pt --prior prior.pt --strategy beam --N 10 --starts 0 --out c2.safetensors",
+    ("distill", "--vqvae vq.pt --prior prior.pt --components 0 --out c2.safetensors", "N must be a positive integer, got 0"),
+    ("distill", "--vqvae vq.pt --prior prior.pt --strategy beam -N 10 --starts 0 --out c2.safetensors",
      "starts must be >= 1"),
     ("distill", "--vqvae vq.pt --prior prior.pt --strategy exhaustive --max-space 10 --out c2.safetensors",
      "exceeds max_space = 10"),
-    ("distill", "--vqvae vq.pt --prior prior.pt --std-floor -1 --out c2.safetensors", "std_floor must be a positive"),
-    ("distill", "--vqvae vq.pt --prior prior.pt --strategy sample --N 300 --out c2.safetensors",
+    ("distill", "--vqvae vq.pt --prior prior.pt --std-min -1 --out c2.safetensors", "std_floor must be a positive"),
+    ("distill", "--vqvae vq.pt --prior prior.pt --strategy sample -N 300 --out c2.safetensors",
      "N=300 exceeds the latent space"),
     ("evaluate", "c.safetensors --draws 0 --limit 20", "draws must be >= 1, got 0"),
     ("evaluate", "vq.pt --limit 20", "vq.pt is not a readable vq2pc circuit"),
     ("usage", "--prior vq.pt --out u.png", "vq.pt is not a vq2pc prior checkpoint"),
-    ("sample", "c.safetensors --n 0 --out s.png", "n must be a positive number of samples, got 0"),
+    ("sample", "c.safetensors -n 0 --out s.png", "n must be a positive number of samples, got 0"),
     ("sample", "c.safetensors --image-shape 1 4 4 --out s.png", "image shape (1, 4, 4) does not have S=64 entries"),
     ("inpaint", "c.safetensors --images missing.npy --out i.png", "images file not found: missing.npy"),
     ("inpaint", "c.safetensors --images bad.npy --out i.png", "images have shape (4, 1, 3, 3); expected [n, 1, 8, 8]"),
@@ -164,7 +164,7 @@ CASES: list[tuple[str, str, str]] = [
     ("inpaint", "c.safetensors --images img.npy --show 0 --out i.png", "--show must be >= 1"),
     ("refine", "c.safetensors --iterations -1 --limit 20 --out r.safetensors", "iterations must be an integer >= 0"),
     ("refine", "c.safetensors --batch-size 0 --limit 20 --out r.safetensors", "batch_size must be a positive integer"),
-    ("refine", "c.safetensors --min-std 2 --limit 20 --out r.safetensors", "max_std must be finite and >= min_std"),
+    ("refine", "c.safetensors --std-min 2 --limit 20 --out r.safetensors", "max_std must be finite and >= min_std"),
     ("export", "c.safetensors --format onnx --out x.npz", "argument --format: invalid choice: 'onnx'"),
     ("export", "junk.txt --format npz --out x.npz", "junk.txt is not a readable vq2pc circuit"),
 ]
@@ -178,7 +178,7 @@ if UNWRITABLE:
 # The same checks through a real `python -m vq2pc` process (the script's exit code and stderr).
 SUBPROCESS = [("run", "--config k_many.yaml --out R", "config.models[0].K must be an integer, got 'many'"),
               ("train-vqvae", "--device cuda:x --out v.pt", "'cuda:x' is not a torch device"),
-              ("sample", "c.safetensors --n 0 --out s.png", "n must be a positive number of samples")]
+              ("sample", "c.safetensors --num-samples 0 --out s.png", "n must be a positive number of samples")]
 if NO_CUDA:
     SUBPROCESS.append(("run", "--device cuda --out R", "CUDA is not available"))
 if UNWRITABLE:
@@ -272,8 +272,8 @@ def _raise(exc: BaseException) -> Any:
 
 
 @pytest.mark.parametrize("exc, expected", [
-    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"), "out of memory: lower --n"),
-    (RuntimeError("[enforce fail] DefaultCPUAllocator: can't allocate memory: out of memory"), "out of memory: lower --n"),
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"), "out of memory: lower --num-samples"),
+    (RuntimeError("[enforce fail] DefaultCPUAllocator: can't allocate memory: out of memory"), "out of memory: lower --num-samples"),
     (RuntimeError("boom"), "unexpected RuntimeError: boom (re-run with --debug for the traceback)"),
 ], ids=["cuda-oom", "cpu-oom", "unexpected"])
 def test_deep_failure_while_sampling_is_one_line(workdir: Path, exc: BaseException, expected: str,

@@ -10,13 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import MNIST_DIR, needs_mnist
 
 from vq2pc import data
 from vq2pc.data import idx
 
-MNIST_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "mnist"  # beside the checkout, as in test_benchmarks
-needs_mnist = pytest.mark.skipif(not (MNIST_DIR / "train-images-idx3-ubyte.gz").is_file(),
-                                 reason=f"real MNIST IDX files not found in {MNIST_DIR}")
+# --data-dir spellings that find MNIST: its folder, and the folder above when that one is a `mnist/`
+DATA_DIRS = [] if MNIST_DIR is None else [MNIST_DIR] + [MNIST_DIR.parent] * (MNIST_DIR.name == "mnist")
 
 
 @pytest.fixture(autouse=True)
@@ -51,7 +51,7 @@ def test_read_idx_sanity_values() -> None:
 
 @pytest.mark.slow
 @needs_mnist
-@pytest.mark.parametrize("data_dir", [MNIST_DIR.parent, MNIST_DIR])
+@pytest.mark.parametrize("data_dir", DATA_DIRS or [None])
 def test_mnist_splits(data_dir: Path) -> None:
     s = data.load_dataset("mnist", str(data_dir))
     assert (len(s.train_x), len(s.val_x), len(s.test_x)) == (50000, 10000, 10000)
@@ -71,7 +71,7 @@ def test_mnist_splits(data_dir: Path) -> None:
 @pytest.mark.slow
 @needs_mnist
 def test_env_var_lookup_and_limit(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("VQ2PC_DATA", str(MNIST_DIR.parent))
+    monkeypatch.setenv("VQ2PC_DATA", str(DATA_DIRS[-1]))
     a = data.load_dataset("mnist", limit=7, seed=3)
     b = data.load_dataset("mnist", limit=7, seed=3)
     c = data.load_dataset("mnist", limit=7, seed=4)

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from vq2pc.models.quantizers import make_quantizer
-from vq2pc.pipeline.config import load_config
+from vq2pc.pipeline.config import config_to_dict, load_config
 
 
 @pytest.mark.parametrize("overrides, key", [
@@ -71,3 +71,12 @@ def test_every_shipped_config_loads_and_builds_its_quantizers(path: Path) -> Non
 def test_bpd_discrete_is_on_by_default_and_can_be_switched_off() -> None:
     assert load_config(None, {}).experiments.bpd_discrete is True
     assert load_config(None, {"experiments": {"bpd_discrete": False}}).experiments.bpd_discrete is False
+
+
+def test_the_quick_config_is_the_default_run_and_fine_tunes() -> None:
+    """configs/digits-quick.yaml spells out `vq2pc run` without --config; its main model has +FT rows at every N."""
+    quick = load_config(Path(__file__).resolve().parents[2] / "configs" / "digits-quick.yaml")
+    default = load_config(None)
+    assert config_to_dict(quick) == config_to_dict(default)
+    assert default.main.ft_strategies == ["sample"] and not default.main.ft_N and "sample" in default.main.strategies
+    assert default.main.finetune.epochs <= 5  # sized for the quick run, not the MNIST recipe

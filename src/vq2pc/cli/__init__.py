@@ -22,6 +22,19 @@ from vq2pc.core.files import check_writable
 _VERB_MODULES = ["run", "train", "baseline", "finetune", "circuit", "refine", "export"]
 
 
+def version() -> str:
+    """The installed distribution's version, else (running from a source tree) the package's ``__version__``."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("vq2pc")
+    except PackageNotFoundError:
+        from vq2pc import __version__
+
+        return __version__
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors: the problem and where to look, not the whole usage block."""
 
@@ -40,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Every verb has its own --help.",
     )
     parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
+    parser.add_argument("--version", action="version", version=f"vq2pc {version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in _VERB_MODULES:
         try:
@@ -59,10 +73,11 @@ _OOM_HINT = {
     "run": "lower batch_size in the config's *_train sections, the largest N, or max_materialize / max_exhaustive",
     "train-vqvae": "lower --batch-size, --hidden or --K",
     "train-prior": "lower --batch-size or --hidden",
-    "distill": "lower --N or --max-space",
+    "distill": "lower --components or --max-space",
+    "finetune": "lower --batch-size, --top-k or --components",
     "evaluate": "use a smaller circuit or --limit",
     "usage": "lower --max-space",
-    "sample": "lower --n",
+    "sample": "lower --num-samples",
     "inpaint": "pass fewer images",
     "refine": "lower --batch-size or --limit",
     "export": "use a smaller circuit",

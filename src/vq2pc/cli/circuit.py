@@ -12,25 +12,26 @@ import torch
 from torch import Tensor
 
 from vq2pc.circuit.mixture import MixtureCircuit
+from vq2pc.cli.options import add_parser, option, out_option, seed_device_options
 from vq2pc.core.files import atomic_write
 from vq2pc.data.masks import MASK_KINDS, make_mask
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``sample`` and ``inpaint`` verbs."""
-    p = subparsers.add_parser(
-        "sample", help="draw exact samples from a saved circuit (grid PNG, optional .npy)",
+    p = add_parser(
+        subparsers, "sample", help="draw exact samples from a saved circuit (grid PNG, optional .npy)",
         description="Draw exact samples from a saved circuit: a component from the mixture weights, then its "
         "pixels from their leaves. Writes a grid PNG and optionally the samples as .npy.",
     )
     _common(p)
-    p.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
-    p.add_argument("--out", required=True, help="grid PNG to write")
+    option(p, "num_samples", type=int, default=64, metavar="n", help="number of samples")
+    out_option(p, "grid image file to write (.png)", required=True)
     p.add_argument("--npy", help="also write the samples [n, C, H, W] (model space) to this .npy file")
     p.set_defaults(func=cmd_sample)
 
-    p = subparsers.add_parser(
-        "inpaint",
+    p = add_parser(
+        subparsers, "inpaint",
         help="exact conditional mean and samples of hidden pixels; prints conditional BPD and MSE as JSON",
         description="Hide a region of each image (--mask names the HIDDEN region) and complete it exactly from "
         "p(x_hidden | x_observed): conditional mean and a conditional sample per image. Writes a figure and "
@@ -38,17 +39,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     _common(p)
     p.add_argument("--images", required=True, help=".npy of images [n, C, H, W]: integer levels or model-space floats")
-    p.add_argument("--mask", choices=MASK_KINDS, default="left", help="region that is HIDDEN (default left half)")
-    p.add_argument("--out", required=True, help="figure PNG to write (original / masked / mean / sample rows)")
-    p.add_argument("--show", type=int, default=8, help="images shown in the figure (default 8)")
+    p.add_argument("--mask", choices=MASK_KINDS, default="left", help="region that is HIDDEN")
+    out_option(p, "figure file to write (.png; rows: original / masked / mean / sample)", required=True)
+    p.add_argument("--show", type=int, default=8, help="images shown in the figure")
     p.set_defaults(func=cmd_inpaint)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("circuit", help="circuit file written by MixtureCircuit.save (.safetensors)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--image-shape", type=int, nargs=3, metavar=("C", "H", "W"), help="override the stored image shape")
-    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    seed_device_options(p, "draws of components, pixels and masks")
 
 
 def _image_shape(c: MixtureCircuit, override: list[int] | None) -> tuple[int, int, int]:
@@ -97,19 +97,19 @@ def cmd_sample(args: argparse.Namespace) -> int:
     c = MixtureCircuit.load(args.circuit, device=args.device)
     shape = _image_shape(c, args.image_shape)
     g = torch.Generator(device=args.device).manual_seed(args.seed)
-    x = c.sample(args.n, generator=g)
-    cols = math.ceil(math.sqrt(args.n))
-    shown = torch.cat([_display(c, x), torch.zeros(cols * cols - args.n, x.shape[1], device=x.device)])
+    x = c.sample(args.num_samples, generator=g)
+    cols = math.ceil(math.sqrt(args.num_samples))
+    shown = torch.cat([_display(c, x), torch.zeros(cols * cols - args.num_samples, x.shape[1], device=x.device)])
     _save_grid(list(shown.view(cols, cols, -1)), shape, [""] * cols, args.out)
     if args.npy:
-        arr = x.reshape(args.n, *shape).cpu().numpy()
+        arr = x.reshape(args.num_samples, *shape).cpu().numpy()
 
         def write(p: Path) -> None:  # closed (so flushed) before atomic_write moves it into place
             with open(p, "wb") as f:
                 np.save(f, arr)
 
         atomic_write(args.npy, write)
-    print(json.dumps({"samples": args.n, "out": args.out, "npy": args.npy}))
+    print(json.dumps({"samples": args.num_samples, "out": args.out, "npy": args.npy}))
     return 0
 
 

@@ -10,12 +10,13 @@ import torch
 
 from vq2pc.circuit.export import export_cirkit, export_npz
 from vq2pc.circuit.mixture import MixtureCircuit
+from vq2pc.cli.options import add_parser, out_option
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``export`` verb."""
-    p = subparsers.add_parser(
-        "export",
+    p = add_parser(
+        subparsers, "export",
         help="export a saved circuit to libcirkit (--format cirkit) or to a plain NumPy archive (--format npz)",
         description=(
             "cirkit: the compiled libcirkit circuit (input layers -> Hadamard -> sum), reload it with "
@@ -25,7 +26,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("circuit", help="circuit file written by MixtureCircuit.save (.safetensors)")
     p.add_argument("--format", choices=("cirkit", "npz"), required=True, help="output format")
-    p.add_argument("--out", required=True, help="file to write")
+    out_option(p, "file to write (cirkit: the compiled circuit, a torch file; npz: a NumPy archive)",
+               required=True)
     p.add_argument("--dtype", choices=("float32", "float64"),
                    help="cirkit only: dtype of the compiled circuit (default: the circuit's; float64 when categorical "
                    "log-probabilities fall below -87)")

@@ -11,42 +11,36 @@ from torch import Tensor
 
 from vq2pc.circuit.mixture import MixtureCircuit
 from vq2pc.circuit.refine import EMConfig, em_refine
-from vq2pc.data.datasets import (
-    DATASET_NAMES,
-    DataSplits,
-    bpd,
-    load_dataset,
-    to_model_space,
-)
+from vq2pc.cli.options import MODEL, add_parser, data_options, option, out_option
+from vq2pc.data.datasets import DataSplits, bpd, load_dataset, to_model_space
 
-_FMT = argparse.ArgumentDefaultsHelpFormatter
+_EM = EMConfig()
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``refine`` verb."""
-    p = subparsers.add_parser(
-        "refine",
+    p = add_parser(
+        subparsers, "refine",
         help="refine a circuit's weights (and leaves) by EM on training data; prints JSON with the history",
-        formatter_class=_FMT,
         description="Expectation-maximization on the training split; the result is still an exact mixture.",
     )
     p.add_argument("circuit", help="circuit file written by MixtureCircuit.save (.safetensors)")
-    p.add_argument("--dataset", default="digits", choices=DATASET_NAMES, help="dataset")
-    p.add_argument("--data-dir", help="directory with the dataset files (else $VQ2PC_DATA, else ~/.cache/vq2pc)")
-    p.add_argument("--limit", type=int, help="cap every split at this many images")
-    p.add_argument("--iterations", type=int, default=10, help="maximum EM iterations")
-    p.add_argument("--leaves", action="store_true", help="also refine the leaf parameters")
+    data_options(p)
+    p.add_argument("--iterations", type=int, default=MODEL.em_iterations, help="maximum EM iterations")
+    p.add_argument("--leaves", action=argparse.BooleanOptionalAction, default=MODEL.em_leaves,
+                   help="also refine the leaf parameters")
     p.add_argument("--no-weights", action="store_true", help="keep the mixture weights fixed")
-    p.add_argument("--prior-strength", type=float, default=1.0, help="Dirichlet pseudo-count per component (1 = ML)")
-    p.add_argument("--smoothing", type=float, default=1e-2, help="pseudo-count per level of categorical/Bernoulli leaves")
-    p.add_argument("--min-std", type=float, default=1e-3, help="Gaussian std floor")
-    p.add_argument("--max-std", type=float, default=1.0, help="Gaussian std ceiling")
-    p.add_argument("--batch-size", type=int, default=1024, help="rows per E-step batch")
-    p.add_argument("--tol", type=float, default=1e-6, help="stop when the mean objective improves by less")
-    p.add_argument("--seed", type=int, default=0, help="random seed (data split, dequantization noise)")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    p.add_argument("--prior-strength", type=float, default=MODEL.em_prior_strength,
+                   help="Dirichlet pseudo-count per component (1 = ML); the leaves get max(a - 1, 0) "
+                        "pseudo-observations of their initial (decoder) leaf")
+    p.add_argument("--smoothing", type=float, default=_EM.smoothing,
+                   help="pseudo-count per level of categorical/Bernoulli leaves")
+    option(p, "std_min", type=float, default=_EM.min_std, help="Gaussian std floor")
+    option(p, "std_max", type=float, default=_EM.max_std, help="Gaussian std ceiling")
+    p.add_argument("--batch-size", type=int, default=_EM.batch_size, help="rows per E-step batch")
+    p.add_argument("--tol", type=float, default=_EM.tol, help="stop when the mean objective improves by less")
     p.add_argument("--progress", action="store_true", help="print every iteration to stderr")
-    p.add_argument("--out", required=True, help="refined circuit to write (.safetensors)")
+    out_option(p, "refined circuit file to write (.safetensors)", required=True)
     p.set_defaults(func=cmd_refine)
 
 
@@ -65,8 +59,8 @@ def _model_space(v: Tensor, kind: str, levels: int, g: torch.Generator, device: 
 def cmd_refine(args: argparse.Namespace) -> int:
     cfg = EMConfig(
         iterations=args.iterations, weights=not args.no_weights, leaves=args.leaves,
-        prior_strength=args.prior_strength, smoothing=args.smoothing, min_std=args.min_std,
-        max_std=args.max_std, batch_size=args.batch_size, tol=args.tol,
+        prior_strength=args.prior_strength, smoothing=args.smoothing, min_std=args.std_min,
+        max_std=args.std_max, batch_size=args.batch_size, tol=args.tol,
     )
     circuit = MixtureCircuit.load(args.circuit, device=args.device)
     splits = load_dataset(args.dataset, args.data_dir, seed=args.seed, limit=args.limit)

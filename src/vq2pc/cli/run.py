@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 
+from vq2pc.cli.options import RUN, add_parser, option, out_option
 from vq2pc.core.devices import check_device
 from vq2pc.core.distributed import init_from_env
+from vq2pc.data.datasets import DATASET_NAMES
 from vq2pc.pipeline import STAGES, run_pipeline
 from vq2pc.pipeline.config import load_config
 
@@ -19,8 +21,8 @@ def _speed_args(p: argparse.ArgumentParser) -> None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "run",
+    p = add_parser(
+        sub, "run",
         help="train VQ-VAE + prior, distill circuits, run every experiment, write a report",
         description=(
             "Run the whole pipeline into a run directory: train the VQ-VAE and its prior (PixelCNN or Transformer), distill "
@@ -30,15 +32,14 @@ def register(sub: argparse._SubParsersAction) -> None:
             "default on the embedded digits data (a few minutes on 2 CPU cores). On a re-run, stages whose outputs exist "
             "and whose inputs and settings are unchanged are skipped; an interrupted training resumes."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--config", help="YAML config (see configs/); default: the quick digits run")
-    p.add_argument("--dataset", choices=["digits", "mnist", "fashion-mnist"], help="override the config's dataset")
-    p.add_argument("--data-dir", help="directory with the dataset's files (else $VQ2PC_DATA, else ~/.cache/vq2pc)")
-    p.add_argument("--out", default="runs/latest", help="run directory")
-    p.add_argument("--device", help="torch device, e.g. cpu or cuda (default: the config's, cpu)")
-    p.add_argument("--seed", type=int, help="random seed (default: the config's, 0)")
-    p.add_argument("--limit", type=int, help="cap every data split at this many images (quick experiments)")
+    option(p, "dataset", choices=DATASET_NAMES, help=f"dataset (default: the config's, {RUN.dataset})")
+    option(p, "data_dir", help="directory with the dataset files (default: $VQ2PC_DATA, else ~/.cache/vq2pc)")
+    out_option(p, "run directory to write (and to resume)", default="runs/latest")
+    option(p, "device", help=f"torch device, e.g. cpu or cuda (default: the config's, {RUN.device})")
+    option(p, "seed", type=int, help=f"random seed (default: the config's, {RUN.seed})")
+    option(p, "limit", type=int, help="cap every data split at this many images (quick experiments)")
     p.add_argument("--seeds", type=int, nargs="+", metavar="SEED",
                    help="also train the latent-usage model with these seeds: Fig. 1 as mean ± std over models")
     p.add_argument("--jobs", type=int, default=1, choices=[1, 2],

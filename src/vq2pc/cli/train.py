@@ -12,48 +12,27 @@ import yaml
 
 from vq2pc.circuit.distill import check_std_floor, distill
 from vq2pc.circuit.mixture import MixtureCircuit
+from vq2pc.cli.options import (
+    EXPERIMENTS,
+    MODEL,
+    RUN,
+    add_parser,
+    beam_options,
+    components_option,
+    data_options,
+    option,
+    out_option,
+    seed_device_options,
+    train_config,
+    train_options,
+)
 from vq2pc.core.distributed import is_main
 from vq2pc.core.leaves import LEAF_KINDS
-from vq2pc.data.datasets import DATASET_NAMES, DataSplits, load_dataset
-from vq2pc.latents.selection import BEAM_SCORES, BEAM_SEARCHES, STRATEGIES, WEIGHTS, select
+from vq2pc.data.datasets import DataSplits, load_dataset
+from vq2pc.latents.selection import STRATEGIES, WEIGHTS, select
 from vq2pc.models.priors import PRIOR_NAMES, load_prior, prior_config, train_prior
 from vq2pc.models.quantizers import QUANTIZER_NAMES, make_quantizer
-from vq2pc.models.train import TrainConfig
 from vq2pc.models.vqvae import VQVAE, VQVAEConfig, encode_images, train_vqvae
-
-_FMT = argparse.ArgumentDefaultsHelpFormatter
-
-
-def _beam_args(p: argparse.ArgumentParser) -> None:
-    """DMBS options shared by the commands that select latents."""
-    p.add_argument("--starts", type=int, default=10, help="beam: starting tokens per class")
-    p.add_argument("--beam-score", default="class", choices=list(BEAM_SCORES),
-                   help="beam: rank a class's searches by p(z|c) (Algorithm 1) or by the class marginal p(z)")
-    p.add_argument("--beam-search", default="deterministic", choices=list(BEAM_SEARCHES),
-                   help="beam: keep the best B beams per position (Algorithm 2) or sample them without "
-                        "replacement (Gumbel-top-k: more diverse latents within a class)")
-
-
-def _data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", default="digits", choices=DATASET_NAMES, help="dataset")
-    p.add_argument("--data-dir", help="directory with the dataset files (else $VQ2PC_DATA, else ~/.cache/vq2pc)")
-    p.add_argument("--limit", type=int, help="cap every split at this many images")
-    p.add_argument("--seed", type=int, default=0, help="random seed (split, init, noise)")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-
-
-def _train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--epochs", type=int, default=40, help="maximum epochs")
-    p.add_argument("--patience", type=int, default=8, help="early-stopping patience (epochs without improvement)")
-    p.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate")
-    p.add_argument("--batch-size", type=int, default=64, help="mini-batch size")
-    p.add_argument("--amp", choices=["bf16", "fp16"], help="mixed-precision training (autocast) on CUDA; refused on CPU")
-    p.add_argument("--compile", action="store_true", help="torch.compile the training step")
-
-
-def _train_cfg(a: argparse.Namespace) -> TrainConfig:
-    return TrainConfig(epochs=a.epochs, patience=a.patience, lr=a.lr, batch_size=a.batch_size, seed=a.seed,
-                       device=a.device, amp=a.amp, compile=a.compile)
 
 
 def _splits(a: argparse.Namespace) -> DataSplits:
@@ -61,79 +40,94 @@ def _splits(a: argparse.Namespace) -> DataSplits:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train-vqvae", help="train a VQ-VAE (checkpoint = resume point)", formatter_class=_FMT,
-                       description="Train a VQ-VAE with a per-pixel leaf head. Re-running with the same --out resumes.")
-    _data_args(p), _train_args(p)
-    p.add_argument("--leaf", default="gaussian", choices=list(LEAF_KINDS), help="pixel model")
-    p.add_argument("--grid", type=int, nargs=2, default=[2, 2], metavar=("H", "W"), help="latent grid")
-    p.add_argument("--K", type=int, default=16, help="codebook size")
-    p.add_argument("--D", type=int, default=16, help="codeword length")
-    p.add_argument("--hidden", type=int, default=32, help="channels of the conv nets")
-    p.add_argument("--res-blocks", type=int, default=1, help="residual blocks at the latent level")
-    p.add_argument("--quantizer", default="vq", choices=list(QUANTIZER_NAMES),
-                   help="vq (paper Eq. 6), ema, gumbel or gmvq (GM-VQ with the ALBO); see docs/concepts/quantizers.md")
-    p.add_argument("--beta", type=float, default=0.25,
-                   help="commitment weight (vq, ema); KL weight (gumbel); latent-alignment weight (gmvq)")
-    p.add_argument("--quantizer-opt", action="append", default=[], metavar="KEY=VALUE",
-                   help="a quantizer option, repeatable (VALUE parsed as YAML), e.g. kmeans_init=true alpha=1.0")
-    p.add_argument("--out", default="vqvae.pt", help="checkpoint to write")
-    p.set_defaults(func=_train_vqvae)
-
-    p = sub.add_parser("train-prior", help="train a class-conditional prior (PixelCNN or Transformer) over a VQ-VAE's codes",
-                       formatter_class=_FMT, description="Encode the dataset with --vqvae and fit the prior.")
-    _data_args(p), _train_args(p)
-    p.add_argument("--vqvae", required=True, help="VQ-VAE checkpoint")
-    p.add_argument("--prior", default="pixelcnn", choices=list(PRIOR_NAMES),
-                   help="gated PixelCNN, or causal Transformer with a key/value cache")
-    p.add_argument("--hidden", type=int, default=64, help="PixelCNN channels / Transformer width")
-    p.add_argument("--layers", type=int, default=4, help="gated PixelCNN layers / Transformer blocks")
-    p.add_argument("--heads", type=int, default=4, help="Transformer attention heads (--hidden must be a multiple)")
-    p.add_argument("--unlabeled", action="store_true", help="ignore labels (C = 1)")
-    p.add_argument("--out", default="prior.pt", help="checkpoint to write")
-    p.set_defaults(func=_train_prior)
-
-    p = sub.add_parser("distill", help="select latents and distill a circuit", formatter_class=_FMT,
-                       description="Select N latents with a strategy and decode them into a MixtureCircuit.")
+    _register_training(sub)
+    p = add_parser(sub, "distill", help="select latents and distill a circuit",
+                   description="Select N latents with a strategy and decode them into a MixtureCircuit.")
     p.add_argument("--vqvae", required=True, help="VQ-VAE checkpoint")
     p.add_argument("--prior", required=True, help="prior checkpoint")
-    p.add_argument("--strategy", default="beam", choices=[s for s in STRATEGIES if s != "data"])
-    p.add_argument("--N", type=int, default=256, help="number of components (ignored by exhaustive)")
+    p.add_argument("--strategy", default="beam", choices=[s for s in STRATEGIES if s != "data"], help="selection")
+    components_option(p, " (ignored by exhaustive)")
     p.add_argument("--weights", default=None, choices=WEIGHTS,
-                   help="mixture weights (default: prior for exhaustive, uniform otherwise)")
-    _beam_args(p)
-    p.add_argument("--max-space", type=int, default=2**24, help="refuse exhaustive selection above this size")
-    p.add_argument("--std-floor", type=float, default=None,
-                   help="Gaussian leaves: raise decoded stds below this to it (bounds the cost of unseen strokes)")
+                   help=f"mixture weights (default: prior for exhaustive, {MODEL.weights} otherwise)")
+    beam_options(p)
+    p.add_argument("--max-space", type=int, default=RUN.max_exhaustive,
+                   help="refuse exhaustive selection above this size")
+    option(p, "std_min", type=float, default=MODEL.std_floor,
+           help="Gaussian leaves: raise decoded stds below this to it (bounds the cost of unseen strokes)")
     p.add_argument("--discretized", action="store_true",
                    help="Gaussian VQ-VAE: discretized Gaussian leaves over the pixel levels (an exact discrete "
                         "likelihood of integer images, no retraining)")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--device", default="cpu", help="torch device")
-    p.add_argument("--out", default="circuit.safetensors", help="circuit file to write")
+    seed_device_options(p, "sample and beam selection")
+    out_option(p, "circuit file to write (.safetensors)", default="circuit.safetensors")
     p.set_defaults(func=_distill)
 
-    p = sub.add_parser("evaluate", help="test BPD of a saved circuit", formatter_class=_FMT,
-                       description="Print the test BPD of a circuit (JSON), averaged over dequantization draws.")
-    _data_args(p)
+    p = add_parser(sub, "evaluate", help="test BPD of a saved circuit",
+                   description="Print the test BPD of a circuit (JSON), averaged over dequantization draws.")
+    data_options(p)
     p.add_argument("circuit", help="circuit file (.safetensors)")
-    p.add_argument("--draws", type=int, default=3, help="dequantization draws (continuous leaves)")
+    p.add_argument("--draws", type=int, default=EXPERIMENTS.bpd_draws,
+                   help="dequantization draws (continuous leaves)")
     p.set_defaults(func=_evaluate)
 
-    p = sub.add_parser("usage", help="latent-space usage of a prior (paper Fig. 1)", formatter_class=_FMT,
-                       description="Enumerate p(z) over the whole latent space and plot its sorted CDF.")
+    p = add_parser(sub, "usage", help="latent-space usage of a prior (paper Fig. 1)",
+                   description="Enumerate p(z) over the whole latent space and plot its sorted CDF.")
     p.add_argument("--prior", required=True, help="prior checkpoint")
-    p.add_argument("--device", default="cpu", help="torch device")
-    p.add_argument("--max-space", type=int, default=2**27, help="refuse spaces larger than this")
-    p.add_argument("--out", default="usage.png", help="figure to write")
+    option(p, "device", default=RUN.device, help="torch device, e.g. cpu or cuda")
+    p.add_argument("--max-space", type=int, default=RUN.max_usage_space, help="refuse spaces larger than this")
+    out_option(p, "figure file to write (.png)", default="usage.png")
     p.set_defaults(func=_usage)
 
 
+def _register_training(sub: argparse._SubParsersAction) -> None:
+    """``train-vqvae`` and ``train-prior``: defaults are those of ``vq2pc run``'s first model and its stages."""
+    p = add_parser(sub, "train-vqvae", help="train a VQ-VAE (checkpoint = resume point)",
+                   description="Train a VQ-VAE with a per-pixel leaf head. Re-running with the same --out resumes.")
+    data_options(p), train_options(p, RUN.vqvae_train)
+    p.add_argument("--leaf", default=RUN.leaves[0], choices=list(LEAF_KINDS), help="pixel model")
+    p.add_argument("--grid", type=int, nargs=2, default=list(MODEL.latent_hw), metavar=("H", "W"), help="latent grid")
+    p.add_argument("--K", type=int, default=MODEL.K, help="codebook size")
+    p.add_argument("--D", type=int, default=MODEL.D, help="codeword length")
+    p.add_argument("--hidden", type=int, default=MODEL.hidden, help="channels of the conv nets")
+    p.add_argument("--res-blocks", type=int, default=MODEL.res_blocks, help="residual blocks at the latent level")
+    p.add_argument("--quantizer", default=MODEL.quantizer, choices=list(QUANTIZER_NAMES),
+                   help="vq (paper Eq. 6), ema, gumbel or gmvq (GM-VQ with the ALBO); see README 'Quantizers'")
+    p.add_argument("--beta", type=float, default=MODEL.beta,
+                   help="commitment weight (vq, ema); KL weight (gumbel); latent-alignment weight (gmvq)")
+    default_opts = " ".join(f"{k}={str(v).lower()}" for k, v in MODEL.quantizer_opts.items())
+    p.add_argument("--quantizer-opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="a quantizer option, repeatable (VALUE parsed as YAML), e.g. kmeans_init=true alpha=1.0 "
+                        f"(default: {default_opts} with --quantizer {MODEL.quantizer}, none with the others)")
+    out_option(p, "checkpoint file to write (and to resume from)", default="vqvae.pt")
+    p.set_defaults(func=_train_vqvae)
+
+    p = add_parser(sub, "train-prior", help="train a class-conditional prior (PixelCNN or Transformer) over a "
+                   "VQ-VAE's codes", description="Encode the dataset with --vqvae and fit the prior.")
+    data_options(p), train_options(p, RUN.prior_train)
+    p.add_argument("--vqvae", required=True, help="VQ-VAE checkpoint")
+    p.add_argument("--prior", default=MODEL.prior, choices=list(PRIOR_NAMES),
+                   help="gated PixelCNN, or causal Transformer with a key/value cache")
+    p.add_argument("--hidden", type=int, default=MODEL.prior_hidden, help="PixelCNN channels / Transformer width")
+    p.add_argument("--layers", type=int, default=MODEL.prior_layers, help="gated PixelCNN layers / Transformer blocks")
+    p.add_argument("--heads", type=int, default=MODEL.prior_heads,
+                   help="Transformer attention heads (--hidden must be a multiple)")
+    p.add_argument("--unlabeled", action="store_true", help="ignore labels (C = 1)")
+    out_option(p, "checkpoint file to write (and to resume from)", default="prior.pt")
+    p.set_defaults(func=_train_prior)
+
+
+def _quantizer_opts(a: argparse.Namespace) -> dict[str, Any]:
+    """``--quantizer-opt`` values; none given: the run config's options for its quantizer, none for another."""
+    if not a.quantizer_opt:
+        return dict(MODEL.quantizer_opts) if a.quantizer == MODEL.quantizer else {}
+    return _key_values(a.quantizer_opt, "--quantizer-opt")
+
+
 def _train_vqvae(a: argparse.Namespace) -> int:
-    train_cfg = _train_cfg(a)  # impossible settings fail before any data work
+    train_cfg = train_config(a)  # impossible settings fail before any data work
     splits = _splits(a)
     cfg = VQVAEConfig(image_shape=splits.image_shape, levels=splits.levels, leaf=a.leaf, latent_hw=tuple(a.grid),
                       K=a.K, D=a.D, hidden=a.hidden, res_blocks=a.res_blocks, beta=a.beta, quantizer=a.quantizer,
-                      quantizer_opts=_key_values(a.quantizer_opt, "--quantizer-opt"))
+                      quantizer_opts=_quantizer_opts(a))
     make_quantizer(cfg.quantizer, cfg.K, cfg.D, cfg.beta, **cfg.quantizer_opts)  # bad options fail before any data work
     model, res = train_vqvae(splits, cfg, train_cfg, checkpoint=a.out)
     if is_main():
@@ -154,7 +148,7 @@ def _key_values(items: list[str], flag: str) -> dict[str, Any]:
 
 
 def _train_prior(a: argparse.Namespace) -> int:
-    train_cfg = _train_cfg(a)
+    train_cfg = train_config(a)
     splits = _splits(a)
     vqvae = VQVAE.load(a.vqvae, device=a.device)
     labeled = splits.num_classes > 1 and not a.unlabeled
@@ -171,7 +165,7 @@ def _train_prior(a: argparse.Namespace) -> int:
 
 def _distill(a: argparse.Namespace) -> int:
     vqvae, prior = VQVAE.load(a.vqvae, device=a.device), load_prior(a.prior, device=a.device)
-    check_std_floor(a.std_floor, vqvae.cfg.leaf)
+    check_std_floor(a.std_min, vqvae.cfg.leaf)
     if a.discretized and vqvae.cfg.leaf != "gaussian":
         raise ValueError(f"--discretized needs a Gaussian VQ-VAE; this one has {vqvae.cfg.leaf} leaves")
     if (vqvae.cfg.K, tuple(vqvae.cfg.latent_hw)) != (prior.K, tuple(prior.latent_hw)):
@@ -180,9 +174,9 @@ def _distill(a: argparse.Namespace) -> int:
     sel = select(prior, a.strategy, a.N, starts=a.starts, beam_score=a.beam_score, beam_search=a.beam_search,
                  generator=torch.Generator().manual_seed(a.seed),
                  max_space=a.max_space, device=a.device)
-    weights = a.weights or ("prior" if a.strategy == "exhaustive" else "uniform")
+    weights = a.weights or ("prior" if a.strategy == "exhaustive" else MODEL.weights)
     meta = {"image_shape": list(vqvae.cfg.image_shape), "levels": vqvae.cfg.levels, "leaf": vqvae.cfg.leaf}
-    circuit = distill(vqvae, sel, weights=weights, meta=meta, std_floor=a.std_floor,
+    circuit = distill(vqvae, sel, weights=weights, meta=meta, std_floor=a.std_min,
                       discretized=vqvae.cfg.levels if a.discretized else None)
     circuit.save(a.out)
     print(json.dumps({"circuit": a.out, "N": len(circuit), "num_params": circuit.num_params, "strategy": a.strategy}))
