@@ -1,0 +1,21 @@
+"""Lossless image compression with a discrete circuit: the file's size is the circuit's ``-log2 p̂(x)``.
+
+``encode(circuit, images) -> bytes``, ``decode(circuit, data, indices=None) -> images``; see
+:mod:`.coder` (streams, file, why encoder and decoder agree), :mod:`.model` (the per-pixel
+conditionals and how a new leaf plugs in) and :mod:`.format` (the file layout).
+"""
+
+from vq2pc.circuit.codec.coder import (
+    DEFAULT_ROWS,
+    dataset_images,
+    decode,
+    encode,
+    load_compressed,
+    read_header,
+    save_compressed,
+)
+from vq2pc.circuit.codec.format import Header
+from vq2pc.circuit.codec.model import CodecError, circuit_digest, pixel_tables
+
+__all__ = ["encode", "decode", "read_header", "save_compressed", "load_compressed", "Header", "CodecError",
+           "pixel_tables", "circuit_digest", "dataset_images", "DEFAULT_ROWS"]
