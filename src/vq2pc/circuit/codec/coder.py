@@ -25,6 +25,7 @@ than the bound. The file adds a header (about 400 bytes) and 12 bytes of index p
 from __future__ import annotations
 
 import math
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import ModuleType
@@ -35,7 +36,7 @@ import torch
 from tqdm.auto import tqdm
 
 from vq2pc.circuit.codec.format import Header, block_words, pack, unpack
-from vq2pc.circuit.codec.model import BlockState, CodecError, circuit_digest, pixel_tables, prob_table
+from vq2pc.circuit.codec.model import BlockState, CodecError, PixelTables, circuit_digest, pixel_tables, prob_table
 from vq2pc.core import validate
 from vq2pc.core.files import atomic_write
 from vq2pc.data.datasets import to_model_space
@@ -66,7 +67,7 @@ def encode(circuit: object, images: object, *, rows: int = DEFAULT_ROWS, threads
         raise ValueError(f"rows must be an integer >= 16 (images per block), got {rows!r}")
     tables = pixel_tables(circuit)
     x, shape = _images(images, tables.num_pixels, tables.levels, circuit)
-    digest = circuit_digest(tables, circuit.log_weights, circuit.leaf.kind)  # type: ignore[attr-defined]
+    digest = _identity(circuit, tables)
     header = Header(digest, circuit.leaf.kind, shape, tables.levels, int(x.shape[0]), rows)  # type: ignore[attr-defined]
     counts = _counts(header)
     constriction = _constriction()
@@ -90,7 +91,7 @@ def decode(circuit: object, data: bytes, *, indices: Sequence[int] | None = None
     header, offsets, crcs, start = unpack(data)
     header.check_constants()
     tables = pixel_tables(circuit)
-    digest = circuit_digest(tables, circuit.log_weights, circuit.leaf.kind)  # type: ignore[attr-defined]
+    digest = _identity(circuit, tables)
     if digest != header.circuit_sha256:
         raise CodecError(f"compressed file was made with another circuit (its SHA-256 {header.circuit_sha256[:12]}…, "
                          f"this circuit's {digest[:12]}…)")
@@ -135,34 +136,56 @@ def load_compressed(path: str | Path) -> bytes:
     return p.read_bytes()
 
 
-def _run(tables: object, log_weights: torch.Tensor, blocks: list[int], counts: list[int], rows: int, step: Step,
-         threads: int | None, progress: bool, desc: str) -> None:
-    """Pixel by pixel over groups of blocks: ``probs = predict``, ``symbols = step(b, i, probs)``, ``update``.
+def _run(tables: PixelTables, log_weights: torch.Tensor, blocks: list[int], counts: list[int], rows: int,
+         step: Step, threads: int | None, progress: bool, desc: str) -> None:
+    """Pixel by pixel: ``probs = predict``, ``symbols = step(b, i, probs)``, ``update``, for every block.
 
-    One MKL thread per product (determinism); ``threads`` Python workers share each group's blocks."""
-    per_group = max(1, STATE_BUDGET // (rows * tables.num_components * 4))  # type: ignore[attr-defined]
-    threads = max(1, threads or torch.get_num_threads())
+    One MKL thread per product (determinism); ``threads`` workers each take a share of the blocks and
+    run all pixels on it with their own ``P_i`` (no synchronization per pixel)."""
+    threads = max(1, min(threads or torch.get_num_threads(), len(blocks)))
+    shares = [blocks[t::threads] for t in range(threads)]
     prev = torch.get_num_threads()
-    groups = [blocks[g : g + per_group] for g in range(0, len(blocks), per_group)]
-    bar = tqdm(total=len(groups) * tables.num_pixels, desc=desc, unit="px", disable=not progress, leave=False)  # type: ignore[attr-defined]
+    bar = tqdm(total=len(blocks) * tables.num_pixels, desc=desc, unit="px", disable=not progress, leave=False)
     torch.set_num_threads(1)
     try:
-        with ThreadPoolExecutor(threads, initializer=torch.set_num_threads, initargs=(1,)) as pool:
-            for group in groups:
-                states = {b: BlockState(log_weights, rows, counts[b]) for b in group}
-                shares = [group[t::threads] for t in range(threads) if group[t::threads]]
-                for i in range(tables.num_pixels):  # type: ignore[attr-defined]
-                    p = prob_table(tables, i)  # type: ignore[arg-type]
-
-                    def work(share: list[int]) -> None:
-                        for b in share:
-                            states[b].update(p, step(b, i, states[b].predict(p)))
-
-                    list(pool.map(work, shares))
-                    bar.update(1)
+        if threads == 1:
+            _work(tables, log_weights, shares[0], counts, rows, step, bar)
+        else:
+            with ThreadPoolExecutor(threads, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+                list(pool.map(lambda share: _work(tables, log_weights, share, counts, rows, step, bar), shares))
     finally:
         torch.set_num_threads(prev)
         bar.close()
+
+
+def _work(tables: PixelTables, log_weights: torch.Tensor, blocks: list[int], counts: list[int], rows: int,
+          step: Step, bar: tqdm) -> None:
+    """One worker: its blocks in groups whose state fits ``STATE_BUDGET``, all pixels per group."""
+    per_group = max(1, STATE_BUDGET // (rows * tables.num_components * 4))
+    p_np = np.empty((tables.levels, tables.num_components), dtype=np.float32)
+    p = torch.from_numpy(p_np)  # P_i [L, N], refilled in place for every pixel
+    for g in range(0, len(blocks), per_group):
+        states = {b: BlockState(log_weights, rows, counts[b]) for b in blocks[g : g + per_group]}
+        for i in range(tables.num_pixels):
+            prob_table(tables, i, p_np)
+            for b, state in states.items():
+                state.update(p, step(b, i, state.predict(p)))
+            bar.update(len(states))
+
+
+_DIGESTS: "weakref.WeakKeyDictionary[object, tuple[tuple, str]]" = weakref.WeakKeyDictionary()
+
+
+def _identity(circuit: object, tables: PixelTables) -> str:
+    """The circuit's SHA-256, cached per circuit object while its tensors are unchanged (same storage, same
+    in-place version counter): hashing a 3 GB table takes seconds."""
+    ts = [*circuit.leaf.tensors().values(), circuit.log_weights]  # type: ignore[attr-defined]
+    key = tuple((t.data_ptr(), t._version, tuple(t.shape)) for t in ts)
+    hit = _DIGESTS.get(circuit)
+    if hit is None or hit[0] != key:
+        hit = (key, circuit_digest(tables, circuit.log_weights, circuit.leaf.kind))  # type: ignore[attr-defined]
+        _DIGESTS[circuit] = hit
+    return hit[1]
 
 
 def _counts(header: Header) -> list[int]:

@@ -144,9 +144,10 @@ def circuit_digest(tables: PixelTables, log_weights: Tensor, kind: str) -> str:
     return h.hexdigest()
 
 
-def prob_table(tables: PixelTables, i: int) -> Tensor:
-    """``P_i [L, N]`` float32: ``exp(max(log_table(i), LOG_CLAMP))`` with numpy's exp (see module docstring)."""
-    return torch.from_numpy(np.exp(np.maximum(tables.log_table(i), np.float32(LOG_CLAMP))))
+def prob_table(tables: PixelTables, i: int, out: np.ndarray, rows: slice = slice(None)) -> None:
+    """``out[rows] = P_i[rows]`` (``out [L, N]`` float32): ``exp(max(log_table(i), LOG_CLAMP))`` with numpy's
+    exp, which gives an element the same value wherever it lies, so workers may fill row ranges."""
+    np.exp(np.maximum(tables.log_table(i)[rows], np.float32(LOG_CLAMP)), out=out[rows])
 
 
 class BlockState:
@@ -157,29 +158,30 @@ class BlockState:
 
     def __init__(self, log_weights: Tensor, rows: int, count: int) -> None:
         w = torch.exp(log_weights.detach().cpu().double() - log_weights.max().item()).float()
-        self.w = torch.zeros(rows, w.shape[0], dtype=torch.float32)
+        self.w = torch.zeros(rows, w.shape[0], dtype=torch.float32)  # [R, N]; padding rows stay 0
         self.w[:count] = w.clamp_min(FLOOR)
         self.count = count
+        self._rows = torch.empty_like(self.w)
+        self._idx = torch.zeros(rows, dtype=torch.long)
 
     def predict(self, p: Tensor) -> np.ndarray:
-        """``[count, L]`` float64 mixture probabilities (unnormalized) for the current pixel, ``p = P_i [L, N]``."""
-        active = self.w >= CUTOFF  # [R, N]
-        cols = active.any(0)
-        k = int(cols.sum())
-        if k <= COMPACT_FRACTION * self.w.shape[1]:
-            idx = cols.nonzero().squeeze(1)
-            w = torch.where(active[:, idx], self.w[:, idx], 0.0)
-            probs = torch.mm(w, p[:, idx].T)
+        """``[count, L]`` float64 mixture probabilities (unnormalized) for the current pixel, ``p = P_i [L, N]``.
+
+        Components below ``CUTOFF`` in every row of the block are left out when that leaves at most
+        ``COMPACT_FRACTION`` of them (else the product is dense)."""
+        idx = (self.w.amax(0) >= CUTOFF).nonzero().squeeze(1)
+        if idx.numel() <= COMPACT_FRACTION * self.w.shape[1]:
+            probs = torch.mm(self.w.index_select(1, idx), p.index_select(1, idx).T)
         else:
-            probs = torch.mm(torch.where(active, self.w, 0.0), p.T)
+            probs = torch.mm(self.w, p.T)
         return probs[: self.count].double().numpy()
 
     def update(self, p: Tensor, symbols: np.ndarray) -> None:
         """``π ← π ⊙ P_i[x_i]``, rescaled to a leader of 1 and floored (``symbols [count]`` levels)."""
-        idx = torch.zeros(self.w.shape[0], dtype=torch.long)
-        idx[: self.count] = torch.from_numpy(np.asarray(symbols, dtype=np.int64))
-        self.w.mul_(p.index_select(0, idx))
-        self.w.div_(self.w.amax(1, keepdim=True).clamp_min_(FLOOR))
+        self._idx[: self.count] = torch.from_numpy(np.asarray(symbols, dtype=np.int64))
+        torch.index_select(p, 0, self._idx, out=self._rows)
+        self.w.mul_(self._rows)
+        self.w.div_(self.w.amax(1, keepdim=True).clamp_min_(FLOOR))  # a real row's leader is >= 2^-58
         self.w[: self.count].clamp_min_(FLOOR)
 
 
