@@ -48,3 +48,14 @@ def test_exact_bpd_counts_one_pass_of_decodes_after_the_loop_swap() -> None:
     assert (before["decodes"], after["decodes"], draws["decodes"]) == (2 * 2 * 16, 2 * 16, 16)
     assert before["extrapolated"] and after["extrapolated"] and not draws["extrapolated"]
     assert "bpd" in draws and draws["bpd"] > 0
+
+
+def test_codec_throughput_prints_its_json_line() -> None:
+    pytest.importorskip("constriction")
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "codec_throughput.py"), "--N", "32", "--S", "20",
+                          "--L", "8", "--images", "40", "--rows", "16", "--threads", "1"],
+                         capture_output=True, text=True, check=True, timeout=120)
+    line = json.loads(out.stdout.strip().splitlines()[-1])
+    assert {"encode_images_per_s", "decode_images_per_s", "threads", "bits_per_pixel", "model_bpd"} <= set(line)
+    assert line["encode_images_per_s"] > 0 and line["threads"] == 1
+    assert line["bits_per_pixel"] > line["model_bpd"]  # tiny set: the ~400-byte header dominates the gap

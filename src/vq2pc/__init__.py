@@ -5,6 +5,7 @@ Hadžić, Papež, Pevný 2025, "Distillation of a tractable model from the VQ-VA
 The public API is imported lazily, so ``import vq2pc`` stays cheap::
 
     from vq2pc import VQVAE, PixelCNNPrior, MixtureCircuit, distill, select, load_dataset
+    from vq2pc import compress, decompress   # lossless image files sized by the circuit's BPD
 
 The packages follow the data flow, each importing only from those before it::
 
@@ -42,6 +43,9 @@ _EXPORTS = {
     "Bernoulli": "vq2pc.core.leaves",
     "TrainConfig": "vq2pc.models.train",
     "fit": "vq2pc.models.train",
+    "compress": "vq2pc.circuit.codec",
+    "decompress": "vq2pc.circuit.codec",
+    "CodecError": "vq2pc.circuit.codec",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from vq2pc import Bernoulli, Categorical, Gaussian, MixtureCircuit
+from vq2pc import compress, decompress
 from vq2pc.circuit.codec import CodecError, decode, encode, read_header
 from vq2pc.circuit.codec.format import unpack
 from vq2pc.circuit.codec.model import bits_bound
@@ -105,3 +106,9 @@ def test_bernoulli_round_trip() -> None:
     c = MixtureCircuit(Bernoulli(torch.randn(16, 30, generator=g) * 3), torch.zeros(16))
     x = c.sample(17, generator=g).long()
     assert np.array_equal(decode(c, encode(c, x)), x.numpy())
+
+
+def test_package_level_api(digits: tuple[MixtureCircuit, torch.Tensor, bytes]) -> None:
+    c, x, data = digits
+    assert compress(c, x, rows=16) == data
+    assert np.array_equal(decompress(c, data, indices=[3]).reshape(1, -1), x[3:4].numpy())

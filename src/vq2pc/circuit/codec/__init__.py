@@ -17,5 +17,10 @@ from vq2pc.circuit.codec.coder import (
 from vq2pc.circuit.codec.format import Header
 from vq2pc.circuit.codec.model import CodecError, circuit_digest, pixel_tables
 
-__all__ = ["encode", "decode", "read_header", "save_compressed", "load_compressed", "Header", "CodecError",
+compress = encode
+"""``vq2pc.compress(circuit, images) -> bytes`` (the package-level name of :func:`encode`)."""
+decompress = decode
+"""``vq2pc.decompress(circuit, data, indices=None) -> images`` (the package-level name of :func:`decode`)."""
+
+__all__ = ["encode", "compress", "decompress", "decode", "read_header", "save_compressed", "load_compressed", "Header", "CodecError",
            "pixel_tables", "circuit_digest", "dataset_images", "DEFAULT_ROWS"]
