@@ -62,15 +62,29 @@ def main() -> None:
     t_one = time.perf_counter() - t0
     log_p = torch.cat([c.log_prob(x[i : i + 256].float()) for i in range(0, a.images, 256)])
     flops = 2.0 * a.images * a.S * a.N * a.L
-    print(json.dumps({
-        "N": a.N, "S": a.S, "L": a.L, "images": a.images, "rows": a.rows, "threads": a.threads, "scale": a.scale,
-        "encode_images_per_s": round(a.images / t_enc, 2), "decode_images_per_s": round(a.images / t_dec, 2),
-        "random_access_one_image_s": round(t_one, 3), "encode_s": round(t_enc, 3), "decode_s": round(t_dec, 3),
-        "dense_flops": flops, "dense_gflops_encode": round(flops / t_enc / 1e9, 1),
-        "bits_per_pixel": 8 * len(data) / (a.images * a.S),
-        "model_bpd": float(-log_p.double().mean() / (a.S * math.log(2))),
-        "torch_threads": torch.get_num_threads(),
-    }))
+    print(
+        json.dumps(
+            {
+                "N": a.N,
+                "S": a.S,
+                "L": a.L,
+                "images": a.images,
+                "rows": a.rows,
+                "threads": a.threads,
+                "scale": a.scale,
+                "encode_images_per_s": round(a.images / t_enc, 2),
+                "decode_images_per_s": round(a.images / t_dec, 2),
+                "random_access_one_image_s": round(t_one, 3),
+                "encode_s": round(t_enc, 3),
+                "decode_s": round(t_dec, 3),
+                "dense_flops": flops,
+                "dense_gflops_encode": round(flops / t_enc / 1e9, 1),
+                "bits_per_pixel": 8 * len(data) / (a.images * a.S),
+                "model_bpd": float(-log_p.double().mean() / (a.S * math.log(2))),
+                "torch_threads": torch.get_num_threads(),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -39,16 +39,24 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     splits = load_dataset(a.dataset, a.data_dir)
     v = splits.test_x[: a.limit]
-    report: dict = {"dataset": a.dataset, "split": "test", "images": int(v.shape[0]), "rows": a.rows,
-                    "threads": a.threads, "torch": torch.__version__, "circuits": {}}
+    report: dict = {
+        "dataset": a.dataset,
+        "split": "test",
+        "images": int(v.shape[0]),
+        "rows": a.rows,
+        "threads": a.threads,
+        "torch": torch.__version__,
+        "circuits": {},
+    }
     if not a.no_baselines:
         report["standard_codecs"] = standard_codecs(v.reshape(v.shape[0], *v.shape[-2:]).numpy())
     for path in a.circuits:
         t0 = time.perf_counter()
         c = MixtureCircuit.load(path)
         load_s = time.perf_counter() - t0
-        res = circuit_compression(c, dataset_images(c, v, splits.levels), rows=a.rows, threads=a.threads,
-                                  progress=a.progress)
+        res = circuit_compression(
+            c, dataset_images(c, v, splits.levels), rows=a.rows, threads=a.threads, progress=a.progress
+        )
         res.update({"leaf": c.leaf.kind, "N": len(c), "load_seconds": round(load_s, 2)})
         report["circuits"][Path(path).name] = res
         print(f"{Path(path).name}: {json.dumps(res)}", file=sys.stderr)

@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from vq2pc import Bernoulli, Categorical, Gaussian, MixtureCircuit
-from vq2pc import compress, decompress
+from vq2pc import Bernoulli, Categorical, Gaussian, MixtureCircuit, compress, decompress
 from vq2pc.circuit.codec import CodecError, decode, encode, read_header
 from vq2pc.circuit.codec.format import unpack
 from vq2pc.circuit.codec.model import bits_bound
@@ -20,7 +19,9 @@ pytest.importorskip("constriction")
 def _circuit(n: int, s: int, levels: int, seed: int, scale: float = 2.0) -> MixtureCircuit:
     g = torch.Generator().manual_seed(seed)
     logits = torch.randn(n, s, levels, generator=g) * scale
-    return MixtureCircuit(Categorical(logits), torch.randn(n, generator=g), meta={"image_shape": [1, 8, 8]} if s == 64 else {})
+    return MixtureCircuit(
+        Categorical(logits), torch.randn(n, generator=g), meta={"image_shape": [1, 8, 8]} if s == 64 else {}
+    )
 
 
 @pytest.fixture(scope="module")

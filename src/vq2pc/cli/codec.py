@@ -28,7 +28,8 @@ from vq2pc.data.datasets import DATASET_NAMES, load_dataset
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``compress`` and ``decompress`` verbs."""
     p = subparsers.add_parser(
-        "compress", help="losslessly compress images with a categorical/Bernoulli circuit (size = the model's BPD)",
+        "compress",
+        help="losslessly compress images with a categorical/Bernoulli circuit (size = the model's BPD)",
         description="Entropy-code images with the circuit's exact pixel conditionals p̂(x_i | x_<i): the file "
         "takes -log2 p̂(x) bits per image plus a small header. Prints a JSON summary.",
     )
@@ -39,13 +40,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--data-dir", help="directory with the dataset files (else $VQ2PC_DATA, else ~/.cache/vq2pc)")
     p.add_argument("--split", choices=["train", "val", "test"], default="test", help="dataset split (default test)")
     p.add_argument("--limit", type=int, help="only the first LIMIT images")
-    p.add_argument("--rows", type=int, default=DEFAULT_ROWS, help=f"images per block (random-access unit; default {DEFAULT_ROWS})")
+    p.add_argument(
+        "--rows", type=int, default=DEFAULT_ROWS, help=f"images per block (random-access unit; default {DEFAULT_ROWS})"
+    )
     _shared(p)
     p.add_argument("--out", required=True, help="compressed file to write (.vq2pc)")
     p.set_defaults(func=cmd_compress)
 
     p = subparsers.add_parser(
-        "decompress", help="decode a file written by `vq2pc compress` (all images, or some by index)",
+        "decompress",
+        help="decode a file written by `vq2pc compress` (all images, or some by index)",
         description="Decode a compressed file with the circuit that wrote it; writes the images as .npy.",
     )
     p.add_argument("circuit", help="the circuit file the images were compressed with")
@@ -90,11 +94,19 @@ def cmd_compress(args: argparse.Namespace) -> int:
     save_compressed(args.out, data)
     n, s = int(x.shape[0]), c.num_variables
     log_p = torch.cat([c.log_prob(x[i : i + 1024].reshape(-1, s).float()) for i in range(0, n, 1024)])
-    print(json.dumps({
-        "images": n, "bytes": len(data), "bits_per_pixel": 8 * len(data) / (n * s),
-        "model_bpd": float(-log_p.double().mean() / (s * math.log(2))), "seconds": round(seconds, 3),
-        "images_per_second": round(n / seconds, 2), "out": args.out,
-    }))
+    print(
+        json.dumps(
+            {
+                "images": n,
+                "bytes": len(data),
+                "bits_per_pixel": 8 * len(data) / (n * s),
+                "model_bpd": float(-log_p.double().mean() / (s * math.log(2))),
+                "seconds": round(seconds, 3),
+                "images_per_second": round(n / seconds, 2),
+                "out": args.out,
+            }
+        )
+    )
     return 0
 
 
@@ -116,6 +128,15 @@ def cmd_decompress(args: argparse.Namespace) -> int:
     y = decode(c, data, indices=indices, threads=args.threads, progress=not args.no_progress)
     seconds = time.perf_counter() - t0
     atomic_write(args.out, lambda p: _save_npy(p, y))
-    print(json.dumps({"images": int(y.shape[0]), "shape": list(y.shape), "seconds": round(seconds, 3),
-                      "images_per_second": round(y.shape[0] / seconds, 2), "out": args.out}))
+    print(
+        json.dumps(
+            {
+                "images": int(y.shape[0]),
+                "shape": list(y.shape),
+                "seconds": round(seconds, 3),
+                "images_per_second": round(y.shape[0] / seconds, 2),
+                "out": args.out,
+            }
+        )
+    )
     return 0

@@ -14,7 +14,8 @@ import io
 import lzma
 import math
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,8 +26,9 @@ from vq2pc.circuit.codec.format import unpack
 __all__ = ["circuit_compression", "standard_codecs"]
 
 
-def circuit_compression(circuit: Any, images: torch.Tensor, *, rows: int = 64, threads: int | None = None,
-                        progress: bool = False) -> dict[str, Any]:
+def circuit_compression(
+    circuit: Any, images: torch.Tensor, *, rows: int = 64, threads: int | None = None, progress: bool = False
+) -> dict[str, Any]:
     """Code ``images [n, ...]`` (integer levels of the circuit) and decode them back (must be bit-exact).
 
     Returns bits per pixel of the whole file and of the code words alone, the model BPD
@@ -50,12 +52,20 @@ def circuit_compression(circuit: Any, images: torch.Tensor, *, rows: int = 64, t
     payload_bpp = 8 * int(offsets[-1]) / (n * s)
     header = read_header(data)
     return {
-        "images": n, "S": s, "levels": header.levels, "rows": rows, "file_bytes": len(data),
-        "header_and_index_bytes": start, "bits_per_pixel": 8 * len(data) / (n * s),
-        "code_bits_per_pixel": payload_bpp, "model_bpd": model_bpd,
+        "images": n,
+        "S": s,
+        "levels": header.levels,
+        "rows": rows,
+        "file_bytes": len(data),
+        "header_and_index_bytes": start,
+        "bits_per_pixel": 8 * len(data) / (n * s),
+        "code_bits_per_pixel": payload_bpp,
+        "model_bpd": model_bpd,
         "code_excess_percent": 100 * (payload_bpp - model_bpd) / model_bpd,
         "file_excess_percent": 100 * (8 * len(data) / (n * s) - model_bpd) / model_bpd,
-        "encode_images_per_s": n / t_enc, "decode_images_per_s": n / t_dec, "random_access_one_image_s": t_one,
+        "encode_images_per_s": n / t_enc,
+        "decode_images_per_s": n / t_dec,
+        "random_access_one_image_s": t_one,
         "threads": threads or torch.get_num_threads(),
     }
 
@@ -73,12 +83,20 @@ def standard_codecs(images: np.ndarray) -> dict[str, dict[str, Any]]:
         except (ImportError, KeyError, OSError, ValueError) as exc:  # codec missing from this Pillow build
             out[name] = {"measured": False, "why": f"{type(exc).__name__}: {exc}", "settings": settings}
             return
-        out[name] = {"measured": True, "bytes": nbytes, "bits_per_pixel": 8 * nbytes / n_px, "settings": settings,
-                     "seconds": round(time.perf_counter() - t0, 3)}
+        out[name] = {
+            "measured": True,
+            "bytes": nbytes,
+            "bits_per_pixel": 8 * nbytes / n_px,
+            "settings": settings,
+            "seconds": round(time.perf_counter() - t0, 3),
+        }
 
     row("png", lambda: _per_image(arr, "PNG", optimize=True), "per image, Pillow optimize=True")
-    row("webp", lambda: _per_image(arr, "WEBP", lossless=True, method=6, quality=100),
-        "per image, Pillow lossless=True method=6 quality=100")
+    row(
+        "webp",
+        lambda: _per_image(arr, "WEBP", lossless=True, method=6, quality=100),
+        "per image, Pillow lossless=True method=6 quality=100",
+    )
     row("jpeg_xl", lambda: _jxl(arr, effort=7), "per image, pillow-jxl-plugin lossless=True effort=7 (default)")
     row("jpeg_xl_effort9", lambda: _jxl(arr, effort=9), "per image, pillow-jxl-plugin lossless=True effort=9")
     raw = arr.tobytes()

@@ -22,5 +22,18 @@ compress = encode
 decompress = decode
 """``vq2pc.decompress(circuit, data, indices=None) -> images`` (the package-level name of :func:`decode`)."""
 
-__all__ = ["encode", "compress", "decompress", "decode", "read_header", "save_compressed", "load_compressed", "Header", "CodecError",
-           "pixel_tables", "circuit_digest", "dataset_images", "DEFAULT_ROWS"]
+__all__ = [
+    "DEFAULT_ROWS",
+    "CodecError",
+    "Header",
+    "circuit_digest",
+    "compress",
+    "dataset_images",
+    "decode",
+    "decompress",
+    "encode",
+    "load_compressed",
+    "pixel_tables",
+    "read_header",
+    "save_compressed",
+]

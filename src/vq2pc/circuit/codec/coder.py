@@ -26,10 +26,10 @@ from __future__ import annotations
 
 import math
 import weakref
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import ModuleType
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -41,7 +41,7 @@ from vq2pc.core import validate
 from vq2pc.core.files import atomic_write
 from vq2pc.data.datasets import to_model_space
 
-__all__ = ["encode", "decode", "read_header", "save_compressed", "load_compressed", "dataset_images", "DEFAULT_ROWS"]
+__all__ = ["DEFAULT_ROWS", "dataset_images", "decode", "encode", "load_compressed", "read_header", "save_compressed"]
 
 DEFAULT_ROWS = 64
 """Images per block (the random-access unit); at least 16, below which MKL's product changes path."""
@@ -60,8 +60,9 @@ def _constriction() -> ModuleType:
     return constriction
 
 
-def encode(circuit: object, images: object, *, rows: int = DEFAULT_ROWS, threads: int | None = None,
-           progress: bool = False) -> bytes:
+def encode(
+    circuit: object, images: object, *, rows: int = DEFAULT_ROWS, threads: int | None = None, progress: bool = False
+) -> bytes:
     """The compressed file for ``images`` (``[B, S]`` or ``[B, *image_shape]`` integer levels)."""
     if not isinstance(rows, int) or rows < 16:
         raise ValueError(f"rows must be an integer >= 16 (images per block), got {rows!r}")
@@ -83,8 +84,14 @@ def encode(circuit: object, images: object, *, rows: int = DEFAULT_ROWS, threads
     return pack(header, [c.get_compressed() for c in coders])
 
 
-def decode(circuit: object, data: bytes, *, indices: Sequence[int] | None = None, threads: int | None = None,
-           progress: bool = False) -> np.ndarray:
+def decode(
+    circuit: object,
+    data: bytes,
+    *,
+    indices: Sequence[int] | None = None,
+    threads: int | None = None,
+    progress: bool = False,
+) -> np.ndarray:
     """The images of a compressed file, ``[n, *image_shape]`` (uint8 when ``L ≤ 256``).
 
     ``indices``: decode only these images (in this order); only their blocks are decoded."""
@@ -93,8 +100,10 @@ def decode(circuit: object, data: bytes, *, indices: Sequence[int] | None = None
     tables = pixel_tables(circuit)
     digest = _identity(circuit, tables)
     if digest != header.circuit_sha256:
-        raise CodecError(f"compressed file was made with another circuit (its SHA-256 {header.circuit_sha256[:12]}…, "
-                         f"this circuit's {digest[:12]}…)")
+        raise CodecError(
+            f"compressed file was made with another circuit (its SHA-256 {header.circuit_sha256[:12]}…, "
+            f"this circuit's {digest[:12]}…)"
+        )
     if math.prod(header.image_shape) != tables.num_pixels:
         raise CodecError(f"compressed file has image shape {header.image_shape}; the circuit has S={tables.num_pixels}")
     wanted = _indices(indices, header.count)
@@ -136,8 +145,17 @@ def load_compressed(path: str | Path) -> bytes:
     return p.read_bytes()
 
 
-def _run(tables: PixelTables, log_weights: torch.Tensor, blocks: list[int], counts: list[int], rows: int,
-         step: Step, threads: int | None, progress: bool, desc: str) -> None:
+def _run(
+    tables: PixelTables,
+    log_weights: torch.Tensor,
+    blocks: list[int],
+    counts: list[int],
+    rows: int,
+    step: Step,
+    threads: int | None,
+    progress: bool,
+    desc: str,
+) -> None:
     """Pixel by pixel: ``probs = predict``, ``symbols = step(b, i, probs)``, ``update``, for every block.
 
     One MKL thread per product (determinism); ``threads`` workers each take a share of the blocks and
@@ -158,8 +176,15 @@ def _run(tables: PixelTables, log_weights: torch.Tensor, blocks: list[int], coun
         bar.close()
 
 
-def _work(tables: PixelTables, log_weights: torch.Tensor, blocks: list[int], counts: list[int], rows: int,
-          step: Step, bar: tqdm) -> None:
+def _work(
+    tables: PixelTables,
+    log_weights: torch.Tensor,
+    blocks: list[int],
+    counts: list[int],
+    rows: int,
+    step: Step,
+    bar: tqdm,
+) -> None:
     """One worker: its blocks in groups whose state fits ``STATE_BUDGET``, all pixels per group."""
     per_group = max(1, STATE_BUDGET // (rows * tables.num_components * 4))
     p_np = np.empty((tables.levels, tables.num_components), dtype=np.float32)
@@ -173,7 +198,7 @@ def _work(tables: PixelTables, log_weights: torch.Tensor, blocks: list[int], cou
             bar.update(len(states))
 
 
-_DIGESTS: "weakref.WeakKeyDictionary[object, tuple[tuple, str]]" = weakref.WeakKeyDictionary()
+_DIGESTS: weakref.WeakKeyDictionary[object, tuple[tuple, str]] = weakref.WeakKeyDictionary()
 
 
 def _identity(circuit: object, tables: PixelTables) -> str:

@@ -54,8 +54,10 @@ class Header:
         ours = Header(self.circuit_sha256, self.leaf, self.image_shape, self.levels, self.count, self.rows)
         for name in ("coder", "floor", "cutoff", "log_clamp"):
             if getattr(self, name) != getattr(ours, name):
-                raise CodecError(f"file was written with {name}={getattr(self, name)!r}; this codec uses "
-                                 f"{getattr(ours, name)!r} (written by another vq2pc version?)")
+                raise CodecError(
+                    f"file was written with {name}={getattr(self, name)!r}; this codec uses "
+                    f"{getattr(ours, name)!r} (written by another vq2pc version?)"
+                )
 
 
 def pack(header: Header, blocks: list[np.ndarray]) -> bytes:
@@ -66,8 +68,16 @@ def pack(header: Header, blocks: list[np.ndarray]) -> bytes:
     np.cumsum([len(p) for p in payload], out=offsets[1:])
     crcs = np.array([zlib.crc32(p) for p in payload], dtype="<u4")
     index = offsets.tobytes() + crcs.tobytes()
-    return b"".join([_FIXED.pack(MAGIC, VERSION, 0, len(text)), text, struct.pack("<I", zlib.crc32(text)),
-                     index, struct.pack("<I", zlib.crc32(index)), *payload])
+    return b"".join(
+        [
+            _FIXED.pack(MAGIC, VERSION, 0, len(text)),
+            text,
+            struct.pack("<I", zlib.crc32(text)),
+            index,
+            struct.pack("<I", zlib.crc32(index)),
+            *payload,
+        ]
+    )
 
 
 def unpack(data: bytes) -> tuple[Header, np.ndarray, np.ndarray, int]:
@@ -121,6 +131,7 @@ def _header(text: bytes) -> Header:
     except (ValueError, TypeError, KeyError) as exc:
         raise CodecError(f"compressed file has a bad header: {exc}") from None
     if header.count < 1 or header.rows < 1 or header.levels < 2:
-        raise CodecError(f"compressed file has a bad header: count={header.count}, rows={header.rows}, "
-                         f"levels={header.levels}")
+        raise CodecError(
+            f"compressed file has a bad header: count={header.count}, rows={header.rows}, levels={header.levels}"
+        )
     return header

@@ -47,7 +47,7 @@ from torch import Tensor
 from vq2pc.circuit.kernels import categorical_table
 from vq2pc.core.leaves import Bernoulli, Categorical
 
-__all__ = ["CodecError", "PixelTables", "pixel_tables", "circuit_digest", "BlockState", "FLOOR", "CUTOFF", "LOG_CLAMP"]
+__all__ = ["CUTOFF", "FLOOR", "LOG_CLAMP", "BlockState", "CodecError", "PixelTables", "circuit_digest", "pixel_tables"]
 
 FLOOR = 2.0**-64
 """Smallest posterior weight kept in the state (relative to the leader, which is 1)."""
@@ -74,7 +74,7 @@ class PixelTables(Protocol):
         """``[L, N]`` float32 ``log p(x_i = l | component n)`` (a view where possible)."""
         ...
 
-    def digest(self, h: "hashlib._Hash") -> None:
+    def digest(self, h: hashlib._Hash) -> None:
         """Feed the table parameters into ``h`` (the circuit's identity)."""
         ...
 
@@ -93,7 +93,7 @@ class _TableRows:
         rows = self._np[i * self.levels : (i + 1) * self.levels]
         return rows if rows.dtype == np.float32 else rows.astype(np.float32)
 
-    def digest(self, h: "hashlib._Hash") -> None:
+    def digest(self, h: hashlib._Hash) -> None:
         h.update(str(self._np.dtype).encode())
         h.update(memoryview(self._np).cast("B"))
 
@@ -103,14 +103,14 @@ class _LeafMethod:
 
     def __init__(self, leaf: object, num_pixels: int, num_components: int) -> None:
         self.leaf = leaf
-        self.levels = int(getattr(leaf, "num_levels"))
+        self.levels = int(leaf.num_levels)
         self.num_pixels, self.num_components = num_pixels, num_components
 
     def log_table(self, i: int) -> np.ndarray:
         t = self.leaf.pixel_log_table(i)  # type: ignore[attr-defined]
         return np.ascontiguousarray(torch.as_tensor(t).detach().cpu().numpy(), dtype=np.float32)
 
-    def digest(self, h: "hashlib._Hash") -> None:
+    def digest(self, h: hashlib._Hash) -> None:
         for name, t in self.leaf.tensors().items():  # type: ignore[attr-defined]
             h.update(name.encode())
             h.update(memoryview(np.ascontiguousarray(t.detach().cpu().numpy())).cast("B"))
@@ -130,7 +130,8 @@ def pixel_tables(circuit: object) -> PixelTables:
         return _LeafMethod(leaf, s, n)
     raise CodecError(
         f"cannot compress with a {leaf.kind} circuit: lossless coding needs a probability for each of the L "
-        "pixel levels; use a categorical or Bernoulli circuit (or a leaf with discretized levels)")
+        "pixel levels; use a categorical or Bernoulli circuit (or a leaf with discretized levels)"
+    )
 
 
 def circuit_digest(tables: PixelTables, log_weights: Tensor, kind: str) -> str:
