@@ -186,7 +186,7 @@ def _work(
     bar: tqdm,
 ) -> None:
     """One worker: its blocks in groups whose state fits ``STATE_BUDGET``, all pixels per group."""
-    per_group = max(1, STATE_BUDGET // (rows * tables.num_components * 4))
+    per_group = max(1, STATE_BUDGET // (rows * tables.num_components * 8))  # w and its gather buffer, float32
     p_np = np.empty((tables.levels, tables.num_components), dtype=np.float32)
     p = torch.from_numpy(p_np)  # P_i [L, N], refilled in place for every pixel
     for g in range(0, len(blocks), per_group):

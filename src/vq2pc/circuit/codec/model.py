@@ -26,18 +26,20 @@ identical; across CPUs or MKL versions (whose ``sgemm`` kernels may sum in anoth
 is best effort, not guaranteed.
 
 **Accuracy.** The state is the posterior in linear space (float32), rescaled so that its largest
-entry is 1 after every pixel and floored at ``FLOOR`` (a component far behind is kept, not
-dropped, so it can come back). The product leaves out components below ``CUTOFF`` (relative to the
-leader) and compacts the remaining columns when few are left; leaf probabilities are clamped
-below at ``exp(LOG_CLAMP)``. Each of these changes a pixel's code length by a factor of at most
-``1 + N·2⁻⁵⁰/P_lead(x_i)`` — far below a millibit per image in practice — and none breaks exactness
-of decoding, since the decoder does the same.
+entry is exactly 1 after every pixel and floored at ``FLOOR`` (a component far behind is kept, not
+dropped, so it can come back). When at most half of the ``N`` components reach ``CUTOFF`` in some row
+of the block, the product runs over those columns only (the others are below ``2⁻⁵⁰`` of every row's
+leader); leaf probabilities are clamped below at ``exp(LOG_CLAMP)``. Each of these changes a pixel's
+coded probability by a factor of at most about ``1 + N·2⁻⁵⁰ / P_lead(x_i)`` (``P_lead`` the leading
+component's probability of the observed level) — far below a millibit per image in practice — and
+none breaks exact decoding, since the decoder does the same.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
 import numpy as np
@@ -95,7 +97,7 @@ class _TableRows:
 
     def digest(self, h: hashlib._Hash) -> None:
         h.update(str(self._np.dtype).encode())
-        h.update(memoryview(self._np).cast("B"))
+        h.update(piece_digests(memoryview(self._np).cast("B")))
 
 
 class _LeafMethod:
@@ -134,8 +136,21 @@ def pixel_tables(circuit: object) -> PixelTables:
     )
 
 
+PIECE = 64 << 20
+"""Large tables are hashed in pieces of this many bytes, in parallel (a 3 GB table takes seconds in one piece)."""
+
+
+def piece_digests(buf: memoryview) -> bytes:
+    """The SHA-256 digests of ``buf``'s consecutive ``PIECE``-byte pieces, concatenated (hashed by threads:
+    hashlib releases the GIL)."""
+    pieces = [buf[i : i + PIECE] for i in range(0, len(buf), PIECE)]
+    with ThreadPoolExecutor(max(1, min(len(pieces), torch.get_num_threads()))) as pool:
+        return b"".join(pool.map(lambda piece: hashlib.sha256(piece).digest(), pieces))
+
+
 def circuit_digest(tables: PixelTables, log_weights: Tensor, kind: str) -> str:
-    """SHA-256 (hex) of what the codec's probabilities depend on: leaf kind, N, S, L, tables, weights."""
+    """SHA-256 (hex) of what the codec's probabilities depend on: leaf kind, N, S, L, tables (through the
+    digests of their 64 MiB pieces), weights."""
     h = hashlib.sha256()
     h.update(f"{kind}:{tables.num_components}:{tables.num_pixels}:{tables.levels}:".encode())
     tables.digest(h)
@@ -187,5 +202,6 @@ class BlockState:
 
 
 def bits_bound(num_symbols: int, levels: int) -> float:
-    """Upper bound on the coder's excess over ``Σ -log2 q`` per symbol (see coder module docstring)."""
+    """Upper bound (bits) on what quantization and range coding add to ``Σ -log2 p̂`` over ``num_symbols``
+    symbols of ``levels`` levels, before the stream's final words (see the coder module docstring)."""
     return num_symbols * (-math.log2(1.0 - levels / 2.0**24) - math.log2(1.0 - 2.0**-8))
