@@ -113,3 +113,25 @@ def test_package_level_api(digits: tuple[MixtureCircuit, torch.Tensor, bytes]) -
     c, x, data = digits
     assert compress(c, x, rows=16) == data
     assert np.array_equal(decompress(c, data, indices=[3]).reshape(1, -1), x[3:4].numpy())
+
+
+def _info_bits(c: MixtureCircuit, x: torch.Tensor) -> float:
+    """``Σ -log2 p̂(x)`` in float64 from the leaf table."""
+    s = x.shape[1]
+    comp = c.leaf.logits.double()[:, torch.arange(s)[None, :], x].sum(2)  # [N, B]
+    return float((-torch.logsumexp(comp + c.log_weights.double()[:, None], 0) / math.log(2)).sum())
+
+
+def test_code_length_follows_p_hat_for_far_and_dead_components() -> None:
+    """A component of weight 2^-80 is followed exactly (not floored up, not dropped); one of weight 0 stays 0."""
+    g = torch.Generator().manual_seed(6)
+    logits = torch.randn(3, 40, 16, generator=g) * 2  # every level above 2^-24: no pixel hits the coder floor
+    log_w = torch.tensor([0.0, -80 * math.log(2), -math.inf])
+    c = MixtureCircuit(Categorical(logits), log_w)
+    for k in (1, 2):  # images drawn from the far component, then from the dead one
+        x = Categorical(logits[k : k + 1].expand(16, -1, -1)).sample(g).long()
+        data = encode(c, x, rows=16)
+        _, offsets, _, _ = unpack(data)
+        info = _info_bits(c, x)
+        assert info - 1 <= 8 * int(offsets[-1]) <= info + bits_bound(16 * 40, 16) + 64
+        assert np.array_equal(decode(c, data), x.numpy())

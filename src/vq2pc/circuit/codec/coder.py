@@ -36,7 +36,7 @@ import torch
 from tqdm.auto import tqdm
 
 from vq2pc.circuit.codec.format import Header, block_words, pack, unpack
-from vq2pc.circuit.codec.model import BlockState, CodecError, PixelTables, circuit_digest, pixel_tables, prob_table
+from vq2pc.circuit.codec.model import BlockState, CodecError, PixelTables, circuit_digest, pixel_tables, prob_tables
 from vq2pc.core import validate
 from vq2pc.core.files import atomic_write
 from vq2pc.data.datasets import to_model_space
@@ -186,15 +186,16 @@ def _work(
     bar: tqdm,
 ) -> None:
     """One worker: its blocks in groups whose state fits ``STATE_BUDGET``, all pixels per group."""
-    per_group = max(1, STATE_BUDGET // (rows * tables.num_components * 8))  # w and its gather buffer, float32
-    p_np = np.empty((tables.levels, tables.num_components), dtype=np.float32)
-    p = torch.from_numpy(p_np)  # P_i [L, N], refilled in place for every pixel
+    per_group = max(1, STATE_BUDGET // (rows * tables.num_components * 16))  # w (float64) + 2 float32 buffers
+    upd_np = np.empty((tables.levels, tables.num_components), dtype=np.float32)
+    gemm_np = np.empty_like(upd_np)
+    upd, gemm = torch.from_numpy(upd_np), torch.from_numpy(gemm_np)  # pixel i's tables, refilled in place
     for g in range(0, len(blocks), per_group):
         states = {b: BlockState(log_weights, rows, counts[b]) for b in blocks[g : g + per_group]}
         for i in range(tables.num_pixels):
-            prob_table(tables, i, p_np)
+            prob_tables(tables, i, upd_np, gemm_np)
             for b, state in states.items():
-                state.update(p, step(b, i, state.predict(p)))
+                state.update(upd, step(b, i, state.predict(gemm)))
             bar.update(len(states))
 
 

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from vq2pc.circuit.codec.model import CUTOFF, FLOOR, LOG_CLAMP, CodecError
+from vq2pc.circuit.codec.model import CUTOFF, FLOOR, GEMM_CLAMP, LOG_CLAMP, CodecError
 
 __all__ = ["MAGIC", "VERSION", "Header", "pack", "unpack"]
 
@@ -44,6 +44,7 @@ class Header:
     floor: float = FLOOR
     cutoff: float = CUTOFF
     log_clamp: float = LOG_CLAMP
+    gemm_clamp: float = GEMM_CLAMP
 
     @property
     def num_blocks(self) -> int:
@@ -52,7 +53,7 @@ class Header:
     def check_constants(self) -> None:
         """The constants this version of the codec computes with must be the file's."""
         ours = Header(self.circuit_sha256, self.leaf, self.image_shape, self.levels, self.count, self.rows)
-        for name in ("coder", "floor", "cutoff", "log_clamp"):
+        for name in ("coder", "floor", "cutoff", "log_clamp", "gemm_clamp"):
             if getattr(self, name) != getattr(ours, name):
                 raise CodecError(
                     f"file was written with {name}={getattr(self, name)!r}; this codec uses "
