@@ -120,9 +120,11 @@ def decode(
         return out[b][:, i]
 
     _run(tables, circuit.log_weights, blocks, counts, header.rows, step, threads, progress, "decompress")  # type: ignore[attr-defined]
-    flat = np.concatenate([out[b] for b in blocks])
-    pos = {b: sum(counts[c] for c in blocks[:j]) for j, b in enumerate(blocks)}
-    picked = flat[[pos[k // header.rows] + k % header.rows for k in wanted]]
+    flat = np.concatenate([out[b] for b in blocks])  # the decoded blocks' images, in block order
+    first = np.zeros(header.num_blocks, dtype=np.int64)  # row of each decoded block's first image in `flat`
+    first[blocks] = np.cumsum([0] + [counts[b] for b in blocks[:-1]])
+    k = np.asarray(wanted, dtype=np.int64)
+    picked = flat[first[k // header.rows] + k % header.rows]
     dtype = np.uint8 if header.levels <= 256 else np.int32
     return picked.astype(dtype).reshape(len(wanted), *header.image_shape)
 
