@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from vq2pc.circuit.codec.format import Header, block_words, pack, unpack
 from vq2pc.circuit.codec.model import BlockState, CodecError, PixelTables, circuit_digest, pixel_tables, prob_tables
+from vq2pc.circuit.mixture import MixtureCircuit
 from vq2pc.core import validate
 from vq2pc.core.files import atomic_write
 from vq2pc.data.datasets import to_model_space
@@ -61,7 +62,12 @@ def _constriction() -> ModuleType:
 
 
 def encode(
-    circuit: object, images: object, *, rows: int = DEFAULT_ROWS, threads: int | None = None, progress: bool = False
+    circuit: MixtureCircuit,
+    images: object,
+    *,
+    rows: int = DEFAULT_ROWS,
+    threads: int | None = None,
+    progress: bool = False,
 ) -> bytes:
     """The compressed file for ``images`` (``[B, S]`` or ``[B, *image_shape]`` integer levels)."""
     if not isinstance(rows, int) or rows < 16:
@@ -69,7 +75,7 @@ def encode(
     tables = pixel_tables(circuit)
     x, shape = _images(images, tables.num_pixels, tables.levels, circuit)
     digest = _identity(circuit, tables)
-    header = Header(digest, circuit.leaf.kind, shape, tables.levels, int(x.shape[0]), rows)  # type: ignore[attr-defined]
+    header = Header(digest, circuit.leaf.kind, shape, tables.levels, int(x.shape[0]), rows)
     counts = _counts(header)
     constriction = _constriction()
     coders = [constriction.stream.queue.RangeEncoder() for _ in counts]
@@ -80,12 +86,12 @@ def encode(
         coders[b].encode(sym, family, probs)
         return sym
 
-    _run(tables, circuit.log_weights, list(range(len(counts))), counts, rows, step, threads, progress, "compress")  # type: ignore[attr-defined]
+    _run(tables, circuit.log_weights, list(range(len(counts))), counts, rows, step, threads, progress, "compress")
     return pack(header, [c.get_compressed() for c in coders])
 
 
 def decode(
-    circuit: object,
+    circuit: MixtureCircuit,
     data: bytes,
     *,
     indices: Sequence[int] | None = None,
@@ -119,7 +125,7 @@ def decode(
         out[b][:, i] = decoders[b].decode(family, probs)
         return out[b][:, i]
 
-    _run(tables, circuit.log_weights, blocks, counts, header.rows, step, threads, progress, "decompress")  # type: ignore[attr-defined]
+    _run(tables, circuit.log_weights, blocks, counts, header.rows, step, threads, progress, "decompress")
     flat = np.concatenate([out[b] for b in blocks])  # the decoded blocks' images, in block order
     first = np.zeros(header.num_blocks, dtype=np.int64)  # row of each decoded block's first image in `flat`
     first[blocks] = np.cumsum([0] + [counts[b] for b in blocks[:-1]])
@@ -201,17 +207,17 @@ def _work(
             bar.update(len(states))
 
 
-_DIGESTS: weakref.WeakKeyDictionary[object, tuple[tuple, str]] = weakref.WeakKeyDictionary()
+_DIGESTS: weakref.WeakKeyDictionary[MixtureCircuit, tuple[tuple, str]] = weakref.WeakKeyDictionary()
 
 
-def _identity(circuit: object, tables: PixelTables) -> str:
+def _identity(circuit: MixtureCircuit, tables: PixelTables) -> str:
     """The circuit's SHA-256, cached per circuit object while its tensors are unchanged (same storage, same
     in-place version counter): hashing a 3 GB table takes seconds."""
-    ts = [*circuit.leaf.tensors().values(), circuit.log_weights]  # type: ignore[attr-defined]
+    ts = [*circuit.leaf.tensors().values(), circuit.log_weights]
     key = tuple((t.data_ptr(), t._version, tuple(t.shape)) for t in ts)
     hit = _DIGESTS.get(circuit)
     if hit is None or hit[0] != key:
-        hit = (key, circuit_digest(tables, circuit.log_weights, circuit.leaf.kind))  # type: ignore[attr-defined]
+        hit = (key, circuit_digest(tables, circuit.log_weights, circuit.leaf.kind))
         _DIGESTS[circuit] = hit
     return hit[1]
 
@@ -221,7 +227,7 @@ def _counts(header: Header) -> list[int]:
     return [min(header.rows, header.count - b * header.rows) for b in range(header.num_blocks)]
 
 
-def _images(images: object, s: int, levels: int, circuit: object) -> tuple[np.ndarray, tuple[int, ...]]:
+def _images(images: object, s: int, levels: int, circuit: MixtureCircuit) -> tuple[np.ndarray, tuple[int, ...]]:
     """``[B, S]`` int32 levels and the per-image shape to store."""
     t = images if isinstance(images, torch.Tensor) else torch.as_tensor(np.asarray(images))
     if t.dtype == torch.bool or t.is_complex():
@@ -245,13 +251,13 @@ def _indices(indices: Sequence[int] | None, count: int) -> list[int]:
     return out
 
 
-def dataset_images(circuit: object, v: torch.Tensor, levels: int) -> torch.Tensor:
+def dataset_images(circuit: MixtureCircuit, v: torch.Tensor, levels: int) -> torch.Tensor:
     """A dataset's integer images ``v`` (``levels`` levels) as the circuit's levels: binarized for a Bernoulli
     circuit (``v >= L/2``, the data module's convention), as they are for a categorical one with the same ``L``."""
-    kind = circuit.leaf.kind  # type: ignore[attr-defined]
+    kind = circuit.leaf.kind
     if kind == "bernoulli":
         return to_model_space(v, "bernoulli", levels).long()
-    ours = getattr(circuit.leaf, "num_levels", None)  # type: ignore[attr-defined]
+    ours = getattr(circuit.leaf, "num_levels", None)
     if ours is not None and ours != levels:
         raise ValueError(f"the images have {levels} levels; the circuit models {ours}")
     return v.long()

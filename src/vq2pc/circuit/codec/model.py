@@ -51,7 +51,8 @@ import torch
 from torch import Tensor
 
 from vq2pc.circuit.kernels import categorical_table
-from vq2pc.core.leaves import Bernoulli, Categorical
+from vq2pc.circuit.mixture import MixtureCircuit
+from vq2pc.core.leaves import Bernoulli, Categorical, Leaf
 
 __all__ = [
     "CUTOFF",
@@ -122,24 +123,24 @@ class _TableRows:
 class _LeafMethod:
     """A leaf that gives its own per-pixel tables (``pixel_log_table(i) -> [L, N]``)."""
 
-    def __init__(self, leaf: object, num_pixels: int, num_components: int) -> None:
+    def __init__(self, leaf: Leaf, num_pixels: int, num_components: int) -> None:
         self.leaf = leaf
         self.levels = int(leaf.num_levels)
         self.num_pixels, self.num_components = num_pixels, num_components
 
     def log_table(self, i: int) -> np.ndarray:
-        t = self.leaf.pixel_log_table(i)  # type: ignore[attr-defined]
+        t = self.leaf.pixel_log_table(i)  # type: ignore[attr-defined]  (the hook: see the module docstring)
         return np.ascontiguousarray(torch.as_tensor(t).detach().cpu().numpy(), dtype=np.float32)
 
     def digest(self, h: hashlib._Hash) -> None:
-        for name, t in self.leaf.tensors().items():  # type: ignore[attr-defined]
+        for name, t in self.leaf.tensors().items():
             h.update(name.encode())
             h.update(memoryview(np.ascontiguousarray(t.detach().cpu().numpy())).cast("B"))
 
 
-def pixel_tables(circuit: object) -> PixelTables:
+def pixel_tables(circuit: MixtureCircuit) -> PixelTables:
     """The :class:`PixelTables` of a circuit's leaf; :class:`CodecError` for continuous leaves."""
-    leaf = circuit.leaf  # type: ignore[attr-defined]
+    leaf = circuit.leaf
     n, s = int(leaf.batch_shape[0]), int(leaf.batch_shape[1])
     if isinstance(leaf, Categorical):
         return _TableRows(categorical_table(leaf.logits), leaf.num_levels)
