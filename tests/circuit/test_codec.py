@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -135,3 +136,38 @@ def test_code_length_follows_p_hat_for_far_and_dead_components() -> None:
         info = _info_bits(c, x)
         assert info - 1 <= 8 * int(offsets[-1]) <= info + bits_bound(16 * 40, 16) + 64
         assert np.array_equal(decode(c, data), x.numpy())
+
+
+class _LevelsLeaf:
+    """A stand-in for a discretized leaf: it gives its per-pixel table through the codec's hook."""
+
+    kind = "discretized"
+
+    def __init__(self, logits: torch.Tensor) -> None:  # [N, S, L] normalized log-probabilities
+        self.logits, self.num_levels, self.batch_shape = logits, logits.shape[2], logits.shape[:2]
+
+    def pixel_log_table(self, i: int) -> torch.Tensor:
+        return self.logits[:, i, :].T  # [L, N]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"logits": self.logits}
+
+
+def test_a_leaf_with_pixel_log_tables_plugs_in(digits: tuple[MixtureCircuit, torch.Tensor, bytes]) -> None:
+    """Any leaf with ``pixel_log_table(i) -> [L, N]`` and ``num_levels`` codes like the categorical it mirrors."""
+    c, x, data = digits
+    fake = SimpleNamespace(leaf=_LevelsLeaf(c.leaf.logits.contiguous()), log_weights=c.log_weights, meta=c.meta)
+    other = encode(fake, x, rows=16)
+    assert np.array_equal(decode(fake, other), decode(c, data))
+    assert unpack(other)[1].tolist() == unpack(data)[1].tolist()  # the same code words, block by block
+    assert other[-200:] == data[-200:]
+
+
+def test_changing_the_circuit_in_place_is_noticed() -> None:
+    """The digest cache follows in-place edits of the circuit's tensors."""
+    c = _circuit(16, 64, 17, seed=7)
+    x = c.sample(16, generator=torch.Generator().manual_seed(8)).long()
+    data = encode(c, x, rows=16)
+    c.leaf.logits[0, 0].add_(0.5)  # the table itself (the leaf's logits are a view of it)
+    with pytest.raises(CodecError, match="another circuit"):
+        decode(c, data)

@@ -215,7 +215,10 @@ def _identity(circuit: MixtureCircuit, tables: PixelTables) -> str:
     in-place version counter): hashing a 3 GB table takes seconds."""
     ts = [*circuit.leaf.tensors().values(), circuit.log_weights]
     key = tuple((t.data_ptr(), t._version, tuple(t.shape)) for t in ts)
-    hit = _DIGESTS.get(circuit)
+    try:
+        hit = _DIGESTS.get(circuit)
+    except TypeError:  # an object without weak references (a duck-typed circuit): no cache
+        return circuit_digest(tables, circuit.log_weights, circuit.leaf.kind)
     if hit is None or hit[0] != key:
         hit = (key, circuit_digest(tables, circuit.log_weights, circuit.leaf.kind))
         _DIGESTS[circuit] = hit
