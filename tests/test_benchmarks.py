@@ -62,3 +62,14 @@ def test_discretized_logprob_prints_every_case_and_skips_large_tables() -> None:
         (leaf, n) for n in (32, 64) for leaf in ("discretized-gaussian", "discretized-logistic", "categorical")]
     assert "skipped" in lines[-1] and all("skipped" not in line for line in lines[:-1])
     assert all(line["seconds"] > 0 and line["peak_rss_mib"] > 0 and line["query_extra_mib"] >= 0 for line in lines[:-1])
+
+
+def test_codec_throughput_prints_its_json_line() -> None:
+    pytest.importorskip("constriction")
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "codec_throughput.py"), "--N", "32", "--S", "20",
+                          "--L", "8", "--images", "40", "--rows", "16", "--threads", "1"],
+                         capture_output=True, text=True, check=True, timeout=120)
+    line = json.loads(out.stdout.strip().splitlines()[-1])
+    assert {"encode_images_per_s", "decode_images_per_s", "threads", "bits_per_pixel", "model_bpd"} <= set(line)
+    assert line["encode_images_per_s"] > 0 and line["threads"] == 1
+    assert line["bits_per_pixel"] > line["model_bpd"]  # tiny set: the ~400-byte header dominates the gap

@@ -15,7 +15,6 @@ from helpers import MNIST_DIR
 
 pytestmark = pytest.mark.slow
 
-pytest.importorskip("vector_quantize_pytorch", reason="optional extra not installed: pip install -e '.[external]'")
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 EXAMPLE = EXAMPLES / "external_vq.py"

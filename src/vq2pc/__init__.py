@@ -5,6 +5,7 @@ Hadžić, Papež, Pevný 2025, "Distillation of a tractable model from the VQ-VA
 The public API is imported lazily, so ``import vq2pc`` stays cheap::
 
     from vq2pc import VQVAE, PixelCNNPrior, MixtureCircuit, distill, select, load_dataset
+    from vq2pc import compress, decompress   # lossless image files sized by the circuit's BPD
 
 ``vq2pc.__all__`` lists every public name; each lives in the module named in ``_EXPORTS``.
 
@@ -59,6 +60,10 @@ _EXPORTS = {
     "RunConfig": "vq2pc.pipeline.config",
     "load_config": "vq2pc.pipeline.config",
     "run_pipeline": "vq2pc.pipeline",
+    # lossless compression with a discrete circuit
+    "compress": "vq2pc.circuit.codec",
+    "decompress": "vq2pc.circuit.codec",
+    "CodecError": "vq2pc.circuit.codec",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

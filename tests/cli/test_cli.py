@@ -18,7 +18,7 @@ from vq2pc.data import load_dataset
 from vq2pc.evaluate.density import test_bpd
 from vq2pc.models.priors.pixelcnn import PixelCNNPrior, PriorConfig
 
-VERBS = ["run", "train-vqvae", "train-prior", "train-baseline", "distill", "finetune", "evaluate", "usage", "sample", "inpaint", "refine", "export"]
+VERBS = ["run", "train-vqvae", "train-prior", "train-baseline", "distill", "finetune", "evaluate", "usage", "sample", "inpaint", "refine", "export", "compress", "decompress"]
 DATA = ["--limit", "100", "--seed", "0"]
 
 

@@ -19,7 +19,7 @@ from vq2pc.core.distributed import init_from_env, shutdown
 from vq2pc.core.files import check_writable
 
 # Modules that define verbs, in the order their verbs appear in --help.
-_VERB_MODULES = ["run", "train", "baseline", "finetune", "circuit", "refine", "export"]
+_VERB_MODULES = ["run", "train", "baseline", "finetune", "circuit", "refine", "export", "codec"]
 
 
 def version() -> str:
@@ -81,6 +81,8 @@ _OOM_HINT = {
     "inpaint": "pass fewer images",
     "refine": "lower --batch-size or --limit",
     "export": "use a smaller circuit",
+    "compress": "lower --rows",
+    "decompress": "lower --threads",
 }
 
 
