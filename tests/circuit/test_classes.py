@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 
+import numpy as np
 import pytest
 import torch
 from helpers import make_prior
@@ -186,3 +187,20 @@ def test_class_weights_uniform_records_the_drawn_class_and_base_keeps_the_margin
     base = torch.log_softmax(torch.randn(12, dtype=torch.float64), 0)
     kept = class_weights(prior, selection, base_log_weights=base)
     assert torch.allclose(torch.logsumexp(kept, 1), base, atol=1e-12)
+
+
+def test_distill_with_classes_and_npz_export_carry_the_class_weights(tmp_path) -> None:
+    from vq2pc.circuit.export import export_npz, from_npz
+
+    prior = make_prior(K=3, hw=(2, 2), C=2, hidden=8, layers=2, seed=1, sharpen=3.0)
+    selection = select(prior, "beam", 8, starts=1, generator=torch.Generator().manual_seed(0), classes=True)
+    cm = distill(_vqvae("categorical"), selection, weights="prior", classes=True)
+    assert isinstance(cm, ClassMixture) and cm.num_classes == 2
+    assert torch.allclose(cm.log_weights.double(), class_weights(prior, selection), atol=1e-6)
+    export_npz(cm, tmp_path / "c.npz")
+    with np.load(tmp_path / "c.npz") as npz:
+        assert npz["class_log_weights"].shape == (8, 2)
+    back = from_npz(tmp_path / "c.npz", classes=True)
+    x = cm.sample(6, c=1, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(back.class_posterior(x), cm.class_posterior(x), atol=1e-6)
+    assert torch.allclose(from_npz(tmp_path / "c.npz").log_prob(x), cm.log_prob(x), atol=1e-5)

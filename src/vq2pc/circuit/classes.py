@@ -38,7 +38,7 @@ from vq2pc.core.leaves import Leaf
 from vq2pc.core.random import uniform
 from vq2pc.latents.enumerate import index_to_codes
 
-__all__ = ["ClassMixture", "CLASS_TENSOR"]
+__all__ = ["ClassMixture", "CLASS_TENSOR", "load_circuit"]
 
 CLASS_TENSOR = "class_log_weights"
 """Name of the ``[N, C]`` class log-weights in a circuit file (a plain reader ignores it)."""
@@ -326,3 +326,11 @@ def _exact_joint(model: ExactModel, batch: int = 1 << 15) -> Tensor:
         idx = torch.arange(a, min(a + batch, len(model)), device=model.device)
         parts.append(prior.log_prob_all_classes(index_to_codes(idx, model.K, *model.latent_hw)).float())
     return torch.cat(parts) + prior.class_log_prior.float()
+
+
+def load_circuit(path: str | Path, device: str | torch.device | None = None, *,
+                 memory_budget_mib: float = 1024) -> MixtureCircuit | ClassMixture:
+    """A circuit file as a :class:`ClassMixture` when it holds class weights, else as a :class:`MixtureCircuit`."""
+    if CLASS_TENSOR in read_extra(path, (CLASS_TENSOR,)) if Path(path).is_file() else False:
+        return ClassMixture.load(path, device, memory_budget_mib=memory_budget_mib)
+    return MixtureCircuit.load(path, device, memory_budget_mib=memory_budget_mib)

@@ -19,7 +19,7 @@ from vq2pc.core.distributed import init_from_env, shutdown
 from vq2pc.core.files import check_writable
 
 # Modules that define verbs, in the order their verbs appear in --help.
-_VERB_MODULES = ["run", "train", "finetune", "circuit", "refine", "export"]
+_VERB_MODULES = ["run", "train", "finetune", "circuit", "classes", "refine", "export"]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -64,6 +64,7 @@ _OOM_HINT = {
     "usage": "lower --max-space",
     "sample": "lower --n",
     "inpaint": "pass fewer images",
+    "classify": "pass fewer images",
     "refine": "lower --batch-size or --limit",
     "export": "use a smaller circuit",
 }

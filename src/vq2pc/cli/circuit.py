@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from vq2pc.circuit.classes import ClassMixture, load_circuit
 from vq2pc.circuit.mixture import MixtureCircuit
 from vq2pc.core.files import atomic_write
 from vq2pc.data.masks import MASK_KINDS, make_mask
@@ -27,6 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
     p.add_argument("--out", required=True, help="grid PNG to write")
     p.add_argument("--npy", help="also write the samples [n, C, H, W] (model space) to this .npy file")
+    _class_flag(p, "draw from p(x | class) (class-aware circuits)")
     p.set_defaults(func=cmd_sample)
 
     p = subparsers.add_parser(
@@ -41,7 +43,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--mask", choices=MASK_KINDS, default="left", help="region that is HIDDEN (default left half)")
     p.add_argument("--out", required=True, help="figure PNG to write (original / masked / mean / sample rows)")
     p.add_argument("--show", type=int, default=8, help="images shown in the figure (default 8)")
+    _class_flag(p, "complete from p(x_hidden | x_observed, class) (class-aware circuits)")
     p.set_defaults(func=cmd_inpaint)
+
+
+def _class_flag(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--class", dest="cls", type=int, metavar="C", help=f"class index: {what}")
+
+
+def load_for_class(path: str, device: str, cls: int | None) -> tuple[MixtureCircuit | ClassMixture, MixtureCircuit]:
+    """The circuit of ``path`` (class-aware when the file holds class weights) and its plain circuit;
+    ``ValueError`` when a class is asked of a circuit without class weights."""
+    c = load_circuit(path, device=device)
+    if cls is not None and not isinstance(c, ClassMixture):
+        raise ValueError(f"--class needs a class-aware circuit; {path} has no class weights")
+    if cls is not None:
+        c.check_classes(cls, 1)
+    return c, (c.model if isinstance(c, ClassMixture) else c)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -94,17 +112,17 @@ def _save_grid(rows: list[Tensor], shape: tuple[int, int, int], titles: list[str
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    c = MixtureCircuit.load(args.circuit, device=args.device)
+    model, c = load_for_class(args.circuit, args.device, args.cls)
     shape = _image_shape(c, args.image_shape)
     g = torch.Generator(device=args.device).manual_seed(args.seed)
-    x = c.sample(args.n, generator=g)
+    x = c.sample(args.n, generator=g) if args.cls is None else model.sample(args.n, c=args.cls, generator=g)
     cols = math.ceil(math.sqrt(args.n))
     shown = torch.cat([_display(c, x), torch.zeros(cols * cols - args.n, x.shape[1], device=x.device)])
     _save_grid(list(shown.view(cols, cols, -1)), shape, [""] * cols, args.out)
     if args.npy:
         arr = x.reshape(args.n, *shape).cpu().numpy()
         atomic_write(args.npy, lambda p: np.save(open(p, "wb"), arr))
-    print(json.dumps({"samples": args.n, "out": args.out, "npy": args.npy}))
+    print(json.dumps({"samples": args.n, "out": args.out, "npy": args.npy, "class": args.cls}))
     return 0
 
 
@@ -131,27 +149,30 @@ def _load_images(path: str, c: MixtureCircuit, shape: tuple[int, int, int], g: t
 def cmd_inpaint(args: argparse.Namespace) -> int:
     if args.show < 1:
         raise ValueError(f"--show must be >= 1 (images in the figure), got {args.show}")
-    c = MixtureCircuit.load(args.circuit, device=args.device)
+    model, c = load_for_class(args.circuit, args.device, args.cls)
     shape = _image_shape(c, args.image_shape)
     g = torch.Generator(device=args.device).manual_seed(args.seed)
     x = _load_images(args.images, c, shape, g).to(args.device).reshape(-1, c.num_variables)
+    given = {} if args.cls is None else {"c": args.cls}  # every query of p(. | class)
+    q = c if args.cls is None else model
     mask = make_mask(args.mask, shape, x.shape[0], g, device=args.device)
     hidden = (~mask).sum(1)
     if (hidden == 0).any():
         raise ValueError("the mask hides no pixel")
-    cond_nats = c.log_prob(x) - c.log_prob(x, mask=mask)  # -log p(x_u | x_o) with a minus sign
+    cond_nats = q.log_prob(x, **given) - q.log_prob(x, mask=mask, **given)  # -log p(x_u | x_o) with a minus sign
     bpd = -cond_nats / (hidden * math.log(2))
     if c.leaf.kind == "gaussian":
         bpd = bpd + math.log2(int(c.meta.get("levels", 256)))
-    mean = c.conditional_mean(x, mask=mask)
+    mean = q.conditional_mean(x, mask=mask, **given)
     mse = (((mean - x) ** 2) * (~mask)).sum(1) / hidden
     k = min(args.show, x.shape[0])
-    sample = c.sample(x=x[:k], mask=mask[:k], generator=g)
+    sample = q.sample(x=x[:k], mask=mask[:k], generator=g, **given)
     masked = torch.where(mask[:k], _display(c, x[:k]), torch.full_like(x[:k], 0.5))
     rows = [_display(c, x[:k]), masked, _display(c, mean[:k]), _display(c, sample)]
     _save_grid(rows, shape, ["original", "masked", "cond. mean", "cond. sample"], args.out)
     report = {
         "mask": args.mask,
+        "class": args.cls,
         "images": int(x.shape[0]),
         "conditional_bpd_hidden": float(bpd.mean()),
         "mse_conditional_mean_model_space": float(mse.mean()),
