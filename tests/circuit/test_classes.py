@@ -204,3 +204,14 @@ def test_distill_with_classes_and_npz_export_carry_the_class_weights(tmp_path) -
     x = cm.sample(6, c=1, generator=torch.Generator().manual_seed(0))
     assert torch.allclose(back.class_posterior(x), cm.class_posterior(x), atol=1e-6)
     assert torch.allclose(from_npz(tmp_path / "c.npz").log_prob(x), cm.log_prob(x), atol=1e-5)
+
+
+def test_enumerated_class_joint_equals_the_prior_per_class() -> None:
+    from helpers import all_codes
+
+    from vq2pc.circuit.class_weights import whole_space_joint
+
+    prior = make_prior(K=3, hw=(2, 2), C=2, hidden=8, layers=2, seed=1, sharpen=3.0)
+    with torch.no_grad():
+        want = prior.log_prob_all_classes(all_codes(3, (2, 2))) + prior.class_log_prior
+    assert torch.allclose(whole_space_joint(prior), want, atol=1e-5)

@@ -24,11 +24,12 @@ import math
 import torch
 from torch import Tensor
 
-from vq2pc.circuit.streaming import logsumexp_
+from vq2pc.circuit.streaming import Scratch, logsumexp_
 from vq2pc.core.protocols import Prior
+from vq2pc.latents.enumerate import enumerate_log_prior, latent_space_size
 from vq2pc.latents.selection import Selection
 
-__all__ = ["class_weights", "class_joint", "normalize_joint", "CLASS_WEIGHTS"]
+__all__ = ["class_weights", "class_joint", "normalize_joint", "whole_space_joint", "CLASS_WEIGHTS"]
 
 CLASS_WEIGHTS = ("prior", "uniform")
 
@@ -49,9 +50,22 @@ def normalize_joint(log_w: Tensor) -> Tensor:
     return (flat - torch.logsumexp(flat, 0)).view_as(log_w)
 
 
+def whole_space_joint(prior: Prior) -> Tensor:
+    """``[K^{HW}, C]`` float32 ``log p(c) + log p(z | c)`` of every latent in lexicographic order (the
+    enumeration's prefix tree: ~``C·K^{HW-1}`` prior rows instead of ``C·K^{HW}``)."""
+    h, w = prior.latent_hw
+    return enumerate_log_prior(prior, progress=False, max_space=latent_space_size(prior.K, h, w), per_class=True)
+
+
 @torch.no_grad()
 def _prior_joint(prior: Prior, codes: Tensor, batch_size: int = 8192) -> Tensor:
-    """``[N, C]`` float64 ``log p(c) + log p(z_n | c)`` of codes ``[N, h, w]``."""
+    """``[N, C]`` float64 ``log p(c) + log p(z_n | c)`` of codes ``[N, h, w]`` (by the enumeration when
+    ``codes`` is the whole latent space in lexicographic order, as an exhaustive selection lists it)."""
+    h, w = prior.latent_hw
+    if codes.shape[0] == latent_space_size(prior.K, h, w) and codes.shape[0] > 1:
+        step = torch.tensor([prior.K ** (h * w - 1 - i) for i in range(h * w)], device=codes.device)
+        if bool(((codes.flatten(1) * step).sum(1) == torch.arange(codes.shape[0], device=codes.device)).all()):
+            return whole_space_joint(prior).double().to(codes.device)
     was_training = prior.training
     prior.eval()
     try:
@@ -106,25 +120,28 @@ def class_weights(
     return normalize_joint(log_w)
 
 
-def class_joint(L: Tensor, r: Tensor, R: Tensor, scratch_bytes: int = 1 << 28) -> Tensor:
+def class_joint(L: Tensor, r: Tensor, R: Tensor, scratch_bytes: int = 1 << 28, scratch: Scratch | None = None) -> Tensor:
     """``[b, C]`` float64 ``log Σ_n exp(L[b, n] + r[n, c])``, exact (see the module docstring).
 
     ``L [b, n]`` (any float dtype; ``-inf`` allowed), ``r [n, C]`` in ``L``'s dtype and ``R = exp(r)``
-    ``[n, C]`` float64. ``scratch_bytes`` bounds the ``[rows, C, n]`` block of the exact recomputation.
+    ``[n, C]`` float64. ``scratch_bytes`` bounds the ``[rows, C, n]`` block of the exact recomputation;
+    ``scratch``: reused buffers (a fresh ``[b, n]`` float64 block costs more in page faults than its ``exp``).
     """
+    scratch = scratch or Scratch()
     top = L.amax(1)
     finite = torch.isfinite(top)
-    shift = torch.where(finite, top, torch.zeros_like(top))
-    E = (L - shift[:, None]).clamp_min_(_FLOOR).double().exp_()
-    out = (E @ R).log_().add_(shift.double()[:, None])
+    shift = torch.where(finite, top, torch.zeros_like(top)).double()
+    E = scratch.take("class_E", tuple(L.shape), torch.float64, L.device).copy_(L)
+    E.sub_(shift[:, None]).clamp_min_(_FLOOR).exp_()
+    out = (E @ R).log_().add_(shift[:, None])
     bad = (out - shift.double()[:, None] < _RELIABLE).any(1) | ~finite
     if bool(bad.any()):
         rows = bad.nonzero().squeeze(1)
-        out[rows] = _explicit(L[rows], r, scratch_bytes)
+        out[rows] = _explicit(L[rows], r, scratch_bytes, scratch)
     return out
 
 
-def _explicit(L: Tensor, r: Tensor, scratch_bytes: int) -> Tensor:
+def _explicit(L: Tensor, r: Tensor, scratch_bytes: int, scratch: Scratch) -> Tensor:
     """``[u, C]`` float64 per-class log-sum-exp of ``L [u, n] + r [n, C]``, ``[rows, C, n]`` blocks."""
     u, n = L.shape
     C = r.shape[1]
@@ -132,6 +149,9 @@ def _explicit(L: Tensor, r: Tensor, scratch_bytes: int) -> Tensor:
     rt = r.T.contiguous()  # [C, n]
     out = torch.empty((u, C), dtype=torch.float64, device=L.device)
     for a in range(0, u, step):
-        block = (L[a : a + step, None, :] + rt[None]).view(-1, n)  # [rows·C, n]
+        rows = L[a : a + step]
+        block = scratch.take("class_explicit", (rows.shape[0], C, n), L.dtype, L.device)
+        torch.add(rows[:, None, :], rt[None], out=block)
+        block = block.view(-1, n)  # [rows·C, n]
         out[a : a + step] = logsumexp_(block).view(-1, C).double()
     return out

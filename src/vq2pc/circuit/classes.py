@@ -26,7 +26,7 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor
 
-from vq2pc.circuit.class_weights import class_joint, normalize_joint
+from vq2pc.circuit.class_weights import class_joint, normalize_joint, whole_space_joint
 from vq2pc.circuit.distill import decode_leaf
 from vq2pc.circuit.exact import ExactModel
 from vq2pc.circuit.io import check_sample_args, prepare_input, read_extra, write_circuit
@@ -76,12 +76,16 @@ class ClassMixture:
                                    memory_budget_mib=model.memory_budget_mib, meta=model.meta)
         self.model, self.exact = model, exact
         dtype = torch.float32 if exact else model.log_weights.dtype
+        cond = (joint - marginal[:, None]).nan_to_num(nan=-math.inf)  # log p(c | n); zero-weight rows: -inf
+        if not exact:  # the circuit's own (float-rounded) weights are the marginal its scores carry
+            marginal = model.log_weights.double()
+            joint = marginal[:, None] + cond
         self.log_weights = joint.to(dtype)  # [N, C]
         self.log_marginal = marginal.to(dtype)  # [N]
-        cond = (joint - marginal[:, None]).nan_to_num(nan=-math.inf)  # log p(c | n); zero-weight rows: -inf
         self.log_cond = cond.to(dtype)  # [N, C]
         self.log_class_prior = torch.logsumexp(joint, 0).to(dtype)  # [C] p̂(c) = Σ_n w_{n,c}
         self.memory_budget_mib = float(model.memory_budget_mib)
+        self._R = None if exact else cond.exp().to(device)  # [N, C] float64 p(c | n)
         template = model.leaf[:1] if not exact else decode_leaf(
             model.vqvae, torch.zeros((1, *model.latent_hw), dtype=torch.long, device=device), std_floor=model.std_floor)
         self._fill = template.mode()[0]
@@ -142,13 +146,9 @@ class ClassMixture:
         """``(rows, n0, L, circuit)``: ``L [b, n] = log w_n + log p(x_o | n)`` for components ``n0 : n0 + n``
         of ``circuit`` (the circuit itself, or a latent chunk of the exact model); rows inside, chunks outside."""
         B = x.shape[0]
-        if not self.exact:
-            per_row = len(self) * (2 * self.log_weights.element_size() + 8)
-            step = max(1, int(self.memory_budget_mib * _MIB // per_row))
-            for a in range(0, B, step):
-                r = slice(a, min(a + step, B))
-                L = self.model.log_likelihoods_prepared(x[r], None if mask is None else mask[r])
-                yield r, 0, L.add_(self.log_marginal), self.model
+        if not self.exact:  # the circuit's scores log w_n + ℓ, its marginal weights being log_marginal
+            for b0, b1, s, _ in self.model.score_blocks(x, mask, extra_row_bytes=16 * len(self)):
+                yield slice(b0, b1), 0, s, self.model
             return
         step = max(1, min(B, 500))
         for n0, chunk in self.model.chunks(step, "ExM classes"):
@@ -170,11 +170,12 @@ class ClassMixture:
 
     def _joint(self, x: Tensor, mask: Tensor | None) -> Tensor:
         out = torch.full((x.shape[0], self.num_classes), -math.inf, dtype=torch.float64, device=self.device)
-        scratch = int(self.memory_budget_mib * _MIB // 4)
+        limit, scratch = int(self.memory_budget_mib * _MIB // 4), Scratch()
         with flush_denormals(self.device):
             for r, n0, L, chunk in self._blocks(x, mask):
                 cond = self.log_cond[n0 : n0 + len(chunk)]
-                part = class_joint(L, cond, cond.double().exp(), scratch)
+                R = self._R if not self.exact else cond.double().exp()
+                part = class_joint(L, cond, R, limit, scratch)
                 out[r] = part if self.exact is False else torch.logaddexp(out[r], part)
         return out
 
@@ -308,8 +309,9 @@ class ClassMixture:
             raise CheckpointError(f"{path}: invalid class weights: {exc}") from None
 
 
-def _same_weights(marginal: Tensor, log_weights: Tensor, tol: float = 1e-4) -> bool:
-    """Whether ``log_weights [N]`` is the class marginal ``[N]`` (same zeros, finite entries within ``tol``)."""
+def _same_weights(marginal: Tensor, log_weights: Tensor, tol: float = 1e-5) -> bool:
+    """Whether ``log_weights [N]`` is the class marginal ``[N]`` (same zeros, finite entries within ``tol``:
+    float32 round-off of a saved and reloaded circuit)."""
     a, b = marginal.double(), log_weights.double().to(marginal.device)
     if not torch.equal(torch.isinf(a), torch.isinf(b)):
         return False
@@ -317,16 +319,9 @@ def _same_weights(marginal: Tensor, log_weights: Tensor, tol: float = 1e-4) -> b
     return bool(((a - b)[finite].abs() <= tol).all())
 
 
-@torch.no_grad()
-def _exact_joint(model: ExactModel, batch: int = 1 << 15) -> Tensor:
-    """``[K^{HW}, C]`` float32 log p(c) + log p(z | c) of every latent (lexicographic order)."""
-    prior = model.prior
-    parts = []
-    for a in range(0, len(model), batch):
-        idx = torch.arange(a, min(a + batch, len(model)), device=model.device)
-        parts.append(prior.log_prob_all_classes(index_to_codes(idx, model.K, *model.latent_hw)).float())
-    return torch.cat(parts) + prior.class_log_prior.float()
-
+def _exact_joint(model: ExactModel) -> Tensor:
+    """``[K^{HW}, C]`` float32 log p(c) + log p(z | c) of every latent (lexicographic order, by enumeration)."""
+    return whole_space_joint(model.prior).to(model.device)
 
 def load_circuit(path: str | Path, device: str | torch.device | None = None, *,
                  memory_budget_mib: float = 1024) -> MixtureCircuit | ClassMixture:

@@ -261,8 +261,12 @@ def select(
                                                   max_space, codes_from_data, batch_size)
         joint = None
         if classes:
-            with torch.inference_mode():
-                joint = prior.log_prob_all_classes(codes, batch_size).float() + prior.class_log_prior.float()
+            if strategy == "exhaustive":  # the enumeration's prefix tree: ~C·K^{HW-1} prior rows, not C·K^{HW}
+                joint = enumerate_log_prior(prior, batch_size=batch_size, progress=False, max_space=max_space,
+                                            per_class=True)
+            else:
+                with torch.inference_mode():
+                    joint = prior.log_prob_all_classes(codes, batch_size).float() + prior.class_log_prior.float()
     finally:
         prior.train(was_training)
     return Selection(codes=codes, log_prior=log_prior.float(), strategy=strategy, info=info, classes=drawn,

@@ -107,6 +107,9 @@ class ExperimentSpec:
     correlation: bool = True
     correlation_images: int = 297
     bpd_draws: int = 3  # dequantization draws for continuous test BPD
+    classification: bool = True  # class-aware circuits: accuracy, calibration with missing pixels (labeled data only)
+    classification_images: int = 500  # test images it uses
+    classification_fractions: list[float] = field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])  # random missing
 
 
 def transformer_twin() -> ModelSpec:
@@ -148,7 +151,10 @@ class RunConfig:
         if any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in self.experiments.usage_seeds):
             raise ValueError(f"config: experiments.usage_seeds must be integers >= 0, got {self.experiments.usage_seeds}")
         _check_counts(self.experiments, ("inpainting_images", "inpainting_eval_images", "num_samples",
-                                         "correlation_images", "bpd_draws"), "config.experiments")
+                                         "correlation_images", "bpd_draws", "classification_images"), "config.experiments")
+        if not all(0.0 < f < 1.0 for f in self.experiments.classification_fractions):
+            raise ValueError("config.experiments: classification_fractions must lie in (0, 1), got "
+                             f"{self.experiments.classification_fractions}")
         _check_counts(self.baselines, ("cm_latent_dim", "cm_hidden", "cm_train_points", "cm_points", "cm_batch_size"),
                      "config.baselines")
         for leaf in self.leaves:

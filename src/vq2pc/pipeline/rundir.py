@@ -36,7 +36,8 @@ _PARAMS = "_params"  # key of the settings a cached result was computed with
 _INPUTS = "_inputs"  # key of the SHA-256 of the files a cached result was computed from
 
 # Stage names accepted by --force.
-STAGES = ("vqvae", "prior", "distill", "baselines", "usage", "inpainting", "samples", "correlation", "all")
+STAGES = ("vqvae", "prior", "distill", "baselines", "usage", "inpainting", "samples", "correlation", "classification",
+          "all")
 
 
 @dataclass
