@@ -60,3 +60,9 @@ def test_every_shipped_config_loads_and_builds_its_quantizers(path: Path) -> Non
     for spec in cfg.models:  # unknown quantizer options fail here, not an hour into a run
         quantizer = make_quantizer(spec.quantizer, spec.K, spec.D, spec.beta, **spec.quantizer_opts)
         assert quantizer.codebook.shape == (spec.K, spec.D)
+
+
+def test_classification_fractions_must_lie_strictly_between_0_and_1() -> None:
+    with pytest.raises(ValueError, match="classification_fractions"):
+        load_config(None, {"experiments": {"classification_fractions": [0.5, 1.0]}})
+    assert load_config(None).experiments.classification
