@@ -17,7 +17,7 @@ from vq2pc.circuit.distill import distill
 from vq2pc.circuit.exact import ExactModel
 from vq2pc.circuit.mixture import MixtureCircuit
 from vq2pc.core.checkpoint import CheckpointError
-from vq2pc.core.leaves import Categorical, Gaussian
+from vq2pc.core.leaves import Categorical
 from vq2pc.latents.selection import select
 from vq2pc.models.vqvae import VQVAE, VQVAEConfig
 

@@ -29,7 +29,7 @@ from vq2pc.core.protocols import Prior
 from vq2pc.latents.enumerate import enumerate_log_prior, latent_space_size
 from vq2pc.latents.selection import Selection
 
-__all__ = ["class_weights", "class_joint", "normalize_joint", "whole_space_joint", "CLASS_WEIGHTS"]
+__all__ = ["CLASS_WEIGHTS", "class_joint", "class_weights", "normalize_joint", "whole_space_joint"]
 
 CLASS_WEIGHTS = ("prior", "uniform")
 

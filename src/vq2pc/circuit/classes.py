@@ -20,8 +20,8 @@ chunks for the exact model) and reduces it with small ``[N, C]`` products
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -31,14 +31,19 @@ from vq2pc.circuit.distill import decode_leaf
 from vq2pc.circuit.exact import ExactModel
 from vq2pc.circuit.io import check_sample_args, prepare_input, read_extra, write_circuit
 from vq2pc.circuit.mixture import MixtureCircuit
-from vq2pc.circuit.streaming import RunningArgmax, Scratch, SoftmaxWeightedSum, add_gumbel_
+from vq2pc.circuit.streaming import (
+    RunningArgmax,
+    Scratch,
+    SoftmaxWeightedSum,
+    add_gumbel_,
+)
 from vq2pc.core.checkpoint import CheckpointError
 from vq2pc.core.devices import flush_denormals
 from vq2pc.core.leaves import Leaf
 from vq2pc.core.random import uniform
 from vq2pc.latents.enumerate import index_to_codes
 
-__all__ = ["ClassMixture", "CLASS_TENSOR", "load_circuit"]
+__all__ = ["CLASS_TENSOR", "ClassMixture", "load_circuit"]
 
 CLASS_TENSOR = "class_log_weights"
 """Name of the ``[N, C]`` class log-weights in a circuit file (a plain reader ignores it)."""
@@ -296,7 +301,7 @@ class ClassMixture:
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device | None = None, *,
-             memory_budget_mib: float = 1024) -> "ClassMixture":
+             memory_budget_mib: float = 1024) -> ClassMixture:
         """Load a class-aware circuit file (:class:`CheckpointError` for a file without class weights)."""
         circuit = MixtureCircuit.load(path, device, memory_budget_mib=memory_budget_mib)
         extra = read_extra(path, (CLASS_TENSOR,), device)

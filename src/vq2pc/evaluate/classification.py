@@ -16,8 +16,9 @@ confusion matrices of the full images; class-conditional samples and class-force
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,11 +29,29 @@ from vq2pc.core.random import uniform
 from vq2pc.data.masks import make_mask
 from vq2pc.evaluate.classifier import SmallCNN
 from vq2pc.evaluate.common import to_unit
-from vq2pc.evaluate.plots import clean_axes, hidden_pixels, new_figure, save_figure, styled, tile_rgb, to_rgb
+from vq2pc.evaluate.plots import (
+    clean_axes,
+    hidden_pixels,
+    new_figure,
+    save_figure,
+    styled,
+    tile_rgb,
+    to_rgb,
+)
 
-__all__ = ["MISSING_FRACTIONS", "REGIONS", "classification_masks", "calibration", "circuit_log_posteriors",
-           "cnn_log_posteriors", "classification_metrics", "plot_classification", "plot_calibration",
-           "class_panels", "plot_class_samples"]
+__all__ = [
+    "MISSING_FRACTIONS",
+    "REGIONS",
+    "calibration",
+    "circuit_log_posteriors",
+    "class_panels",
+    "classification_masks",
+    "classification_metrics",
+    "cnn_log_posteriors",
+    "plot_calibration",
+    "plot_class_samples",
+    "plot_classification",
+]
 
 MISSING_FRACTIONS = (0.1, 0.3, 0.5, 0.7, 0.9)
 REGIONS = ("top", "bottom", "left", "right", "center")
@@ -119,7 +138,7 @@ def classification_metrics(
     out: dict[str, Any] = {"circuit": {}, "cnn_mean": {}, "cnn_circuit": {},
                            "hidden_fraction": {k: 0.0 if m is None else float((~m).float().mean()) for k, m in masks.items()}}
     full: dict[str, Tensor] = {}
-    as_img = lambda u: u.reshape(-1, *image_shape)  # noqa: E731
+    as_img = lambda u: u.reshape(-1, *image_shape)
     if classifier is not None:
         for key, mask in masks.items():
             filled = x_unit if mask is None else torch.where(mask, x_unit, fill)
