@@ -144,7 +144,11 @@ class ClassMixture:
             bad = int(t.min()) if int(t.min()) < 0 else int(t.max())
             raise ValueError(f"class index {bad} is out of range: the circuit has C = {self.num_classes} classes "
                              f"(0..{self.num_classes - 1})")
-        return t.long().to(self.device)
+        t = t.long().to(self.device)
+        empty = torch.isneginf(self.log_class_prior[t])
+        if bool(empty.any()):
+            raise ValueError(f"class {int(t[empty][0])} has no weight in this circuit (no component was selected for it)")
+        return t
 
     # --- blocks of the likelihood matrix ----------------------------------------------
     def _blocks(self, x: Tensor, mask: Tensor | None) -> Iterator[Block]:
