@@ -77,7 +77,9 @@ def run_experiments(
     if any(r.get("test_bpd_quantiles") for r in rows):
         section["figures"]["bpd_tails"] = str(plot_bpd_tails(rows, fig("bpd_tails"), title=f"{cfg.dataset}, {leaf} pixels"))
     models = showcase_models(circuits, baselines)
-    params = {"experiments": dataclasses.asdict(E), "seed": cfg.seed, "main": cfg.main.name,
+    # the classification keys are read by the classification stage alone: results cached before them stay valid
+    own = {k: v for k, v in dataclasses.asdict(E).items() if not k.startswith("classification")}
+    params = {"experiments": own, "seed": cfg.seed, "main": cfg.main.name,
               "analysis": cfg.analysis.name, "max_usage_space": cfg.max_usage_space}  # a change redoes the experiments
     if E.usage and analysis.info["latent_space"] <= cfg.max_usage_space:
         section["latent_usage"] = run.cached("usage", f"{leaf}/latent_usage",
@@ -105,7 +107,7 @@ def run_experiments(
         section["classification"] = run.cached(
             "classification", f"{leaf}/classification",
             lambda: classification_experiment(run, cfg, splits, leaf, main, circuits, fig),
-            outputs=outputs, depends=inputs, params=params)
+            outputs=outputs, depends=inputs, params={**params, "classification": dataclasses.asdict(E)})
         if "skipped" not in section["classification"]:
             section["figures"].update({k: str(fig(k)) for k in ("classification_calibration", "class_samples")})
     # relative to the run folder: report.json stays true when the folder is moved or copied
