@@ -129,6 +129,7 @@ def test_save_load_round_trip_and_plain_load_is_the_marginal(tmp_path) -> None:
     x = every_image()
     assert torch.allclose(back.log_weights, cm.log_weights, atol=1e-14, rtol=0)
     assert torch.allclose(back.class_posterior(x), cm.class_posterior(x), atol=0)
+    assert torch.allclose(cm.to("cpu").class_posterior(x), cm.class_posterior(x))
     plain = MixtureCircuit.load(path)
     assert torch.allclose(plain.log_prob(x), cm.log_prob(x), atol=1e-12)
     cm.model.save(tmp_path / "plain.safetensors")

@@ -127,6 +127,12 @@ class ClassMixture:
     def __repr__(self) -> str:
         return f"ClassMixture({self.model!r}, C={self.num_classes})"
 
+    def to(self, device: str | torch.device) -> ClassMixture:
+        """A copy on ``device`` (a circuit's; an exact model is moved with its VQ-VAE and prior instead)."""
+        if self.exact:
+            raise ValueError("move an ExactModel-based ClassMixture by building it on the device (ExactModel(device=))")
+        return ClassMixture(self.model.to(device), self.log_weights.double().to(device))
+
     # --- input ----------------------------------------------------------------------
     def _prepare(self, x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
         return prepare_input(x, mask, self._template, self._fill)

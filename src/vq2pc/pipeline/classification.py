@@ -18,6 +18,7 @@ import torch
 
 from vq2pc.circuit.class_weights import class_weights
 from vq2pc.circuit.classes import ClassMixture
+from vq2pc.circuit.distill import decode_leaf
 from vq2pc.data.datasets import DataSplits, to_model_space
 from vq2pc.evaluate import classification as ec
 from vq2pc.evaluate.classifier import train_classifier
@@ -69,12 +70,22 @@ def _class_models(src: SourceModel, cfg: RunConfig, circuits: Models) -> dict[st
                 selection = Selection(codes, circuit.log_weights.float().cpu(), strategy)
             else:
                 selection = make_selection(src, cfg, strategy, n)
-            if len(selection) != len(circuit):
-                raise ValueError(f"circuit {key} has {len(circuit)} components; its selection {len(selection)}")
+            if len(selection) != len(circuit) or not (key.endswith("-ft") or _same_components(src, selection, circuit)):
+                raise ValueError(f"circuit {key} does not hold the latents its selection {strategy} N={n} makes now "
+                                 "(made by other code or settings): redo it with --force distill")
             return ClassMixture(circuit, class_weights(src.prior, selection, base_log_weights=circuit.log_weights))
         return load
 
     return {label: loader(*spec) for label, spec in class_rows(circuits).items()}
+
+
+def _same_components(src: SourceModel, selection: Selection, circuit: Any, k: int = 8) -> bool:
+    """Whether the first ``k`` selected latents decode to the circuit's first ``k`` components (a distilled,
+    not fine-tuned, circuit), so the class weights of ``selection`` belong to this circuit."""
+    leaf = decode_leaf(src.vqvae, selection.codes[:k], std_floor=src.spec.std_floor)
+    mine = circuit.leaf[torch.arange(min(k, len(circuit)))].tensors()
+    return all(torch.allclose(t.float().cpu(), mine[name].float().cpu(), atol=1e-4, rtol=1e-4)
+               for name, t in leaf.tensors().items())
 
 
 def classification_experiment(run: RunDir, cfg: RunConfig, splits: DataSplits, leaf: str, src: SourceModel,
