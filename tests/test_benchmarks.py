@@ -48,3 +48,13 @@ def test_exact_bpd_counts_one_pass_of_decodes_after_the_loop_swap() -> None:
     assert (before["decodes"], after["decodes"], draws["decodes"]) == (2 * 2 * 16, 2 * 16, 16)
     assert before["extrapolated"] and after["extrapolated"] and not draws["extrapolated"]
     assert "bpd" in draws and draws["bpd"] > 0
+
+
+@pytest.mark.parametrize("leaf", ["gaussian", "categorical"])
+def test_class_posterior_benchmark_prints_its_line(leaf: str) -> None:
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "class_posterior.py"), "--N", "64", "--B", "16",
+                          "--S", "20", "--levels", "8", "--leaf", leaf, "--repeat", "1"],
+                         capture_output=True, text=True, check=True, timeout=120)
+    line = json.loads(out.stdout.strip().splitlines()[-1])
+    assert {"log_prob_s", "class_posterior_s", "ratio", "recomputed_rows"} <= set(line) and line["leaf"] == leaf
+    assert line["log_prob_s"] > 0 and line["class_posterior_s"] > 0
