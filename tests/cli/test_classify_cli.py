@@ -54,7 +54,8 @@ def test_sample_and_inpaint_take_a_class(tmp_path: Path, class_circuit, capsys: 
     assert out["class"] == 0 and np.isfinite(out["conditional_bpd_hidden"])
 
 
-def test_bad_class_and_mask_are_one_line_errors(tmp_path: Path, class_circuit, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_class_and_mask_are_one_line_errors(tmp_path: Path, class_circuit,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
     path, cm = class_circuit
     np.save(tmp_path / "x.npy", cm.sample(2, c=0).reshape(2, 1, 4, 4).numpy())
     np.save(tmp_path / "m.npy", np.ones((3, 3), dtype=bool))

@@ -138,7 +138,8 @@ class ClassMixture:
         return prepare_input(x, mask, self._template, self._fill)
 
     def check_classes(self, c: int | Tensor, rows: int) -> Tensor:
-        """``[rows]`` long class indices from an int or a ``[rows]`` integer tensor (``ValueError`` naming the problem)."""
+        """``[rows]`` long class indices from an int or a ``[rows]`` integer tensor (``ValueError`` naming
+        the problem)."""
         t = torch.as_tensor(c)
         if t.dtype.is_floating_point or t.dtype == torch.bool or t.is_complex():
             raise ValueError(f"class must be an integer or an integer tensor, got {t.dtype}")
@@ -153,7 +154,8 @@ class ClassMixture:
         t = t.long().to(self.device)
         empty = torch.isneginf(self.log_class_prior[t])
         if bool(empty.any()):
-            raise ValueError(f"class {int(t[empty][0])} has no weight in this circuit (no component was selected for it)")
+            raise ValueError(f"class {int(t[empty][0])} has no weight in this circuit "
+                             "(no component was selected for it)")
         return t
 
     # --- blocks of the likelihood matrix ----------------------------------------------
@@ -206,7 +208,8 @@ class ClassMixture:
         joint = self._joint(xp, mp)
         if cls is None:
             return torch.logsumexp(joint, 1).to(self.log_weights.dtype)
-        return (joint.gather(1, cls[:, None]).squeeze(1) - self.log_class_prior.double()[cls]).to(self.log_weights.dtype)
+        given = joint.gather(1, cls[:, None]).squeeze(1) - self.log_class_prior.double()[cls]
+        return given.to(self.log_weights.dtype)
 
     # --- conditionals -----------------------------------------------------------------
     @torch.no_grad()
@@ -288,7 +291,8 @@ class ClassMixture:
         xp, mp = self._prepare(x, mask)
         cls = None if c is None else self.check_classes(c, xp.shape[0])
         if self._mode_logp is None:
-            parts = [leaf.log_prob(leaf.mode()) for leaf in self._leaf_rows(torch.arange(len(self), device=self.device))]
+            every = torch.arange(len(self), device=self.device)
+            parts = [leaf.log_prob(leaf.mode()) for leaf in self._leaf_rows(every)]
             self._mode_logp = torch.cat(parts)  # [N, S] log p(mode | n)
         best_class = self.log_cond.max(1)  # [N]: max_c log p(c | n) and its class
 

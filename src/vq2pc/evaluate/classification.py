@@ -136,7 +136,8 @@ def classification_metrics(
     x_unit = to_unit(x_model, leaf_kind, levels)
     fill = x_unit.mean(0) if fill_unit is None else fill_unit.reshape(-1).float()
     out: dict[str, Any] = {"circuit": {}, "cnn_mean": {}, "cnn_circuit": {},
-                           "hidden_fraction": {k: 0.0 if m is None else float((~m).float().mean()) for k, m in masks.items()}}
+                           "hidden_fraction": {k: 0.0 if m is None else float((~m).float().mean())
+                                               for k, m in masks.items()}}
     full: dict[str, Tensor] = {}
     as_img = lambda u: u.reshape(-1, *image_shape)
     if classifier is not None:

@@ -166,7 +166,8 @@ def _classification(cl: dict) -> list[str]:
         if imp:
             rows.append([f"CNN, {model} imputation"] + [100 * imp[m]["accuracy"] if m in imp else None for m in masks])
     if cl.get("cnn_mean"):
-        rows.append(["CNN, mean imputation"] + [100 * cl["cnn_mean"].get(m, {}).get("accuracy", math.nan) for m in masks])
+        mean = cl["cnn_mean"]
+        rows.append(["CNN, mean imputation"] + [100 * mean[m]["accuracy"] if m in mean else None for m in masks])
     lines = ["## Classification with missing pixels", "",
              f"Test accuracy (%) on {_fmt(cl.get('images'))} test images; missing pixels are marginalized exactly by "
              "the class-aware circuits and imputed for the CNN. Class weights: "

@@ -125,6 +125,7 @@ def classification_experiment(run: RunDir, cfg: RunConfig, splits: DataSplits, l
     for per in results["circuit"].values():
         for metrics in per.values():
             metrics.pop("reliability", None)
-    return {**results, "images": n, "cnn_test_accuracy": cnn_accuracy, "seconds": round(seconds, 2), "cpu_seconds": round(cpu, 2),
+    return {**results, "images": n, "cnn_test_accuracy": cnn_accuracy, "seconds": round(seconds, 2),
+            "cpu_seconds": round(cpu, 2),
             "class_weights": "w_{n,c} = w_n p(c | z_n) from the prior (each row's own p(x) kept)",
             "figure": str(fig("classification"))}

@@ -151,7 +151,8 @@ class RunConfig:
         if any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in self.experiments.usage_seeds):
             raise ValueError(f"config: experiments.usage_seeds must be integers >= 0, got {self.experiments.usage_seeds}")
         _check_counts(self.experiments, ("inpainting_images", "inpainting_eval_images", "num_samples",
-                                         "correlation_images", "bpd_draws", "classification_images"), "config.experiments")
+                                         "correlation_images", "bpd_draws", "classification_images"),
+                      "config.experiments")
         if not all(0.0 < f < 1.0 for f in self.experiments.classification_fractions):
             raise ValueError("config.experiments: classification_fractions must lie in (0, 1), got "
                              f"{self.experiments.classification_fractions}")
