@@ -134,7 +134,8 @@ def tiny_config(leaves: list[str], epochs: int = 1, N: list[int] | None = None, 
     baselines = BaselineSpec(einet_pieces=[2], einet_inputs=[1], cm_points=64, cm_train_points=32, cm_hidden=8,
                              einet=full, cm=full)
     experiments = ExperimentSpec(num_samples=50, inpainting_eval_images=20, correlation_images=20, usage=full,
-                                 inpainting=full, samples=full, correlation=full)
+                                 inpainting=full, samples=full, correlation=full, classification=full,
+                                 classification_images=40, classification_fractions=[0.5])
     cfg = load_config(None, {"limit": LIMIT})
     return dataclasses.replace(cfg, leaves=leaves, models=[model], vqvae_train=train, prior_train=train,
                                baseline_train=dataclasses.replace(train, max_seconds=10),

@@ -73,3 +73,13 @@ def test_codec_throughput_prints_its_json_line() -> None:
     assert {"encode_images_per_s", "decode_images_per_s", "threads", "bits_per_pixel", "model_bpd"} <= set(line)
     assert line["encode_images_per_s"] > 0 and line["threads"] == 1
     assert line["bits_per_pixel"] > line["model_bpd"]  # tiny set: the ~400-byte header dominates the gap
+
+
+@pytest.mark.parametrize("leaf", ["gaussian", "categorical"])
+def test_class_posterior_benchmark_prints_its_line(leaf: str) -> None:
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "class_posterior.py"), "--N", "64", "--B", "16",
+                          "--S", "20", "--levels", "8", "--leaf", leaf, "--repeat", "1"],
+                         capture_output=True, text=True, check=True, timeout=120)
+    line = json.loads(out.stdout.strip().splitlines()[-1])
+    assert {"log_prob_s", "class_posterior_s", "ratio", "recomputed_rows"} <= set(line) and line["leaf"] == leaf
+    assert line["log_prob_s"] > 0 and line["class_posterior_s"] > 0

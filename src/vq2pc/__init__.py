@@ -26,6 +26,10 @@ _EXPORTS = {
     "load_dataset": "vq2pc.data.datasets",
     "DataSplits": "vq2pc.data.datasets",
     # models and their training
+    # class-aware circuits
+    "ClassMixture": "vq2pc.circuit.classes",
+    "class_weights": "vq2pc.circuit.class_weights",
+    "load_circuit": "vq2pc.circuit.classes",
     "VQVAE": "vq2pc.models.vqvae",
     "VQVAEConfig": "vq2pc.models.vqvae",
     "train_vqvae": "vq2pc.models.vqvae",

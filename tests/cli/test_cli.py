@@ -12,13 +12,14 @@ import pytest
 import torch
 
 from vq2pc.circuit import MixtureCircuit
+from vq2pc.circuit.classes import ClassMixture
 from vq2pc.cli import build_parser, main
 from vq2pc.core.checkpoint import load_checkpoint
 from vq2pc.data import load_dataset
 from vq2pc.evaluate.density import test_bpd
 from vq2pc.models.priors.pixelcnn import PixelCNNPrior, PriorConfig
 
-VERBS = ["run", "train-vqvae", "train-prior", "train-baseline", "distill", "finetune", "evaluate", "usage", "sample", "inpaint", "refine", "export", "compress", "decompress"]
+VERBS = ["run", "train-vqvae", "train-prior", "train-baseline", "distill", "finetune", "evaluate", "usage", "sample", "inpaint", "classify", "refine", "export", "compress", "decompress"]
 DATA = ["--limit", "100", "--seed", "0"]
 
 
@@ -91,7 +92,7 @@ def stages(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "train-prior": ["train-prior", *DATA, "--epochs", "1", "--vqvae", str(files["vqvae"]), "--hidden", "8",
                         "--layers", "1", "--out", str(files["prior"])],
         "distill": ["distill", "--vqvae", str(files["vqvae"]), "--prior", str(files["prior"]),
-                    "--strategy", "exhaustive", "--out", str(files["circuit"])],
+                    "--strategy", "exhaustive", "--classes", "--out", str(files["circuit"])],
         "evaluate": ["evaluate", str(files["circuit"]), *DATA, "--draws", "2"],
         "usage": ["usage", "--prior", str(files["prior"]), "--out", str(files["usage"])],
     }
@@ -134,6 +135,7 @@ def test_stage_verbs_chain(verb: str, stages: dict[str, Any], capsys: pytest.Cap
         assert result["N"] == len(circuit) == 4**4 and result["strategy"] == "exhaustive"
         assert circuit.meta["image_shape"] == [1, 8, 8] and circuit.meta["levels"] == 17
         assert abs(float(torch.logsumexp(circuit.log_weights.double(), 0))) < 1e-6
+        assert result["classes"] == ClassMixture.load(files["circuit"]).num_classes == 10  # --classes
     elif verb == "evaluate":
         assert result["N"] == 256 and math.isfinite(result["test_bpd"]) and result["test_bpd"] > 0
         splits = load_dataset("digits", None, seed=0, limit=100)

@@ -80,3 +80,9 @@ def test_the_quick_config_is_the_default_run_and_fine_tunes() -> None:
     assert config_to_dict(quick) == config_to_dict(default)
     assert default.main.ft_strategies == ["sample"] and not default.main.ft_N and "sample" in default.main.strategies
     assert default.main.finetune.epochs <= 5  # sized for the quick run, not the MNIST recipe
+
+
+def test_classification_fractions_must_lie_strictly_between_0_and_1() -> None:
+    with pytest.raises(ValueError, match="classification_fractions"):
+        load_config(None, {"experiments": {"classification_fractions": [0.5, 1.0]}})
+    assert load_config(None).experiments.classification

@@ -108,6 +108,20 @@ def test_exm_bpd_recomputed_from_saved_circuit(full_run: dict[str, Any], leaf: s
     assert bpd["mean"] == pytest.approx(row["test_bpd"], rel=0, abs=1e-9)
 
 
+@pytest.mark.parametrize("leaf", ["gaussian", "categorical"])
+def test_classification_experiment_of_the_class_aware_rows(full_run: dict[str, Any], leaf: str) -> None:
+    section = full_run["report"]["experiments"][leaf]["classification"]
+    families = {name.split(" (")[0] for name in section["circuit"]}
+    assert {"ExM", "DMRS", "DMBS", "DMRS+FT"} <= families
+    masks = {"full", "random 50%", "top", "bottom", "left", "right", "center"}
+    for per in [*section["circuit"].values(), *section["cnn_circuit"].values(), section["cnn_mean"]]:
+        assert set(per) == masks and all(0.0 <= m["accuracy"] <= 1.0 and m["ece"] >= 0.0 for m in per.values())
+    assert section["images"] == 40 and section["hidden_fraction"]["left"] == 0.5
+    for name in ("classification", "classification_calibration", "class_samples"):
+        assert (full_run["out"] / "figures" / f"{leaf}-{name}.png").stat().st_size > 0
+    assert "## Classification with missing pixels" in (full_run["out"] / "report.md").read_text()
+
+
 def test_report_md_links_and_config(full_run: dict[str, Any]) -> None:
     out, cfg = full_run["out"], full_run["cfg"]
     md = (out / "report.md").read_text()

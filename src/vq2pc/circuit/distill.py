@@ -16,7 +16,7 @@ import torch
 from vq2pc.circuit.kernels import categorical_table, categorical_view
 from vq2pc.circuit.mixture import MixtureCircuit
 from vq2pc.core.leaves import Categorical, Leaf, discretize, leaf_from_tensors
-from vq2pc.core.protocols import Decoder, LeafDecoder
+from vq2pc.core.protocols import Decoder, LeafDecoder, Prior
 from vq2pc.latents.selection import Selection
 
 __all__ = ["distill", "decode_leaf", "check_std_floor"]
@@ -82,11 +82,17 @@ def distill(
     meta: dict[str, Any] | None = None,
     std_floor: float | None = None,
     discretized: int | None = None,
-) -> MixtureCircuit:
+    classes: bool = False,
+    prior: Prior | None = None,
+) -> MixtureCircuit | Any:
     """Build the distilled circuit of ``selection`` (N components) from a :class:`~vq2pc.core.protocols.Decoder`
     such as a VQ-VAE (``std_floor``: see :func:`decode_leaf`). ``discretized = L``: a Gaussian decoder's
     leaves become their exact ``L``-level twins (``DiscretizedGaussian``; the circuit then reads integer
-    levels and scores discrete BPD), with no retraining."""
+    levels and scores discrete BPD), with no retraining.
+
+    ``classes=True``: a class-aware :class:`~vq2pc.circuit.classes.ClassMixture` with class weights
+    :func:`~vq2pc.circuit.class_weights.class_weights` of the same ``weights`` rule (``prior``: ∝ p(c) p(z_n|c);
+    ``uniform``: uniform per drawn class), from ``prior`` or the selection's ``class_log_joint``."""
     if selection.codes.shape[0] == 0:
         raise ValueError("selection is empty: nothing to distill")
     leaf = decode_leaf(vqvae, selection.codes, batch_size, std_floor)
@@ -97,4 +103,10 @@ def distill(
         info["shortfall_reason"] = selection.info["shortfall_reason"]
     if std_floor is not None:
         info["std_floor"] = float(std_floor)
-    return MixtureCircuit(leaf, selection.log_weights(weights).to(leaf.device), meta=info)
+    circuit = MixtureCircuit(leaf, selection.log_weights(weights).to(leaf.device), meta=info)
+    if not classes:
+        return circuit
+    from vq2pc.circuit.class_weights import class_weights  # the class-aware modules build on this one
+    from vq2pc.circuit.classes import ClassMixture
+
+    return ClassMixture(circuit, class_weights(prior, selection, weights).to(leaf.device))

@@ -148,6 +148,11 @@ class ExactModel:
                                          _trusted=True)  # decoded here: the input checks ran once, in _prepare
                 bar.update(n1 - n0)
 
+    def chunks(self, batch: int, desc: str = "ExM") -> Iterator[tuple[int, MixtureCircuit]]:
+        """``(n0, chunk circuit)`` over the whole latent space, scored ``batch`` rows at a time (for queries
+        built on this model, e.g. :class:`~vq2pc.circuit.classes.ClassMixture`); see :meth:`_chunks`."""
+        return self._chunks(batch, desc)
+
     def _scores(self, circuit: MixtureCircuit, n0: int, x: Tensor, mask: Tensor | None) -> Tensor:
         """``[B, n]`` log p(z) + log p(x_o | z) for the chunk's latents (float32)."""
         return circuit.log_likelihoods_prepared(x, mask) + self.log_prior[n0 : n0 + len(circuit)]

@@ -31,7 +31,10 @@ has no serialization of circuits, so :func:`export_cirkit` saves the compiled
 module's ``state_dict`` with a JSON description and :func:`load_cirkit` rebuilds it.
 
 :func:`export_npz` writes ``log_weights [N]`` and the leaf arrays with a JSON header
-(``header``), for users of other PC libraries (SPFlow, ProbabilisticCircuits.jl, ...).
+(``header``), for users of other PC libraries (SPFlow, ProbabilisticCircuits.jl, ...); a class-aware
+circuit (:class:`~vq2pc.circuit.classes.ClassMixture`) adds ``class_log_weights [N, C]`` (``log_weights``
+is then their class marginal, so a reader that ignores the classes gets ``p̂(x)``). The libcirkit export
+of a class-aware circuit is that of its class marginal.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ import torch
 from torch import Tensor, nn
 
 from vq2pc.circuit.cirkit import require_cirkit
+from vq2pc.circuit.classes import CLASS_TENSOR, ClassMixture
 from vq2pc.circuit.kernels import normalized_categorical
 from vq2pc.circuit.mixture import MixtureCircuit
 from vq2pc.core import validate
@@ -85,6 +89,9 @@ def _cirkit() -> Any:
 
 
 def _check_circuit(circuit: Any) -> MixtureCircuit:
+    """``circuit`` itself, or a class-aware circuit's class marginal."""
+    if isinstance(circuit, ClassMixture) and isinstance(circuit.model, MixtureCircuit):
+        return circuit.model
     if not isinstance(circuit, MixtureCircuit):
         raise ValueError(f"expected a MixtureCircuit, got {type(circuit).__name__}")
     if circuit.leaf.kind not in LEAF_KINDS:
@@ -310,11 +317,13 @@ def load_cirkit(path: str | Path, device: str | torch.device | None = None) -> n
     return compiled.to(device or "cpu")
 
 
-def export_npz(circuit: MixtureCircuit, path: str | Path) -> Path:
+def export_npz(circuit: MixtureCircuit | ClassMixture, path: str | Path) -> Path:
     """Write a plain ``.npz``: ``header`` (JSON string), ``log_weights [N]`` (normalized),
     ``raw_log_weights [N]`` (as given to the constructor; :func:`from_npz` uses them for a
     bit-exact reload) and the leaf arrays ``mean, std [N, S]`` / ``logits [N, S, L]``
-    (normalized log-probabilities) / ``logits [N, S]`` (Bernoulli: p(x=1) = sigmoid)."""
+    (normalized log-probabilities) / ``logits [N, S]`` (Bernoulli: p(x=1) = sigmoid); a
+    :class:`ClassMixture` adds ``class_log_weights [N, C]`` (``log w_{n,c}``, normalized jointly)."""
+    classes = circuit.log_weights.double() if isinstance(circuit, ClassMixture) else None
     circuit = _check_circuit(circuit)
     leaf = circuit.leaf
     header = {
@@ -327,9 +336,15 @@ def export_npz(circuit: MixtureCircuit, path: str | Path) -> Path:
         "arrays": {k: list(v.shape) for k, v in leaf.tensors().items()},
         "meta": circuit.meta,
     }
+    if classes is not None:
+        header["num_classes"] = int(classes.shape[1])
+        header["classes"] = ("p(x, c) = sum_n exp(class_log_weights[n, c]) prod_i p(x_i | leaf params [n, i]); "
+                             "log_weights = logsumexp over c of class_log_weights")
     arrays = {k: v.detach().cpu().contiguous().numpy() for k, v in leaf.tensors().items()}
     arrays["log_weights"] = circuit.log_weights.detach().cpu().numpy()
     arrays["raw_log_weights"] = circuit._given_log_weights.detach().cpu().numpy()
+    if classes is not None:
+        arrays[CLASS_TENSOR] = classes.cpu().numpy()
 
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to the temporary name
@@ -338,8 +353,10 @@ def export_npz(circuit: MixtureCircuit, path: str | Path) -> Path:
     return atomic_write(path, write)
 
 
-def from_npz(path: str | Path, device: str | torch.device | None = None) -> MixtureCircuit:
-    """The :class:`MixtureCircuit` of an archive written by :func:`export_npz` (``CheckpointError`` if bad)."""
+def from_npz(path: str | Path, device: str | torch.device | None = None,
+             classes: bool = False) -> MixtureCircuit | ClassMixture:
+    """The :class:`MixtureCircuit` of an archive written by :func:`export_npz` (``CheckpointError`` if bad);
+    ``classes=True``: the :class:`ClassMixture` of an archive with class weights (its class marginal otherwise)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"npz file not found: {path}")
@@ -354,7 +371,13 @@ def from_npz(path: str | Path, device: str | torch.device | None = None) -> Mixt
     try:
         kind = header["kind"]
         log_weights = tensors.pop("raw_log_weights", tensors["log_weights"])
-        return MixtureCircuit(_npz_leaf(kind, tensors), log_weights, meta=header.get("meta"))
+        class_log_weights = tensors.pop(CLASS_TENSOR, None)
+        circuit = MixtureCircuit(_npz_leaf(kind, tensors), log_weights, meta=header.get("meta"))
+        if not classes:
+            return circuit
+        if class_log_weights is None:
+            raise CheckpointError(f"{path} holds no class weights (not a class-aware circuit)")
+        return ClassMixture(circuit, class_log_weights)
     except (KeyError, ValueError, IndexError, RuntimeError) as exc:
         raise CheckpointError(f"{path}: invalid circuit contents: {exc}") from None
 

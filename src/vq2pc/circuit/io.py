@@ -6,6 +6,10 @@ tensors under ``leaf.<name>`` (``leaf.mean``/``leaf.std`` ``[N, S]``,
 holds ``format = "vq2pc/circuit"``, ``format_version``, ``kind``, ``N``, ``S``,
 ``L`` (0 unless categorical or discretized) and ``meta`` (JSON of the user's metadata dict,
 e.g. ``image_shape`` and ``levels``). Writes are atomic.
+
+Optional extra tensors (any other name, e.g. a class-aware circuit's ``class_log_weights [N, C]``)
+are written beside them; :func:`read_circuit` ignores them, :func:`read_extra` reads them, so a
+reader that does not know an extra still loads the circuit (a class-aware file as its class marginal).
 """
 
 from __future__ import annotations
@@ -24,16 +28,22 @@ from vq2pc.core.checkpoint import CheckpointError
 from vq2pc.core.files import atomic_write
 from vq2pc.core.leaves import CIRCUIT_LEAF_KINDS, Leaf
 
-__all__ = ["FORMAT_TAG", "FORMAT_VERSION", "write_circuit", "read_circuit", "prepare_input", "check_sample_args"]
+__all__ = ["FORMAT_TAG", "FORMAT_VERSION", "write_circuit", "read_circuit", "read_extra", "prepare_input",
+           "check_sample_args"]
 
 FORMAT_TAG = "vq2pc/circuit"
 FORMAT_VERSION = 1
 
 
-def write_circuit(path: str | Path, leaf: Leaf, log_weights: Tensor, meta: dict[str, Any]) -> Path:
-    """Write the circuit's tensors and metadata to ``path`` (atomically)."""
+def write_circuit(path: str | Path, leaf: Leaf, log_weights: Tensor, meta: dict[str, Any],
+                  extra: dict[str, Tensor] | None = None) -> Path:
+    """Write the circuit's tensors and metadata to ``path`` (atomically); ``extra``: more named tensors."""
     tensors = {f"leaf.{k}": v.detach().cpu().contiguous() for k, v in leaf.tensors().items()}
     tensors["log_weights"] = log_weights.detach().cpu().contiguous()
+    for name, t in (extra or {}).items():
+        if name in tensors or name.startswith("leaf."):
+            raise ValueError(f"extra tensor name {name!r} clashes with the circuit's own tensors")
+        tensors[name] = t.detach().cpu().contiguous()
     n, s = int(leaf.batch_shape[0]), int(leaf.batch_shape[1])
     levels = int(getattr(leaf, "num_levels", 0))
     header = {
@@ -78,6 +88,15 @@ def read_circuit(
     if shapes != {(n, s)} or tuple(tensors["log_weights"].shape) != (n,):
         raise CheckpointError(f"{path}: tensor shapes do not match the metadata N={n}, S={s}")
     return kind, leaf_tensors, tensors["log_weights"], meta, levels
+
+
+def read_extra(path: str | Path, names: tuple[str, ...], device: str | torch.device | None = None) -> dict[str, Tensor]:
+    """The extra tensors ``names`` of a circuit file that holds them (absent names are left out)."""
+    try:
+        with safe_open(str(path), framework="pt", device=str(device or "cpu")) as f:
+            return {k: f.get_tensor(k) for k in names if k in set(f.keys())}
+    except Exception as exc:  # safetensors raises several types for corrupt files
+        raise CheckpointError(f"{path} is not a readable vq2pc circuit (corrupt, truncated or foreign): {exc}") from None
 
 
 def prepare_input(

@@ -189,6 +189,24 @@ class MixtureCircuit:
 
         return self._row_map(x, mask, block, 4 * len(self))
 
+    def score_blocks(self, x: Tensor, mask: Tensor | None, extra_row_bytes: int = 0
+                     ) -> Iterator[tuple[int, int, Tensor, Scratch]]:
+        """``(b0, b1, s, scratch)`` per block of rows of ``x [B, S]`` / ``mask`` validated by ``prepare_input``:
+        ``s [b1-b0, N] = log w_n + log p(x_o | n)``, a view of a reused buffer (valid until the next block; the
+        block's ``scratch`` may serve the caller's own temporaries). The hook for queries built on this circuit
+        (:class:`~vq2pc.circuit.classes.ClassMixture`): the likelihood matrix once, without a copy of it."""
+        rows, cols = self._blocks(x.shape[0], extra_row_bytes + self.log_weights.element_size() * len(self))
+        scratch = Scratch()
+        for b0, b1 in rows:
+            xb, mb = x[b0:b1], None if mask is None else mask[b0:b1]
+            if len(cols) == 1:
+                yield b0, b1, self._scores(xb, mb, 0, len(self), scratch), scratch
+                continue
+            out = scratch.take("rows", (b1 - b0, len(self)), self.log_weights.dtype, x.device)
+            for n0, n1 in cols:
+                out[:, n0:n1] = self._scores(xb, mb, n0, n1, scratch)
+            yield b0, b1, out, scratch
+
     def log_prob(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """``[B]`` log p̂(x), or the log marginal of the observed entries when ``mask`` is given."""
         x, mask = self._prepare(x, mask)

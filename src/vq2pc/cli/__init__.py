@@ -19,7 +19,7 @@ from vq2pc.core.distributed import init_from_env, shutdown
 from vq2pc.core.files import check_writable
 
 # Modules that define verbs, in the order their verbs appear in --help.
-_VERB_MODULES = ["run", "train", "baseline", "finetune", "circuit", "refine", "export", "codec"]
+_VERB_MODULES = ["run", "train", "baseline", "finetune", "circuit", "classes", "refine", "export", "codec"]
 
 
 def version() -> str:
@@ -79,6 +79,7 @@ _OOM_HINT = {
     "usage": "lower --max-space",
     "sample": "lower --num-samples",
     "inpaint": "pass fewer images",
+    "classify": "pass fewer images",
     "refine": "lower --batch-size or --limit",
     "export": "use a smaller circuit",
     "compress": "lower --rows",

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from vq2pc.circuit.classes import ClassMixture, load_circuit
 from vq2pc.circuit.mixture import MixtureCircuit
 from vq2pc.cli.options import add_parser, option, out_option, seed_device_options
 from vq2pc.core.files import atomic_write
@@ -28,6 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     option(p, "num_samples", type=int, default=64, metavar="n", help="number of samples")
     out_option(p, "grid image file to write (.png)", required=True)
     p.add_argument("--npy", help="also write the samples [n, C, H, W] (model space) to this .npy file")
+    _class_flag(p, "draw from p(x | class) (class-aware circuits)")
     p.set_defaults(func=cmd_sample)
 
     p = add_parser(
@@ -42,7 +44,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--mask", choices=MASK_KINDS, default="left", help="region that is HIDDEN")
     out_option(p, "figure file to write (.png; rows: original / masked / mean / sample)", required=True)
     p.add_argument("--show", type=int, default=8, help="images shown in the figure")
+    _class_flag(p, "complete from p(x_hidden | x_observed, class) (class-aware circuits)")
     p.set_defaults(func=cmd_inpaint)
+
+
+def _class_flag(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--class", dest="cls", type=int, metavar="C", help=f"class index: {what}")
+
+
+def load_for_class(path: str, device: str, cls: int | None) -> tuple[MixtureCircuit | ClassMixture, MixtureCircuit]:
+    """The circuit of ``path`` (class-aware when the file holds class weights) and its plain circuit;
+    ``ValueError`` when a class is asked of a circuit without class weights."""
+    c = load_circuit(path, device=device)
+    if cls is not None and not isinstance(c, ClassMixture):
+        raise ValueError(f"--class needs a class-aware circuit; {path} has no class weights")
+    if cls is not None:
+        c.check_classes(cls, 1)
+    return c, (c.model if isinstance(c, ClassMixture) else c)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -94,10 +112,10 @@ def _save_grid(rows: list[Tensor], shape: tuple[int, int, int], titles: list[str
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    c = MixtureCircuit.load(args.circuit, device=args.device)
+    model, c = load_for_class(args.circuit, args.device, args.cls)
     shape = _image_shape(c, args.image_shape)
     g = torch.Generator(device=args.device).manual_seed(args.seed)
-    x = c.sample(args.num_samples, generator=g)
+    x = c.sample(args.num_samples, generator=g) if args.cls is None else model.sample(args.num_samples, c=args.cls, generator=g)
     cols = math.ceil(math.sqrt(args.num_samples))
     shown = torch.cat([_display(c, x), torch.zeros(cols * cols - args.num_samples, x.shape[1], device=x.device)])
     _save_grid(list(shown.view(cols, cols, -1)), shape, [""] * cols, args.out)
@@ -109,7 +127,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
                 np.save(f, arr)
 
         atomic_write(args.npy, write)
-    print(json.dumps({"samples": args.num_samples, "out": args.out, "npy": args.npy}))
+    print(json.dumps({"samples": args.num_samples, "out": args.out, "npy": args.npy, "class": args.cls}))
     return 0
 
 
@@ -136,27 +154,30 @@ def _load_images(path: str, c: MixtureCircuit, shape: tuple[int, int, int], g: t
 def cmd_inpaint(args: argparse.Namespace) -> int:
     if args.show < 1:
         raise ValueError(f"--show must be >= 1 (images in the figure), got {args.show}")
-    c = MixtureCircuit.load(args.circuit, device=args.device)
+    model, c = load_for_class(args.circuit, args.device, args.cls)
     shape = _image_shape(c, args.image_shape)
     g = torch.Generator(device=args.device).manual_seed(args.seed)
     x = _load_images(args.images, c, shape, g).to(args.device).reshape(-1, c.num_variables)
+    given = {} if args.cls is None else {"c": args.cls}  # every query of p(. | class)
+    q = c if args.cls is None else model
     mask = make_mask(args.mask, shape, x.shape[0], g, device=args.device)
     hidden = (~mask).sum(1)
     if (hidden == 0).any():
         raise ValueError("the mask hides no pixel")
-    cond_nats = c.log_prob(x) - c.log_prob(x, mask=mask)  # -log p(x_u | x_o) with a minus sign
+    cond_nats = q.log_prob(x, **given) - q.log_prob(x, mask=mask, **given)  # -log p(x_u | x_o) with a minus sign
     bpd = -cond_nats / (hidden * math.log(2))
     if c.leaf.kind == "gaussian":
         bpd = bpd + math.log2(int(c.meta.get("levels", 256)))
-    mean = c.conditional_mean(x, mask=mask)
+    mean = q.conditional_mean(x, mask=mask, **given)
     mse = (((mean - x) ** 2) * (~mask)).sum(1) / hidden
     k = min(args.show, x.shape[0])
-    sample = c.sample(x=x[:k], mask=mask[:k], generator=g)
+    sample = q.sample(x=x[:k], mask=mask[:k], generator=g, **given)
     masked = torch.where(mask[:k], _display(c, x[:k]), torch.full_like(x[:k], 0.5))
     rows = [_display(c, x[:k]), masked, _display(c, mean[:k]), _display(c, sample)]
     _save_grid(rows, shape, ["original", "masked", "cond. mean", "cond. sample"], args.out)
     report = {
         "mask": args.mask,
+        "class": args.cls,
         "images": int(x.shape[0]),
         "conditional_bpd_hidden": float(bpd.mean()),
         "mse_conditional_mean_model_space": float(mse.mean()),

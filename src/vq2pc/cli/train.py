@@ -59,6 +59,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "likelihood of integer images, no retraining)")
     seed_device_options(p, "sample and beam selection")
     out_option(p, "circuit file to write (.safetensors)", default="circuit.safetensors")
+    p.add_argument("--classes", action="store_true",
+                   help="class-aware circuit: keep the class weights w_{n,c} (same --weights rule, per class) "
+                   "for `vq2pc classify` and `--class`")
     p.set_defaults(func=_distill)
 
     p = add_parser(sub, "evaluate", help="test BPD of a saved circuit",
@@ -173,13 +176,15 @@ def _distill(a: argparse.Namespace) -> int:
                          f"(K={vqvae.cfg.K}, grid {vqvae.cfg.latent_hw})")
     sel = select(prior, a.strategy, a.N, starts=a.starts, beam_score=a.beam_score, beam_search=a.beam_search,
                  generator=torch.Generator().manual_seed(a.seed),
-                 max_space=a.max_space, device=a.device)
+                 max_space=a.max_space, device=a.device, classes=a.classes)
     weights = a.weights or ("prior" if a.strategy == "exhaustive" else MODEL.weights)
     meta = {"image_shape": list(vqvae.cfg.image_shape), "levels": vqvae.cfg.levels, "leaf": vqvae.cfg.leaf}
     circuit = distill(vqvae, sel, weights=weights, meta=meta, std_floor=a.std_min,
-                      discretized=vqvae.cfg.levels if a.discretized else None)
+                      discretized=vqvae.cfg.levels if a.discretized else None, classes=a.classes,
+                      prior=prior)
     circuit.save(a.out)
-    print(json.dumps({"circuit": a.out, "N": len(circuit), "num_params": circuit.num_params, "strategy": a.strategy}))
+    print(json.dumps({"circuit": a.out, "N": len(circuit), "num_params": circuit.num_params, "strategy": a.strategy,
+                      "classes": getattr(circuit, "num_classes", None)}))
     return 0
 
 

@@ -9,6 +9,8 @@ The report dict the pipeline assembles (every key optional except as noted)::
      "latent_usage": latent_usage(...), "correlation": component_correlation(...),
      "inpainting": {model: inpainting_metrics(...)},
      "class_balance": {"classifier_accuracy": 0.97, "histograms": class_balance(...)},
+     "classification": {"circuit": {model: {mask: {"accuracy", "ece", "nll"}}}, "cnn_mean": {mask: ...},
+                        "cnn_circuit": {model: {mask: ...}}, "hidden_fraction": {mask: f}, "images": n},
      "notes": ["..."]}
 
 Figures whose key is known (see :data:`CAPTIONS`) get a caption saying what they
@@ -49,8 +51,17 @@ CAPTIONS: dict[str, str] = {
     "correlation": "Latent correlation (Fig. 6): corner plots of the component log-likelihoods log p(x, z_n) "
     "on test images, randomly sampled components (left) versus top-p(z) components (right). Elongated "
     "diagonal contours and r near 1 mean redundant components.",
+    "classification": "Classification with missing pixels: test accuracy of the class-aware circuits (exact "
+    "p(c | x_o), solid) and of the CNN given the same images with hidden pixels set to the training mean (black "
+    "dashed) or to the circuit's exact conditional mean (dotted), versus the fraction of random pixels missing "
+    "(left) and per hidden region (right). Look for how slowly exact marginalization degrades.",
+    "classification_calibration": "Calibration on full test images: reliability diagram (top; on the diagonal = "
+    "calibrated, below = overconfident) and row-normalized confusion matrix (bottom) of each classifier.",
+    "class_samples": "Class-aware circuits: per class (rows), samples of p(x | c), then two test images with the "
+    "left half hidden (red) and their exact completions E[x_u | x_o, c] forced to that class. Look for samples "
+    "of the right digit and completions that follow the class while agreeing with the observed half.",
 }
-_SECTIONS_WITH_FIGURES = ("latent_usage", "correlation", "class_balance")
+_SECTIONS_WITH_FIGURES = ("latent_usage", "correlation", "class_balance", "classification")
 
 
 def _fmt(v: Any, digits: int = 4) -> str:
@@ -149,6 +160,32 @@ def _balance(cb: dict) -> list[str]:
     return lines + _table(["source", "images", "KL from uniform (nats)", "± std (bootstrap)", "counts per class"], rows)
 
 
+def _classification(cl: dict) -> list[str]:
+    if cl.get("skipped"):
+        return ["## Classification with missing pixels", "", f"Skipped: {cl['skipped']}", ""]
+    masks = list(cl.get("hidden_fraction") or {})
+    rows = []
+    for model, per in (cl.get("circuit") or {}).items():
+        rows.append([f"{model}: exact p(c | x_o)"] + [100 * per[m]["accuracy"] if m in per else None for m in masks])
+        imp = (cl.get("cnn_circuit") or {}).get(model) or {}
+        if imp:
+            rows.append([f"CNN, {model} imputation"] + [100 * imp[m]["accuracy"] if m in imp else None for m in masks])
+    if cl.get("cnn_mean"):
+        mean = cl["cnn_mean"]
+        rows.append(["CNN, mean imputation"] + [100 * mean[m]["accuracy"] if m in mean else None for m in masks])
+    lines = ["## Classification with missing pixels", "",
+             f"Test accuracy (%) on {_fmt(cl.get('images'))} test images; missing pixels are marginalized exactly by "
+             "the class-aware circuits and imputed for the CNN. Class weights: "
+             f"{cl.get('class_weights', 'from the prior')}.", ""]
+    lines += _table(["classifier"] + [m if m in ("full",) or m.startswith("random") else f"{m} hidden" for m in masks],
+                    rows)
+    shown = [m for m in ("full", "random 50%", "center") if m in masks]
+    calib = [[name] + [f"{_fmt(per[m]['ece'], 3)} / {_fmt(per[m]['nll'], 3)}" if m in per else "—" for m in shown]
+             for name, per in [*(cl.get("circuit") or {}).items(), ("CNN, mean imputation", cl.get("cnn_mean") or {})]]
+    lines += ["Expected calibration error (15 bins) / label NLL (nats per image):", ""]
+    return lines + _table(["classifier"] + [f"{m}: ECE / NLL" for m in shown], calib)
+
+
 def _correlation(c: dict) -> list[str]:
     return ["## Latent correlation", "",
             f"Mean pairwise Pearson correlation of log p(x, z_n) over {_fmt(c.get('components'))} components and "
@@ -210,7 +247,7 @@ def _body(run_dir: Path, report: dict) -> list[str]:
     if report.get("results"):
         lines += _results(list(report["results"]))
     sections = (("latent_usage", _usage), ("inpainting", _inpainting), ("class_balance", _balance),
-                ("correlation", _correlation))
+                ("correlation", _correlation), ("classification", _classification))
     lines += [line for key, fn in sections if report.get(key) for line in fn(report[key])]
     figures = _figures(report, run_dir)
     if figures:

@@ -48,9 +48,10 @@ BEAM_SEARCHES = ("deterministic", "stochastic")
 
 
 def select_dmbs(prior: Prior, N: int, starts: int, generator: torch.Generator | None, batch_size: int,
-                score: str = "class", search: str = "deterministic") -> tuple[Tensor, Tensor, dict[str, Any]]:
-    """Algorithm 1: ``codes [n,h,w]`` (n ≤ N distinct latents), their ``log p(z) [n]``, best first, and
-    ``info`` (width, starts, score, search, distinct first tokens, shortfall and its reason when n < N)."""
+                score: str = "class", search: str = "deterministic") -> tuple[Tensor, Tensor, dict[str, Any], Tensor]:
+    """Algorithm 1: ``codes [n,h,w]`` (n ≤ N distinct latents), their ``log p(z) [n]``, best first,
+    ``info`` (width, starts, score, search, distinct first tokens, shortfall and its reason when n < N) and
+    ``classes [n]``, the class of the search that found each latent (its first finder; -1 under ``"marginal"``)."""
     C, dev = prior.num_classes, prior_device(prior)
     if starts < 1:
         raise ValueError(f"starts must be >= 1, got {starts}")
@@ -72,7 +73,8 @@ def select_dmbs(prior: Prior, N: int, starts: int, generator: torch.Generator | 
     budgets = _token_budgets(list(zip(classes, tokens.tolist())), N, width, subtree)
     extra = 0
     while True:
-        codes, log_p = _fill(prior, *_searches(prior, first, budgets, extra, batch_size, search, generator), N)
+        codes, log_p, found_by = _fill(prior, *_searches(prior, first, budgets, extra, batch_size, search, generator),
+                                       N)
         short = N - codes.shape[0]
         if short == 0 or max(budgets.values()) + extra >= subtree:  # filled, or every search holds its subtree
             break
@@ -82,7 +84,7 @@ def select_dmbs(prior: Prior, N: int, starts: int, generator: torch.Generator | 
     if short:
         info["shortfall_reason"] = (f"the drawn first tokens' subtrees (K^(HW-1) latents each) hold only "
                                     f"{codes.shape[0]} distinct latents < N = {N}")
-    return codes, log_p, info
+    return codes, log_p, info, found_by
 
 
 def _token_budgets(keys: list[Hashable], N: int, width: int, subtree: int) -> dict[Hashable, int]:
@@ -100,11 +102,11 @@ def _token_budgets(keys: list[Hashable], N: int, width: int, subtree: int) -> di
 
 
 def _searches(prior: Prior, first: Tensor, budgets: dict[Hashable, int], extra: int, batch_size: int,
-              search: str, generator: torch.Generator | None) -> tuple[Tensor, Tensor, Tensor]:
-    """Every key's ``search`` with width budget + ``extra``: ``codes [n,h,w]``, per-class ``scores [n,C]`` and
-    ``primary [n]`` (the latent is within its search's budget)."""
+              search: str, generator: torch.Generator | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Every key's ``search`` with width budget + ``extra``: ``codes [n,h,w]``, per-class ``scores [n,C]``,
+    ``primary [n]`` (the latent is within its search's budget) and ``classes [n]`` (its search's class, or -1)."""
     dev, C = first.device, prior.num_classes
-    codes_out, scores_out, primary_out = [], [], []
+    codes_out, scores_out, primary_out, class_out = [], [], [], []
     for b in sorted(set(budgets.values())):  # one batched search per budget (a handful)
         group = torch.tensor([k for k, bt in budgets.items() if bt == b], dtype=torch.long, device=dev)  # [g, 2]
         codes = torch.zeros((group.shape[0], *prior.latent_hw), dtype=torch.long, device=dev)
@@ -117,7 +119,8 @@ def _searches(prior: Prior, first: Tensor, budgets: dict[Hashable, int], extra: 
         codes_out.append(result.codes.reshape(-1, *prior.latent_hw))
         scores_out.append(result.class_scores.reshape(-1, C))
         primary_out.append((torch.arange(kept, device=dev) < b).repeat(g))
-    return torch.cat(codes_out), torch.cat(scores_out), torch.cat(primary_out)
+        class_out.append(group[:, 0].repeat_interleave(kept))
+    return torch.cat(codes_out), torch.cat(scores_out), torch.cat(primary_out), torch.cat(class_out)
 
 
 def _own_class(group_class: Tensor, C: int) -> Tensor | None:
@@ -129,8 +132,10 @@ def _own_class(group_class: Tensor, C: int) -> Tensor | None:
     return rows.scatter_(1, group_class[:, None], 0.0)
 
 
-def _fill(prior: Prior, codes: Tensor, scores: Tensor, primary: Tensor, N: int) -> tuple[Tensor, Tensor]:
-    """The distinct latents within a search's budget, then the best others by p(z) up to N; best first."""
+def _fill(prior: Prior, codes: Tensor, scores: Tensor, primary: Tensor, classes: Tensor,
+          N: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The distinct latents within a search's budget, then the best others by p(z) up to N; best first;
+    with the class of the search that found each first (``classes [n]`` per candidate)."""
     log_p = torch.logsumexp(scores + prior.class_log_prior, 1)
     _, inverse = torch.unique(codes.flatten(1), dim=0, return_inverse=True)
     U, n, dev = int(inverse.max()) + 1, codes.shape[0], codes.device
@@ -140,4 +145,4 @@ def _fill(prior: Prior, codes: Tensor, scores: Tensor, primary: Tensor, N: int) 
     fill = reserve[log_p[first[reserve]].argsort(descending=True)[: max(0, N - int(chosen.sum()))]]
     keep = first[torch.cat([chosen.nonzero().flatten(), fill])]
     keep = keep[log_p[keep].argsort(descending=True)]
-    return codes[keep], log_p[keep]
+    return codes[keep], log_p[keep], classes[keep]

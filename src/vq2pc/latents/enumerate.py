@@ -95,7 +95,11 @@ class _Enumerator:
             for a in range(0, n, self.step):
                 total = scores[a : a + self.step, :, None] + self.next_all(codes[a : a + self.step], d)
                 total += self.log_pc[:, None]
-                self.out[offset + a * K : offset + (a + total.shape[0]) * K] = torch.logsumexp(total, 1).flatten()
+                rows = slice(offset + a * K, offset + (a + total.shape[0]) * K)
+                if self.out.dim() == 2:  # per class: [n, C, K] -> [n·K, C]
+                    self.out[rows] = total.transpose(1, 2).reshape(-1, self.C)
+                else:
+                    self.out[rows] = torch.logsumexp(total, 1).flatten()
             return
         group = max(1, self.frontier_rows // (K * self.C))
         if n > group:  # split the frontier: consecutive prefixes own consecutive output slices
@@ -129,8 +133,10 @@ def enumerate_log_prior(
     max_space: int = 2**27,
     frontier_rows: int = 2**22,
     sharded: bool | None = None,
+    per_class: bool = False,
 ) -> Tensor:
     """``[K^{HW}]`` float32 ``log p(z)`` of every latent, in lexicographic order (see module docstring).
+    ``per_class``: ``[K^{HW}, C]`` ``log p(c) + log p(z | c)`` instead (same prior calls; C times the memory).
 
     ``batch_size``: rows (prefix × class) per prior call. ``device``: where to
     compute (the prior is moved there; default: the prior's device).
@@ -148,7 +154,7 @@ def enumerate_log_prior(
     dev = prior_device(prior)
     was_training = prior.training
     prior.eval()
-    out = torch.empty(space, dtype=torch.float32, device=dev)
+    out = torch.empty((space, prior.num_classes) if per_class else (space,), dtype=torch.float32, device=dev)
     calls = prior.num_classes * sum(prior.K**d for d in range(num_positions(prior)))
     with tqdm(total=calls, desc="enumerate p(z)", unit="row", disable=not (progress and is_main()), leave=False) as bar:
         state = _Enumerator(prior, out, batch_size, frontier_rows, bar)

@@ -59,12 +59,18 @@ WEIGHTS = ("uniform", "prior")
 
 @dataclass
 class Selection:
-    """Selected latents: ``codes [N,h,w]`` (distinct), ``log_prior [N]``, the strategy, and extra ``info``."""
+    """Selected latents: ``codes [N,h,w]`` (distinct), ``log_prior [N]``, the strategy, and extra ``info``.
+
+    ``classes [N]``: the class each latent was drawn for (DMRS: the class of its first draw; DMBS: the class
+    of its search; -1 unknown), None when the strategy draws no class. ``class_log_joint [N, C]``:
+    ``log p(c) + log p(z_n | c)`` when selected with ``classes=True`` (class-aware circuits)."""
 
     codes: Tensor
     log_prior: Tensor
     strategy: str
     info: dict[str, Any] = field(default_factory=dict)
+    classes: Tensor | None = None
+    class_log_joint: Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.codes.dim() != 3 or self.log_prior.shape != (self.codes.shape[0],):
@@ -97,16 +103,16 @@ def _log_prob(prior: Prior, codes: Tensor, batch_size: int) -> Tensor:
         return torch.logsumexp(prior.log_prob_all_classes(codes, batch_size) + prior.class_log_prior, dim=1)
 
 
-def _first_distinct(collected: Tensor, draws: Tensor, need: int) -> Tensor:
+def _first_distinct(collected: Tensor, draws: Tensor, need: int) -> tuple[Tensor, Tensor]:
     """Rows of ``draws [m,P]`` not in ``collected [n,P]`` and not repeated, in order of first appearance,
-    at most ``need`` of them."""
+    at most ``need`` of them, and their indices into ``draws``."""
     rows = torch.cat([collected, draws])
     _, inverse = torch.unique(rows, dim=0, return_inverse=True)
     order = torch.arange(rows.shape[0], device=rows.device)
     first = torch.full((int(inverse.max()) + 1,), rows.shape[0], device=rows.device, dtype=torch.long)
     first = first.scatter_reduce(0, inverse, order, reduce="amin")
     new = first[first >= collected.shape[0]].sort().values[:need]
-    return rows[new]
+    return rows[new], new - collected.shape[0]
 
 
 class SelectionShortfall(ValueError):
@@ -123,8 +129,9 @@ def _rank_stream(generator: torch.Generator | None, dev: torch.device) -> torch.
 
 
 def _select_sample(prior: Prior, N: int, generator: torch.Generator | None, batch_size: int,
-                   max_draws_per_latent: int = 256) -> tuple[Tensor, dict[str, Any]]:
+                   max_draws_per_latent: int = 256) -> tuple[Tensor, Tensor, dict[str, Any]]:
     """DMRS: first ``N`` distinct of i.i.d. draws ``c ~ U(C), z ~ p(z|c)``; draw batches double in size.
+    Returns the codes, the class of each one's first draw, and ``info``.
 
     Under torch.distributed each rank draws its slice of every batch from its own stream and the slices
     are gathered in rank order, so every rank deduplicates the same draws and returns the same latents."""
@@ -133,21 +140,23 @@ def _select_sample(prior: Prior, N: int, generator: torch.Generator | None, batc
     if sharded:
         generator = _rank_stream(generator, dev)
     collected = torch.empty((0, P), dtype=torch.long, device=dev)
+    classes = torch.empty((0,), dtype=torch.long, device=dev)
     draws, size, limit = 0, 2 * N, max_draws_per_latent * N + 1024
     while collected.shape[0] < N and draws < limit:
         size = min(size, limit - draws)
         lo, hi = shard_range(size) if sharded else (0, size)
         c = randint(prior.num_classes, (hi - lo,), generator, dev)
         z = prior.sample(c, generator=generator, batch_size=batch_size).flatten(1)
-        z = gather_rows(z) if sharded else z
-        collected = torch.cat([collected, _first_distinct(collected, z, N - collected.shape[0])])
+        z, c = (gather_rows(z), gather_rows(c)) if sharded else (z, c)
+        rows, picked = _first_distinct(collected, z, N - collected.shape[0])
+        collected, classes = torch.cat([collected, rows]), torch.cat([classes, c[picked]])
         draws, size = draws + size, 2 * size
     if collected.shape[0] < N:
         raise SelectionShortfall(
             f"sample: only {collected.shape[0]} distinct latents in {draws} draws, N={N} requested; the prior "
             "concentrates its mass on fewer latents - lower N, or use strategy 'gumbel' (no rejection) or 'topk'"
         )
-    return collected.view(N, *prior.latent_hw), {"draws": draws}
+    return collected.view(N, *prior.latent_hw), classes, {"draws": draws}
 
 
 def _select_topk(prior: Prior, N: int, max_space: int,
@@ -186,11 +195,13 @@ def _select_data(prior: Prior, N: int | None, codes_from_data: Tensor | None) ->
 
 def _dispatch(prior: Prior, strategy: str, N: int | None, starts: int, beam: tuple[str, str],
               generator: torch.Generator | None, max_space: int, codes_from_data: Tensor | None,
-              batch_size: int) -> tuple[Tensor, Tensor, dict[str, Any]]:
-    """Run one strategy; returns ``codes [N,h,w]``, ``log_prior [N]`` and ``info``."""
+              batch_size: int) -> tuple[Tensor, Tensor, dict[str, Any], Tensor | None]:
+    """Run one strategy; returns ``codes [N,h,w]``, ``log_prior [N]``, ``info`` and the drawn ``classes [N]``
+    (None where the strategy draws no class)."""
     h, w = prior.latent_hw
     space = latent_space_size(prior.K, h, w)
     info: dict[str, Any] = {}
+    classes = None
     if strategy == "exhaustive":
         check_space(prior.K, h, w, max_space)
         log_prior = enumerate_log_prior(prior, batch_size=batch_size, progress=False, max_space=max_space)
@@ -200,17 +211,17 @@ def _dispatch(prior: Prior, strategy: str, N: int | None, starts: int, beam: tup
     else:
         N = _check_n(N, space)
         if strategy == "sample":
-            codes, info = _select_sample(prior, N, generator, batch_size)
+            codes, classes, info = _select_sample(prior, N, generator, batch_size)
             log_prior = _log_prob(prior, codes, batch_size)
         elif strategy == "gumbel":
             result = stochastic_beam_search(prior, *_root(prior), 0, N, generator, batch_size=batch_size)
             codes = result.codes[0]
             log_prior = torch.logsumexp(result.class_scores[0] + prior.class_log_prior, 1)
         elif strategy == "beam":
-            codes, log_prior, info = select_dmbs(prior, N, starts, generator, batch_size, *beam)
+            codes, log_prior, info, classes = select_dmbs(prior, N, starts, generator, batch_size, *beam)
         else:
             codes, log_prior, info = _select_topk(prior, N, max_space, batch_size)
-    return codes, log_prior, info
+    return codes, log_prior, info, classes
 
 
 def select(
@@ -226,6 +237,7 @@ def select(
     codes_from_data: Tensor | None = None,
     device: str | torch.device | None = None,
     batch_size: int = 16384,
+    classes: bool = False,
 ) -> Selection:
     """Select latents with ``strategy`` (see the module docstring); returns a :class:`Selection`.
 
@@ -235,7 +247,8 @@ def select(
     ``generator``: randomness of ``sample``,
     ``gumbel``, ``beam``. ``max_space``: largest ``K^{HW}`` enumerated (``exhaustive``, exact
     ``topk``). ``device``: where to compute (the prior is moved there). ``batch_size``: prior rows
-    per call.
+    per call. ``classes``: also keep ``log p(c) + log p(z_n | c)`` of every latent and class
+    (``Selection.class_log_joint [N, C]``, for class-aware circuits).
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
@@ -244,8 +257,17 @@ def select(
     was_training = prior.training
     prior.eval()
     try:
-        codes, log_prior, info = _dispatch(prior, strategy, N, starts, (beam_score, beam_search), generator,
-                                           max_space, codes_from_data, batch_size)
+        codes, log_prior, info, drawn = _dispatch(prior, strategy, N, starts, (beam_score, beam_search), generator,
+                                                  max_space, codes_from_data, batch_size)
+        joint = None
+        if classes:
+            if strategy == "exhaustive":  # the enumeration's prefix tree: ~C·K^{HW-1} prior rows, not C·K^{HW}
+                joint = enumerate_log_prior(prior, batch_size=batch_size, progress=False, max_space=max_space,
+                                            per_class=True)
+            else:
+                with torch.inference_mode():
+                    joint = prior.log_prob_all_classes(codes, batch_size).float() + prior.class_log_prior.float()
     finally:
         prior.train(was_training)
-    return Selection(codes=codes, log_prior=log_prior.float(), strategy=strategy, info=info)
+    return Selection(codes=codes, log_prior=log_prior.float(), strategy=strategy, info=info, classes=drawn,
+                     class_log_joint=joint)

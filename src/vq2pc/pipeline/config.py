@@ -136,6 +136,9 @@ class ExperimentSpec:
     bpd_draws: int = 3  # dequantization draws for continuous test BPD
     bpd_discrete: bool = True  # Gaussian rows: also the exact discrete BPD of the discretized twin (test_bpd_discrete;
     #   one extra pass over the test set, its tables cost S·L·N tail evaluations: docs/NOTES.md "Discretized leaves")
+    classification: bool = True  # class-aware circuits: accuracy, calibration with missing pixels (labeled data only)
+    classification_images: int = 500  # test images it uses
+    classification_fractions: list[float] = field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])  # random missing
 
 
 def default_model() -> ModelSpec:
@@ -184,7 +187,11 @@ class RunConfig:
         if any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in self.experiments.usage_seeds):
             raise ValueError(f"config: experiments.usage_seeds must be integers >= 0, got {self.experiments.usage_seeds}")
         _check_counts(self.experiments, ("inpainting_images", "inpainting_eval_images", "num_samples",
-                                         "correlation_images", "bpd_draws"), "config.experiments")
+                                         "correlation_images", "bpd_draws", "classification_images"),
+                      "config.experiments")
+        if not all(0.0 < f < 1.0 for f in self.experiments.classification_fractions):
+            raise ValueError("config.experiments: classification_fractions must lie in (0, 1), got "
+                             f"{self.experiments.classification_fractions}")
         _check_counts(self.baselines, ("cm_latent_dim", "cm_hidden", "cm_train_points", "cm_points", "cm_batch_size"),
                      "config.baselines")
         _check_cm_recipe(self.baselines)

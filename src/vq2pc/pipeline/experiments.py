@@ -21,6 +21,7 @@ from vq2pc.data.datasets import DataSplits, to_model_space
 from vq2pc.data.masks import MASK_KINDS, make_mask
 from vq2pc.evaluate.density import plot_bpd_tails
 from vq2pc.latents.enumerate import enumerate_log_prior
+from vq2pc.pipeline.classification import classification_experiment, shared_classifier
 from vq2pc.pipeline.config import RunConfig
 from vq2pc.pipeline.models import FAMILY, SourceModel, build_source_model, make_circuit
 from vq2pc.pipeline.rundir import Models, RunDir
@@ -76,7 +77,9 @@ def run_experiments(
     if any(r.get("test_bpd_quantiles") for r in rows):
         section["figures"]["bpd_tails"] = str(plot_bpd_tails(rows, fig("bpd_tails"), title=f"{cfg.dataset}, {leaf} pixels"))
     models = showcase_models(circuits, baselines)
-    params = {"experiments": dataclasses.asdict(E), "seed": cfg.seed, "main": cfg.main.name,
+    # the classification keys are read by the classification stage alone: results cached before them stay valid
+    own = {k: v for k, v in dataclasses.asdict(E).items() if not k.startswith("classification")}
+    params = {"experiments": own, "seed": cfg.seed, "main": cfg.main.name,
               "analysis": cfg.analysis.name, "max_usage_space": cfg.max_usage_space}  # a change redoes the experiments
     if E.usage and analysis.info["latent_space"] <= cfg.max_usage_space:
         section["latent_usage"] = run.cached("usage", f"{leaf}/latent_usage",
@@ -99,6 +102,14 @@ def run_experiments(
             **ev.component_correlation(make_circuit(analysis, cfg, "sample", 4), make_circuit(analysis, cfg, "topk", 4),
                                        x_test[: E.correlation_images], fig("correlation")),
             "model": analysis.spec.name}, outputs=(fig("correlation"),), depends=analysis.files, params=params)
+    if E.classification and splits.num_classes > 1 and main.prior.num_classes > 1:
+        outputs = tuple(fig(k) for k in ("classification", "classification_calibration", "class_samples"))
+        section["classification"] = run.cached(
+            "classification", f"{leaf}/classification",
+            lambda: classification_experiment(run, cfg, splits, leaf, main, circuits, fig),
+            outputs=outputs, depends=inputs, params={**params, "classification": dataclasses.asdict(E)})
+        if "skipped" not in section["classification"]:
+            section["figures"].update({k: str(fig(k)) for k in ("classification_calibration", "class_samples")})
     # relative to the run folder: report.json stays true when the folder is moved or copied
     section["figures"] = {k: os.path.relpath(v, run.root) for k, v in section["figures"].items()}
     for part in section.values():
@@ -142,10 +153,7 @@ def _inpainting(cfg: RunConfig, splits: DataSplits, leaf: str, models: Models, x
 
 def _samples(run: RunDir, cfg: RunConfig, splits: DataSplits, leaf: str, models: Models, fig) -> dict:
     E = cfg.experiments
-    train_cfg = replace(cfg.baseline_train, seed=cfg.seed, device=cfg.device)
-    if E.classifier_epochs is not None:
-        train_cfg = replace(train_cfg, epochs=E.classifier_epochs, max_seconds=None)
-    classifier, acc = ev.train_classifier(splits, train_cfg, checkpoint=run.checkpoint("samples", "classifier.pt"))
+    classifier, acc = shared_classifier(run, cfg, splits)
     samples = {name: ev.draw_samples(m, E.num_samples, leaf, splits.levels, tuple(splits.image_shape),
                                      batch_size=250, generator=_gen(cfg, 3)) for name, m in models.items()}
     ev.plot_samples(samples, tuple(splits.image_shape), fig("samples"))

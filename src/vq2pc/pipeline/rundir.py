@@ -42,7 +42,8 @@ another one is refused (:func:`check_schema`) instead of being recomputed piecem
 settings added later while unset."""
 
 # Stage names accepted by --force.
-STAGES = ("vqvae", "prior", "distill", "baselines", "usage", "inpainting", "samples", "correlation", "all")
+STAGES = ("vqvae", "prior", "distill", "baselines", "usage", "inpainting", "samples", "correlation", "classification",
+          "all")
 
 
 @dataclass
