@@ -28,17 +28,32 @@ from vq2pc.models.vqvae import VQVAE, VQVAEConfig
 
 def _cases(batch: int) -> dict[str, tuple[nn.Module, Callable[[nn.Module], torch.Tensor]]]:
     torch.manual_seed(0)
-    cm = ContinuousMixture(CMConfig(image_shape=(1, 28, 28), leaf="categorical", levels=256, hidden=128, train_points=64))
+    cm = ContinuousMixture(
+        CMConfig(image_shape=(1, 28, 28), leaf="categorical", levels=256, hidden=128, train_points=64)
+    )
     x_cat, z = torch.randint(0, 256, (batch, 784)).float(), sobol_normal(64, 16, 0)
-    vq = VQVAE(VQVAEConfig(image_shape=(1, 28, 28), leaf="categorical", levels=256, latent_hw=(4, 4), K=512, D=64,
-                           hidden=32, res_blocks=2))
+    vq = VQVAE(
+        VQVAEConfig(
+            image_shape=(1, 28, 28),
+            leaf="categorical",
+            levels=256,
+            latent_hw=(4, 4),
+            K=512,
+            D=64,
+            hidden=32,
+            res_blocks=2,
+        )
+    )
     x_img = torch.randint(0, 256, (batch, 1, 28, 28)).float()
-    return {"cm-categorical": (cm, lambda m: -m.log_prob(x_cat, z).mean()),
-            "vqvae-4x4-categorical": (vq, lambda m: m.loss(x_img)[0])}
+    return {
+        "cm-categorical": (cm, lambda m: -m.log_prob(x_cat, z).mean()),
+        "vqvae-4x4-categorical": (vq, lambda m: m.loss(x_img)[0]),
+    }
 
 
-def _time(model: nn.Module, loss_fn: Callable[[nn.Module], torch.Tensor], opt: torch.optim.Optimizer,
-          repeat: int) -> tuple[float, float]:
+def _time(
+    model: nn.Module, loss_fn: Callable[[nn.Module], torch.Tensor], opt: torch.optim.Optimizer, repeat: int
+) -> tuple[float, float]:
     fb, st = [], []
     for _ in range(repeat + 2):
         t0 = time.perf_counter()
@@ -59,12 +74,24 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     for name, (model, loss_fn) in _cases(args.batch).items():
-        for label, opt in (("fused", adam(model.parameters(), 1e-4)),
-                           ("default", torch.optim.Adam(model.parameters(), lr=1e-4))):
+        for label, opt in (
+            ("fused", adam(model.parameters(), 1e-4)),
+            ("default", torch.optim.Adam(model.parameters(), lr=1e-4)),
+        ):
             fb, st = _time(model, loss_fn, opt, args.repeat)
-            print(json.dumps({"model": name, "params": sum(p.numel() for p in model.parameters()), "optimizer": label,
-                              "forward_backward_s": round(fb, 4), "optimizer_s": round(st, 4),
-                              "threads": args.threads}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "model": name,
+                        "params": sum(p.numel() for p in model.parameters()),
+                        "optimizer": label,
+                        "forward_backward_s": round(fb, 4),
+                        "optimizer_s": round(st, 4),
+                        "threads": args.threads,
+                    }
+                ),
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -115,17 +115,26 @@ def main() -> None:
     ap.add_argument("--N", type=int, default=16384)
     ap.add_argument("--S", type=int, default=784)
     ap.add_argument("--B", type=int, default=10000)
-    ap.add_argument("--leaves", default="gaussian,categorical", help="comma list of gaussian, gaussian-floor, categorical")
+    ap.add_argument(
+        "--leaves", default="gaussian,categorical", help="comma list of gaussian, gaussian-floor, categorical"
+    )
     ap.add_argument("--levels", type=int, default=256)
     ap.add_argument("--cat-N", type=int, default=None, help="components of the categorical circuit (see module doc)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--slow-chunks", type=int, default=4, help="chunks of 8 components timed for the slow way")
     ap.add_argument("--repeat", type=int, default=3, help="timed calls per case; seconds is their median")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--data", choices=["synthetic", "mnist"], default="synthetic",
-                    help="mnist: components centred on N training images, x = the first B test images")
-    ap.add_argument("--mnist-dir", default=None,
-                    help="directory with the four MNIST IDX files (with --data mnist; else $VQ2PC_DATA, else ~/.cache/vq2pc)")
+    ap.add_argument(
+        "--data",
+        choices=["synthetic", "mnist"],
+        default="synthetic",
+        help="mnist: components centred on N training images, x = the first B test images",
+    )
+    ap.add_argument(
+        "--mnist-dir",
+        default=None,
+        help="directory with the four MNIST IDX files (with --data mnist; else $VQ2PC_DATA, else ~/.cache/vq2pc)",
+    )
     args = ap.parse_args()
     if args.data == "mnist" and args.S != 784:
         ap.error("--data mnist needs --S 784")
@@ -142,14 +151,20 @@ def main() -> None:
         c, x = _case(leaf, n, args, g)
         mask = torch.rand(x.shape, generator=g) < 0.5
         slow = _slow_log_prob_seconds(c, x, args.slow_chunks)
-        note = f"slow way timed on {min(args.slow_chunks, (n + 7) // 8)} of {(n + 7) // 8} chunks of 8 components, scaled"
+        note = (
+            f"slow way timed on {min(args.slow_chunks, (n + 7) // 8)} of {(n + 7) // 8} chunks of 8 components, scaled"
+        )
         gauss = _gaussian_log_prob_seconds(n, args, g) if leaf == "categorical" else None
         queries = _queries(c, x, mask)
         c.log_prob(x[:8], mask=mask[:8])  # warm-up (and component-mean cache outside the timings)
         c.component_means()
         for name, fn in queries.items():
             times = _median_seconds(fn, args.repeat)
-            extra = {} if gauss is None else {"gaussian_log_prob_seconds": round(gauss, 6), "times_gaussian": round(times[0] / gauss, 2)}
+            extra = (
+                {}
+                if gauss is None
+                else {"gaussian_log_prob_seconds": round(gauss, 6), "times_gaussian": round(times[0] / gauss, 2)}
+            )
             _emit(name, leaf, n, args, times, matmul[n], slow, note, extra)
         del c, x
 

@@ -29,8 +29,10 @@ from vq2pc.evaluate import classify, draw_samples, label_histogram, load_classif
 def _circuit_file(run: Path, name: str) -> Path:
     found = sorted(run.glob(f"*/*/circuits/{name}.safetensors"))
     if len(found) != 1:
-        raise SystemExit(f"{name}: expected one circuit file <leaf>/<model>/circuits/{name}.safetensors "
-                         f"under {run}, found {len(found)}")
+        raise SystemExit(
+            f"{name}: expected one circuit file <leaf>/<model>/circuits/{name}.safetensors "
+            f"under {run}, found {len(found)}"
+        )
     return found[0]
 
 
@@ -50,19 +52,41 @@ def main() -> None:
         start = time.perf_counter()
         circuit = MixtureCircuit.load(_circuit_file(args.run, name))
         shape, levels = tuple(circuit.meta["image_shape"]), int(circuit.meta["levels"])
-        labels = [classify(classifier, draw_samples(circuit, args.samples, circuit.leaf.kind, levels, shape,
-                                                    batch_size=250, generator=torch.Generator().manual_seed(s)))
-                  for s in args.seeds]
+        labels = [
+            classify(
+                classifier,
+                draw_samples(
+                    circuit,
+                    args.samples,
+                    circuit.leaf.kind,
+                    levels,
+                    shape,
+                    batch_size=250,
+                    generator=torch.Generator().manual_seed(s),
+                ),
+            )
+            for s in args.seeds
+        ]
         C = int(classifier.cfg.num_classes)
         per_seed = [label_histogram(lab, C)["kl_from_uniform"] for lab in labels]
         pooled = label_histogram(torch.cat(labels), C)
-        print(json.dumps({
-            "circuit": name, "seeds": args.seeds, "samples_per_seed": args.samples,
-            "kl_per_seed": [round(k, 5) for k in per_seed], "kl_mean": round(statistics.mean(per_seed), 5),
-            "kl_sd_over_seeds": round(statistics.stdev(per_seed), 5) if len(per_seed) > 1 else None,
-            "kl_pooled": round(pooled["kl_from_uniform"], 5), "kl_pooled_std": round(pooled["kl_std"], 5),
-            "hist_pooled": pooled["hist"], "seconds": round(time.perf_counter() - start, 1),
-        }), flush=True)
+        print(
+            json.dumps(
+                {
+                    "circuit": name,
+                    "seeds": args.seeds,
+                    "samples_per_seed": args.samples,
+                    "kl_per_seed": [round(k, 5) for k in per_seed],
+                    "kl_mean": round(statistics.mean(per_seed), 5),
+                    "kl_sd_over_seeds": round(statistics.stdev(per_seed), 5) if len(per_seed) > 1 else None,
+                    "kl_pooled": round(pooled["kl_from_uniform"], 5),
+                    "kl_pooled_std": round(pooled["kl_std"], 5),
+                    "hist_pooled": pooled["hist"],
+                    "seconds": round(time.perf_counter() - start, 1),
+                }
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -69,9 +69,22 @@ def main() -> None:
     lp = _best(lambda: model.model.log_prob(x), args.repeat)
     recomputed[0] = 0
     cp = _best(lambda: model.class_posterior(x), args.repeat)
-    print(json.dumps({"N": args.N, "B": args.B, "S": args.S, "C": args.C, "leaf": args.leaf, "threads": args.threads,
-                      "log_prob_s": float(f"{lp:.4g}"), "class_posterior_s": float(f"{cp:.4g}"),
-                      "ratio": round(cp / lp, 3), "recomputed_rows": recomputed[0] // args.repeat}))
+    print(
+        json.dumps(
+            {
+                "N": args.N,
+                "B": args.B,
+                "S": args.S,
+                "C": args.C,
+                "leaf": args.leaf,
+                "threads": args.threads,
+                "log_prob_s": float(f"{lp:.4g}"),
+                "class_posterior_s": float(f"{cp:.4g}"),
+                "ratio": round(cp / lp, 3),
+                "recomputed_rows": recomputed[0] // args.repeat,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

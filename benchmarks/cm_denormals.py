@@ -63,8 +63,17 @@ def main() -> None:
     for denormals in ("kept", "flushed"):
         with flush_denormals("cpu") if denormals == "flushed" else contextlib.nullcontext():
             seconds = _seconds_per_step(model, x, args.steps)
-        print(json.dumps({"denormals": denormals, "train_points": args.train_points, "batch_size": args.batch_size,
-                          "seconds_per_step": round(seconds, 4), "threads": args.threads}))
+        print(
+            json.dumps(
+                {
+                    "denormals": denormals,
+                    "train_points": args.train_points,
+                    "batch_size": args.batch_size,
+                    "seconds_per_step": round(seconds, 4),
+                    "threads": args.threads,
+                }
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -38,8 +38,16 @@ def _train(args: argparse.Namespace, device: str) -> tuple[float, int]:
     """Wall seconds of one training epoch (+ validation) and the number of training images."""
     d = load_dataset(args.dataset, args.data_dir, seed=0, download=False)
     d = replace(d, train_x=d.train_x[: args.images], val_x=d.val_x[:256])
-    cfg = VQVAEConfig(image_shape=d.image_shape, levels=d.levels, leaf="gaussian", latent_hw=(2, 2), K=16, D=1,
-                      hidden=args.hidden, res_blocks=2)
+    cfg = VQVAEConfig(
+        image_shape=d.image_shape,
+        levels=d.levels,
+        leaf="gaussian",
+        latent_hw=(2, 2),
+        K=16,
+        D=1,
+        hidden=args.hidden,
+        res_blocks=2,
+    )
     tcfg = TrainConfig(epochs=1, batch_size=args.batch_size, device=device, progress=False)
     start = time.perf_counter()
     train_vqvae(d, cfg, tcfg)
@@ -47,8 +55,9 @@ def _train(args: argparse.Namespace, device: str) -> tuple[float, int]:
 
 
 def _rank(rank: int, world: int, port: int, args: argparse.Namespace, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+    )
     torch.set_num_threads(max(1, args.threads // world))
     try:
         seconds, images = _train(args, init_from_env(args.device))
@@ -88,9 +97,21 @@ def main() -> None:
     for P in args.P:
         load = os.getloadavg()[0]
         seconds, images = _measure(P, args)
-        print(json.dumps({"P": P, "device": args.device, "images_per_s": round(images / seconds, 1),
-                          "seconds": round(seconds, 2), "images": images, "batch_size": args.batch_size,
-                          "threads_per_rank": max(1, args.threads // P), "load_avg": round(load, 2)}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "P": P,
+                    "device": args.device,
+                    "images_per_s": round(images / seconds, 1),
+                    "seconds": round(seconds, 2),
+                    "images": images,
+                    "batch_size": args.batch_size,
+                    "threads_per_rank": max(1, args.threads // P),
+                    "load_avg": round(load, 2),
+                }
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

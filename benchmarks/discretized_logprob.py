@@ -39,9 +39,7 @@ def _rss_mib() -> float:
 
 
 def _leaf(kind: str, n: int, s: int, levels: int, g: torch.Generator) -> Leaf:
-    if (
-        kind == "categorical"
-    ):  # built in place as the circuit's [S·L, N] table: one copy, no renormalizing copy
+    if kind == "categorical":  # built in place as the circuit's [S·L, N] table: one copy, no renormalizing copy
         table = torch.randn(s, levels, n, generator=g)
         for i in range(s):
             table[i] -= table[i].logsumexp(0, keepdim=True)
@@ -59,13 +57,8 @@ def run_case(a: argparse.Namespace) -> dict:
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, a.levels, (a.B, a.S), generator=g).float()
     leaf = _leaf(a.leaf, a.case_N, a.S, a.levels, g)
-    circuit = MixtureCircuit(
-        leaf, torch.zeros(a.case_N), memory_budget_mib=a.budget_mib
-    )
-    params = (
-        sum(t.numel() * t.element_size() for t in circuit.leaf.tensors().values())
-        / 2**20
-    )
+    circuit = MixtureCircuit(leaf, torch.zeros(a.case_N), memory_budget_mib=a.budget_mib)
+    params = sum(t.numel() * t.element_size() for t in circuit.leaf.tensors().values()) / 2**20
     before = _rss_mib()
     start, cpu = time.perf_counter(), time.process_time()
     lp = circuit.log_prob(x)
@@ -102,12 +95,8 @@ def main() -> None:
         help="largest N given a categorical table",
     )
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument(
-        "--budget-mib", type=float, default=1024, help="the circuit's memory budget"
-    )
-    p.add_argument(
-        "--same-process", action="store_true", help="run every case in this process"
-    )
+    p.add_argument("--budget-mib", type=float, default=1024, help="the circuit's memory budget")
+    p.add_argument("--same-process", action="store_true", help="run every case in this process")
     p.add_argument("--leaf", help=argparse.SUPPRESS)  # child process: run one case
     p.add_argument("--case-N", type=int, help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -131,11 +120,7 @@ def main() -> None:
                 continue
             if a.same_process:
                 print(
-                    json.dumps(
-                        run_case(
-                            argparse.Namespace(**{**vars(a), "leaf": leaf, "case_N": n})
-                        )
-                    ),
+                    json.dumps(run_case(argparse.Namespace(**{**vars(a), "leaf": leaf, "case_N": n}))),
                     flush=True,
                 )
                 continue

@@ -36,7 +36,9 @@ def main() -> None:
     ap.add_argument("--model", default="4x4", help="source model name in the run directory")
     ap.add_argument("--data-dir", required=True, help="directory with the MNIST IDX files")
     ap.add_argument("--N", type=int, default=1024, help="components")
-    ap.add_argument("--starts", type=int, nargs="*", default=[10, 40, 102], help="DMBS start tokens per class (none: no DMBS)")
+    ap.add_argument(
+        "--starts", type=int, nargs="*", default=[10, 40, 102], help="DMBS start tokens per class (none: no DMBS)"
+    )
     ap.add_argument("--gumbel", action="store_true", help="also the stochastic beam search (DMGS, Kool et al.)")
     ap.add_argument("--epochs", type=int, default=2, help="fine-tuning epochs")
     ap.add_argument("--train-limit", type=int, default=20000, help="training images used by fine-tuning")
@@ -45,8 +47,18 @@ def main() -> None:
     splits = load_dataset("mnist", args.data_dir, seed=args.seed, download=False)
     vqvae = VQVAE.load(f"{args.run}/gaussian/{args.model}/vqvae.pt")
     prior = load_prior(f"{args.run}/gaussian/{args.model}/prior.pt")
-    cfg = FineTuneConfig(epochs=args.epochs, patience=1, lr=1e-3, schedule="constant", batch_size=128, top_k=1,
-                         refresh=25, train_limit=args.train_limit, seed=args.seed, progress=False)
+    cfg = FineTuneConfig(
+        epochs=args.epochs,
+        patience=1,
+        lr=1e-3,
+        schedule="constant",
+        batch_size=128,
+        top_k=1,
+        refresh=25,
+        train_limit=args.train_limit,
+        seed=args.seed,
+        progress=False,
+    )
     S = splits.num_variables
     runs = [("sample", None)] + [("gumbel", None)] * args.gumbel + [("beam", s) for s in args.starts]
     for strategy, s in runs:
@@ -56,14 +68,24 @@ def main() -> None:
         _, res = finetune_distill(vqvae, sel, splits, cfg)
         distinct_first = len(torch.unique(sel.codes.flatten(1)[:, 0]))
         shared = (sel.codes.flatten(1)[:, None, :] == sel.codes.flatten(1)[None, :, :]).float().mean().item()
-        print(json.dumps({
-            "selection": {"sample": "DMRS", "gumbel": "DMGS", "beam": "DMBS"}[strategy], "starts": s, "N": len(sel),
-            "val_bpd_paper_faithful": round(_val_bpd(res.start_val_log_prob, S, splits.levels), 4),
-            "val_bpd_finetuned": round(_val_bpd(res.best_val_log_prob, S, splits.levels), 4),
-            "distinct_first_codes": distinct_first, "mean_shared_positions": round(shared * sel.codes[0].numel(), 2),
-            "select_seconds": round(select_s, 1), "finetune_seconds": round(res.seconds, 1),
-            "finetune_epochs": res.epochs_run, "train_images": args.train_limit,
-        }), flush=True)
+        print(
+            json.dumps(
+                {
+                    "selection": {"sample": "DMRS", "gumbel": "DMGS", "beam": "DMBS"}[strategy],
+                    "starts": s,
+                    "N": len(sel),
+                    "val_bpd_paper_faithful": round(_val_bpd(res.start_val_log_prob, S, splits.levels), 4),
+                    "val_bpd_finetuned": round(_val_bpd(res.best_val_log_prob, S, splits.levels), 4),
+                    "distinct_first_codes": distinct_first,
+                    "mean_shared_positions": round(shared * sel.codes[0].numel(), 2),
+                    "select_seconds": round(select_s, 1),
+                    "finetune_seconds": round(res.seconds, 1),
+                    "finetune_epochs": res.epochs_run,
+                    "train_images": args.train_limit,
+                }
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -29,15 +29,23 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     for units in args.inputs:
-        model = EiNet(EiNetConfig((1, 28, 28), leaf=args.leaf, pieces=(4,), num_input_units=units,
-                                  num_sum_units=units))
+        model = EiNet(EiNetConfig((1, 28, 28), leaf=args.leaf, pieces=(4,), num_input_units=units, num_sum_units=units))
         model.sample(100, generator=torch.Generator().manual_seed(1))  # warm-up
         start = time.perf_counter()
         model.sample(args.samples, generator=torch.Generator().manual_seed(0))
         seconds = time.perf_counter() - start
-        print(json.dumps({"num_input_units": units, "leaf": args.leaf, "samples": args.samples,
-                          "seconds": round(seconds, 3), "seconds_per_1000": round(1000 * seconds / args.samples, 4),
-                          "threads": args.threads}))
+        print(
+            json.dumps(
+                {
+                    "num_input_units": units,
+                    "leaf": args.leaf,
+                    "samples": args.samples,
+                    "seconds": round(seconds, 3),
+                    "seconds_per_1000": round(1000 * seconds / args.samples, 4),
+                    "threads": args.threads,
+                }
+            )
+        )
 
 
 if __name__ == "__main__":

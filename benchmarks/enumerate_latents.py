@@ -33,8 +33,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    cfg = PriorConfig(K=args.K, latent_hw=tuple(args.grid), num_classes=args.classes,
-                      hidden=args.hidden, layers=args.layers)
+    cfg = PriorConfig(
+        K=args.K, latent_hw=tuple(args.grid), num_classes=args.classes, hidden=args.hidden, layers=args.layers
+    )
     prior = PixelCNNPrior(cfg).to(args.device).eval()
     space = latent_space_size(args.K, *args.grid)
     start = time.perf_counter()
@@ -43,16 +44,29 @@ def main() -> None:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     total = float(torch.logsumexp(log_p.double(), 0))
-    print(json.dumps({
-        "benchmark": "enumerate_latents", "K": args.K, "grid": list(args.grid), "classes": args.classes,
-        "hidden": args.hidden, "layers": args.layers, "space": space, "device": args.device,
-        "threads": torch.get_num_threads(), "batch_size": args.batch_size,
-        "seconds": round(seconds, 3), "latents_per_second": round(space / seconds),
-        "prior_rows_per_second": round(args.classes * sum(args.K**d for d in range(args.grid[0] * args.grid[1]))
-                                       / seconds),
-        "log_total_probability": total,
-        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-    }))
+    print(
+        json.dumps(
+            {
+                "benchmark": "enumerate_latents",
+                "K": args.K,
+                "grid": list(args.grid),
+                "classes": args.classes,
+                "hidden": args.hidden,
+                "layers": args.layers,
+                "space": space,
+                "device": args.device,
+                "threads": torch.get_num_threads(),
+                "batch_size": args.batch_size,
+                "seconds": round(seconds, 3),
+                "latents_per_second": round(space / seconds),
+                "prior_rows_per_second": round(
+                    args.classes * sum(args.K**d for d in range(args.grid[0] * args.grid[1])) / seconds
+                ),
+                "log_total_probability": total,
+                "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

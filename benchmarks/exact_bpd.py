@@ -43,8 +43,18 @@ from vq2pc.models.vqvae import VQVAE, VQVAEConfig
 
 def _models(K: int, splits, seed: int) -> tuple[VQVAE, PixelCNNPrior]:
     torch.manual_seed(seed)
-    vqvae = VQVAE(VQVAEConfig(image_shape=splits.image_shape, levels=splits.levels, leaf="gaussian",
-                              latent_hw=(2, 2), K=K, D=1, hidden=64, res_blocks=2))
+    vqvae = VQVAE(
+        VQVAEConfig(
+            image_shape=splits.image_shape,
+            levels=splits.levels,
+            leaf="gaussian",
+            latent_hw=(2, 2),
+            K=K,
+            D=1,
+            hidden=64,
+            res_blocks=2,
+        )
+    )
     prior = PixelCNNPrior(PriorConfig(K=K, latent_hw=(2, 2), num_classes=splits.num_classes, hidden=64, layers=4))
     prior.set_class_prior(splits.train_y)
     return vqvae.eval(), prior.eval()
@@ -71,14 +81,20 @@ def _run_path(model: ExactModel, x: list[torch.Tensor], path: str, args, decoded
     start = time.perf_counter()
     with _first_latents(model, args.latent_fraction) as m:
         if path == "before":  # the old order: one call, i.e. one full stream of the latents, per batch of rows
-            lp = torch.cat([model.log_prob(rows[a : a + bs], batch_size=bs, sharded=True)
-                            for a in range(0, rows.shape[0], bs)])
+            lp = torch.cat(
+                [model.log_prob(rows[a : a + bs], batch_size=bs, sharded=True) for a in range(0, rows.shape[0], bs)]
+            )
         else:
             lp = model.log_prob(rows, batch_size=bs, sharded=True)
     seconds = time.perf_counter() - start
     scale = (len(x) * x[0].shape[0] / rows.shape[0]) * (len(model) / m)
-    return {"seconds": seconds, "decodes": sum(decoded), "scale": scale, "lp": lp if m == len(model) else None,
-            "measured": f"{rows.shape[0]} rows x {m} latents"}
+    return {
+        "seconds": seconds,
+        "decodes": sum(decoded),
+        "scale": scale,
+        "lp": lp if m == len(model) else None,
+        "measured": f"{rows.shape[0]} rows x {m} latents",
+    }
 
 
 def main() -> None:
@@ -111,7 +127,11 @@ def main() -> None:
             load = os.getloadavg()[0]
             r = _run_path(model, x, path, args, decoded)
             line = {
-                "K": K, "grid": "2x2", "path": path, "n_test": test_v.shape[0], "draws": args.draws,
+                "K": K,
+                "grid": "2x2",
+                "path": path,
+                "n_test": test_v.shape[0],
+                "draws": args.draws,
                 "latents": len(model),
                 "decodes": round(r["decodes"] * r["scale"]),
                 "seconds": round(r["seconds"] * r["scale"], 2),
@@ -119,7 +139,8 @@ def main() -> None:
                 "measured": f"{r['measured']}, {r['seconds']:.2f} s, {r['decodes']} decodes",
                 "enumerate_seconds": round(enum_seconds, 2),
                 "model": "random init",
-                "threads": torch.get_num_threads(), "load_avg": round(load, 2),
+                "threads": torch.get_num_threads(),
+                "load_avg": round(load, 2),
             }
             if r["lp"] is not None and path != "before":  # every latent streamed: the exact BPD
                 bits = bpd(r["lp"].double(), x[0].shape[1], splits.levels, "gaussian")

@@ -61,11 +61,14 @@ class ExternalVQ(nn.Module):
     def __init__(self, K: int, D: int, hidden: int) -> None:
         super().__init__()
         self.encoder = nn.Sequential(  # [B,1,8,8] -> [B,D,2,2]
-            nn.Conv2d(1, hidden, 4, 2, 1), nn.ReLU(), nn.Conv2d(hidden, D, 4, 2, 1))
-        self.vq = VectorQuantize(dim=D, codebook_size=K, decay=0.8, commitment_weight=0.25,
-                                 accept_image_fmap=True, kmeans_init=True)
+            nn.Conv2d(1, hidden, 4, 2, 1), nn.ReLU(), nn.Conv2d(hidden, D, 4, 2, 1)
+        )
+        self.vq = VectorQuantize(
+            dim=D, codebook_size=K, decay=0.8, commitment_weight=0.25, accept_image_fmap=True, kmeans_init=True
+        )
         self.decoder = nn.Sequential(  # [B,D,2,2] -> [B,2,8,8]: mean and std parameters per pixel
-            nn.ConvTranspose2d(D, hidden, 4, 2, 1), nn.ReLU(), nn.ConvTranspose2d(hidden, 2, 4, 2, 1))
+            nn.ConvTranspose2d(D, hidden, 4, 2, 1), nn.ReLU(), nn.ConvTranspose2d(hidden, 2, 4, 2, 1)
+        )
 
     def head(self, z_q: Tensor) -> Gaussian:
         """Quantized codes ``[B,D,2,2]`` -> ``Gaussian`` with batch shape ``[B,64]`` (std >= 1e-3)."""
@@ -118,8 +121,9 @@ def build(cfg: ExampleConfig) -> Distilled:
     torch.manual_seed(cfg.seed)
     data = load_dataset("digits", seed=cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    x_train, x_val, x_test = (to_model_space(v, "gaussian", data.levels, gen)
-                              for v in (data.train_x, data.val_x, data.test_x))
+    x_train, x_val, x_test = (
+        to_model_space(v, "gaussian", data.levels, gen) for v in (data.train_x, data.val_x, data.test_x)
+    )
 
     # 1. The external VQ model.
     vq = ExternalVQ(cfg.K, cfg.D, cfg.hidden)
@@ -129,8 +133,7 @@ def build(cfg: ExampleConfig) -> Distilled:
     # 2. vq2pc's prior on its codes: p(z|c) with p(c) from the training labels.
     prior_cfg = PriorConfig(K=cfg.K, latent_hw=(2, 2), num_classes=data.num_classes, hidden=32, layers=3)
     train_cfg = TrainConfig(epochs=cfg.prior_epochs, batch_size=128, seed=cfg.seed, progress=False)
-    prior, fit = train_prior(vq.codes(x_train), data.train_y, prior_cfg, train_cfg,
-                             vq.codes(x_val), data.val_y)
+    prior, fit = train_prior(vq.codes(x_train), data.train_y, prior_cfg, train_cfg, vq.codes(x_val), data.val_y)
 
     # 3. Select N distinct latents (DMRS) and distill them into a mixture circuit.
     selection = select(prior, "sample", cfg.N, generator=torch.Generator().manual_seed(cfg.seed))
@@ -150,7 +153,9 @@ def queries(d: Distilled, seed: int = 0) -> dict[str, float]:
     circuit, x, top = d.circuit, d.x_test, top_half_mask()
     log_px = circuit.log_prob(x)  # [B] log p(x)
     log_top = circuit.log_prob(x, top)  # [B] log p(x_top): the hidden pixels integrated out exactly
-    completion = circuit.sample(x=x[:8], mask=top, generator=torch.Generator().manual_seed(seed))  # x_bottom ~ p(.|x_top)
+    completion = circuit.sample(
+        x=x[:8], mask=top, generator=torch.Generator().manual_seed(seed)
+    )  # x_bottom ~ p(.|x_top)
     return {
         "N": len(circuit),
         "prior_val_nll_nats_per_latent": d.prior_val_nll,

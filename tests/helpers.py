@@ -31,12 +31,22 @@ def find_mnist() -> Path | None:
 
 MNIST_DIR = find_mnist()
 """The MNIST IDX folder (None without it); ``MNIST_DIR.parent`` is a ``--data-dir`` when it is a ``mnist/``."""
-needs_mnist = pytest.mark.skipif(MNIST_DIR is None, reason="real MNIST not found: set $VQ2PC_DATA to the folder of "
-                                 "its IDX files, or put them in ../shared/data/mnist beside the repository")
+needs_mnist = pytest.mark.skipif(
+    MNIST_DIR is None,
+    reason="real MNIST not found: set $VQ2PC_DATA to the folder of "
+    "its IDX files, or put them in ../shared/data/mnist beside the repository",
+)
 
 
-def make_prior(K: int = 3, hw: tuple[int, int] = (2, 2), C: int = 2, hidden: int = 8, layers: int = 3,
-               seed: int = 0, sharpen: float = 1.0) -> PixelCNNPrior:
+def make_prior(
+    K: int = 3,
+    hw: tuple[int, int] = (2, 2),
+    C: int = 2,
+    hidden: int = 8,
+    layers: int = 3,
+    seed: int = 0,
+    sharpen: float = 1.0,
+) -> PixelCNNPrior:
     torch.manual_seed(seed)
     prior = PixelCNNPrior(PriorConfig(K=K, latent_hw=hw, num_classes=C, hidden=hidden, layers=layers)).eval()
     with torch.no_grad():  # sharpen > 1: further from uniform, classes further apart
@@ -46,8 +56,16 @@ def make_prior(K: int = 3, hw: tuple[int, int] = (2, 2), C: int = 2, hidden: int
     return prior
 
 
-def make_transformer(K: int = 3, hw: tuple[int, int] = (2, 2), C: int = 2, d: int = 8, layers: int = 2,
-                     heads: int = 2, seed: int = 0, sharpen: float = 1.0) -> TransformerPrior:
+def make_transformer(
+    K: int = 3,
+    hw: tuple[int, int] = (2, 2),
+    C: int = 2,
+    d: int = 8,
+    layers: int = 2,
+    heads: int = 2,
+    seed: int = 0,
+    sharpen: float = 1.0,
+) -> TransformerPrior:
     torch.manual_seed(seed)
     cfg = TransformerPriorConfig(K=K, latent_hw=hw, num_classes=C, d_model=d, layers=layers, heads=heads)
     prior = TransformerPrior(cfg).eval()
@@ -78,8 +96,9 @@ def _rank_entry(rank: int, world: int, port: int, fn, args: tuple) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+    )
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=300))
     try:
         fn(rank, *args)
@@ -98,14 +117,17 @@ def spawn_ranks(fn, world: int, *args, timeout: float = 600.0) -> None:
 
     import torch.multiprocessing as mp
 
-    ctx = mp.start_processes(_rank_entry, args=(world, free_port(), fn, args), nprocs=world, join=False,
-                             start_method="spawn")
+    ctx = mp.start_processes(
+        _rank_entry, args=(world, free_port(), fn, args), nprocs=world, join=False, start_method="spawn"
+    )
     deadline = time.monotonic() + timeout
     while not ctx.join(timeout=1.0):
         if time.monotonic() > deadline:
             for p in ctx.processes:
                 p.kill()
             raise TimeoutError(f"distributed test ranks still running after {timeout:.0f} s")
+
+
 def synthetic_codes(n: int, K: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Structured codes: z01 = z00 + c, z10 = z00, z11 = z00 + z01 (mod K)."""
     g = torch.Generator().manual_seed(seed)
@@ -127,19 +149,46 @@ def tiny_config(leaves: list[str], epochs: int = 1, N: list[int] | None = None, 
     N defaults to [10, 32]: digits has C=10 classes and DMBS needs N >= starts·C.
     """
     train = TrainConfig(epochs=epochs, patience=5, lr=2e-3, batch_size=64, progress=False)
-    model = ModelSpec(name="m", K=4, D=4, hidden=8, res_blocks=0, prior_hidden=8, prior_layers=1,
-                      strategies=STRATEGIES if full else ["topk"], N=N or ([10, 32] if full else [4]), starts=1,
-                      ft_strategies=["sample"] if full else [],
-                      finetune=FineTuneConfig(epochs=2, lr=3e-3, batch_size=50, top_k=2, refresh=2))
-    baselines = BaselineSpec(einet_pieces=[2], einet_inputs=[1], cm_points=64, cm_train_points=32, cm_hidden=8,
-                             einet=full, cm=full)
-    experiments = ExperimentSpec(num_samples=50, inpainting_eval_images=20, correlation_images=20, usage=full,
-                                 inpainting=full, samples=full, correlation=full, classification=full,
-                                 classification_images=40, classification_fractions=[0.5])
+    model = ModelSpec(
+        name="m",
+        K=4,
+        D=4,
+        hidden=8,
+        res_blocks=0,
+        prior_hidden=8,
+        prior_layers=1,
+        strategies=STRATEGIES if full else ["topk"],
+        N=N or ([10, 32] if full else [4]),
+        starts=1,
+        ft_strategies=["sample"] if full else [],
+        finetune=FineTuneConfig(epochs=2, lr=3e-3, batch_size=50, top_k=2, refresh=2),
+    )
+    baselines = BaselineSpec(
+        einet_pieces=[2], einet_inputs=[1], cm_points=64, cm_train_points=32, cm_hidden=8, einet=full, cm=full
+    )
+    experiments = ExperimentSpec(
+        num_samples=50,
+        inpainting_eval_images=20,
+        correlation_images=20,
+        usage=full,
+        inpainting=full,
+        samples=full,
+        correlation=full,
+        classification=full,
+        classification_images=40,
+        classification_fractions=[0.5],
+    )
     cfg = load_config(None, {"limit": LIMIT})
-    return dataclasses.replace(cfg, leaves=leaves, models=[model], vqvae_train=train, prior_train=train,
-                               baseline_train=dataclasses.replace(train, max_seconds=10),
-                               baselines=baselines, experiments=experiments).validate()
+    return dataclasses.replace(
+        cfg,
+        leaves=leaves,
+        models=[model],
+        vqvae_train=train,
+        prior_train=train,
+        baseline_train=dataclasses.replace(train, max_seconds=10),
+        baselines=baselines,
+        experiments=experiments,
+    ).validate()
 
 
 def mtimes(root: Path, pattern: str) -> dict[str, int]:

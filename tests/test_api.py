@@ -14,9 +14,25 @@ import tomllib
 import vq2pc
 
 ROOT = Path(__file__).resolve().parents[1]
-ENTRY_POINTS = ["train_vqvae", "train_prior", "finetune_distill", "distill", "select", "MixtureCircuit", "ExactModel",
-                "load_dataset", "VQVAE", "PixelCNNPrior", "TransformerPrior", "em_refine", "export_cirkit",
-                "export_npz", "RunConfig", "load_config", "run_pipeline"]
+ENTRY_POINTS = [
+    "train_vqvae",
+    "train_prior",
+    "finetune_distill",
+    "distill",
+    "select",
+    "MixtureCircuit",
+    "ExactModel",
+    "load_dataset",
+    "VQVAE",
+    "PixelCNNPrior",
+    "TransformerPrior",
+    "em_refine",
+    "export_cirkit",
+    "export_npz",
+    "RunConfig",
+    "load_config",
+    "run_pipeline",
+]
 
 
 @pytest.mark.parametrize("name", vq2pc.__all__)
@@ -37,8 +53,9 @@ def test_the_entry_points_are_public() -> None:
 def test_import_stays_lazy() -> None:
     """``import vq2pc`` loads no model code (the exports are imported on first use)."""
     code = "import sys, vq2pc; print(any(m.startswith('vq2pc.models') or m == 'torch' for m in sys.modules))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={"PYTHONPATH": str(ROOT / "src")})
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env={"PYTHONPATH": str(ROOT / "src")}
+    )
     assert out.stdout.strip() == "False"
 
 

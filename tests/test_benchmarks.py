@@ -15,8 +15,13 @@ KEYS = {"query", "leaf", "N", "B", "S", "seconds", "fraction_of_matmul", "speedu
 
 
 def _run(*args: str) -> list[dict]:
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "circuit_queries.py"), *args, "--repeat", "1"],
-                         capture_output=True, text=True, check=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "circuit_queries.py"), *args, "--repeat", "1"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
     return [json.loads(line) for line in out.stdout.splitlines()]
 
 
@@ -41,9 +46,26 @@ def test_circuit_queries_on_mnist_images() -> None:
 @pytest.mark.slow
 @needs_mnist
 def test_exact_bpd_counts_one_pass_of_decodes_after_the_loop_swap() -> None:
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "exact_bpd.py"), "--data-dir", str(MNIST_DIR),
-                          "--K", "2", "--n-test", "40", "--batch-size", "20", "--draws", "2"],
-                         capture_output=True, text=True, check=True, timeout=300)
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "exact_bpd.py"),
+            "--data-dir",
+            str(MNIST_DIR),
+            "--K",
+            "2",
+            "--n-test",
+            "40",
+            "--batch-size",
+            "20",
+            "--draws",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    )
     before, after, draws = (json.loads(line) for line in out.stdout.splitlines())
     assert (before["path"], after["path"], draws["path"]) == ("before", "after", "draws")
     assert draws["latents"] == 16
@@ -54,21 +76,60 @@ def test_exact_bpd_counts_one_pass_of_decodes_after_the_loop_swap() -> None:
 
 
 def test_discretized_logprob_prints_every_case_and_skips_large_tables() -> None:
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "discretized_logprob.py"), "--N", "32", "64",
-                          "--B", "8", "--S", "12", "--levels", "8", "--cat-max-N", "32", "--same-process"],
-                         capture_output=True, text=True, check=True, timeout=120)
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "discretized_logprob.py"),
+            "--N",
+            "32",
+            "64",
+            "--B",
+            "8",
+            "--S",
+            "12",
+            "--levels",
+            "8",
+            "--cat-max-N",
+            "32",
+            "--same-process",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
     lines = [json.loads(line) for line in out.stdout.splitlines()]
     assert [(line["leaf"], line["N"]) for line in lines] == [
-        (leaf, n) for n in (32, 64) for leaf in ("discretized-gaussian", "discretized-logistic", "categorical")]
+        (leaf, n) for n in (32, 64) for leaf in ("discretized-gaussian", "discretized-logistic", "categorical")
+    ]
     assert "skipped" in lines[-1] and all("skipped" not in line for line in lines[:-1])
     assert all(line["seconds"] > 0 and line["peak_rss_mib"] > 0 and line["query_extra_mib"] >= 0 for line in lines[:-1])
 
 
 def test_codec_throughput_prints_its_json_line() -> None:
     pytest.importorskip("constriction")
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "codec_throughput.py"), "--N", "32", "--S", "20",
-                          "--L", "8", "--images", "40", "--rows", "16", "--threads", "1"],
-                         capture_output=True, text=True, check=True, timeout=120)
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "codec_throughput.py"),
+            "--N",
+            "32",
+            "--S",
+            "20",
+            "--L",
+            "8",
+            "--images",
+            "40",
+            "--rows",
+            "16",
+            "--threads",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
     line = json.loads(out.stdout.strip().splitlines()[-1])
     assert {"encode_images_per_s", "decode_images_per_s", "threads", "bits_per_pixel", "model_bpd"} <= set(line)
     assert line["encode_images_per_s"] > 0 and line["threads"] == 1
@@ -77,9 +138,28 @@ def test_codec_throughput_prints_its_json_line() -> None:
 
 @pytest.mark.parametrize("leaf", ["gaussian", "categorical"])
 def test_class_posterior_benchmark_prints_its_line(leaf: str) -> None:
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "class_posterior.py"), "--N", "64", "--B", "16",
-                          "--S", "20", "--levels", "8", "--leaf", leaf, "--repeat", "1"],
-                         capture_output=True, text=True, check=True, timeout=120)
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "class_posterior.py"),
+            "--N",
+            "64",
+            "--B",
+            "16",
+            "--S",
+            "20",
+            "--levels",
+            "8",
+            "--leaf",
+            leaf,
+            "--repeat",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
     line = json.loads(out.stdout.strip().splitlines()[-1])
     assert {"log_prob_s", "class_posterior_s", "ratio", "recomputed_rows"} <= set(line) and line["leaf"] == leaf
     assert line["log_prob_s"] > 0 and line["class_posterior_s"] > 0

@@ -27,10 +27,12 @@ def _run_notebook(name: str, monkeypatch: pytest.MonkeyPatch) -> object:
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the kernel inherits it: tiny models run fastest on one thread
     notebook = nbformat.read(EXAMPLES / name, as_version=4)
-    assert all(not cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code"), \
+    assert all(not cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code"), (
         f"{name} is committed with outputs"
-    nbclient.NotebookClient(notebook, timeout=NOTEBOOK_TIMEOUT, kernel_name="python3",
-                            resources={"metadata": {"path": str(EXAMPLES)}}).execute()
+    )
+    nbclient.NotebookClient(
+        notebook, timeout=NOTEBOOK_TIMEOUT, kernel_name="python3", resources={"metadata": {"path": str(EXAMPLES)}}
+    ).execute()
     return notebook
 
 

@@ -35,7 +35,9 @@ def _imports(path: Path, root: Path = SRC) -> list[tuple[int, str]]:
                 anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join(anchor + ([base] if base else []))
             out.append((node.lineno, base))
-            out += [(node.lineno, f"{base}.{a.name}") for a in node.names if _stage(f"{base}.{a.name}") and not _stage(base)]
+            out += [
+                (node.lineno, f"{base}.{a.name}") for a in node.names if _stage(f"{base}.{a.name}") and not _stage(base)
+            ]
     return out
 
 
@@ -63,7 +65,9 @@ def test_the_checker_catches_late_imports(tmp_path: Path) -> None:
     """The rule itself can fail: absolute, relative and in-function imports of a later stage are flagged."""
     fake = tmp_path / "circuit" / "probe.py"
     fake.parent.mkdir()
-    fake.write_text("from vq2pc.pipeline import run_pipeline\nfrom ..evaluate import report\n"
-                    "from vq2pc import cli\ndef f():\n    import vq2pc.baselines.cm\nfrom .mixture import X\n")
+    fake.write_text(
+        "from vq2pc.pipeline import run_pipeline\nfrom ..evaluate import report\n"
+        "from vq2pc import cli\ndef f():\n    import vq2pc.baselines.cm\nfrom .mixture import X\n"
+    )
     late = [m for _, m in _late_imports(fake, tmp_path)]
     assert late == ["vq2pc.pipeline", "vq2pc.evaluate", "vq2pc.cli", "vq2pc.baselines.cm"]

@@ -43,6 +43,8 @@ def test_readme_shows_run_and_test_commands() -> None:
 def test_ci_runs_the_readme_test_command() -> None:
     ci = (ROOT / ".ci" / "run").read_text()
     readme_cmds = {c for c in map(pytest_command, "\n".join(fenced_blocks(README, "bash")).splitlines()) if c}
-    ci_cmds = {c for c in map(pytest_command, (line for line in ci.splitlines() if not line.lstrip().startswith("#"))) if c}
+    ci_cmds = {
+        c for c in map(pytest_command, (line for line in ci.splitlines() if not line.lstrip().startswith("#"))) if c
+    }
     assert ci_cmds, ".ci/run runs no `python -m pytest`"
     assert ci_cmds == readme_cmds, (ci_cmds, readme_cmds)

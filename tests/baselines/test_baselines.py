@@ -45,8 +45,9 @@ def cirkit():
 
 
 def _cat_einet(einet_mod, levels: int = 3, seed: int = 0):
-    cfg = einet_mod.EiNetConfig((1, 2, 2), leaf="categorical", levels=levels, pieces=(2,),
-                                num_input_units=3, num_sum_units=3, seed=seed)
+    cfg = einet_mod.EiNetConfig(
+        (1, 2, 2), leaf="categorical", levels=levels, pieces=(2,), num_input_units=3, num_sum_units=3, seed=seed
+    )
     return einet_mod.EiNet(cfg)
 
 
@@ -60,8 +61,9 @@ def test_einet_categorical_normalizes_and_depends_on_input(cirkit, einet_mod):
 
 
 def test_einet_gaussian_integrates_to_one(cirkit, einet_mod):
-    cfg = einet_mod.EiNetConfig((1, 1, 2), leaf="gaussian", levels=256, pieces=(2,), num_input_units=3,
-                                num_sum_units=3, min_std=0.05)
+    cfg = einet_mod.EiNetConfig(
+        (1, 1, 2), leaf="gaussian", levels=256, pieces=(2,), num_input_units=3, num_sum_units=3, min_std=0.05
+    )
     model = einet_mod.EiNet(cfg)
     grid = torch.linspace(-5.0, 6.0, 1101)
     xx = torch.cartesian_prod(grid, grid)
@@ -106,8 +108,9 @@ def test_einet_marginals_and_conditionals_match_brute_force(cirkit, einet_mod):
 
 
 def test_einet_gaussian_conditional_mean_matches_quadrature(cirkit, einet_mod):
-    cfg = einet_mod.EiNetConfig((1, 1, 2), leaf="gaussian", pieces=(2,), num_input_units=4, num_sum_units=4,
-                                min_std=0.05, seed=3)
+    cfg = einet_mod.EiNetConfig(
+        (1, 1, 2), leaf="gaussian", pieces=(2,), num_input_units=4, num_sum_units=4, min_std=0.05, seed=3
+    )
     model = einet_mod.EiNet(cfg)
     grid = torch.linspace(-5.0, 6.0, 4001)
     x0 = torch.tensor([0.2, 0.7])
@@ -125,8 +128,9 @@ def test_einet_gaussian_conditional_mean_matches_quadrature(cirkit, einet_mod):
 @pytest.mark.parametrize("shape, pieces", [((1, 2, 2), (2,)), ((1, 3, 3), (3,)), ((1, 2, 4), (2,))])
 def test_einet_samples_follow_the_distribution(cirkit, einet_mod, shape, pieces):
     # (3, 3) has mixing layers of arity 2..4; (2, 4) multi-pixel patches (a Hadamard layer)
-    cfg = einet_mod.EiNetConfig(shape, leaf="categorical", levels=2, pieces=pieces, num_input_units=3,
-                                num_sum_units=3, seed=1)
+    cfg = einet_mod.EiNetConfig(
+        shape, leaf="categorical", levels=2, pieces=pieces, num_input_units=3, num_sum_units=3, seed=1
+    )
     model = einet_mod.EiNet(cfg)
     s, n = cfg.num_variables, 40000
     probs = model.log_prob(_all_images(2, s)).detach().double().exp()
@@ -140,8 +144,9 @@ def test_einet_samples_follow_the_distribution(cirkit, einet_mod, shape, pieces)
 
 
 def test_einet_gaussian_samples_have_the_model_mean(cirkit, einet_mod):
-    cfg = einet_mod.EiNetConfig((1, 2, 4), leaf="gaussian", pieces=(2,), num_input_units=3, num_sum_units=3,
-                                min_std=0.05, max_std=0.3, seed=2)
+    cfg = einet_mod.EiNetConfig(
+        (1, 2, 4), leaf="gaussian", pieces=(2,), num_input_units=3, num_sum_units=3, min_std=0.05, max_std=0.3, seed=2
+    )
     model = einet_mod.EiNet(cfg)
     draws = model.sample(40000, generator=torch.Generator().manual_seed(1))
     mean = model.conditional_mean(torch.zeros(1, 8), torch.zeros(1, 8, dtype=torch.bool))[0]
@@ -151,8 +156,9 @@ def test_einet_gaussian_samples_have_the_model_mean(cirkit, einet_mod):
 
 @pytest.mark.slow
 def test_einet_trains_resumes_and_round_trips(cirkit, einet_mod, digits, tmp_path):
-    cfg = einet_mod.EiNetConfig(digits.image_shape, leaf="gaussian", levels=digits.levels, pieces=(4,),
-                                num_input_units=3, num_sum_units=3)
+    cfg = einet_mod.EiNetConfig(
+        digits.image_shape, leaf="gaussian", levels=digits.levels, pieces=(4,), num_input_units=3, num_sum_units=3
+    )
     x_val = to_model_space(digits.val_x, "gaussian", digits.levels, torch.Generator().manual_seed(5)).flatten(1)
     before = -einet_mod.EiNet(cfg).log_prob(x_val).mean().item()
     ck = tmp_path / "einet.pt"
@@ -244,12 +250,16 @@ def test_interrupted_baseline_training_resumes_to_the_same_weights(kind, digits,
     uninterrupted one drew."""
     small = type(digits)(**{**digits.__dict__, "train_x": digits.train_x[:120], "train_y": digits.train_y[:120]})
     if kind == "cm":
-        cfg, train = CMConfig(digits.image_shape, leaf="gaussian", levels=digits.levels, hidden=8, train_points=32), train_cm
+        cfg, train = (
+            CMConfig(digits.image_shape, leaf="gaussian", levels=digits.levels, hidden=8, train_points=32),
+            train_cm,
+        )
     else:
         request.getfixturevalue("cirkit")
         einet_mod = request.getfixturevalue("einet_mod")
-        cfg = einet_mod.EiNetConfig(digits.image_shape, leaf="gaussian", levels=digits.levels, pieces=(4,),
-                                    num_input_units=2, num_sum_units=2)
+        cfg = einet_mod.EiNetConfig(
+            digits.image_shape, leaf="gaussian", levels=digits.levels, pieces=(4,), num_input_units=2, num_sum_units=2
+        )
         train = einet_mod.train_einet
     straight, _ = train(small, cfg, FAST, checkpoint=tmp_path / "straight.pt")
     train(small, cfg, FAST.__class__(**{**FAST.__dict__, "epochs": 1}), checkpoint=tmp_path / "resumed.pt")

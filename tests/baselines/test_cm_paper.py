@@ -21,13 +21,28 @@ FAST = TrainConfig(epochs=3, patience=5, lr=1e-2, batch_size=32, progress=False)
 @pytest.fixture(scope="module")
 def digits():
     small = load_dataset("digits", limit=150)
-    return type(small)(**{**small.__dict__, "train_x": small.train_x[:96], "train_y": small.train_y[:96],
-                          "val_x": small.val_x[:64], "val_y": small.val_y[:64]})
+    return type(small)(
+        **{
+            **small.__dict__,
+            "train_x": small.train_x[:96],
+            "train_y": small.train_y[:96],
+            "val_x": small.val_x[:64],
+            "val_y": small.val_y[:64],
+        }
+    )
 
 
 def _cfg(digits, **kw) -> CMConfig:
-    base = dict(leaf="gaussian", levels=digits.levels, latent_dim=3, recipe="paper", channels=4, feature_hw=(2, 2),
-                points=64, refresh=2)
+    base = dict(
+        leaf="gaussian",
+        levels=digits.levels,
+        latent_dim=3,
+        recipe="paper",
+        channels=4,
+        feature_hw=(2, 2),
+        points=64,
+        refresh=2,
+    )
     return CMConfig(digits.image_shape, **{**base, **kw})
 
 
@@ -63,8 +78,9 @@ def test_compiled_paper_cm_is_the_log_mean_exp_over_its_grid(digits):
 
 
 def test_categorical_paper_cm_sums_to_one_over_every_image():
-    cfg = CMConfig((1, 1, 2), leaf="categorical", levels=3, latent_dim=2, recipe="paper", channels=3,
-                   feature_hw=(1, 1), points=32)
+    cfg = CMConfig(
+        (1, 1, 2), leaf="categorical", levels=3, latent_dim=2, recipe="paper", channels=3, feature_hw=(1, 1), points=32
+    )
     circuit = compile_cm(_model(cfg), num_points=32, seed=0)
     every = torch.tensor(list(itertools.product(range(3), repeat=2)), dtype=torch.float32)
     lp = circuit.log_prob(every)
@@ -123,20 +139,26 @@ def test_same_seed_same_parameters_and_resume_is_exact(digits, tmp_path):
 
 def test_mlp_checkpoints_keep_their_old_config_record(digits):
     cfg = CMConfig(digits.image_shape, levels=digits.levels, hidden=8, train_points=32)
-    assert cfg.record() == {k: v for k, v in cfg.__dict__.items() if k in (
-        "image_shape", "leaf", "levels", "latent_dim", "hidden", "train_points", "min_std", "max_std")}
+    assert cfg.record() == {
+        k: v
+        for k, v in cfg.__dict__.items()
+        if k in ("image_shape", "leaf", "levels", "latent_dim", "hidden", "train_points", "min_std", "max_std")
+    }
     assert "grid_seed" in _cfg(digits).record()
 
 
-@pytest.mark.parametrize("kw, match", [
-    ({"recipe": "conv"}, "recipe must be one of"),
-    ({"points": 100}, "points must be a power of 2"),
-    ({"top_k": 65}, "top_k must be <= points"),
-    ({"refresh": 0}, "refresh must be an integer >= 1"),
-    ({"feature_hw": (3, 3)}, "not reachable"),
-    ({"feature_hw": (8, 8)}, "smaller than the image"),
-    ({"min_std": 0.01}, "VQ-VAE's Gaussian head"),
-])
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"recipe": "conv"}, "recipe must be one of"),
+        ({"points": 100}, "points must be a power of 2"),
+        ({"top_k": 65}, "top_k must be <= points"),
+        ({"refresh": 0}, "refresh must be an integer >= 1"),
+        ({"feature_hw": (3, 3)}, "not reachable"),
+        ({"feature_hw": (8, 8)}, "smaller than the image"),
+        ({"min_std": 0.01}, "VQ-VAE's Gaussian head"),
+    ],
+)
 def test_bad_paper_settings_fail_with_one_clear_error(digits, kw, match):
     with pytest.raises(ValueError, match=match):
         _cfg(digits, **kw)

@@ -41,13 +41,24 @@ def test_chow_liu_tree_recovers_a_chain():
     assert edges == {frozenset((i, i + 1)) for i in range(5)}
 
 
-@pytest.mark.parametrize("region_graph, sum_product", [("quad-graph", "cp"), ("quad-tree-4", "tucker"),
-                                                       ("quad-tree-2", "cp-t"), ("chow-liu-tree", "cp")])
+@pytest.mark.parametrize(
+    "region_graph, sum_product",
+    [("quad-graph", "cp"), ("quad-tree-4", "tucker"), ("quad-tree-2", "cp-t"), ("chow-liu-tree", "cp")],
+)
 def test_field_circuits_normalize_and_sample_exactly(region_graph, sum_product):
     shape, levels = (1, 2, 3), 2
     tree = learn_tree(_chain_data(s=6), "categorical", levels) if region_graph == "chow-liu-tree" else None
-    cfg = einet.EiNetConfig(shape, leaf="categorical", levels=levels, region_graph=region_graph, tree=tree,
-                            sum_product=sum_product, num_input_units=3, num_sum_units=3, seed=1)
+    cfg = einet.EiNetConfig(
+        shape,
+        leaf="categorical",
+        levels=levels,
+        region_graph=region_graph,
+        tree=tree,
+        sum_product=sum_product,
+        num_input_units=3,
+        num_sum_units=3,
+        seed=1,
+    )
     model = einet.EiNet(cfg)
     lp = model.log_prob(_all_images(levels, 6)).detach().double()
     assert torch.logsumexp(lp, 0).item() == pytest.approx(0.0, abs=1e-5)
@@ -60,8 +71,16 @@ def test_field_circuits_normalize_and_sample_exactly(region_graph, sum_product):
 
 
 def test_field_circuit_marginal_equals_brute_force_sum():
-    cfg = einet.EiNetConfig((1, 2, 2), leaf="categorical", levels=3, region_graph="quad-graph", sum_product="cp",
-                            num_input_units=3, num_sum_units=3, seed=2)
+    cfg = einet.EiNetConfig(
+        (1, 2, 2),
+        leaf="categorical",
+        levels=3,
+        region_graph="quad-graph",
+        sum_product="cp",
+        num_input_units=3,
+        num_sum_units=3,
+        seed=2,
+    )
     model = einet.EiNet(cfg)
     x = _all_images(3, 4)
     joint = model.log_prob(x).detach().double().exp()
@@ -73,11 +92,24 @@ def test_field_circuit_marginal_equals_brute_force_sum():
 
 def test_hclt_learns_its_tree_trains_and_reloads_the_same_structure(tmp_path):
     digits = load_dataset("digits", limit=150)
-    cfg = einet.EiNetConfig(digits.image_shape, leaf="categorical", levels=digits.levels,
-                            region_graph="chow-liu-tree", sum_product="cp", num_input_units=3, num_sum_units=3)
+    cfg = einet.EiNetConfig(
+        digits.image_shape,
+        leaf="categorical",
+        levels=digits.levels,
+        region_graph="chow-liu-tree",
+        sum_product="cp",
+        num_input_units=3,
+        num_sum_units=3,
+    )
     x = digits.val_x.flatten(1).float()
-    before = -einet.EiNet(einet.EiNetConfig(**{**cfg.__dict__, "tree": learn_tree(
-        digits.train_x, "categorical", digits.levels)})).log_prob(x).mean().item()
+    before = (
+        -einet.EiNet(
+            einet.EiNetConfig(**{**cfg.__dict__, "tree": learn_tree(digits.train_x, "categorical", digits.levels)})
+        )
+        .log_prob(x)
+        .mean()
+        .item()
+    )
     ck = tmp_path / "hclt.pt"
     model, result = einet.train_einet(digits, cfg, FAST, checkpoint=ck)
     assert model.cfg.tree is not None and len(model.cfg.tree) == digits.train_x[0].numel()
@@ -110,8 +142,19 @@ def test_config_circuits_are_checked(tmp_path):
 def test_train_baseline_verb_writes_and_prints_its_row(tmp_path, capsys):
     from vq2pc.cli import main
 
-    argv = ["train-baseline", "--limit", "120", "--region-graph", "quad-tree-4", "--units", "2", "--epochs", "1",
-            "--out", str(tmp_path)]
+    argv = [
+        "train-baseline",
+        "--limit",
+        "120",
+        "--region-graph",
+        "quad-tree-4",
+        "--units",
+        "2",
+        "--epochs",
+        "1",
+        "--out",
+        str(tmp_path),
+    ]
     assert main(argv) == 0
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert row["family"] == "QuadTree" and row["num_params"] > 0 and row["train_epochs"] == 1

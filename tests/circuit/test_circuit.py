@@ -114,8 +114,12 @@ def _circuit_and_data(kind: str, n: int, s: int, b: int, seed: int) -> tuple[Mix
         c = MixtureCircuit(Gaussian(torch.rand(n, s, generator=g), 0.05 + torch.rand(n, s, generator=g)), lw)
         return c, torch.rand(b, s, generator=g)
     if kind == "categorical":
-        return MixtureCircuit(Categorical(torch.randn(n, s, 5, generator=g)), lw), torch.randint(0, 5, (b, s), generator=g).float()
-    return MixtureCircuit(Bernoulli(torch.randn(n, s, generator=g)), lw), torch.randint(0, 2, (b, s), generator=g).float()
+        return MixtureCircuit(Categorical(torch.randn(n, s, 5, generator=g)), lw), torch.randint(
+            0, 5, (b, s), generator=g
+        ).float()
+    return MixtureCircuit(Bernoulli(torch.randn(n, s, generator=g)), lw), torch.randint(
+        0, 2, (b, s), generator=g
+    ).float()
 
 
 @pytest.mark.parametrize("case,seed", [("floor", 7), ("random", 7), ("random", 8), ("random", 9), ("bimodal", 7)])

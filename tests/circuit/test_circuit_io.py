@@ -16,7 +16,11 @@ def _circuits() -> list[MixtureCircuit]:
     g = torch.Generator().manual_seed(0)
     lw = torch.randn(6, generator=g)
     return [
-        MixtureCircuit(Gaussian(torch.rand(6, 12, generator=g), 0.1 + torch.rand(6, 12, generator=g)), lw, meta={"image_shape": [1, 3, 4]}),
+        MixtureCircuit(
+            Gaussian(torch.rand(6, 12, generator=g), 0.1 + torch.rand(6, 12, generator=g)),
+            lw,
+            meta={"image_shape": [1, 3, 4]},
+        ),
         MixtureCircuit(Categorical(torch.randn(6, 12, 4, generator=g)), lw, meta={"levels": 4}),
         MixtureCircuit(Bernoulli(torch.randn(6, 12, generator=g)), lw),
     ]

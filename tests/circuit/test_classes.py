@@ -152,8 +152,9 @@ def test_bad_class_and_mask_give_one_clear_error() -> None:
 
 def _vqvae(leaf: str = "gaussian") -> VQVAE:
     torch.manual_seed(0)
-    model = VQVAE(VQVAEConfig(image_shape=(1, 4, 4), levels=17, leaf=leaf, latent_hw=(2, 2), K=3, D=4, hidden=8,
-                              res_blocks=0)).eval()
+    model = VQVAE(
+        VQVAEConfig(image_shape=(1, 4, 4), levels=17, leaf=leaf, latent_hw=(2, 2), K=3, D=4, hidden=8, res_blocks=0)
+    ).eval()
     with torch.no_grad():
         model.quantizer.embedding.normal_(0.0, 2.0)
     return model

@@ -19,8 +19,9 @@ from vq2pc.core.leaves import Bernoulli, Categorical, Gaussian
 def circuits() -> dict[str, MixtureCircuit]:
     g = torch.Generator().manual_seed(0)
     return {
-        "gaussian": MixtureCircuit(Gaussian(torch.rand(4, 6, generator=g), 0.1 + torch.rand(4, 6, generator=g)),
-                                   torch.randn(4, generator=g)),
+        "gaussian": MixtureCircuit(
+            Gaussian(torch.rand(4, 6, generator=g), 0.1 + torch.rand(4, 6, generator=g)), torch.randn(4, generator=g)
+        ),
         "categorical": MixtureCircuit(Categorical(torch.randn(4, 6, 5, generator=g)), torch.randn(4, generator=g)),
         "bernoulli": MixtureCircuit(Bernoulli(torch.randn(4, 6, generator=g)), torch.randn(4, generator=g)),
     }

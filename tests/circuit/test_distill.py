@@ -140,7 +140,8 @@ def test_discretized_distillation_is_the_exact_discrete_mixture(prior: PixelCNNP
     v = data("categorical")
     lo, hi = (v[:, None] / LEVELS - gauss.loc) / gauss.scale, ((v[:, None] + 1) / LEVELS - gauss.loc) / gauss.scale
     p = torch.where(v[:, None] == LEVELS - 1, 1.0, torch.special.ndtr(hi.double())) - torch.where(
-        v[:, None] == 0, 0.0, torch.special.ndtr(lo.double()))  # [B, 81, 16]
+        v[:, None] == 0, 0.0, torch.special.ndtr(lo.double())
+    )  # [B, 81, 16]
     ref = torch.logsumexp(sel.log_weights("prior").double() + p.log().sum(-1), 1)
     assert torch.allclose(circuit.log_prob(v).double(), ref, rtol=1e-5)
     with pytest.raises(ValueError, match="only Gaussian leaves"):

@@ -19,12 +19,16 @@ from vq2pc.models.vqvae import VQVAE, VQVAEConfig
 LEVELS = 17
 
 
-def make_vqvae(leaf: str, image_shape=(1, 4, 4), latent_hw=(2, 2), K: int = 3, levels: int = LEVELS,
-               seed: int = 0) -> VQVAE:
+def make_vqvae(
+    leaf: str, image_shape=(1, 4, 4), latent_hw=(2, 2), K: int = 3, levels: int = LEVELS, seed: int = 0
+) -> VQVAE:
     """Random VQ-VAE whose codewords are spread out, so that components differ clearly."""
     torch.manual_seed(seed)
-    model = VQVAE(VQVAEConfig(image_shape=image_shape, levels=levels, leaf=leaf, latent_hw=latent_hw, K=K, D=4,
-                              hidden=8, res_blocks=0)).eval()
+    model = VQVAE(
+        VQVAEConfig(
+            image_shape=image_shape, levels=levels, leaf=leaf, latent_hw=latent_hw, K=K, D=4, hidden=8, res_blocks=0
+        )
+    ).eval()
     with torch.no_grad():
         model.quantizer.embedding.normal_(0.0, 2.0)
         model.decoder.head.weight.mul_(10.0)
@@ -134,8 +138,11 @@ def test_empty_mask_gives_one_and_prior_weights_are_exact(prior: PixelCNNPrior) 
     exact = ExactModel(make_vqvae("gaussian"), prior, chunk=5)
     x, _ = data("gaussian", 3, seed=3)
     torch.testing.assert_close(exact.log_prob(x, torch.zeros(16, dtype=torch.bool)), torch.zeros(3), atol=1e-5, rtol=0)
-    tiny = ExactModel(make_vqvae("categorical", image_shape=(1, 2, 2), latent_hw=(1, 1), K=4, levels=3),
-                      make_prior(K=4, hw=(1, 1), C=2, seed=4, sharpen=3.0), chunk=3)
+    tiny = ExactModel(
+        make_vqvae("categorical", image_shape=(1, 2, 2), latent_hw=(1, 1), K=4, levels=3),
+        make_prior(K=4, hw=(1, 1), C=2, seed=4, sharpen=3.0),
+        chunk=3,
+    )
     xs = torch.tensor(list(itertools.product(range(3), repeat=4)), dtype=torch.float32)
     torch.testing.assert_close(tiny.log_prob(xs).double().exp().sum(), torch.tensor(1.0, dtype=torch.float64))
 
@@ -160,8 +167,9 @@ def test_memory_budget_lowers_chunk_without_changing_results(prior: PixelCNNPrio
     small = ExactModel(vqvae, prior, chunk=1000, memory_budget_mib=0.01)
     assert small.chunk < 81
     x, mask = data("categorical", 4, seed=6)
-    torch.testing.assert_close(small.log_prob(x, mask), materialized(vqvae, prior).log_prob(x, mask),
-                               atol=2e-4, rtol=1e-5)
+    torch.testing.assert_close(
+        small.log_prob(x, mask), materialized(vqvae, prior).log_prob(x, mask), atol=2e-4, rtol=1e-5
+    )
 
 
 def test_unconditional_sample_frequencies_match_exact_probabilities() -> None:
@@ -240,7 +248,9 @@ def test_bad_inputs_raise_clear_errors(prior: PixelCNNPrior) -> None:
 
 def test_std_floor_is_the_same_for_exact_model_and_distilled_circuit(prior: PixelCNNPrior) -> None:
     vqvae = make_vqvae("gaussian")
-    floor = float(decode_leaf(vqvae, torch.zeros(1, 2, 2, dtype=torch.long)).scale.median())  # binds for half the pixels
+    floor = float(
+        decode_leaf(vqvae, torch.zeros(1, 2, 2, dtype=torch.long)).scale.median()
+    )  # binds for half the pixels
     exact = ExactModel(vqvae, prior, chunk=7, std_floor=floor)
     circuit = distill(vqvae, select(prior, "exhaustive", None), weights="prior", std_floor=floor)
     assert float(circuit.leaf.scale.min()) == pytest.approx(floor) and circuit.meta["std_floor"] == floor
@@ -266,9 +276,16 @@ def _exact_on_rank(rank: int, out: str) -> None:
     decode = exact._decode
     exact._decode = lambda idx: decoded.append(len(idx)) or decode(idx)
     x, mask = data("gaussian", 9, seed=13)
-    torch.save({"lp": exact.log_prob(x, mask, batch_size=4), "decoded": sum(decoded), "span": shard_range(81),
-                "log_prior": exact.log_prior,
-                "rows": model_log_prob(materialized(vqvae, p), x.view(9, 16), batch_size=2)}, f"{out}/rank{rank}.pt")
+    torch.save(
+        {
+            "lp": exact.log_prob(x, mask, batch_size=4),
+            "decoded": sum(decoded),
+            "span": shard_range(81),
+            "log_prior": exact.log_prior,
+            "rows": model_log_prob(materialized(vqvae, p), x.view(9, 16), batch_size=2),
+        },
+        f"{out}/rank{rank}.pt",
+    )
 
 
 @pytest.mark.slow

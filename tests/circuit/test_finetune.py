@@ -33,8 +33,16 @@ def digits() -> DataSplits:
 
 @pytest.fixture(scope="module")
 def vqvae(digits: DataSplits) -> VQVAE:
-    cfg = VQVAEConfig(image_shape=digits.image_shape, levels=digits.levels, leaf="gaussian", latent_hw=(2, 2),
-                      K=8, D=4, hidden=8, res_blocks=0)
+    cfg = VQVAEConfig(
+        image_shape=digits.image_shape,
+        levels=digits.levels,
+        leaf="gaussian",
+        latent_hw=(2, 2),
+        K=8,
+        D=4,
+        hidden=8,
+        res_blocks=0,
+    )
     model, _ = train_vqvae(digits, cfg, TrainConfig(epochs=3, batch_size=64, lr=3e-3, progress=False))
     return model
 
@@ -50,8 +58,17 @@ def test_finetuning_raises_the_training_mixture_likelihood(vqvae: VQVAE, digits:
     selection = _selection(torch.unique(codes, dim=0))
     before = distill(vqvae, selection)
     state = {k: v.clone() for k, v in vqvae.state_dict().items()}
-    cfg = FineTuneConfig(epochs=3, patience=3, lr=3e-3, batch_size=50, components=components, subset=8, top_k=2,
-                         refresh=2, progress=False)
+    cfg = FineTuneConfig(
+        epochs=3,
+        patience=3,
+        lr=3e-3,
+        batch_size=50,
+        components=components,
+        subset=8,
+        top_k=2,
+        refresh=2,
+        progress=False,
+    )
     after, res = finetune_distill(vqvae, selection, digits, cfg)
     assert _train_log_lik(after, digits) > _train_log_lik(before, digits) + 1.0
     assert res.best_epoch >= 1 and res.best_val_log_prob > res.start_val_log_prob
@@ -63,8 +80,9 @@ def test_finetuning_raises_the_training_mixture_likelihood(vqvae: VQVAE, digits:
 def test_no_improvement_returns_the_start(vqvae: VQVAE, digits: DataSplits) -> None:
     """With a learning rate too small to matter, the validation likelihood cannot rise: the source decoder is kept."""
     selection = _selection(torch.tensor([[[0, 1], [2, 3]], [[4, 5], [6, 7]]]))
-    _, res = finetune_distill(vqvae, selection, digits, FineTuneConfig(epochs=1, lr=1e-12, progress=False,
-                                                                       learn_weights=False))
+    _, res = finetune_distill(
+        vqvae, selection, digits, FineTuneConfig(epochs=1, lr=1e-12, progress=False, learn_weights=False)
+    )
     assert res.best_epoch == 0 and res.best_val_log_prob == res.start_val_log_prob
     assert res.decoder is vqvae
 
@@ -72,8 +90,16 @@ def test_no_improvement_returns_the_start(vqvae: VQVAE, digits: DataSplits) -> N
 def test_cosine_schedule_decays_the_learning_rate_to_zero(vqvae: VQVAE, digits: DataSplits) -> None:
     """Cosine decays per step over all epochs and ends at lr 0; constant keeps it."""
     codes = torch.tensor([[[0, 1], [2, 3]], [[4, 5], [6, 7]], [[1, 1], [2, 2]]])
-    runs = {s: finetune(vqvae, codes, torch.zeros(3), digits, FineTuneConfig(
-        epochs=3, patience=3, lr=1e-3, batch_size=50, schedule=s, progress=False)) for s in ("constant", "cosine")}
+    runs = {
+        s: finetune(
+            vqvae,
+            codes,
+            torch.zeros(3),
+            digits,
+            FineTuneConfig(epochs=3, patience=3, lr=1e-3, batch_size=50, schedule=s, progress=False),
+        )
+        for s in ("constant", "cosine")
+    }
     assert [h["lr"] for h in runs["constant"].history] == [1e-3] * 3
     expected = [0.5e-3 * (1 + math.cos(math.pi * e / 3)) for e in (1, 2, 3)]  # per step, read at epoch ends
     assert [h["lr"] for h in runs["cosine"].history] == pytest.approx(expected, abs=1e-12)
@@ -82,25 +108,53 @@ def test_cosine_schedule_decays_the_learning_rate_to_zero(vqvae: VQVAE, digits: 
 def test_categorical_finetuned_circuit_sums_to_one() -> None:
     """A tiny categorical model (1x2x2 images, L = 3): the fine-tuned circuit sums to 1 over all 81 images."""
     torch.manual_seed(0)
-    cfg = VQVAEConfig(image_shape=(1, 2, 2), levels=3, leaf="categorical", latent_hw=(1, 1), K=3, D=2, hidden=4,
-                      res_blocks=0)
+    cfg = VQVAEConfig(
+        image_shape=(1, 2, 2), levels=3, leaf="categorical", latent_hw=(1, 1), K=3, D=2, hidden=4, res_blocks=0
+    )
     model = VQVAE(cfg).eval()
     g = torch.Generator().manual_seed(1)
     v = torch.randint(0, 3, (60, 1, 2, 2), generator=g, dtype=torch.uint8)
-    splits = DataSplits("tiny", 3, (1, 2, 2), 1, v[:40], torch.zeros(40, dtype=torch.long), v[40:],
-                        torch.zeros(20, dtype=torch.long), v[40:], torch.zeros(20, dtype=torch.long))
+    splits = DataSplits(
+        "tiny",
+        3,
+        (1, 2, 2),
+        1,
+        v[:40],
+        torch.zeros(40, dtype=torch.long),
+        v[40:],
+        torch.zeros(20, dtype=torch.long),
+        v[40:],
+        torch.zeros(20, dtype=torch.long),
+    )
     selection = _selection(torch.arange(3).view(3, 1, 1))
-    circuit, res = finetune_distill(model, selection, splits, FineTuneConfig(epochs=2, lr=1e-2, batch_size=10,
-                                                                             progress=False))
+    circuit, res = finetune_distill(
+        model, selection, splits, FineTuneConfig(epochs=2, lr=1e-2, batch_size=10, progress=False)
+    )
     assert res.best_epoch >= 1
     every_image = torch.tensor(list(itertools.product(range(3), repeat=4)), dtype=torch.float32)
     total = torch.logsumexp(circuit.log_prob(every_image).double(), 0)
     assert abs(float(total)) < 1e-5
 
 
-@pytest.mark.parametrize("bad", [{"components": "some"}, {"schedule": "linear"}, {"epochs": 0}, {"lr": -1.0}, {"patience": -1},
-                                 {"top_k": 0}, {"batch_size": 1.5}, {"clip": 0.0}, {"clip": "1"}, {"clip": math.inf},
-                                 {"std_max": 0.0}, {"std_max": -0.1}, {"refresh_N": 0}, {"refresh_N": 2.5}])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"components": "some"},
+        {"schedule": "linear"},
+        {"epochs": 0},
+        {"lr": -1.0},
+        {"patience": -1},
+        {"top_k": 0},
+        {"batch_size": 1.5},
+        {"clip": 0.0},
+        {"clip": "1"},
+        {"clip": math.inf},
+        {"std_max": 0.0},
+        {"std_max": -0.1},
+        {"refresh_N": 0},
+        {"refresh_N": 2.5},
+    ],
+)
 def test_bad_settings_are_one_clear_error(bad: dict) -> None:
     with pytest.raises(ValueError, match="fine-tuning"):
         FineTuneConfig(**bad)
@@ -113,8 +167,14 @@ def test_clip_bounds_the_gradient_of_a_step(vqvae: VQVAE, digits: DataSplits, cl
     codes = torch.tensor([[[0, 1], [2, 3]], [[4, 5], [6, 7]], [[1, 1], [2, 2]]])
     model = _Mixture(vqvae, codes, torch.zeros(3), FineTuneConfig(top_k=2))
     x = to_model_space(digits.train_x[:50], "gaussian", digits.levels, torch.Generator().manual_seed(0))
-    fit(model, lambda m, batch: m.loss(batch[0]), (x,), (), TrainConfig(epochs=1, batch_size=50, clip=clip,
-                                                                       progress=False), validate=lambda m: 0.0)
+    fit(
+        model,
+        lambda m, batch: m.loss(batch[0]),
+        (x,),
+        (),
+        TrainConfig(epochs=1, batch_size=50, clip=clip, progress=False),
+        validate=lambda m: 0.0,
+    )
     norm = float(torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None]))
     assert norm <= 0.5 + 1e-6 if clip else norm > 0.5
 
@@ -150,8 +210,7 @@ def test_std_max_caps_every_std_in_training_and_in_the_circuit(vqvae: VQVAE, dig
     """With ``std_max`` every std of the circuit is below it, the validation score recorded is the capped
     circuit's own, and fine-tuning still raises the (capped) validation likelihood."""
     codes = torch.tensor([[[0, 1], [2, 3]], [[4, 5], [6, 7]], [[1, 1], [2, 2]], [[3, 2], [1, 0]]])
-    cfg = FineTuneConfig(epochs=2, patience=2, lr=3e-3, batch_size=50, top_k=2, refresh=2, std_max=0.05,
-                         progress=False)
+    cfg = FineTuneConfig(epochs=2, patience=2, lr=3e-3, batch_size=50, top_k=2, refresh=2, std_max=0.05, progress=False)
     circuit, res = finetune_distill(vqvae, _selection(codes), digits, cfg)
     assert float(circuit.leaf.scale.max()) < 0.05
     assert float(distill(vqvae, _selection(codes)).leaf.scale.max()) > 0.05  # the cap is doing something here
@@ -162,14 +221,19 @@ def test_std_max_caps_every_std_in_training_and_in_the_circuit(vqvae: VQVAE, dig
 
 
 def test_std_max_on_categorical_leaves_is_one_clear_error() -> None:
-    cfg = VQVAEConfig(image_shape=(1, 2, 2), levels=3, leaf="categorical", latent_hw=(1, 1), K=3, D=2, hidden=4,
-                      res_blocks=0)
+    cfg = VQVAEConfig(
+        image_shape=(1, 2, 2), levels=3, leaf="categorical", latent_hw=(1, 1), K=3, D=2, hidden=4, res_blocks=0
+    )
     v = torch.randint(0, 3, (30, 1, 2, 2), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
     y = torch.zeros(10, dtype=torch.long)
     splits = DataSplits("tiny", 3, (1, 2, 2), 1, v[:10], y, v[10:20], y, v[20:], y)
     with pytest.raises(ValueError, match="std_max applies to Gaussian leaves only"):
-        finetune_distill(VQVAE(cfg).eval(), _selection(torch.arange(3).view(3, 1, 1)), splits,
-                         FineTuneConfig(epochs=1, std_max=0.1, progress=False))
+        finetune_distill(
+            VQVAE(cfg).eval(),
+            _selection(torch.arange(3).view(3, 1, 1)),
+            splits,
+            FineTuneConfig(epochs=1, std_max=0.1, progress=False),
+        )
 
 
 def test_bad_codes_are_one_clear_error(vqvae: VQVAE, digits: DataSplits) -> None:
@@ -184,8 +248,14 @@ def _ddp_finetune(rank: int, folder: str) -> None:
     vqvae = VQVAE.load(f"{folder}/vqvae.pt")
     codes = torch.load(f"{folder}/codes.pt")
     res = finetune(vqvae, codes, torch.zeros(codes.shape[0]), load_dataset("digits", seed=0, limit=300), DDP_CFG)
-    torch.save({"decoder": res.decoder.state_dict(), "log_weights": res.log_weights,
-                "history": [(h["train_loss"], h["val_log_prob"]) for h in res.history]}, f"{folder}/rank{rank}.pt")
+    torch.save(
+        {
+            "decoder": res.decoder.state_dict(),
+            "log_weights": res.log_weights,
+            "history": [(h["train_loss"], h["val_log_prob"]) for h in res.history],
+        },
+        f"{folder}/rank{rank}.pt",
+    )
 
 
 @pytest.mark.slow
@@ -206,4 +276,6 @@ def test_finetuning_on_two_ranks_equals_one_process(vqvae: VQVAE, digits: DataSp
         for k, v in one.decoder.state_dict().items():
             torch.testing.assert_close(got["decoder"][k], v, rtol=1e-4, atol=1e-5)
         for (loss, val), h in zip(got["history"], one.history):
-            assert math.isclose(loss, h["train_loss"], rel_tol=1e-5) and math.isclose(val, h["val_log_prob"], rel_tol=1e-5)
+            assert math.isclose(loss, h["train_loss"], rel_tol=1e-5) and math.isclose(
+                val, h["val_log_prob"], rel_tol=1e-5
+            )

@@ -18,13 +18,9 @@ from vq2pc.models.vqvae import VQVAEConfig, train_vqvae
 def test_component_sums_equal_the_broadcast_sum_with_the_same_gradients() -> None:
     g = torch.Generator().manual_seed(0)
     loc = (torch.rand(7, 5, generator=g, dtype=torch.float64)).requires_grad_(True)
-    scale = (
-        torch.rand(7, 5, generator=g, dtype=torch.float64) * 0.3 + 0.01
-    ).requires_grad_(True)
+    scale = (torch.rand(7, 5, generator=g, dtype=torch.float64) * 0.3 + 0.01).requires_grad_(True)
     v = torch.randint(0, 16, (6, 5), generator=g).double()
-    fast = component_sums(
-        v, loc, scale, 16, "gaussian", block=40
-    )  # blocks of one component, checkpointed
+    fast = component_sums(v, loc, scale, 16, "gaussian", block=40)  # blocks of one component, checkpointed
     slow = DiscretizedGaussian(loc, scale, 16).log_prob(v[:, None]).sum(-1)
     assert torch.allclose(fast, slow, rtol=1e-12)
     w = torch.randn(6, 7, generator=g, dtype=torch.float64)
@@ -49,9 +45,7 @@ def test_discretized_finetuning_raises_the_discrete_likelihood() -> None:
         hidden=8,
         res_blocks=0,
     )
-    vqvae, _ = train_vqvae(
-        digits, cfg, TrainConfig(epochs=2, batch_size=64, lr=3e-3, progress=False)
-    )
+    vqvae, _ = train_vqvae(digits, cfg, TrainConfig(epochs=2, batch_size=64, lr=3e-3, progress=False))
     codes = torch.unique(
         torch.randint(0, 8, (16, 2, 2), generator=torch.Generator().manual_seed(0)),
         dim=0,
@@ -69,10 +63,7 @@ def test_discretized_finetuning_raises_the_discrete_likelihood() -> None:
         discretized=digits.levels,
     )
     after, res = finetune_distill(vqvae, selection, digits, ft)
-    assert (
-        after.leaf.kind == "discretized-gaussian"
-        and after.meta["finetune"]["discretized"] == digits.levels
-    )
+    assert after.leaf.kind == "discretized-gaussian" and after.meta["finetune"]["discretized"] == digits.levels
     v = digits.train_x.flatten(1).float()
     assert float(after.log_prob(v).mean()) > float(before.log_prob(v).mean()) + 1.0
     assert res.best_val_log_prob > res.start_val_log_prob

@@ -39,8 +39,13 @@ torch.save({{"decoder": res.decoder.state_dict(), "log_weights": res.log_weights
 
 
 def _start(folder: Path, name: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", SCRIPT, str(folder), name], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return subprocess.Popen(
+        [sys.executable, "-c", SCRIPT, str(folder), name],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
 
 
 def _finish(proc: subprocess.Popen) -> None:
@@ -53,9 +58,11 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("ft-resume")
     torch.manual_seed(0)
     VQVAE(VQVAEConfig(image_shape=(1, 8, 8), levels=17, latent_hw=(2, 2), K=8, D=4, hidden=8, res_blocks=0)).save(
-        d / "vqvae.pt")
-    torch.save(torch.unique(torch.randint(0, 8, (12, 2, 2), generator=torch.Generator().manual_seed(3)), dim=0),
-               d / "codes.pt")
+        d / "vqvae.pt"
+    )
+    torch.save(
+        torch.unique(torch.randint(0, 8, (12, 2, 2), generator=torch.Generator().manual_seed(3)), dim=0), d / "codes.pt"
+    )
     return d
 
 
@@ -89,8 +96,15 @@ def test_a_checkpoint_of_other_latents_is_refused(folder: Path) -> None:
     if not (folder / "straight.pt").exists():
         pytest.skip("needs the checkpoint of the test above")
     codes = torch.load(folder / "codes.pt")
-    cfg = FineTuneConfig(epochs=EPOCHS, patience=EPOCHS, lr=3e-3, schedule="cosine", batch_size=16, top_k=2,
-                         refresh=3, progress=False)
+    cfg = FineTuneConfig(
+        epochs=EPOCHS, patience=EPOCHS, lr=3e-3, schedule="cosine", batch_size=16, top_k=2, refresh=3, progress=False
+    )
     with pytest.raises(CheckpointError, match="selection_sha256"):
-        finetune(VQVAE.load(folder / "vqvae.pt"), codes.flip(0), torch.zeros(len(codes)),
-                 load_dataset("digits", seed=0, limit=300), cfg, checkpoint=folder / "straight.pt")
+        finetune(
+            VQVAE.load(folder / "vqvae.pt"),
+            codes.flip(0),
+            torch.zeros(len(codes)),
+            load_dataset("digits", seed=0, limit=300),
+            cfg,
+            checkpoint=folder / "straight.pt",
+        )

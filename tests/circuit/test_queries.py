@@ -22,8 +22,10 @@ def _blocks(scores: torch.Tensor, means: torch.Tensor, cuts: list[int]):
 @pytest.mark.parametrize("cuts", [[], [1], [3, 4, 9], list(range(1, 12))])
 def test_log_marginal_and_posterior_mean_do_not_depend_on_the_blocks(cuts: list[int]) -> None:
     g = torch.Generator().manual_seed(0)
-    scores, means = torch.randn(5, 12, generator=g, dtype=torch.float64) * 30, torch.randn(12, 3, generator=g,
-                                                                                          dtype=torch.float64)
+    scores, means = (
+        torch.randn(5, 12, generator=g, dtype=torch.float64) * 30,
+        torch.randn(12, 3, generator=g, dtype=torch.float64),
+    )
     scores[0, :6] = -torch.inf  # a row whose first blocks hold no mass
     torch.testing.assert_close(log_marginal(_blocks(scores, means, cuts)), torch.logsumexp(scores, 1))
     torch.testing.assert_close(posterior_mean(_blocks(scores, means, cuts)), torch.softmax(scores, 1) @ means)

@@ -33,7 +33,9 @@ def _categorical(n: int = 4, s: int = 3, levels: int = 3, seed: int = 0) -> Mixt
 
 def _bernoulli(n: int = 4, s: int = 5, seed: int = 0) -> MixtureCircuit:
     g = _gen(seed)
-    return MixtureCircuit(Bernoulli(2 * torch.randn(n, s, generator=g, dtype=torch.float64)), torch.zeros(n, dtype=torch.float64))
+    return MixtureCircuit(
+        Bernoulli(2 * torch.randn(n, s, generator=g, dtype=torch.float64)), torch.zeros(n, dtype=torch.float64)
+    )
 
 
 def _data(kind: str, seed: int, rows: int = 300) -> tuple[MixtureCircuit, torch.Tensor]:
@@ -162,7 +164,9 @@ def test_e_step_batches_do_not_change_statistics() -> None:
 
 def test_empty_component_keeps_its_leaf_and_prior_revives_its_weight() -> None:
     mean = torch.tensor([[0.2, 0.2], [0.8, 0.8], [0.5, 0.5]], dtype=torch.float64)
-    c = MixtureCircuit(Gaussian(mean, torch.full_like(mean, 0.05)), torch.tensor([0.0, 0.0, -torch.inf], dtype=torch.float64))
+    c = MixtureCircuit(
+        Gaussian(mean, torch.full_like(mean, 0.05)), torch.tensor([0.0, 0.0, -torch.inf], dtype=torch.float64)
+    )
     x = c.sample(100, generator=_gen(10))
     refined, _ = em_refine(c, x, EMConfig(iterations=2, leaves=True, prior_strength=1.0))
     assert torch.equal(refined.leaf.loc[2], mean[2]) and refined.log_weights[2] == -torch.inf
@@ -200,7 +204,9 @@ def test_errors() -> None:
         em_refine(gauss, torch.full_like(xg, float("nan")))
     with pytest.raises(ValueError, match="removes every component"):
         weights_m_step(torch.full((5,), 0.5, dtype=torch.float64), 0.0)  # every R_n + a - 1 < 0
-    zero = MixtureCircuit(Categorical(torch.tensor([[[0.0, -torch.inf, 0.0]]] * 2, dtype=torch.float64)), torch.zeros(2))
+    zero = MixtureCircuit(
+        Categorical(torch.tensor([[[0.0, -torch.inf, 0.0]]] * 2, dtype=torch.float64)), torch.zeros(2)
+    )
     with pytest.raises(ValueError, match="zero probability"):
         em_refine(zero, torch.tensor([[1.0]]))
 
@@ -222,7 +228,17 @@ def test_cli_refine_writes_circuit_and_reports_history(tmp_path, capsys) -> None
 
     _digits_circuit(tmp_path / "c.safetensors")
     out = tmp_path / "r.safetensors"
-    argv = ["refine", str(tmp_path / "c.safetensors"), "--limit", "80", "--iterations", "3", "--leaves", "--out", str(out)]
+    argv = [
+        "refine",
+        str(tmp_path / "c.safetensors"),
+        "--limit",
+        "80",
+        "--iterations",
+        "3",
+        "--leaves",
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 0
     report = json.loads(capsys.readouterr().out)
     history = report["history"]

@@ -40,7 +40,18 @@ def circuit_path(tmp_path: Path) -> Path:
 
 
 def test_sample_writes_png_and_npy(tmp_path: Path, circuit_path: Path) -> None:
-    rc = main(["sample", str(circuit_path), "--num-samples", "9", "--out", str(tmp_path / "s.png"), "--npy", str(tmp_path / "s.npy")])
+    rc = main(
+        [
+            "sample",
+            str(circuit_path),
+            "--num-samples",
+            "9",
+            "--out",
+            str(tmp_path / "s.png"),
+            "--npy",
+            str(tmp_path / "s.npy"),
+        ]
+    )
     assert rc == 0
     assert (tmp_path / "s.png").stat().st_size > 0
     assert np.load(tmp_path / "s.npy").shape == (9, 1, 4, 4)
@@ -50,7 +61,18 @@ def test_inpaint_reports_json(tmp_path: Path, circuit_path: Path, capsys: pytest
     c = MixtureCircuit.load(circuit_path)
     images = c.sample(6, generator=torch.Generator().manual_seed(1)).reshape(6, 1, 4, 4).numpy()
     np.save(tmp_path / "x.npy", images)
-    rc = main(["inpaint", str(circuit_path), "--images", str(tmp_path / "x.npy"), "--mask", "center", "--out", str(tmp_path / "i.png")])
+    rc = main(
+        [
+            "inpaint",
+            str(circuit_path),
+            "--images",
+            str(tmp_path / "x.npy"),
+            "--mask",
+            "center",
+            "--out",
+            str(tmp_path / "i.png"),
+        ]
+    )
     assert rc == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["images"] == 6 and np.isfinite(report["conditional_bpd_hidden"])

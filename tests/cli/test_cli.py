@@ -19,7 +19,23 @@ from vq2pc.data import load_dataset
 from vq2pc.evaluate.density import test_bpd
 from vq2pc.models.priors.pixelcnn import PixelCNNPrior, PriorConfig
 
-VERBS = ["run", "train-vqvae", "train-prior", "train-baseline", "distill", "finetune", "evaluate", "usage", "sample", "inpaint", "classify", "refine", "export", "compress", "decompress"]
+VERBS = [
+    "run",
+    "train-vqvae",
+    "train-prior",
+    "train-baseline",
+    "distill",
+    "finetune",
+    "evaluate",
+    "usage",
+    "sample",
+    "inpaint",
+    "classify",
+    "refine",
+    "export",
+    "compress",
+    "decompress",
+]
 DATA = ["--limit", "100", "--seed", "0"]
 
 
@@ -84,15 +100,55 @@ def test_missing_config_is_one_line_error(capsys: pytest.CaptureFixture[str]) ->
 def stages(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """train-vqvae -> train-prior -> distill (exhaustive) -> evaluate -> usage on 100 digits, one epoch each."""
     tmp = tmp_path_factory.mktemp("cli")
-    files = {"vqvae": tmp / "vq.pt", "prior": tmp / "prior.pt", "circuit": tmp / "c.safetensors",
-             "usage": tmp / "usage.png"}
+    files = {
+        "vqvae": tmp / "vq.pt",
+        "prior": tmp / "prior.pt",
+        "circuit": tmp / "c.safetensors",
+        "usage": tmp / "usage.png",
+    }
     argvs = {
-        "train-vqvae": ["train-vqvae", *DATA, "--epochs", "1", "--hidden", "8", "--K", "4", "--D", "4",
-                        "--res-blocks", "0", "--out", str(files["vqvae"])],
-        "train-prior": ["train-prior", *DATA, "--epochs", "1", "--vqvae", str(files["vqvae"]), "--hidden", "8",
-                        "--layers", "1", "--out", str(files["prior"])],
-        "distill": ["distill", "--vqvae", str(files["vqvae"]), "--prior", str(files["prior"]),
-                    "--strategy", "exhaustive", "--classes", "--out", str(files["circuit"])],
+        "train-vqvae": [
+            "train-vqvae",
+            *DATA,
+            "--epochs",
+            "1",
+            "--hidden",
+            "8",
+            "--K",
+            "4",
+            "--D",
+            "4",
+            "--res-blocks",
+            "0",
+            "--out",
+            str(files["vqvae"]),
+        ],
+        "train-prior": [
+            "train-prior",
+            *DATA,
+            "--epochs",
+            "1",
+            "--vqvae",
+            str(files["vqvae"]),
+            "--hidden",
+            "8",
+            "--layers",
+            "1",
+            "--out",
+            str(files["prior"]),
+        ],
+        "distill": [
+            "distill",
+            "--vqvae",
+            str(files["vqvae"]),
+            "--prior",
+            str(files["prior"]),
+            "--strategy",
+            "exhaustive",
+            "--classes",
+            "--out",
+            str(files["circuit"]),
+        ],
         "evaluate": ["evaluate", str(files["circuit"]), *DATA, "--draws", "2"],
         "usage": ["usage", "--prior", str(files["prior"]), "--out", str(files["usage"])],
     }
@@ -139,21 +195,38 @@ def test_stage_verbs_chain(verb: str, stages: dict[str, Any], capsys: pytest.Cap
     elif verb == "evaluate":
         assert result["N"] == 256 and math.isfinite(result["test_bpd"]) and result["test_bpd"] > 0
         splits = load_dataset("digits", None, seed=0, limit=100)
-        bpd = test_bpd(MixtureCircuit.load(files["circuit"]), splits.test_x, "gaussian", splits.levels, draws=2,
-                       generator=torch.Generator().manual_seed(0))
+        bpd = test_bpd(
+            MixtureCircuit.load(files["circuit"]),
+            splits.test_x,
+            "gaussian",
+            splits.levels,
+            draws=2,
+            generator=torch.Generator().manual_seed(0),
+        )
         assert result["test_bpd"] == pytest.approx(bpd["mean"], abs=1e-9)
     else:
         assert result["space_size"] == 256 and 0 < result["fraction_90"] <= result["fraction_99"] <= 1
         assert files["usage"].is_file() and files["usage"].stat().st_size > 0
 
 
-def test_distill_with_mismatched_prior_is_one_line_error(stages: dict[str, Any], tmp_path: Path,
-                                                          capsys: pytest.CaptureFixture[str]) -> None:
+def test_distill_with_mismatched_prior_is_one_line_error(
+    stages: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     run_stage(stages, "train-vqvae", capsys)
     other = PixelCNNPrior(PriorConfig(K=5, latent_hw=(2, 2), num_classes=10, hidden=8, layers=1))
     other.save(tmp_path / "prior5.pt")
-    code, out, err = run_cli(["distill", "--vqvae", str(stages["files"]["vqvae"]), "--prior", str(tmp_path / "prior5.pt"),
-                              "--out", str(tmp_path / "c.safetensors")], capsys)
+    code, out, err = run_cli(
+        [
+            "distill",
+            "--vqvae",
+            str(stages["files"]["vqvae"]),
+            "--prior",
+            str(tmp_path / "prior5.pt"),
+            "--out",
+            str(tmp_path / "c.safetensors"),
+        ],
+        capsys,
+    )
     assert code == 1 and out == ""
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("vq2pc distill: error: "), err
@@ -161,33 +234,86 @@ def test_distill_with_mismatched_prior_is_one_line_error(stages: dict[str, Any],
     assert not (tmp_path / "c.safetensors").exists()
 
 
-def test_transformer_prior_trains_distills_and_reports_usage(stages: dict[str, Any], tmp_path: Path,
-                                                             capsys: pytest.CaptureFixture[str]) -> None:
+def test_transformer_prior_trains_distills_and_reports_usage(
+    stages: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """`train-prior --prior transformer`; `distill` and `usage` load either prior from its checkpoint."""
     run_stage(stages, "train-vqvae", capsys)
     vqvae, prior = str(stages["files"]["vqvae"]), tmp_path / "tf.pt"
-    code, out, err = run_cli(["train-prior", *DATA, "--epochs", "1", "--vqvae", vqvae, "--prior", "transformer",
-                              "--hidden", "8", "--layers", "1", "--heads", "2", "--out", str(prior)], capsys)
+    code, out, err = run_cli(
+        [
+            "train-prior",
+            *DATA,
+            "--epochs",
+            "1",
+            "--vqvae",
+            vqvae,
+            "--prior",
+            "transformer",
+            "--hidden",
+            "8",
+            "--layers",
+            "1",
+            "--heads",
+            "2",
+            "--out",
+            str(prior),
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert last_json(out)["prior"] == "transformer"
     assert load_checkpoint(prior, "transformer-prior")["meta"]["config"]["heads"] == 2
-    code, out, err = run_cli(["distill", "--vqvae", vqvae, "--prior", str(prior), "--strategy", "beam", "--components", "20",
-                              "--starts", "1", "--out", str(tmp_path / "c.safetensors")], capsys)
+    code, out, err = run_cli(
+        [
+            "distill",
+            "--vqvae",
+            vqvae,
+            "--prior",
+            str(prior),
+            "--strategy",
+            "beam",
+            "--components",
+            "20",
+            "--starts",
+            "1",
+            "--out",
+            str(tmp_path / "c.safetensors"),
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert 0 < last_json(out)["N"] <= 20
     code, out, err = run_cli(["usage", "--prior", str(prior), "--out", str(tmp_path / "u.png")], capsys)
     assert code == 0 and last_json(out)["space_size"] == 256, err
-    code, out, err = run_cli(["train-prior", *DATA, "--vqvae", vqvae, "--prior", "transformer", "--hidden", "10",
-                              "--heads", "4", "--out", str(tmp_path / "bad.pt")], capsys)
+    code, out, err = run_cli(
+        [
+            "train-prior",
+            *DATA,
+            "--vqvae",
+            vqvae,
+            "--prior",
+            "transformer",
+            "--hidden",
+            "10",
+            "--heads",
+            "4",
+            "--out",
+            str(tmp_path / "bad.pt"),
+        ],
+        capsys,
+    )
     assert code == 1 and "multiple of heads" in err and len(err.strip().splitlines()) == 1
 
 
-def test_sample_and_inpaint_on_distilled_circuit(stages: dict[str, Any], tmp_path: Path,
-                                                 capsys: pytest.CaptureFixture[str]) -> None:
+def test_sample_and_inpaint_on_distilled_circuit(
+    stages: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     run_stage(stages, "distill", capsys)
     circuit = str(stages["files"]["circuit"])
-    code, out, err = run_cli(["sample", circuit, "-n", "9", "--out", str(tmp_path / "s.png"),
-                              "--npy", str(tmp_path / "s.npy")], capsys)
+    code, out, err = run_cli(
+        ["sample", circuit, "-n", "9", "--out", str(tmp_path / "s.png"), "--npy", str(tmp_path / "s.npy")], capsys
+    )
     assert code == 0, err
     assert last_json(out)["samples"] == 9
     assert (tmp_path / "s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -195,8 +321,10 @@ def test_sample_and_inpaint_on_distilled_circuit(stages: dict[str, Any], tmp_pat
 
     images = load_dataset("digits", None, seed=0, limit=100).test_x[:6].numpy()  # uint8 levels [6, 1, 8, 8]
     np.save(tmp_path / "x.npy", images)
-    code, out, err = run_cli(["inpaint", circuit, "--images", str(tmp_path / "x.npy"), "--mask", "bottom",
-                              "--out", str(tmp_path / "i.png")], capsys)
+    code, out, err = run_cli(
+        ["inpaint", circuit, "--images", str(tmp_path / "x.npy"), "--mask", "bottom", "--out", str(tmp_path / "i.png")],
+        capsys,
+    )
     assert code == 0, err
     report = last_json(out)
     assert report["images"] == 6 and report["mask"] == "bottom"
@@ -204,78 +332,199 @@ def test_sample_and_inpaint_on_distilled_circuit(stages: dict[str, Any], tmp_pat
     assert (tmp_path / "i.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_distill_std_floor_raises_small_stds(stages: dict[str, Any], tmp_path: Path,
-                                             capsys: pytest.CaptureFixture[str]) -> None:
+def test_distill_std_floor_raises_small_stds(
+    stages: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     run_stage(stages, "train-prior", capsys)
     files, out_path = stages["files"], tmp_path / "floored.safetensors"
-    code, _, err = run_cli(["distill", "--vqvae", str(files["vqvae"]), "--prior", str(files["prior"]),
-                            "--strategy", "exhaustive", "--std-min", "0.05", "--out", str(out_path)], capsys)
+    code, _, err = run_cli(
+        [
+            "distill",
+            "--vqvae",
+            str(files["vqvae"]),
+            "--prior",
+            str(files["prior"]),
+            "--strategy",
+            "exhaustive",
+            "--std-min",
+            "0.05",
+            "--out",
+            str(out_path),
+        ],
+        capsys,
+    )
     assert code == 0, err
     floored = MixtureCircuit.load(out_path)
     assert floored.meta["std_floor"] == 0.05 and float(floored.leaf.scale.min()) >= 0.05
-    code, _, err = run_cli(["distill", "--vqvae", str(files["vqvae"]), "--prior", str(files["prior"]),
-                            "--std-min", "-1", "--out", str(tmp_path / "bad.safetensors")], capsys)
+    code, _, err = run_cli(
+        [
+            "distill",
+            "--vqvae",
+            str(files["vqvae"]),
+            "--prior",
+            str(files["prior"]),
+            "--std-min",
+            "-1",
+            "--out",
+            str(tmp_path / "bad.safetensors"),
+        ],
+        capsys,
+    )
     assert code == 1 and "std_floor must be a positive" in err and not (tmp_path / "bad.safetensors").exists()
 
 
 def test_train_vqvae_with_gmvq_quantizer_and_options(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     base = ["train-vqvae", *DATA, "--epochs", "1", "--hidden", "8", "--K", "4", "--D", "4", "--res-blocks", "0"]
-    code, _, err = run_cli([*base, "--quantizer", "gmvq", "--quantizer-opt", "alpha=2.0",
-                              "--quantizer-opt", "kmeans_init=true", "--out", str(tmp_path / "g.pt")], capsys)
+    code, _, err = run_cli(
+        [
+            *base,
+            "--quantizer",
+            "gmvq",
+            "--quantizer-opt",
+            "alpha=2.0",
+            "--quantizer-opt",
+            "kmeans_init=true",
+            "--out",
+            str(tmp_path / "g.pt"),
+        ],
+        capsys,
+    )
     assert code == 0, err
     cfg = load_checkpoint(tmp_path / "g.pt", "vqvae")["meta"]["config"]
     assert cfg["quantizer"] == "gmvq" and cfg["quantizer_opts"] == {"alpha": 2.0, "kmeans_init": True}
-    code, _, err = run_cli([*base, "--quantizer", "gmvq", "--quantizer-opt", "alpha", "--out", str(tmp_path / "h.pt")],
-                             capsys)
+    code, _, err = run_cli(
+        [*base, "--quantizer", "gmvq", "--quantizer-opt", "alpha", "--out", str(tmp_path / "h.pt")], capsys
+    )
     assert code == 1 and "KEY=VALUE" in err and not (tmp_path / "h.pt").exists()
 
 
-def test_finetune_verb_improves_validation_and_writes_a_circuit(stages: dict[str, Any], tmp_path: Path,
-                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+def test_finetune_verb_improves_validation_and_writes_a_circuit(
+    stages: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     run_stage(stages, "train-prior", capsys)
     files, out = stages["files"], tmp_path / "ft.safetensors"
-    code, stdout, err = run_cli(["finetune", "--vqvae", str(files["vqvae"]), "--prior", str(files["prior"]), *DATA,
-                                 "-N", "12", "--epochs", "2", "--lr", "3e-3", "--schedule", "cosine", "--batch-size", "25",
-                                 "--top-k", "2", "--out", str(out)], capsys)
+    code, stdout, err = run_cli(
+        [
+            "finetune",
+            "--vqvae",
+            str(files["vqvae"]),
+            "--prior",
+            str(files["prior"]),
+            *DATA,
+            "-N",
+            "12",
+            "--epochs",
+            "2",
+            "--lr",
+            "3e-3",
+            "--schedule",
+            "cosine",
+            "--batch-size",
+            "25",
+            "--top-k",
+            "2",
+            "--out",
+            str(out),
+        ],
+        capsys,
+    )
     assert code == 0, err
     result = last_json(stdout)
     circuit = MixtureCircuit.load(out)
     assert result["N"] == len(circuit) == 12 and circuit.meta["finetune"]["best_epoch"] == result["best_epoch"]
     assert result["settings"]["schedule"] == circuit.meta["finetune"]["schedule"] == "cosine"
     assert result["best_val_log_prob"] >= result["start_val_log_prob"] and result["epochs_run"] >= 1
-    code, _, err = run_cli(["finetune", "--vqvae", str(files["vqvae"]), "--prior", str(files["prior"]), *DATA,
-                            "--grad-components", "random", "--subset", "0", "--out", str(tmp_path / "bad.safetensors")],
-                           capsys)
+    code, _, err = run_cli(
+        [
+            "finetune",
+            "--vqvae",
+            str(files["vqvae"]),
+            "--prior",
+            str(files["prior"]),
+            *DATA,
+            "--grad-components",
+            "random",
+            "--subset",
+            "0",
+            "--out",
+            str(tmp_path / "bad.safetensors"),
+        ],
+        capsys,
+    )
     assert code != 0 and "fine-tuning" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "bad.safetensors").exists()
-    code, stdout, err = run_cli(["finetune", "--vqvae", str(files["vqvae"]), "--prior", str(files["prior"]), *DATA,
-                                 "--N", "12", "--epochs", "1", "--batch-size", "50", "--discretized",
-                                 "--out", str(tmp_path / "d.safetensors")], capsys)
+    code, stdout, err = run_cli(
+        [
+            "finetune",
+            "--vqvae",
+            str(files["vqvae"]),
+            "--prior",
+            str(files["prior"]),
+            *DATA,
+            "--N",
+            "12",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "50",
+            "--discretized",
+            "--out",
+            str(tmp_path / "d.safetensors"),
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert last_json(stdout)["settings"]["discretized"] == 17
     assert MixtureCircuit.load(tmp_path / "d.safetensors").leaf.kind == "discretized-gaussian"
 
 
-def test_discretized_distill_evaluates_sample_and_inpaint_on_levels(stages: dict[str, Any], tmp_path: Path,
-                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+def test_discretized_distill_evaluates_sample_and_inpaint_on_levels(
+    stages: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """`distill --discretized`: integer-level circuit whose BPD is the Gaussian circuit's discrete BPD."""
     gauss = run_stage(stages, "evaluate", capsys)
     assert gauss["test_bpd_discrete"] < gauss["test_bpd"]
     out_file = tmp_path / "d.safetensors"
     files = stages["files"]
-    code, out, err = run_cli(["distill", "--vqvae", str(files["vqvae"]), "--prior", str(files["prior"]),
-                              "--strategy", "exhaustive", "--discretized", "--out", str(out_file)], capsys)
+    code, out, err = run_cli(
+        [
+            "distill",
+            "--vqvae",
+            str(files["vqvae"]),
+            "--prior",
+            str(files["prior"]),
+            "--strategy",
+            "exhaustive",
+            "--discretized",
+            "--out",
+            str(out_file),
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert MixtureCircuit.load(out_file).leaf.kind == "discretized-gaussian"
     code, out, err = run_cli(["evaluate", str(out_file), *DATA], capsys)
     assert code == 0, err
     assert last_json(out)["test_bpd"] == pytest.approx(gauss["test_bpd_discrete"], rel=1e-4)
-    code, out, err = run_cli(["sample", str(out_file), "--n", "4", "--out", str(tmp_path / "s.png"),
-                              "--npy", str(tmp_path / "s.npy")], capsys)
+    code, out, err = run_cli(
+        ["sample", str(out_file), "--n", "4", "--out", str(tmp_path / "s.png"), "--npy", str(tmp_path / "s.npy")],
+        capsys,
+    )
     assert code == 0, err
     draws = np.load(tmp_path / "s.npy")
     assert draws.min() >= 0 and draws.max() <= 16 and (draws == np.round(draws)).all()
     np.save(tmp_path / "x.npy", load_dataset("digits", None, seed=0, limit=100).test_x[:3].numpy())
-    code, out, err = run_cli(["inpaint", str(out_file), "--images", str(tmp_path / "x.npy"), "--mask", "bottom",
-                              "--out", str(tmp_path / "i.png")], capsys)
+    code, out, err = run_cli(
+        [
+            "inpaint",
+            str(out_file),
+            "--images",
+            str(tmp_path / "x.npy"),
+            "--mask",
+            "bottom",
+            "--out",
+            str(tmp_path / "i.png"),
+        ],
+        capsys,
+    )
     assert code == 0, err

@@ -18,7 +18,8 @@ from vq2pc.pipeline.config import ExperimentSpec, ModelSpec, RunConfig
 
 PARSER = build_parser()
 VERBS: dict[str, argparse.ArgumentParser] = next(
-    a for a in PARSER._actions if isinstance(a, argparse._SubParsersAction)).choices
+    a for a in PARSER._actions if isinstance(a, argparse._SubParsersAction)
+).choices
 RETIRED = {flag for _, old in FLAGS.values() for flag in old}
 
 
@@ -81,26 +82,41 @@ def test_training_defaults_are_the_run_configs() -> None:
     assert train_config(a) == dataclasses.replace(run.vqvae_train, seed=run.seed, device=run.device)
     assert (a.dataset, a.seed, a.device, a.leaf) == (run.dataset, run.seed, run.device, run.leaves[0])
     assert (tuple(a.grid), a.K, a.D, a.hidden, a.res_blocks, a.beta, a.quantizer) == (
-        model.latent_hw, model.K, model.D, model.hidden, model.res_blocks, model.beta, model.quantizer)
+        model.latent_hw,
+        model.K,
+        model.D,
+        model.hidden,
+        model.res_blocks,
+        model.beta,
+        model.quantizer,
+    )
     assert _quantizer_opts(a) == model.quantizer_opts
     assert _quantizer_opts(PARSER.parse_args(["train-vqvae", "--quantizer", "gumbel"])) == {}
     a = PARSER.parse_args(["train-prior", "--vqvae", "v"])
     assert train_config(a) == dataclasses.replace(run.prior_train, seed=run.seed, device=run.device)
-    assert (a.prior, a.hidden, a.layers, a.heads) == (model.prior, model.prior_hidden, model.prior_layers,
-                                                      model.prior_heads)
+    assert (a.prior, a.hidden, a.layers, a.heads) == (
+        model.prior,
+        model.prior_hidden,
+        model.prior_layers,
+        model.prior_heads,
+    )
 
 
 def test_selection_finetune_and_refine_defaults_are_the_run_configs() -> None:
     run, model = RunConfig(), ModelSpec()
     a = PARSER.parse_args(["distill", "--vqvae", "v", "--prior", "p"])
     assert (a.starts, a.beam_score, a.beam_search, a.max_space, a.std_min) == (
-        model.starts, model.beam_score, model.beam_search, run.max_exhaustive, model.std_floor)
+        model.starts,
+        model.beam_score,
+        model.beam_search,
+        run.max_exhaustive,
+        model.std_floor,
+    )
     a = PARSER.parse_args(["finetune", "--vqvae", "v", "--prior", "p"])
     assert a.N == PARSER.parse_args(["distill", "--vqvae", "v", "--prior", "p"]).N == max(model.N)
     assert finetune_config(a) == FineTuneConfig(seed=run.seed, device=run.device)
     a = PARSER.parse_args(["refine", "c", "--out", "r"])
-    assert (a.iterations, a.leaves, a.prior_strength) == (model.em_iterations, model.em_leaves,
-                                                          model.em_prior_strength)
+    assert (a.iterations, a.leaves, a.prior_strength) == (model.em_iterations, model.em_leaves, model.em_prior_strength)
     assert PARSER.parse_args(["evaluate", "c"]).draws == ExperimentSpec().bpd_draws
     assert PARSER.parse_args(["usage", "--prior", "p"]).max_space == run.max_usage_space
 

@@ -145,14 +145,27 @@ CASES: list[tuple[str, str, str]] = [
     ("train-prior", "--vqvae prior.pt --limit 20 --out p.pt", "prior.pt is not a vq2pc vqvae checkpoint"),
     ("train-prior", "--vqvae vq.pt --lr -1 --out p.pt", "lr must be a positive number"),
     ("distill", "--vqvae vq.pt --prior prior3.pt --out c2.safetensors", "--prior (K=3, grid (2, 2)) does not match"),
-    ("distill", "--vqvae vq.pt --prior prior.pt --components 0 --out c2.safetensors", "N must be a positive integer, got 0"),
-    ("distill", "--vqvae vq.pt --prior prior.pt --strategy beam -N 10 --starts 0 --out c2.safetensors",
-     "starts must be >= 1"),
-    ("distill", "--vqvae vq.pt --prior prior.pt --strategy exhaustive --max-space 10 --out c2.safetensors",
-     "exceeds max_space = 10"),
+    (
+        "distill",
+        "--vqvae vq.pt --prior prior.pt --components 0 --out c2.safetensors",
+        "N must be a positive integer, got 0",
+    ),
+    (
+        "distill",
+        "--vqvae vq.pt --prior prior.pt --strategy beam -N 10 --starts 0 --out c2.safetensors",
+        "starts must be >= 1",
+    ),
+    (
+        "distill",
+        "--vqvae vq.pt --prior prior.pt --strategy exhaustive --max-space 10 --out c2.safetensors",
+        "exceeds max_space = 10",
+    ),
     ("distill", "--vqvae vq.pt --prior prior.pt --std-min -1 --out c2.safetensors", "std_floor must be a positive"),
-    ("distill", "--vqvae vq.pt --prior prior.pt --strategy sample -N 300 --out c2.safetensors",
-     "N=300 exceeds the latent space"),
+    (
+        "distill",
+        "--vqvae vq.pt --prior prior.pt --strategy sample -N 300 --out c2.safetensors",
+        "N=300 exceeds the latent space",
+    ),
     ("evaluate", "c.safetensors --draws 0 --limit 20", "draws must be >= 1, got 0"),
     ("evaluate", "vq.pt --limit 20", "vq.pt is not a readable vq2pc circuit"),
     ("usage", "--prior vq.pt --out u.png", "vq.pt is not a vq2pc prior checkpoint"),
@@ -171,14 +184,18 @@ CASES: list[tuple[str, str, str]] = [
 if NO_CUDA:
     CASES.append(("run", "--device cuda --out R", "--device cuda: CUDA is not available on this machine"))
 if UNWRITABLE:
-    CASES += [("run", f"--out {UNWRITABLE}/run", f"cannot write {UNWRITABLE}/run: Permission denied"),
-              ("sample", f"c.safetensors --out s.png --npy {UNWRITABLE}/s.npy", f"cannot write {UNWRITABLE}/s.npy"),
-              ("export", f"c.safetensors --format npz --out {UNWRITABLE}/x.npz", f"cannot write {UNWRITABLE}/x.npz")]
+    CASES += [
+        ("run", f"--out {UNWRITABLE}/run", f"cannot write {UNWRITABLE}/run: Permission denied"),
+        ("sample", f"c.safetensors --out s.png --npy {UNWRITABLE}/s.npy", f"cannot write {UNWRITABLE}/s.npy"),
+        ("export", f"c.safetensors --format npz --out {UNWRITABLE}/x.npz", f"cannot write {UNWRITABLE}/x.npz"),
+    ]
 
 # The same checks through a real `python -m vq2pc` process (the script's exit code and stderr).
-SUBPROCESS = [("run", "--config k_many.yaml --out R", "config.models[0].K must be an integer, got 'many'"),
-              ("train-vqvae", "--device cuda:x --out v.pt", "'cuda:x' is not a torch device"),
-              ("sample", "c.safetensors --num-samples 0 --out s.png", "n must be a positive number of samples")]
+SUBPROCESS = [
+    ("run", "--config k_many.yaml --out R", "config.models[0].K must be an integer, got 'many'"),
+    ("train-vqvae", "--device cuda:x --out v.pt", "'cuda:x' is not a torch device"),
+    ("sample", "c.safetensors --num-samples 0 --out s.png", "n must be a positive number of samples"),
+]
 if NO_CUDA:
     SUBPROCESS.append(("run", "--device cuda --out R", "CUDA is not available"))
 if UNWRITABLE:
@@ -225,8 +242,14 @@ def assert_one_line_failure(code: int, err: str, verb: str, expected: str) -> No
 
 
 @pytest.mark.parametrize("verb, args, expected", CASES, ids=[f"{v} {a}" for v, a, _ in CASES])
-def test_mistake_is_one_line(workdir: Path, verb: str, args: str, expected: str, capsys: pytest.CaptureFixture[str],
-                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_mistake_is_one_line(
+    workdir: Path,
+    verb: str,
+    args: str,
+    expected: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.chdir(workdir)
     before = listing(workdir)
     code, err = run_in_process([verb, *args.split()], capsys)
@@ -239,8 +262,17 @@ def script_runs(workdir: Path) -> dict[str, tuple[int, str]]:
     """Every ``SUBPROCESS`` case plus one ``--debug`` run, started at once (the imports dominate): argv -> (code, stderr)."""
     before = listing(workdir)
     argvs = [[verb, *args.split()] for verb, args, _ in SUBPROCESS] + [["--debug", "train-vqvae", "--epochs", "0"]]
-    procs = [subprocess.Popen([sys.executable, "-m", "vq2pc", *argv], cwd=workdir, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}) for argv in argvs]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "vq2pc", *argv],
+            cwd=workdir,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
+        for argv in argvs
+    ]
     results = {" ".join(argv): (p.wait(timeout=600), p.stderr.read()) for argv, p in zip(argvs, procs)}
     assert listing(workdir) == before  # no process left a file behind
     return results
@@ -248,7 +280,9 @@ def script_runs(workdir: Path) -> dict[str, tuple[int, str]]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("verb, args, expected", SUBPROCESS, ids=[f"{v} {a}" for v, a, _ in SUBPROCESS])
-def test_mistake_through_the_script(script_runs: dict[str, tuple[int, str]], verb: str, args: str, expected: str) -> None:
+def test_mistake_through_the_script(
+    script_runs: dict[str, tuple[int, str]], verb: str, args: str, expected: str
+) -> None:
     code, err = script_runs[f"{verb} {args}"]
     assert_one_line_failure(code, err, verb, expected)
 
@@ -268,16 +302,32 @@ def test_debug_after_the_verb_raises(workdir: Path, monkeypatch: pytest.MonkeyPa
 def _raise(exc: BaseException) -> Any:
     def fail(*args: Any, **kwargs: Any) -> Any:
         raise exc
+
     return fail
 
 
-@pytest.mark.parametrize("exc, expected", [
-    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"), "out of memory: lower --num-samples"),
-    (RuntimeError("[enforce fail] DefaultCPUAllocator: can't allocate memory: out of memory"), "out of memory: lower --num-samples"),
-    (RuntimeError("boom"), "unexpected RuntimeError: boom (re-run with --debug for the traceback)"),
-], ids=["cuda-oom", "cpu-oom", "unexpected"])
-def test_deep_failure_while_sampling_is_one_line(workdir: Path, exc: BaseException, expected: str,
-                                                 capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    "exc, expected",
+    [
+        (
+            torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
+            "out of memory: lower --num-samples",
+        ),
+        (
+            RuntimeError("[enforce fail] DefaultCPUAllocator: can't allocate memory: out of memory"),
+            "out of memory: lower --num-samples",
+        ),
+        (RuntimeError("boom"), "unexpected RuntimeError: boom (re-run with --debug for the traceback)"),
+    ],
+    ids=["cuda-oom", "cpu-oom", "unexpected"],
+)
+def test_deep_failure_while_sampling_is_one_line(
+    workdir: Path,
+    exc: BaseException,
+    expected: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.chdir(workdir)
     monkeypatch.setattr(MixtureCircuit, "sample", _raise(exc))
     before = listing(workdir)
@@ -286,22 +336,28 @@ def test_deep_failure_while_sampling_is_one_line(workdir: Path, exc: BaseExcepti
     assert listing(workdir) == before
 
 
-def test_a_refused_write_deep_inside_is_one_line(workdir: Path, capsys: pytest.CaptureFixture[str],
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_refused_write_deep_inside_is_one_line(
+    workdir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(workdir)
     monkeypatch.setattr(MixtureCircuit, "save", _raise(PermissionError(13, "Permission denied", "r.safetensors")))
-    code, err = run_in_process(["refine", "c.safetensors", "--limit", "20", "--iterations", "1", "--out", "r.safetensors"],
-                               capsys)
+    code, err = run_in_process(
+        ["refine", "c.safetensors", "--limit", "20", "--iterations", "1", "--out", "r.safetensors"], capsys
+    )
     assert_one_line_failure(code, err, "refine", "Permission denied: r.safetensors")
 
 
-def test_run_that_fails_loading_data_leaves_no_folder(workdir: Path, capsys: pytest.CaptureFixture[str],
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_run_that_fails_loading_data_leaves_no_folder(
+    workdir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     import vq2pc.pipeline.orchestrate as pipeline
 
     monkeypatch.chdir(workdir)
-    monkeypatch.setattr(pipeline, "load_dataset", _raise(FileNotFoundError("mnist file train-images-idx3-ubyte.gz "
-                                                                          "not found (searched D)")))
+    monkeypatch.setattr(
+        pipeline,
+        "load_dataset",
+        _raise(FileNotFoundError("mnist file train-images-idx3-ubyte.gz not found (searched D)")),
+    )
     before = listing(workdir)
     code, err = run_in_process(["run", "--dataset", "mnist", "--out", "runs/new"], capsys)
     assert_one_line_failure(code, err, "run", "train-images-idx3-ubyte.gz not found")

@@ -23,9 +23,7 @@ MEANS = (-100.0, -1.0, 0.0, 0.3, 0.5, 0.5 + 1 / 512, 1.0, 2.0, 100.0)
 SCALES = (1e-8, 1e-6, 1e-3, 0.05, 1.0, 1e3, 1e6, 1e9)
 
 
-def _grid(
-    levels: int, dtype: torch.dtype = torch.float64
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _grid(levels: int, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
     """Every (mean, scale) pair of MEANS × SCALES as ``[M, 1]`` columns."""
     mu, sc = torch.meshgrid(
         torch.tensor(MEANS, dtype=dtype),
@@ -43,9 +41,7 @@ def test_levels_sum_to_one_and_the_table_agrees(cls: type, levels: int) -> None:
     lp = cls(mu, sc, levels).log_prob(v)  # [M, L]
     assert not torch.isnan(lp).any() and not torch.isposinf(lp).any()
     assert torch.logsumexp(lp, 1).abs().max() < 1e-12
-    table = (
-        disc.table_block(mu.T, sc.T, levels, cls.cdf).reshape(levels, -1).T
-    )  # P = 1 pixel, n = M components
+    table = disc.table_block(mu.T, sc.T, levels, cls.cdf).reshape(levels, -1).T  # P = 1 pixel, n = M components
     assert torch.allclose(table, lp, rtol=1e-12, atol=1e-12)
 
 
@@ -103,9 +99,7 @@ def test_mean_mode_and_samples_follow_the_probabilities(cls: type) -> None:
     v = torch.arange(levels, dtype=torch.float64)
     p = cls(mu[:, None], sc[:, None], levels).log_prob(v).exp()  # [7, L]
     assert torch.allclose(leaf.mean(), (p * v).sum(1), rtol=1e-10)
-    assert torch.equal(
-        leaf.mode(), p.argmax(1).double()
-    )  # ties (μ = 0.5 on an edge) go to the lower level
+    assert torch.equal(leaf.mode(), p.argmax(1).double())  # ties (μ = 0.5 on an edge) go to the lower level
     many = cls(mu[:, None].expand(-1, 40000), sc[:, None].expand(-1, 40000), levels)
     draws = many.sample(torch.Generator().manual_seed(0))
     freq = (draws[..., None] == v).double().mean(1)  # [7, L]
@@ -121,21 +115,13 @@ def test_gaussian_twin_is_never_above_the_dequantized_bpd() -> None:
         torch.rand(n, s, generator=g, dtype=torch.float64) * 0.3 + 0.05,
     )
     w = torch.log_softmax(torch.randn(n, generator=g, dtype=torch.float64), 0)
-    images = torch.cartesian_prod(
-        *[torch.arange(levels, dtype=torch.float64)] * s
-    )  # [L^S, S]
-    discrete = torch.logsumexp(
-        w + component_log_likelihoods(gauss.discretized(levels), images), 1
-    )
+    images = torch.cartesian_prod(*[torch.arange(levels, dtype=torch.float64)] * s)  # [L^S, S]
+    discrete = torch.logsumexp(w + component_log_likelihoods(gauss.discretized(levels), images), 1)
     k = 200  # midpoint quadrature of E_u over each image's bin
     u = (torch.arange(k, dtype=torch.float64) + 0.5) / k
     grid = torch.cartesian_prod(u, u)  # [k², S]
     x = ((images[:, None, :] + grid[None]) / levels).reshape(-1, s)
-    dens = (
-        torch.logsumexp(w + component_log_likelihoods(gauss, x), 1)
-        .reshape(len(images), -1)
-        .mean(1)
-    )
+    dens = torch.logsumexp(w + component_log_likelihoods(gauss, x), 1).reshape(len(images), -1).mean(1)
     assert bool((discrete >= dens - s * math.log(levels) + 1e-9).all())
     assert abs(float(torch.logsumexp(discrete, 0))) < 1e-12
 
@@ -146,20 +132,13 @@ def test_round_trip_twin_and_errors() -> None:
         leaf = cls(mean, scale, 16)
         back = leaf_from_tensors(leaf.kind, leaf.tensors(), 16)
         assert (
-            type(back) is cls
-            and back.levels == 16
-            and torch.equal(back.loc, mean)
-            and torch.equal(back.scale, scale)
+            type(back) is cls and back.levels == 16 and torch.equal(back.loc, mean) and torch.equal(back.scale, scale)
         )
         sub = leaf[1:]
         assert type(sub) is cls and sub.batch_shape == (2, 4) and sub.levels == 16
         assert leaf.data_kind == "categorical"
     twin = Gaussian(mean, scale).discretized(16)
-    assert (
-        isinstance(twin, DiscretizedGaussian)
-        and twin.loc is mean
-        and discretize(twin, 16) is twin
-    )
+    assert isinstance(twin, DiscretizedGaussian) and twin.loc is mean and discretize(twin, 16) is twin
     with pytest.raises(ValueError, match="only Gaussian leaves"):
         discretize(Categorical(torch.zeros(2, 3, 4)), 4)
     with pytest.raises(ValueError, match="levels must be an integer >= 2"):

@@ -34,8 +34,16 @@ def _collectives(rank: int, out: str) -> None:
     path = Path(out) / "shared.txt"
     atomic_write(path, lambda p: p.write_text(f"rank {D.rank()}"))
     seen = path.read_text()  # the second barrier: in place for every rank
-    torch.save({"local": local, "lse": D.all_reduce_logsumexp(local), "rows": D.gather_rows(rows),
-                "seen": seen, "world": D.world_size()}, Path(out) / f"rank{rank}.pt")
+    torch.save(
+        {
+            "local": local,
+            "lse": D.all_reduce_logsumexp(local),
+            "rows": D.gather_rows(rows),
+            "seen": seen,
+            "world": D.world_size(),
+        },
+        Path(out) / f"rank{rank}.pt",
+    )
 
 
 @pytest.mark.slow

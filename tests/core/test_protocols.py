@@ -19,8 +19,10 @@ from vq2pc.latents.enumerate import codes_to_index, enumerate_log_prior
 from vq2pc.latents.selection import select
 from vq2pc.models.vqvae import VQVAE, VQVAEConfig
 
-PRIORS = {"pixelcnn": lambda: make_prior(K=4, hw=(3, 2), C=3, layers=2, seed=1),
-          "transformer": lambda: make_transformer(K=4, hw=(3, 2), C=3, d=8, seed=1)}
+PRIORS = {
+    "pixelcnn": lambda: make_prior(K=4, hw=(3, 2), C=3, layers=2, seed=1),
+    "transformer": lambda: make_transformer(K=4, hw=(3, 2), C=3, d=8, seed=1),
+}
 
 
 class TablePrior:

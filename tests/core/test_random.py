@@ -65,8 +65,11 @@ def test_a_bad_generator_is_a_clear_error(bad: object) -> None:
         circuit.sample(4, generator=bad)
 
 
-@pytest.mark.parametrize("leaf", [Gaussian(torch.zeros(2, 3), torch.ones(2, 3)), Categorical(torch.zeros(2, 3, 4)),
-                                  Bernoulli(torch.zeros(2, 3))], ids=["gaussian", "categorical", "bernoulli"])
+@pytest.mark.parametrize(
+    "leaf",
+    [Gaussian(torch.zeros(2, 3), torch.ones(2, 3)), Categorical(torch.zeros(2, 3, 4)), Bernoulli(torch.zeros(2, 3))],
+    ids=["gaussian", "categorical", "bernoulli"],
+)
 def test_leaves_and_circuits_sample_through_the_helpers(leaf: object) -> None:
     a = leaf.sample(torch.Generator().manual_seed(1))
     assert a.shape == (2, 3) and torch.equal(a, leaf.sample(torch.Generator().manual_seed(1)))

@@ -23,7 +23,8 @@ def test_rows_flattens_images_and_names_bad_shapes() -> None:
     assert torch.equal(validate.rows(x, 6), x.reshape(2, 6))
     assert "x is an empty batch" in _message(validate.rows, torch.rand(0, 6), 6)
     assert _message(validate.rows, torch.rand(2, 5), 6) == (
-        "x has shape (2, 5); expected [B, 6] or [B, C, H, W] with C·H·W = 6")
+        "x has shape (2, 5); expected [B, 6] or [B, C, H, W] with C·H·W = 6"
+    )
 
 
 def test_observed_mask_per_row_shared_and_rejected() -> None:
@@ -59,7 +60,9 @@ def test_same_mistake_same_message_in_every_stage() -> None:
     assert "v must hold integer levels in [0, 4]" in _message(to_model_space, too_high.long(), "gaussian", L)
     nan = torch.full((1, S), float("nan"))
     gaussian = MixtureCircuit(Gaussian(torch.rand(2, S), torch.ones(2, S)), torch.log(torch.full((2,), 0.5)))
-    assert _message(gaussian.log_prob, nan) == _message(check_model_space, nan, "gaussian", L) == "x contains NaN or inf"
+    assert (
+        _message(gaussian.log_prob, nan) == _message(check_model_space, nan, "gaussian", L) == "x contains NaN or inf"
+    )
     assert _message(gaussian.log_prob, torch.rand(1, S + 1)) == _message(validate.rows, torch.rand(1, S + 1), S)
 
 

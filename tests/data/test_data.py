@@ -189,7 +189,9 @@ def test_to_model_space_rejects_bad_input() -> None:
 def test_bpd_of_known_distributions() -> None:
     S, L = 64, 17
     # uniform density 1 on [0,1]^S: log p = 0, so BPD = log2 L exactly (the bits of uniform levels)
-    assert float(data.bpd(torch.zeros(3, dtype=torch.float64), S, L, "gaussian")[0]) == pytest.approx(math.log2(L), abs=1e-12)
+    assert float(data.bpd(torch.zeros(3, dtype=torch.float64), S, L, "gaussian")[0]) == pytest.approx(
+        math.log2(L), abs=1e-12
+    )
     # uniform categorical over L levels: log P = -S log L  ->  log2 L bits per dimension
     lp = torch.full((2,), -S * math.log(L), dtype=torch.float64)
     assert data.bpd(lp, S, L, "categorical").tolist() == pytest.approx([math.log2(L)] * 2, abs=1e-12)

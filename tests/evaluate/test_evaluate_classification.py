@@ -30,8 +30,9 @@ def test_calibration_by_hand() -> None:
     assert out["accuracy"] == 0.75
     # one image per bin: 0.95 (correct), 0.55 (wrong), 0.85 (correct), 0.75 (correct)
     assert math.isclose(out["ece"], (0.05 + 0.55 + 0.15 + 0.25) / 4, abs_tol=1e-9)
-    assert math.isclose(out["nll"], -(math.log(0.95) + math.log(0.45) + math.log(0.85) + math.log(0.75)) / 4,
-                        abs_tol=1e-9)
+    assert math.isclose(
+        out["nll"], -(math.log(0.95) + math.log(0.45) + math.log(0.85) + math.log(0.75)) / 4, abs_tol=1e-9
+    )
     assert sum(out["reliability"]["count"]) == 4
 
 

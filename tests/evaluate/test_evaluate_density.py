@@ -40,13 +40,21 @@ def test_per_image_quantiles_equal_a_direct_computation() -> None:
     """Median / p90 / p99 / max and the curve are quantiles of the per-image BPD averaged over the draws."""
     g = torch.Generator().manual_seed(3)
     v = _images(n=101, seed=4)
-    c = MixtureCircuit(Gaussian(torch.rand(3, 9, generator=g), torch.rand(3, 9, generator=g) * 0.2 + 0.02),
-                       torch.zeros(3))
+    c = MixtureCircuit(
+        Gaussian(torch.rand(3, 9, generator=g), torch.rand(3, 9, generator=g) * 0.2 + 0.02), torch.zeros(3)
+    )
     res = density.test_bpd(c, v, "gaussian", L, draws=2, batch_size=13, generator=torch.Generator().manual_seed(9))
     gen = torch.Generator().manual_seed(9)
-    per_image = sum(
-        (-c.log_prob(to_model_space(v, "gaussian", L, gen).reshape(-1, 9)).double() / (9 * math.log(2)) + math.log2(L))
-        for _ in range(2)) / 2
+    per_image = (
+        sum(
+            (
+                -c.log_prob(to_model_space(v, "gaussian", L, gen).reshape(-1, 9)).double() / (9 * math.log(2))
+                + math.log2(L)
+            )
+            for _ in range(2)
+        )
+        / 2
+    )
     ordered = per_image.sort().values.numpy()
     assert res["max"] == pytest.approx(ordered[-1], rel=1e-6)
     assert res["median"] == pytest.approx(ordered[50], rel=1e-6)  # 101 images: the 51st is the median
@@ -60,9 +68,13 @@ def test_per_image_quantiles_equal_a_direct_computation() -> None:
 
 def test_tail_figure_draws_the_largest_model_of_each_family(tmp_path) -> None:
     curve = list(range(len(density.QUANTILE_LEVELS)))
-    rows = [{"name": f"DMRS N={n}", "family": "DMRS", "N": n, "test_bpd": 5.0, "test_bpd_quantiles": curve}
-            for n in (16, 64)] + [{"name": "CM", "family": "CM", "N": 8, "test_bpd": 3.0, "test_bpd_quantiles": curve},
-                                  {"name": "EiNet", "family": "EiNet", "N": 5, "test_bpd": 3.0}]
+    rows = [
+        {"name": f"DMRS N={n}", "family": "DMRS", "N": n, "test_bpd": 5.0, "test_bpd_quantiles": curve}
+        for n in (16, 64)
+    ] + [
+        {"name": "CM", "family": "CM", "N": 8, "test_bpd": 3.0, "test_bpd_quantiles": curve},
+        {"name": "EiNet", "family": "EiNet", "N": 5, "test_bpd": 3.0},
+    ]
     assert [r["name"] for r in density.tail_rows(rows)] == ["DMRS N=64", "CM"]
     assert density.plot_bpd_tails(rows, tmp_path / "t.png").stat().st_size > 1000
     with pytest.raises(ValueError, match="quantiles"):
@@ -88,11 +100,33 @@ def test_bad_test_images_raise() -> None:
 
 ROWS = [
     {"name": "ExM K=4", "family": "ExM", "K": 4, "N": 256, "num_params": 30_000, "test_bpd": 4.1, "test_bpd_std": 0.02},
-    {"name": "ExM K=8", "family": "ExM", "K": 8, "N": 4096, "num_params": 500_000, "test_bpd": 3.9, "test_bpd_std": 0.03},
-    {"name": "DMRS N=16", "family": "DMRS", "group": "2x2", "N": 16, "num_params": 2000, "test_bpd": 5.0,
-     "source_params": 80_000},
-    {"name": "DMRS N=64", "family": "DMRS", "group": "2x2", "N": 64, "num_params": 8000, "test_bpd": 4.5,
-     "source_params": 80_000},
+    {
+        "name": "ExM K=8",
+        "family": "ExM",
+        "K": 8,
+        "N": 4096,
+        "num_params": 500_000,
+        "test_bpd": 3.9,
+        "test_bpd_std": 0.03,
+    },
+    {
+        "name": "DMRS N=16",
+        "family": "DMRS",
+        "group": "2x2",
+        "N": 16,
+        "num_params": 2000,
+        "test_bpd": 5.0,
+        "source_params": 80_000,
+    },
+    {
+        "name": "DMRS N=64",
+        "family": "DMRS",
+        "group": "2x2",
+        "N": 64,
+        "num_params": 8000,
+        "test_bpd": 4.5,
+        "source_params": 80_000,
+    },
     {"name": "DMBS N=64", "family": "DMBS", "N": 64, "num_params": 8000, "test_bpd": 4.6},
     {"name": "EiNet I=5", "family": "EiNet", "N": 1, "num_params": 50_000, "test_bpd": 3.7},
 ]

@@ -39,8 +39,10 @@ def test_conditional_bpd_and_mse_equal_brute_force() -> None:
     joint = _brute_joint(logits, logw)
     assert sum(joint.values()) == pytest.approx(1.0, abs=1e-9)
     xs = torch.tensor(list(joint), dtype=torch.float64)  # all 27 images
-    masks = {"first": torch.tensor([[True, False, False]]).expand(len(xs), S).clone(),
-             "last": torch.tensor([[True, True, False]]).expand(len(xs), S).clone()}
+    masks = {
+        "first": torch.tensor([[True, False, False]]).expand(len(xs), S).clone(),
+        "last": torch.tensor([[True, True, False]]).expand(len(xs), S).clone(),
+    }
     got = inpainting_metrics(c, xs, masks, "categorical", L)
     for name, mask in masks.items():
         bits, sq = [], []

@@ -13,24 +13,53 @@ def _report(run_dir) -> dict:
     for name in ("bpd_vs_N.png", "inpainting.png", "usage.png"):
         (run_dir / name).write_bytes(b"\x89PNG fake")
     return {
-        "dataset": "digits", "leaf": "gaussian", "wall_time_s": 125.0, "device": "cpu",
+        "dataset": "digits",
+        "leaf": "gaussian",
+        "wall_time_s": 125.0,
+        "device": "cpu",
         "settings": {"vqvae": {"K": 16, "latent_hw": [2, 2]}, "seed": 0},
         "results": [
-            {"name": "EiNet I=5", "family": "EiNet", "N": 1, "num_params": 5000, "test_bpd": 3.71, "test_bpd_std": 0.01},
+            {
+                "name": "EiNet I=5",
+                "family": "EiNet",
+                "N": 1,
+                "num_params": 5000,
+                "test_bpd": 3.71,
+                "test_bpd_std": 0.01,
+            },
             {"name": "DMRS N=64", "family": "DMRS", "N": 64, "num_params": 8256, "test_bpd": 4.2, "test_bpd_std": 0.02},
             {"name": "ExM K=16", "family": "ExM", "N": 65536, "num_params": 8.4e6, "test_bpd": 3.9},
             {"name": "DMRS N=16", "family": "DMRS", "N": 16, "num_params": 2064, "test_bpd": 4.6, "test_bpd_std": 0.02},
         ],
-        "figures": {"bpd_vs_N": "bpd_vs_N.png", "inpainting": str(run_dir / "inpainting.png"),
-                    "extra_plot": {"path": "extra.png", "caption": "A custom figure."}},
-        "latent_usage": {"space_size": 65536, "seeds": 1, "fraction_90": 0.05, "fraction_90_std": 0.0,
-                         "count_90": 3277, "fraction_99": 0.25, "count_99": 16384, "figure": str(run_dir / "usage.png")},
+        "figures": {
+            "bpd_vs_N": "bpd_vs_N.png",
+            "inpainting": str(run_dir / "inpainting.png"),
+            "extra_plot": {"path": "extra.png", "caption": "A custom figure."},
+        },
+        "latent_usage": {
+            "space_size": 65536,
+            "seeds": 1,
+            "fraction_90": 0.05,
+            "fraction_90_std": 0.0,
+            "count_90": 3277,
+            "fraction_99": 0.25,
+            "count_99": 16384,
+            "figure": str(run_dir / "usage.png"),
+        },
         "inpainting": {"DMRS N=64": {"left": {"cond_bpd": 4.5, "mse": 0.03}, "top": {"cond_bpd": 4.7, "mse": None}}},
-        "class_balance": {"classifier_accuracy": 0.975, "histograms": {
-            "data labels": {"hist": [10] * 10, "kl_from_uniform": 0.0, "n": 100},
-            "DMRS N=64": {"hist": [50, 0, 0, 0, 0, 0, 0, 0, 0, 50], "kl_from_uniform": 1.609, "n": 100}}},
-        "correlation": {"mean_pairwise_corr_random": 0.31, "mean_pairwise_corr_topk": 0.93, "components": 4,
-                        "images": 500},
+        "class_balance": {
+            "classifier_accuracy": 0.975,
+            "histograms": {
+                "data labels": {"hist": [10] * 10, "kl_from_uniform": 0.0, "n": 100},
+                "DMRS N=64": {"hist": [50, 0, 0, 0, 0, 0, 0, 0, 0, 50], "kl_from_uniform": 1.609, "n": 100},
+            },
+        },
+        "correlation": {
+            "mean_pairwise_corr_random": 0.31,
+            "mean_pairwise_corr_topk": 0.93,
+            "components": 4,
+            "images": 500,
+        },
         "notes": ["ExM evaluated on a 1000-image test subset."],
     }
 

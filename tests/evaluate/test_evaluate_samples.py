@@ -28,8 +28,7 @@ from vq2pc.models.train import TrainConfig
 def test_kl_from_uniform_extremes() -> None:
     assert kl_from_uniform([5, 5, 5, 5]) == pytest.approx(0.0, abs=1e-12)
     assert kl_from_uniform([0, 0, 7, 0, 0]) == pytest.approx(math.log(5))
-    assert kl_from_uniform(torch.tensor([1.0, 3.0])) == pytest.approx(
-        0.25 * math.log(0.5) + 0.75 * math.log(1.5))
+    assert kl_from_uniform(torch.tensor([1.0, 3.0])) == pytest.approx(0.25 * math.log(0.5) + 0.75 * math.log(1.5))
     with pytest.raises(ValueError):
         kl_from_uniform([0, 0])
     with pytest.raises(ValueError):
@@ -93,8 +92,9 @@ def test_class_balance_and_plots(digits_classifier, tmp_path) -> None:
     }
     assert samples["KDE"].shape == (300, 1, 8, 8) and 0 <= samples["KDE"].min() and samples["KDE"].max() <= 1
     assert samples["categorical"].max() <= 1 and samples["categorical"].dtype == torch.float32
-    res = class_balance(model, samples, splits.train_y, tmp_path / "balance.png",
-                        test_images=splits.test_x, levels=splits.levels)
+    res = class_balance(
+        model, samples, splits.train_y, tmp_path / "balance.png", test_images=splits.test_x, levels=splits.levels
+    )
     assert set(res) == {DATA_KEY, TEST_KEY, "KDE", "zeros", "categorical"}
     assert sum(res["KDE"]["hist"]) == 300 and len(res["KDE"]["hist"]) == 10
     assert res[DATA_KEY]["kl_from_uniform"] < 0.01

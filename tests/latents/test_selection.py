@@ -141,7 +141,9 @@ def test_beam_class_score_ranks_each_search_by_its_own_class(prior) -> None:
     differs = filled = 0
     for seed in range(8):
         s = select(prior, "beam", 18, starts=1, generator=torch.Generator().manual_seed(seed))
-        marginal = select(prior, "beam", 18, starts=1, beam_score="marginal", generator=torch.Generator().manual_seed(seed))
+        marginal = select(
+            prior, "beam", 18, starts=1, beam_score="marginal", generator=torch.Generator().manual_seed(seed)
+        )
         idx = set(codes_to_index(s.codes, K).tolist())
         firsts = s.codes.flatten(1)[:, 0].unique().tolist()
         starts = [(firsts[0], firsts[0])] if len(firsts) == 1 else [tuple(firsts), tuple(firsts[::-1])]
@@ -241,12 +243,16 @@ def test_stochastic_dmbs_keeps_algorithm_1_and_samples_within_each_search(prior)
     for seed in range(3):
         kw = {"starts": 1, "generator": torch.Generator().manual_seed(seed)}
         det = select(prior, "beam", 54, **kw)
-        sto = select(prior, "beam", 54, beam_search="stochastic", starts=1, generator=torch.Generator().manual_seed(seed))
+        sto = select(
+            prior, "beam", 54, beam_search="stochastic", starts=1, generator=torch.Generator().manual_seed(seed)
+        )
         assert set(codes_to_index(det.codes, K).tolist()) == set(codes_to_index(sto.codes, K).tolist())
     differs = 0
     for seed in range(6):
         det = select(prior, "beam", 12, starts=2, generator=torch.Generator().manual_seed(seed))
-        sto = select(prior, "beam", 12, beam_search="stochastic", starts=2, generator=torch.Generator().manual_seed(seed))
+        sto = select(
+            prior, "beam", 12, beam_search="stochastic", starts=2, generator=torch.Generator().manual_seed(seed)
+        )
         idx = codes_to_index(sto.codes, K)
         assert len(sto) == idx.unique().numel() == 12 and sto.info["beam_search"] == "stochastic"
         assert set(sto.codes.flatten(1)[:, 0].tolist()) == set(det.codes.flatten(1)[:, 0].tolist())  # same starts

@@ -41,8 +41,9 @@ def test_next_log_probs_matches_logits_and_ignores_future() -> None:
         z2 = z.clone().flatten(1)
         z2[:, i:] = (z2[:, i:] + 1) % 4
         torch.testing.assert_close(prior.next_log_probs(z2.view_as(z), c, i), nlp, atol=1e-5, rtol=0)
-    torch.testing.assert_close(prior.next_log_probs_all_classes(z, 4)[torch.arange(5), c],
-                               prior.next_log_probs(z, c, 4))
+    torch.testing.assert_close(
+        prior.next_log_probs_all_classes(z, 4)[torch.arange(5), c], prior.next_log_probs(z, c, 4)
+    )
 
 
 @pytest.mark.parametrize("hw", [(2, 2), (1, 1), (1, 4), (3, 1)])

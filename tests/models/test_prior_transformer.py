@@ -66,8 +66,9 @@ def test_exact_normalization(hw: tuple[int, int]) -> None:
         torch.testing.assert_close(torch.logsumexp(prior.log_prob(z), 0), torch.tensor(0.0), atol=1e-5, rtol=0)
         for cls in range(2):
             torch.testing.assert_close(prior.log_prob_given_class(z, torch.full((z.shape[0],), cls)), per_class[:, cls])
-    torch.testing.assert_close(enumerate_log_prior(prior, batch_size=5, progress=False), prior.log_prob(z),
-                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        enumerate_log_prior(prior, batch_size=5, progress=False), prior.log_prob(z), atol=1e-5, rtol=0
+    )
 
 
 def test_full_width_beam_search_is_exhaustive_top_n() -> None:

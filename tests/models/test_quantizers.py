@@ -56,8 +56,7 @@ def test_codebook_and_commitment_gradients_go_to_their_own_side() -> None:
     assert torch.count_nonzero(grads[0.0][0]) == 0  # beta = 0: nothing reaches the encoder
     assert torch.allclose(grads[0.7][1], grads[0.0][1])  # the commitment term adds nothing to the codebook
     assert torch.allclose(grads[0.7][0], 0.7 * 2 * (z - e) / B, atol=1e-6)
-    expected = torch.zeros(8, 5).index_add_(0, codes.reshape(-1),
-                                            (2 * (e - z) / B).permute(0, 2, 3, 1).reshape(-1, 5))
+    expected = torch.zeros(8, 5).index_add_(0, codes.reshape(-1), (2 * (e - z) / B).permute(0, 2, 3, 1).reshape(-1, 5))
     assert torch.allclose(grads[0.0][1], expected, atol=1e-6)
     assert float(out.loss.detach()) == pytest.approx(float((1 + 0.7) * ((z - e) ** 2).sum() / B), rel=1e-5)
 
@@ -118,7 +117,9 @@ def test_ema_codebook_tracks_cluster_means() -> None:
     assert torch.allclose(q.codebook, means, atol=1e-3)
     out.loss.backward()
     assert q.embedding.grad is None and z_in.grad is not None
-    assert float(out.loss.detach()) == pytest.approx(float(0.25 * ((z - q.embed(out.codes)) ** 2).sum() / z.shape[0]), rel=1e-3)
+    assert float(out.loss.detach()) == pytest.approx(
+        float(0.25 * ((z - q.embed(out.codes)) ** 2).sum() / z.shape[0]), rel=1e-3
+    )
 
 
 def test_bad_arguments() -> None:
@@ -136,7 +137,9 @@ def test_bad_arguments() -> None:
 @pytest.mark.parametrize("name", ["vq", "ema"])
 def test_l2_normalized_codes_pick_the_highest_cosine_and_are_unit_vectors(name: str) -> None:
     q = make_quantizer(name, K=16, D=5, beta=0.25, l2_normalize=True).eval()
-    q.embedding.data = torch.randn(16, 5, generator=torch.Generator().manual_seed(3)) * torch.linspace(0.1, 5, 16)[:, None]
+    q.embedding.data = (
+        torch.randn(16, 5, generator=torch.Generator().manual_seed(3)) * torch.linspace(0.1, 5, 16)[:, None]
+    )
     z = 3.0 * _z()
     flat = z.permute(0, 2, 3, 1).reshape(-1, 5)
     cosine = torch.nn.functional.normalize(flat, dim=1) @ torch.nn.functional.normalize(q.embedding, dim=1).T

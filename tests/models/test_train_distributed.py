@@ -22,8 +22,9 @@ from vq2pc.models.vqvae import VQVAE, VQVAEConfig, train_vqvae
 pytestmark = pytest.mark.slow
 
 # 70 training images in global batches of 15: ranks hold 7 and 8 rows, the last batch 5 and 5.
-VQ_CFG = VQVAEConfig(image_shape=(1, 8, 8), levels=17, leaf="gaussian", latent_hw=(2, 2), K=6, D=3, hidden=8,
-                     res_blocks=1)
+VQ_CFG = VQVAEConfig(
+    image_shape=(1, 8, 8), levels=17, leaf="gaussian", latent_hw=(2, 2), K=6, D=3, hidden=8, res_blocks=1
+)
 # k-means initialisation and dead-code replacement see the global batch under DDP, but they are chaotic:
 # a 1e-6 change of their input (the float noise of another conv batch size) moves one epoch's weights
 # by 1e-2, in one process too. So with them only the ranks' agreement is exact.
@@ -48,14 +49,26 @@ def _train_both() -> dict[str, dict[str, torch.Tensor]]:
     (z, c), (vz, vc) = _codes(61, 1), _codes(20, 2)
     prior, r2 = train_prior(z, c, PRIOR_CFG, TCFG, vz, vc)
     cm, r3 = train_cm(_digits(), CM_CFG, TCFG)
-    return {"vqvae": vqvae.state_dict(), "prior": prior.state_dict(), "cm": cm.state_dict(),
-            "loss": torch.tensor([r1.history[0]["train"], r1.history[0]["val"], r2.history[0]["val"],
-                                  r3.history[0]["train"], r3.history[0]["val"]])}
+    return {
+        "vqvae": vqvae.state_dict(),
+        "prior": prior.state_dict(),
+        "cm": cm.state_dict(),
+        "loss": torch.tensor(
+            [
+                r1.history[0]["train"],
+                r1.history[0]["val"],
+                r2.history[0]["val"],
+                r3.history[0]["train"],
+                r3.history[0]["val"],
+            ]
+        ),
+    }
 
 
 def _ddp_epoch(rank: int, out: str) -> None:
-    torch.save({**_train_both(), "kmeans": train_vqvae(_digits(), KMEANS_CFG, TCFG)[0].state_dict()},
-               f"{out}/rank{rank}.pt")
+    torch.save(
+        {**_train_both(), "kmeans": train_vqvae(_digits(), KMEANS_CFG, TCFG)[0].state_dict()}, f"{out}/rank{rank}.pt"
+    )
 
 
 def _close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
@@ -90,8 +103,7 @@ def _einet() -> tuple[dict[str, torch.Tensor], list[dict]]:
     from vq2pc.baselines.einet import EiNetConfig, train_einet
 
     d = _digits()
-    cfg = EiNetConfig(d.image_shape, leaf="gaussian", levels=d.levels, pieces=(4,), num_input_units=2,
-                      num_sum_units=2)
+    cfg = EiNetConfig(d.image_shape, leaf="gaussian", levels=d.levels, pieces=(4,), num_input_units=2, num_sum_units=2)
     model, result = train_einet(d, cfg, TCFG)
     return model.state_dict(), result.history
 
@@ -125,8 +137,16 @@ def _prior_fit(checkpoint: str, die_after: int | None = None) -> PixelCNNPrior:
         return _nll_per_latent(m, batch)
 
     (z, c), (vz, vc) = _codes(61, 1), _codes(20, 2)
-    fit(model, loss_fn, (z, c), (vz, vc), replace(TCFG, epochs=2), checkpoint=checkpoint, kind="prior",
-        meta={"config": {"K": 5}})
+    fit(
+        model,
+        loss_fn,
+        (z, c),
+        (vz, vc),
+        replace(TCFG, epochs=2),
+        checkpoint=checkpoint,
+        kind="prior",
+        meta={"config": {"K": 5}},
+    )
     return model
 
 
@@ -157,8 +177,17 @@ def test_amp_is_refused_off_cuda() -> None:
         fit(model, _nll_per_latent, (z, c), (z, c), replace(TCFG, amp="bf16"))
 
 
-CM_PAPER_CFG = CMConfig(image_shape=(1, 8, 8), leaf="gaussian", levels=17, latent_dim=3, recipe="paper", channels=4,
-                        feature_hw=(2, 2), points=64, refresh=2)
+CM_PAPER_CFG = CMConfig(
+    image_shape=(1, 8, 8),
+    leaf="gaussian",
+    levels=17,
+    latent_dim=3,
+    recipe="paper",
+    channels=4,
+    feature_hw=(2, 2),
+    points=64,
+    refresh=2,
+)
 
 
 def _cm_paper() -> tuple[dict[str, torch.Tensor], torch.Tensor]:

@@ -31,10 +31,19 @@ def _x(model: VQVAE, v: torch.Tensor, seed: int = 0) -> torch.Tensor:
 
 
 # --- shapes ----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("image_shape,latent_hw", [
-    ((1, 28, 28), (1, 1)), ((1, 28, 28), (2, 2)), ((1, 28, 28), (4, 4)), ((1, 28, 28), (7, 7)),
-    ((1, 8, 8), (1, 1)), ((1, 8, 8), (2, 2)), ((1, 8, 8), (4, 4)), ((3, 6, 10), (2, 3)),
-])
+@pytest.mark.parametrize(
+    "image_shape,latent_hw",
+    [
+        ((1, 28, 28), (1, 1)),
+        ((1, 28, 28), (2, 2)),
+        ((1, 28, 28), (4, 4)),
+        ((1, 28, 28), (7, 7)),
+        ((1, 8, 8), (1, 1)),
+        ((1, 8, 8), (2, 2)),
+        ((1, 8, 8), (4, 4)),
+        ((3, 6, 10), (2, 3)),
+    ],
+)
 def test_shapes_for_every_latent_grid(image_shape: tuple[int, int, int], latent_hw: tuple[int, int]) -> None:
     cfg = VQVAEConfig(image_shape=image_shape, levels=256, latent_hw=latent_hw, K=5, D=3, hidden=8, res_blocks=1)
     model = VQVAE(cfg).eval()
@@ -202,14 +211,16 @@ def test_loading_foreign_or_corrupt_files_fails_clearly(tmp_path: Path) -> None:
         VQVAE.load(junk)
     with pytest.raises(CheckpointError, match="not found"):
         VQVAE.load(tmp_path / "missing.pt")
-    mismatched = save_checkpoint(tmp_path / "bad.pt", "vqvae",
-                                 {"config": {**_cfg().__dict__, "K": 9}, "state_dict": VQVAE(_cfg()).state_dict()})
+    mismatched = save_checkpoint(
+        tmp_path / "bad.pt", "vqvae", {"config": {**_cfg().__dict__, "K": 9}, "state_dict": VQVAE(_cfg()).state_dict()}
+    )
     with pytest.raises(CheckpointError, match=r"bad\.pt"):
         VQVAE.load(mismatched)
 
 
-def test_resume_after_interruption_equals_straight_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                       digits: DataSplits) -> None:
+def test_resume_after_interruption_equals_straight_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, digits: DataSplits
+) -> None:
     small = replace(digits, train_x=digits.train_x[:256], val_x=digits.val_x[:128])
     cfg = _cfg("gaussian", quantizer_opts={"kmeans_init": True, "dead_code_threshold": 0.5})
     tcfg = TrainConfig(epochs=2, batch_size=64, progress=False, seed=3)

@@ -11,42 +11,75 @@ from vq2pc.models.quantizers import make_quantizer
 from vq2pc.pipeline.config import config_to_dict, load_config
 
 
-@pytest.mark.parametrize("overrides, key", [
-    ({"bogus_key": 1}, "bogus_key"),
-    ({"models": [{"name": "m", "Kay": 4}]}, "Kay"),
-    ({"experiments": {"num_sample": 5}}, "num_sample"),
-    ({"models": [{"name": "m", "strategies": ["beam", "bogus_strategy"]}]}, "bogus_strategy"),
-    ({"leaves": ["gaussian", "poisson"]}, "poisson"),
-    ({"models": [{"name": "m", "prior": "lstm"}]}, "lstm"),
-    ({"models": [{"name": "m", "prior": "transformer", "prior_hidden": 30, "prior_heads": 4}]}, "multiple of heads"),
-    ({"models": [{"name": "a"}, {"name": "b", "vqvae_from": "a", "K": 8}]}, r"'b' shares the VQ-VAE of 'a' but differs in \['K'\]"),
-    ({"models": [{"name": "b", "vqvae_from": "b"}]}, "vqvae_from 'b' must name another model"),
-    ({"models": [{"name": "m", "strategies": ["sample"], "extra_N": {"beam": [64]}}]}, "extra_N names 'beam'"),
-    ({"models": [{"name": "m", "strategies": ["sample"], "extra_N": {"sample": [0]}}]}, r"extra_N\['sample'\]"),
-    ({"models": [{"name": "m", "extra_N": [64]}]}, "extra_N must be a mapping"),
-    ({"baselines": {"cm_batch_size": 0}}, "cm_batch_size"),
-    ({"baselines": {"cm_recipe": "conv"}}, r"cm_recipe must be one of \['mlp', 'paper'\]"),
-    ({"baselines": {"cm_channels": 16}}, r"\['cm_channels'\] apply to cm_recipe: paper only"),
-    ({"baselines": {"cm_recipe": "paper", "cm_refresh": 0}}, "cm_refresh must be an integer >= 1"),
-    ({"baselines": {"cm_recipe": "paper", "cm_points": 1000}}, "cm_points is the paper recipe's Sobol grid"),
-    ({"baselines": {"cm_recipe": "paper", "cm_points": 64, "cm_top_k": 65}}, r"cm_top_k must be <= cm_points"),
-    ({"models": [{"name": "m", "ft_strategies": ["sample"], "ft_std_max": [0.1, -1]}]}, "ft_std_max must be a list"),
-    ({"models": [{"name": "m", "ft_std_max": [0.1]}]}, "ft_std_max needs ft_strategies"),
-    ({"models": [{"name": "m", "ft_strategies": ["sample"], "ft_std_max": [0.1], "ft_std_max_N": 64}]},
-     "ft_std_max_N must be a list"),
-    ({"models": [{"name": "m", "ft_strategies": ["sample"], "ft_std_max": [0.1], "ft_std_max_strategies": ["beam"]}]},
-     "ft_std_max_strategies must be a list"),
-    ({"models": [{"name": "m", "ft_strategies": ["sample"], "ft_std_max": [0.1], "ft_std_max_strategies": "sample"}]},
-     "ft_std_max_strategies must be a list"),
-    ({"models": [{"name": "m", "ft_strategies": ["sample"], "ft_N": [64]}]}, "ft_N must be a mapping"),
-    ({"models": [{"name": "m", "ft_strategies": ["sample"], "ft_N": {"beam": [64]}}]}, "ft_N names 'beam'"),
-    ({"models": [{"name": "m", "N": [64], "ft_strategies": ["sample"], "ft_N": {"sample": [128]}}]},
-     r"ft_N\['sample'\] must be a non-empty list of sample's N \[64\]"),
-    ({"models": [{"name": "m", "N": [64], "ft_strategies": ["sample"], "ft_N": {"sample": []}}]}, r"ft_N\['sample'\]"),
-    ({"leaves": ["categorical"], "models": [{"name": "m", "ft_strategies": ["sample"], "ft_std_max": [0.1]}]},
-     "ft_std_max caps Gaussian stds"),
-    ({"experiments": {"bpd_discrete": "yes"}}, "bpd_discrete"),
-])
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        ({"bogus_key": 1}, "bogus_key"),
+        ({"models": [{"name": "m", "Kay": 4}]}, "Kay"),
+        ({"experiments": {"num_sample": 5}}, "num_sample"),
+        ({"models": [{"name": "m", "strategies": ["beam", "bogus_strategy"]}]}, "bogus_strategy"),
+        ({"leaves": ["gaussian", "poisson"]}, "poisson"),
+        ({"models": [{"name": "m", "prior": "lstm"}]}, "lstm"),
+        (
+            {"models": [{"name": "m", "prior": "transformer", "prior_hidden": 30, "prior_heads": 4}]},
+            "multiple of heads",
+        ),
+        (
+            {"models": [{"name": "a"}, {"name": "b", "vqvae_from": "a", "K": 8}]},
+            r"'b' shares the VQ-VAE of 'a' but differs in \['K'\]",
+        ),
+        ({"models": [{"name": "b", "vqvae_from": "b"}]}, "vqvae_from 'b' must name another model"),
+        ({"models": [{"name": "m", "strategies": ["sample"], "extra_N": {"beam": [64]}}]}, "extra_N names 'beam'"),
+        ({"models": [{"name": "m", "strategies": ["sample"], "extra_N": {"sample": [0]}}]}, r"extra_N\['sample'\]"),
+        ({"models": [{"name": "m", "extra_N": [64]}]}, "extra_N must be a mapping"),
+        ({"baselines": {"cm_batch_size": 0}}, "cm_batch_size"),
+        ({"baselines": {"cm_recipe": "conv"}}, r"cm_recipe must be one of \['mlp', 'paper'\]"),
+        ({"baselines": {"cm_channels": 16}}, r"\['cm_channels'\] apply to cm_recipe: paper only"),
+        ({"baselines": {"cm_recipe": "paper", "cm_refresh": 0}}, "cm_refresh must be an integer >= 1"),
+        ({"baselines": {"cm_recipe": "paper", "cm_points": 1000}}, "cm_points is the paper recipe's Sobol grid"),
+        ({"baselines": {"cm_recipe": "paper", "cm_points": 64, "cm_top_k": 65}}, r"cm_top_k must be <= cm_points"),
+        (
+            {"models": [{"name": "m", "ft_strategies": ["sample"], "ft_std_max": [0.1, -1]}]},
+            "ft_std_max must be a list",
+        ),
+        ({"models": [{"name": "m", "ft_std_max": [0.1]}]}, "ft_std_max needs ft_strategies"),
+        (
+            {"models": [{"name": "m", "ft_strategies": ["sample"], "ft_std_max": [0.1], "ft_std_max_N": 64}]},
+            "ft_std_max_N must be a list",
+        ),
+        (
+            {
+                "models": [
+                    {"name": "m", "ft_strategies": ["sample"], "ft_std_max": [0.1], "ft_std_max_strategies": ["beam"]}
+                ]
+            },
+            "ft_std_max_strategies must be a list",
+        ),
+        (
+            {
+                "models": [
+                    {"name": "m", "ft_strategies": ["sample"], "ft_std_max": [0.1], "ft_std_max_strategies": "sample"}
+                ]
+            },
+            "ft_std_max_strategies must be a list",
+        ),
+        ({"models": [{"name": "m", "ft_strategies": ["sample"], "ft_N": [64]}]}, "ft_N must be a mapping"),
+        ({"models": [{"name": "m", "ft_strategies": ["sample"], "ft_N": {"beam": [64]}}]}, "ft_N names 'beam'"),
+        (
+            {"models": [{"name": "m", "N": [64], "ft_strategies": ["sample"], "ft_N": {"sample": [128]}}]},
+            r"ft_N\['sample'\] must be a non-empty list of sample's N \[64\]",
+        ),
+        (
+            {"models": [{"name": "m", "N": [64], "ft_strategies": ["sample"], "ft_N": {"sample": []}}]},
+            r"ft_N\['sample'\]",
+        ),
+        (
+            {"leaves": ["categorical"], "models": [{"name": "m", "ft_strategies": ["sample"], "ft_std_max": [0.1]}]},
+            "ft_std_max caps Gaussian stds",
+        ),
+        ({"experiments": {"bpd_discrete": "yes"}}, "bpd_discrete"),
+    ],
+)
 def test_bad_config_raises_naming_the_key(overrides: dict[str, Any], key: str) -> None:
     with pytest.raises(ValueError, match=key):
         load_config(None, overrides)
@@ -59,7 +92,9 @@ def test_bad_yaml_file_names_the_key(tmp_path: Path) -> None:
         load_config(path)
 
 
-@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml")), ids=lambda p: p.name
+)
 def test_every_shipped_config_loads_and_builds_its_quantizers(path: Path) -> None:
     cfg = load_config(path)
     assert cfg.models

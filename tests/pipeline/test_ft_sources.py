@@ -37,12 +37,15 @@ def test_capped_twins_come_only_from_rows_ft_n_keeps() -> None:
     assert made == [("sample", 256, None), ("beam", 256, None), ("beam", 4096, None), ("beam", 4096, 0.1)]
 
 
-@pytest.mark.parametrize(("spec", "capped"), [
-    ({}, [("sample", 256), ("sample", 4096), ("beam", 256), ("beam", 4096)]),
-    ({"ft_std_max_N": [4096]}, [("sample", 4096), ("beam", 4096)]),
-    ({"ft_std_max_strategies": ["sample"]}, [("sample", 256), ("sample", 4096)]),
-    ({"ft_std_max_N": [4096], "ft_std_max_strategies": ["sample"]}, [("sample", 4096)]),
-])
+@pytest.mark.parametrize(
+    ("spec", "capped"),
+    [
+        ({}, [("sample", 256), ("sample", 4096), ("beam", 256), ("beam", 4096)]),
+        ({"ft_std_max_N": [4096]}, [("sample", 4096), ("beam", 4096)]),
+        ({"ft_std_max_strategies": ["sample"]}, [("sample", 256), ("sample", 4096)]),
+        ({"ft_std_max_N": [4096], "ft_std_max_strategies": ["sample"]}, [("sample", 4096)]),
+    ],
+)
 def test_capped_twins_follow_the_n_and_strategy_filters(spec: dict, capped: list[tuple[str, int]]) -> None:
     made = _made(ft_std_max=[0.1, 0.2], **spec)
     assert made[:4] == _made()

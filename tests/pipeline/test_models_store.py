@@ -16,7 +16,9 @@ from vq2pc.pipeline.rundir import Models
 
 def _circuit(N: int, seed: int) -> MixtureCircuit:
     g = torch.Generator().manual_seed(seed)
-    return MixtureCircuit(Categorical(torch.randn(N, 3, 4, generator=g).log_softmax(-1)), torch.full((N,), -float(N)).log_softmax(0))
+    return MixtureCircuit(
+        Categorical(torch.randn(N, 3, 4, generator=g).log_softmax(-1)), torch.full((N,), -float(N)).log_softmax(0)
+    )
 
 
 def test_models_load_each_file_when_read(tmp_path: Path) -> None:
@@ -39,7 +41,9 @@ def test_inpainting_reads_each_model_once(tmp_path: Path) -> None:
     splits = load_dataset("digits", seed=0, limit=60)
     cfg = RunConfig(experiments=ExperimentSpec(inpainting_eval_images=6, inpainting_images=2))
     g = torch.Generator().manual_seed(0)
-    circuit = MixtureCircuit(Categorical(torch.randn(5, 64, splits.levels, generator=g).log_softmax(-1)), torch.zeros(5))
+    circuit = MixtureCircuit(
+        Categorical(torch.randn(5, 64, splits.levels, generator=g).log_softmax(-1)), torch.zeros(5)
+    )
     reads: list[str] = []
     store = Models()
     for name in ("a", "b"):

@@ -102,8 +102,14 @@ def test_exm_bpd_recomputed_from_saved_circuit(full_run: dict[str, Any], leaf: s
     circuit = MixtureCircuit.load(out / row["circuit_file"])
     assert len(circuit) == 256 and circuit.leaf.kind == leaf
     splits = load_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seed, limit=cfg.limit)
-    bpd = test_bpd(circuit, splits.test_x, leaf, splits.levels, draws=cfg.experiments.bpd_draws,
-                   generator=torch.Generator().manual_seed(cfg.seed))
+    bpd = test_bpd(
+        circuit,
+        splits.test_x,
+        leaf,
+        splits.levels,
+        draws=cfg.experiments.bpd_draws,
+        generator=torch.Generator().manual_seed(cfg.seed),
+    )
     assert row["test_images"] == len(splits.test_x)
     assert bpd["mean"] == pytest.approx(row["test_bpd"], rel=0, abs=1e-9)
 
@@ -131,8 +137,12 @@ def test_report_md_links_and_config(full_run: dict[str, Any]) -> None:
     assert not missing, missing
     report = json.loads((out / "report.json").read_text())
     figures = [p for section in report["experiments"].values() for p in section["figures"].values()]
-    figures += [part["figure"] for section in report["experiments"].values() for part in section.values()
-                if isinstance(part, dict) and "figure" in part]
+    figures += [
+        part["figure"]
+        for section in report["experiments"].values()
+        for part in section.values()
+        if isinstance(part, dict) and "figure" in part
+    ]
     assert figures and all((out / p).is_file() and not Path(p).is_absolute() for p in figures)  # movable folder
     written = yaml.safe_load((out / "config.yaml").read_text())
     assert written["leaves"] == ["gaussian", "categorical"] and written["limit"] == LIMIT
@@ -143,7 +153,9 @@ def test_report_md_links_and_config(full_run: dict[str, Any]) -> None:
 def test_rerun_skips_and_force_distill_recomputes(full_run: dict[str, Any]) -> None:
     cfg, out = full_run["cfg"], full_run["out"]
     checkpoints, circuits = mtimes(out, "**/*.pt"), mtimes(out, "*/*/circuits/*.safetensors")
-    assert len(checkpoints) == 9 and len(circuits) == 2 * (8 + 2 + 2)  # 8 selections + 2 EM- and 2 fine-tuned DMRS per leaf
+    assert len(checkpoints) == 9 and len(circuits) == 2 * (
+        8 + 2 + 2
+    )  # 8 selections + 2 EM- and 2 fine-tuned DMRS per leaf
     start = time.perf_counter()
     again = run_pipeline(cfg, out)
     seconds = time.perf_counter() - start
@@ -155,8 +167,9 @@ def test_rerun_skips_and_force_distill_recomputes(full_run: dict[str, Any]) -> N
     new = mtimes(out, "*/*/circuits/*.safetensors")
     assert new.keys() == circuits.keys() and all(new[k] > circuits[k] for k in circuits)
     assert mtimes(out, "**/*.pt") == checkpoints  # training is not redone
-    assert [r["test_bpd"] for r in forced["models"]] == pytest.approx([r["test_bpd"] for r in again["models"]],
-                                                                      abs=1e-9)
+    assert [r["test_bpd"] for r in forced["models"]] == pytest.approx(
+        [r["test_bpd"] for r in again["models"]], abs=1e-9
+    )
 
 
 class _Interrupt(Exception):
@@ -232,8 +245,9 @@ def test_beam_with_n_below_classes_is_skipped_not_fatal(tmp_path: Path) -> None:
 
 def test_extra_n_adds_rows_for_its_strategy_only(tmp_path: Path) -> None:
     cfg = tiny_config(["gaussian"], N=[4], full=False)
-    cfg = dataclasses.replace(cfg, models=[dataclasses.replace(cfg.models[0], strategies=["sample", "topk"],
-                                                                extra_N={"sample": [16, 4]})])
+    cfg = dataclasses.replace(
+        cfg, models=[dataclasses.replace(cfg.models[0], strategies=["sample", "topk"], extra_N={"sample": [16, 4]})]
+    )
     report = run_pipeline(cfg, tmp_path)
     made = sorted((r["selection"], r["requested_N"]) for r in report["models"] if r["family"] in ("DMRS", "TopK"))
     assert made == [("sample", 4), ("sample", 16), ("topk", 4)]  # 4 twice is one row
@@ -251,8 +265,13 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
 def test_std_floor_reaches_every_circuit_and_names_its_rows(tmp_path: Path) -> None:
     cfg = tiny_config(["gaussian"], full=False)
     model = dataclasses.replace(cfg.models[0], strategies=["exhaustive", "topk"], std_floor=0.05)
-    cfg = dataclasses.replace(cfg, models=[model], experiments=dataclasses.replace(
-        cfg.experiments, inpainting=True, inpainting_images=2, inpainting_eval_images=5)).validate()
+    cfg = dataclasses.replace(
+        cfg,
+        models=[model],
+        experiments=dataclasses.replace(
+            cfg.experiments, inpainting=True, inpainting_images=2, inpainting_eval_images=5
+        ),
+    ).validate()
     report = run_pipeline(cfg, tmp_path)
     rows = [r for r in report["models"] if r["selection"] in ("exhaustive", "topk")]
     assert rows and all(r["std_floor"] == 0.05 and r["name"].endswith("σ≥0.05") for r in rows)
@@ -296,8 +315,9 @@ def test_a_selection_shortfall_is_a_note_not_a_failed_run(tmp_path: Path, monkey
 
     monkeypatch.setattr(models, "select", short_of_32)
     cfg = tiny_config(["gaussian"], full=False)
-    cfg = dataclasses.replace(cfg, models=[dataclasses.replace(cfg.models[0], strategies=["sample", "topk"],
-                                                               N=[8, 32])]).validate()
+    cfg = dataclasses.replace(
+        cfg, models=[dataclasses.replace(cfg.models[0], strategies=["sample", "topk"], N=[8, 32])]
+    ).validate()
     report = run_pipeline(cfg, tmp_path)
     made = {(r["selection"], r["N"]) for r in report["models"]}
     assert ("sample", 8) in made and ("topk", 32) in made and ("sample", 32) not in made

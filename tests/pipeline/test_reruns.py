@@ -44,9 +44,15 @@ def test_beam_score_and_search_recompute_only_the_dmbs_rows(tmp_path: Path) -> N
     +FT twin only, and a folder made with the class-marginal score (the only one before the option) is reused
     under ``marginal``."""
     cfg = tiny_config(["gaussian"], full=False)
-    model = dataclasses.replace(cfg.models[0], strategies=["sample", "beam"], N=[20], starts=1,
-                                ft_strategies=["beam"], beam_score="marginal",
-                                finetune=dataclasses.replace(cfg.models[0].finetune, epochs=1))
+    model = dataclasses.replace(
+        cfg.models[0],
+        strategies=["sample", "beam"],
+        N=[20],
+        starts=1,
+        ft_strategies=["beam"],
+        beam_score="marginal",
+        finetune=dataclasses.replace(cfg.models[0].finetune, epochs=1),
+    )
     cfg = dataclasses.replace(cfg, models=[model]).validate()
     first = run_pipeline(cfg, tmp_path)
     before = mtimes(tmp_path, "gaussian/m/circuits/*.safetensors")
@@ -62,7 +68,9 @@ def test_beam_score_and_search_recompute_only_the_dmbs_rows(tmp_path: Path) -> N
     sampled = dataclasses.replace(literal, models=[dataclasses.replace(literal.models[0], beam_search="stochastic")])
     third = run_pipeline(sampled.validate(), tmp_path)
     last = mtimes(tmp_path, "gaussian/m/circuits/*.safetensors")
-    assert all(last[k] == now[k] for k in last if "/sample-" in k) and all(last[k] > now[k] for k in last if "/beam-" in k)
+    assert all(last[k] == now[k] for k in last if "/sample-" in k) and all(
+        last[k] > now[k] for k in last if "/beam-" in k
+    )
     searches = {r["name"]: r.get("beam_search") for r in third["models"]}
     assert searches["DMBS m (stochastic)"] == searches["DMBS m (stochastic)+FT"] == "stochastic"
     assert searches["DMRS m"] is None
@@ -73,8 +81,13 @@ def test_ft_std_max_adds_capped_ft_rows_beside_the_uncapped_ones(tmp_path: Path)
     """``ft_std_max`` adds a "+FT σ<c" row per cap and selection at ``ft_std_max_N``, reusing every row that was
     there; its circuit's stds are all below c, and the report pairs it with its paper-faithful twin."""
     cfg = tiny_config(["gaussian"], full=False)
-    model = dataclasses.replace(cfg.models[0], strategies=["sample"], N=[10, 20], ft_strategies=["sample"],
-                                finetune=dataclasses.replace(cfg.models[0].finetune, epochs=1))
+    model = dataclasses.replace(
+        cfg.models[0],
+        strategies=["sample"],
+        N=[10, 20],
+        ft_strategies=["sample"],
+        finetune=dataclasses.replace(cfg.models[0].finetune, epochs=1),
+    )
     cfg = dataclasses.replace(cfg, models=[model]).validate()
     run_pipeline(cfg, tmp_path)
     before = mtimes(tmp_path, "gaussian/m/circuits/*.safetensors")
@@ -87,8 +100,9 @@ def test_ft_std_max_adds_capped_ft_rows_beside_the_uncapped_ones(tmp_path: Path)
     row = rows["DMRS m+FT σ<0.05"]
     assert row["family"] == "DMRS+FT σ<0.05" and row["finetune"]["std_max"] == 0.05 and "DMRS m+FT" in rows
     assert float(MixtureCircuit.load(tmp_path / row["circuit_file"]).leaf.scale.max()) < 0.05
-    assert any(n.startswith("[gaussian] fine-tuned distillation σ<0.05 (beyond the paper) of DMRS m N=")
-               for n in out["notes"])
+    assert any(
+        n.startswith("[gaussian] fine-tuned distillation σ<0.05 (beyond the paper) of DMRS m N=") for n in out["notes"]
+    )
 
 
 def test_settings_key_leaves_out_dropped_settings_only() -> None:
@@ -111,8 +125,11 @@ def test_a_folder_of_another_cache_schema_is_refused_until_forced(tmp_path: Path
     splits = load_dataset(cfg.dataset, seed=cfg.seed, limit=cfg.limit)
     old = {"dataset": cfg.dataset, "seed": cfg.seed, "limit": cfg.limit, "splits_sha256": splits.fingerprint()}
     (tmp_path / "data.json").write_text(json.dumps(old))
-    with pytest.raises(ValueError, match=r"cache schema 1, this one reads 2\): run into a new folder, or pass "
-                                         r"--force all"):
+    with pytest.raises(
+        ValueError,
+        match=r"cache schema 1, this one reads 2\): run into a new folder, or pass "
+        r"--force all",
+    ):
         run_pipeline(cfg, tmp_path)
     assert not (tmp_path / "gaussian").exists(), "a refused folder was written to"
     run = RunDir(tmp_path, {"all"})
@@ -128,15 +145,25 @@ def test_cm_batch_size_trains_the_cm_alone_with_its_own_batch(tmp_path: Path, mo
 
     seen: dict[str, int] = {}
     for name in ("train_cm", "train_einet"):
-        def spy(splits: Any, model_cfg: Any, train: Any, checkpoint: Any = None, _real: Any = getattr(stage, name),  # noqa: B008 (binds this stage)
-                _name: str = name) -> Any:
+
+        def spy(
+            splits: Any,
+            model_cfg: Any,
+            train: Any,
+            checkpoint: Any = None,
+            _real: Any = getattr(stage, name),  # noqa: B008 (binds this stage)
+            _name: str = name,
+        ) -> Any:
             seen[_name] = train.batch_size
             return _real(splits, model_cfg, train, checkpoint=checkpoint)
+
         monkeypatch.setattr(stage, name, spy)
     cfg = tiny_config(["gaussian"], full=False)
     cfg = dataclasses.replace(cfg, baselines=dataclasses.replace(cfg.baselines, cm=True, einet=True, cm_batch_size=16))
     run_pipeline(cfg.validate(), tmp_path)
-    assert seen == {"train_cm": 16, "train_einet": cfg.baseline_train.batch_size} and cfg.baseline_train.batch_size != 16
+    assert (
+        seen == {"train_cm": 16, "train_einet": cfg.baseline_train.batch_size} and cfg.baseline_train.batch_size != 16
+    )
 
 
 @pytest.mark.slow
@@ -146,8 +173,13 @@ def test_cm_recipe_paper_trains_and_compiles_its_own_grid(tmp_path: Path) -> Non
     from vq2pc.baselines.cm import ContinuousMixture
 
     cfg = tiny_config(["gaussian"], full=False)
-    cfg = dataclasses.replace(cfg, seed=3, baselines=dataclasses.replace(
-        cfg.baselines, cm=True, einet=False, cm_recipe="paper", cm_channels=4, cm_refresh=2))
+    cfg = dataclasses.replace(
+        cfg,
+        seed=3,
+        baselines=dataclasses.replace(
+            cfg.baselines, cm=True, einet=False, cm_recipe="paper", cm_channels=4, cm_refresh=2
+        ),
+    )
     out = run_pipeline(cfg.validate(), tmp_path)
     row = next(r for r in out["models"] if r["family"] == "CM")
     model = ContinuousMixture.load((tmp_path / row["circuit_file"]).with_name("cm.pt"))
@@ -238,7 +270,9 @@ def test_a_failed_second_process_is_one_clear_error(tmp_path: Path) -> None:
     run = RunDir(tmp_path)
     helper = HelperProcess(cfg, run)
     try:
-        with pytest.raises(RuntimeError, match=r"the second process failed \(exit code 1\); its output is in .*helper.log"):
+        with pytest.raises(
+            RuntimeError, match=r"the second process failed \(exit code 1\); its output is in .*helper.log"
+        ):
             helper.wait_baselines(run)
         with pytest.raises(RuntimeError, match="the second process failed"):
             helper.share_rows(run, None, [], print)  # type: ignore[arg-type]
@@ -253,8 +287,9 @@ def test_two_jobs_are_refused_where_they_make_no_sense(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_changed_data_or_seed_recomputes_and_a_copied_folder_is_reused(tmp_path: Path,
-                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+def test_changed_data_or_seed_recomputes_and_a_copied_folder_is_reused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """The run folder remembers the data it was computed from by content (data.json): another --limit or
     --seed retrains everything; a copy of the folder (`cp -r`: new file times, in copy order) reuses everything."""
     import shutil
@@ -272,7 +307,9 @@ def test_changed_data_or_seed_recomputes_and_a_copied_folder_is_reused(tmp_path:
     assert mtimes(copy, "**/*.pt") == before and "every stage is recomputed" not in capsys.readouterr().out
     assert [r["test_bpd"] for r in again["models"]] == [r["test_bpd"] for r in first["models"]]
     changed = dataclasses.replace(cfg, models=[dataclasses.replace(cfg.models[0], weights="prior")])
-    run_pipeline(changed, copy)  # a distillation setting: the circuits are redone (and the log says why), not the models
+    run_pipeline(
+        changed, copy
+    )  # a distillation setting: the circuits are redone (and the log says why), not the models
     assert mtimes(copy, "**/*.pt") == before and "recomputed, its settings changed" in capsys.readouterr().out
     for change in ({"limit": LIMIT - 30}, {"seed": 1}):
         changed = dataclasses.replace(cfg, **change)

@@ -43,9 +43,14 @@ prior_train: {{epochs: {EPOCHS}, patience: {EPOCHS}, lr: 0.002, batch_size: 16, 
 
 
 def start(root: Path, out: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "vq2pc", "run", "--config", "tiny.yaml", "--out", out], cwd=root,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return subprocess.Popen(
+        [sys.executable, "-m", "vq2pc", "run", "--config", "tiny.yaml", "--out", out],
+        cwd=root,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
 
 
 def finish(proc: subprocess.Popen) -> None:
@@ -55,6 +60,7 @@ def finish(proc: subprocess.Popen) -> None:
 
 def numbers(root: Path, out: str) -> dict[str, Any]:
     """report.json without wall times, with the run folder's name replaced."""
+
     def strip(v: Any) -> Any:
         if isinstance(v, dict):
             return {k: strip(x) for k, x in v.items() if "seconds" not in k}

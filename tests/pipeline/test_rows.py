@@ -10,10 +10,20 @@ from vq2pc.pipeline.rows import ResultRow
 
 
 def _row() -> ResultRow:
-    return ResultRow.build(name="DMRS m+FT σ<0.125", family="DMRS+FT σ<0.125", N=4096, test_bpd=3.1,
-                           test_bpd_std=0.0, test_bpd_quantiles=[2.0, 3.0], leaf="gaussian", selection="sample",
-                           requested_N=4096, finetune={"best_epoch": 3}, ft_history=[{"epoch": 1, "lr": 1e-3}],
-                           discrete_bpd=3.05)  # a key no field names yet
+    return ResultRow.build(
+        name="DMRS m+FT σ<0.125",
+        family="DMRS+FT σ<0.125",
+        N=4096,
+        test_bpd=3.1,
+        test_bpd_std=0.0,
+        test_bpd_quantiles=[2.0, 3.0],
+        leaf="gaussian",
+        selection="sample",
+        requested_N=4096,
+        finetune={"best_epoch": 3},
+        ft_history=[{"epoch": 1, "lr": 1e-3}],
+        discrete_bpd=3.05,
+    )  # a key no field names yet
 
 
 def test_json_round_trip_keeps_fields_and_extra_keys() -> None:

@@ -119,8 +119,10 @@ class CMConfig:
         if self.top_k > self.points:
             raise ValueError(f"CM (paper recipe) top_k must be <= points ({self.points}), got {self.top_k}")
         if (self.min_std, self.max_std) != (STD_MIN, STD_MAX):
-            raise ValueError(f"CM (paper recipe) uses the VQ-VAE's Gaussian head, stds in [{STD_MIN:g}, {STD_MAX:g}]; "
-                             f"got min_std={self.min_std:g}, max_std={self.max_std:g}")
+            raise ValueError(
+                f"CM (paper recipe) uses the VQ-VAE's Gaussian head, stds in [{STD_MIN:g}, {STD_MAX:g}]; "
+                f"got min_std={self.min_std:g}, max_std={self.max_std:g}"
+            )
         if len(self.feature_hw) != 2:
             raise ValueError(f"CM (paper recipe) feature_hw must be (h, w), got {self.feature_hw}")
         if num_downsamplings(self.image_shape[1:], self.feature_hw) < 1:  # raises if H×W is not reached by doubling
@@ -191,8 +193,10 @@ class ContinuousMixture(SavableModel, nn.Module):
         per_pixel = 2 if cfg.leaf == "gaussian" else cfg.levels
         h = cfg.hidden
         self.decoder = nn.Sequential(
-            nn.Linear(cfg.latent_dim, h), nn.LeakyReLU(0.1),
-            nn.Linear(h, 2 * h), nn.LeakyReLU(0.1),
+            nn.Linear(cfg.latent_dim, h),
+            nn.LeakyReLU(0.1),
+            nn.Linear(h, 2 * h),
+            nn.LeakyReLU(0.1),
             nn.Linear(2 * h, cfg.num_variables * per_pixel),
         )
 
@@ -299,19 +303,33 @@ def train_cm(
     val = (dequantize_once(splits.val_x, cfg.leaf, cfg.levels, train_cfg.seed),)
     if cfg.recipe == "paper":
         loss: Callable[[nn.Module, tuple[Tensor, ...]], Tensor] = GridLoss(
-            model, first, math.ceil(len(splits.train_x) / train_cfg.batch_size))
+            model, first, math.ceil(len(splits.train_x) / train_cfg.batch_size)
+        )
     else:
         loss = _cm_loss(cfg, train_cfg.seed, first)
     with flush_denormals(train_cfg.device):  # the posterior's tiny gradients (~1.9x per step on MNIST)
-        result = fit(model, loss, (splits.train_x,), val, train_cfg,
-                     checkpoint=checkpoint, kind="cm", meta={"config": cfg.record()}, desc="cm",
-                     prepare=step_dequantizer(cfg.leaf, cfg.levels, train_cfg.seed, first))
+        result = fit(
+            model,
+            loss,
+            (splits.train_x,),
+            val,
+            train_cfg,
+            checkpoint=checkpoint,
+            kind="cm",
+            meta={"config": cfg.record()},
+            desc="cm",
+            prepare=step_dequantizer(cfg.leaf, cfg.levels, train_cfg.seed, first),
+        )
     return model, result
 
 
 @torch.no_grad()
 def compile_cm(
-    model: ContinuousMixture, num_points: int = 2**14, seed: int = 0, *, batch_size: int = 1024,
+    model: ContinuousMixture,
+    num_points: int = 2**14,
+    seed: int = 0,
+    *,
+    batch_size: int = 1024,
     memory_budget_mib: float = 1024,
 ) -> MixtureCircuit:
     """A ``MixtureCircuit`` with ``num_points`` uniformly weighted components: the decoded Sobol points
@@ -320,12 +338,22 @@ def compile_cm(
     cfg = model.cfg
     if cfg.recipe == "paper":
         if (num_points, seed) != (cfg.points, cfg.grid_seed):
-            raise ValueError(f"a paper-recipe CM is the mixture over its own grid of {cfg.points} points (seed "
-                             f"{cfg.grid_seed}); got num_points={num_points}, seed={seed}")
+            raise ValueError(
+                f"a paper-recipe CM is the mixture over its own grid of {cfg.points} points (seed "
+                f"{cfg.grid_seed}); got num_points={num_points}, seed={seed}"
+            )
         z = model.grid
     else:
         z = sobol_normal(num_points, cfg.latent_dim, seed).to(model.device)
     leaf = decode_leaf(model, z, batch_size)
-    meta = {"source": "continuous-mixture", "latent_dim": cfg.latent_dim, "num_points": int(num_points),
-            "seed": int(seed), "decoder_params": model.num_params, "recipe": cfg.recipe}
-    return MixtureCircuit(leaf, torch.zeros(num_points, device=model.device), memory_budget_mib=memory_budget_mib, meta=meta)
+    meta = {
+        "source": "continuous-mixture",
+        "latent_dim": cfg.latent_dim,
+        "num_points": int(num_points),
+        "seed": int(seed),
+        "decoder_params": model.num_params,
+        "recipe": cfg.recipe,
+    }
+    return MixtureCircuit(
+        leaf, torch.zeros(num_points, device=model.device), memory_budget_mib=memory_budget_mib, meta=meta
+    )

@@ -165,14 +165,20 @@ def _build_circuit(cfg: EiNetConfig) -> nn.Module:
         input_factory = functools.partial(CategoricalLayer, num_categories=cfg.levels)
     weights = parameterization_to_factory(Parameterization(activation="softmax", initialization="normal"))
     symbolic = region_graph(cfg.region_graph, cfg.image_shape, cfg.deltas(), cfg.tree).build_circuit(
-        input_factory=input_factory, sum_product=cfg.sum_product, sum_weight_factory=weights,
+        input_factory=input_factory,
+        sum_product=cfg.sum_product,
+        sum_weight_factory=weights,
         nary_sum_weight_factory=functools.partial(mixing_weight_factory, param_factory=weights),
-        num_input_units=cfg.num_input_units, num_sum_units=cfg.num_sum_units, num_classes=1,
+        num_input_units=cfg.num_input_units,
+        num_sum_units=cfg.num_sum_units,
+        num_classes=1,
         factorize_multivariate=True,
     )
     # optimize=False: libcirkit's fused Tucker layer has no sampler.
-    with torch.random.fork_rng(devices=[]), PipelineContext(backend="torch", semiring=UNCLAMPED_SEMIRING, fold=True,
-                                                              optimize=False) as ctx:
+    with (
+        torch.random.fork_rng(devices=[]),
+        PipelineContext(backend="torch", semiring=UNCLAMPED_SEMIRING, fold=True, optimize=False) as ctx,
+    ):
         torch.manual_seed(cfg.seed)
         return ctx.compile(symbolic)
 
@@ -330,8 +336,9 @@ class EiNet(SavableModel, nn.Module):
 
         def layer_fn(layer: nn.Module, *inputs: Tensor) -> Tensor:
             if isinstance(layer, TorchInputLayer):  # a placeholder input: only the gradient matters
-                probes[layer] = torch.zeros(layer.num_folds, m, layer.num_output_units, device=self.device,
-                                            requires_grad=True)
+                probes[layer] = torch.zeros(
+                    layer.num_folds, m, layer.num_output_units, device=self.device, requires_grad=True
+                )
                 return probes[layer]
             if isinstance(layer, TorchSumLayer):
                 return _select_children(layer, *inputs)
@@ -408,7 +415,16 @@ def train_einet(
     model = EiNet(cfg)
     first = completed_steps(checkpoint, "einet", len(splits.train_x), train_cfg.batch_size)
     val = (dequantize_once(splits.val_x, cfg.leaf, cfg.levels, train_cfg.seed),)
-    result = fit(model, _nll_loss, (splits.train_x,), val, train_cfg, checkpoint=checkpoint, kind="einet",
-                 meta={"config": asdict(cfg)}, desc="einet",
-                 prepare=step_dequantizer(cfg.leaf, cfg.levels, train_cfg.seed, first))
+    result = fit(
+        model,
+        _nll_loss,
+        (splits.train_x,),
+        val,
+        train_cfg,
+        checkpoint=checkpoint,
+        kind="einet",
+        meta={"config": asdict(cfg)},
+        desc="einet",
+        prepare=step_dequantizer(cfg.leaf, cfg.levels, train_cfg.seed, first),
+    )
     return model, result

@@ -22,8 +22,9 @@ __all__ = ["REGION_GRAPHS", "region_graph", "learn_tree"]
 REGION_GRAPHS = ("poon-domingos", "quad-graph", "quad-tree-2", "quad-tree-4", "chow-liu-tree")
 
 
-def region_graph(name: str, image_shape: tuple[int, int, int], deltas: list[list[float]],
-                 tree: tuple[int, ...] | None) -> Any:
+def region_graph(
+    name: str, image_shape: tuple[int, int, int], deltas: list[list[float]], tree: tuple[int, ...] | None
+) -> Any:
     """The libcirkit region graph ``name`` over ``image_shape`` (C, H, W); ``deltas`` are Poon–Domingos's
     cut widths, ``tree`` the Chow–Liu parents (each variable's parent, -1 at the root)."""
     require_cirkit()
@@ -52,8 +53,9 @@ def learn_tree(x: Tensor, leaf: str, levels: int, max_images: int = 20000) -> tu
 
     x = x.flatten(1)[:max_images].cpu()
     if leaf == "categorical":
-        tree = ChowLiuTree(x.long(), input_type="categorical", num_categories=levels, chunk_size=2048,
-                           as_region_graph=False)
+        tree = ChowLiuTree(
+            x.long(), input_type="categorical", num_categories=levels, chunk_size=2048, as_region_graph=False
+        )
     else:
         tree = ChowLiuTree((x.double() + 0.5) / levels, input_type="gaussian", as_region_graph=False)
     return tuple(int(t) for t in tree)

@@ -120,8 +120,9 @@ def class_weights(
     return normalize_joint(log_w)
 
 
-def class_joint(L: Tensor, r: Tensor, R: Tensor, scratch_bytes: int = 1 << 28,
-                scratch: Scratch | None = None) -> Tensor:
+def class_joint(
+    L: Tensor, r: Tensor, R: Tensor, scratch_bytes: int = 1 << 28, scratch: Scratch | None = None
+) -> Tensor:
     """``[b, C]`` float64 ``log Σ_n exp(L[b, n] + r[n, c])``, exact (see the module docstring).
 
     ``L [b, n]`` (any float dtype; ``-inf`` allowed), ``r [n, C]`` in ``L``'s dtype and ``R = exp(r)``

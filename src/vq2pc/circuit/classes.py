@@ -77,8 +77,12 @@ class ClassMixture:
         joint = joint.to(device)
         marginal = torch.logsumexp(joint, 1)  # [N] float64
         if not exact and not _same_weights(marginal, model.log_weights):
-            model = MixtureCircuit(model.leaf, marginal.to(model.log_weights.dtype),
-                                   memory_budget_mib=model.memory_budget_mib, meta=model.meta)
+            model = MixtureCircuit(
+                model.leaf,
+                marginal.to(model.log_weights.dtype),
+                memory_budget_mib=model.memory_budget_mib,
+                meta=model.meta,
+            )
         self.model, self.exact = model, exact
         dtype = torch.float32 if exact else model.log_weights.dtype
         cond = (joint - marginal[:, None]).nan_to_num(nan=-math.inf)  # log p(c | n); zero-weight rows: -inf
@@ -91,8 +95,15 @@ class ClassMixture:
         self.log_class_prior = torch.logsumexp(joint, 0).to(dtype)  # [C] p̂(c) = Σ_n w_{n,c}
         self.memory_budget_mib = float(model.memory_budget_mib)
         self._R = None if exact else cond.exp().to(device)  # [N, C] float64 p(c | n)
-        template = model.leaf[:1] if not exact else decode_leaf(
-            model.vqvae, torch.zeros((1, *model.latent_hw), dtype=torch.long, device=device), std_floor=model.std_floor)
+        template = (
+            model.leaf[:1]
+            if not exact
+            else decode_leaf(
+                model.vqvae,
+                torch.zeros((1, *model.latent_hw), dtype=torch.long, device=device),
+                std_floor=model.std_floor,
+            )
+        )
         self._fill = template.mode()[0]
         self._template = template
         self._mode_logp: Tensor | None = None
@@ -149,13 +160,16 @@ class ClassMixture:
             raise ValueError(f"class has shape {tuple(t.shape)}; expected one class per row, [{rows}], or one int")
         if t.numel() and (int(t.min()) < 0 or int(t.max()) >= self.num_classes):
             bad = int(t.min()) if int(t.min()) < 0 else int(t.max())
-            raise ValueError(f"class index {bad} is out of range: the circuit has C = {self.num_classes} classes "
-                             f"(0..{self.num_classes - 1})")
+            raise ValueError(
+                f"class index {bad} is out of range: the circuit has C = {self.num_classes} classes "
+                f"(0..{self.num_classes - 1})"
+            )
         t = t.long().to(self.device)
         empty = torch.isneginf(self.log_class_prior[t])
         if bool(empty.any()):
-            raise ValueError(f"class {int(t[empty][0])} has no weight in this circuit "
-                             "(no component was selected for it)")
+            raise ValueError(
+                f"class {int(t[empty][0])} has no weight in this circuit (no component was selected for it)"
+            )
         return t
 
     # --- blocks of the likelihood matrix ----------------------------------------------
@@ -226,8 +240,15 @@ class ClassMixture:
         cm = torch.cat([accs[k].result() for k in sorted(accs)]).to(xp.dtype)
         return cm if mp is None else torch.where(mp, xp, cm)
 
-    def _argmax(self, x: Tensor, mask: Tensor | None, cls: Tensor | None, generator: torch.Generator | None,
-                gumbel: bool, extra: Callable[[Tensor, int, slice], Tensor] | None = None) -> Tensor:
+    def _argmax(
+        self,
+        x: Tensor,
+        mask: Tensor | None,
+        cls: Tensor | None,
+        generator: torch.Generator | None,
+        gumbel: bool,
+        extra: Callable[[Tensor, int, slice], Tensor] | None = None,
+    ) -> Tensor:
         """``[B]`` argmax_n of ``L + log p(c | n)`` (+ ``extra(L, n0, rows)``, + Gumbel noise: a posterior draw)."""
         best: dict[int, RunningArgmax] = {}
         scratch = Scratch()
@@ -248,14 +269,24 @@ class ClassMixture:
         for a in range(0, len(idx), step):
             part = idx[a : a + step]
             if self.exact:
-                yield decode_leaf(self.model.vqvae, index_to_codes(part, self.model.K, *self.model.latent_hw),
-                                  std_floor=self.model.std_floor)
+                yield decode_leaf(
+                    self.model.vqvae,
+                    index_to_codes(part, self.model.K, *self.model.latent_hw),
+                    std_floor=self.model.std_floor,
+                )
             else:
                 yield self.model.leaf[part]
 
     @torch.no_grad()
-    def sample(self, n: int | None = None, *, c: int | Tensor | None = None, x: Tensor | None = None,
-               mask: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
+    def sample(
+        self,
+        n: int | None = None,
+        *,
+        c: int | Tensor | None = None,
+        x: Tensor | None = None,
+        mask: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
         """Exact samples ``[n, S]`` of p(x | c) (``c``: an int or ``[n]``; None: p(x)); with ``x``/``mask``,
         one draw of p(x_u | x_o, c) per row, x_o kept."""
         if c is None:
@@ -310,18 +341,22 @@ class ClassMixture:
         if self.exact:
             raise ValueError("an ExactModel is not stored as a file; save its VQ-VAE and prior instead")
         meta = {**self.model.meta, "num_classes": self.num_classes}
-        return write_circuit(path, self.model.leaf, self.model.log_weights, meta,
-                             extra={CLASS_TENSOR: self.log_weights.double()})
+        return write_circuit(
+            path, self.model.leaf, self.model.log_weights, meta, extra={CLASS_TENSOR: self.log_weights.double()}
+        )
 
     @classmethod
-    def load(cls, path: str | Path, device: str | torch.device | None = None, *,
-             memory_budget_mib: float = 1024) -> ClassMixture:
+    def load(
+        cls, path: str | Path, device: str | torch.device | None = None, *, memory_budget_mib: float = 1024
+    ) -> ClassMixture:
         """Load a class-aware circuit file (:class:`CheckpointError` for a file without class weights)."""
         circuit = MixtureCircuit.load(path, device, memory_budget_mib=memory_budget_mib)
         extra = read_extra(path, (CLASS_TENSOR,), device)
         if CLASS_TENSOR not in extra:
-            raise CheckpointError(f"{path} is a circuit without class weights (not class-aware); build them with "
-                                  "vq2pc.class_weights and ClassMixture")
+            raise CheckpointError(
+                f"{path} is a circuit without class weights (not class-aware); build them with "
+                "vq2pc.class_weights and ClassMixture"
+            )
         try:
             return cls(circuit, extra[CLASS_TENSOR])
         except ValueError as exc:
@@ -342,8 +377,10 @@ def _exact_joint(model: ExactModel) -> Tensor:
     """``[K^{HW}, C]`` float32 log p(c) + log p(z | c) of every latent (lexicographic order, by enumeration)."""
     return whole_space_joint(model.prior).to(model.device)
 
-def load_circuit(path: str | Path, device: str | torch.device | None = None, *,
-                 memory_budget_mib: float = 1024) -> MixtureCircuit | ClassMixture:
+
+def load_circuit(
+    path: str | Path, device: str | torch.device | None = None, *, memory_budget_mib: float = 1024
+) -> MixtureCircuit | ClassMixture:
     """A circuit file as a :class:`ClassMixture` when it holds class weights, else as a :class:`MixtureCircuit`."""
     if CLASS_TENSOR in read_extra(path, (CLASS_TENSOR,)) if Path(path).is_file() else False:
         return ClassMixture.load(path, device, memory_budget_mib=memory_budget_mib)

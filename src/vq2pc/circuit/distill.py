@@ -33,8 +33,9 @@ def check_std_floor(std_floor: float | None, leaf_kind: str) -> None:
 
 
 @torch.no_grad()
-def decode_leaf(decoder: LeafDecoder, latents: torch.Tensor, batch_size: int = 512,
-                std_floor: float | None = None) -> Leaf:
+def decode_leaf(
+    decoder: LeafDecoder, latents: torch.Tensor, batch_size: int = 512, std_floor: float | None = None
+) -> Leaf:
     """Decode latents ``[N, ...]`` (codes ``[N, h, w]`` of a :class:`~vq2pc.core.protocols.Decoder`, or a
     continuous mixture's points ``[N, d]``) into one leaf with batch shape ``[N, S]`` (batched, eval mode).
 
@@ -47,7 +48,7 @@ def decode_leaf(decoder: LeafDecoder, latents: torch.Tensor, batch_size: int = 5
     them thousands of nats — a higher floor at distillation time bounds that cost."""
     decoder.eval()
     device = next(decoder.parameters()).device
-    leaves = (decoder.decode(latents[i: i + batch_size].to(device)) for i in range(0, latents.shape[0], batch_size))
+    leaves = (decoder.decode(latents[i : i + batch_size].to(device)) for i in range(0, latents.shape[0], batch_size))
     first = next(leaves)
     check_std_floor(std_floor, first.kind)
     if isinstance(first, Categorical):
@@ -69,7 +70,7 @@ def _categorical_leaf(first: Categorical, rest: Iterable[Categorical], n: int) -
     table, n0 = part.new_empty(part.shape[0], n), 0
     for leaf in itertools.chain([first], rest):
         part = categorical_table(leaf.logits)
-        table[:, n0: n0 + part.shape[1]] = part
+        table[:, n0 : n0 + part.shape[1]] = part
         n0 += part.shape[1]
     return categorical_view(table, first.num_levels)
 

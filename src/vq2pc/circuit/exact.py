@@ -77,11 +77,15 @@ class ExactModel:
     ) -> None:
         for model, protocol in ((vqvae, Decoder), (prior, Prior)):
             if not isinstance(model, protocol):
-                raise ValueError(f"{type(model).__name__} is not a {protocol.__name__}: it lacks "
-                                 f"{missing_members(model, protocol)} (see vq2pc.core.protocols)")
+                raise ValueError(
+                    f"{type(model).__name__} is not a {protocol.__name__}: it lacks "
+                    f"{missing_members(model, protocol)} (see vq2pc.core.protocols)"
+                )
         if prior.K != vqvae.K or tuple(prior.latent_hw) != tuple(vqvae.latent_hw):
-            raise ValueError(f"prior (K={prior.K}, grid {tuple(prior.latent_hw)}) does not match the VQ-VAE "
-                             f"(K={vqvae.K}, grid {tuple(vqvae.latent_hw)})")
+            raise ValueError(
+                f"prior (K={prior.K}, grid {tuple(prior.latent_hw)}) does not match the VQ-VAE "
+                f"(K={vqvae.K}, grid {tuple(vqvae.latent_hw)})"
+            )
         if int(chunk) < 1 or not memory_budget_mib > 0:
             raise ValueError(f"chunk must be >= 1 and memory_budget_mib > 0, got {chunk}, {memory_budget_mib}")
         self.K, self.latent_hw = int(vqvae.K), tuple(vqvae.latent_hw)
@@ -144,8 +148,12 @@ class ExactModel:
             for n0 in range(lo, hi, step):
                 n1 = min(n0 + step, hi)
                 leaf = self._decode(torch.arange(n0, n1, device=self.device))
-                yield n0, MixtureCircuit(leaf, self.log_prior[n0:n1], memory_budget_mib=self.memory_budget_mib,
-                                         _trusted=True)  # decoded here: the input checks ran once, in _prepare
+                yield (
+                    n0,
+                    MixtureCircuit(
+                        leaf, self.log_prior[n0:n1], memory_budget_mib=self.memory_budget_mib, _trusted=True
+                    ),
+                )  # decoded here: the input checks ran once, in _prepare
                 bar.update(n1 - n0)
 
     def chunks(self, batch: int, desc: str = "ExM") -> Iterator[tuple[int, MixtureCircuit]]:
@@ -167,8 +175,9 @@ class ExactModel:
     """:meth:`log_prob` takes a whole test set at once (``evaluate.density`` relies on it)."""
 
     @torch.no_grad()
-    def log_prob(self, x: Tensor, mask: Tensor | None = None, batch_size: int = 500,
-                 sharded: bool | None = None) -> Tensor:
+    def log_prob(
+        self, x: Tensor, mask: Tensor | None = None, batch_size: int = 500, sharded: bool | None = None
+    ) -> Tensor:
         """``[B]`` exact log p(x), or log p(x_o) of the observed entries when ``mask`` is given.
 
         Any ``B``: latent chunks outside, rows inside (``batch_size`` at a time, a running float64
@@ -228,7 +237,9 @@ class ExactModel:
 
     def _sample_leaves(self, idx: Tensor, generator: torch.Generator | None) -> Tensor:
         """``[n, S]``: one draw from p(x | z) for each latent index ``idx [n]`` (decoded in memory-bounded blocks)."""
-        return torch.cat([self._decode(idx[a : a + self._rows]).sample(generator) for a in range(0, len(idx), self._rows)])
+        return torch.cat(
+            [self._decode(idx[a : a + self._rows]).sample(generator) for a in range(0, len(idx), self._rows)]
+        )
 
     @torch.no_grad()
     def sample(

@@ -95,8 +95,10 @@ def _check_circuit(circuit: Any) -> MixtureCircuit:
     if not isinstance(circuit, MixtureCircuit):
         raise ValueError(f"expected a MixtureCircuit, got {type(circuit).__name__}")
     if circuit.leaf.kind not in LEAF_KINDS:
-        raise ValueError(f"{circuit.leaf.kind} leaves are not exported (libcirkit has no such input layer); "
-                         "save the circuit (MixtureCircuit.save) instead")
+        raise ValueError(
+            f"{circuit.leaf.kind} leaves are not exported (libcirkit has no such input layer); "
+            "save the circuit (MixtureCircuit.save) instead"
+        )
     return circuit
 
 
@@ -171,13 +173,21 @@ def _symbolic(kind: str, arrays: dict[str, np.ndarray]) -> Any:
     n = arrays["log_weights"].shape[0]
     s = next(a for k, a in arrays.items() if k != "log_weights").shape[0]
     if kind == "gaussian":
-        inputs = [GaussianLayer(Scope([i]), n, mean=const(arrays["mean"][i]), stddev=const(arrays["std"][i]))
-                  for i in range(s)]
+        inputs = [
+            GaussianLayer(Scope([i]), n, mean=const(arrays["mean"][i]), stddev=const(arrays["std"][i]))
+            for i in range(s)
+        ]
     elif kind == "categorical":
         levels = arrays["logits"].shape[2]
-        inputs = [CategoricalLayer(Scope([i]), n, num_categories=levels,
-                                   probs=Parameter.from_unary(SoftmaxParameter((n, levels)), tensor(arrays["logits"][i])))
-                  for i in range(s)]
+        inputs = [
+            CategoricalLayer(
+                Scope([i]),
+                n,
+                num_categories=levels,
+                probs=Parameter.from_unary(SoftmaxParameter((n, levels)), tensor(arrays["logits"][i])),
+            )
+            for i in range(s)
+        ]
     else:
         inputs = [BinomialLayer(Scope([i]), n, total_count=1, logits=const(arrays["logits"][i])) for i in range(s)]
     weight = Parameter.from_unary(SoftmaxParameter((1, n)), tensor(arrays["log_weights"][None]))
@@ -338,8 +348,10 @@ def export_npz(circuit: MixtureCircuit | ClassMixture, path: str | Path) -> Path
     }
     if classes is not None:
         header["num_classes"] = int(classes.shape[1])
-        header["classes"] = ("p(x, c) = sum_n exp(class_log_weights[n, c]) prod_i p(x_i | leaf params [n, i]); "
-                             "log_weights = logsumexp over c of class_log_weights")
+        header["classes"] = (
+            "p(x, c) = sum_n exp(class_log_weights[n, c]) prod_i p(x_i | leaf params [n, i]); "
+            "log_weights = logsumexp over c of class_log_weights"
+        )
     arrays = {k: v.detach().cpu().contiguous().numpy() for k, v in leaf.tensors().items()}
     arrays["log_weights"] = circuit.log_weights.detach().cpu().numpy()
     arrays["raw_log_weights"] = circuit._given_log_weights.detach().cpu().numpy()
@@ -353,8 +365,9 @@ def export_npz(circuit: MixtureCircuit | ClassMixture, path: str | Path) -> Path
     return atomic_write(path, write)
 
 
-def from_npz(path: str | Path, device: str | torch.device | None = None,
-             classes: bool = False) -> MixtureCircuit | ClassMixture:
+def from_npz(
+    path: str | Path, device: str | torch.device | None = None, classes: bool = False
+) -> MixtureCircuit | ClassMixture:
     """The :class:`MixtureCircuit` of an archive written by :func:`export_npz` (``CheckpointError`` if bad);
     ``classes=True``: the :class:`ClassMixture` of an archive with class weights (its class marginal otherwise)."""
     path = Path(path)

@@ -55,8 +55,16 @@ from vq2pc.data.datasets import DataSplits
 from vq2pc.latents.selection import Selection
 from vq2pc.models.train import SCHEDULES, TrainConfig, completed_steps, dequantize_once, fit, step_dequantizer
 
-__all__ = ["FineTuneConfig", "FineTuneResult", "finetune", "finetune_distill", "PosteriorPicks", "subset_nll",
-           "CAP_MARK", "cap_text"]
+__all__ = [
+    "FineTuneConfig",
+    "FineTuneResult",
+    "finetune",
+    "finetune_distill",
+    "PosteriorPicks",
+    "subset_nll",
+    "CAP_MARK",
+    "cap_text",
+]
 
 COMPONENT_MODES = ("posterior", "random")
 CAP_MARK = " σ<"
@@ -107,13 +115,20 @@ class FineTuneConfig:
             raise ValueError(f"fine-tuning components must be one of {list(COMPONENT_MODES)}, got {self.components!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"fine-tuning schedule must be one of {list(SCHEDULES)}, got {self.schedule!r}")
-        ints = {"epochs": self.epochs, "batch_size": self.batch_size, "top_k": self.top_k,
-                "refresh": self.refresh, "subset": self.subset}
+        ints = {
+            "epochs": self.epochs,
+            "batch_size": self.batch_size,
+            "top_k": self.top_k,
+            "refresh": self.refresh,
+            "subset": self.subset,
+        }
         if self.refresh_N is not None:
             ints["refresh_N"] = self.refresh_N
         bad = {k: v for k, v in ints.items() if not isinstance(v, int) or isinstance(v, bool) or v < 1}
         if bad or not isinstance(self.patience, int) or self.patience < 0:
-            raise ValueError(f"fine-tuning needs positive integers for {sorted(ints)} and patience >= 0; got {bad or self.patience}")
+            raise ValueError(
+                f"fine-tuning needs positive integers for {sorted(ints)} and patience >= 0; got {bad or self.patience}"
+            )
         if not is_positive_number(self.lr):
             raise ValueError(f"fine-tuning lr must be a positive number, got {self.lr!r}")
         d = self.discretized
@@ -270,8 +285,17 @@ class _Mixture(nn.Module):
 def _train_config(cfg: FineTuneConfig) -> TrainConfig:
     """The :func:`~vq2pc.models.train.fit` settings of fine-tuning: ``patience`` epochs may fail to beat
     the best before the next failure stops training."""
-    return TrainConfig(epochs=cfg.epochs, patience=cfg.patience + 1, lr=cfg.lr, batch_size=cfg.batch_size,
-                       seed=cfg.seed, device=cfg.device, progress=cfg.progress, schedule=cfg.schedule, clip=cfg.clip)
+    return TrainConfig(
+        epochs=cfg.epochs,
+        patience=cfg.patience + 1,
+        lr=cfg.lr,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        device=cfg.device,
+        progress=cfg.progress,
+        schedule=cfg.schedule,
+        clip=cfg.clip,
+    )
 
 
 def _meta(cfg: FineTuneConfig, codes: Tensor, log_weights: Tensor) -> dict[str, Any]:
@@ -281,8 +305,14 @@ def _meta(cfg: FineTuneConfig, codes: Tensor, log_weights: Tensor) -> dict[str, 
     return {"config": {**settings, "selection_sha256": digest.hexdigest()}}
 
 
-def finetune(decoder: nn.Module, codes: Tensor, log_weights: Tensor, splits: DataSplits,
-             cfg: FineTuneConfig | None = None, checkpoint: str | Path | None = None) -> FineTuneResult:
+def finetune(
+    decoder: nn.Module,
+    codes: Tensor,
+    log_weights: Tensor,
+    splits: DataSplits,
+    cfg: FineTuneConfig | None = None,
+    checkpoint: str | Path | None = None,
+) -> FineTuneResult:
     """Fine-tune a copy of ``decoder`` (``decode(codes [B,h,w]) -> Leaf [B,S]``) and the weights of the
     mixture over ``codes [N,h,w]`` (``log_weights [N]``) on ``splits``; keeps the best validation epoch.
 
@@ -291,8 +321,10 @@ def finetune(decoder: nn.Module, codes: Tensor, log_weights: Tensor, splits: Dat
     every rank calls it, and the steps equal one process's. The source ``decoder`` is not modified.
     Deterministic for a given ``cfg.seed`` and device."""
     if codes.dim() != 3 or log_weights.shape != (codes.shape[0],) or codes.shape[0] == 0:
-        raise ValueError(f"finetune needs codes [N,h,w] (N >= 1) and log_weights [N]; got "
-                         f"{tuple(codes.shape)} and {tuple(log_weights.shape)}")
+        raise ValueError(
+            f"finetune needs codes [N,h,w] (N >= 1) and log_weights [N]; got "
+            f"{tuple(codes.shape)} and {tuple(log_weights.shape)}"
+        )
     cfg = (cfg or FineTuneConfig()).for_N(codes.shape[0])
     model = _Mixture(decoder, codes, log_weights, cfg).to(cfg.device)
     leaf_kind = model.current().leaf.data_kind
@@ -300,33 +332,66 @@ def finetune(decoder: nn.Module, codes: Tensor, log_weights: Tensor, splits: Dat
     val_v = splits.val_x[: cfg.val_limit] if cfg.val_limit else splits.val_x
     x_val = dequantize_once(val_v, leaf_kind, splits.levels, cfg.seed).flatten(1).to(cfg.device)
     first = completed_steps(checkpoint, "finetune", len(train_v), cfg.batch_size)
-    res = fit(model, lambda m, batch: m.loss(batch[0]), (train_v,), (), _train_config(cfg), checkpoint,
-              kind="finetune", meta=_meta(cfg, codes, log_weights), desc="fine-tune", prepare=step_dequantizer(leaf_kind, splits.levels, cfg.seed, first),
-              validate=lambda m: -_mean_log_prob(m.current(), x_val), before_step=model.before_step,
-              score_start=True)
-    history = [{"epoch": h["epoch"], "train_loss": h["train"], "val_log_prob": -h["val"], "lr": h["lr"]}
-               for h in res.history]
+    res = fit(
+        model,
+        lambda m, batch: m.loss(batch[0]),
+        (train_v,),
+        (),
+        _train_config(cfg),
+        checkpoint,
+        kind="finetune",
+        meta=_meta(cfg, codes, log_weights),
+        desc="fine-tune",
+        prepare=step_dequantizer(leaf_kind, splits.levels, cfg.seed, first),
+        validate=lambda m: -_mean_log_prob(m.current(), x_val),
+        before_step=model.before_step,
+        score_start=True,
+    )
+    history = [
+        {"epoch": h["epoch"], "train_loss": h["train"], "val_log_prob": -h["val"], "lr": h["lr"]} for h in res.history
+    ]
     return FineTuneResult(
         decoder=model.decoder.eval() if res.best_epoch else decoder,
         log_weights=model.log_weights().detach().to(log_weights.dtype).cpu(),
-        start_val_log_prob=-float(res.start_val_loss), best_val_log_prob=-res.best_val_loss,
-        best_epoch=res.best_epoch, epochs_run=res.epochs_run, seconds=res.seconds, history=history)
+        start_val_log_prob=-float(res.start_val_loss),
+        best_val_log_prob=-res.best_val_loss,
+        best_epoch=res.best_epoch,
+        epochs_run=res.epochs_run,
+        seconds=res.seconds,
+        history=history,
+    )
 
 
-def finetune_distill(decoder: nn.Module, selection: Selection, splits: DataSplits, cfg: FineTuneConfig | None = None,
-                     weights: str = "uniform", meta: dict[str, Any] | None = None,
-                     checkpoint: str | Path | None = None) -> tuple[MixtureCircuit, FineTuneResult]:
+def finetune_distill(
+    decoder: nn.Module,
+    selection: Selection,
+    splits: DataSplits,
+    cfg: FineTuneConfig | None = None,
+    weights: str = "uniform",
+    meta: dict[str, Any] | None = None,
+    checkpoint: str | Path | None = None,
+) -> tuple[MixtureCircuit, FineTuneResult]:
     """:func:`finetune` the mixture of ``selection`` (initial ``weights``: uniform | prior; resumable from
     ``checkpoint``) and decode it into a :class:`MixtureCircuit` whose meta records the fine-tuning."""
     cfg = (cfg or FineTuneConfig()).for_N(len(selection.codes))
     res = finetune(decoder, selection.codes, selection.log_weights(weights), splits, cfg, checkpoint)
-    info = {"strategy": selection.strategy, "weights": "finetuned" if cfg.learn_weights else weights,
-            "finetune": {"best_epoch": res.best_epoch, "epochs_run": res.epochs_run, "seconds": round(res.seconds, 3),
-                         "start_val_log_prob": res.start_val_log_prob, "best_val_log_prob": res.best_val_log_prob,
-                         "components": cfg.components, "lr": cfg.lr, "schedule": cfg.schedule,
-                         **({"refresh": cfg.refresh} if cfg.components == "posterior" else {}),
-                         **({"std_max": cfg.std_max} if cfg.std_max is not None else {}),
-                         **({"discretized": cfg.discretized} if cfg.discretized is not None else {})},
-            **(meta or {})}
+    info = {
+        "strategy": selection.strategy,
+        "weights": "finetuned" if cfg.learn_weights else weights,
+        "finetune": {
+            "best_epoch": res.best_epoch,
+            "epochs_run": res.epochs_run,
+            "seconds": round(res.seconds, 3),
+            "start_val_log_prob": res.start_val_log_prob,
+            "best_val_log_prob": res.best_val_log_prob,
+            "components": cfg.components,
+            "lr": cfg.lr,
+            "schedule": cfg.schedule,
+            **({"refresh": cfg.refresh} if cfg.components == "posterior" else {}),
+            **({"std_max": cfg.std_max} if cfg.std_max is not None else {}),
+            **({"discretized": cfg.discretized} if cfg.discretized is not None else {}),
+        },
+        **(meta or {}),
+    }
     leaf = circuit_leaf(decode_leaf(res.decoder, selection.codes), cfg)
     return MixtureCircuit(leaf, res.log_weights.to(leaf.device), meta=info), res

@@ -28,15 +28,23 @@ from vq2pc.core.checkpoint import CheckpointError
 from vq2pc.core.files import atomic_write
 from vq2pc.core.leaves import CIRCUIT_LEAF_KINDS, Leaf
 
-__all__ = ["FORMAT_TAG", "FORMAT_VERSION", "write_circuit", "read_circuit", "read_extra", "prepare_input",
-           "check_sample_args"]
+__all__ = [
+    "FORMAT_TAG",
+    "FORMAT_VERSION",
+    "write_circuit",
+    "read_circuit",
+    "read_extra",
+    "prepare_input",
+    "check_sample_args",
+]
 
 FORMAT_TAG = "vq2pc/circuit"
 FORMAT_VERSION = 1
 
 
-def write_circuit(path: str | Path, leaf: Leaf, log_weights: Tensor, meta: dict[str, Any],
-                  extra: dict[str, Tensor] | None = None) -> Path:
+def write_circuit(
+    path: str | Path, leaf: Leaf, log_weights: Tensor, meta: dict[str, Any], extra: dict[str, Tensor] | None = None
+) -> Path:
     """Write the circuit's tensors and metadata to ``path`` (atomically); ``extra``: more named tensors."""
     tensors = {f"leaf.{k}": v.detach().cpu().contiguous() for k, v in leaf.tensors().items()}
     tensors["log_weights"] = log_weights.detach().cpu().contiguous()
@@ -70,7 +78,9 @@ def read_circuit(
             header = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
     except Exception as exc:  # safetensors raises several types for corrupt files
-        raise CheckpointError(f"{path} is not a readable vq2pc circuit (corrupt, truncated or foreign): {exc}") from None
+        raise CheckpointError(
+            f"{path} is not a readable vq2pc circuit (corrupt, truncated or foreign): {exc}"
+        ) from None
     if header.get("format") != FORMAT_TAG:
         raise CheckpointError(f"{path} is not a vq2pc circuit (format tag: {header.get('format')!r})")
     if header.get("format_version") != str(FORMAT_VERSION):
@@ -83,7 +93,7 @@ def read_circuit(
         n, s, levels = int(header["N"]), int(header["S"]), int(header.get("L", "0"))
     except (KeyError, ValueError) as exc:
         raise CheckpointError(f"{path}: bad circuit metadata: {exc}") from None
-    leaf_tensors = {k[len("leaf."):]: v for k, v in tensors.items() if k.startswith("leaf.")}
+    leaf_tensors = {k[len("leaf.") :]: v for k, v in tensors.items() if k.startswith("leaf.")}
     shapes = {tuple(t.shape[:2]) for t in leaf_tensors.values()}
     if shapes != {(n, s)} or tuple(tensors["log_weights"].shape) != (n,):
         raise CheckpointError(f"{path}: tensor shapes do not match the metadata N={n}, S={s}")
@@ -96,7 +106,9 @@ def read_extra(path: str | Path, names: tuple[str, ...], device: str | torch.dev
         with safe_open(str(path), framework="pt", device=str(device or "cpu")) as f:
             return {k: f.get_tensor(k) for k in names if k in set(f.keys())}
     except Exception as exc:  # safetensors raises several types for corrupt files
-        raise CheckpointError(f"{path} is not a readable vq2pc circuit (corrupt, truncated or foreign): {exc}") from None
+        raise CheckpointError(
+            f"{path} is not a readable vq2pc circuit (corrupt, truncated or foreign): {exc}"
+        ) from None
 
 
 def prepare_input(

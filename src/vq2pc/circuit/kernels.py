@@ -56,8 +56,18 @@ from vq2pc.circuit.streaming import Scratch
 from vq2pc.core.discretized import table_block
 from vq2pc.core.leaves import Bernoulli, Categorical, Discretized, Gaussian, Leaf
 
-__all__ = ["Kernel", "GaussianKernel", "BernoulliKernel", "CategoricalKernel", "DiscretizedKernel", "make_kernel",
-           "SAFE_RATIO", "categorical_table", "categorical_view", "normalized_categorical"]
+__all__ = [
+    "Kernel",
+    "GaussianKernel",
+    "BernoulliKernel",
+    "CategoricalKernel",
+    "DiscretizedKernel",
+    "make_kernel",
+    "SAFE_RATIO",
+    "categorical_table",
+    "categorical_view",
+    "normalized_categorical",
+]
 
 SAFE_RATIO = 5.0
 """Pixels where no shift ``t`` has every ``|μ - t| ≤ SAFE_RATIO·σ`` are evaluated in float64."""
@@ -89,7 +99,13 @@ class Kernel:
         raise NotImplementedError
 
     def loglik(
-        self, x: Tensor, mask: Tensor | None, n0: int, n1: int, bias: Tensor | None = None, scratch: Scratch | None = None
+        self,
+        x: Tensor,
+        mask: Tensor | None,
+        n0: int,
+        n1: int,
+        bias: Tensor | None = None,
+        scratch: Scratch | None = None,
     ) -> Tensor:
         """``[B, n1-n0]`` log p(x_observed | component n) (+ ``bias [n1-n0]``, fused into the product).
 
@@ -151,8 +167,17 @@ class GaussianKernel(Kernel):
             out[:, 2 * s :].copy_(m)
         return out
 
-    def _part(self, xc: Tensor, m: Tensor | None, w: Tensor, n0: int, n1: int, bias: Tensor, scratch: Scratch,
-              name: str = "scores") -> Tensor:
+    def _part(
+        self,
+        xc: Tensor,
+        m: Tensor | None,
+        w: Tensor,
+        n0: int,
+        n1: int,
+        bias: Tensor,
+        scratch: Scratch,
+        name: str = "scores",
+    ) -> Tensor:
         """One product (float32 or float64, the dtype of ``xc``) into that dtype's scratch buffers (the result
         in ``name``: the wide part's must not be the narrow part's when both are float64)."""
         width = (2 if m is None else 3) * xc.shape[1]
@@ -160,7 +185,13 @@ class GaussianKernel(Kernel):
         return _product(bias, feats, w[n0:n1, :width], scratch, name)
 
     def loglik(
-        self, x: Tensor, mask: Tensor | None, n0: int, n1: int, bias: Tensor | None = None, scratch: Scratch | None = None
+        self,
+        x: Tensor,
+        mask: Tensor | None,
+        n0: int,
+        n1: int,
+        bias: Tensor | None = None,
+        scratch: Scratch | None = None,
     ) -> Tensor:
         scratch = scratch or Scratch()
         xc = x - self.shift
@@ -219,7 +250,13 @@ class BernoulliKernel(Kernel):
         return torch.zeros(self.s, dtype=self.dtype, device=self.w.device)
 
     def loglik(
-        self, x: Tensor, mask: Tensor | None, n0: int, n1: int, bias: Tensor | None = None, scratch: Scratch | None = None
+        self,
+        x: Tensor,
+        mask: Tensor | None,
+        n0: int,
+        n1: int,
+        bias: Tensor | None = None,
+        scratch: Scratch | None = None,
     ) -> Tensor:
         scratch = scratch or Scratch()
         feats = scratch.take("feats", (x.shape[0], 2 * self.s), x.dtype, x.device)
@@ -259,7 +296,13 @@ class CategoricalKernel(Kernel):
     TILE_BYTES = 16 << 20
 
     def loglik(
-        self, x: Tensor, mask: Tensor | None, n0: int, n1: int, bias: Tensor | None = None, scratch: Scratch | None = None
+        self,
+        x: Tensor,
+        mask: Tensor | None,
+        n0: int,
+        n1: int,
+        bias: Tensor | None = None,
+        scratch: Scratch | None = None,
     ) -> Tensor:
         n = self.table.shape[1]
         if (n0, n1) != (0, n):
@@ -274,7 +317,9 @@ class CategoricalKernel(Kernel):
             for p0 in range(0, self.s, self.PIXEL_BLOCK):
                 p1 = min(self.s, p0 + self.PIXEL_BLOCK)
                 table = self.table[p0 * self.levels : p1 * self.levels]
-                acc += _bag_sum(idx[rows, p0:p1] + offsets[: p1 - p0], table, None if mask is None else mask[rows, p0:p1])
+                acc += _bag_sum(
+                    idx[rows, p0:p1] + offsets[: p1 - p0], table, None if mask is None else mask[rows, p0:p1]
+                )
         return out
 
 
@@ -327,11 +372,18 @@ class DiscretizedKernel(Kernel):
             rows = table[(i - p0) * self.levels : (i - p0 + 1) * self.levels]
             for c0 in range(n0, n1, self.BUILD_COLUMNS):
                 c1 = min(n1, c0 + self.BUILD_COLUMNS)
-                rows[:, c0 - n0 : c1 - n0] = table_block(self.loc[i : i + 1, c0:c1], self.scale[i : i + 1, c0:c1],
-                                                         self.levels, self.cdf)
+                rows[:, c0 - n0 : c1 - n0] = table_block(
+                    self.loc[i : i + 1, c0:c1], self.scale[i : i + 1, c0:c1], self.levels, self.cdf
+                )
 
     def loglik(
-        self, x: Tensor, mask: Tensor | None, n0: int, n1: int, bias: Tensor | None = None, scratch: Scratch | None = None
+        self,
+        x: Tensor,
+        mask: Tensor | None,
+        n0: int,
+        n1: int,
+        bias: Tensor | None = None,
+        scratch: Scratch | None = None,
     ) -> Tensor:
         scratch = scratch or Scratch()
         out = scratch.take("scores", (x.shape[0], n1 - n0), self.loc.dtype, x.device)
@@ -394,5 +446,6 @@ def make_kernel(leaf: Leaf, log_weights: Tensor) -> tuple[Leaf, Kernel]:
         return categorical_view(table, leaf.num_levels), CategoricalKernel(table, leaf.num_levels)
     if isinstance(leaf, Discretized):
         return leaf, DiscretizedKernel(leaf)
-    raise ValueError(f"unsupported leaf type {type(leaf).__name__}; expected Gaussian, Categorical, Bernoulli "
-                     "or a discretized leaf")
+    raise ValueError(
+        f"unsupported leaf type {type(leaf).__name__}; expected Gaussian, Categorical, Bernoulli or a discretized leaf"
+    )

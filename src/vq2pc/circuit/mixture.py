@@ -80,8 +80,9 @@ class MixtureCircuit:
         log_weights = torch.as_tensor(log_weights)
         if tuple(log_weights.shape) != (n,):
             raise ValueError(f"log_weights has shape {tuple(log_weights.shape)}; expected [{n}] (one per component)")
-        if not _trusted and (torch.isnan(log_weights).any() or (log_weights == math.inf).any()
-                             or (log_weights == -math.inf).all()):
+        if not _trusted and (
+            torch.isnan(log_weights).any() or (log_weights == math.inf).any() or (log_weights == -math.inf).all()
+        ):
             raise ValueError("log_weights must be free of NaN and +inf and not all -inf")
         if not memory_budget_mib > 0:
             raise ValueError(f"memory_budget_mib must be > 0, got {memory_budget_mib}")
@@ -120,7 +121,10 @@ class MixtureCircuit:
     def to(self, device: str | torch.device) -> MixtureCircuit:
         """A copy of this circuit on ``device``."""
         return MixtureCircuit(
-            self.leaf.to(device), self._given_log_weights.to(device), memory_budget_mib=self.memory_budget_mib, meta=self.meta
+            self.leaf.to(device),
+            self._given_log_weights.to(device),
+            memory_budget_mib=self.memory_budget_mib,
+            meta=self.meta,
         )
 
     def __repr__(self) -> str:
@@ -130,8 +134,12 @@ class MixtureCircuit:
         """The exact ``levels``-level twin of a Gaussian-leaf circuit (same weights, leaves
         ``Gaussian.discretized``, sharing their tensors): its discrete BPD is never above this circuit's
         dequantized BPD. ``ValueError`` for other leaves."""
-        return MixtureCircuit(discretize(self.leaf, levels), self._given_log_weights,
-                              memory_budget_mib=self.memory_budget_mib, meta={**self.meta, "levels": levels})
+        return MixtureCircuit(
+            discretize(self.leaf, levels),
+            self._given_log_weights,
+            memory_budget_mib=self.memory_budget_mib,
+            meta={**self.meta, "levels": levels},
+        )
 
     # --- blocking -------------------------------------------------------------------
     def _blocks(self, batch: int, extra_row_bytes: int = 0) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
@@ -189,8 +197,9 @@ class MixtureCircuit:
 
         return self._row_map(x, mask, block, 4 * len(self))
 
-    def score_blocks(self, x: Tensor, mask: Tensor | None, extra_row_bytes: int = 0
-                     ) -> Iterator[tuple[int, int, Tensor, Scratch]]:
+    def score_blocks(
+        self, x: Tensor, mask: Tensor | None, extra_row_bytes: int = 0
+    ) -> Iterator[tuple[int, int, Tensor, Scratch]]:
         """``(b0, b1, s, scratch)`` per block of rows of ``x [B, S]`` / ``mask`` validated by ``prepare_input``:
         ``s [b1-b0, N] = log w_n + log p(x_o | n)``, a view of a reused buffer (valid until the next block; the
         block's ``scratch`` may serve the caller's own temporaries). The hook for queries built on this circuit
@@ -342,8 +351,11 @@ def _check_normalized(log_probs: Tensor) -> None:
     Checked in float64 over blocks of components of ~2**22 entries, so a circuit of several GB
     (N = 4096 MNIST: 3.3 GB) is not copied whole into float64."""
     block = max(1, (1 << 22) // max(1, log_probs[0].numel())) if log_probs.numel() else 1
-    err = max((float(torch.logsumexp(part.double(), -1).abs().max()) for part in log_probs.split(block)),
-              default=0.0) if log_probs.numel() else 0.0
+    err = (
+        max((float(torch.logsumexp(part.double(), -1).abs().max()) for part in log_probs.split(block)), default=0.0)
+        if log_probs.numel()
+        else 0.0
+    )
     tol = 1e-4 if log_probs.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-9
     if not err <= tol:  # NaN fails too
         raise ValueError(f"categorical leaves are not normalized: |log Σ_levels p - 0| reaches {err:.3g} (> {tol:g})")
@@ -356,8 +368,9 @@ def _ranges(total: int, step: int) -> list[tuple[int, int]]:
 def _check_leaf(leaf: Leaf) -> None:
     """Shape and value checks of a circuit's leaf (``ValueError`` naming the problem)."""
     if not isinstance(leaf, Leaf):
-        raise ValueError(f"leaf must be a vq2pc leaf (Gaussian, Categorical, Bernoulli, discretized), "
-                         f"got {type(leaf).__name__}")
+        raise ValueError(
+            f"leaf must be a vq2pc leaf (Gaussian, Categorical, Bernoulli, discretized), got {type(leaf).__name__}"
+        )
     shape = leaf.batch_shape
     if len(shape) != 2:
         raise ValueError(f"leaf batch shape must be [N, S], got {tuple(shape)}")

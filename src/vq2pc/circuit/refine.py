@@ -48,7 +48,17 @@ from vq2pc.circuit.kernels import categorical_table, categorical_view
 from vq2pc.circuit.mixture import MixtureCircuit
 from vq2pc.core.leaves import Bernoulli, Categorical, Discretized, Gaussian, Leaf
 
-__all__ = ["EMPTY_MASS", "LOGIT_CLAMP", "EMConfig", "EStats", "e_step", "em_refine", "log_prior", "m_step", "weights_m_step"]
+__all__ = [
+    "EMPTY_MASS",
+    "LOGIT_CLAMP",
+    "EMConfig",
+    "EStats",
+    "e_step",
+    "em_refine",
+    "log_prior",
+    "m_step",
+    "weights_m_step",
+]
 
 EMPTY_MASS = 1e-8
 """Components whose total responsibility ``R_n`` is below this keep their leaf parameters."""
@@ -137,7 +147,9 @@ def _accumulate_leaf(acc: Tensor | None, leaf: Leaf, r: Tensor, x: Tensor) -> Te
         rows = (x.long() + torch.arange(s, device=x.device) * levels).reshape(-1)
         cols = torch.arange(b, device=x.device).repeat_interleave(s)
         onehot_t = torch.sparse_coo_tensor(
-            torch.stack([rows, cols]), torch.ones(b * s, dtype=r.dtype, device=r.device), (s * levels, b),
+            torch.stack([rows, cols]),
+            torch.ones(b * s, dtype=r.dtype, device=r.device),
+            (s * levels, b),
             check_invariants=False,  # indices are in range: x was validated
         )
         if acc is None:
@@ -239,7 +251,10 @@ def _leaf_log_prior(leaf: Leaf, init: Leaf, kappa: float, alpha: float) -> Tenso
         cross = -torch.log(sd) - (sd0 * sd0 + (mu - mu0) ** 2) / (2 * sd * sd) - 0.5 * math.log(2 * math.pi)
         return kappa * cross.sum()
     if leaf.kind == "bernoulli":
-        lp1, lp0 = torch.nn.functional.logsigmoid(leaf.logits.double()), torch.nn.functional.logsigmoid(-leaf.logits.double())
+        lp1, lp0 = (
+            torch.nn.functional.logsigmoid(leaf.logits.double()),
+            torch.nn.functional.logsigmoid(-leaf.logits.double()),
+        )
         p0 = torch.sigmoid(init.logits.double())
         return kappa * (p0 * lp1 + (1 - p0) * lp0).sum() + alpha * (lp1 + lp0).sum()
     logp = leaf.logits.double()
@@ -291,8 +306,10 @@ def em_refine(
     cfg = EMConfig() if cfg is None else cfg
     cfg.validate()
     if cfg.leaves and isinstance(circuit.leaf, Discretized):
-        raise ValueError(f"EM has no closed-form update of {circuit.leaf.kind} leaves: refine the weights only "
-                         "(leaves=False; the CLI without --leaves)")
+        raise ValueError(
+            f"EM has no closed-form update of {circuit.leaf.kind} leaves: refine the weights only "
+            "(leaves=False; the CLI without --leaves)"
+        )
     fill = torch.zeros(circuit.num_variables, dtype=circuit.log_weights.dtype, device=circuit.device)
     x, _ = prepare_input(x, None, circuit.leaf, fill)
     init = circuit.leaf
@@ -312,7 +329,16 @@ def em_refine(
         if last or (it > 0 and objective[-1] - objective[-2] < cfg.tol) or not (cfg.weights or cfg.leaves):
             break
         current = m_step(current, stats, cfg, init)
-    meta = {**circuit.meta, "em": {**asdict(cfg), "updates": len(history) - 1, "n_train": int(x.shape[0]),
-                                    "history": history, "objective": objective, "returned_iteration": best_it}}
+    meta = {
+        **circuit.meta,
+        "em": {
+            **asdict(cfg),
+            "updates": len(history) - 1,
+            "n_train": int(x.shape[0]),
+            "history": history,
+            "objective": objective,
+            "returned_iteration": best_it,
+        },
+    }
     out = MixtureCircuit(best.leaf, best.log_weights, memory_budget_mib=circuit.memory_budget_mib, meta=meta)
     return out, history

@@ -118,7 +118,8 @@ def _one_line(exc: BaseException, command: str) -> str:
 def _is_oom(exc: BaseException) -> bool:
     oom = getattr(torch, "OutOfMemoryError", None)
     return (oom is not None and isinstance(exc, oom)) or (
-        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
+        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -133,7 +134,10 @@ def main(argv: list[str] | None = None) -> int:
             args.device = init_from_env(args.device)
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
-        print(f"vq2pc {args.command}: interrupted (checkpoints written so far are kept; re-run to resume)", file=sys.stderr)
+        print(
+            f"vq2pc {args.command}: interrupted (checkpoints written so far are kept; re-run to resume)",
+            file=sys.stderr,
+        )
         return 130
     except Exception as exc:
         if args.debug:

@@ -20,7 +20,8 @@ _SPEC = CircuitSpec()
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``train-baseline`` verb."""
     p = add_parser(
-        subparsers, "train-baseline",
+        subparsers,
+        "train-baseline",
         help="train a libcirkit circuit baseline (QuadGraph, HCLT, EiNet structures) and score its BPD",
         description=(
             "Train one libcirkit circuit by maximum likelihood on the same splits as `vq2pc run` and score "
@@ -31,11 +32,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     data_options(p)
     train_options(p, RUN.baseline_train)
-    p.add_argument("--region-graph", default=_SPEC.region_graph, choices=REGION_GRAPHS,
-                   help="structure: quad-graph / quad-tree-N (libcirkit's image templates), chow-liu-tree (HCLT, "
-                        "learned from the training images), poon-domingos (EiNet)")
-    p.add_argument("--sum-product", default=_SPEC.sum_product, choices=SUM_PRODUCT_LAYERS,
-                   help="sum-product layer kind")
+    p.add_argument(
+        "--region-graph",
+        default=_SPEC.region_graph,
+        choices=REGION_GRAPHS,
+        help="structure: quad-graph / quad-tree-N (libcirkit's image templates), chow-liu-tree (HCLT, "
+        "learned from the training images), poon-domingos (EiNet)",
+    )
+    p.add_argument(
+        "--sum-product", default=_SPEC.sum_product, choices=SUM_PRODUCT_LAYERS, help="sum-product layer kind"
+    )
     p.add_argument("--units", type=int, default=_SPEC.units, help="input units per pixel and sum units per layer")
     p.add_argument("--leaf", default="categorical", choices=("categorical", "gaussian"), help="pixel leaves")
     p.add_argument("--max-seconds", type=float, help="stop training after this wall time, keeping the best weights")

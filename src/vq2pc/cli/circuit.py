@@ -21,7 +21,9 @@ from vq2pc.data.masks import MASK_KINDS, make_mask
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``sample`` and ``inpaint`` verbs."""
     p = add_parser(
-        subparsers, "sample", help="draw exact samples from a saved circuit (grid PNG, optional .npy)",
+        subparsers,
+        "sample",
+        help="draw exact samples from a saved circuit (grid PNG, optional .npy)",
         description="Draw exact samples from a saved circuit: a component from the mixture weights, then its "
         "pixels from their leaves. Writes a grid PNG and optionally the samples as .npy.",
     )
@@ -33,7 +35,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_sample)
 
     p = add_parser(
-        subparsers, "inpaint",
+        subparsers,
+        "inpaint",
         help="exact conditional mean and samples of hidden pixels; prints conditional BPD and MSE as JSON",
         description="Hide a region of each image (--mask names the HIDDEN region) and complete it exactly from "
         "p(x_hidden | x_observed): conditional mean and a conditional sample per image. Writes a figure and "
@@ -115,7 +118,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
     model, c = load_for_class(args.circuit, args.device, args.cls)
     shape = _image_shape(c, args.image_shape)
     g = torch.Generator(device=args.device).manual_seed(args.seed)
-    x = c.sample(args.num_samples, generator=g) if args.cls is None else model.sample(args.num_samples, c=args.cls, generator=g)
+    x = (
+        c.sample(args.num_samples, generator=g)
+        if args.cls is None
+        else model.sample(args.num_samples, c=args.cls, generator=g)
+    )
     cols = math.ceil(math.sqrt(args.num_samples))
     shown = torch.cat([_display(c, x), torch.zeros(cols * cols - args.num_samples, x.shape[1], device=x.device)])
     _save_grid(list(shown.view(cols, cols, -1)), shape, [""] * cols, args.out)

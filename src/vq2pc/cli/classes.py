@@ -16,7 +16,9 @@ from vq2pc.cli.options import add_parser, seed_device_options
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``classify`` verb."""
     p = add_parser(
-        subparsers, "classify", help="classify images with a class-aware circuit, exactly, also with pixels missing (JSON)",
+        subparsers,
+        "classify",
+        help="classify images with a class-aware circuit, exactly, also with pixels missing (JSON)",
         description="Exact Bayes classification with a class-aware circuit: p(c | x_observed) by marginalizing "
         "the missing pixels (no imputation). Prints the predicted classes and the class probabilities as JSON.",
     )
@@ -44,8 +46,10 @@ def _load_mask(path: str, n: int, s: int) -> torch.Tensor:
         return arr.reshape(s)
     if arr.shape[0] == n and arr[0].numel() == s:
         return arr.reshape(n, s)
-    raise ValueError(f"mask has shape {tuple(arr.shape)}; expected {s} entries per image (one image's shape, "
-                     f"or [{n}, ...] for the {n} images)")
+    raise ValueError(
+        f"mask has shape {tuple(arr.shape)}; expected {s} entries per image (one image's shape, "
+        f"or [{n}, ...] for the {n} images)"
+    )
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
@@ -59,7 +63,15 @@ def cmd_classify(args: argparse.Namespace) -> int:
     mask = None if args.mask is None else _load_mask(args.mask, x.shape[0], c.num_variables).to(args.device)
     post = model.class_posterior(x, mask).double().exp()
     observed = 1.0 if mask is None else float(mask.float().mean())
-    print(json.dumps({"classes": model.num_classes, "images": int(x.shape[0]), "observed_fraction": observed,
-                      "predictions": post.argmax(1).tolist(),
-                      "probabilities": [[round(p, 6) for p in row] for row in post.tolist()]}))
+    print(
+        json.dumps(
+            {
+                "classes": model.num_classes,
+                "images": int(x.shape[0]),
+                "observed_fraction": observed,
+                "predictions": post.argmax(1).tolist(),
+                "probabilities": [[round(p, 6) for p in row] for row in post.tolist()],
+            }
+        )
+    )
     return 0

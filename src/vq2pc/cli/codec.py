@@ -29,7 +29,8 @@ from vq2pc.data.datasets import DATASET_NAMES, load_dataset
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``compress`` and ``decompress`` verbs."""
     p = add_parser(
-        subparsers, "compress",
+        subparsers,
+        "compress",
         help="losslessly compress images with a categorical/Bernoulli circuit (size = the model's BPD)",
         description="Entropy-code images with the circuit's exact pixel conditionals p̂(x_i | x_<i): the file "
         "takes -log2 p̂(x) bits per image plus a small header. Prints a JSON summary.",
@@ -47,7 +48,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_compress)
 
     p = add_parser(
-        subparsers, "decompress",
+        subparsers,
+        "decompress",
         help="decode a file written by `vq2pc compress` (all images, or some by index)",
         description="Decode a compressed file with the circuit that wrote it; writes the images as .npy.",
     )

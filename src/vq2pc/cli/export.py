@@ -16,7 +16,8 @@ from vq2pc.cli.options import add_parser, out_option
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``export`` verb."""
     p = add_parser(
-        subparsers, "export",
+        subparsers,
+        "export",
         help="export a saved circuit to libcirkit (--format cirkit) or to a plain NumPy archive (--format npz)",
         description=(
             "cirkit: the compiled libcirkit circuit (input layers -> Hadamard -> sum), reload it with "
@@ -26,11 +27,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("circuit", help="circuit file written by MixtureCircuit.save (.safetensors)")
     p.add_argument("--format", choices=("cirkit", "npz"), required=True, help="output format")
-    out_option(p, "file to write (cirkit: the compiled circuit, a torch file; npz: a NumPy archive)",
-               required=True)
-    p.add_argument("--dtype", choices=("float32", "float64"),
-                   help="cirkit only: dtype of the compiled circuit (default: the circuit's; float64 when categorical "
-                   "log-probabilities fall below -87)")
+    out_option(p, "file to write (cirkit: the compiled circuit, a torch file; npz: a NumPy archive)", required=True)
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "float64"),
+        help="cirkit only: dtype of the compiled circuit (default: the circuit's; float64 when categorical "
+        "log-probabilities fall below -87)",
+    )
     p.set_defaults(func=cmd_export)
 
 
@@ -45,7 +48,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     except ModuleNotFoundError as exc:  # libcirkit missing: one line, no trace
         print(f"vq2pc export: error: {exc}", file=sys.stderr)
         return 1
-    summary = {"out": str(out), "format": args.format, "N": len(circuit), "S": circuit.num_variables,
-               "kind": circuit.leaf.kind}
+    summary = {
+        "out": str(out),
+        "format": args.format,
+        "N": len(circuit),
+        "S": circuit.num_variables,
+        "kind": circuit.leaf.kind,
+    }
     print(json.dumps(summary))
     return 0

@@ -92,25 +92,43 @@ def seed_device_options(p: argparse.ArgumentParser, seeds: str = "split, initial
 def train_options(p: argparse.ArgumentParser, defaults: TrainConfig) -> None:
     """A trainer's settings; ``defaults`` is the ``RunConfig`` section this verb's stage reads in ``vq2pc run``."""
     p.add_argument("--epochs", type=int, default=defaults.epochs, help="maximum epochs")
-    p.add_argument("--patience", type=int, default=defaults.patience,
-                   help="early-stopping patience (epochs without improvement)")
+    p.add_argument(
+        "--patience", type=int, default=defaults.patience, help="early-stopping patience (epochs without improvement)"
+    )
     p.add_argument("--lr", type=float, default=defaults.lr, help="Adam learning rate")
     p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="mini-batch size")
-    p.add_argument("--amp", choices=["bf16", "fp16"],
-                   help="mixed-precision training (autocast) on CUDA; refused on CPU")
+    p.add_argument(
+        "--amp", choices=["bf16", "fp16"], help="mixed-precision training (autocast) on CUDA; refused on CPU"
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile the training step")
 
 
 def train_config(a: argparse.Namespace) -> TrainConfig:
-    return TrainConfig(epochs=a.epochs, patience=a.patience, lr=a.lr, batch_size=a.batch_size, seed=a.seed,
-                       device=a.device, amp=a.amp, compile=a.compile)
+    return TrainConfig(
+        epochs=a.epochs,
+        patience=a.patience,
+        lr=a.lr,
+        batch_size=a.batch_size,
+        seed=a.seed,
+        device=a.device,
+        amp=a.amp,
+        compile=a.compile,
+    )
 
 
 def beam_options(p: argparse.ArgumentParser) -> None:
     """DMBS options shared by the verbs that select latents (defaults: ``ModelSpec``'s)."""
     p.add_argument("--starts", type=int, default=MODEL.starts, help="beam: starting tokens per class")
-    p.add_argument("--beam-score", default=MODEL.beam_score, choices=list(BEAM_SCORES),
-                   help="beam: rank a class's searches by p(z|c) (Algorithm 1) or by the class marginal p(z)")
-    p.add_argument("--beam-search", default=MODEL.beam_search, choices=list(BEAM_SEARCHES),
-                   help="beam: keep the best B beams per position (Algorithm 2) or sample them without "
-                        "replacement (Gumbel-top-k: more diverse latents within a class)")
+    p.add_argument(
+        "--beam-score",
+        default=MODEL.beam_score,
+        choices=list(BEAM_SCORES),
+        help="beam: rank a class's searches by p(z|c) (Algorithm 1) or by the class marginal p(z)",
+    )
+    p.add_argument(
+        "--beam-search",
+        default=MODEL.beam_search,
+        choices=list(BEAM_SEARCHES),
+        help="beam: keep the best B beams per position (Algorithm 2) or sample them without "
+        "replacement (Gumbel-top-k: more diverse latents within a class)",
+    )

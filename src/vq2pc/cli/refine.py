@@ -20,21 +20,31 @@ _EM = EMConfig()
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``refine`` verb."""
     p = add_parser(
-        subparsers, "refine",
+        subparsers,
+        "refine",
         help="refine a circuit's weights (and leaves) by EM on training data; prints JSON with the history",
         description="Expectation-maximization on the training split; the result is still an exact mixture.",
     )
     p.add_argument("circuit", help="circuit file written by MixtureCircuit.save (.safetensors)")
     data_options(p)
     p.add_argument("--iterations", type=int, default=MODEL.em_iterations, help="maximum EM iterations")
-    p.add_argument("--leaves", action=argparse.BooleanOptionalAction, default=MODEL.em_leaves,
-                   help="also refine the leaf parameters")
+    p.add_argument(
+        "--leaves",
+        action=argparse.BooleanOptionalAction,
+        default=MODEL.em_leaves,
+        help="also refine the leaf parameters",
+    )
     p.add_argument("--no-weights", action="store_true", help="keep the mixture weights fixed")
-    p.add_argument("--prior-strength", type=float, default=MODEL.em_prior_strength,
-                   help="Dirichlet pseudo-count per component (1 = ML); the leaves get max(a - 1, 0) "
-                        "pseudo-observations of their initial (decoder) leaf")
-    p.add_argument("--smoothing", type=float, default=_EM.smoothing,
-                   help="pseudo-count per level of categorical/Bernoulli leaves")
+    p.add_argument(
+        "--prior-strength",
+        type=float,
+        default=MODEL.em_prior_strength,
+        help="Dirichlet pseudo-count per component (1 = ML); the leaves get max(a - 1, 0) "
+        "pseudo-observations of their initial (decoder) leaf",
+    )
+    p.add_argument(
+        "--smoothing", type=float, default=_EM.smoothing, help="pseudo-count per level of categorical/Bernoulli leaves"
+    )
     option(p, "std_min", type=float, default=_EM.min_std, help="Gaussian std floor")
     option(p, "std_max", type=float, default=_EM.max_std, help="Gaussian std ceiling")
     p.add_argument("--batch-size", type=int, default=_EM.batch_size, help="rows per E-step batch")
@@ -58,9 +68,15 @@ def _model_space(v: Tensor, kind: str, levels: int, g: torch.Generator, device: 
 
 def cmd_refine(args: argparse.Namespace) -> int:
     cfg = EMConfig(
-        iterations=args.iterations, weights=not args.no_weights, leaves=args.leaves,
-        prior_strength=args.prior_strength, smoothing=args.smoothing, min_std=args.std_min,
-        max_std=args.std_max, batch_size=args.batch_size, tol=args.tol,
+        iterations=args.iterations,
+        weights=not args.no_weights,
+        leaves=args.leaves,
+        prior_strength=args.prior_strength,
+        smoothing=args.smoothing,
+        min_std=args.std_min,
+        max_std=args.std_max,
+        batch_size=args.batch_size,
+        tol=args.tol,
     )
     circuit = MixtureCircuit.load(args.circuit, device=args.device)
     splits = load_dataset(args.dataset, args.data_dir, seed=args.seed, limit=args.limit)

@@ -15,14 +15,16 @@ _TRAIN_CONFIGS = ("vqvae_train", "prior_train", "baseline_train")
 
 
 def _speed_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--amp", choices=["bf16", "fp16"],
-                   help="mixed-precision training (autocast) on CUDA; refused on CPU")
+    p.add_argument(
+        "--amp", choices=["bf16", "fp16"], help="mixed-precision training (autocast) on CUDA; refused on CPU"
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile the training step")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = add_parser(
-        sub, "run",
+        sub,
+        "run",
         help="train VQ-VAE + prior, distill circuits, run every experiment, write a report",
         description=(
             "Run the whole pipeline into a run directory: train the VQ-VAE and its prior (PixelCNN or Transformer), distill "
@@ -40,24 +42,45 @@ def register(sub: argparse._SubParsersAction) -> None:
     option(p, "device", help=f"torch device, e.g. cpu or cuda (default: the config's, {RUN.device})")
     option(p, "seed", type=int, help=f"random seed (default: the config's, {RUN.seed})")
     option(p, "limit", type=int, help="cap every data split at this many images (quick experiments)")
-    p.add_argument("--seeds", type=int, nargs="+", metavar="SEED",
-                   help="also train the latent-usage model with these seeds: Fig. 1 as mean ± std over models")
-    p.add_argument("--jobs", type=int, default=1, choices=[1, 2],
-                   help="2: train the baselines (EiNet, continuous mixture) in a second process beside the VQ-VAE, "
-                        "prior and circuit stages, with half of the CPU threads; once they are done, that process "
-                        "shares the +FT rows with the first, row by row, largest N first (log: RUN/helper.log). Each "
-                        "stage runs with fewer threads, so its numbers can differ from a --jobs 1 run by float "
-                        "noise (which k-means initialisation amplifies); the same --jobs gives the same numbers. "
-                        "Not under torchrun")
+    p.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        metavar="SEED",
+        help="also train the latent-usage model with these seeds: Fig. 1 as mean ± std over models",
+    )
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        choices=[1, 2],
+        help="2: train the baselines (EiNet, continuous mixture) in a second process beside the VQ-VAE, "
+        "prior and circuit stages, with half of the CPU threads; once they are done, that process "
+        "shares the +FT rows with the first, row by row, largest N first (log: RUN/helper.log). Each "
+        "stage runs with fewer threads, so its numbers can differ from a --jobs 1 run by float "
+        "noise (which k-means initialisation amplifies); the same --jobs gives the same numbers. "
+        "Not under torchrun",
+    )
     _speed_args(p)
-    p.add_argument("--force", nargs="+", default=[], choices=STAGES, metavar="STAGE",
-                   help=f"redo these stages even if their outputs exist: {', '.join(STAGES)}")
+    p.add_argument(
+        "--force",
+        nargs="+",
+        default=[],
+        choices=STAGES,
+        metavar="STAGE",
+        help=f"redo these stages even if their outputs exist: {', '.join(STAGES)}",
+    )
     p.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
-    overrides = {"dataset": args.dataset, "data_dir": args.data_dir, "device": args.device, "seed": args.seed,
-                 "limit": args.limit}
+    overrides = {
+        "dataset": args.dataset,
+        "data_dir": args.data_dir,
+        "device": args.device,
+        "seed": args.seed,
+        "limit": args.limit,
+    }
     cfg = load_config(args.config, overrides)
     if args.seeds:
         cfg.experiments.usage_seeds = list(args.seeds)

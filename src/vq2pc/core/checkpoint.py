@@ -62,7 +62,9 @@ class SavableModel:
 
     def save(self, path: str | Path) -> Path:
         """Write config + weights atomically."""
-        return save_checkpoint(path, self.checkpoint_kind, {"config": asdict(self.cfg), "state_dict": self.state_dict()})
+        return save_checkpoint(
+            path, self.checkpoint_kind, {"config": asdict(self.cfg), "state_dict": self.state_dict()}
+        )
 
     @classmethod
     def load(cls: type[_M], path: str | Path, device: str | torch.device | None = None) -> _M:

@@ -26,8 +26,10 @@ def check_device(name: str | torch.device) -> torch.device:
     if device.type == "cuda":
         if not torch.cuda.is_available():
             build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
-            raise ValueError(f"--device {name}: CUDA is not available on this machine (torch {torch.__version__}, "
-                             f"{build}); use --device cpu")
+            raise ValueError(
+                f"--device {name}: CUDA is not available on this machine (torch {torch.__version__}, "
+                f"{build}); use --device cpu"
+            )
         count = torch.cuda.device_count()
         if device.index is not None and device.index >= count:
             raise ValueError(f"--device {name}: this machine has {count} CUDA device(s) (cuda:0..cuda:{count - 1})")

@@ -66,11 +66,7 @@ def log_tail(z: Tensor, cdf: str) -> Tensor:
     a = z.abs().clamp_max(Z_MAX)
     if cdf == "logistic":
         return F.logsigmoid(-a)
-    return (
-        _log_normal_tail32(a)
-        if a.dtype == torch.float32
-        else torch.special.log_ndtr(-a)
-    )
+    return _log_normal_tail32(a) if a.dtype == torch.float32 else torch.special.log_ndtr(-a)
 
 
 def _log_normal_tail32(a: Tensor) -> Tensor:
@@ -78,19 +74,10 @@ def _log_normal_tail32(a: Tensor) -> Tensor:
     the table's cost): ``log(erfc(a/√2)/2)`` below ``_SWITCH`` (``erfc ≥ 1e-15``, no underflow), above it
     ``−a²/2 − log a − ½ log 2π + log(1 − a⁻² + 3a⁻⁴ − 15a⁻⁶ + 105a⁻⁸)`` (next term 945/a¹⁰ < 1e-6).
     Relative error within 2e-7 of float64 ``log_ndtr``; both branches see clamped inputs (finite gradients)."""
-    near = (
-        torch.special.erfc(a.clamp_max(_SWITCH) * (1.0 / math.sqrt(2.0)))
-        .mul_(0.5)
-        .log_()
-    )
+    near = torch.special.erfc(a.clamp_max(_SWITCH) * (1.0 / math.sqrt(2.0))).mul_(0.5).log_()
     b = a.clamp_min(_SWITCH)
     r = b.reciprocal().square()
-    far = (
-        torch.log1p(r * (-1.0 + r * (3.0 + r * (-15.0 + r * 105.0))))
-        - b.log()
-        - 0.5 * b.square()
-        - _HALF_LOG_2PI
-    )
+    far = torch.log1p(r * (-1.0 + r * (3.0 + r * (-15.0 + r * 105.0)))) - b.log() - 0.5 * b.square() - _HALF_LOG_2PI
     return torch.where(a < _SWITCH, near, far)
 
 
@@ -115,21 +102,15 @@ def _bins(
     gap = (t_lo - t_hi).abs()  # inf for an open edge
     near = torch.maximum(t_lo, t_hi)
     cancel = gap < thr
-    side = near + torch.log(
-        -torch.expm1(-torch.where(cancel, torch.ones_like(gap), gap))
-    )
+    side = near + torch.log(-torch.expm1(-torch.where(cancel, torch.ones_like(gap), gap)))
     both = t_lo.exp() + t_hi.exp()  # the centre bin: P = 1 - e^{t_lo} - e^{t_hi}
     cancel_c = both > 1.0 - thr
     mid = torch.log1p(-torch.where(cancel_c, torch.full_like(both, 0.5), both))
     approx = log_density(z_mid, cdf) + log_width
-    return torch.where(
-        centre, torch.where(cancel_c, approx, mid), torch.where(cancel, approx, side)
-    )
+    return torch.where(centre, torch.where(cancel_c, approx, mid), torch.where(cancel, approx, side))
 
 
-def level_log_prob(
-    v: Tensor, loc: Tensor, scale: Tensor, levels: int, cdf: str
-) -> Tensor:
+def level_log_prob(v: Tensor, loc: Tensor, scale: Tensor, levels: int, cdf: str) -> Tensor:
     """``log P(v)`` elementwise for integer levels ``v`` (floats), broadcast against ``loc``/``scale``.
 
     Differentiable in ``loc`` and ``scale``; the result has the broadcast shape and ``loc``'s dtype."""
@@ -140,20 +121,14 @@ def level_log_prob(
     z_hi = ((v + 1.0) / levels - loc) * inv
     first, last = v <= 0, v >= levels - 1
     neg_inf = torch.tensor(-math.inf, dtype=loc.dtype, device=loc.device)
-    t_lo = torch.where(
-        first, neg_inf, log_tail(torch.where(first, torch.zeros_like(z_lo), z_lo), cdf)
-    )
-    t_hi = torch.where(
-        last, neg_inf, log_tail(torch.where(last, torch.zeros_like(z_hi), z_hi), cdf)
-    )
+    t_lo = torch.where(first, neg_inf, log_tail(torch.where(first, torch.zeros_like(z_lo), z_lo), cdf))
+    t_hi = torch.where(last, neg_inf, log_tail(torch.where(last, torch.zeros_like(z_hi), z_hi), cdf))
     centre = (first | (z_lo <= 0)) & (last | (z_hi >= 0))
     z_mid = ((v + 0.5) / levels - loc) * inv
     return _bins(t_lo, t_hi, centre, z_mid, torch.log(inv / levels), cdf)
 
 
-def component_sums(
-    v: Tensor, loc: Tensor, scale: Tensor, levels: int, cdf: str, block: int = 1 << 22
-) -> Tensor:
+def component_sums(v: Tensor, loc: Tensor, scale: Tensor, levels: int, cdf: str, block: int = 1 << 22) -> Tensor:
     """``[B, M]`` ``Σ_i log P(v[b, i] | loc[m, i], scale[m, i])`` for ``v [B, S]`` and ``loc, scale [M, S]``.
 
     Differentiable. Computed in blocks of components of about ``block`` elements ``(b, m, i)``; with
@@ -185,20 +160,14 @@ def table_block(loc: Tensor, scale: Tensor, levels: int, cdf: str) -> Tensor:
     thr = torch.finfo(loc.dtype).eps ** (1.0 / 3.0)
     inv = scale.reciprocal()[:, None, :]  # [P, 1, n]
     mu = loc[:, None, :]
-    edges = (
-        torch.arange(1, levels, dtype=loc.dtype, device=loc.device) / levels
-    )  # [L-1]
+    edges = torch.arange(1, levels, dtype=loc.dtype, device=loc.device) / levels  # [L-1]
     t = torch.full((p, levels + 1, n), -math.inf, dtype=loc.dtype, device=loc.device)
-    t[:, 1:-1] = log_tail(
-        (edges[None, :, None] - mu).mul_(inv), cdf
-    )  # [P, L-1, n]; edge − μ first: no cancellation
+    t[:, 1:-1] = log_tail((edges[None, :, None] - mu).mul_(inv), cdf)  # [P, L-1, n]; edge − μ first: no cancellation
     lo, hi = t[:, :-1], t[:, 1:]
     out = torch.sub(lo, hi).abs_()  # [P, L, n] the gap |t_lo - t_hi|
     cancel = out < thr
     out.neg_().expm1_().neg_().log_().add_(torch.maximum(lo, hi))
-    centre = (
-        (torch.ceil(loc * levels) - 1).clamp_(0, levels - 1).long()[:, None, :]
-    )  # [P, 1, n]: μ's bin
+    centre = (torch.ceil(loc * levels) - 1).clamp_(0, levels - 1).long()[:, None, :]  # [P, 1, n]: μ's bin
     both = t.gather(1, centre).exp_().add_(t.gather(1, centre + 1).exp_())
     z_mid = ((centre + 0.5).to(loc.dtype) / levels - mu) * inv
     approx = log_density(z_mid, cdf) + torch.log(inv / levels)
@@ -215,9 +184,7 @@ def table_block(loc: Tensor, scale: Tensor, levels: int, cdf: str) -> Tensor:
     return out.reshape(p * levels, n)
 
 
-def survival_sum(
-    loc: Tensor, scale: Tensor, levels: int, cdf: str, block: int = 1 << 14
-) -> Tensor:
+def survival_sum(loc: Tensor, scale: Tensor, levels: int, cdf: str, block: int = 1 << 14) -> Tensor:
     """``E[v] = Σ_{k=1}^{L-1} P(v ≥ k) = Σ_k (1 − F(k/L))`` elementwise (same shape as ``loc``), in blocks
     of ``block`` elements so the ``[·, L−1]`` temporary stays small."""
     _check_cdf(cdf)
@@ -225,12 +192,8 @@ def survival_sum(
     flat_loc, flat_scale = loc.reshape(-1, 1), scale.reshape(-1, 1)
     parts = []
     for i in range(0, flat_loc.shape[0], block):
-        z = (flat_loc[i : i + block] - edges) / flat_scale[
-            i : i + block
-        ]  # [b, L-1], = -(edge - μ)/s
-        parts.append(
-            (torch.special.ndtr(z) if cdf == "gaussian" else torch.sigmoid(z)).sum(1)
-        )
+        z = (flat_loc[i : i + block] - edges) / flat_scale[i : i + block]  # [b, L-1], = -(edge - μ)/s
+        parts.append((torch.special.ndtr(z) if cdf == "gaussian" else torch.sigmoid(z)).sum(1))
     return torch.cat(parts).reshape(loc.shape) if parts else loc.new_zeros(loc.shape)
 
 

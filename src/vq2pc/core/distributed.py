@@ -23,9 +23,20 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 __all__ = [
-    "is_distributed", "rank", "world_size", "is_main", "barrier", "init_from_env", "shutdown",
-    "shard_range", "all_reduce_logsumexp", "all_reduce_sum", "all_reduce_max_", "gather_rows",
-    "GlobalBatchNorm2d", "global_batchnorm",
+    "is_distributed",
+    "rank",
+    "world_size",
+    "is_main",
+    "barrier",
+    "init_from_env",
+    "shutdown",
+    "shard_range",
+    "all_reduce_logsumexp",
+    "all_reduce_sum",
+    "all_reduce_max_",
+    "gather_rows",
+    "GlobalBatchNorm2d",
+    "global_batchnorm",
 ]
 
 

@@ -33,9 +33,22 @@ from vq2pc.core.validate import check_binary, check_finite, check_levels
 
 LOG_2PI = math.log(2.0 * math.pi)
 
-__all__ = ["Leaf", "Gaussian", "Categorical", "Bernoulli", "Discretized", "DiscretizedGaussian", "DiscretizedLogistic",
-           "leaf_from_tensors", "LEAF_KINDS", "CIRCUIT_LEAF_KINDS", "check_leaf_kind", "discretize", "cap_std",
-           "component_log_likelihoods"]
+__all__ = [
+    "Leaf",
+    "Gaussian",
+    "Categorical",
+    "Bernoulli",
+    "Discretized",
+    "DiscretizedGaussian",
+    "DiscretizedLogistic",
+    "leaf_from_tensors",
+    "LEAF_KINDS",
+    "CIRCUIT_LEAF_KINDS",
+    "check_leaf_kind",
+    "discretize",
+    "cap_std",
+    "component_log_likelihoods",
+]
 
 
 class Leaf:
@@ -316,8 +329,11 @@ class DiscretizedLogistic(Discretized):
 LEAF_KINDS: dict[str, type[Leaf]] = {cls.kind: cls for cls in (Gaussian, Categorical, Bernoulli)}
 """The pixel models by name: the one list of decoder heads (configs, CLI choices and checks read it)."""
 
-CIRCUIT_LEAF_KINDS: dict[str, type[Leaf]] = {**LEAF_KINDS, DiscretizedGaussian.kind: DiscretizedGaussian,
-                                             DiscretizedLogistic.kind: DiscretizedLogistic}
+CIRCUIT_LEAF_KINDS: dict[str, type[Leaf]] = {
+    **LEAF_KINDS,
+    DiscretizedGaussian.kind: DiscretizedGaussian,
+    DiscretizedLogistic.kind: DiscretizedLogistic,
+}
 """Every leaf kind a circuit may hold (its file format reads it): the heads and the discretized leaves,
 which a circuit gets from a Gaussian head (:func:`discretize`)."""
 
@@ -336,7 +352,8 @@ def leaf_from_tensors(kind: str, tensors: dict[str, Tensor], levels: int = 0) ->
         raise ValueError(f"unknown leaf kind {kind!r}; expected one of {list(CIRCUIT_LEAF_KINDS)}")
     cls = CIRCUIT_LEAF_KINDS[kind]
     names = {"gaussian": ("mean", "std"), "categorical": ("logits",), "bernoulli": ("logits",)}.get(
-        kind, ("mean", "scale"))
+        kind, ("mean", "scale")
+    )
     missing = [n for n in names if n not in tensors]
     if missing:
         raise ValueError(f"{kind} leaf needs tensors {list(names)}; missing {missing}")
@@ -351,8 +368,10 @@ def discretize(leaf: Leaf, levels: int) -> Leaf:
         return leaf.discretized(levels)
     if isinstance(leaf, Discretized) and leaf.levels == levels:
         return leaf
-    raise ValueError(f"only Gaussian leaves have a discretized twin, not {leaf.kind} ones"
-                     + (f" of {leaf.levels} levels (asked for {levels})" if isinstance(leaf, Discretized) else ""))
+    raise ValueError(
+        f"only Gaussian leaves have a discretized twin, not {leaf.kind} ones"
+        + (f" of {leaf.levels} levels (asked for {levels})" if isinstance(leaf, Discretized) else "")
+    )
 
 
 def cap_std(leaf: Leaf, std_max: float | None) -> Leaf:

@@ -26,7 +26,16 @@ from torch import Tensor
 
 from vq2pc.core.leaves import Leaf
 
-__all__ = ["LeafDecoder", "Decoder", "Prior", "DecodingState", "check_codes", "num_positions", "prior_device", "missing_members"]
+__all__ = [
+    "LeafDecoder",
+    "Decoder",
+    "Prior",
+    "DecodingState",
+    "check_codes",
+    "num_positions",
+    "prior_device",
+    "missing_members",
+]
 
 DecodingState = Any
 """Opaque state of an incremental decoding (a prior's own type): a batch of ``B`` partial grids,
@@ -104,8 +113,9 @@ class Prior(Protocol):
         """Ancestral samples: classes ``[n]`` -> codes ``[n, h, w]``."""
         ...
 
-    def start(self, classes: Tensor, prefix: Tensor | None = None,
-              batch_size: int = 8192) -> tuple[DecodingState, Tensor]:
+    def start(
+        self, classes: Tensor, prefix: Tensor | None = None, batch_size: int = 8192
+    ) -> tuple[DecodingState, Tensor]:
         """Begin decoding ``B`` sequences: ``classes [B, M]``, ``prefix [B, t]`` (codes of positions ``< t``,
         ``t < P``; None = empty). Returns the state and ``[B, M, K]`` log p(z_t = k | prefix, c).
         ``batch_size``: most rows (sequence × class) per forward pass."""

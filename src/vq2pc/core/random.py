@@ -32,8 +32,12 @@ def _draw_device(generator: torch.Generator | None, device: torch.device | str) 
     return check_generator(generator).device if generator is not None else torch.device(device)
 
 
-def uniform(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device | str,
-            dtype: torch.dtype = torch.float32) -> Tensor:
+def uniform(
+    shape: tuple[int, ...],
+    generator: torch.Generator | None,
+    device: torch.device | str,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
     """``U[0, 1)`` draws of ``shape`` on ``device``."""
     return torch.rand(shape, generator=generator, device=_draw_device(generator, device), dtype=dtype).to(device)
 
@@ -45,8 +49,12 @@ def uniform_(out: Tensor, generator: torch.Generator | None) -> Tensor:
     return out.copy_(uniform(tuple(out.shape), generator, generator.device, out.dtype))
 
 
-def normal(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device | str,
-           dtype: torch.dtype = torch.float32) -> Tensor:
+def normal(
+    shape: tuple[int, ...],
+    generator: torch.Generator | None,
+    device: torch.device | str,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
     """Standard normal draws of ``shape`` on ``device``."""
     return torch.randn(shape, generator=generator, device=_draw_device(generator, device), dtype=dtype).to(device)
 

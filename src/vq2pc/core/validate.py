@@ -19,7 +19,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["check_finite", "check_levels", "check_binary", "check_images", "rows", "observed_mask", "is_positive_number"]
+__all__ = [
+    "check_finite",
+    "check_levels",
+    "check_binary",
+    "check_images",
+    "rows",
+    "observed_mask",
+    "is_positive_number",
+]
 
 
 def is_positive_number(v: Any) -> bool:
@@ -59,8 +67,7 @@ def check_images(v: Any, name: str = "images") -> None:
 
 
 def _shape_error(name: str, t: Tensor, s: int, extra: str = "") -> ValueError:
-    return ValueError(f"{name} has shape {tuple(t.shape)}; expected [B, {s}] or [B, C, H, W] "
-                      f"with C·H·W = {s}{extra}")
+    return ValueError(f"{name} has shape {tuple(t.shape)}; expected [B, {s}] or [B, C, H, W] with C·H·W = {s}{extra}")
 
 
 def rows(x: Any, s: int, name: str = "x") -> Tensor:

@@ -69,8 +69,10 @@ class DataSplits:
 def check_fits(image_shape: tuple[int, ...], levels: int, splits: DataSplits, what: str = "config") -> None:
     """Raise ``ValueError`` unless a model made for ``image_shape`` / ``levels`` fits the data of ``splits``."""
     if tuple(image_shape) != tuple(splits.image_shape) or levels != splits.levels:
-        raise ValueError(f"{what} (image shape {tuple(image_shape)}, L={levels}) does not match the data "
-                         f"{splits.name!r} (image shape {tuple(splits.image_shape)}, L={splits.levels})")
+        raise ValueError(
+            f"{what} (image shape {tuple(image_shape)}, L={levels}) does not match the data "
+            f"{splits.name!r} (image shape {tuple(splits.image_shape)}, L={splits.levels})"
+        )
 
 
 def _permute_split(x: Tensor, y: Tensor, sizes: tuple[int, ...], seed: int) -> list[tuple[Tensor, Tensor]]:
@@ -100,8 +102,10 @@ def _load_idx(name: str, data_dir: str | Path | None, seed: int, download: bool)
     y = torch.from_numpy(arrays["train_labels"].astype(np.int64))
     n_val = 10_000
     train, val = _permute_split(x, y, (x.shape[0] - n_val, n_val), seed)
-    test = (torch.from_numpy(arrays["test_images"]).unsqueeze(1),
-            torch.from_numpy(arrays["test_labels"].astype(np.int64)))
+    test = (
+        torch.from_numpy(arrays["test_images"]).unsqueeze(1),
+        torch.from_numpy(arrays["test_labels"].astype(np.int64)),
+    )
     return train, val, test
 
 
@@ -132,8 +136,16 @@ def load_dataset(
     cut = slice(None) if limit is None else slice(0, limit)
     (trx, tr_y), (vax, va_y), (tex, te_y) = ((x[cut].contiguous(), y[cut].contiguous()) for x, y in parts)
     return DataSplits(
-        name=name, levels=levels, image_shape=tuple(int(s) for s in trx.shape[1:]), num_classes=10,
-        train_x=trx, train_y=tr_y, val_x=vax, val_y=va_y, test_x=tex, test_y=te_y,
+        name=name,
+        levels=levels,
+        image_shape=tuple(int(s) for s in trx.shape[1:]),
+        num_classes=10,
+        train_x=trx,
+        train_y=tr_y,
+        val_x=vax,
+        val_y=va_y,
+        test_x=tex,
+        test_y=te_y,
     )
 
 
@@ -173,8 +185,10 @@ def check_model_space(x: Tensor, leaf_kind: str, levels: int, name: str = "x") -
     else:
         check_finite(name, x)
         if x.numel() and (float(x.min()) < 0 or float(x.max()) > 1):
-            raise ValueError(f"{name} must lie in [0, 1] for Gaussian leaves, got range "
-                             f"[{float(x.min()):g}, {float(x.max()):g}] (convert with data.to_model_space)")
+            raise ValueError(
+                f"{name} must lie in [0, 1] for Gaussian leaves, got range "
+                f"[{float(x.min()):g}, {float(x.max()):g}] (convert with data.to_model_space)"
+            )
 
 
 def bpd(log_prob_nats: Tensor, S: int, levels: int, leaf_kind: str) -> Tensor:

@@ -23,8 +23,17 @@ import numpy as np
 
 from vq2pc.core.files import atomic_write
 
-__all__ = ["IdxSource", "IDX_SOURCES", "read_idx", "md5sum", "cache_dir", "search_dirs", "find_file",
-           "download_file", "load_idx_dataset"]
+__all__ = [
+    "IdxSource",
+    "IDX_SOURCES",
+    "read_idx",
+    "md5sum",
+    "cache_dir",
+    "search_dirs",
+    "find_file",
+    "download_file",
+    "load_idx_dataset",
+]
 
 IMAGES_MAGIC = 0x00000803  # uint8, 3 dims
 LABELS_MAGIC = 0x00000801  # uint8, 1 dim
@@ -40,25 +49,55 @@ class IdxSource:
 
 
 _MNIST_STYLE = ("train_images", "train_labels", "test_images", "test_labels")
-_FILE_NAMES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
-               "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+_FILE_NAMES = (
+    "train-images-idx3-ubyte.gz",
+    "train-labels-idx1-ubyte.gz",
+    "t10k-images-idx3-ubyte.gz",
+    "t10k-labels-idx1-ubyte.gz",
+)
 
 IDX_SOURCES: dict[str, IdxSource] = {
     "mnist": IdxSource(
-        files=dict(zip(_MNIST_STYLE, zip(_FILE_NAMES, (
-            "f68b3c2dcbeaaa9fbdd348bbdeb94873", "d53e105ee54ea40749a09fcbcd1e9432",
-            "9fb629c4189551a2d022fa330f9573f3", "ec29112dd5afa0611ce80d1b7f02629c")))),
-        mirrors=("https://ossci-datasets.s3.amazonaws.com/mnist/",
-                 "https://storage.googleapis.com/cvdf-datasets/mnist/"),
+        files=dict(
+            zip(
+                _MNIST_STYLE,
+                zip(
+                    _FILE_NAMES,
+                    (
+                        "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+                        "d53e105ee54ea40749a09fcbcd1e9432",
+                        "9fb629c4189551a2d022fa330f9573f3",
+                        "ec29112dd5afa0611ce80d1b7f02629c",
+                    ),
+                ),
+            )
+        ),
+        mirrors=(
+            "https://ossci-datasets.s3.amazonaws.com/mnist/",
+            "https://storage.googleapis.com/cvdf-datasets/mnist/",
+        ),
     ),
     # md5 sums as published with Fashion-MNIST (zalandoresearch/fashion-mnist) and
     # used by torchvision and other loaders; several independent sources agree.
     "fashion-mnist": IdxSource(
-        files=dict(zip(_MNIST_STYLE, zip(_FILE_NAMES, (
-            "8d4fb7e6c68d591d4c3dfef9ec88bf0d", "25c81989df183df01b3e8a0aad5dffbe",
-            "bef4ecab320f06d8554ea6380940ec79", "bb300cfdad3c16e7a12a480ee83cd310")))),
-        mirrors=("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
-                 "https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/master/data/fashion/"),
+        files=dict(
+            zip(
+                _MNIST_STYLE,
+                zip(
+                    _FILE_NAMES,
+                    (
+                        "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+                        "25c81989df183df01b3e8a0aad5dffbe",
+                        "bef4ecab320f06d8554ea6380940ec79",
+                        "bb300cfdad3c16e7a12a480ee83cd310",
+                    ),
+                ),
+            )
+        ),
+        mirrors=(
+            "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+            "https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/master/data/fashion/",
+        ),
     ),
 }
 
@@ -122,8 +161,10 @@ def find_file(name: str, file: str, md5: str, dirs: list[Path]) -> Path | None:
             if candidate.is_file():
                 found = md5sum(candidate)
                 if found != md5:
-                    raise ValueError(f"{candidate}: md5 {found} does not match the {name} file {file} "
-                                     f"(expected {md5}); delete it or point --data-dir elsewhere")
+                    raise ValueError(
+                        f"{candidate}: md5 {found} does not match the {name} file {file} "
+                        f"(expected {md5}); delete it or point --data-dir elsewhere"
+                    )
                 return candidate
     return None
 
@@ -155,8 +196,7 @@ def download_file(file: str, md5: str, mirrors: tuple[str, ...], dest: Path) -> 
     raise OSError("; ".join(errors))
 
 
-def _locate(name: str, file: str, md5: str, source: IdxSource, data_dir: str | Path | None,
-            download: bool) -> Path:
+def _locate(name: str, file: str, md5: str, source: IdxSource, data_dir: str | Path | None, download: bool) -> Path:
     dirs = search_dirs(data_dir)
     path = find_file(name, file, md5, dirs)
     if path is not None:

@@ -58,9 +58,13 @@ REGIONS = ("top", "bottom", "left", "right", "center")
 BINS = 15
 
 
-def classification_masks(image_shape: tuple[int, int, int], n: int, fractions: tuple[float, ...] = MISSING_FRACTIONS,
-                         regions: tuple[str, ...] = REGIONS, generator: torch.Generator | None = None
-                         ) -> dict[str, Tensor | None]:
+def classification_masks(
+    image_shape: tuple[int, int, int],
+    n: int,
+    fractions: tuple[float, ...] = MISSING_FRACTIONS,
+    regions: tuple[str, ...] = REGIONS,
+    generator: torch.Generator | None = None,
+) -> dict[str, Tensor | None]:
     """``{"full": None, "random 10%": [n, S], ..., "top": [n, S], ...}`` observed-masks (True = observed);
     a random mask hides each pixel (all its channels) independently with the given probability."""
     c, h, w = image_shape
@@ -88,18 +92,27 @@ def calibration(log_post: Tensor, labels: Tensor, bins: int = BINS) -> dict[str,
     ece = float((conf_sum - acc_sum).abs().sum() / max(len(labels), 1))
     nll = -log_post.gather(1, labels[:, None]).squeeze(1)
     seen = count > 0
-    return {"accuracy": float(correct.mean()), "ece": ece, "nll": float(nll.mean()),
-            "nll_median": float(nll.median()),
-            "reliability": {"confidence": (conf_sum[seen] / count[seen]).tolist(),
-                            "accuracy": (acc_sum[seen] / count[seen]).tolist(), "count": count[seen].long().tolist()}}
+    return {
+        "accuracy": float(correct.mean()),
+        "ece": ece,
+        "nll": float(nll.mean()),
+        "nll_median": float(nll.median()),
+        "reliability": {
+            "confidence": (conf_sum[seen] / count[seen]).tolist(),
+            "accuracy": (acc_sum[seen] / count[seen]).tolist(),
+            "count": count[seen].long().tolist(),
+        },
+    }
 
 
 @torch.no_grad()
 def circuit_log_posteriors(model: ClassMixture, x: Tensor, mask: Tensor | None, batch_size: int = 500) -> Tensor:
     """``[B, C]`` float64 log p(c | x_o) on the model's device, in batches, returned on the CPU."""
     dev = model.device
-    parts = [model.log_joint(x[i : i + batch_size].to(dev), None if mask is None else mask[i : i + batch_size].to(dev))
-             for i in range(0, x.shape[0], batch_size)]
+    parts = [
+        model.log_joint(x[i : i + batch_size].to(dev), None if mask is None else mask[i : i + batch_size].to(dev))
+        for i in range(0, x.shape[0], batch_size)
+    ]
     joint = torch.cat(parts).cpu()
     return joint - torch.logsumexp(joint, 1, keepdim=True)
 
@@ -109,22 +122,35 @@ def cnn_log_posteriors(classifier: SmallCNN, images: Tensor, batch_size: int = 1
     """``[B, C]`` float64 log-softmax of the CNN on images ``[B, C, H, W]`` in ``[0, 1]`` (CPU result)."""
     classifier.eval()
     dev = next(classifier.parameters()).device
-    parts = [torch.log_softmax(classifier(images[i : i + batch_size].to(dev)).double(), 1).cpu()
-             for i in range(0, images.shape[0], batch_size)]
+    parts = [
+        torch.log_softmax(classifier(images[i : i + batch_size].to(dev)).double(), 1).cpu()
+        for i in range(0, images.shape[0], batch_size)
+    ]
     return torch.cat(parts)
 
 
 def _imputed(model: ClassMixture, x: Tensor, mask: Tensor, batch_size: int) -> Tensor:
     """``[B, S]`` x with hidden entries set to the circuit's exact E[x_u | x_o] (model space, CPU)."""
     dev = model.device
-    return torch.cat([model.conditional_mean(x[i : i + batch_size].to(dev), mask[i : i + batch_size].to(dev)).cpu()
-                      for i in range(0, x.shape[0], batch_size)])
+    return torch.cat(
+        [
+            model.conditional_mean(x[i : i + batch_size].to(dev), mask[i : i + batch_size].to(dev)).cpu()
+            for i in range(0, x.shape[0], batch_size)
+        ]
+    )
 
 
 def classification_metrics(
-    models: Mapping[str, ClassMixture], x_model: Tensor, labels: Tensor, masks: Mapping[str, Tensor | None],
-    leaf_kind: str, levels: int, image_shape: tuple[int, int, int], classifier: SmallCNN | None = None,
-    fill_unit: Tensor | None = None, batch_size: int = 500,
+    models: Mapping[str, ClassMixture],
+    x_model: Tensor,
+    labels: Tensor,
+    masks: Mapping[str, Tensor | None],
+    leaf_kind: str,
+    levels: int,
+    image_shape: tuple[int, int, int],
+    classifier: SmallCNN | None = None,
+    fill_unit: Tensor | None = None,
+    batch_size: int = 500,
 ) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """Numbers of every model (and of the CNN) per mask, and the full-image log-posteriors ``[B, C]`` by name.
 
@@ -135,12 +161,17 @@ def classification_metrics(
     """
     x_unit = to_unit(x_model, leaf_kind, levels)
     fill = x_unit.mean(0) if fill_unit is None else fill_unit.reshape(-1).float()
-    out: dict[str, Any] = {"circuit": {}, "cnn_mean": {}, "cnn_circuit": {},
-                           "hidden_fraction": {k: 0.0 if m is None else float((~m).float().mean())
-                                               for k, m in masks.items()}}
+    out: dict[str, Any] = {
+        "circuit": {},
+        "cnn_mean": {},
+        "cnn_circuit": {},
+        "hidden_fraction": {k: 0.0 if m is None else float((~m).float().mean()) for k, m in masks.items()},
+    }
     full: dict[str, Tensor] = {}
+
     def as_img(u):
         return u.reshape(-1, *image_shape)
+
     if classifier is not None:
         for key, mask in masks.items():
             filled = x_unit if mask is None else torch.where(mask, x_unit, fill)
@@ -192,8 +223,15 @@ def plot_classification(results: dict[str, Any], out_png: str | Path, title: str
     series = _series(results)
     width = 0.8 / max(1, len(series))
     for j, (label, per, color, style, marker, alpha) in enumerate(series):
-        ax.plot([frac[k] for k in curves], [per[k]["accuracy"] for k in curves], style, marker=marker, color=color,
-                label=label, ms=4)
+        ax.plot(
+            [frac[k] for k in curves],
+            [per[k]["accuracy"] for k in curves],
+            style,
+            marker=marker,
+            color=color,
+            label=label,
+            ms=4,
+        )
         bars = [per[k]["accuracy"] for k in regions]
         bx.bar(np.arange(len(regions)) + (j - len(series) / 2 + 0.5) * width, bars, width, color=color, alpha=alpha)
     ax.set(xlabel="fraction of pixels missing (random)", ylabel="test accuracy", ylim=(0, 1.02), title=title)
@@ -215,8 +253,13 @@ def plot_calibration(posteriors: Mapping[str, Tensor], labels: Tensor, out_png: 
         top, bottom = axes[0, j], axes[1, j]
         top.plot([0, 1], [0, 1], ":", color="gray")
         top.plot(rel["reliability"]["confidence"], rel["reliability"]["accuracy"], "o-", ms=3)
-        top.set(title=f"{name}\nacc {rel['accuracy']:.3f}, ECE {rel['ece']:.3f}", xlabel="confidence",
-                ylabel="accuracy", xlim=(0, 1), ylim=(0, 1))
+        top.set(
+            title=f"{name}\nacc {rel['accuracy']:.3f}, ECE {rel['ece']:.3f}",
+            xlabel="confidence",
+            ylabel="accuracy",
+            xlim=(0, 1),
+            ylim=(0, 1),
+        )
         C = post.shape[1]
         conf = torch.zeros(C, C).index_put_((y, post.argmax(1)), torch.ones(len(y)), accumulate=True)
         bottom.imshow((conf / conf.sum(1, keepdim=True).clamp_min(1)).numpy(), cmap="Blues", vmin=0, vmax=1)
@@ -227,16 +270,24 @@ def plot_calibration(posteriors: Mapping[str, Tensor], labels: Tensor, out_png: 
 
 
 @torch.no_grad()
-def class_panels(model: ClassMixture, x: Tensor, mask: Tensor, leaf_kind: str, levels: int,
-                 image_shape: tuple[int, int, int], per_class: int = 6,
-                 generator: torch.Generator | None = None) -> list[np.ndarray]:
+def class_panels(
+    model: ClassMixture,
+    x: Tensor,
+    mask: Tensor,
+    leaf_kind: str,
+    levels: int,
+    image_shape: tuple[int, int, int],
+    per_class: int = 6,
+    generator: torch.Generator | None = None,
+) -> list[np.ndarray]:
     """Thumbnails, a row per class: ``per_class`` samples of p(x | c), a gap, each image of ``x [k, S]`` with
     its hidden part painted, and E[x_u | x_o, c] of each (the completion forced to class c)."""
     C, k, dev = model.num_classes, x.shape[0], model.device
     cls = torch.arange(C, device=dev).repeat_interleave(per_class)
     samples = to_unit(model.sample(C * per_class, c=cls, generator=generator).cpu(), leaf_kind, levels)
-    forced = model.conditional_mean(x.repeat(C, 1).to(dev), mask.repeat(C, 1).to(dev),
-                                    torch.arange(C, device=dev).repeat_interleave(k)).cpu()
+    forced = model.conditional_mean(
+        x.repeat(C, 1).to(dev), mask.repeat(C, 1).to(dev), torch.arange(C, device=dev).repeat_interleave(k)
+    ).cpu()
     forced, shown = to_unit(forced, leaf_kind, levels), to_unit(x, leaf_kind, levels)
     panels = []
     for c in range(C):  # a few thumbnails per class for a picture

@@ -65,12 +65,15 @@ def classify(model: SmallCNN, images: Tensor, levels: int | None = None, batch_s
     """Predicted labels ``[n]`` (int64, CPU) for images ``[n,C,H,W]`` (uint8 levels with ``levels``, or ``[0,1]``)."""
     check_images(images, "images")
     if tuple(images.shape[1:]) != tuple(model.cfg.image_shape):
-        raise ValueError(f"images of shape {tuple(images.shape[1:])} do not match the classifier's "
-                         f"{tuple(model.cfg.image_shape)}")
+        raise ValueError(
+            f"images of shape {tuple(images.shape[1:])} do not match the classifier's {tuple(model.cfg.image_shape)}"
+        )
     model.eval()
     device = next(model.parameters()).device
-    preds = [model(images_to_unit(images[i : i + batch_size], levels).to(device)).argmax(1).cpu()
-             for i in range(0, images.shape[0], batch_size)]
+    preds = [
+        model(images_to_unit(images[i : i + batch_size], levels).to(device)).argmax(1).cpu()
+        for i in range(0, images.shape[0], batch_size)
+    ]
     return torch.cat(preds)
 
 

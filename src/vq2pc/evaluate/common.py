@@ -45,8 +45,7 @@ class DensityModel(Protocol):
         ...
 
     @property
-    def num_params(self) -> int:
-        ...
+    def num_params(self) -> int: ...
 
 
 @runtime_checkable

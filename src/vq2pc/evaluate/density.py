@@ -33,11 +33,36 @@ from vq2pc.evaluate.common import (
 )
 from vq2pc.evaluate.plots import family_style, new_figure, save_figure, styled
 
-__all__ = ["test_bpd", "discrete_twin",
-           "plot_bpd_tails", "bpd_quantiles", "bpd_fields", "BPD_FORMAT", "QUANTILE_LEVELS", "model_log_prob", "plot_bpd_vs_params", "plot_bpd_vs_N", "FAMILY_ORDER"]
+__all__ = [
+    "test_bpd",
+    "discrete_twin",
+    "plot_bpd_tails",
+    "bpd_quantiles",
+    "bpd_fields",
+    "BPD_FORMAT",
+    "QUANTILE_LEVELS",
+    "model_log_prob",
+    "plot_bpd_vs_params",
+    "plot_bpd_vs_N",
+    "FAMILY_ORDER",
+]
 
-FAMILY_ORDER = ("ExM", "DMRS", "DMRS+EM", "DMRS+FT", "DMGS", "DMGS+FT", "DMBS", "DMBS+FT", "TopK", "TopK+FT", "DMData", "DMData+FT",
-                "CM", "EiNet")
+FAMILY_ORDER = (
+    "ExM",
+    "DMRS",
+    "DMRS+EM",
+    "DMRS+FT",
+    "DMGS",
+    "DMGS+FT",
+    "DMBS",
+    "DMBS+FT",
+    "TopK",
+    "TopK+FT",
+    "DMData",
+    "DMData+FT",
+    "CM",
+    "EiNet",
+)
 
 
 @torch.no_grad()
@@ -107,8 +132,15 @@ def test_bpd(
         lp = model_log_prob(twin, v_test.reshape(n, s).float(), batch_size=n)
         d = bpd(lp, s, levels, "categorical").double().cpu()
         extra = {"discrete": float(d.mean()), "discrete_median": float(d.median())}
-    return {"mean": float(arr.mean()), "std": float(arr.std()), "per_draw": per_draw, "draws": draws, "n_images": n,
-            **bpd_quantiles(per_image), **extra}
+    return {
+        "mean": float(arr.mean()),
+        "std": float(arr.std()),
+        "per_draw": per_draw,
+        "draws": draws,
+        "n_images": n,
+        **bpd_quantiles(per_image),
+        **extra,
+    }
 
 
 def discrete_twin(model: Any, levels: int) -> DensityModel | None:
@@ -125,10 +157,12 @@ def discrete_twin(model: Any, levels: int) -> DensityModel | None:
 
 def bpd_fields(bpd: dict[str, Any]) -> dict[str, Any]:
     """The result-row fields of a :func:`test_bpd` result: mean ± std over draws and per-image quantiles."""
-    return {"test_bpd": bpd["mean"], "test_bpd_std": bpd.get("std", 0.0),
-            **{f"test_bpd_{k}": bpd[k] for k in ("median", "p90", "p99", "max", "discrete", "discrete_median")
-               if k in bpd},
-            "test_bpd_quantiles": bpd.get("quantile_curve")}
+    return {
+        "test_bpd": bpd["mean"],
+        "test_bpd_std": bpd.get("std", 0.0),
+        **{f"test_bpd_{k}": bpd[k] for k in ("median", "p90", "p99", "max", "discrete", "discrete_median") if k in bpd},
+        "test_bpd_quantiles": bpd.get("quantile_curve"),
+    }
 
 
 BPD_FORMAT = 2
@@ -166,8 +200,10 @@ def _series(rows: list[dict], x_key: str) -> dict[tuple[str, str], list[dict]]:
     """Rows grouped by (family, group), families in FAMILY_ORDER, each series sorted by ``x_key``."""
     order = {f: i for i, f in enumerate(FAMILY_ORDER)}
     keys = sorted({(r["family"], str(r.get("group", ""))) for r in rows}, key=lambda k: (order.get(k[0], 99), k))
-    return {k: sorted([r for r in rows if (r["family"], str(r.get("group", ""))) == k], key=lambda r: r[x_key])
-            for k in keys}
+    return {
+        k: sorted([r for r in rows if (r["family"], str(r.get("group", ""))) == k], key=lambda r: r[x_key])
+        for k in keys
+    }
 
 
 def _draw_series(ax, series: dict[tuple[str, str], list[dict]], x_key: str, annotate_k: bool) -> None:
@@ -178,14 +214,26 @@ def _draw_series(ax, series: dict[tuple[str, str], list[dict]], x_key: str, anno
         ys = np.array([float(r["test_bpd"]) for r in rs])
         err = np.array([float(r.get("test_bpd_std", 0.0)) for r in rs])
         label = f"{family}{'$_{' + group + '}$' if group else ''}" + (" (trained)" if trained else "")
-        ax.errorbar(xs, ys, yerr=err if err.any() else None, color=color, marker=marker, ms=6, lw=1.2,
-                    ls="-" if len(rs) > 1 else "none", mfc=color if trained else "none", mew=1.5,
-                    capsize=2, label=label)
+        ax.errorbar(
+            xs,
+            ys,
+            yerr=err if err.any() else None,
+            color=color,
+            marker=marker,
+            ms=6,
+            lw=1.2,
+            ls="-" if len(rs) > 1 else "none",
+            mfc=color if trained else "none",
+            mew=1.5,
+            capsize=2,
+            label=label,
+        )
         if annotate_k:
             for r, x, y in zip(rs, xs, ys):
                 if "K" in r and family == "ExM":
-                    ax.annotate(f"K={r['K']}", (x, y), textcoords="offset points", xytext=(4, 4),
-                                fontsize=7, color=color)
+                    ax.annotate(
+                        f"K={r['K']}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color=color
+                    )
 
 
 def _y_scale(ax, values: list[float]) -> None:
@@ -219,8 +267,16 @@ def plot_bpd_vs_params(rows: Sequence[dict], out_png: str | Path, title: str | N
     for x, (family, who) in sorted(sources.items()):
         color = family_style(family)[0]
         ax.axvline(x, color=color, ls=":", lw=1.2)
-        ax.annotate(who, (x, 0.98), xycoords=("data", "axes fraction"), rotation=90,
-                    va="top", ha="right", fontsize=7, color=color)
+        ax.annotate(
+            who,
+            (x, 0.98),
+            xycoords=("data", "axes fraction"),
+            rotation=90,
+            va="top",
+            ha="right",
+            fontsize=7,
+            color=color,
+        )
     ax.set_xscale("log")
     ax.set_xlabel("number of parameters (log scale)")
     _y_scale(ax, [float(r["test_bpd"]) for r in rows])
@@ -251,7 +307,9 @@ def tail_rows(rows: Sequence[dict]) -> list[dict]:
     """The row of each family with the most components (the best-supplied model of each kind), with quantiles."""
     best: dict[str, dict] = {}
     for r in rows:
-        if r.get("test_bpd_quantiles") and (r["family"] not in best or (r.get("N") or 0) > (best[r["family"]].get("N") or 0)):
+        if r.get("test_bpd_quantiles") and (
+            r["family"] not in best or (r.get("N") or 0) > (best[r["family"]].get("N") or 0)
+        ):
             best[r["family"]] = r
     order = {f: i for i, f in enumerate(FAMILY_ORDER)}
     return sorted(best.values(), key=lambda r: order.get(r["family"], 99))

@@ -42,8 +42,14 @@ from vq2pc.evaluate.plots import (
     to_rgb,
 )
 
-__all__ = ["inpainting_metrics", "conditional_bpd", "conditional_mean", "inpainting_panels", "plot_inpainting",
-           "plot_inpainting_panels"]
+__all__ = [
+    "inpainting_metrics",
+    "conditional_bpd",
+    "conditional_mean",
+    "inpainting_panels",
+    "plot_inpainting",
+    "plot_inpainting_panels",
+]
 
 
 def _check_mask(mask: Tensor, x: Tensor, name: str) -> Tensor:
@@ -68,8 +74,10 @@ def conditional_mean(model: DensityModel, x: Tensor, mask: Tensor, batch_size: i
     if fn is None:
         return None
     device = model_device(model)
-    parts = [fn(x[i : i + batch_size].to(device), mask[i : i + batch_size].to(device))
-             for i in range(0, x.shape[0], batch_size)]
+    parts = [
+        fn(x[i : i + batch_size].to(device), mask[i : i + batch_size].to(device))
+        for i in range(0, x.shape[0], batch_size)
+    ]
     return torch.cat(parts)
 
 
@@ -129,8 +137,15 @@ def _has_conditional_sampling(model: object) -> bool:
 
 
 @torch.no_grad()
-def _cell(model: DensityModel, x: Tensor, mask: Tensor, image_shape: tuple[int, int, int], leaf_kind: str,
-          levels: int, generator: torch.Generator | None) -> np.ndarray:
+def _cell(
+    model: DensityModel,
+    x: Tensor,
+    mask: Tensor,
+    image_shape: tuple[int, int, int],
+    leaf_kind: str,
+    levels: int,
+    generator: torch.Generator | None,
+) -> np.ndarray:
     """RGB mosaic for one model and one mask: rows = images; original | observed | mean | sample."""
     device = model_device(model)
     xd, md = x.to(device), mask.to(device)
@@ -167,8 +182,10 @@ def inpainting_panels(
     check_model_batch(x, "x")
     if int(np.prod(image_shape)) != x.shape[1]:
         raise ValueError(f"image_shape {image_shape} does not match S = {x.shape[1]}")
-    return {name: _cell(model, x, _check_mask(mask, x, name), image_shape, leaf_kind, levels, generator)
-            for name, mask in masks.items()}
+    return {
+        name: _cell(model, x, _check_mask(mask, x, name), image_shape, leaf_kind, levels, generator)
+        for name, mask in masks.items()
+    }
 
 
 @styled
@@ -191,8 +208,11 @@ def plot_inpainting_panels(panels: Mapping[str, Mapping[str, np.ndarray]], out_p
                 ax.set_title(f"hidden: {kname}")
             if c == 0:
                 ax.set_ylabel(mname, fontsize=10)
-    fig.suptitle("Inpainting p(x_u | x_o) — each panel: original | observed (hidden in red) | "
-                 "conditional mean | conditional sample", fontsize=9)
+    fig.suptitle(
+        "Inpainting p(x_u | x_o) — each panel: original | observed (hidden in red) | "
+        "conditional mean | conditional sample",
+        fontsize=9,
+    )
     return save_figure(fig, out_png)
 
 
@@ -212,5 +232,10 @@ def plot_inpainting(
     check_model_batch(x, "x")
     n = min(n_images, x.shape[0])
     firsts = {k: _check_mask(m, x, k)[:n] for k, m in masks.items()}
-    return plot_inpainting_panels({name: inpainting_panels(model, x[:n], firsts, image_shape, leaf_kind, levels, generator)
-                                   for name, model in models.items()}, out_png)
+    return plot_inpainting_panels(
+        {
+            name: inpainting_panels(model, x[:n], firsts, image_shape, leaf_kind, levels, generator)
+            for name, model in models.items()
+        },
+        out_png,
+    )

@@ -169,4 +169,3 @@ def clean_axes(ax) -> None:
     ax.grid(False)
     for spine in ax.spines.values():
         spine.set_visible(False)
-

@@ -100,12 +100,30 @@ def _results(results: list[dict]) -> list[str]:
         secs = r.get("train_seconds", (r.get("finetune") or {}).get("seconds"))
         cost = None if secs is None else f"{secs:.0f}" + (" (capped)" if r.get("time_capped") else "")
         sel = r.get("selection_seconds")
-        rows.append([r.get("name"), r.get("selection", r.get("family")), r.get("N"), params, shown, tail,
-                     None if sel is None else f"{sel:.2f}", cost])
+        rows.append(
+            [
+                r.get("name"),
+                r.get("selection", r.get("family")),
+                r.get("N"),
+                params,
+                shown,
+                tail,
+                None if sel is None else f"{sel:.2f}",
+                cost,
+            ]
+        )
         if discrete:
             rows[-1].insert(5, None if r.get("test_bpd_discrete") is None else f"{r['test_bpd_discrete']:.4f}")
-    head = ["model", "selection", "N", "parameters", "test BPD ± std", "per-image BPD median / p90 / p99 / max",
-            "selection time (s)", "training s"]
+    head = [
+        "model",
+        "selection",
+        "N",
+        "parameters",
+        "test BPD ± std",
+        "per-image BPD median / p90 / p99 / max",
+        "selection time (s)",
+        "training s",
+    ]
     if discrete:  # Gaussian rows: the exact discrete BPD of the discretized twin (comparable with discrete MNIST)
         head.insert(5, "discrete BPD")
     return ["## Results", ""] + _table(head, rows)
@@ -135,18 +153,26 @@ def _usage(u: dict) -> list[str]:
     lines.append(f"Latent space{model}: |Z| = {_fmt(u.get('space_size'))}, {u.get('seeds', 1)} prior(s).{timing}")
     for q in ("90", "99"):
         if f"fraction_{q}" in u:
-            lines.append(f"- {q}% of the prior mass lies in {100 * u[f'fraction_{q}']:.3g}% of the space "
-                         f"(± {100 * u.get(f'fraction_{q}_std', 0.0):.2g}%; about {_fmt(u.get(f'count_{q}'))} latents)")
+            lines.append(
+                f"- {q}% of the prior mass lies in {100 * u[f'fraction_{q}']:.3g}% of the space "
+                f"(± {100 * u.get(f'fraction_{q}_std', 0.0):.2g}%; about {_fmt(u.get(f'count_{q}'))} latents)"
+            )
     return lines + [""]
 
 
 def _inpainting(inp: dict) -> list[str]:
-    lines = ["## Inpainting (hidden pixels)", "",
-             "Conditional BPD = −log2 p(x_u | x_o) per hidden variable; MSE of the exact conditional mean in "
-             "[0,1] intensity units. Lower is better for both.", ""]
+    lines = [
+        "## Inpainting (hidden pixels)",
+        "",
+        "Conditional BPD = −log2 p(x_u | x_o) per hidden variable; MSE of the exact conditional mean in "
+        "[0,1] intensity units. Lower is better for both.",
+        "",
+    ]
     masks = sorted({m for per in inp.values() for m in per})
-    rows = [[model] + [f"{_fmt(per[m]['cond_bpd'])} / {_fmt(per[m].get('mse'))}" if m in per else "—" for m in masks]
-            for model, per in inp.items()]
+    rows = [
+        [model] + [f"{_fmt(per[m]['cond_bpd'])} / {_fmt(per[m].get('mse'))}" if m in per else "—" for m in masks]
+        for model, per in inp.items()
+    ]
     return lines + _table(["model"] + [f"hidden {m}: BPD / MSE" for m in masks], rows)
 
 
@@ -155,8 +181,10 @@ def _balance(cb: dict) -> list[str]:
     if cb.get("classifier_accuracy") is not None:
         lines += [f"Classifier test accuracy: {100 * cb['classifier_accuracy']:.2f}%.", ""]
     hists = cb.get("histograms") or {k: v for k, v in cb.items() if isinstance(v, dict) and "hist" in v}
-    rows = [[name, h.get("n"), h.get("kl_from_uniform"), h.get("kl_std"), " ".join(str(c) for c in h.get("hist", []))]
-            for name, h in hists.items()]
+    rows = [
+        [name, h.get("n"), h.get("kl_from_uniform"), h.get("kl_std"), " ".join(str(c) for c in h.get("hist", []))]
+        for name, h in hists.items()
+    ]
     return lines + _table(["source", "images", "KL from uniform (nats)", "± std (bootstrap)", "counts per class"], rows)
 
 
@@ -173,37 +201,55 @@ def _classification(cl: dict) -> list[str]:
     if cl.get("cnn_mean"):
         mean = cl["cnn_mean"]
         rows.append(["CNN, mean imputation"] + [100 * mean[m]["accuracy"] if m in mean else None for m in masks])
-    lines = ["## Classification with missing pixels", "",
-             f"Test accuracy (%) on {_fmt(cl.get('images'))} test images; missing pixels are marginalized exactly by "
-             "the class-aware circuits and imputed for the CNN. Class weights: "
-             f"{cl.get('class_weights', 'from the prior')}.", ""]
-    lines += _table(["classifier"] + [m if m in ("full",) or m.startswith("random") else f"{m} hidden" for m in masks],
-                    rows)
+    lines = [
+        "## Classification with missing pixels",
+        "",
+        f"Test accuracy (%) on {_fmt(cl.get('images'))} test images; missing pixels are marginalized exactly by "
+        "the class-aware circuits and imputed for the CNN. Class weights: "
+        f"{cl.get('class_weights', 'from the prior')}.",
+        "",
+    ]
+    lines += _table(
+        ["classifier"] + [m if m in ("full",) or m.startswith("random") else f"{m} hidden" for m in masks], rows
+    )
     shown = [m for m in ("full", "random 50%", "center") if m in masks]
-    calib = [[name] + [f"{_fmt(per[m]['ece'], 3)} / {_fmt(per[m]['nll'], 3)}" if m in per else "—" for m in shown]
-             for name, per in [*(cl.get("circuit") or {}).items(), ("CNN, mean imputation", cl.get("cnn_mean") or {})]]
+    calib = [
+        [name] + [f"{_fmt(per[m]['ece'], 3)} / {_fmt(per[m]['nll'], 3)}" if m in per else "—" for m in shown]
+        for name, per in [*(cl.get("circuit") or {}).items(), ("CNN, mean imputation", cl.get("cnn_mean") or {})]
+    ]
     lines += ["Expected calibration error (15 bins) / label NLL (nats per image):", ""]
     return lines + _table(["classifier"] + [f"{m}: ECE / NLL" for m in shown], calib)
 
 
 def _correlation(c: dict) -> list[str]:
-    return ["## Latent correlation", "",
-            f"Mean pairwise Pearson correlation of log p(x, z_n) over {_fmt(c.get('components'))} components and "
-            f"{_fmt(c.get('images'))} test images: randomly sampled {_fmt(c.get('mean_pairwise_corr_random'))}, "
-            f"top-p(z) {_fmt(c.get('mean_pairwise_corr_topk'))}.", ""]
+    return [
+        "## Latent correlation",
+        "",
+        f"Mean pairwise Pearson correlation of log p(x, z_n) over {_fmt(c.get('components'))} components and "
+        f"{_fmt(c.get('images'))} test images: randomly sampled {_fmt(c.get('mean_pairwise_corr_random'))}, "
+        f"top-p(z) {_fmt(c.get('mean_pairwise_corr_topk'))}.",
+        "",
+    ]
 
 
 def _header(report: dict) -> list[str]:
     lines = [f"# vq2pc report — {report.get('dataset', 'unknown dataset')}", ""]
-    facts = [("dataset", report.get("dataset")), ("pixel model (leaf)", report.get("leaf")),
-             ("device", report.get("device"))]
+    facts = [
+        ("dataset", report.get("dataset")),
+        ("pixel model (leaf)", report.get("leaf")),
+        ("device", report.get("device")),
+    ]
     wall = report.get("wall_seconds", report.get("wall_time_s"))
     if wall is not None:
         facts.append(("wall time", f"{wall:.1f} s ({wall / 60:.1f} min)"))
     total = report.get("total_wall_seconds")
     if total is not None and wall is not None and total > wall + 1:
-        facts.append(("wall time of all invocations of this run directory", f"{total:.1f} s ({total / 60:.1f} min); "
-                      "later invocations reuse finished stages"))
+        facts.append(
+            (
+                "wall time of all invocations of this run directory",
+                f"{total:.1f} s ({total / 60:.1f} min); later invocations reuse finished stages",
+            )
+        )
     lines += [f"- **{k}**: {_fmt(v)}" for k, v in facts if v is not None]
     settings = report.get("settings") or {}
     if settings:
@@ -231,13 +277,39 @@ def _cost(training: dict | None) -> str | None:
 
 def _sources(sources: list[dict]) -> list[str]:
     """The source VQ-VAEs: size, fit, codebook use (index collapse) and latent-space size."""
-    rows = [[s.get("leaf"), s.get("model"), s.get("K"), s.get("vqvae_params"), s.get("vqvae_val_loss"), s.get("prior"),
-             s.get("prior_params"), s.get("prior_val_nll_per_latent"), s.get("codebook_perplexity_test"),
-             s.get("distinct_test_codes"), s.get("latent_space"), _cost(s.get("vqvae_training")),
-             _cost(s.get("prior_training"))] for s in sources]
-    head = ["leaf", "model", "K", "VQ-VAE params", "VQ-VAE val loss (nats)", "prior", "prior params",
-            "prior val NLL (nats/latent)", "codebook perplexity (test)", "distinct test codes", "latent space K^HW",
-            "VQ-VAE training s (epochs)", "prior training s (epochs)"]
+    rows = [
+        [
+            s.get("leaf"),
+            s.get("model"),
+            s.get("K"),
+            s.get("vqvae_params"),
+            s.get("vqvae_val_loss"),
+            s.get("prior"),
+            s.get("prior_params"),
+            s.get("prior_val_nll_per_latent"),
+            s.get("codebook_perplexity_test"),
+            s.get("distinct_test_codes"),
+            s.get("latent_space"),
+            _cost(s.get("vqvae_training")),
+            _cost(s.get("prior_training")),
+        ]
+        for s in sources
+    ]
+    head = [
+        "leaf",
+        "model",
+        "K",
+        "VQ-VAE params",
+        "VQ-VAE val loss (nats)",
+        "prior",
+        "prior params",
+        "prior val NLL (nats/latent)",
+        "codebook perplexity (test)",
+        "distinct test codes",
+        "latent space K^HW",
+        "VQ-VAE training s (epochs)",
+        "prior training s (epochs)",
+    ]
     return ["## Source models", ""] + _table(head, rows)
 
 
@@ -246,8 +318,13 @@ def _body(run_dir: Path, report: dict) -> list[str]:
     lines: list[str] = []
     if report.get("results"):
         lines += _results(list(report["results"]))
-    sections = (("latent_usage", _usage), ("inpainting", _inpainting), ("class_balance", _balance),
-                ("correlation", _correlation), ("classification", _classification))
+    sections = (
+        ("latent_usage", _usage),
+        ("inpainting", _inpainting),
+        ("class_balance", _balance),
+        ("correlation", _correlation),
+        ("classification", _classification),
+    )
     lines += [line for key, fn in sections if report.get(key) for line in fn(report[key])]
     figures = _figures(report, run_dir)
     if figures:

@@ -29,8 +29,16 @@ from vq2pc.evaluate.classifier import SmallCNN, classify
 from vq2pc.evaluate.common import DensityModel, check_leaf_kind, images_to_unit, to_unit
 from vq2pc.evaluate.plots import as_images, image_grid, new_figure, save_figure, styled
 
-__all__ = ["draw_samples", "kl_from_uniform", "kl_std", "label_histogram", "class_balance", "plot_samples",
-           "DATA_KEY", "TEST_KEY"]
+__all__ = [
+    "draw_samples",
+    "kl_from_uniform",
+    "kl_std",
+    "label_histogram",
+    "class_balance",
+    "plot_samples",
+    "DATA_KEY",
+    "TEST_KEY",
+]
 
 DATA_KEY = "data labels"
 TEST_KEY = "classifier on test data"
@@ -90,8 +98,12 @@ def label_histogram(labels: Tensor, num_classes: int) -> dict[str, Any]:
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
         raise ValueError(f"labels must lie in [0, {num_classes - 1}]")
     hist = torch.bincount(labels.long().cpu(), minlength=num_classes).numpy()
-    return {"hist": hist.tolist(), "kl_from_uniform": kl_from_uniform(hist), "kl_std": kl_std(hist),
-            "n": int(labels.numel())}
+    return {
+        "hist": hist.tolist(),
+        "kl_from_uniform": kl_from_uniform(hist),
+        "kl_std": kl_std(hist),
+        "n": int(labels.numel()),
+    }
 
 
 def class_balance(
@@ -134,8 +146,13 @@ def _plot_balance(result: dict[str, dict[str, Any]], num_classes: int, out_png: 
         hist = np.asarray(result[name]["hist"], dtype=np.float64)
         freq = hist / hist.sum()
         label = f"{name} (KL={result[name]['kl_from_uniform']:.3f}±{result[name].get('kl_std', 0.0):.3f})"
-        ax.bar(classes - 0.425 + (i + 0.5) * width, np.where(freq > 0, freq, np.nan), width, label=label,
-               color=colors[i % len(colors)])
+        ax.bar(
+            classes - 0.425 + (i + 0.5) * width,
+            np.where(freq > 0, freq, np.nan),
+            width,
+            label=label,
+            color=colors[i % len(colors)],
+        )
     ax.axhline(1.0 / num_classes, color="black", ls="--", lw=1, label="uniform")
     ax.set_yscale("log")
     ax.set_xticks(classes)

@@ -31,8 +31,9 @@ def _sorted_probs(log_pz: Tensor) -> tuple[np.ndarray | Tensor, float]:
     if torch.isnan(log_pz).any() or torch.isposinf(log_pz).any():
         raise ValueError("log_pz contains NaN or +inf")
     # float64 log-normalizer in chunks (no float64 copy of all M entries).
-    log_total = torch.logsumexp(torch.stack([torch.logsumexp(log_pz[i : i + _CHUNK].double(), 0)
-                                             for i in range(0, log_pz.numel(), _CHUNK)]), 0)
+    log_total = torch.logsumexp(
+        torch.stack([torch.logsumexp(log_pz[i : i + _CHUNK].double(), 0) for i in range(0, log_pz.numel(), _CHUNK)]), 0
+    )
     if not torch.isfinite(log_total):
         raise ValueError("log_pz holds no probability mass (every entry is -inf)")
     p = torch.sub(log_pz.float(), log_total.float()).exp_()
@@ -55,7 +56,9 @@ def usage_curve(log_pz: Tensor, points: int = 1500) -> dict:
     m = int(p.shape[0])
     counts = np.unique(np.round(np.geomspace(1, m, points)).astype(np.int64))
     # Normalize by the float64 sum of the float32 values so F(M) = 1 exactly.
-    total = float(sum(float(np.asarray(_to_np(p[i : i + _CHUNK]), dtype=np.float64).sum()) for i in range(0, m, _CHUNK)))
+    total = float(
+        sum(float(np.asarray(_to_np(p[i : i + _CHUNK]), dtype=np.float64).sum()) for i in range(0, m, _CHUNK))
+    )
     cdf = np.empty(len(counts))
     crossing = {q: m for q in QUANTILES}
     carry = 0.0
@@ -107,9 +110,7 @@ def latent_usage(log_pz: Tensor | Sequence[Tensor], out_png: str | Path, title: 
         result[f"fraction_{key}"] = float(fr.mean())
         result[f"fraction_{key}_std"] = float(fr.std())
         result[f"count_{key}"] = round(float(np.mean([c[f"count_{key}"] for c in curves])))
-    result["per_seed"] = [
-        {k: v for k, v in c.items() if k not in ("counts", "cdf")} for c in curves
-    ]
+    result["per_seed"] = [{k: v for k, v in c.items() if k not in ("counts", "cdf")} for c in curves]
     result["figure"] = str(_plot_usage(curves, result, Path(out_png), title))
     return result
 
@@ -130,8 +131,13 @@ def _plot_usage(curves: list[dict], result: dict, out_png: Path, title: str | No
     for q, ls in zip(QUANTILES, (":", "-.")):
         key = _qkey(q)
         f = result[f"fraction_{key}"]
-        ax.axvline(f, color="tab:red", ls=ls, lw=1.2,
-                   label=f"{key}% of mass: {100 * f:.3g}% of space ({result[f'count_{key}']:,} latents)")
+        ax.axvline(
+            f,
+            color="tab:red",
+            ls=ls,
+            lw=1.2,
+            label=f"{key}% of mass: {100 * f:.3g}% of space ({result[f'count_{key}']:,} latents)",
+        )
     ax.set_xscale("log")
     ax.set_xlim(1.0 / m, 1.0)
     ax.set_ylim(0.0, 1.02)

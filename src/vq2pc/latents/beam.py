@@ -49,8 +49,9 @@ def _topk_per_group(keys: Tensor, width: int) -> tuple[Tensor, Tensor]:
     return keys.topk(min(width, keys.shape[1]), dim=1)
 
 
-def _expand(nlp: Tensor, h: Tensor, keys: Tensor, width: int, key_fn: KeyFn,
-            batch_size: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _expand(
+    nlp: Tensor, h: Tensor, keys: Tensor, width: int, key_fn: KeyFn, batch_size: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Rank the children of every beam at one position of a batched beam search.
 
     ``nlp [G,b,C,K]``: log p(z_i = k | beam, c); ``h [G,b,C]``: log p(z_<i | c); ``keys [G,b]``: the
@@ -86,8 +87,9 @@ def _expand(nlp: Tensor, h: Tensor, keys: Tensor, width: int, key_fn: KeyFn,
     return torch.cat(out_parent), torch.cat(out_token), torch.cat(out_h), torch.cat(out_keys)
 
 
-def _search(prior: Prior, flat: Tensor, h: Tensor, keys: Tensor, start: int, width: int, key_fn: KeyFn,
-            batch_size: int) -> tuple[Tensor, Tensor, Tensor]:
+def _search(
+    prior: Prior, flat: Tensor, h: Tensor, keys: Tensor, start: int, width: int, key_fn: KeyFn, batch_size: int
+) -> tuple[Tensor, Tensor, Tensor]:
     """Positions ``start..P-1`` of a batched beam search from one beam per group.
 
     ``flat [G,1,P]`` partial grids (positions ``< start`` fixed), ``h [G,1,C]``, ``keys [G,1]``.
@@ -108,8 +110,9 @@ def _search(prior: Prior, flat: Tensor, h: Tensor, keys: Tensor, start: int, wid
     return flat, h, keys
 
 
-def _start(prior: Prior, codes: Tensor, class_scores: Tensor, start: int, width: int,
-           class_log_weights: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+def _start(
+    prior: Prior, codes: Tensor, class_scores: Tensor, start: int, width: int, class_log_weights: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor]:
     """Checked inputs of a batched search: ``flat [G,1,P]``, ``h [G,1,C]`` and the score's ``lw [G,C]``."""
     G, P = codes.shape[0], num_positions(prior)
     codes = check_codes(codes, prior.K, prior.latent_hw, "codes").to(prior_device(prior))

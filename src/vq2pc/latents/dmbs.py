@@ -47,8 +47,15 @@ BEAM_SCORES = ("class", "marginal")
 BEAM_SEARCHES = ("deterministic", "stochastic")
 
 
-def select_dmbs(prior: Prior, N: int, starts: int, generator: torch.Generator | None, batch_size: int,
-                score: str = "class", search: str = "deterministic") -> tuple[Tensor, Tensor, dict[str, Any], Tensor]:
+def select_dmbs(
+    prior: Prior,
+    N: int,
+    starts: int,
+    generator: torch.Generator | None,
+    batch_size: int,
+    score: str = "class",
+    search: str = "deterministic",
+) -> tuple[Tensor, Tensor, dict[str, Any], Tensor]:
     """Algorithm 1: ``codes [n,h,w]`` (n ≤ N distinct latents), their ``log p(z) [n]``, best first,
     ``info`` (width, starts, score, search, distinct first tokens, shortfall and its reason when n < N) and
     ``classes [n]``, the class of the search that found each latent (its first finder; -1 under ``"marginal"``)."""
@@ -73,17 +80,27 @@ def select_dmbs(prior: Prior, N: int, starts: int, generator: torch.Generator | 
     budgets = _token_budgets(list(zip(classes, tokens.tolist())), N, width, subtree)
     extra = 0
     while True:
-        codes, log_p, found_by = _fill(prior, *_searches(prior, first, budgets, extra, batch_size, search, generator),
-                                       N)
+        codes, log_p, found_by = _fill(
+            prior, *_searches(prior, first, budgets, extra, batch_size, search, generator), N
+        )
         short = N - codes.shape[0]
         if short == 0 or max(budgets.values()) + extra >= subtree:  # filled, or every search holds its subtree
             break
         extra = max(2 * extra, short)
-    info: dict[str, Any] = {"requested_N": N, "width": width, "starts": starts, "beam_score": score, "beam_search": search,
-                            "distinct_first_tokens": len({t for _, t in budgets}), "shortfall": short}
+    info: dict[str, Any] = {
+        "requested_N": N,
+        "width": width,
+        "starts": starts,
+        "beam_score": score,
+        "beam_search": search,
+        "distinct_first_tokens": len({t for _, t in budgets}),
+        "shortfall": short,
+    }
     if short:
-        info["shortfall_reason"] = (f"the drawn first tokens' subtrees (K^(HW-1) latents each) hold only "
-                                    f"{codes.shape[0]} distinct latents < N = {N}")
+        info["shortfall_reason"] = (
+            f"the drawn first tokens' subtrees (K^(HW-1) latents each) hold only "
+            f"{codes.shape[0]} distinct latents < N = {N}"
+        )
     return codes, log_p, info, found_by
 
 
@@ -101,8 +118,15 @@ def _token_budgets(keys: list[Hashable], N: int, width: int, subtree: int) -> di
     return budgets
 
 
-def _searches(prior: Prior, first: Tensor, budgets: dict[Hashable, int], extra: int, batch_size: int,
-              search: str, generator: torch.Generator | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _searches(
+    prior: Prior,
+    first: Tensor,
+    budgets: dict[Hashable, int],
+    extra: int,
+    batch_size: int,
+    search: str,
+    generator: torch.Generator | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Every key's ``search`` with width budget + ``extra``: ``codes [n,h,w]``, per-class ``scores [n,C]``,
     ``primary [n]`` (the latent is within its search's budget) and ``classes [n]`` (its search's class, or -1)."""
     dev, C = first.device, prior.num_classes
@@ -113,8 +137,11 @@ def _searches(prior: Prior, first: Tensor, budgets: dict[Hashable, int], extra: 
         codes.view(group.shape[0], -1)[:, 0] = group[:, 1]
         args = (prior, codes, first[:, group[:, 1]].T, 1, b + extra)
         weights = _own_class(group[:, 0], C)
-        result = (beam_search(*args, weights, batch_size) if search == "deterministic"
-                  else stochastic_beam_search(*args, generator, weights, batch_size))
+        result = (
+            beam_search(*args, weights, batch_size)
+            if search == "deterministic"
+            else stochastic_beam_search(*args, generator, weights, batch_size)
+        )
         g, kept = result.codes.shape[:2]
         codes_out.append(result.codes.reshape(-1, *prior.latent_hw))
         scores_out.append(result.class_scores.reshape(-1, C))
@@ -132,8 +159,9 @@ def _own_class(group_class: Tensor, C: int) -> Tensor | None:
     return rows.scatter_(1, group_class[:, None], 0.0)
 
 
-def _fill(prior: Prior, codes: Tensor, scores: Tensor, primary: Tensor, classes: Tensor,
-          N: int) -> tuple[Tensor, Tensor, Tensor]:
+def _fill(
+    prior: Prior, codes: Tensor, scores: Tensor, primary: Tensor, classes: Tensor, N: int
+) -> tuple[Tensor, Tensor, Tensor]:
     """The distinct latents within a search's budget, then the best others by p(z) up to N; best first;
     with the class of the search that found each first (``classes [n]`` per candidate)."""
     log_p = torch.logsumexp(scores + prior.class_log_prior, 1)

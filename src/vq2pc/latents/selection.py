@@ -74,8 +74,10 @@ class Selection:
 
     def __post_init__(self) -> None:
         if self.codes.dim() != 3 or self.log_prior.shape != (self.codes.shape[0],):
-            raise ValueError(f"Selection needs codes [N,h,w] and log_prior [N], got "
-                             f"{tuple(self.codes.shape)} and {tuple(self.log_prior.shape)}")
+            raise ValueError(
+                f"Selection needs codes [N,h,w] and log_prior [N], got "
+                f"{tuple(self.codes.shape)} and {tuple(self.log_prior.shape)}"
+            )
 
     def __len__(self) -> int:
         return self.codes.shape[0]
@@ -128,8 +130,9 @@ def _rank_stream(generator: torch.Generator | None, dev: torch.device) -> torch.
     return torch.Generator(device=gen_device).manual_seed(base + 1 + rank())
 
 
-def _select_sample(prior: Prior, N: int, generator: torch.Generator | None, batch_size: int,
-                   max_draws_per_latent: int = 256) -> tuple[Tensor, Tensor, dict[str, Any]]:
+def _select_sample(
+    prior: Prior, N: int, generator: torch.Generator | None, batch_size: int, max_draws_per_latent: int = 256
+) -> tuple[Tensor, Tensor, dict[str, Any]]:
     """DMRS: first ``N`` distinct of i.i.d. draws ``c ~ U(C), z ~ p(z|c)``; draw batches double in size.
     Returns the codes, the class of each one's first draw, and ``info``.
 
@@ -159,8 +162,7 @@ def _select_sample(prior: Prior, N: int, generator: torch.Generator | None, batc
     return collected.view(N, *prior.latent_hw), classes, {"draws": draws}
 
 
-def _select_topk(prior: Prior, N: int, max_space: int,
-                 batch_size: int) -> tuple[Tensor, Tensor, dict[str, Any]]:
+def _select_topk(prior: Prior, N: int, max_space: int, batch_size: int) -> tuple[Tensor, Tensor, dict[str, Any]]:
     """Top-N by p(z): exact by enumeration within ``max_space``, else a width-N beam on p(z) (approximate)."""
     h, w = prior.latent_hw
     if latent_space_size(prior.K, h, w) <= max_space:
@@ -174,8 +176,10 @@ def _select_topk(prior: Prior, N: int, max_space: int,
 def _root(prior: Prior) -> tuple[Tensor, Tensor]:
     """One empty grid ``[1,h,w]`` and its class scores ``[1,C]`` (zeros): a search from the first position."""
     dev = prior_device(prior)
-    return (torch.zeros((1, *prior.latent_hw), dtype=torch.long, device=dev),
-            torch.zeros((1, prior.num_classes), device=dev))
+    return (
+        torch.zeros((1, *prior.latent_hw), dtype=torch.long, device=dev),
+        torch.zeros((1, prior.num_classes), device=dev),
+    )
 
 
 def _select_data(prior: Prior, N: int | None, codes_from_data: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -193,9 +197,17 @@ def _select_data(prior: Prior, N: int | None, codes_from_data: Tensor | None) ->
     return unique[keep].view(-1, *prior.latent_hw), log_freq
 
 
-def _dispatch(prior: Prior, strategy: str, N: int | None, starts: int, beam: tuple[str, str],
-              generator: torch.Generator | None, max_space: int, codes_from_data: Tensor | None,
-              batch_size: int) -> tuple[Tensor, Tensor, dict[str, Any], Tensor | None]:
+def _dispatch(
+    prior: Prior,
+    strategy: str,
+    N: int | None,
+    starts: int,
+    beam: tuple[str, str],
+    generator: torch.Generator | None,
+    max_space: int,
+    codes_from_data: Tensor | None,
+    batch_size: int,
+) -> tuple[Tensor, Tensor, dict[str, Any], Tensor | None]:
     """Run one strategy; returns ``codes [N,h,w]``, ``log_prior [N]``, ``info`` and the drawn ``classes [N]``
     (None where the strategy draws no class)."""
     h, w = prior.latent_hw
@@ -257,17 +269,20 @@ def select(
     was_training = prior.training
     prior.eval()
     try:
-        codes, log_prior, info, drawn = _dispatch(prior, strategy, N, starts, (beam_score, beam_search), generator,
-                                                  max_space, codes_from_data, batch_size)
+        codes, log_prior, info, drawn = _dispatch(
+            prior, strategy, N, starts, (beam_score, beam_search), generator, max_space, codes_from_data, batch_size
+        )
         joint = None
         if classes:
             if strategy == "exhaustive":  # the enumeration's prefix tree: ~C·K^{HW-1} prior rows, not C·K^{HW}
-                joint = enumerate_log_prior(prior, batch_size=batch_size, progress=False, max_space=max_space,
-                                            per_class=True)
+                joint = enumerate_log_prior(
+                    prior, batch_size=batch_size, progress=False, max_space=max_space, per_class=True
+                )
             else:
                 with torch.inference_mode():
                     joint = prior.log_prob_all_classes(codes, batch_size).float() + prior.class_log_prior.float()
     finally:
         prior.train(was_training)
-    return Selection(codes=codes, log_prior=log_prior.float(), strategy=strategy, info=info, classes=drawn,
-                     class_log_joint=joint)
+    return Selection(
+        codes=codes, log_prior=log_prior.float(), strategy=strategy, info=info, classes=drawn, class_log_joint=joint
+    )

@@ -15,8 +15,20 @@ from torch import Tensor, nn
 
 from vq2pc.core.leaves import Bernoulli, Categorical, Gaussian, Leaf
 
-__all__ = ["halving_sizes", "reachable_grids", "num_downsamplings", "ResBlock", "Encoder", "Decoder",
-           "head_channels", "head_leaf", "init_head", "STD_MIN", "STD_MAX", "STD_INIT"]
+__all__ = [
+    "halving_sizes",
+    "reachable_grids",
+    "num_downsamplings",
+    "ResBlock",
+    "Encoder",
+    "Decoder",
+    "head_channels",
+    "head_leaf",
+    "init_head",
+    "STD_MIN",
+    "STD_MAX",
+    "STD_INIT",
+]
 
 STD_MIN, STD_MAX = 1e-3, 1.0  # Gaussian head: std is kept in [STD_MIN, STD_MAX] (paper App. C)
 STD_INIT = 0.25  # Gaussian head: initial std (a zero bias would give 0.03 and first losses ~100 nats/pixel)
@@ -48,8 +60,10 @@ def num_downsamplings(image_hw: tuple[int, int], latent_hw: tuple[int, int]) -> 
     grids = reachable_grids(image_hw)
     if tuple(latent_hw) not in grids:
         names = ", ".join(f"{h}x{w}" for h, w in grids)
-        raise ValueError(f"latent grid {latent_hw[0]}x{latent_hw[1]} is not reachable from a "
-                         f"{image_hw[0]}x{image_hw[1]} image by halving; reachable grids: {names}")
+        raise ValueError(
+            f"latent grid {latent_hw[0]}x{latent_hw[1]} is not reachable from a "
+            f"{image_hw[0]}x{image_hw[1]} image by halving; reachable grids: {names}"
+        )
     return grids.index(tuple(latent_hw))
 
 
@@ -63,8 +77,12 @@ class ResBlock(nn.Module):
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.body = nn.Sequential(
-            nn.ReLU(), nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels),
-            nn.ReLU(), nn.Conv2d(channels, channels, 1, bias=False), nn.BatchNorm2d(channels),
+            nn.ReLU(),
+            nn.Conv2d(channels, channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(channels),
+            nn.ReLU(),
+            nn.Conv2d(channels, channels, 1, bias=False),
+            nn.BatchNorm2d(channels),
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -101,8 +119,15 @@ class Decoder(nn.Module):
     decoder in the paper's code; it needs at least one upsampling.
     """
 
-    def __init__(self, D: int, hidden: int, out_channels: int, sizes: list[tuple[int, int]], res_blocks: int,
-                 head_upsamples: bool = False) -> None:
+    def __init__(
+        self,
+        D: int,
+        hidden: int,
+        out_channels: int,
+        sizes: list[tuple[int, int]],
+        res_blocks: int,
+        head_upsamples: bool = False,
+    ) -> None:
         super().__init__()
         if head_upsamples and len(sizes) < 2:
             raise ValueError("head_upsamples needs a latent grid smaller than the image (one upsampling at least)")

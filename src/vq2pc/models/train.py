@@ -44,8 +44,17 @@ from vq2pc.core.random import step_seed
 from vq2pc.core.validate import is_positive_number
 from vq2pc.data.datasets import to_model_space
 
-__all__ = ["TrainConfig", "TrainResult", "SCHEDULES", "fit", "batches", "evaluate_loss", "completed_steps", "step_dequantizer",
-           "dequantize_once"]
+__all__ = [
+    "TrainConfig",
+    "TrainResult",
+    "SCHEDULES",
+    "fit",
+    "batches",
+    "evaluate_loss",
+    "completed_steps",
+    "step_dequantizer",
+    "dequantize_once",
+]
 
 Batch = tuple[Tensor, ...]
 LossFn = Callable[[nn.Module, Batch], Tensor]
@@ -96,8 +105,12 @@ class TrainResult:
 
     def summary(self) -> dict[str, Any]:
         """The JSON-able record a report gives of this training: its cost and how it ended."""
-        return {"train_seconds": round(self.seconds, 3), "train_epochs": self.epochs_run,
-                "stopped_early": self.stopped_early, "time_capped": self.time_capped}
+        return {
+            "train_seconds": round(self.seconds, 3),
+            "train_epochs": self.epochs_run,
+            "stopped_early": self.stopped_early,
+            "time_capped": self.time_capped,
+        }
 
 
 def batches(data: Sequence[Tensor], batch_size: int, generator: torch.Generator | None = None) -> list[Batch]:
@@ -157,8 +170,10 @@ def _check_resumable(ck: dict[str, Any], path: str | Path, meta: dict[str, Any] 
     old, new = (ck.get("meta") or {}).get("config"), (meta or {}).get("config")
     if old is not None and new is not None and old != new:
         diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-        raise CheckpointError(f"{path} was written for another configuration (differs in {diff}); "
-                              "delete it or re-run with --force to train from scratch")
+        raise CheckpointError(
+            f"{path} was written for another configuration (differs in {diff}); "
+            "delete it or re-run with --force to train from scratch"
+        )
 
 
 class _Step(nn.Module):
@@ -178,8 +193,9 @@ def _wrap(model: nn.Module, loss_fn: LossFn, cfg: TrainConfig, device: str) -> n
     step: nn.Module = _Step(model, loss_fn)
     if is_distributed():
         dev = torch.device(device)
-        step = DistributedDataParallel(step, device_ids=[dev.index] if dev.type == "cuda" else None,
-                                       find_unused_parameters=True)
+        step = DistributedDataParallel(
+            step, device_ids=[dev.index] if dev.type == "cuda" else None, find_unused_parameters=True
+        )
     return torch.compile(step) if cfg.compile else step
 
 
@@ -228,11 +244,22 @@ class _Loop:
     def __init__(self, model: nn.Module, cfg: TrainConfig, steps_per_epoch: int) -> None:
         self.model, self.cfg, self.steps_per_epoch = model, cfg, steps_per_epoch
         self.opt = adam(model.parameters(), cfg.lr)
-        self.sched = (torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=cfg.epochs * steps_per_epoch)
-                      if cfg.schedule == "cosine" else None)
+        self.sched = (
+            torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=cfg.epochs * steps_per_epoch)
+            if cfg.schedule == "cosine"
+            else None
+        )
         self.gen = torch.Generator().manual_seed(cfg.seed)
-        self.state: dict[str, Any] = {"epoch": 0, "best": math.inf, "best_epoch": 0, "start": None, "bad": 0,
-                                      "done": False, "history": [], "seconds": 0.0}
+        self.state: dict[str, Any] = {
+            "epoch": 0,
+            "best": math.inf,
+            "best_epoch": 0,
+            "start": None,
+            "bad": 0,
+            "done": False,
+            "history": [],
+            "seconds": 0.0,
+        }
         self.best_state = _copy_state(model)
 
     def resume(self, checkpoint: str | Path, kind: str, meta: dict[str, Any] | None) -> bool:
@@ -249,8 +276,10 @@ class _Loop:
             if self.sched is not None:
                 self.sched.load_state_dict(ck["schedule"])
         except (RuntimeError, ValueError, KeyError) as exc:
-            raise CheckpointError(f"{checkpoint} does not fit this model ({str(exc).splitlines()[0]}); "
-                                  "delete it or re-run with --force to train from scratch") from None
+            raise CheckpointError(
+                f"{checkpoint} does not fit this model ({str(exc).splitlines()[0]}); "
+                "delete it or re-run with --force to train from scratch"
+            ) from None
         self.gen.set_state(ck["rng"])
         self.state = {**self.state, **ck["train_state"]}
         self.best_state = ck["state_dict"]
@@ -279,8 +308,9 @@ class _Loop:
         """The end of an epoch: its losses, the best weights, whether training is done."""
         state = self.state
         state["epoch"] += 1
-        state["history"].append({"epoch": state["epoch"], "train": train, "val": val,
-                                 "lr": self.opt.param_groups[0]["lr"]})
+        state["history"].append(
+            {"epoch": state["epoch"], "train": train, "val": val, "lr": self.opt.param_groups[0]["lr"]}
+        )
         if val < state["best"]:
             state["best"], state["best_epoch"], state["bad"] = val, state["epoch"], 0
             self.best_state = _copy_state(self.model)
@@ -290,18 +320,31 @@ class _Loop:
         state["done"] = state["bad"] >= self.cfg.patience or state["epoch"] >= self.cfg.epochs or out_of_time
 
     def save(self, checkpoint: str | Path, kind: str, meta: dict[str, Any] | None) -> None:
-        save_checkpoint(checkpoint, kind, {
-            "meta": meta or {}, "state_dict": self.best_state, "last_state_dict": self.model.state_dict(),
-            "optimizer": self.opt.state_dict(), "rng": self.gen.get_state(), "train_state": self.state,
-            "train_config": asdict(self.cfg), **({"schedule": self.sched.state_dict()} if self.sched else {}),
-        })
+        save_checkpoint(
+            checkpoint,
+            kind,
+            {
+                "meta": meta or {},
+                "state_dict": self.best_state,
+                "last_state_dict": self.model.state_dict(),
+                "optimizer": self.opt.state_dict(),
+                "rng": self.gen.get_state(),
+                "train_state": self.state,
+                "train_config": asdict(self.cfg),
+                **({"schedule": self.sched.state_dict()} if self.sched else {}),
+            },
+        )
 
     def result(self) -> TrainResult:
         state, cfg = self.state, self.cfg
         return TrainResult(
-            best_val_loss=float(state["best"]), epochs_run=int(state["epoch"]),
-            stopped_early=state["bad"] >= cfg.patience, seconds=float(state["seconds"]),
-            history=list(state["history"]), best_epoch=int(state["best_epoch"]), start_val_loss=state["start"],
+            best_val_loss=float(state["best"]),
+            epochs_run=int(state["epoch"]),
+            stopped_early=state["bad"] >= cfg.patience,
+            seconds=float(state["seconds"]),
+            history=list(state["history"]),
+            best_epoch=int(state["best_epoch"]),
+            start_val_loss=state["start"],
             time_capped=bool(self._out_of_time() and state["bad"] < cfg.patience and state["epoch"] < cfg.epochs),
         )
 
@@ -310,9 +353,17 @@ def _copy_state(model: nn.Module) -> dict[str, Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def _train_epoch(loop: _Loop, step: nn.Module, train_data: Sequence[Tensor], device: str, autocast: Any,
-                 scaler: Any, prepare: Callable[[Batch], Batch] | None,
-                 before_step: Callable[[int, int], None] | None, desc: str) -> float:
+def _train_epoch(
+    loop: _Loop,
+    step: nn.Module,
+    train_data: Sequence[Tensor],
+    device: str,
+    autocast: Any,
+    scaler: Any,
+    prepare: Callable[[Batch], Batch] | None,
+    before_step: Callable[[int, int], None] | None,
+    desc: str,
+) -> float:
     """One epoch of training steps (see :func:`fit`); returns the mean training loss of its batches."""
     loop.model.train()
     losses = []
@@ -370,14 +421,18 @@ def fit(
     loop = _Loop(model, cfg, math.ceil(train_data[0].shape[0] / cfg.batch_size))
 
     def score() -> float:
-        return validate(model) if validate is not None else evaluate_loss(
-            model, loss_fn, val_data, max(cfg.batch_size, 256), device)
+        return (
+            validate(model)
+            if validate is not None
+            else evaluate_loss(model, loss_fn, val_data, max(cfg.batch_size, 256), device)
+        )
 
     if not (checkpoint is not None and loop.resume(checkpoint, kind, meta)) and score_start:
         loop.state["start"] = loop.state["best"] = score()
     start = time.perf_counter() - loop.state["seconds"]
-    bar = tqdm(total=cfg.epochs, initial=loop.state["epoch"], desc=desc, disable=not (cfg.progress and is_main()),
-               leave=False)
+    bar = tqdm(
+        total=cfg.epochs, initial=loop.state["epoch"], desc=desc, disable=not (cfg.progress and is_main()), leave=False
+    )
     with global_batchnorm(model):
         step = _wrap(model, loss_fn, cfg, device)
         while not loop.state["done"] and loop.state["epoch"] < cfg.epochs:

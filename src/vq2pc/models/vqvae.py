@@ -113,7 +113,9 @@ class VQVAE(SavableModel, nn.Module):
     def _check_x_shape(self, x: Tensor) -> None:
         """Shape and dtype of ``x`` (no host sync: cheap enough for every training step)."""
         if x.dim() != 4 or tuple(x.shape[1:]) != self.cfg.image_shape:
-            raise ValueError(f"x must have shape [B, {', '.join(map(str, self.cfg.image_shape))}], got {tuple(x.shape)}")
+            raise ValueError(
+                f"x must have shape [B, {', '.join(map(str, self.cfg.image_shape))}], got {tuple(x.shape)}"
+            )
         if not x.dtype.is_floating_point:
             raise ValueError(f"x must be float model-space data (see data.to_model_space), got dtype {x.dtype}")
 
@@ -172,12 +174,18 @@ class VQVAE(SavableModel, nn.Module):
         ``recon_nll`` (nats per image), ``vq_loss`` and ``perplexity`` (of the batch's codes)."""
         self._check_x(x)
         total, recon, q = self._terms(x)
-        return total, {"recon_nll": float(recon.detach()), "vq_loss": float(q.loss.detach()),
-                       "perplexity": float(q.perplexity)}
+        return total, {
+            "recon_nll": float(recon.detach()),
+            "vq_loss": float(q.loss.detach()),
+            "perplexity": float(q.perplexity),
+        }
 
 
 def train_vqvae(
-    splits: DataSplits, cfg: VQVAEConfig, train_cfg: TrainConfig, checkpoint: str | Path | None = None,
+    splits: DataSplits,
+    cfg: VQVAEConfig,
+    train_cfg: TrainConfig,
+    checkpoint: str | Path | None = None,
 ) -> tuple[VQVAE, TrainResult]:
     """Fit a VQ-VAE on ``splits.train_x`` with early stopping on ``splits.val_x``.
 
@@ -196,9 +204,18 @@ def train_vqvae(
         return m.objective(batch[0])
 
     val = (dequantize_once(splits.val_x, cfg.leaf, cfg.levels, train_cfg.seed),)
-    result = fit(model, loss_fn, (splits.train_x,), val, train_cfg, checkpoint, kind="vqvae",
-                 meta={"config": asdict(cfg)}, desc="vqvae",
-                 prepare=step_dequantizer(cfg.leaf, cfg.levels, train_cfg.seed, first))
+    result = fit(
+        model,
+        loss_fn,
+        (splits.train_x,),
+        val,
+        train_cfg,
+        checkpoint,
+        kind="vqvae",
+        meta={"config": asdict(cfg)},
+        desc="vqvae",
+        prepare=step_dequantizer(cfg.leaf, cfg.levels, train_cfg.seed, first),
+    )
     return model, result
 
 
@@ -211,6 +228,8 @@ def encode_images(vqvae: VQVAE, v: Tensor, seed: int = 0, batch_size: int = 1024
     gen = torch.Generator().manual_seed(seed)
     device = next(vqvae.parameters()).device
     vqvae.eval()
-    parts = [vqvae.codes(to_model_space(v[i : i + batch_size], vqvae.cfg.leaf, vqvae.cfg.levels, gen).to(device)).cpu()
-             for i in range(0, len(v), batch_size)]
+    parts = [
+        vqvae.codes(to_model_space(v[i : i + batch_size], vqvae.cfg.leaf, vqvae.cfg.levels, gen).to(device)).cpu()
+        for i in range(0, len(v), batch_size)
+    ]
     return torch.cat(parts)

@@ -29,40 +29,65 @@ from vq2pc.pipeline.rundir import RunDir, settings_key
 __all__ = ["run_baselines", "fit_circuit"]
 
 
-def _bpd_row(run: RunDir, cfg: RunConfig, splits: DataSplits, leaf: str, key: str, model: Any, depends: Path,
-             **fields: Any) -> ResultRow:
+def _bpd_row(
+    run: RunDir, cfg: RunConfig, splits: DataSplits, leaf: str, key: str, model: Any, depends: Path, **fields: Any
+) -> ResultRow:
     test_x = splits.test_x[: cfg.test_limit] if cfg.test_limit else splits.test_x
 
     def compute() -> dict[str, Any]:
-        bpd = test_bpd(model, test_x, leaf, splits.levels, draws=cfg.experiments.bpd_draws,
-                       discrete=cfg.experiments.bpd_discrete, generator=torch.Generator().manual_seed(cfg.seed))
+        bpd = test_bpd(
+            model,
+            test_x,
+            leaf,
+            splits.levels,
+            draws=cfg.experiments.bpd_draws,
+            discrete=cfg.experiments.bpd_discrete,
+            generator=torch.Generator().manual_seed(cfg.seed),
+        )
         return ResultRow.build(**fields, leaf=leaf, **bpd_fields(bpd), test_images=len(test_x)).to_dict()
 
-    params = {"baselines": settings_key(cfg.baselines),
-              "train": settings_key(cfg.baseline_train, drop=("progress", "device", "compile")),
-              "seed": cfg.seed, "test_limit": cfg.test_limit, "bpd_draws": cfg.experiments.bpd_draws,
-              "bpd_format": BPD_FORMAT, "bpd_discrete": cfg.experiments.bpd_discrete}
-    return ResultRow.from_dict(run.cached("baselines", f"{leaf}/baselines/{key}", compute, depends=(depends,),
-                                          params=params))
+    params = {
+        "baselines": settings_key(cfg.baselines),
+        "train": settings_key(cfg.baseline_train, drop=("progress", "device", "compile")),
+        "seed": cfg.seed,
+        "test_limit": cfg.test_limit,
+        "bpd_draws": cfg.experiments.bpd_draws,
+        "bpd_format": BPD_FORMAT,
+        "bpd_discrete": cfg.experiments.bpd_discrete,
+    }
+    return ResultRow.from_dict(
+        run.cached("baselines", f"{leaf}/baselines/{key}", compute, depends=(depends,), params=params)
+    )
 
 
 def _cm_config(spec: BaselineSpec, splits: DataSplits, leaf: str, seed: int) -> CMConfig:
     """The CM of ``spec``: the MLP recipe, or the paper recipe over a grid of ``cm_points`` (seeded by the run)."""
-    common = {"image_shape": tuple(splits.image_shape), "leaf": leaf, "levels": splits.levels,
-              "latent_dim": spec.cm_latent_dim}
+    common = {
+        "image_shape": tuple(splits.image_shape),
+        "leaf": leaf,
+        "levels": splits.levels,
+        "latent_dim": spec.cm_latent_dim,
+    }
     if spec.cm_recipe != "paper":
         return CMConfig(**common, hidden=spec.cm_hidden, train_points=spec.cm_train_points)
     paper = {"channels": spec.cm_channels, "refresh": spec.cm_refresh, "top_k": spec.cm_top_k}
-    return CMConfig(**common, recipe="paper", points=spec.cm_points, grid_seed=seed,
-                    **{k: v for k, v in paper.items() if v is not None})
+    return CMConfig(
+        **common,
+        recipe="paper",
+        points=spec.cm_points,
+        grid_seed=seed,
+        **{k: v for k, v in paper.items() if v is not None},
+    )
 
 
 def _time_cap(result: TrainResult, train: TrainConfig, name: str, notes: list[str]) -> float | None:
     """``train.max_seconds`` when that wall-time cap ended the training (then a note says so), else None:
     a capped result depends on the machine's speed, not only on the seed."""
     if result.time_capped:
-        notes.append(f"{name} stopped at the time cap (max_seconds={train.max_seconds:g}) after {result.epochs_run} "
-                     f"of {train.epochs} epochs: its numbers depend on the machine's speed")
+        notes.append(
+            f"{name} stopped at the time cap (max_seconds={train.max_seconds:g}) after {result.epochs_run} "
+            f"of {train.epochs} epochs: its numbers depend on the machine's speed"
+        )
     return train.max_seconds if result.time_capped else None
 
 
@@ -76,8 +101,13 @@ def _einet_available(notes: list[str]) -> bool:
     return True
 
 
-_FAMILIES = {"poon-domingos": "EiNet", "quad-graph": "QuadGraph", "quad-tree-2": "QuadTree",
-             "quad-tree-4": "QuadTree", "chow-liu-tree": "HCLT"}
+_FAMILIES = {
+    "poon-domingos": "EiNet",
+    "quad-graph": "QuadGraph",
+    "quad-tree-2": "QuadTree",
+    "quad-tree-4": "QuadTree",
+    "chow-liu-tree": "HCLT",
+}
 
 
 def _circuit_specs(spec: BaselineSpec, splits: DataSplits, leaf: str) -> list[tuple[str, str, str, EiNetConfig]]:
@@ -86,14 +116,32 @@ def _circuit_specs(spec: BaselineSpec, splits: DataSplits, leaf: str) -> list[tu
     shape = dict(image_shape=tuple(splits.image_shape), leaf=leaf, levels=splits.levels)
     out = []
     if spec.einet:
-        out += [(f"einet-p{p}-I{i}", f"EiNet (PD {p}, I={i})", "EiNet",
-                 EiNetConfig(**shape, pieces=(p,), num_input_units=i, num_sum_units=i))
-                for p in spec.einet_pieces for i in spec.einet_inputs]
+        out += [
+            (
+                f"einet-p{p}-I{i}",
+                f"EiNet (PD {p}, I={i})",
+                "EiNet",
+                EiNetConfig(**shape, pieces=(p,), num_input_units=i, num_sum_units=i),
+            )
+            for p in spec.einet_pieces
+            for i in spec.einet_inputs
+        ]
     for c in spec.circuits:
         family = _FAMILIES[c.region_graph]
-        out.append((f"{c.region_graph}-{c.sum_product}-{c.units}", f"{family} ({c.sum_product.upper()}, {c.units})",
-                    family, EiNetConfig(**shape, region_graph=c.region_graph, sum_product=c.sum_product,
-                                        num_input_units=c.units, num_sum_units=c.units)))
+        out.append(
+            (
+                f"{c.region_graph}-{c.sum_product}-{c.units}",
+                f"{family} ({c.sum_product.upper()}, {c.units})",
+                family,
+                EiNetConfig(
+                    **shape,
+                    region_graph=c.region_graph,
+                    sum_product=c.sum_product,
+                    num_input_units=c.units,
+                    num_sum_units=c.units,
+                ),
+            )
+        )
     return out
 
 
@@ -113,9 +161,24 @@ def run_baselines(
         for key, name, family, ecfg in _circuit_specs(spec, splits, leaf):
             ckpt = run.checkpoint("baselines", leaf, "baselines", f"{key}.pt")
             model, res = train_einet(splits, ecfg, train_cfg, checkpoint=ckpt)
-            rows.append(_bpd_row(run, cfg, splits, leaf, key, model, ckpt, name=name, family=family,
-                                 selection=family.lower(), N=ecfg.num_input_units, num_params=model.num_params, **res.summary(),
-                                 time_cap_fired=_time_cap(res, train_cfg, f"{name} ({leaf})", notes)))
+            rows.append(
+                _bpd_row(
+                    run,
+                    cfg,
+                    splits,
+                    leaf,
+                    key,
+                    model,
+                    ckpt,
+                    name=name,
+                    family=family,
+                    selection=family.lower(),
+                    N=ecfg.num_input_units,
+                    num_params=model.num_params,
+                    **res.summary(),
+                    time_cap_fired=_time_cap(res, train_cfg, f"{name} ({leaf})", notes),
+                )
+            )
             models[name] = model
     if spec.cm:
         ccfg = _cm_config(spec, splits, leaf, cfg.seed)
@@ -130,33 +193,69 @@ def run_baselines(
             circuit.save(path)
             run.redone.add(path)
         circuit = MixtureCircuit.load(path, device=cfg.device)
-        rows.append(_bpd_row(run, cfg, splits, leaf, "cm", circuit, path, name=f"CM (M={spec.cm_points})", family="CM",
-                             selection="cm", N=len(circuit), num_params=circuit.num_params, recipe=ccfg.recipe,
-                             source_params=model.num_params, circuit_file=str(path.relative_to(run.root)),
-                             **res.summary(), time_cap_fired=capped))
+        rows.append(
+            _bpd_row(
+                run,
+                cfg,
+                splits,
+                leaf,
+                "cm",
+                circuit,
+                path,
+                name=f"CM (M={spec.cm_points})",
+                family="CM",
+                selection="cm",
+                N=len(circuit),
+                num_params=circuit.num_params,
+                recipe=ccfg.recipe,
+                source_params=model.num_params,
+                circuit_file=str(path.relative_to(run.root)),
+                **res.summary(),
+                time_cap_fired=capped,
+            )
+        )
         models["CM"] = circuit
     return rows, models
 
 
-def fit_circuit(splits: DataSplits, spec: CircuitSpec, leaf: str, train: TrainConfig, out: Path,
-                bpd_draws: int = 1) -> dict[str, Any]:
+def fit_circuit(
+    splits: DataSplits, spec: CircuitSpec, leaf: str, train: TrainConfig, out: Path, bpd_draws: int = 1
+) -> dict[str, Any]:
     """Train one libcirkit circuit baseline outside a run (``vq2pc train-baseline``), resumable from
     ``out/<key>.pt``; score it on the validation and test splits with the report's :func:`test_bpd` and
     write the row to ``out/<key>.json``. Returns the row."""
     shape = dict(image_shape=tuple(splits.image_shape), leaf=leaf, levels=splits.levels)
-    ecfg = EiNetConfig(**shape, region_graph=spec.region_graph, sum_product=spec.sum_product,
-                       num_input_units=spec.units, num_sum_units=spec.units)
+    ecfg = EiNetConfig(
+        **shape,
+        region_graph=spec.region_graph,
+        sum_product=spec.sum_product,
+        num_input_units=spec.units,
+        num_sum_units=spec.units,
+    )
     key, family = f"{spec.region_graph}-{spec.sum_product}-{spec.units}", _FAMILIES[spec.region_graph]
     out.mkdir(parents=True, exist_ok=True)
     model, res = train_einet(splits, ecfg, train, checkpoint=out / f"{key}.pt")
     model.eval()
     score = functools.partial(test_bpd, model, leaf_kind=leaf, levels=splits.levels, draws=bpd_draws)
     with torch.no_grad():
-        val, test = score(splits.val_x, generator=torch.Generator().manual_seed(train.seed)), \
-            score(splits.test_x, generator=torch.Generator().manual_seed(train.seed))
-    row = {"name": f"{family} ({spec.sum_product.upper()}, {spec.units})", "family": family, "leaf": leaf,
-           **asdict(spec), "num_params": model.num_params, "val_bpd": val["mean"], **bpd_fields(test),
-           "test_images": len(splits.test_x), **res.summary(), "seed": train.seed, "lr": train.lr,
-           "batch_size": train.batch_size, "history": res.history}
+        val, test = (
+            score(splits.val_x, generator=torch.Generator().manual_seed(train.seed)),
+            score(splits.test_x, generator=torch.Generator().manual_seed(train.seed)),
+        )
+    row = {
+        "name": f"{family} ({spec.sum_product.upper()}, {spec.units})",
+        "family": family,
+        "leaf": leaf,
+        **asdict(spec),
+        "num_params": model.num_params,
+        "val_bpd": val["mean"],
+        **bpd_fields(test),
+        "test_images": len(splits.test_x),
+        **res.summary(),
+        "seed": train.seed,
+        "lr": train.lr,
+        "batch_size": train.batch_size,
+        "history": res.history,
+    }
     write_json(out / f"{key}.json", row)
     return row

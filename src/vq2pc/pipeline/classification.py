@@ -71,9 +71,12 @@ def _class_models(src: SourceModel, cfg: RunConfig, circuits: Models) -> dict[st
             else:
                 selection = make_selection(src, cfg, strategy, n)
             if len(selection) != len(circuit) or not (key.endswith("-ft") or _same_components(src, selection, circuit)):
-                raise ValueError(f"circuit {key} does not hold the latents its selection {strategy} N={n} makes now "
-                                 "(made by other code or settings): redo it with --force distill")
+                raise ValueError(
+                    f"circuit {key} does not hold the latents its selection {strategy} N={n} makes now "
+                    "(made by other code or settings): redo it with --force distill"
+                )
             return ClassMixture(circuit, class_weights(src.prior, selection, base_log_weights=circuit.log_weights))
+
         return load
 
     return {label: loader(*spec) for label, spec in class_rows(circuits).items()}
@@ -84,12 +87,21 @@ def _same_components(src: SourceModel, selection: Selection, circuit: Any, k: in
     not fine-tuned, circuit), so the class weights of ``selection`` belong to this circuit."""
     leaf = decode_leaf(src.vqvae, selection.codes[:k], std_floor=src.spec.std_floor)
     mine = circuit.leaf[torch.arange(min(k, len(circuit)))].tensors()
-    return all(torch.allclose(t.float().cpu(), mine[name].float().cpu(), atol=1e-4, rtol=1e-4)
-               for name, t in leaf.tensors().items())
+    return all(
+        torch.allclose(t.float().cpu(), mine[name].float().cpu(), atol=1e-4, rtol=1e-4)
+        for name, t in leaf.tensors().items()
+    )
 
 
-def classification_experiment(run: RunDir, cfg: RunConfig, splits: DataSplits, leaf: str, src: SourceModel,
-                              circuits: Models, fig: Callable[[str], Any]) -> dict[str, Any]:
+def classification_experiment(
+    run: RunDir,
+    cfg: RunConfig,
+    splits: DataSplits,
+    leaf: str,
+    src: SourceModel,
+    circuits: Models,
+    fig: Callable[[str], Any],
+) -> dict[str, Any]:
     """Numbers (and three figures) of the classification experiment for ``leaf``."""
     E, start, cpu = cfg.experiments, time.perf_counter(), time.process_time()
     n = min(E.classification_images, len(splits.test_x))
@@ -108,14 +120,30 @@ def classification_experiment(run: RunDir, cfg: RunConfig, splits: DataSplits, l
     shown_x, shown_mask = x[:2], masks["left"][:2]
     for label, load in loaders.items():  # one circuit in memory at a time
         model = load()
-        part, posts = ec.classification_metrics({label: model}, x, labels, masks, leaf, splits.levels,
-                                                tuple(splits.image_shape), classifier, train_unit.mean(0))
+        part, posts = ec.classification_metrics(
+            {label: model},
+            x,
+            labels,
+            masks,
+            leaf,
+            splits.levels,
+            tuple(splits.image_shape),
+            classifier,
+            train_unit.mean(0),
+        )
         for k in ("circuit", "cnn_circuit"):
             results[k].update(part[k])
         results["cnn_mean"], results["hidden_fraction"] = part["cnn_mean"], part["hidden_fraction"]
         full.update(posts)
-        panels[label] = ec.class_panels(model, shown_x, shown_mask, leaf, splits.levels, tuple(splits.image_shape),
-                                        generator=torch.Generator().manual_seed(cfg.seed + 6))
+        panels[label] = ec.class_panels(
+            model,
+            shown_x,
+            shown_mask,
+            leaf,
+            splits.levels,
+            tuple(splits.image_shape),
+            generator=torch.Generator().manual_seed(cfg.seed + 6),
+        )
         del model
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     title = f"{cfg.dataset}, {leaf} pixels, {n} test images"
@@ -125,7 +153,12 @@ def classification_experiment(run: RunDir, cfg: RunConfig, splits: DataSplits, l
     for per in results["circuit"].values():
         for metrics in per.values():
             metrics.pop("reliability", None)
-    return {**results, "images": n, "cnn_test_accuracy": cnn_accuracy, "seconds": round(seconds, 2),
-            "cpu_seconds": round(cpu, 2),
-            "class_weights": "w_{n,c} = w_n p(c | z_n) from the prior (each row's own p(x) kept)",
-            "figure": str(fig("classification"))}
+    return {
+        **results,
+        "images": n,
+        "cnn_test_accuracy": cnn_accuracy,
+        "seconds": round(seconds, 2),
+        "cpu_seconds": round(cpu, 2),
+        "class_weights": "w_{n,c} = w_n p(c | z_n) from the prior (each row's own p(x) kept)",
+        "figure": str(fig("classification")),
+    }

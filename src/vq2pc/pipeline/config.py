@@ -27,8 +27,16 @@ from vq2pc.models.priors import prior_config
 from vq2pc.models.train import TrainConfig
 from vq2pc.pipeline.typed_yaml import build_dataclass, plain
 
-__all__ = ["ModelSpec", "CircuitSpec", "BaselineSpec", "ExperimentSpec", "RunConfig", "load_config", "config_to_dict", "DEFAULT_CONFIG"]
-
+__all__ = [
+    "ModelSpec",
+    "CircuitSpec",
+    "BaselineSpec",
+    "ExperimentSpec",
+    "RunConfig",
+    "load_config",
+    "config_to_dict",
+    "DEFAULT_CONFIG",
+]
 
 
 @dataclass
@@ -56,16 +64,26 @@ class ModelSpec:
     weights: str = "uniform"  # mixture weights of the non-exhaustive strategies: uniform (Eq. 2) | prior
     starts: int = 10  # DMBS: starting tokens per class (s)
     beam_score: str = "class"  # DMBS: class c's searches rank by p(z_≤i | c) (Algorithm 1) | marginal: p(z_≤i)
-    beam_search: str = "deterministic"  # DMBS: keep the best B beams (Algorithm 2) | stochastic: sample them (Gumbel-top-k)
-    em_strategies: list[str] = field(default_factory=lambda: ["sample"])  # also refine these strategies' circuits by EM (+EM rows)
+    beam_search: str = (
+        "deterministic"  # DMBS: keep the best B beams (Algorithm 2) | stochastic: sample them (Gumbel-top-k)
+    )
+    em_strategies: list[str] = field(
+        default_factory=lambda: ["sample"]
+    )  # also refine these strategies' circuits by EM (+EM rows)
     em_iterations: int = 5
     em_leaves: bool = True  # EM on the leaf parameters too, not only the weights
     em_prior_strength: float = 2.0  # Dirichlet pseudo-count (and decoder-leaf pseudo-observations), see refine.py
     em_train_limit: int | None = 10000  # training images used by EM
-    std_floor: float | None = None  # Gaussian leaves: raise decoded stds below this (every circuit and ExM of the model)
+    std_floor: float | None = (
+        None  # Gaussian leaves: raise decoded stds below this (every circuit and ExM of the model)
+    )
     ft_strategies: list[str] = field(default_factory=list)  # also fine-tune these strategies' circuits (+FT rows)
-    ft_N: dict[str, list[int]] = field(default_factory=dict)  # +FT rows only at these N of a strategy (one not named: every N)
-    finetune: FineTuneConfig = field(default_factory=FineTuneConfig)  # settings of the +FT rows (device, seed: the run's)
+    ft_N: dict[str, list[int]] = field(
+        default_factory=dict
+    )  # +FT rows only at these N of a strategy (one not named: every N)
+    finetune: FineTuneConfig = field(
+        default_factory=FineTuneConfig
+    )  # settings of the +FT rows (device, seed: the run's)
     ft_std_max: list[float] = field(default_factory=list)  # more +FT rows of Gaussian leaves, stds capped below each
     ft_std_max_N: list[int] | None = None  # the N of those capped rows (None: every N of the +FT rows)
     ft_std_max_strategies: list[str] | None = None  # the selections given capped rows (None: every ft_strategies one)
@@ -149,16 +167,23 @@ def default_model() -> ModelSpec:
 
 def transformer_twin() -> ModelSpec:
     """The default run's second model: the first one's VQ-VAE with a Transformer prior (PixelCNN vs Transformer)."""
-    return ModelSpec(name="2x2-tf", vqvae_from="2x2", prior="transformer", strategies=["exhaustive", "sample", "beam"],
-                     em_strategies=[])
+    return ModelSpec(
+        name="2x2-tf",
+        vqvae_from="2x2",
+        prior="transformer",
+        strategies=["exhaustive", "sample", "beam"],
+        em_strategies=[],
+    )
 
 
 @dataclass
 class RunConfig:
     """Everything a ``vq2pc run`` needs; see ``configs/`` for annotated examples."""
 
-    description: str = ("Quick default: digits, 2x2 latent grid (K=16), every experiment at toy scale, "
-                        "paper-faithful and fine-tuned (+FT) distillation.")
+    description: str = (
+        "Quick default: digits, 2x2 latent grid (K=16), every experiment at toy scale, "
+        "paper-faithful and fine-tuned (+FT) distillation."
+    )
     dataset: str = "digits"
     data_dir: str | None = None
     limit: int | None = None  # cap every split (quick experiments)
@@ -172,28 +197,50 @@ class RunConfig:
     max_usage_space: int = 2**27  # largest latent space enumerated for Fig. 1 (96^4 ≈ 2^26.3)
     max_materialize: int = 2**27  # ExM with more leaf parameters than this is streamed (ExactModel), not stored
     exact_test_limit: int | None = None  # test images for a streamed ExM (its BPD costs K^{HW} decodes per draw)
-    vqvae_train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=60, patience=10, lr=2e-3, batch_size=64))
+    vqvae_train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(epochs=60, patience=10, lr=2e-3, batch_size=64)
+    )
     prior_train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=40, patience=8, lr=2e-3, batch_size=64))
     baseline_train: TrainConfig = field(
-        default_factory=lambda: TrainConfig(epochs=40, patience=8, lr=5e-3, batch_size=64))
+        default_factory=lambda: TrainConfig(epochs=40, patience=8, lr=5e-3, batch_size=64)
+    )
     baselines: BaselineSpec = field(default_factory=BaselineSpec)
     experiments: ExperimentSpec = field(default_factory=ExperimentSpec)
 
     def validate(self) -> RunConfig:
         _check_device_name(self.device)
-        _check_counts(self, ("limit", "test_limit", "exact_test_limit", "max_exhaustive", "max_usage_space",
-                             "max_materialize"), "config")
+        _check_counts(
+            self,
+            ("limit", "test_limit", "exact_test_limit", "max_exhaustive", "max_usage_space", "max_materialize"),
+            "config",
+        )
         _check_counts(self, ("seed",), "config", low=0)
         if any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in self.experiments.usage_seeds):
-            raise ValueError(f"config: experiments.usage_seeds must be integers >= 0, got {self.experiments.usage_seeds}")
-        _check_counts(self.experiments, ("inpainting_images", "inpainting_eval_images", "num_samples",
-                                         "correlation_images", "bpd_draws", "classification_images"),
-                      "config.experiments")
+            raise ValueError(
+                f"config: experiments.usage_seeds must be integers >= 0, got {self.experiments.usage_seeds}"
+            )
+        _check_counts(
+            self.experiments,
+            (
+                "inpainting_images",
+                "inpainting_eval_images",
+                "num_samples",
+                "correlation_images",
+                "bpd_draws",
+                "classification_images",
+            ),
+            "config.experiments",
+        )
         if not all(0.0 < f < 1.0 for f in self.experiments.classification_fractions):
-            raise ValueError("config.experiments: classification_fractions must lie in (0, 1), got "
-                             f"{self.experiments.classification_fractions}")
-        _check_counts(self.baselines, ("cm_latent_dim", "cm_hidden", "cm_train_points", "cm_points", "cm_batch_size"),
-                     "config.baselines")
+            raise ValueError(
+                "config.experiments: classification_fractions must lie in (0, 1), got "
+                f"{self.experiments.classification_fractions}"
+            )
+        _check_counts(
+            self.baselines,
+            ("cm_latent_dim", "cm_hidden", "cm_train_points", "cm_points", "cm_batch_size"),
+            "config.baselines",
+        )
         _check_cm_recipe(self.baselines)
         for leaf in self.leaves:
             if leaf not in LEAF_KINDS:
@@ -208,8 +255,11 @@ class RunConfig:
             if m.K < 1 or any(n < 1 for n in m.N):
                 raise ValueError(f"config: model {m.name!r} needs K >= 1 and every N >= 1")
             _check_extra_N(m)
-            _check_counts(m, ("D", "hidden", "prior_hidden", "prior_layers", "starts", "em_train_limit"),
-                          f"config: model {m.name!r}")
+            _check_counts(
+                m,
+                ("D", "hidden", "prior_hidden", "prior_layers", "starts", "em_train_limit"),
+                f"config: model {m.name!r}",
+            )
             _check_counts(m, ("res_blocks", "em_iterations"), f"config: model {m.name!r}", low=0)
             if min(m.latent_hw) < 1 or m.beta < 0:
                 raise ValueError(f"config: model {m.name!r} needs a positive latent_hw and beta >= 0")
@@ -221,8 +271,9 @@ class RunConfig:
                 raise ValueError(f"config: model {m.name!r} weights must be one of {list(WEIGHTS)}, got {m.weights!r}")
             for key, allowed in (("beam_score", BEAM_SCORES), ("beam_search", BEAM_SEARCHES)):
                 if getattr(m, key) not in allowed:
-                    raise ValueError(f"config: model {m.name!r} {key} must be one of {list(allowed)}, "
-                                     f"got {getattr(m, key)!r}")
+                    raise ValueError(
+                        f"config: model {m.name!r} {key} must be one of {list(allowed)}, got {getattr(m, key)!r}"
+                    )
             _check_prior(m)
             self._check_vqvae_from(m)
             if m.std_floor is not None and not (isinstance(m.std_floor, (int, float)) and 0 < m.std_floor < math.inf):
@@ -246,8 +297,10 @@ class RunConfig:
             raise ValueError(f"config: model {m.name!r} ft_std_max_N must be a list of positive integers, got {only!r}")
         which = m.ft_std_max_strategies
         if which is not None and not (isinstance(which, list) and set(map(str, which)) <= set(m.ft_strategies)):
-            raise ValueError(f"config: model {m.name!r} ft_std_max_strategies must be a list of ft_strategies "
-                             f"({m.ft_strategies}), got {which!r}")
+            raise ValueError(
+                f"config: model {m.name!r} ft_std_max_strategies must be a list of ft_strategies "
+                f"({m.ft_strategies}), got {which!r}"
+            )
         if caps and "gaussian" not in self.leaves:
             raise ValueError(f"config: model {m.name!r} ft_std_max caps Gaussian stds; leaves are {self.leaves}")
 
@@ -256,8 +309,10 @@ class RunConfig:
             return
         source = next((s for s in self.models if s.name == m.vqvae_from and s is not m), None)
         if source is None or source.vqvae_from is not None:
-            raise ValueError(f"config: model {m.name!r} vqvae_from {m.vqvae_from!r} must name another model that "
-                             "trains its own VQ-VAE")
+            raise ValueError(
+                f"config: model {m.name!r} vqvae_from {m.vqvae_from!r} must name another model that "
+                "trains its own VQ-VAE"
+            )
         differ = [k for k in VQVAE_KEYS if plain(getattr(m, k)) != plain(getattr(source, k))]
         if differ:
             raise ValueError(f"config: model {m.name!r} shares the VQ-VAE of {source.name!r} but differs in {differ}")
@@ -281,7 +336,9 @@ def _check_cm_recipe(b: BaselineSpec) -> None:
     _check_counts(b, ("cm_channels", "cm_refresh", "cm_top_k"), where)
     paper_only = [k for k in ("cm_channels", "cm_refresh", "cm_top_k") if getattr(b, k) is not None]
     if b.cm_recipe != "paper" and paper_only:
-        raise ValueError(f"{where}: {paper_only} apply to cm_recipe: paper only (cm_recipe is {b.cm_recipe or 'mlp'!r})")
+        raise ValueError(
+            f"{where}: {paper_only} apply to cm_recipe: paper only (cm_recipe is {b.cm_recipe or 'mlp'!r})"
+        )
     if b.cm_recipe == "paper" and b.cm_points & (b.cm_points - 1):
         raise ValueError(f"{where}: cm_points is the paper recipe's Sobol grid, a power of 2; got {b.cm_points}")
     if b.cm_recipe == "paper" and b.cm_top_k is not None and b.cm_top_k > b.cm_points:
@@ -295,8 +352,10 @@ def _check_extra_N(m: ModelSpec) -> None:
         raise ValueError(f"{where} must map strategies to lists of N, e.g. {{sample: [16384]}}; got {m.extra_N!r}")
     for strategy, ns in m.extra_N.items():
         if strategy not in m.strategies or strategy == "exhaustive":
-            raise ValueError(f"{where} names {strategy!r}, which is not one of the model's strategies "
-                             f"{[s for s in m.strategies if s != 'exhaustive']}")
+            raise ValueError(
+                f"{where} names {strategy!r}, which is not one of the model's strategies "
+                f"{[s for s in m.strategies if s != 'exhaustive']}"
+            )
         if not isinstance(ns, list) or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in ns):
             raise ValueError(f"{where}[{strategy!r}] must be a list of integers >= 1, got {ns!r}")
 
@@ -328,6 +387,8 @@ def _check_device_name(name: Any) -> None:
         torch.device(name)
     except (RuntimeError, TypeError):
         raise ValueError(f"config: device {name!r} is not a torch device; use cpu, cuda, cuda:N or mps") from None
+
+
 def _check_prior(m: ModelSpec) -> None:
     """A clear error for an unknown prior (one of ``PRIOR_NAMES``) or sizes that do not make one."""
     try:

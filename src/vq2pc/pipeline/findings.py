@@ -28,11 +28,18 @@ def _exm_bound(rows: list[ResultRow], leaf: str) -> list[str]:
         if not same:
             continue
         best = min(same, key=lambda r: r.test_bpd)
-        verdict = "the exact model is the bound, as the paper says" if exm.test_bpd <= best.test_bpd else (
-            "a distilled circuit beats the exact model (the paper expects ExM to be the bound; "
-            "a subset re-weighted by prior/uniform weights can fit the test data better)")
-        notes.append(f"[{leaf}] {exm.name}: {exm.test_bpd:.4f} BPD vs best distilled {best.name} "
-                     f"(N={best.N}) {best.test_bpd:.4f}: {verdict}.")
+        verdict = (
+            "the exact model is the bound, as the paper says"
+            if exm.test_bpd <= best.test_bpd
+            else (
+                "a distilled circuit beats the exact model (the paper expects ExM to be the bound; "
+                "a subset re-weighted by prior/uniform weights can fit the test data better)"
+            )
+        )
+        notes.append(
+            f"[{leaf}] {exm.name}: {exm.test_bpd:.4f} BPD vs best distilled {best.name} "
+            f"(N={best.N}) {best.test_bpd:.4f}: {verdict}."
+        )
     return notes
 
 
@@ -44,20 +51,27 @@ def _beam_vs_sample(rows: list[ResultRow], leaf: str) -> list[str]:
     beams = [beam for method in ("DMBS", "DMGS") for suffix in suffixes for beam in _by(rows, method + suffix)]
     for beam in beams:
         target = beam.requested_N or beam.N
-        match = [r for r in rows if r.method == "DMRS" and r.variant == beam.variant
-                 and r.model == beam.model and r.requested_N == target]
+        match = [
+            r
+            for r in rows
+            if r.method == "DMRS" and r.variant == beam.variant and r.model == beam.model and r.requested_N == target
+        ]
         if match:
             diff, suffix = beam.test_bpd - match[0].test_bpd, beam.variant
-            notes.append(f"[{leaf}] {beam.family} vs DMRS{suffix} ({beam.model}, N={target}): "
-                         f"{beam.test_bpd:.4f} vs {match[0].test_bpd:.4f} BPD "
-                         f"({beam.method} {'+' if diff >= 0 else ''}{diff:.4f}).")
+            notes.append(
+                f"[{leaf}] {beam.family} vs DMRS{suffix} ({beam.model}, N={target}): "
+                f"{beam.test_bpd:.4f} vs {match[0].test_bpd:.4f} BPD "
+                f"({beam.method} {'+' if diff >= 0 else ''}{diff:.4f})."
+            )
     return notes
 
 
 def _baselines(rows: list[ResultRow], leaf: str) -> list[str]:
     """The best of each baseline family (CM, EiNet, QuadGraph, QuadTree, HCLT) against the best paper-faithful and the best fine-tuned distilled circuit."""
-    kinds = {"distilled model": [r for r in rows if r.family in (*_DISTILLED, "ExM")],
-             "fine-tuned distilled model": [r for r in rows if r.variant.startswith("+FT")]}
+    kinds = {
+        "distilled model": [r for r in rows if r.family in (*_DISTILLED, "ExM")],
+        "fine-tuned distilled model": [r for r in rows if r.variant.startswith("+FT")],
+    }
     notes = []
     for kind, distilled in kinds.items():
         if not distilled:
@@ -68,8 +82,10 @@ def _baselines(rows: list[ResultRow], leaf: str) -> list[str]:
             if fam:
                 top = min(fam, key=lambda r: r.test_bpd)
                 rel = "better" if top.test_bpd < best.test_bpd else "worse"
-                notes.append(f"[{leaf}] best {family} {top.name} {top.test_bpd:.4f} BPD is {rel} than the best "
-                             f"{kind} {best.name} (N={best.N}) {best.test_bpd:.4f}.")
+                notes.append(
+                    f"[{leaf}] best {family} {top.name} {top.test_bpd:.4f} BPD is {rel} than the best "
+                    f"{kind} {best.name} (N={best.N}) {best.test_bpd:.4f}."
+                )
     return notes
 
 
@@ -85,10 +101,15 @@ def _refined(rows: list[ResultRow], leaf: str) -> list[str]:
             base = [r for r in rows if r.name == name and r.N == new.N]
             if base:
                 old = base[0]
-                median = (f" (median per image {old.test_bpd_median:.3f} -> {new.test_bpd_median:.3f})"
-                          if old.test_bpd_median is not None and new.test_bpd_median is not None else "")
-                notes.append(f"[{leaf}] {what}{variant} (beyond the paper) of {old.name} N={new.N}: "
-                             f"{old.test_bpd:.4f} -> {new.test_bpd:.4f} test BPD{median}.")
+                median = (
+                    f" (median per image {old.test_bpd_median:.3f} -> {new.test_bpd_median:.3f})"
+                    if old.test_bpd_median is not None and new.test_bpd_median is not None
+                    else ""
+                )
+                notes.append(
+                    f"[{leaf}] {what}{variant} (beyond the paper) of {old.name} N={new.N}: "
+                    f"{old.test_bpd:.4f} -> {new.test_bpd:.4f} test BPD{median}."
+                )
     return notes
 
 
@@ -105,9 +126,12 @@ def _priors(rows: list[ResultRow], report: dict[str, Any], leaf: str) -> list[st
         bpd = ", ".join(f"{r.family} {r.test_bpd:.4f}" for r in picked if asked[id(r)] == n)
         times = [r.selection_seconds for r in picked if r.selection_seconds is not None]
         seconds = f", {sum(times) / len(times):.2f} s per DMRS/DMBS selection" if times else ""
-        parts.append(f"{s['model']} ({s['prior']}, {s.get('prior_params')} params): val NLL "
-                     f"{s.get('prior_val_nll_per_latent', float('nan')):.4f} nats/latent"
-                     + (f", N={n}: {bpd} BPD" if picked else "") + seconds)
+        parts.append(
+            f"{s['model']} ({s['prior']}, {s.get('prior_params')} params): val NLL "
+            f"{s.get('prior_val_nll_per_latent', float('nan')):.4f} nats/latent"
+            + (f", N={n}: {bpd} BPD" if picked else "")
+            + seconds
+        )
     return [f"[{leaf}] priors compared: " + "; ".join(parts) + "."]
 
 
@@ -118,9 +142,12 @@ def _caveats(rows: list[ResultRow], report: dict[str, Any]) -> list[str]:
         if full and r.test_images and r.test_images < full:
             notes.append(f"{r.leaf}: {r.name} was evaluated on {r.test_images} of {full} test images.")
         if r.requested_N and r.N < r.requested_N:
-            why = (f"the beam width B = N // (s·C) with s = {r.starts} rounds down, and a start token's "
-                   "subtree can hold fewer than the latents asked of it" if r.method == "DMBS"
-                   else "fewer distinct latents were found")
+            why = (
+                f"the beam width B = N // (s·C) with s = {r.starts} rounds down, and a start token's "
+                "subtree can hold fewer than the latents asked of it"
+                if r.method == "DMBS"
+                else "fewer distinct latents were found"
+            )
             notes.append(f"{r.leaf}: {r.name} has N={r.N} for the requested {r.requested_N}: {why}.")
     return notes
 

@@ -60,8 +60,12 @@ class HelperProcess:
         self.share = max(1, self.threads // 2)
         self.ch = _Channels(ctx.Queue(), ctx.Queue(), ctx.Event(), ctx.Value("q", -1, lock=False), ctx.Value("q", 0))
         self.batches, self.joined = 0, False
-        self.process = ctx.Process(target=_helper_job, name="vq2pc-helper", daemon=True,
-                                   args=(cfg, str(run.root), sorted(run.force), self.share, str(self.log), self.ch))
+        self.process = ctx.Process(
+            target=_helper_job,
+            name="vq2pc-helper",
+            daemon=True,
+            args=(cfg, str(run.root), sorted(run.force), self.share, str(self.log), self.ch),
+        )
         self.process.start()
         torch.set_num_threads(self._own_threads())
 
@@ -70,8 +74,9 @@ class HelperProcess:
 
     def _check(self) -> None:
         if not self.process.is_alive():
-            raise RuntimeError(f"the second process failed (exit code {self.process.exitcode}); "
-                               f"its output is in {self.log}")
+            raise RuntimeError(
+                f"the second process failed (exit code {self.process.exitcode}); its output is in {self.log}"
+            )
 
     def wait_baselines(self, run: RunDir) -> None:
         """Wait until the baselines are trained (once); they were redone there, so ``run`` no longer forces them."""

@@ -24,8 +24,16 @@ from vq2pc.pipeline.config import ModelSpec, RunConfig
 from vq2pc.pipeline.rows import ResultRow
 from vq2pc.pipeline.rundir import Models, RunDir
 
-__all__ = ["SourceModel", "build_source_model", "distill_all", "circuit_row", "refined_row", "FAMILY", "select_latents",
-           "make_circuit"]
+__all__ = [
+    "SourceModel",
+    "build_source_model",
+    "distill_all",
+    "circuit_row",
+    "refined_row",
+    "FAMILY",
+    "select_latents",
+    "make_circuit",
+]
 
 # Report names of the selection strategies (paper: ExM, DMRS, DMBS).
 FAMILY = {"exhaustive": "ExM", "sample": "DMRS", "gumbel": "DMGS", "beam": "DMBS", "topk": "TopK", "data": "DMData"}
@@ -54,36 +62,63 @@ def build_source_model(run: RunDir, cfg: RunConfig, splits: DataSplits, leaf: st
     """Train (or resume, or load) the VQ-VAE and the prior of ``spec`` for ``leaf`` pixels; with
     ``spec.vqvae_from`` the VQ-VAE is that model's (trained here if it is not yet)."""
     vq_cfg = VQVAEConfig(
-        image_shape=splits.image_shape, levels=splits.levels, leaf=leaf, latent_hw=tuple(spec.latent_hw),
-        K=spec.K, D=spec.D, hidden=spec.hidden, res_blocks=spec.res_blocks, beta=spec.beta, quantizer=spec.quantizer,
+        image_shape=splits.image_shape,
+        levels=splits.levels,
+        leaf=leaf,
+        latent_hw=tuple(spec.latent_hw),
+        K=spec.K,
+        D=spec.D,
+        hidden=spec.hidden,
+        res_blocks=spec.res_blocks,
+        beta=spec.beta,
+        quantizer=spec.quantizer,
         quantizer_opts=dict(spec.quantizer_opts),
     )
     train_cfg = replace(cfg.vqvae_train, seed=cfg.seed, device=cfg.device)
     vqvae_file = run.path(leaf, spec.vqvae_from or spec.name, "vqvae.pt")
-    vqvae, vq_res = train_vqvae(splits, vq_cfg, train_cfg,
-                                checkpoint=run.checkpoint("vqvae", leaf, spec.vqvae_from or spec.name, "vqvae.pt"))
+    vqvae, vq_res = train_vqvae(
+        splits, vq_cfg, train_cfg, checkpoint=run.checkpoint("vqvae", leaf, spec.vqvae_from or spec.name, "vqvae.pt")
+    )
     codes = {s: encode_images(vqvae, getattr(splits, f"{s}_x"), cfg.seed) for s in ("train", "val", "test")}
     labeled = splits.num_classes > 1
-    prior_cfg = prior_config(spec.prior, spec.K, tuple(spec.latent_hw), splits.num_classes if labeled else 1,
-                             spec.prior_hidden, spec.prior_layers, spec.prior_heads)
+    prior_cfg = prior_config(
+        spec.prior,
+        spec.K,
+        tuple(spec.latent_hw),
+        splits.num_classes if labeled else 1,
+        spec.prior_hidden,
+        spec.prior_layers,
+        spec.prior_heads,
+    )
     prior_file = _prior_file(spec)
     prior, pr_res = train_prior(
-        codes["train"], splits.train_y if labeled else None, prior_cfg, replace(cfg.prior_train, seed=cfg.seed, device=cfg.device),
-        codes["val"], splits.val_y if labeled else None,
+        codes["train"],
+        splits.train_y if labeled else None,
+        prior_cfg,
+        replace(cfg.prior_train, seed=cfg.seed, device=cfg.device),
+        codes["val"],
+        splits.val_y if labeled else None,
         checkpoint=run.checkpoint("prior", leaf, spec.name, prior_file, after=(vqvae_file,)),
     )
     info = {
-        "prior": spec.prior, "prior_params": prior.num_params, "prior_seconds": round(pr_res.seconds, 2),
-        "vqvae_params": vqvae.num_params, "vqvae_val_loss": vq_res.best_val_loss, "vqvae_epochs": vq_res.epochs_run,
-        "prior_val_nll_per_latent": pr_res.best_val_loss, "prior_epochs": pr_res.epochs_run,
-        "vqvae_training": vq_res.summary(), "prior_training": pr_res.summary(),
+        "prior": spec.prior,
+        "prior_params": prior.num_params,
+        "prior_seconds": round(pr_res.seconds, 2),
+        "vqvae_params": vqvae.num_params,
+        "vqvae_val_loss": vq_res.best_val_loss,
+        "vqvae_epochs": vq_res.epochs_run,
+        "prior_val_nll_per_latent": pr_res.best_val_loss,
+        "prior_epochs": pr_res.epochs_run,
+        "vqvae_training": vq_res.summary(),
+        "prior_training": pr_res.summary(),
         "codebook_perplexity_test": float(perplexity(codes["test"], spec.K)),
         "distinct_test_codes": int(torch.unique(codes["test"].flatten(1), dim=0).shape[0]),
         "distinct_train_codes": int(torch.unique(codes["train"].flatten(1), dim=0).shape[0]),
         "latent_space": spec.K ** (spec.latent_hw[0] * spec.latent_hw[1]),
     }
-    return SourceModel(leaf, spec, vqvae, prior, codes["train"], info,
-                       files=(vqvae_file, run.path(leaf, spec.name, prior_file)))
+    return SourceModel(
+        leaf, spec, vqvae, prior, codes["train"], info, files=(vqvae_file, run.path(leaf, spec.name, prior_file))
+    )
 
 
 def _prior_file(spec: ModelSpec) -> str:
@@ -93,14 +128,21 @@ def _prior_file(spec: ModelSpec) -> str:
 
 def circuit_row(name: str, family: str, circuit: MixtureCircuit, bpd: dict[str, float], **fields: Any) -> ResultRow:
     """One entry of report.json's ``models`` list: ``circuit``'s size, its :func:`test_bpd` and ``fields``."""
-    return ResultRow.build(name=name, family=family, N=len(circuit), num_params=circuit.num_params,
-                           **bpd_fields(bpd), **fields)
+    return ResultRow.build(
+        name=name, family=family, N=len(circuit), num_params=circuit.num_params, **bpd_fields(bpd), **fields
+    )
 
 
 def refined_row(row: ResultRow, tag: str, circuit: MixtureCircuit, bpd: dict[str, float], **fields: Any) -> ResultRow:
     """The row of ``circuit``, made from the circuit of ``row`` (by EM, fine-tuning): name and family + ``tag``."""
-    return row.replace(name=row.name + tag, family=row.family + tag, N=len(circuit), num_params=circuit.num_params,
-                       **bpd_fields(bpd), **fields)
+    return row.replace(
+        name=row.name + tag,
+        family=row.family + tag,
+        N=len(circuit),
+        num_params=circuit.num_params,
+        **bpd_fields(bpd),
+        **fields,
+    )
 
 
 def _selections(src: SourceModel, cfg: RunConfig, notes: list[str]) -> list[tuple[str, int | None]]:
@@ -116,8 +158,12 @@ def _selections(src: SourceModel, cfg: RunConfig, notes: list[str]) -> list[tupl
         floor = src.prior.num_classes if strategy == "beam" else 1  # DMBS needs a width N // (s·C) >= 1
         ns = sorted({*src.spec.N, *src.spec.extra_N.get(strategy, [])})
         pairs += [(strategy, n) for n in ns if floor <= n <= limit]
-        notes += [f"{FAMILY[strategy]} {src.spec.name} N={n} ({src.leaf} pixels) was skipped: a beam width "
-                  f"N // (s·C) >= 1 needs N >= C = {floor}" for n in ns if n < floor]
+        notes += [
+            f"{FAMILY[strategy]} {src.spec.name} N={n} ({src.leaf} pixels) was skipped: a beam width "
+            f"N // (s·C) >= 1 needs N >= C = {floor}"
+            for n in ns
+            if n < floor
+        ]
         if strategy == "data" and any(n > limit for n in ns):
             pairs.append((strategy, limit))  # every distinct training code
     return pairs
@@ -134,10 +180,18 @@ def select_latents(src: SourceModel, cfg: RunConfig, strategy: str, N: int | Non
     if (strategy, N) not in src.selections:
         gen = torch.Generator().manual_seed(cfg.seed)
         start = time.perf_counter()
-        selection = select(src.prior, strategy, N or 0, starts=beam_starts(src, N or 0),
-                           beam_score=src.spec.beam_score, beam_search=src.spec.beam_search, generator=gen,
-                           max_space=cfg.max_exhaustive, device=cfg.device,
-                           codes_from_data=src.train_codes if strategy == "data" else None)
+        selection = select(
+            src.prior,
+            strategy,
+            N or 0,
+            starts=beam_starts(src, N or 0),
+            beam_score=src.spec.beam_score,
+            beam_search=src.spec.beam_search,
+            generator=gen,
+            max_space=cfg.max_exhaustive,
+            device=cfg.device,
+            codes_from_data=src.train_codes if strategy == "data" else None,
+        )
         src.selections[strategy, N] = (selection, time.perf_counter() - start)
     return src.selections[strategy, N]
 
@@ -156,13 +210,19 @@ def circuit_meta(src: SourceModel) -> dict[str, Any]:
     return {"model": src.spec.name, "leaf": src.leaf, "K": src.spec.K, "latent_hw": list(src.spec.latent_hw)}
 
 
-def make_circuit(src: SourceModel, cfg: RunConfig, strategy: str, N: int | None,
-                 selection: Selection | None = None) -> MixtureCircuit:
+def make_circuit(
+    src: SourceModel, cfg: RunConfig, strategy: str, N: int | None, selection: Selection | None = None
+) -> MixtureCircuit:
     """Distill ``selection`` (default: select latents with ``strategy`` now); exhaustive uses prior weights:
     the exact model."""
     selection = selection if selection is not None else make_selection(src, cfg, strategy, N)
-    return distill(src.vqvae, selection, weights=selection_weights(src, strategy), meta=circuit_meta(src),
-                   std_floor=src.spec.std_floor)
+    return distill(
+        src.vqvae,
+        selection,
+        weights=selection_weights(src, strategy),
+        meta=circuit_meta(src),
+        std_floor=src.spec.std_floor,
+    )
 
 
 def _floor_tags(spec: ModelSpec) -> tuple[str, str]:
@@ -176,11 +236,19 @@ def distill_params(cfg: RunConfig, spec: ModelSpec, *extra: str, strategy: str |
     """The settings a distilled row of ``strategy`` depends on besides its files (a change recomputes the row);
     the beam score and search only for DMBS rows."""
     keys = ("weights", "starts", "std_floor", "prior", *extra) + (
-        ("beam_score", "beam_search") if strategy == "beam" else ())
-    return {**{k: getattr(spec, k) for k in keys}, "seed": cfg.seed, "bpd_format": BPD_FORMAT, "test_limit": cfg.test_limit,
-            "exact_test_limit": cfg.exact_test_limit, "bpd_draws": cfg.experiments.bpd_draws,
-            "max_exhaustive": cfg.max_exhaustive, "max_materialize": cfg.max_materialize,
-            "bpd_discrete": cfg.experiments.bpd_discrete}
+        ("beam_score", "beam_search") if strategy == "beam" else ()
+    )
+    return {
+        **{k: getattr(spec, k) for k in keys},
+        "seed": cfg.seed,
+        "bpd_format": BPD_FORMAT,
+        "test_limit": cfg.test_limit,
+        "exact_test_limit": cfg.exact_test_limit,
+        "bpd_draws": cfg.experiments.bpd_draws,
+        "max_exhaustive": cfg.max_exhaustive,
+        "max_materialize": cfg.max_materialize,
+        "bpd_discrete": cfg.experiments.bpd_discrete,
+    }
 
 
 def _leaf_params(leaf: str, S: int, levels: int) -> int:
@@ -195,20 +263,51 @@ def exact_row(run: RunDir, cfg: RunConfig, splits: DataSplits, src: SourceModel)
 
     def compute() -> dict[str, Any]:
         start = time.perf_counter()  # the enumeration of log p(z) is ExM's selection
-        model = ExactModel(src.vqvae, src.prior, max_space=cfg.max_exhaustive, device=cfg.device, progress=True,
-                           std_floor=src.spec.std_floor)
+        model = ExactModel(
+            src.vqvae,
+            src.prior,
+            max_space=cfg.max_exhaustive,
+            device=cfg.device,
+            progress=True,
+            std_floor=src.spec.std_floor,
+        )
         seconds = time.perf_counter() - start
-        bpd = test_bpd(model, test_x, src.leaf, splits.levels, draws=cfg.experiments.bpd_draws,
-                       discrete=cfg.experiments.bpd_discrete, generator=torch.Generator().manual_seed(cfg.seed))
-        return circuit_row(f"ExM {src.spec.name} (K={src.spec.K}){_floor_tags(src.spec)[1]}", "ExM", model, bpd,
-                           selection="exhaustive", std_floor=src.spec.std_floor,
-                           model=src.spec.name, leaf=src.leaf, group=src.spec.group or src.spec.name, K=src.spec.K,
-                           source_params=src.info["vqvae_params"], test_images=len(test_x), streamed=True,
-                           prior=src.spec.prior, selection_seconds=round(seconds, 3)).to_dict()
+        bpd = test_bpd(
+            model,
+            test_x,
+            src.leaf,
+            splits.levels,
+            draws=cfg.experiments.bpd_draws,
+            discrete=cfg.experiments.bpd_discrete,
+            generator=torch.Generator().manual_seed(cfg.seed),
+        )
+        return circuit_row(
+            f"ExM {src.spec.name} (K={src.spec.K}){_floor_tags(src.spec)[1]}",
+            "ExM",
+            model,
+            bpd,
+            selection="exhaustive",
+            std_floor=src.spec.std_floor,
+            model=src.spec.name,
+            leaf=src.leaf,
+            group=src.spec.group or src.spec.name,
+            K=src.spec.K,
+            source_params=src.info["vqvae_params"],
+            test_images=len(test_x),
+            streamed=True,
+            prior=src.spec.prior,
+            selection_seconds=round(seconds, 3),
+        ).to_dict()
 
-    return ResultRow.from_dict(run.cached(
-        "distill", f"{src.leaf}/{src.spec.name}/exhaustive{_floor_tags(src.spec)[0]}", compute, depends=src.files,
-        params=distill_params(cfg, src.spec)))
+    return ResultRow.from_dict(
+        run.cached(
+            "distill",
+            f"{src.leaf}/{src.spec.name}/exhaustive{_floor_tags(src.spec)[0]}",
+            compute,
+            depends=src.files,
+            params=distill_params(cfg, src.spec),
+        )
+    )
 
 
 def distill_all(
@@ -240,39 +339,76 @@ def distill_all(
                 return {"skipped": f"{FAMILY[strategy]} {src.spec.name} N={N} ({src.leaf} pixels) was skipped: {exc}"}
             circuit.meta.update({"image_shape": list(splits.image_shape), "levels": splits.levels})
             circuit.save(path)
-            bpd = test_bpd(circuit, test_x, src.leaf, splits.levels, draws=cfg.experiments.bpd_draws,
-                           discrete=cfg.experiments.bpd_discrete, generator=torch.Generator().manual_seed(cfg.seed))
+            bpd = test_bpd(
+                circuit,
+                test_x,
+                src.leaf,
+                splits.levels,
+                draws=cfg.experiments.bpd_draws,
+                discrete=cfg.experiments.bpd_discrete,
+                generator=torch.Generator().manual_seed(cfg.seed),
+            )
             family = FAMILY[strategy]
-            label = f"{family} {src.spec.name}" + (f" (K={src.spec.K})" if strategy == "exhaustive" else "") + (
-                " (stochastic)" if strategy == "beam" and src.spec.beam_search == "stochastic" else "")
-            return circuit_row(label + _floor_tags(src.spec)[1], family, circuit, bpd, selection=strategy,
-                               model=src.spec.name, leaf=src.leaf, std_floor=src.spec.std_floor,
-                               group=src.spec.group or src.spec.name,
-                               K=src.spec.K, source_params=src.info["vqvae_params"], requested_N=N,
-                               starts=beam_starts(src, N) if strategy == "beam" else None,
-                               beam_score=src.spec.beam_score if strategy == "beam" else None,
-                               beam_search=src.spec.beam_search if strategy == "beam" else None,
-                               test_images=len(test_x), circuit_file=str(path.relative_to(run.root)),
-                               shortfall_reason=circuit.meta.get("shortfall_reason"),
-                               prior=src.spec.prior, selection_seconds=round(seconds, 3)).to_dict()
+            label = (
+                f"{family} {src.spec.name}"
+                + (f" (K={src.spec.K})" if strategy == "exhaustive" else "")
+                + (" (stochastic)" if strategy == "beam" and src.spec.beam_search == "stochastic" else "")
+            )
+            return circuit_row(
+                label + _floor_tags(src.spec)[1],
+                family,
+                circuit,
+                bpd,
+                selection=strategy,
+                model=src.spec.name,
+                leaf=src.leaf,
+                std_floor=src.spec.std_floor,
+                group=src.spec.group or src.spec.name,
+                K=src.spec.K,
+                source_params=src.info["vqvae_params"],
+                requested_N=N,
+                starts=beam_starts(src, N) if strategy == "beam" else None,
+                beam_score=src.spec.beam_score if strategy == "beam" else None,
+                beam_search=src.spec.beam_search if strategy == "beam" else None,
+                test_images=len(test_x),
+                circuit_file=str(path.relative_to(run.root)),
+                shortfall_reason=circuit.meta.get("shortfall_reason"),
+                prior=src.spec.prior,
+                selection_seconds=round(seconds, 3),
+            ).to_dict()
 
-        record = run.cached("distill", f"{src.leaf}/{src.spec.name}/{key}", compute, outputs=(path,),
-                            depends=src.files, params=distill_params(cfg, src.spec, strategy=strategy))
+        record = run.cached(
+            "distill",
+            f"{src.leaf}/{src.spec.name}/{key}",
+            compute,
+            outputs=(path,),
+            depends=src.files,
+            params=distill_params(cfg, src.spec, strategy=strategy),
+        )
         if "skipped" in record:
             notes.append(record["skipped"])
             continue
         rows.append(row := ResultRow.from_dict(record))
         if row.shortfall_reason:
-            notes.append(f"{row.name} N={row.requested_N} ({src.leaf} pixels) has {row.N} components: "
-                         f"{row.shortfall_reason}")
+            notes.append(
+                f"{row.name} N={row.requested_N} ({src.leaf} pixels) has {row.N} components: {row.shortfall_reason}"
+            )
         circuits.add_file(key, path, row.N)
         if strategy in src.spec.em_strategies:
             rows.append(em_row(run, cfg, splits, src, key, circuits[key], row, test_x))
     return rows, circuits
 
 
-def em_row(run: RunDir, cfg: RunConfig, splits: DataSplits, src: SourceModel, key: str, circuit: MixtureCircuit,
-           row: ResultRow, test_x: torch.Tensor) -> ResultRow:
+def em_row(
+    run: RunDir,
+    cfg: RunConfig,
+    splits: DataSplits,
+    src: SourceModel,
+    key: str,
+    circuit: MixtureCircuit,
+    row: ResultRow,
+    test_x: torch.Tensor,
+) -> ResultRow:
     """The circuit ``key`` refined by EM on training data (beyond the paper), saved and evaluated."""
     spec = src.spec
     path = run.path(src.leaf, spec.name, "circuits", f"{key}-em.safetensors")
@@ -284,12 +420,27 @@ def em_row(run: RunDir, cfg: RunConfig, splits: DataSplits, src: SourceModel, ke
         em_cfg = EMConfig(iterations=spec.em_iterations, leaves=spec.em_leaves, prior_strength=spec.em_prior_strength)
         refined, history = em_refine(circuit, x, em_cfg)
         refined.save(path)
-        bpd = test_bpd(refined, test_x, src.leaf, splits.levels, draws=cfg.experiments.bpd_draws,
-                       discrete=cfg.experiments.bpd_discrete, generator=torch.Generator().manual_seed(cfg.seed))
-        return refined_row(row, "+EM", refined, bpd, em_history=history,
-                           circuit_file=str(path.relative_to(run.root))).to_dict()
+        bpd = test_bpd(
+            refined,
+            test_x,
+            src.leaf,
+            splits.levels,
+            draws=cfg.experiments.bpd_draws,
+            discrete=cfg.experiments.bpd_discrete,
+            generator=torch.Generator().manual_seed(cfg.seed),
+        )
+        return refined_row(
+            row, "+EM", refined, bpd, em_history=history, circuit_file=str(path.relative_to(run.root))
+        ).to_dict()
 
     em = ("em_iterations", "em_leaves", "em_prior_strength", "em_train_limit")
-    return ResultRow.from_dict(run.cached(
-        "distill", f"{src.leaf}/{spec.name}/{key}-em", compute, outputs=(path,), depends=(source,),
-        params=distill_params(cfg, spec, *em, strategy=row.selection)))
+    return ResultRow.from_dict(
+        run.cached(
+            "distill",
+            f"{src.leaf}/{spec.name}/{key}-em",
+            compute,
+            outputs=(path,),
+            depends=(source,),
+            params=distill_params(cfg, spec, *em, strategy=row.selection),
+        )
+    )

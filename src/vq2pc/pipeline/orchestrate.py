@@ -39,7 +39,7 @@ class _Log:
 
     def __call__(self, msg: str) -> None:
         if is_main():  # under torchrun: rank 0 speaks for all
-                print(f"[vq2pc {time.perf_counter() - self.start:5.0f}s] {msg}", flush=True)
+            print(f"[vq2pc {time.perf_counter() - self.start:5.0f}s] {msg}", flush=True)
 
 
 def run_pipeline(cfg: RunConfig, out: str | Path, force: Iterable[str] = (), jobs: int = 1) -> dict[str, Any]:
@@ -61,13 +61,23 @@ def run_pipeline(cfg: RunConfig, out: str | Path, force: Iterable[str] = (), job
     data_record = _check_data(run, cfg, splits, log)
     cfg_dict = config_to_dict(cfg)
     atomic_write(run.path("config.yaml"), lambda p: p.write_text(yaml.safe_dump(cfg_dict, sort_keys=False)))
-    log(f"{cfg.dataset}: {len(splits.train_x)} train / {len(splits.val_x)} val / {len(splits.test_x)} test images "
-         f"of shape {tuple(splits.image_shape)}, L = {splits.levels}")
+    log(
+        f"{cfg.dataset}: {len(splits.train_x)} train / {len(splits.val_x)} val / {len(splits.test_x)} test images "
+        f"of shape {tuple(splits.image_shape)}, L = {splits.levels}"
+    )
     report: dict[str, Any] = {
-        "dataset": cfg.dataset, "description": cfg.description, "image_shape": list(splits.image_shape),
-        "levels": splits.levels, "splits": {s: len(getattr(splits, f"{s}_x")) for s in ("train", "val", "test")},
-        "device": cfg.device, "seed": cfg.seed, "config": cfg_dict,
-        "models": [], "sources": [], "experiments": {}, "notes": [],
+        "dataset": cfg.dataset,
+        "description": cfg.description,
+        "image_shape": list(splits.image_shape),
+        "levels": splits.levels,
+        "splits": {s: len(getattr(splits, f"{s}_x")) for s in ("train", "val", "test")},
+        "device": cfg.device,
+        "seed": cfg.seed,
+        "config": cfg_dict,
+        "models": [],
+        "sources": [],
+        "experiments": {},
+        "notes": [],
     }
     helper = _start_helper(cfg, run, log) if jobs == 2 else None
     try:
@@ -87,21 +97,25 @@ def run_pipeline(cfg: RunConfig, out: str | Path, force: Iterable[str] = (), job
 
 def _start_helper(cfg: RunConfig, run: RunDir, log: _Log) -> HelperProcess:
     helper = HelperProcess(cfg, run)
-    log(f"baselines, then a share of the +FT rows, in a second process with {helper.share} of {helper.threads} "
-        f"threads (log: {helper.log})")
+    log(
+        f"baselines, then a share of the +FT rows, in a second process with {helper.share} of {helper.threads} "
+        f"threads (log: {helper.log})"
+    )
     return helper
 
 
-def _run_leaves(cfg: RunConfig, run: RunDir, splits: Any, report: dict[str, Any], log: _Log,
-                helper: HelperProcess | None) -> None:
+def _run_leaves(
+    cfg: RunConfig, run: RunDir, splits: Any, report: dict[str, Any], log: _Log, helper: HelperProcess | None
+) -> None:
     """Every stage of every leaf: source models, circuits, +FT rows, baselines, experiments."""
     for leaf in cfg.leaves:
         built = {}
         for spec in cfg.models:
             log(f"[{leaf}/{spec.name}] VQ-VAE (K={spec.K}, grid {spec.latent_hw[0]}x{spec.latent_hw[1]}) and prior")
             src = build_source_model(run, cfg, splits, leaf, spec)
-            report["sources"].append({"leaf": leaf, "model": spec.name, "K": spec.K,
-                                      "latent_hw": list(spec.latent_hw), **src.info})
+            report["sources"].append(
+                {"leaf": leaf, "model": spec.name, "K": spec.K, "latent_hw": list(spec.latent_hw), **src.info}
+            )
             log(f"[{leaf}/{spec.name}] distilling {', '.join(spec.strategies)}")
             rows, circuits = distill_all(run, cfg, splits, src, report["notes"])
             if spec.ft_strategies:
@@ -123,8 +137,16 @@ def _run_leaves(cfg: RunConfig, run: RunDir, splits: Any, report: dict[str, Any]
         report["experiments"][leaf] = run_experiments(run, cfg, splits, leaf, built, baselines, report)
 
 
-def _share_ft_rows(run: RunDir, cfg: RunConfig, splits: Any, src: SourceModel, rows: list[ResultRow],
-                   circuits: Models, helper: HelperProcess, log: _Log) -> None:
+def _share_ft_rows(
+    run: RunDir,
+    cfg: RunConfig,
+    splits: Any,
+    src: SourceModel,
+    rows: list[ResultRow],
+    circuits: Models,
+    helper: HelperProcess,
+    log: _Log,
+) -> None:
     """Fine-tune the rows of ``src`` here and in the second process, each taking the next one (the
     second process joins once its baselines are done); :func:`finetune_all` then reads them all."""
     wanted = ft_sources(src, rows)
@@ -141,8 +163,13 @@ def _check_data(run: RunDir, cfg: RunConfig, splits: Any, log: _Log) -> dict[str
     Every stage reads the data, so a change recomputes them all.
     A changed record is written back only when the run finishes, so a run killed half-way through
     recomputing is recomputed again, never half-reused."""
-    now = {"dataset": cfg.dataset, "seed": cfg.seed, "limit": cfg.limit, "splits_sha256": splits.fingerprint(),
-           "cache_schema": CACHE_SCHEMA}
+    now = {
+        "dataset": cfg.dataset,
+        "seed": cfg.seed,
+        "limit": cfg.limit,
+        "splits_sha256": splits.fingerprint(),
+        "cache_schema": CACHE_SCHEMA,
+    }
     path = run.root / "data.json"
     try:
         before = json.loads(path.read_text())

@@ -77,8 +77,10 @@ class ResultRow:
     def from_dict(cls, record: dict[str, Any]) -> ResultRow:
         """The row of a :meth:`to_dict` record (keys no field names go to ``extra``)."""
         known = {f.name for f in _FIELDS}
-        return cls(**{k: v for k, v in record.items() if k in known},
-                   extra={k: v for k, v in record.items() if k not in known and k != "extra"})
+        return cls(
+            **{k: v for k, v in record.items() if k in known},
+            extra={k: v for k, v in record.items() if k not in known and k != "extra"},
+        )
 
     @classmethod
     def build(cls, **values: Any) -> ResultRow:

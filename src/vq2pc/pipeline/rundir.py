@@ -42,8 +42,18 @@ another one is refused (:func:`check_schema`) instead of being recomputed piecem
 settings added later while unset."""
 
 # Stage names accepted by --force.
-STAGES = ("vqvae", "prior", "distill", "baselines", "usage", "inpainting", "samples", "correlation", "classification",
-          "all")
+STAGES = (
+    "vqvae",
+    "prior",
+    "distill",
+    "baselines",
+    "usage",
+    "inpainting",
+    "samples",
+    "correlation",
+    "classification",
+    "all",
+)
 
 
 @dataclass
@@ -76,8 +86,9 @@ class RunDir:
     def figure(self, name: str) -> Path:
         return self.path("figures", name)
 
-    def checkpoint(self, stage: str, *parts: str, after: tuple[Path, ...] = (),
-                   params: dict[str, Any] | None = None) -> Path:
+    def checkpoint(
+        self, stage: str, *parts: str, after: tuple[Path, ...] = (), params: dict[str, Any] | None = None
+    ) -> Path:
         """Path of a training checkpoint, removed first (training restarts) when ``stage`` is forced
         or when a file it was trained from (``after``, e.g. the VQ-VAE for the prior) changed content,
         or the settings it was trained with (``params``, when given) changed."""
@@ -133,8 +144,13 @@ class RunDir:
         return out
 
     def cached(
-        self, stage: str, name: str, compute: Callable[[], dict[str, Any]], outputs: tuple[Path, ...] = (),
-        depends: tuple[Path, ...] = (), params: dict[str, Any] | None = None,
+        self,
+        stage: str,
+        name: str,
+        compute: Callable[[], dict[str, Any]],
+        outputs: tuple[Path, ...] = (),
+        depends: tuple[Path, ...] = (),
+        params: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Return ``results/<name>.json`` if it and ``outputs`` exist, the files in ``depends`` have the contents
         it was computed from, it was computed with the same ``params`` (the config values the stage reads) and ``stage`` is not
@@ -155,8 +171,11 @@ class RunDir:
             settled = stored.pop(_PARAMS, {}) == params
             if settled and done and same:
                 return stored
-            why = [w for w, ok in (("its settings", settled), ("its input files", same), ("its output files", done))
-                   if not ok]
+            why = [
+                w
+                for w, ok in (("its settings", settled), ("its input files", same), ("its output files", done))
+                if not ok
+            ]
             if is_main():
                 print(f"[vq2pc] {stage} {name}: recomputed, {' and '.join(why)} changed", flush=True)
         digests = self._digests(depends)  # the inputs this result is computed from
@@ -206,9 +225,11 @@ def check_schema(run: RunDir, stamp: dict[str, Any]) -> None:
     unless every stage is forced: its cached results cannot be told valid or stale."""
     schema = stamp.get("cache_schema", 1)
     if schema != CACHE_SCHEMA and not run.forced("all"):
-        raise ValueError(f"{run.root} holds results cached by another version of vq2pc (cache schema {schema}, "
-                         f"this one reads {CACHE_SCHEMA}): run into a new folder, or pass --force all to recompute "
-                         "everything in this one")
+        raise ValueError(
+            f"{run.root} holds results cached by another version of vq2pc (cache schema {schema}, "
+            f"this one reads {CACHE_SCHEMA}): run into a new folder, or pass --force all to recompute "
+            "everything in this one"
+        )
 
 
 def check_stages(names: Any) -> None:

@@ -38,8 +38,9 @@ def _check_name(name: str) -> str:
     return name
 
 
-def prior_config(name: str, K: int, latent_hw: tuple[int, int], num_classes: int, hidden: int = 64,
-                 layers: int = 4, heads: int = 4) -> Any:
+def prior_config(
+    name: str, K: int, latent_hw: tuple[int, int], num_classes: int, hidden: int = 64, layers: int = 4, heads: int = 4
+) -> Any:
     """The config of prior ``name``: ``hidden`` channels (PixelCNN) or model width (Transformer),
     ``layers`` gated layers or blocks, ``heads`` attention heads (Transformer only)."""
     if _check_name(name) == "pixelcnn":
@@ -48,12 +49,20 @@ def prior_config(name: str, K: int, latent_hw: tuple[int, int], num_classes: int
         return PriorConfig(K=K, latent_hw=latent_hw, num_classes=num_classes, hidden=hidden, layers=layers)
     from vq2pc.models.priors.transformer import TransformerPriorConfig
 
-    return TransformerPriorConfig(K=K, latent_hw=latent_hw, num_classes=num_classes, d_model=hidden, layers=layers,
-                                  heads=heads)
+    return TransformerPriorConfig(
+        K=K, latent_hw=latent_hw, num_classes=num_classes, d_model=hidden, layers=layers, heads=heads
+    )
 
 
-def train_prior(codes: Tensor, labels: Tensor | None, cfg: Any, train_cfg: Any, val_codes: Tensor,
-                val_labels: Tensor | None, checkpoint: str | Path | None = None) -> tuple[Any, Any]:
+def train_prior(
+    codes: Tensor,
+    labels: Tensor | None,
+    cfg: Any,
+    train_cfg: Any,
+    val_codes: Tensor,
+    val_labels: Tensor | None,
+    checkpoint: str | Path | None = None,
+) -> tuple[Any, Any]:
     """Fit the prior whose config ``cfg`` is (see :func:`vq2pc.models.priors.base.fit_prior`)."""
     from vq2pc.models.priors.base import fit_prior
 

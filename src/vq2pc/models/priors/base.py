@@ -79,9 +79,16 @@ class AutoregressivePrior(SavableModel):
         self.check_classes(classes.reshape(-1), classes.numel(), "classes")
         if prefix is None:
             prefix = torch.zeros((B, 0), dtype=torch.long, device=classes.device)
-        if not isinstance(prefix, Tensor) or prefix.dim() != 2 or prefix.shape[0] != B or prefix.shape[1] >= self.num_positions:
-            raise ValueError(f"prefix must have shape [{B}, t] with t < {self.num_positions}, "
-                             f"got {getattr(prefix, 'shape', type(prefix).__name__)}")
+        if (
+            not isinstance(prefix, Tensor)
+            or prefix.dim() != 2
+            or prefix.shape[0] != B
+            or prefix.shape[1] >= self.num_positions
+        ):
+            raise ValueError(
+                f"prefix must have shape [{B}, t] with t < {self.num_positions}, "
+                f"got {getattr(prefix, 'shape', type(prefix).__name__)}"
+            )
         if prefix.numel():
             check_codes(prefix[:, None], self.K, (1, prefix.shape[1]), "prefix")
         return classes.long().to(self.device), prefix.long().to(self.device)
@@ -116,8 +123,9 @@ class AutoregressivePrior(SavableModel):
         classes = torch.arange(self.num_classes, device=z.device).expand(z.shape[0], -1)
         return self.start(classes, z.flatten(1)[:, : int(i)], batch_size=max(1, z.shape[0] * self.num_classes))[1]
 
-    def start(self, classes: Tensor, prefix: Tensor | None = None,
-              batch_size: int = 8192) -> tuple[DecodingState, Tensor]:
+    def start(
+        self, classes: Tensor, prefix: Tensor | None = None, batch_size: int = 8192
+    ) -> tuple[DecodingState, Tensor]:
         raise NotImplementedError
 
     def step(self, state: DecodingState, tokens: Tensor) -> tuple[DecodingState, Tensor | None]:
@@ -185,6 +193,15 @@ def fit_prior(
     val_labels = model.check_classes(val_labels, val_codes.shape[0], "val_labels")
     model.set_class_prior(labels)
     meta: dict[str, Any] = {"config": asdict(cfg)}
-    result = fit(model, _nll_per_latent, (codes, labels), (val_codes, val_labels), train_cfg,
-                 checkpoint=checkpoint, kind=model.checkpoint_kind, meta=meta, desc=model.checkpoint_kind)
+    result = fit(
+        model,
+        _nll_per_latent,
+        (codes, labels),
+        (val_codes, val_labels),
+        train_cfg,
+        checkpoint=checkpoint,
+        kind=model.checkpoint_kind,
+        meta=meta,
+        desc=model.checkpoint_kind,
+    )
     return model, result

@@ -197,8 +197,14 @@ class PixelCNNPrior(AutoregressivePrior, nn.Module):
         """``[B, M, K]`` log p(z_t | grid, c) for every sequence and class, ≤ ``batch_size`` rows a pass."""
         B, M = state.classes.shape
         seqs = max(1, state.batch_size // M)
-        parts = [self.next_log_probs(state.grid[a : a + seqs].repeat_interleave(M, 0).view(-1, *self.latent_hw),
-                                     state.classes[a : a + seqs].reshape(-1), state.t) for a in range(0, B, seqs)]
+        parts = [
+            self.next_log_probs(
+                state.grid[a : a + seqs].repeat_interleave(M, 0).view(-1, *self.latent_hw),
+                state.classes[a : a + seqs].reshape(-1),
+                state.t,
+            )
+            for a in range(0, B, seqs)
+        ]
         return torch.cat(parts).view(B, M, self.K) if parts else state.grid.new_zeros((0, M, self.K), dtype=torch.float)
 
 

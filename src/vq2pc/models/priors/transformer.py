@@ -125,7 +125,11 @@ class TransformerPrior(AutoregressivePrior, nn.Module):
         """Codes ``[B,h,w]``, classes ``[B]`` -> logits ``[B,K,h,w]`` of p(z_i | z_<i, c) (no log-softmax)."""
         z = self.check_codes(z)
         c = self.check_classes(c, z.shape[0]).to(z.device)
-        return self.logits_from_embedding(self.embed_codes(z), c).transpose(1, 2).reshape(z.shape[0], self.K, *self.latent_hw)
+        return (
+            self.logits_from_embedding(self.embed_codes(z), c)
+            .transpose(1, 2)
+            .reshape(z.shape[0], self.K, *self.latent_hw)
+        )
 
     def log_prob_given_class(self, z: Tensor, c: Tensor) -> Tensor:
         """``[B]`` log p(z | c) for codes ``[B,h,w]`` and classes ``[B]`` (one pass over the whole sequence)."""
@@ -139,8 +143,9 @@ class TransformerPrior(AutoregressivePrior, nn.Module):
             x = block(x, cache, t0)
         return F.log_softmax(self.head(self.ln_f(x[:, -1])), dim=-1)
 
-    def start(self, classes: Tensor, prefix: Tensor | None = None,
-              batch_size: int = 8192) -> tuple[_CacheState, Tensor]:
+    def start(
+        self, classes: Tensor, prefix: Tensor | None = None, batch_size: int = 8192
+    ) -> tuple[_CacheState, Tensor]:
         """Fill the caches with the class token and ``prefix [B, t]`` for every class of ``classes [B, M]``;
         returns the state and ``[B, M, K]`` log-probs at ``t``. (Rows are not chunked: ``batch_size`` is unused.)"""
         classes, prefix = self.check_start(classes, prefix)
@@ -148,8 +153,10 @@ class TransformerPrior(AutoregressivePrior, nn.Module):
         heads, d = self.cfg.heads, self.cfg.d_model
         shape = (B * M, heads, self.num_positions, d // heads)
         caches = [(self.pos.new_zeros(shape), self.pos.new_zeros(shape)) for _ in self.blocks]
-        tokens = torch.cat([self.class_embed(classes.reshape(-1))[:, None],
-                            self.embed(prefix).repeat_interleave(M, 0)], 1) + self.pos[: t + 1]
+        tokens = (
+            torch.cat([self.class_embed(classes.reshape(-1))[:, None], self.embed(prefix).repeat_interleave(M, 0)], 1)
+            + self.pos[: t + 1]
+        )
         logp = self._forward_cached(tokens, caches, 0)
         return _CacheState(caches, classes, t), logp.view(B, M, self.K)
 

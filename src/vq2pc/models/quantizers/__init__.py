@@ -18,9 +18,9 @@ __all__ = ["QuantizerOutput", "QUANTIZER_NAMES", "make_quantizer"]
 class QuantizerOutput(NamedTuple):
     """Result of a quantizer's forward pass."""
 
-    z_q: Tensor         # [B, D, h, w] quantized latents; straight-through gradient to z_e
-    codes: Tensor       # [B, h, w] long, codeword indices in 0..K-1
-    loss: Tensor        # scalar: the quantizer's training loss (codebook + β·commitment for "vq", ALBO terms for "gmvq")
+    z_q: Tensor  # [B, D, h, w] quantized latents; straight-through gradient to z_e
+    codes: Tensor  # [B, h, w] long, codeword indices in 0..K-1
+    loss: Tensor  # scalar: the quantizer's training loss (codebook + β·commitment for "vq", ALBO terms for "gmvq")
     perplexity: Tensor  # scalar: exp(entropy of the batch's code histogram), in [1, K]
 
 
@@ -41,7 +41,10 @@ def make_quantizer(name: str, K: int, D: int, beta: float, **opts: Any) -> nn.Mo
     from vq2pc.models.quantizers.vq import VectorQuantizer
 
     families: dict[str, type[nn.Module]] = {
-        "vq": VectorQuantizer, "ema": EMAVectorQuantizer, "gumbel": GumbelQuantizer, "gmvq": GMVectorQuantizer,
+        "vq": VectorQuantizer,
+        "ema": EMAVectorQuantizer,
+        "gumbel": GumbelQuantizer,
+        "gmvq": GMVectorQuantizer,
     }
     if name not in families:
         raise ValueError(f"unknown quantizer {name!r}; expected one of {list(QUANTIZER_NAMES)}")

@@ -60,8 +60,17 @@ class GMVectorQuantizer(GumbelFamily):
     """
 
     def __init__(
-        self, K: int, D: int, beta: float, *, alpha: float = 1.0, sigma: float = 0.5, tau_start: float = 2.0,
-        tau_end: float = 0.1, anneal_steps: int = 2000, **opts: Any,
+        self,
+        K: int,
+        D: int,
+        beta: float,
+        *,
+        alpha: float = 1.0,
+        sigma: float = 0.5,
+        tau_start: float = 2.0,
+        tau_end: float = 0.1,
+        anneal_steps: int = 2000,
+        **opts: Any,
     ) -> None:
         super().__init__(K, D, beta, tau_start=tau_start, tau_end=tau_end, anneal_steps=anneal_steps, **opts)
         if alpha < 0 or sigma <= 0:

@@ -49,13 +49,16 @@ class GumbelFamily(VectorQuantizer):
     posterior mode and its codeword. The temperature anneals geometrically.
     """
 
-    def __init__(self, K: int, D: int, beta: float, *, tau_start: float, tau_end: float, anneal_steps: int,
-                 **opts: Any) -> None:
+    def __init__(
+        self, K: int, D: int, beta: float, *, tau_start: float, tau_end: float, anneal_steps: int, **opts: Any
+    ) -> None:
         if opts.get("l2_normalize"):
             raise ValueError("l2_normalize applies to the vq and ema quantizers only")
         super().__init__(K, D, beta, **opts)
         if not 0 < tau_end <= tau_start or anneal_steps < 1:
-            raise ValueError(f"need 0 < tau_end <= tau_start and anneal_steps >= 1, got {tau_start}, {tau_end}, {anneal_steps}")
+            raise ValueError(
+                f"need 0 < tau_end <= tau_start and anneal_steps >= 1, got {tau_start}, {tau_end}, {anneal_steps}"
+            )
         self.tau_start, self.tau_end, self.anneal_steps = float(tau_start), float(tau_end), int(anneal_steps)
 
     @property
@@ -101,8 +104,18 @@ class GumbelFamily(VectorQuantizer):
 class GumbelQuantizer(GumbelFamily):
     """Codes drawn by Gumbel-softmax from a linear head's logits (see module docstring)."""
 
-    def __init__(self, K: int, D: int, beta: float, *, tau_start: float = 1.0, tau_end: float = 1.0 / 16,
-                 anneal_steps: int = 2000, hard: bool = False, **opts: Any) -> None:
+    def __init__(
+        self,
+        K: int,
+        D: int,
+        beta: float,
+        *,
+        tau_start: float = 1.0,
+        tau_end: float = 1.0 / 16,
+        anneal_steps: int = 2000,
+        hard: bool = False,
+        **opts: Any,
+    ) -> None:
         super().__init__(K, D, beta, tau_start=tau_start, tau_end=tau_end, anneal_steps=anneal_steps, **opts)
         self.hard = bool(hard)
         self.to_logits = nn.Linear(D, K)

@@ -82,15 +82,28 @@ class VectorQuantizer(nn.Module):
     """
 
     def __init__(
-        self, K: int, D: int, beta: float, *, kmeans_init: bool = False, kmeans_iters: int = 10,
-        dead_code_threshold: float = 0.0, usage_decay: float = 0.99, seed: int = 0, l2_normalize: bool = False,
+        self,
+        K: int,
+        D: int,
+        beta: float,
+        *,
+        kmeans_init: bool = False,
+        kmeans_iters: int = 10,
+        dead_code_threshold: float = 0.0,
+        usage_decay: float = 0.99,
+        seed: int = 0,
+        l2_normalize: bool = False,
     ) -> None:
         super().__init__()
         if dead_code_threshold < 0 or not 0 < usage_decay < 1 or kmeans_iters < 0:
             raise ValueError("need dead_code_threshold >= 0, 0 < usage_decay < 1, kmeans_iters >= 0")
         self.K, self.D, self.beta = K, D, float(beta)
         self.kmeans_iters, self.dead_code_threshold, self.usage_decay, self.seed = (
-            kmeans_iters, float(dead_code_threshold), float(usage_decay), seed)
+            kmeans_iters,
+            float(dead_code_threshold),
+            float(usage_decay),
+            seed,
+        )
         self.l2_normalize = bool(l2_normalize)
         self.embedding = nn.Parameter(torch.empty(K, D).uniform_(-1.0 / K, 1.0 / K))
         self.register_buffer("initialized", torch.tensor(not kmeans_init))
@@ -166,8 +179,9 @@ class VectorQuantizer(nn.Module):
             dead = self.usage < self.dead_code_threshold
             n_dead = int(dead.sum())
             if n_dead:
-                pick = torch.randint(0, flat.shape[0], (n_dead,), generator=self._generator(flat.device),
-                                     device=flat.device)
+                pick = torch.randint(
+                    0, flat.shape[0], (n_dead,), generator=self._generator(flat.device), device=flat.device
+                )
                 self._set_codes(dead, flat[pick])
                 self.usage[dead] = 2.0 * self.dead_code_threshold
 
