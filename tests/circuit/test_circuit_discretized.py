@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from vq2pc.circuit import MixtureCircuit
-from vq2pc.circuit.kernels import DiscretizedKernel
+from vq2pc.circuit.kernels_discretized import DiscretizedKernel
 from vq2pc.core.leaves import DiscretizedGaussian, DiscretizedLogistic, Gaussian
 
 CLASSES = (DiscretizedGaussian, DiscretizedLogistic)

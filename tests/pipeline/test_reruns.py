@@ -221,9 +221,10 @@ def test_the_second_process_fine_tunes_the_rows_it_takes(tmp_path: Path) -> None
     import torch
 
     from vq2pc.data.datasets import load_dataset
+    from vq2pc.pipeline.distill import distill_all
     from vq2pc.pipeline.finetune import finetune_all, ft_row, ft_sources
     from vq2pc.pipeline.helper import HelperProcess
-    from vq2pc.pipeline.models import build_source_model, distill_all
+    from vq2pc.pipeline.models import build_source_model
     from vq2pc.pipeline.rundir import RunDir
 
     cfg = tiny_config(["gaussian"], full=False)

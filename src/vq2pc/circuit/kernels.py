@@ -53,7 +53,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vq2pc.circuit.streaming import Scratch
-from vq2pc.core.discretized import table_block
 from vq2pc.core.leaves import Bernoulli, Categorical, Discretized, Gaussian, Leaf
 
 __all__ = [
@@ -61,7 +60,6 @@ __all__ = [
     "GaussianKernel",
     "BernoulliKernel",
     "CategoricalKernel",
-    "DiscretizedKernel",
     "make_kernel",
     "SAFE_RATIO",
     "categorical_table",
@@ -336,78 +334,6 @@ def _bag_sum(rows_idx: Tensor, table: Tensor, keep: Tensor | None) -> Tensor:
     return F.embedding_bag(rows_idx[keep], table, starts, mode="sum")
 
 
-class DiscretizedKernel(Kernel):
-    """``embedding_bag`` sums over ``[P·L, n]`` tables built per call (see module docstring)."""
-
-    # The gather-sum tiles as CategoricalKernel's; each pixel's [L, BUILD_COLUMNS] slice of the table is built
-    # by one table_block call, whose dozen temporaries (1 MiB each) stay in the L2 cache. CPU time per
-    # table cell, 1 thread (S=16, L=256, N=1024): Gaussian 20 ns with one pixel per call, 53 ns with 8
-    # (8 MiB temporaries); logistic 9 / 26 ns; 128..1024 columns per call differ by under 15%.
-    PIXEL_BLOCK = CategoricalKernel.PIXEL_BLOCK
-    TILE_BYTES = CategoricalKernel.TILE_BYTES
-    BUILD_COLUMNS = 1024
-
-    def __init__(self, leaf: Discretized) -> None:
-        self.loc = leaf.loc.T.contiguous()  # [S, N]: a pixel's components are a row slice
-        self.scale = leaf.scale.T.contiguous()
-        self.levels, self.cdf, self.s = leaf.levels, leaf.cdf, int(leaf.loc.shape[1])
-
-    def row_bytes(self) -> int:
-        return 8 * 3 * self.s
-
-    def cell_bytes(self) -> int:
-        return 12
-
-    def column_bytes(self) -> int:
-        return self.PIXEL_BLOCK * self.levels * self.loc.element_size()  # the [P·L, n] table buffer
-
-    def fill_value(self) -> Tensor:
-        return torch.zeros(self.s, dtype=self.loc.dtype, device=self.loc.device)
-
-    def _build(self, table: Tensor, p0: int, p1: int, n0: int, n1: int, keep: Tensor | None) -> None:
-        """Rows ``(i - p0)·L + v`` of ``table [(p1-p0)·L, n1-n0]`` for the observed pixels ``p0 ≤ i < p1``."""
-        for i in range(p0, p1):
-            if keep is not None and not bool(keep[:, i - p0].any()):
-                continue  # nobody observes pixel i: its rows are never gathered
-            rows = table[(i - p0) * self.levels : (i - p0 + 1) * self.levels]
-            for c0 in range(n0, n1, self.BUILD_COLUMNS):
-                c1 = min(n1, c0 + self.BUILD_COLUMNS)
-                rows[:, c0 - n0 : c1 - n0] = table_block(
-                    self.loc[i : i + 1, c0:c1], self.scale[i : i + 1, c0:c1], self.levels, self.cdf
-                )
-
-    def loglik(
-        self,
-        x: Tensor,
-        mask: Tensor | None,
-        n0: int,
-        n1: int,
-        bias: Tensor | None = None,
-        scratch: Scratch | None = None,
-    ) -> Tensor:
-        scratch = scratch or Scratch()
-        out = scratch.take("scores", (x.shape[0], n1 - n0), self.loc.dtype, x.device)
-        if bias is None:
-            out.zero_()
-        else:
-            out.copy_(bias.expand_as(out))
-        offsets = torch.arange(self.PIXEL_BLOCK, device=x.device) * self.levels
-        idx = x.long()  # [B, S] levels
-        row_block = max(1, self.TILE_BYTES // (max(1, n1 - n0) * self.loc.element_size()))
-        for p0 in range(0, self.s, self.PIXEL_BLOCK):
-            p1 = min(self.s, p0 + self.PIXEL_BLOCK)
-            keep = None if mask is None else mask[:, p0:p1]
-            if keep is not None and not bool(keep.any()):
-                continue  # nobody observes these pixels: nothing to build
-            table = scratch.take("table", ((p1 - p0) * self.levels, n1 - n0), self.loc.dtype, x.device)
-            self._build(table, p0, p1, n0, n1, keep)
-            pos = idx[:, p0:p1] + offsets[: p1 - p0]
-            for r0 in range(0, x.shape[0], row_block):
-                rows = slice(r0, r0 + row_block)
-                out[rows] += _bag_sum(pos[rows], table, None if keep is None else keep[rows])
-        return out
-
-
 def categorical_table(logits: Tensor) -> Tensor:
     """The categorical table layout, defined here only: ``logits [N, S, L]`` -> ``[S·L, N]``,
     row ``i·L + l``, column ``n`` = ``log p(x_i = l | component n)`` (a view where strides allow)."""
@@ -445,6 +371,8 @@ def make_kernel(leaf: Leaf, log_weights: Tensor) -> tuple[Leaf, Kernel]:
         table = categorical_table(leaf.logits).contiguous()
         return categorical_view(table, leaf.num_levels), CategoricalKernel(table, leaf.num_levels)
     if isinstance(leaf, Discretized):
+        from vq2pc.circuit.kernels_discretized import DiscretizedKernel  # it builds on this module's kernels
+
         return leaf, DiscretizedKernel(leaf)
     raise ValueError(
         f"unsupported leaf type {type(leaf).__name__}; expected Gaussian, Categorical, Bernoulli or a discretized leaf"

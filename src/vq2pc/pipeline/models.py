@@ -10,24 +10,21 @@ from typing import Any
 import torch
 
 from vq2pc.circuit.distill import distill
-from vq2pc.circuit.exact import ExactModel
 from vq2pc.circuit.mixture import MixtureCircuit
-from vq2pc.circuit.refine import EMConfig, em_refine
 from vq2pc.core.protocols import Prior
-from vq2pc.data.datasets import DataSplits, to_model_space
-from vq2pc.evaluate.density import BPD_FORMAT, bpd_fields, test_bpd
-from vq2pc.latents.selection import Selection, SelectionShortfall, select
+from vq2pc.data.datasets import DataSplits
+from vq2pc.evaluate.density import BPD_FORMAT, bpd_fields
+from vq2pc.latents.selection import Selection, select
 from vq2pc.models.priors import prior_config, train_prior
 from vq2pc.models.quantizers.vq import perplexity
 from vq2pc.models.vqvae import VQVAE, VQVAEConfig, encode_images, train_vqvae
 from vq2pc.pipeline.config import ModelSpec, RunConfig
 from vq2pc.pipeline.rows import ResultRow
-from vq2pc.pipeline.rundir import Models, RunDir
+from vq2pc.pipeline.rundir import RunDir
 
 __all__ = [
     "SourceModel",
     "build_source_model",
-    "distill_all",
     "circuit_row",
     "refined_row",
     "FAMILY",
@@ -145,7 +142,7 @@ def refined_row(row: ResultRow, tag: str, circuit: MixtureCircuit, bpd: dict[str
     )
 
 
-def _selections(src: SourceModel, cfg: RunConfig, notes: list[str]) -> list[tuple[str, int | None]]:
+def selections(src: SourceModel, cfg: RunConfig, notes: list[str]) -> list[tuple[str, int | None]]:
     """(strategy, N) pairs of a source model; exhaustive has no N (it takes the whole space).
     A beam N below the number of classes cannot be searched: a line in ``notes`` says so."""
     pairs: list[tuple[str, int | None]] = []
@@ -225,7 +222,7 @@ def make_circuit(
     )
 
 
-def _floor_tags(spec: ModelSpec) -> tuple[str, str]:
+def floor_tags(spec: ModelSpec) -> tuple[str, str]:
     """(file/cache-key suffix, label suffix) of the model's std floor: circuits with another floor are other files."""
     if spec.std_floor is None:
         return "", ""
@@ -251,196 +248,6 @@ def distill_params(cfg: RunConfig, spec: ModelSpec, *extra: str, strategy: str |
     }
 
 
-def _leaf_params(leaf: str, S: int, levels: int) -> int:
+def leaf_params(leaf: str, S: int, levels: int) -> int:
     """Parameters of one component's leaves."""
     return {"gaussian": 2 * S, "categorical": S * levels, "bernoulli": S}[leaf]
-
-
-def exact_row(run: RunDir, cfg: RunConfig, splits: DataSplits, src: SourceModel) -> ResultRow:
-    """Test BPD of the exact model streamed over the latent space (too large to store as a circuit)."""
-    limit = cfg.exact_test_limit or cfg.test_limit
-    test_x = splits.test_x[:limit] if limit else splits.test_x
-
-    def compute() -> dict[str, Any]:
-        start = time.perf_counter()  # the enumeration of log p(z) is ExM's selection
-        model = ExactModel(
-            src.vqvae,
-            src.prior,
-            max_space=cfg.max_exhaustive,
-            device=cfg.device,
-            progress=True,
-            std_floor=src.spec.std_floor,
-        )
-        seconds = time.perf_counter() - start
-        bpd = test_bpd(
-            model,
-            test_x,
-            src.leaf,
-            splits.levels,
-            draws=cfg.experiments.bpd_draws,
-            discrete=cfg.experiments.bpd_discrete,
-            generator=torch.Generator().manual_seed(cfg.seed),
-        )
-        return circuit_row(
-            f"ExM {src.spec.name} (K={src.spec.K}){_floor_tags(src.spec)[1]}",
-            "ExM",
-            model,
-            bpd,
-            selection="exhaustive",
-            std_floor=src.spec.std_floor,
-            model=src.spec.name,
-            leaf=src.leaf,
-            group=src.spec.group or src.spec.name,
-            K=src.spec.K,
-            source_params=src.info["vqvae_params"],
-            test_images=len(test_x),
-            streamed=True,
-            prior=src.spec.prior,
-            selection_seconds=round(seconds, 3),
-        ).to_dict()
-
-    return ResultRow.from_dict(
-        run.cached(
-            "distill",
-            f"{src.leaf}/{src.spec.name}/exhaustive{_floor_tags(src.spec)[0]}",
-            compute,
-            depends=src.files,
-            params=distill_params(cfg, src.spec),
-        )
-    )
-
-
-def distill_all(
-    run: RunDir, cfg: RunConfig, splits: DataSplits, src: SourceModel, notes: list[str]
-) -> tuple[list[ResultRow], Models]:
-    """Every (strategy, N) circuit of ``src``: saved, evaluated on the test set; returns report rows and the circuit files.
-
-    A selection that cannot find N distinct latents (DMRS on a prior whose mass sits on fewer) is
-    skipped with a line in ``notes``; the other circuits are still made.
-
-    An exhaustive selection whose circuit would hold more than ``cfg.max_materialize`` parameters is
-    evaluated by streaming (:class:`ExactModel`) and not stored, so it is not among the returned circuits.
-    """
-    rows, circuits = [], Models(cfg.device)
-    test_x = splits.test_x[: cfg.test_limit] if cfg.test_limit else splits.test_x
-    per_component = _leaf_params(src.leaf, splits.num_variables, splits.levels)
-    for strategy, N in _selections(src, cfg, notes):
-        if strategy == "exhaustive" and src.info["latent_space"] * per_component > cfg.max_materialize:
-            rows.append(exact_row(run, cfg, splits, src))
-            continue
-        key = (f"{strategy}" if N is None else f"{strategy}-N{N}") + _floor_tags(src.spec)[0]
-        path = run.path(src.leaf, src.spec.name, "circuits", f"{key}.safetensors")
-
-        def compute() -> dict[str, Any]:
-            try:
-                selection, seconds = select_latents(src, cfg, strategy, N)
-                circuit = make_circuit(src, cfg, strategy, N, selection)
-            except SelectionShortfall as exc:  # remembered, so a re-run does not search again
-                return {"skipped": f"{FAMILY[strategy]} {src.spec.name} N={N} ({src.leaf} pixels) was skipped: {exc}"}
-            circuit.meta.update({"image_shape": list(splits.image_shape), "levels": splits.levels})
-            circuit.save(path)
-            bpd = test_bpd(
-                circuit,
-                test_x,
-                src.leaf,
-                splits.levels,
-                draws=cfg.experiments.bpd_draws,
-                discrete=cfg.experiments.bpd_discrete,
-                generator=torch.Generator().manual_seed(cfg.seed),
-            )
-            family = FAMILY[strategy]
-            label = (
-                f"{family} {src.spec.name}"
-                + (f" (K={src.spec.K})" if strategy == "exhaustive" else "")
-                + (" (stochastic)" if strategy == "beam" and src.spec.beam_search == "stochastic" else "")
-            )
-            return circuit_row(
-                label + _floor_tags(src.spec)[1],
-                family,
-                circuit,
-                bpd,
-                selection=strategy,
-                model=src.spec.name,
-                leaf=src.leaf,
-                std_floor=src.spec.std_floor,
-                group=src.spec.group or src.spec.name,
-                K=src.spec.K,
-                source_params=src.info["vqvae_params"],
-                requested_N=N,
-                starts=beam_starts(src, N) if strategy == "beam" else None,
-                beam_score=src.spec.beam_score if strategy == "beam" else None,
-                beam_search=src.spec.beam_search if strategy == "beam" else None,
-                test_images=len(test_x),
-                circuit_file=str(path.relative_to(run.root)),
-                shortfall_reason=circuit.meta.get("shortfall_reason"),
-                prior=src.spec.prior,
-                selection_seconds=round(seconds, 3),
-            ).to_dict()
-
-        record = run.cached(
-            "distill",
-            f"{src.leaf}/{src.spec.name}/{key}",
-            compute,
-            outputs=(path,),
-            depends=src.files,
-            params=distill_params(cfg, src.spec, strategy=strategy),
-        )
-        if "skipped" in record:
-            notes.append(record["skipped"])
-            continue
-        rows.append(row := ResultRow.from_dict(record))
-        if row.shortfall_reason:
-            notes.append(
-                f"{row.name} N={row.requested_N} ({src.leaf} pixels) has {row.N} components: {row.shortfall_reason}"
-            )
-        circuits.add_file(key, path, row.N)
-        if strategy in src.spec.em_strategies:
-            rows.append(em_row(run, cfg, splits, src, key, circuits[key], row, test_x))
-    return rows, circuits
-
-
-def em_row(
-    run: RunDir,
-    cfg: RunConfig,
-    splits: DataSplits,
-    src: SourceModel,
-    key: str,
-    circuit: MixtureCircuit,
-    row: ResultRow,
-    test_x: torch.Tensor,
-) -> ResultRow:
-    """The circuit ``key`` refined by EM on training data (beyond the paper), saved and evaluated."""
-    spec = src.spec
-    path = run.path(src.leaf, spec.name, "circuits", f"{key}-em.safetensors")
-    source = run.path(src.leaf, spec.name, "circuits", f"{key}.safetensors")
-
-    def compute() -> dict[str, Any]:
-        v = splits.train_x[: spec.em_train_limit] if spec.em_train_limit else splits.train_x
-        x = to_model_space(v, src.leaf, splits.levels, torch.Generator().manual_seed(cfg.seed)).to(cfg.device)
-        em_cfg = EMConfig(iterations=spec.em_iterations, leaves=spec.em_leaves, prior_strength=spec.em_prior_strength)
-        refined, history = em_refine(circuit, x, em_cfg)
-        refined.save(path)
-        bpd = test_bpd(
-            refined,
-            test_x,
-            src.leaf,
-            splits.levels,
-            draws=cfg.experiments.bpd_draws,
-            discrete=cfg.experiments.bpd_discrete,
-            generator=torch.Generator().manual_seed(cfg.seed),
-        )
-        return refined_row(
-            row, "+EM", refined, bpd, em_history=history, circuit_file=str(path.relative_to(run.root))
-        ).to_dict()
-
-    em = ("em_iterations", "em_leaves", "em_prior_strength", "em_train_limit")
-    return ResultRow.from_dict(
-        run.cached(
-            "distill",
-            f"{src.leaf}/{spec.name}/{key}-em",
-            compute,
-            outputs=(path,),
-            depends=(source,),
-            params=distill_params(cfg, spec, *em, strategy=row.selection),
-        )
-    )

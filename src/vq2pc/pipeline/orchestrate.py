@@ -20,11 +20,12 @@ from vq2pc.core.files import atomic_write, write_json
 from vq2pc.data.datasets import load_dataset
 from vq2pc.pipeline.baselines import run_baselines
 from vq2pc.pipeline.config import RunConfig, config_to_dict
+from vq2pc.pipeline.distill import distill_all
 from vq2pc.pipeline.experiments import run_experiments
 from vq2pc.pipeline.findings import findings
 from vq2pc.pipeline.finetune import finetune_all, ft_row, ft_sources
 from vq2pc.pipeline.helper import HelperProcess
-from vq2pc.pipeline.models import SourceModel, build_source_model, distill_all
+from vq2pc.pipeline.models import SourceModel, build_source_model
 from vq2pc.pipeline.rows import ResultRow
 from vq2pc.pipeline.rundir import CACHE_SCHEMA, Models, RunDir, check_schema, check_stages
 
