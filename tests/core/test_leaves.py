@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vq2pc.core.leaves import Bernoulli, Categorical, Gaussian, cap_std, component_log_likelihoods
+from vq2pc.core.leaf_ops import cap_std, component_log_likelihoods
+from vq2pc.core.leaves import Bernoulli, Categorical, Gaussian
 
 
 def test_component_log_likelihoods_equal_the_leaf_densities() -> None:

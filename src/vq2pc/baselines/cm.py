@@ -10,7 +10,7 @@ Training maximizes the integration-point estimate
 drawn by randomized quasi-Monte Carlo — a scrambled Sobol sequence mapped through
 the standard-normal inverse CDF — freshly at every step (validation uses one fixed
 set, so early stopping compares like with like). The per-point log-likelihoods
-``[B, M]`` are :func:`vq2pc.core.leaves.component_log_likelihoods`, shared with
+``[B, M]`` are :func:`vq2pc.core.leaf_ops.component_log_likelihoods`, shared with
 fine-tuned distillation (Gaussian: one float64 product ``[x², x] @ [a; b]``;
 categorical: indexed log-probabilities).
 
@@ -46,7 +46,8 @@ from vq2pc.circuit.distill import decode_leaf
 from vq2pc.circuit.mixture import MixtureCircuit
 from vq2pc.core.checkpoint import SavableModel
 from vq2pc.core.devices import flush_denormals
-from vq2pc.core.leaves import Categorical, Gaussian, Leaf, component_log_likelihoods
+from vq2pc.core.leaf_ops import component_log_likelihoods
+from vq2pc.core.leaves import Categorical, Gaussian, Leaf
 from vq2pc.core.random import step_seed
 from vq2pc.core.validate import rows
 from vq2pc.data.datasets import DataSplits, check_fits

@@ -52,13 +52,11 @@ import torch
 from torch import Tensor, nn
 
 from vq2pc.circuit.cirkit import require_cirkit
-from vq2pc.circuit.classes import CLASS_TENSOR, ClassMixture
-from vq2pc.circuit.kernels import normalized_categorical
+from vq2pc.circuit.export_npz import export_npz, exportable, from_npz
 from vq2pc.circuit.mixture import MixtureCircuit
 from vq2pc.core import validate
 from vq2pc.core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from vq2pc.core.files import atomic_write
-from vq2pc.core.leaves import LEAF_KINDS, Leaf, leaf_from_tensors
+from vq2pc.core.leaves import LEAF_KINDS
 
 __all__ = [
     "cirkit_log_prob",
@@ -72,8 +70,6 @@ __all__ = [
 
 SEMIRING = "lse-sum-unclamped"
 CIRKIT_KIND = "cirkit"  # checkpoint tag: vq2pc/cirkit
-NPZ_FORMAT = "vq2pc/mixture-npz"
-NPZ_VERSION = 1
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -86,20 +82,6 @@ def _cirkit() -> Any:
             "exporting to libcirkit needs libcirkit: `pip install libcirkit==0.3.1` (or `pip install vq2pc[baselines]`); "
             "`--format npz` needs nothing extra"
         ) from exc
-
-
-def _check_circuit(circuit: Any) -> MixtureCircuit:
-    """``circuit`` itself, or a class-aware circuit's class marginal."""
-    if isinstance(circuit, ClassMixture) and isinstance(circuit.model, MixtureCircuit):
-        return circuit.model
-    if not isinstance(circuit, MixtureCircuit):
-        raise ValueError(f"expected a MixtureCircuit, got {type(circuit).__name__}")
-    if circuit.leaf.kind not in LEAF_KINDS:
-        raise ValueError(
-            f"{circuit.leaf.kind} leaves are not exported (libcirkit has no such input layer); "
-            "save the circuit (MixtureCircuit.save) instead"
-        )
-    return circuit
 
 
 # --- description and parameter arrays ------------------------------------------------
@@ -222,7 +204,7 @@ def to_cirkit(circuit: MixtureCircuit) -> Any:
 
     Scope: variable ``i`` is column ``i`` of the flattened data ``[B, S]``.
     """
-    circuit = _check_circuit(circuit)
+    circuit = exportable(circuit)
     return _symbolic(circuit.leaf.kind, _arrays(circuit))
 
 
@@ -233,7 +215,7 @@ def compile_cirkit(
     (defaults: the circuit's). ``compiled(x [B, S])`` returns ``[B, 1, 1]`` log p̂(x); see
     :func:`cirkit_log_prob`. ``ValueError`` if categorical log-probabilities would underflow in ``dtype``.
     """
-    circuit = _check_circuit(circuit)
+    circuit = exportable(circuit)
     dtype = dtype or circuit.log_weights.dtype
     if dtype not in _DTYPES.values():
         raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
@@ -305,7 +287,7 @@ def export_cirkit(circuit: MixtureCircuit, path: str | Path, dtype: torch.dtype 
     from the description and loads the ``state_dict`` (loaded with ``weights_only=True``).
     ``dtype``: of the compiled circuit (default: the circuit's; see :func:`compile_cirkit`).
     """
-    circuit = _check_circuit(circuit)
+    circuit = exportable(circuit)
     compiled = compile_cirkit(circuit, "cpu", dtype)
     desc = _description(circuit, next(compiled.parameters()).dtype)
     payload = {"description": json.dumps(desc), "state_dict": compiled.state_dict()}
@@ -325,78 +307,3 @@ def load_cirkit(path: str | Path, device: str | torch.device | None = None) -> n
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"{path}: not a valid exported libcirkit circuit: {exc}") from None
     return compiled.to(device or "cpu")
-
-
-def export_npz(circuit: MixtureCircuit | ClassMixture, path: str | Path) -> Path:
-    """Write a plain ``.npz``: ``header`` (JSON string), ``log_weights [N]`` (normalized),
-    ``raw_log_weights [N]`` (as given to the constructor; :func:`from_npz` uses them for a
-    bit-exact reload) and the leaf arrays ``mean, std [N, S]`` / ``logits [N, S, L]``
-    (normalized log-probabilities) / ``logits [N, S]`` (Bernoulli: p(x=1) = sigmoid); a
-    :class:`ClassMixture` adds ``class_log_weights [N, C]`` (``log w_{n,c}``, normalized jointly)."""
-    classes = circuit.log_weights.double() if isinstance(circuit, ClassMixture) else None
-    circuit = _check_circuit(circuit)
-    leaf = circuit.leaf
-    header = {
-        "format": NPZ_FORMAT,
-        "version": NPZ_VERSION,
-        "kind": leaf.kind,
-        "num_components": len(circuit),
-        "num_variables": circuit.num_variables,
-        "density": "p(x) = sum_n exp(log_weights[n]) prod_i p(x_i | leaf params [n, i])",
-        "arrays": {k: list(v.shape) for k, v in leaf.tensors().items()},
-        "meta": circuit.meta,
-    }
-    if classes is not None:
-        header["num_classes"] = int(classes.shape[1])
-        header["classes"] = (
-            "p(x, c) = sum_n exp(class_log_weights[n, c]) prod_i p(x_i | leaf params [n, i]); "
-            "log_weights = logsumexp over c of class_log_weights"
-        )
-    arrays = {k: v.detach().cpu().contiguous().numpy() for k, v in leaf.tensors().items()}
-    arrays["log_weights"] = circuit.log_weights.detach().cpu().numpy()
-    arrays["raw_log_weights"] = circuit._given_log_weights.detach().cpu().numpy()
-    if classes is not None:
-        arrays[CLASS_TENSOR] = classes.cpu().numpy()
-
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to the temporary name
-            np.savez(f, header=np.array(json.dumps(header)), **arrays)
-
-    return atomic_write(path, write)
-
-
-def from_npz(
-    path: str | Path, device: str | torch.device | None = None, classes: bool = False
-) -> MixtureCircuit | ClassMixture:
-    """The :class:`MixtureCircuit` of an archive written by :func:`export_npz` (``CheckpointError`` if bad);
-    ``classes=True``: the :class:`ClassMixture` of an archive with class weights (its class marginal otherwise)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"npz file not found: {path}")
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            header = json.loads(str(npz["header"]))
-            tensors = {k: torch.from_numpy(npz[k]).to(device or "cpu") for k in npz.files if k != "header"}
-    except (OSError, ValueError, KeyError) as exc:
-        raise CheckpointError(f"{path} is not a readable npz archive: {exc}") from None
-    if not isinstance(header, dict) or header.get("format") != NPZ_FORMAT or header.get("version") != NPZ_VERSION:
-        raise CheckpointError(f"{path} is not a {NPZ_FORMAT} v{NPZ_VERSION} archive")
-    try:
-        kind = header["kind"]
-        log_weights = tensors.pop("raw_log_weights", tensors["log_weights"])
-        class_log_weights = tensors.pop(CLASS_TENSOR, None)
-        circuit = MixtureCircuit(_npz_leaf(kind, tensors), log_weights, meta=header.get("meta"))
-        if not classes:
-            return circuit
-        if class_log_weights is None:
-            raise CheckpointError(f"{path} holds no class weights (not a class-aware circuit)")
-        return ClassMixture(circuit, class_log_weights)
-    except (KeyError, ValueError, IndexError, RuntimeError) as exc:
-        raise CheckpointError(f"{path}: invalid circuit contents: {exc}") from None
-
-
-def _npz_leaf(kind: str, tensors: dict[str, Tensor]) -> Leaf:
-    """The leaf of an npz archive; categorical logits are already normalized and are not renormalized."""
-    if kind == "categorical":
-        return normalized_categorical(tensors["logits"])
-    return leaf_from_tensors(kind, tensors)

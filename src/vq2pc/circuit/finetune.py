@@ -48,7 +48,8 @@ from torch import Tensor, nn
 from vq2pc.circuit.distill import decode_leaf
 from vq2pc.circuit.mixture import MixtureCircuit
 from vq2pc.core.distributed import all_reduce_max_, all_reduce_sum, shard_range
-from vq2pc.core.leaves import Leaf, cap_std, component_log_likelihoods, discretize
+from vq2pc.core.leaf_ops import cap_std, component_log_likelihoods
+from vq2pc.core.leaves import Leaf, discretize
 from vq2pc.core.random import step_seed
 from vq2pc.core.validate import is_positive_number
 from vq2pc.data.datasets import DataSplits
@@ -100,7 +101,7 @@ class FineTuneConfig:
     subset: int = 256  # random: components per step
     clip: float | None = None  # max global gradient norm per step (None: no clipping)
     learn_weights: bool = True  # train the mixture weights jointly (else keep the selection's)
-    std_max: float | None = None  # Gaussian leaves: cap every std smoothly below this (core.leaves.cap_std), in
+    std_max: float | None = None  # Gaussian leaves: cap every std smoothly below this (core.leaf_ops.cap_std), in
     #   training and in the circuit: sharper components and class-balanced samples at a cost in BPD (docs/NOTES.md)
     discretized: int | None = None  # Gaussian leaves: train and build the exact discrete mixture, each leaf its
     #   L-level twin (core.leaves.discretize, L = this); data are integer levels, not dequantized

@@ -13,18 +13,23 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
-from vq2pc.baselines.cm import CM_RECIPES
 from vq2pc.baselines.einet import SUM_PRODUCT_LAYERS
 from vq2pc.baselines.regions import REGION_GRAPHS
 from vq2pc.circuit.finetune import FineTuneConfig
 from vq2pc.core.leaves import LEAF_KINDS
 from vq2pc.core.validate import is_positive_number
 from vq2pc.latents.selection import BEAM_SCORES, BEAM_SEARCHES, STRATEGIES, WEIGHTS
-from vq2pc.models.priors import prior_config
 from vq2pc.models.train import TrainConfig
+from vq2pc.pipeline.config_checks import (
+    check_cm_recipe,
+    check_counts,
+    check_device_name,
+    check_extra_N,
+    check_ft_N,
+    check_prior,
+)
 from vq2pc.pipeline.typed_yaml import build_dataclass, plain
 
 __all__ = [
@@ -208,18 +213,18 @@ class RunConfig:
     experiments: ExperimentSpec = field(default_factory=ExperimentSpec)
 
     def validate(self) -> RunConfig:
-        _check_device_name(self.device)
-        _check_counts(
+        check_device_name(self.device)
+        check_counts(
             self,
             ("limit", "test_limit", "exact_test_limit", "max_exhaustive", "max_usage_space", "max_materialize"),
             "config",
         )
-        _check_counts(self, ("seed",), "config", low=0)
+        check_counts(self, ("seed",), "config", low=0)
         if any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in self.experiments.usage_seeds):
             raise ValueError(
                 f"config: experiments.usage_seeds must be integers >= 0, got {self.experiments.usage_seeds}"
             )
-        _check_counts(
+        check_counts(
             self.experiments,
             (
                 "inpainting_images",
@@ -236,12 +241,12 @@ class RunConfig:
                 "config.experiments: classification_fractions must lie in (0, 1), got "
                 f"{self.experiments.classification_fractions}"
             )
-        _check_counts(
+        check_counts(
             self.baselines,
             ("cm_latent_dim", "cm_hidden", "cm_train_points", "cm_points", "cm_batch_size"),
             "config.baselines",
         )
-        _check_cm_recipe(self.baselines)
+        check_cm_recipe(self.baselines)
         for leaf in self.leaves:
             if leaf not in LEAF_KINDS:
                 raise ValueError(f"config: unknown leaf {leaf!r}; expected one of {list(LEAF_KINDS)}")
@@ -254,13 +259,13 @@ class RunConfig:
                 raise ValueError(f"config: model {m.name!r} has unknown strategies {bad}; expected {list(STRATEGIES)}")
             if m.K < 1 or any(n < 1 for n in m.N):
                 raise ValueError(f"config: model {m.name!r} needs K >= 1 and every N >= 1")
-            _check_extra_N(m)
-            _check_counts(
+            check_extra_N(m)
+            check_counts(
                 m,
                 ("D", "hidden", "prior_hidden", "prior_layers", "starts", "em_train_limit"),
                 f"config: model {m.name!r}",
             )
-            _check_counts(m, ("res_blocks", "em_iterations"), f"config: model {m.name!r}", low=0)
+            check_counts(m, ("res_blocks", "em_iterations"), f"config: model {m.name!r}", low=0)
             if min(m.latent_hw) < 1 or m.beta < 0:
                 raise ValueError(f"config: model {m.name!r} needs a positive latent_hw and beta >= 0")
             for key in ("em_strategies", "ft_strategies"):
@@ -274,11 +279,11 @@ class RunConfig:
                     raise ValueError(
                         f"config: model {m.name!r} {key} must be one of {list(allowed)}, got {getattr(m, key)!r}"
                     )
-            _check_prior(m)
+            check_prior(m)
             self._check_vqvae_from(m)
             if m.std_floor is not None and not (isinstance(m.std_floor, (int, float)) and 0 < m.std_floor < math.inf):
                 raise ValueError(f"config: model {m.name!r} std_floor must be a positive number, got {m.std_floor!r}")
-            _check_ft_N(m)
+            check_ft_N(m)
             self._check_ft_std_max(m)
         for key in ("main_model", "analysis_model"):
             value = getattr(self, key) if key == "main_model" else self.experiments.analysis_model
@@ -326,75 +331,6 @@ class RunConfig:
     def analysis(self) -> ModelSpec:
         """The model of the latent-usage and correlation experiments."""
         return next(m for m in self.models if m.name == (self.experiments.analysis_model or self.main.name))
-
-
-def _check_cm_recipe(b: BaselineSpec) -> None:
-    """``cm_recipe`` is None, mlp or paper; the paper recipe's settings are counts, given only with it."""
-    where = "config.baselines"
-    if b.cm_recipe not in (None, *CM_RECIPES):
-        raise ValueError(f"{where}: cm_recipe must be one of {list(CM_RECIPES)}, got {b.cm_recipe!r}")
-    _check_counts(b, ("cm_channels", "cm_refresh", "cm_top_k"), where)
-    paper_only = [k for k in ("cm_channels", "cm_refresh", "cm_top_k") if getattr(b, k) is not None]
-    if b.cm_recipe != "paper" and paper_only:
-        raise ValueError(
-            f"{where}: {paper_only} apply to cm_recipe: paper only (cm_recipe is {b.cm_recipe or 'mlp'!r})"
-        )
-    if b.cm_recipe == "paper" and b.cm_points & (b.cm_points - 1):
-        raise ValueError(f"{where}: cm_points is the paper recipe's Sobol grid, a power of 2; got {b.cm_points}")
-    if b.cm_recipe == "paper" and b.cm_top_k is not None and b.cm_top_k > b.cm_points:
-        raise ValueError(f"{where}: cm_top_k must be <= cm_points ({b.cm_points}), got {b.cm_top_k}")
-
-
-def _check_extra_N(m: ModelSpec) -> None:
-    """``extra_N`` maps strategies of the model (not exhaustive) to lists of integers >= 1."""
-    where = f"config: model {m.name!r} extra_N"
-    if not isinstance(m.extra_N, dict):
-        raise ValueError(f"{where} must map strategies to lists of N, e.g. {{sample: [16384]}}; got {m.extra_N!r}")
-    for strategy, ns in m.extra_N.items():
-        if strategy not in m.strategies or strategy == "exhaustive":
-            raise ValueError(
-                f"{where} names {strategy!r}, which is not one of the model's strategies "
-                f"{[s for s in m.strategies if s != 'exhaustive']}"
-            )
-        if not isinstance(ns, list) or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in ns):
-            raise ValueError(f"{where}[{strategy!r}] must be a list of integers >= 1, got {ns!r}")
-
-
-def _check_ft_N(m: ModelSpec) -> None:
-    """``ft_N`` maps ``ft_strategies`` to lists of that strategy's N (``N`` and its ``extra_N``)."""
-    where = f"config: model {m.name!r} ft_N"
-    if not isinstance(m.ft_N, dict):
-        raise ValueError(f"{where} must map ft_strategies to lists of N, e.g. {{beam: [4096]}}; got {m.ft_N!r}")
-    for strategy, ns in m.ft_N.items():
-        if strategy not in m.ft_strategies:
-            raise ValueError(f"{where} names {strategy!r}, which is not one of ft_strategies {m.ft_strategies}")
-        have = [*m.N, *m.extra_N.get(strategy, [])]
-        if not isinstance(ns, list) or not ns or not set(ns) <= set(have):
-            raise ValueError(f"{where}[{strategy!r}] must be a non-empty list of {strategy}'s N {have}, got {ns!r}")
-
-
-def _check_counts(obj: Any, names: tuple[str, ...], where: str, low: int = 1) -> None:
-    """Each attribute in ``names`` of ``obj`` is None or an integer >= ``low``."""
-    for name in names:
-        value = getattr(obj, name)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
-            raise ValueError(f"{where}: {name} must be an integer >= {low}, got {value!r}")
-
-
-def _check_device_name(name: Any) -> None:
-    """A device string torch can parse (whether this machine has it is checked when the run starts)."""
-    try:
-        torch.device(name)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"config: device {name!r} is not a torch device; use cpu, cuda, cuda:N or mps") from None
-
-
-def _check_prior(m: ModelSpec) -> None:
-    """A clear error for an unknown prior (one of ``PRIOR_NAMES``) or sizes that do not make one."""
-    try:
-        prior_config(m.prior, m.K, tuple(m.latent_hw), 1, m.prior_hidden, m.prior_layers, m.prior_heads)
-    except (ValueError, TypeError) as exc:
-        raise ValueError(f"config: model {m.name!r}: {exc}") from None
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
