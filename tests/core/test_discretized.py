@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from vq2pc.core import discretized as disc
+from vq2pc.core.leaf_ops import component_log_likelihoods
 from vq2pc.core.leaves import (
     Categorical,
     DiscretizedGaussian,
     DiscretizedLogistic,
     Gaussian,
-    component_log_likelihoods,
     discretize,
     leaf_from_tensors,
 )

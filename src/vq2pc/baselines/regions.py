@@ -44,18 +44,20 @@ def region_graph(
     return tree2rg(np.asarray(tree))
 
 
-def learn_tree(x: Tensor, leaf: str, levels: int, max_images: int = 20000) -> tuple[int, ...]:
+def learn_tree(x: Tensor, leaf: str, levels: int, max_images: int = 20000, bins: int = 16) -> tuple[int, ...]:
     """The Chow–Liu tree of pixels ``x [B, S]`` (integer levels; the first ``max_images`` rows): each
     variable's parent, -1 at the root. Categorical pixels use the categorical mutual information over
-    ``levels`` values, Gaussian ones the Gaussian estimator on ``(v + 1/2) / levels``."""
+    ``bins`` equal-width bins of the ``levels`` values (the tree only: the circuit still models every level;
+    256 categories would make the pairwise joint counts an ``[S·256, S·256]`` matrix, 160 G entries on
+    MNIST), Gaussian ones the Gaussian estimator on ``(v + 1/2) / levels``."""
     require_cirkit()
     from cirkit.templates.region_graph.algorithms.chow_liu import ChowLiuTree
 
     x = x.flatten(1)[:max_images].cpu()
     if leaf == "categorical":
-        tree = ChowLiuTree(
-            x.long(), input_type="categorical", num_categories=levels, chunk_size=2048, as_region_graph=False
-        )
+        k = min(bins, levels)
+        binned = (x.long() * k).div(levels, rounding_mode="floor")
+        tree = ChowLiuTree(binned, input_type="categorical", num_categories=k, chunk_size=2048, as_region_graph=False)
     else:
         tree = ChowLiuTree((x.double() + 0.5) / levels, input_type="gaussian", as_region_graph=False)
     return tuple(int(t) for t in tree)
