@@ -23,6 +23,7 @@ from vq2pc.data.datasets import DataSplits
 from vq2pc.evaluate.density import BPD_FORMAT, bpd_fields, test_bpd
 from vq2pc.models.train import TrainConfig, TrainResult
 from vq2pc.pipeline.config import BaselineSpec, CircuitSpec, RunConfig
+from vq2pc.pipeline.models import score_test
 from vq2pc.pipeline.rows import ResultRow
 from vq2pc.pipeline.rundir import RunDir, settings_key
 
@@ -35,15 +36,7 @@ def _bpd_row(
     test_x = splits.test_x[: cfg.test_limit] if cfg.test_limit else splits.test_x
 
     def compute() -> dict[str, Any]:
-        bpd = test_bpd(
-            model,
-            test_x,
-            leaf,
-            splits.levels,
-            draws=cfg.experiments.bpd_draws,
-            discrete=cfg.experiments.bpd_discrete,
-            generator=torch.Generator().manual_seed(cfg.seed),
-        )
+        bpd = score_test(cfg, model, test_x, leaf, splits.levels)
         return ResultRow.build(**fields, leaf=leaf, **bpd_fields(bpd), test_images=len(test_x)).to_dict()
 
     params = {

@@ -12,7 +12,6 @@ from vq2pc.circuit.exact import ExactModel
 from vq2pc.circuit.mixture import MixtureCircuit
 from vq2pc.circuit.refine import EMConfig, em_refine
 from vq2pc.data.datasets import DataSplits, to_model_space
-from vq2pc.evaluate.density import test_bpd
 from vq2pc.latents.selection import SelectionShortfall
 from vq2pc.pipeline.config import RunConfig
 from vq2pc.pipeline.models import (
@@ -25,6 +24,7 @@ from vq2pc.pipeline.models import (
     leaf_params,
     make_circuit,
     refined_row,
+    score_test,
     select_latents,
     selections,
 )
@@ -50,15 +50,7 @@ def exact_row(run: RunDir, cfg: RunConfig, splits: DataSplits, src: SourceModel)
             std_floor=src.spec.std_floor,
         )
         seconds = time.perf_counter() - start
-        bpd = test_bpd(
-            model,
-            test_x,
-            src.leaf,
-            splits.levels,
-            draws=cfg.experiments.bpd_draws,
-            discrete=cfg.experiments.bpd_discrete,
-            generator=torch.Generator().manual_seed(cfg.seed),
-        )
+        bpd = score_test(cfg, model, test_x, src.leaf, splits.levels)
         return circuit_row(
             f"ExM {src.spec.name} (K={src.spec.K}){floor_tags(src.spec)[1]}",
             "ExM",
@@ -117,15 +109,7 @@ def distill_all(
                 return {"skipped": f"{FAMILY[strategy]} {src.spec.name} N={N} ({src.leaf} pixels) was skipped: {exc}"}
             circuit.meta.update({"image_shape": list(splits.image_shape), "levels": splits.levels})
             circuit.save(path)
-            bpd = test_bpd(
-                circuit,
-                test_x,
-                src.leaf,
-                splits.levels,
-                draws=cfg.experiments.bpd_draws,
-                discrete=cfg.experiments.bpd_discrete,
-                generator=torch.Generator().manual_seed(cfg.seed),
-            )
+            bpd = score_test(cfg, circuit, test_x, src.leaf, splits.levels)
             family = FAMILY[strategy]
             label = (
                 f"{family} {src.spec.name}"
@@ -198,15 +182,7 @@ def em_row(
         em_cfg = EMConfig(iterations=spec.em_iterations, leaves=spec.em_leaves, prior_strength=spec.em_prior_strength)
         refined, history = em_refine(circuit, x, em_cfg)
         refined.save(path)
-        bpd = test_bpd(
-            refined,
-            test_x,
-            src.leaf,
-            splits.levels,
-            draws=cfg.experiments.bpd_draws,
-            discrete=cfg.experiments.bpd_discrete,
-            generator=torch.Generator().manual_seed(cfg.seed),
-        )
+        bpd = score_test(cfg, refined, test_x, src.leaf, splits.levels)
         return refined_row(
             row, "+EM", refined, bpd, em_history=history, circuit_file=str(path.relative_to(run.root))
         ).to_dict()

@@ -10,11 +10,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, NamedTuple
 
-import torch
-
 from vq2pc.circuit.finetune import CAP_MARK, cap_text, finetune_distill
 from vq2pc.data.datasets import DataSplits
-from vq2pc.evaluate.density import test_bpd
 from vq2pc.pipeline.config import RunConfig
 from vq2pc.pipeline.models import (
     SourceModel,
@@ -22,6 +19,7 @@ from vq2pc.pipeline.models import (
     distill_params,
     make_selection,
     refined_row,
+    score_test,
     selection_weights,
 )
 from vq2pc.pipeline.rows import ResultRow
@@ -72,15 +70,7 @@ def ft_row(
         circuit.meta.update({"image_shape": list(splits.image_shape), "levels": splits.levels})
         circuit.save(path)
         run.discard(ckpt)
-        bpd = test_bpd(
-            circuit,
-            test_x,
-            src.leaf,
-            splits.levels,
-            draws=cfg.experiments.bpd_draws,
-            discrete=cfg.experiments.bpd_discrete,
-            generator=torch.Generator().manual_seed(cfg.seed),
-        )
+        bpd = score_test(cfg, circuit, test_x, src.leaf, splits.levels)
         return refined_row(
             row,
             "+FT" + (capped and CAP_MARK + capped),

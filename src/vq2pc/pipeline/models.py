@@ -8,12 +8,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from vq2pc.circuit.distill import distill
 from vq2pc.circuit.mixture import MixtureCircuit
 from vq2pc.core.protocols import Prior
 from vq2pc.data.datasets import DataSplits
-from vq2pc.evaluate.density import BPD_FORMAT, bpd_fields
+from vq2pc.evaluate.density import BPD_FORMAT, bpd_fields, test_bpd
 from vq2pc.latents.selection import Selection, select
 from vq2pc.models.priors import prior_config, train_prior
 from vq2pc.models.quantizers.vq import perplexity
@@ -26,6 +27,7 @@ __all__ = [
     "SourceModel",
     "build_source_model",
     "circuit_row",
+    "score_test",
     "refined_row",
     "FAMILY",
     "select_latents",
@@ -121,6 +123,19 @@ def build_source_model(run: RunDir, cfg: RunConfig, splits: DataSplits, leaf: st
 def _prior_file(spec: ModelSpec) -> str:
     """The prior's checkpoint: ``prior.pt`` for the PixelCNN, ``prior-<name>.pt`` for another prior."""
     return "prior.pt" if spec.prior == "pixelcnn" else f"prior-{spec.prior}.pt"
+
+
+def score_test(cfg: RunConfig, model: Any, test_x: Tensor, leaf: str, levels: int) -> dict[str, Any]:
+    """:func:`~vq2pc.evaluate.density.test_bpd` of ``model`` with the run's settings (draws, discrete BPD, seed)."""
+    return test_bpd(
+        model,
+        test_x,
+        leaf,
+        levels,
+        draws=cfg.experiments.bpd_draws,
+        discrete=cfg.experiments.bpd_discrete,
+        generator=torch.Generator().manual_seed(cfg.seed),
+    )
 
 
 def circuit_row(name: str, family: str, circuit: MixtureCircuit, bpd: dict[str, float], **fields: Any) -> ResultRow:
