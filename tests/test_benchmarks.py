@@ -163,3 +163,35 @@ def test_class_posterior_benchmark_prints_its_line(leaf: str) -> None:
     line = json.loads(out.stdout.strip().splitlines()[-1])
     assert {"log_prob_s", "class_posterior_s", "ratio", "recomputed_rows"} <= set(line) and line["leaf"] == leaf
     assert line["log_prob_s"] > 0 and line["class_posterior_s"] > 0
+
+
+def test_field_circuits_step_prints_a_line_per_structure() -> None:
+    pytest.importorskip("cirkit")
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "field_circuits_step.py"),
+            "--dataset",
+            "digits",
+            "--graphs",
+            "quad-graph",
+            "chow-liu-tree",
+            "--units",
+            "2",
+            "--batch",
+            "16",
+            "--steps",
+            "1",
+            "--limit",
+            "100",
+            "--threads",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
+    lines = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [line["region_graph"] for line in lines] == ["quad-graph", "chow-liu-tree"]
+    assert all(line["num_params"] > 0 and line["seconds_per_step"] > 0 for line in lines) and "tree_seconds" in lines[1]

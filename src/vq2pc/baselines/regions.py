@@ -49,7 +49,8 @@ def learn_tree(x: Tensor, leaf: str, levels: int, max_images: int = 20000, bins:
     variable's parent, -1 at the root. Categorical pixels use the categorical mutual information over
     ``bins`` equal-width bins of the ``levels`` values (the tree only: the circuit still models every level;
     256 categories would make the pairwise joint counts an ``[S·256, S·256]`` matrix, 160 G entries on
-    MNIST), Gaussian ones the Gaussian estimator on ``(v + 1/2) / levels``."""
+    MNIST), counted over chunks of 128 images (MNIST, 20,000 images: 130 s and 4.9 GB on 2 cores; chunks of
+    2,048 peaked at 22 GB), Gaussian ones the Gaussian estimator on ``(v + 1/2) / levels``."""
     require_cirkit()
     from cirkit.templates.region_graph.algorithms.chow_liu import ChowLiuTree
 
@@ -57,7 +58,7 @@ def learn_tree(x: Tensor, leaf: str, levels: int, max_images: int = 20000, bins:
     if leaf == "categorical":
         k = min(bins, levels)
         binned = (x.long() * k).div(levels, rounding_mode="floor")
-        tree = ChowLiuTree(binned, input_type="categorical", num_categories=k, chunk_size=2048, as_region_graph=False)
+        tree = ChowLiuTree(binned, input_type="categorical", num_categories=k, chunk_size=128, as_region_graph=False)
     else:
         tree = ChowLiuTree((x.double() + 0.5) / levels, input_type="gaussian", as_region_graph=False)
     return tuple(int(t) for t in tree)
