@@ -81,69 +81,49 @@ def run_case(a: argparse.Namespace) -> dict:
     }
 
 
-def main() -> None:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--N", type=int, nargs="+", default=[1024, 4096, 16384, 65536])
     p.add_argument("--B", type=int, default=1000)
     p.add_argument("--S", type=int, default=784)
     p.add_argument("--levels", type=int, default=256)
     p.add_argument("--leaves", nargs="+", default=list(LEAVES), choices=LEAVES)
-    p.add_argument(
-        "--cat-max-N",
-        type=int,
-        default=4096,
-        help="largest N given a categorical table",
-    )
+    p.add_argument("--cat-max-N", type=int, default=4096, help="largest N given a categorical table")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--budget-mib", type=float, default=1024, help="the circuit's memory budget")
     p.add_argument("--same-process", action="store_true", help="run every case in this process")
     p.add_argument("--leaf", help=argparse.SUPPRESS)  # child process: run one case
     p.add_argument("--case-N", type=int, help=argparse.SUPPRESS)
-    a = p.parse_args()
+    return p
+
+
+def _child(a: argparse.Namespace, leaf: str, n: int) -> str:
+    """The JSON line of one case run in a process of its own (its peak memory is its own)."""
+    options = {"--B": a.B, "--S": a.S, "--levels": a.levels, "--threads": a.threads, "--budget-mib": a.budget_mib}
+    args = [sys.executable, __file__, "--leaf", leaf, "--case-N", str(n)]
+    args += [str(x) for pair in options.items() for x in pair]
+    return subprocess.run(args, capture_output=True, text=True, check=True).stdout.strip()
+
+
+def _case_line(a: argparse.Namespace, leaf: str, n: int) -> str:
+    """The JSON line of the case (N = ``n``, ``leaf``): measured, or ``skipped`` for a categorical table too large."""
+    if leaf == "categorical" and n > a.cat_max_N:
+        size = n * a.S * a.levels * 4 / 2**30
+        why = f"its table [S·L, N] takes {size:.1f} GiB (N > --cat-max-N {a.cat_max_N})"
+        return json.dumps({"leaf": leaf, "N": n, "skipped": why})
+    if a.same_process:
+        return json.dumps(run_case(argparse.Namespace(**{**vars(a), "leaf": leaf, "case_N": n})))
+    return _child(a, leaf, n)
+
+
+def main() -> None:
+    a = _parser().parse_args()
     if a.leaf:
         print(json.dumps(run_case(a)), flush=True)
         return
     for n in a.N:
         for leaf in a.leaves:
-            if leaf == "categorical" and n > a.cat_max_N:
-                print(
-                    json.dumps(
-                        {
-                            "leaf": leaf,
-                            "N": n,
-                            "skipped": f"its table [S·L, N] takes "
-                            f"{n * a.S * a.levels * 4 / 2**30:.1f} GiB (N > --cat-max-N {a.cat_max_N})",
-                        }
-                    ),
-                    flush=True,
-                )
-                continue
-            if a.same_process:
-                print(
-                    json.dumps(run_case(argparse.Namespace(**{**vars(a), "leaf": leaf, "case_N": n}))),
-                    flush=True,
-                )
-                continue
-            args = [
-                sys.executable,
-                __file__,
-                "--leaf",
-                leaf,
-                "--case-N",
-                str(n),
-                "--B",
-                str(a.B),
-                "--S",
-                str(a.S),
-                "--levels",
-                str(a.levels),
-                "--threads",
-                str(a.threads),
-                "--budget-mib",
-                str(a.budget_mib),
-            ]
-            out = subprocess.run(args, capture_output=True, text=True, check=True)
-            print(out.stdout.strip(), flush=True)
+            print(_case_line(a, leaf, n), flush=True)
 
 
 if __name__ == "__main__":

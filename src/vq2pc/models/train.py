@@ -301,6 +301,42 @@ def _train_epoch(
     return sum(losses) / len(losses)
 
 
+def _setup(model: nn.Module, cfg: TrainConfig) -> tuple[str, Any, Any]:
+    """The device (joining the ``torchrun`` process group, if any), with ``model`` moved onto it, and
+    the autocast context factory and GradScaler of ``cfg.amp``."""
+    device = init_from_env(cfg.device)
+    autocast, scaler = _autocast(cfg, device)
+    model.to(device)
+    return device, autocast, scaler
+
+
+def _validation(
+    model: nn.Module,
+    loss_fn: LossFn,
+    val_data: Sequence[Tensor],
+    cfg: TrainConfig,
+    device: str,
+    validate: Callable[[nn.Module], float] | None,
+) -> Callable[[], float]:
+    """The validation loss of ``model``'s current weights: ``validate(model)``, else the mean ``loss_fn``."""
+    if validate is not None:
+        return lambda: validate(model)
+    return lambda: evaluate_loss(model, loss_fn, val_data, max(cfg.batch_size, 256), device)
+
+
+def _resume_or_score(
+    loop: _Loop,
+    checkpoint: str | Path | None,
+    kind: str,
+    meta: dict[str, Any] | None,
+    score: Callable[[], float] | None,
+) -> None:
+    """Continue from ``checkpoint`` when it holds a run; else, with ``score``, validate the starting weights
+    (they are kept unless an epoch beats them)."""
+    if not (checkpoint is not None and loop.resume(checkpoint, kind, meta)) and score is not None:
+        loop.state["start"] = loop.state["best"] = score()
+
+
 def fit(
     model: nn.Module,
     loss_fn: LossFn,
@@ -332,20 +368,10 @@ def fit(
     unless an epoch beats them.
     Under ``torchrun`` every rank calls ``fit`` (see the module docstring).
     """
-    device = init_from_env(cfg.device)
-    autocast, scaler = _autocast(cfg, device)
-    model.to(device)
+    device, autocast, scaler = _setup(model, cfg)
     loop = _Loop(model, cfg, math.ceil(train_data[0].shape[0] / cfg.batch_size))
-
-    def score() -> float:
-        return (
-            validate(model)
-            if validate is not None
-            else evaluate_loss(model, loss_fn, val_data, max(cfg.batch_size, 256), device)
-        )
-
-    if not (checkpoint is not None and loop.resume(checkpoint, kind, meta)) and score_start:
-        loop.state["start"] = loop.state["best"] = score()
+    score = _validation(model, loss_fn, val_data, cfg, device, validate)
+    _resume_or_score(loop, checkpoint, kind, meta, score if score_start else None)
     start = time.perf_counter() - loop.state["seconds"]
     bar = tqdm(
         total=cfg.epochs, initial=loop.state["epoch"], desc=desc, disable=not (cfg.progress and is_main()), leave=False

@@ -119,23 +119,97 @@ def _circuit_specs(spec: BaselineSpec, splits: DataSplits, leaf: str) -> list[tu
             for p in spec.einet_pieces
             for i in spec.einet_inputs
         ]
-    for c in spec.circuits:
-        family = _FAMILIES[c.region_graph]
-        out.append(
-            (
-                f"{c.region_graph}-{c.sum_product}-{c.units}",
-                f"{family} ({c.sum_product.upper()}, {c.units})",
-                family,
-                EiNetConfig(
-                    **shape,
-                    region_graph=c.region_graph,
-                    sum_product=c.sum_product,
-                    num_input_units=c.units,
-                    num_sum_units=c.units,
-                ),
+    return out + [_circuit_spec(c, splits, leaf) for c in spec.circuits]
+
+
+def _circuit_spec(c: CircuitSpec, splits: DataSplits, leaf: str) -> tuple[str, str, str, EiNetConfig]:
+    """``(key, name, family, config)`` of one libcirkit circuit baseline (QuadGraph, HCLT, ...)."""
+    family = _FAMILIES[c.region_graph]
+    config = EiNetConfig(
+        image_shape=tuple(splits.image_shape),
+        leaf=leaf,
+        levels=splits.levels,
+        region_graph=c.region_graph,
+        sum_product=c.sum_product,
+        num_input_units=c.units,
+        num_sum_units=c.units,
+    )
+    return (
+        f"{c.region_graph}-{c.sum_product}-{c.units}",
+        f"{family} ({c.sum_product.upper()}, {c.units})",
+        family,
+        config,
+    )
+
+
+def _circuit_baselines(
+    run: RunDir, cfg: RunConfig, splits: DataSplits, leaf: str, train_cfg: TrainConfig, notes: list[str]
+) -> tuple[list[ResultRow], dict[str, Any]]:
+    """The libcirkit baselines (EiNets and ``circuits``), each trained (or resumed) from its checkpoint."""
+    rows, models = [], {}
+    for key, name, family, ecfg in _circuit_specs(cfg.baselines, splits, leaf):
+        ckpt = run.checkpoint("baselines", leaf, "baselines", f"{key}.pt")
+        model, res = train_einet(splits, ecfg, train_cfg, checkpoint=ckpt)
+        rows.append(
+            _bpd_row(
+                run,
+                cfg,
+                splits,
+                leaf,
+                key,
+                model,
+                ckpt,
+                name=name,
+                family=family,
+                selection=family.lower(),
+                N=ecfg.num_input_units,
+                num_params=model.num_params,
+                **res.summary(),
+                time_cap_fired=_time_cap(res, train_cfg, f"{name} ({leaf})", notes),
             )
         )
-    return out
+        models[name] = model
+    return rows, models
+
+
+def _cm_baseline(
+    run: RunDir, cfg: RunConfig, splits: DataSplits, leaf: str, train_cfg: TrainConfig, notes: list[str]
+) -> tuple[ResultRow, MixtureCircuit]:
+    """The continuous mixture: trained (or resumed), compiled into a circuit of ``cm_points`` components
+    (saved in the run folder, remade when the training checkpoint changed) and scored."""
+    spec = cfg.baselines
+    ccfg = _cm_config(spec, splits, leaf, cfg.seed)
+    ckpt = run.checkpoint("baselines", leaf, "baselines", "cm.pt")
+    cm_train = replace(train_cfg, batch_size=spec.cm_batch_size or train_cfg.batch_size)
+    model, res = train_cm(splits, ccfg, cm_train, checkpoint=ckpt)
+    capped = _time_cap(res, cm_train, f"CM ({leaf})", notes)
+    path = run.path(leaf, "baselines", "cm.safetensors")
+    if run.outdated("baselines", path, (ckpt,)):
+        circuit = compile_cm(model, num_points=spec.cm_points, seed=cfg.seed)
+        circuit.meta.update({"image_shape": list(splits.image_shape), "levels": splits.levels, "leaf": leaf})
+        circuit.save(path)
+        run.redone.add(path)
+    circuit = MixtureCircuit.load(path, device=cfg.device)
+    row = _bpd_row(
+        run,
+        cfg,
+        splits,
+        leaf,
+        "cm",
+        circuit,
+        path,
+        name=f"CM (M={spec.cm_points})",
+        family="CM",
+        selection="cm",
+        N=len(circuit),
+        num_params=circuit.num_params,
+        recipe=ccfg.recipe,
+        source_params=model.num_params,
+        circuit_file=str(path.relative_to(run.root)),
+        **res.summary(),
+        time_cap_fired=capped,
+    )
+    return row, circuit
 
 
 def run_baselines(
@@ -151,63 +225,10 @@ def run_baselines(
         return rows, models
     train_cfg = replace(cfg.baseline_train, seed=cfg.seed, device=cfg.device)
     if (spec.einet or spec.circuits) and _einet_available(notes):
-        for key, name, family, ecfg in _circuit_specs(spec, splits, leaf):
-            ckpt = run.checkpoint("baselines", leaf, "baselines", f"{key}.pt")
-            model, res = train_einet(splits, ecfg, train_cfg, checkpoint=ckpt)
-            rows.append(
-                _bpd_row(
-                    run,
-                    cfg,
-                    splits,
-                    leaf,
-                    key,
-                    model,
-                    ckpt,
-                    name=name,
-                    family=family,
-                    selection=family.lower(),
-                    N=ecfg.num_input_units,
-                    num_params=model.num_params,
-                    **res.summary(),
-                    time_cap_fired=_time_cap(res, train_cfg, f"{name} ({leaf})", notes),
-                )
-            )
-            models[name] = model
+        rows, models = _circuit_baselines(run, cfg, splits, leaf, train_cfg, notes)
     if spec.cm:
-        ccfg = _cm_config(spec, splits, leaf, cfg.seed)
-        ckpt = run.checkpoint("baselines", leaf, "baselines", "cm.pt")
-        cm_train = replace(train_cfg, batch_size=spec.cm_batch_size or train_cfg.batch_size)
-        model, res = train_cm(splits, ccfg, cm_train, checkpoint=ckpt)
-        capped = _time_cap(res, cm_train, f"CM ({leaf})", notes)
-        path = run.path(leaf, "baselines", "cm.safetensors")
-        if run.outdated("baselines", path, (ckpt,)):
-            circuit = compile_cm(model, num_points=spec.cm_points, seed=cfg.seed)
-            circuit.meta.update({"image_shape": list(splits.image_shape), "levels": splits.levels, "leaf": leaf})
-            circuit.save(path)
-            run.redone.add(path)
-        circuit = MixtureCircuit.load(path, device=cfg.device)
-        rows.append(
-            _bpd_row(
-                run,
-                cfg,
-                splits,
-                leaf,
-                "cm",
-                circuit,
-                path,
-                name=f"CM (M={spec.cm_points})",
-                family="CM",
-                selection="cm",
-                N=len(circuit),
-                num_params=circuit.num_params,
-                recipe=ccfg.recipe,
-                source_params=model.num_params,
-                circuit_file=str(path.relative_to(run.root)),
-                **res.summary(),
-                time_cap_fired=capped,
-            )
-        )
-        models["CM"] = circuit
+        row, models["CM"] = _cm_baseline(run, cfg, splits, leaf, train_cfg, notes)
+        rows.append(row)
     return rows, models
 
 
@@ -217,15 +238,7 @@ def fit_circuit(
     """Train one libcirkit circuit baseline outside a run (``vq2pc train-baseline``), resumable from
     ``out/<key>.pt``; score it on the validation and test splits with the report's :func:`test_bpd` and
     write the row to ``out/<key>.json``. Returns the row."""
-    shape = dict(image_shape=tuple(splits.image_shape), leaf=leaf, levels=splits.levels)
-    ecfg = EiNetConfig(
-        **shape,
-        region_graph=spec.region_graph,
-        sum_product=spec.sum_product,
-        num_input_units=spec.units,
-        num_sum_units=spec.units,
-    )
-    key, family = f"{spec.region_graph}-{spec.sum_product}-{spec.units}", _FAMILIES[spec.region_graph]
+    key, name, family, ecfg = _circuit_spec(spec, splits, leaf)
     out.mkdir(parents=True, exist_ok=True)
     model, res = train_einet(splits, ecfg, train, checkpoint=out / f"{key}.pt")
     model.eval()
@@ -236,7 +249,7 @@ def fit_circuit(
             score(splits.test_x, generator=torch.Generator().manual_seed(train.seed)),
         )
     row = {
-        "name": f"{family} ({spec.sum_product.upper()}, {spec.units})",
+        "name": name,
         "family": family,
         "leaf": leaf,
         **asdict(spec),

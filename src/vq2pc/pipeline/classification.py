@@ -12,6 +12,7 @@ import dataclasses
 import re
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -93,6 +94,57 @@ def _same_components(src: SourceModel, selection: Selection, circuit: Any, k: in
     )
 
 
+@dataclass(frozen=True)
+class _TestImages:
+    """The first ``n`` test images in model space ``x`` ``[n, S]``, their ``labels`` ``[n]`` and the hiding
+    ``masks`` by kind (each ``[n, S]``, True = observed)."""
+
+    x: torch.Tensor
+    labels: torch.Tensor
+    masks: dict[str, torch.Tensor]
+
+    @property
+    def shown(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The images and their left-hidden masks drawn in the class-sample figure: the first two."""
+        return self.x[:2], self.masks["left"][:2]
+
+
+def _measure(
+    loaders: dict[str, Callable[[], ClassMixture]],
+    test: _TestImages,
+    splits: DataSplits,
+    leaf: str,
+    classifier: Any,
+    train_mean: torch.Tensor,
+    seed: int,
+) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, list]]:
+    """Each class-aware circuit's metrics beside the CNN's, one circuit in memory at a time: (results, the
+    class posteriors by label and mask for the calibration figure, the class-sample panels by label)."""
+    results: dict[str, Any] = {"circuit": {}, "cnn_mean": {}, "cnn_circuit": {}}
+    full: dict[str, torch.Tensor] = {}
+    panels: dict[str, list] = {}
+    shape = tuple(splits.image_shape)
+    for label, load in loaders.items():
+        model = load()
+        part, posts = ec.classification_metrics(
+            {label: model}, test.x, test.labels, test.masks, leaf, splits.levels, shape, classifier, train_mean
+        )
+        for k in ("circuit", "cnn_circuit"):
+            results[k].update(part[k])
+        results["cnn_mean"], results["hidden_fraction"] = part["cnn_mean"], part["hidden_fraction"]
+        full.update(posts)
+        panels[label] = ec.class_panels(
+            model,
+            *test.shown,
+            leaf,
+            splits.levels,
+            shape,
+            generator=torch.Generator().manual_seed(seed + 6),
+        )
+        del model
+    return results, full, panels
+
+
 def classification_experiment(
     run: RunDir,
     cfg: RunConfig,
@@ -106,50 +158,19 @@ def classification_experiment(
     E, start, cpu = cfg.experiments, time.perf_counter(), time.process_time()
     n = min(E.classification_images, len(splits.test_x))
     x = to_model_space(splits.test_x[:n], leaf, splits.levels, torch.Generator().manual_seed(cfg.seed)).flatten(1)
-    labels = splits.test_y[:n]
     gen = torch.Generator().manual_seed(cfg.seed + 5)
     masks = ec.classification_masks(tuple(splits.image_shape), n, tuple(E.classification_fractions), generator=gen)
+    test = _TestImages(x, splits.test_y[:n], masks)
     classifier, cnn_accuracy = shared_classifier(run, cfg, splits)
     train_unit = to_unit(to_model_space(splits.train_x, leaf, splits.levels, gen).flatten(1), leaf, splits.levels)
     loaders = _class_models(src, cfg, circuits)
     if not loaders:
         return {"skipped": "no DMRS, DMBS or ExM circuit to classify with"}
-    results: dict[str, Any] = {"circuit": {}, "cnn_mean": {}, "cnn_circuit": {}}
-    full: dict[str, torch.Tensor] = {}
-    panels: dict[str, list] = {}
-    shown_x, shown_mask = x[:2], masks["left"][:2]
-    for label, load in loaders.items():  # one circuit in memory at a time
-        model = load()
-        part, posts = ec.classification_metrics(
-            {label: model},
-            x,
-            labels,
-            masks,
-            leaf,
-            splits.levels,
-            tuple(splits.image_shape),
-            classifier,
-            train_unit.mean(0),
-        )
-        for k in ("circuit", "cnn_circuit"):
-            results[k].update(part[k])
-        results["cnn_mean"], results["hidden_fraction"] = part["cnn_mean"], part["hidden_fraction"]
-        full.update(posts)
-        panels[label] = ec.class_panels(
-            model,
-            shown_x,
-            shown_mask,
-            leaf,
-            splits.levels,
-            tuple(splits.image_shape),
-            generator=torch.Generator().manual_seed(cfg.seed + 6),
-        )
-        del model
+    results, full, panels = _measure(loaders, test, splits, leaf, classifier, train_unit.mean(0), cfg.seed)
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
-    title = f"{cfg.dataset}, {leaf} pixels, {n} test images"
-    ec.plot_classification(results, fig("classification"), title=title)
-    ec.plot_calibration(full, labels, fig("classification_calibration"))
-    ec.plot_class_samples(panels, 6 + 1 + 2 * len(shown_x), src.prior.num_classes, fig("class_samples"))
+    ec.plot_classification(results, fig("classification"), title=f"{cfg.dataset}, {leaf} pixels, {n} test images")
+    ec.plot_calibration(full, test.labels, fig("classification_calibration"))
+    ec.plot_class_samples(panels, 6 + 1 + 2 * len(test.shown[0]), src.prior.num_classes, fig("class_samples"))
     for per in results["circuit"].values():
         for metrics in per.values():
             metrics.pop("reliability", None)

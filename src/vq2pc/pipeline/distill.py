@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import functools
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -80,6 +82,97 @@ def exact_row(run: RunDir, cfg: RunConfig, splits: DataSplits, src: SourceModel)
     )
 
 
+def _circuit_label(src: SourceModel, strategy: str) -> str:
+    """The report name of a distilled circuit of ``src`` (without its std-floor tag)."""
+    return (
+        f"{FAMILY[strategy]} {src.spec.name}"
+        + (f" (K={src.spec.K})" if strategy == "exhaustive" else "")
+        + (" (stochastic)" if strategy == "beam" and src.spec.beam_search == "stochastic" else "")
+    )
+
+
+def _distill_record(
+    run: RunDir,
+    cfg: RunConfig,
+    splits: DataSplits,
+    src: SourceModel,
+    strategy: str,
+    N: int | None,
+    path: Path,
+    test_x: torch.Tensor,
+) -> dict[str, Any]:
+    """Select, distill, save to ``path`` and score one circuit: its report row as a dict, or ``{"skipped": why}``
+    when the selection cannot find ``N`` distinct latents (remembered, so a re-run does not search again)."""
+    try:
+        selection, seconds = select_latents(src, cfg, strategy, N)
+        circuit = make_circuit(src, cfg, strategy, N, selection)
+    except SelectionShortfall as exc:
+        return {"skipped": f"{FAMILY[strategy]} {src.spec.name} N={N} ({src.leaf} pixels) was skipped: {exc}"}
+    circuit.meta.update({"image_shape": list(splits.image_shape), "levels": splits.levels})
+    circuit.save(path)
+    bpd = score_test(cfg, circuit, test_x, src.leaf, splits.levels)
+    beam = strategy == "beam"
+    return circuit_row(
+        _circuit_label(src, strategy) + floor_tags(src.spec)[1],
+        FAMILY[strategy],
+        circuit,
+        bpd,
+        selection=strategy,
+        model=src.spec.name,
+        leaf=src.leaf,
+        std_floor=src.spec.std_floor,
+        group=src.spec.group or src.spec.name,
+        K=src.spec.K,
+        source_params=src.info["vqvae_params"],
+        requested_N=N,
+        starts=beam_starts(src, N) if beam else None,
+        beam_score=src.spec.beam_score if beam else None,
+        beam_search=src.spec.beam_search if beam else None,
+        test_images=len(test_x),
+        circuit_file=str(path.relative_to(run.root)),
+        shortfall_reason=circuit.meta.get("shortfall_reason"),
+        prior=src.spec.prior,
+        selection_seconds=round(seconds, 3),
+    ).to_dict()
+
+
+def _add_circuit(
+    run: RunDir,
+    cfg: RunConfig,
+    splits: DataSplits,
+    src: SourceModel,
+    pair: tuple[str, int | None],
+    test_x: torch.Tensor,
+    circuits: Models,
+    notes: list[str],
+) -> list[ResultRow]:
+    """The rows of one (strategy, N) circuit (cached): its own and its +EM twin's, the circuit added to
+    ``circuits``; none when the selection fell short (a line in ``notes`` says so)."""
+    strategy, N = pair
+    key = (f"{strategy}" if N is None else f"{strategy}-N{N}") + floor_tags(src.spec)[0]
+    path = run.path(src.leaf, src.spec.name, "circuits", f"{key}.safetensors")
+    record = run.cached(
+        "distill",
+        f"{src.leaf}/{src.spec.name}/{key}",
+        functools.partial(_distill_record, run, cfg, splits, src, strategy, N, path, test_x),
+        outputs=(path,),
+        depends=src.files,
+        params=distill_params(cfg, src.spec, strategy=strategy),
+    )
+    if "skipped" in record:
+        notes.append(record["skipped"])
+        return []
+    row = ResultRow.from_dict(record)
+    if row.shortfall_reason:
+        notes.append(
+            f"{row.name} N={row.requested_N} ({src.leaf} pixels) has {row.N} components: {row.shortfall_reason}"
+        )
+    circuits.add_file(key, path, row.N)
+    if strategy not in src.spec.em_strategies:
+        return [row]
+    return [row, em_row(run, cfg, splits, src, key, circuits[key], row, test_x)]
+
+
 def distill_all(
     run: RunDir, cfg: RunConfig, splits: DataSplits, src: SourceModel, notes: list[str]
 ) -> tuple[list[ResultRow], Models]:
@@ -97,67 +190,8 @@ def distill_all(
     for strategy, N in selections(src, cfg, notes):
         if strategy == "exhaustive" and src.info["latent_space"] * per_component > cfg.max_materialize:
             rows.append(exact_row(run, cfg, splits, src))
-            continue
-        key = (f"{strategy}" if N is None else f"{strategy}-N{N}") + floor_tags(src.spec)[0]
-        path = run.path(src.leaf, src.spec.name, "circuits", f"{key}.safetensors")
-
-        def compute() -> dict[str, Any]:
-            try:
-                selection, seconds = select_latents(src, cfg, strategy, N)
-                circuit = make_circuit(src, cfg, strategy, N, selection)
-            except SelectionShortfall as exc:  # remembered, so a re-run does not search again
-                return {"skipped": f"{FAMILY[strategy]} {src.spec.name} N={N} ({src.leaf} pixels) was skipped: {exc}"}
-            circuit.meta.update({"image_shape": list(splits.image_shape), "levels": splits.levels})
-            circuit.save(path)
-            bpd = score_test(cfg, circuit, test_x, src.leaf, splits.levels)
-            family = FAMILY[strategy]
-            label = (
-                f"{family} {src.spec.name}"
-                + (f" (K={src.spec.K})" if strategy == "exhaustive" else "")
-                + (" (stochastic)" if strategy == "beam" and src.spec.beam_search == "stochastic" else "")
-            )
-            return circuit_row(
-                label + floor_tags(src.spec)[1],
-                family,
-                circuit,
-                bpd,
-                selection=strategy,
-                model=src.spec.name,
-                leaf=src.leaf,
-                std_floor=src.spec.std_floor,
-                group=src.spec.group or src.spec.name,
-                K=src.spec.K,
-                source_params=src.info["vqvae_params"],
-                requested_N=N,
-                starts=beam_starts(src, N) if strategy == "beam" else None,
-                beam_score=src.spec.beam_score if strategy == "beam" else None,
-                beam_search=src.spec.beam_search if strategy == "beam" else None,
-                test_images=len(test_x),
-                circuit_file=str(path.relative_to(run.root)),
-                shortfall_reason=circuit.meta.get("shortfall_reason"),
-                prior=src.spec.prior,
-                selection_seconds=round(seconds, 3),
-            ).to_dict()
-
-        record = run.cached(
-            "distill",
-            f"{src.leaf}/{src.spec.name}/{key}",
-            compute,
-            outputs=(path,),
-            depends=src.files,
-            params=distill_params(cfg, src.spec, strategy=strategy),
-        )
-        if "skipped" in record:
-            notes.append(record["skipped"])
-            continue
-        rows.append(row := ResultRow.from_dict(record))
-        if row.shortfall_reason:
-            notes.append(
-                f"{row.name} N={row.requested_N} ({src.leaf} pixels) has {row.N} components: {row.shortfall_reason}"
-            )
-        circuits.add_file(key, path, row.N)
-        if strategy in src.spec.em_strategies:
-            rows.append(em_row(run, cfg, splits, src, key, circuits[key], row, test_x))
+        else:
+            rows += _add_circuit(run, cfg, splits, src, (strategy, N), test_x, circuits, notes)
     return rows, circuits
 
 

@@ -8,9 +8,12 @@ a PNG under ``figures/`` and its numbers under ``results/<leaf>/``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import time
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -59,6 +62,163 @@ def _gen(cfg: RunConfig, offset: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(cfg.seed + offset)
 
 
+@dataclass
+class _Leaf:
+    """What the experiments of one leaf kind read: the run, the main and analysis models, the models shown
+    in the figures, and the files (``inputs``) and settings (``params``) whose change redoes an experiment.
+
+    ``params`` leave out the classification keys: the classification stage alone reads them, so results
+    cached before they existed stay valid.
+    """
+
+    run: RunDir
+    cfg: RunConfig
+    splits: DataSplits
+    leaf: str
+    main: SourceModel
+    circuits: Models
+    analysis: SourceModel
+    models: Models
+    inputs: tuple[Path, ...] = field(init=False)
+    params: dict[str, Any] = field(init=False)
+
+    def __post_init__(self) -> None:
+        cfg, folder = self.cfg, self.run.root
+        self.inputs = (
+            self.main.files
+            + tuple(folder.glob(f"{self.leaf}/{self.main.spec.name}/circuits/*"))
+            + tuple(folder.glob(f"{self.leaf}/baselines/*"))
+        )
+        own = {k: v for k, v in dataclasses.asdict(cfg.experiments).items() if not k.startswith("classification")}
+        self.params = {
+            "experiments": own,
+            "seed": cfg.seed,
+            "main": cfg.main.name,
+            "analysis": cfg.analysis.name,
+            "max_usage_space": cfg.max_usage_space,
+        }
+
+    def fig(self, name: str) -> Path:
+        return self.run.figure(f"{self.leaf}-{name}.png")
+
+    @functools.cached_property
+    def x_test(self) -> torch.Tensor:
+        """The test images in model space, flattened: ``[n, S]``."""
+        return to_model_space(self.splits.test_x, self.leaf, self.splits.levels, _gen(self.cfg)).flatten(1)
+
+    def cached(
+        self,
+        stage: str,
+        compute: Callable[[], dict[str, Any]],
+        outputs: tuple[str, ...],
+        depends: tuple[Path, ...],
+        name: str | None = None,
+        params: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """``results/<leaf>/<name>.json`` (``name`` defaults to ``stage``), recomputed when its figures
+        ``outputs``, ``depends`` or the experiment settings changed (see :meth:`RunDir.cached`)."""
+        return self.run.cached(
+            stage,
+            f"{self.leaf}/{name or stage}",
+            compute,
+            outputs=tuple(self.fig(k) for k in outputs),
+            depends=depends,
+            params=self.params if params is None else params,
+        )
+
+
+def _bpd_figures(c: _Leaf, rows: list[dict[str, Any]]) -> dict[str, str]:
+    """BPD against parameters and against N, and the test BPD tails where the rows have quantiles."""
+    title = f"{c.cfg.dataset}, {c.leaf} pixels"
+    figures = {
+        "bpd_vs_params": str(ev.plot_bpd_vs_params(rows, c.fig("bpd_vs_params"), title=title)),
+        "bpd_vs_N": str(ev.plot_bpd_vs_N(rows, c.fig("bpd_vs_N"), title=title)),
+    }
+    if any(r.get("test_bpd_quantiles") for r in rows):
+        figures["bpd_tails"] = str(plot_bpd_tails(rows, c.fig("bpd_tails"), title=title))
+    return figures
+
+
+def _usage_section(c: _Leaf, section: dict[str, Any]) -> None:
+    """Fig. 1 for the analysis model, when its latent space can be enumerated."""
+    if c.cfg.experiments.usage and c.analysis.info["latent_space"] <= c.cfg.max_usage_space:
+        compute = functools.partial(_usage, c.run, c.cfg, c.splits, c.analysis, c.fig("latent_usage"))
+        section["latent_usage"] = c.cached("usage", compute, ("latent_usage",), c.analysis.files, "latent_usage")
+
+
+def _inpainting_section(c: _Leaf, section: dict[str, Any]) -> None:
+    """Fig. 3: inpainting pictures and numbers of the shown models."""
+    if c.cfg.experiments.inpainting:
+        section["inpainting"] = c.cached(
+            "inpainting",
+            lambda: _inpainting(c.cfg, c.splits, c.leaf, c.models, c.x_test, c.fig("inpainting")),
+            ("inpainting",),
+            c.inputs,
+        )
+        section["figures"]["inpainting"] = str(c.fig("inpainting"))
+
+
+def _samples_section(c: _Leaf, section: dict[str, Any]) -> None:
+    """Figs. 4–5: samples of the shown models and their class balance."""
+    if c.cfg.experiments.samples:
+        compute = functools.partial(_samples, c.run, c.cfg, c.splits, c.leaf, c.models, c.fig)
+        section["class_balance"] = c.cached("samples", compute, ("samples", "class_balance"), c.inputs, "class_balance")
+        section["figures"]["samples"] = str(c.fig("samples"))
+
+
+def _correlation_section(c: _Leaf, section: dict[str, Any]) -> None:
+    """Fig. 6: latent correlation of the analysis model's sampled and top-k components."""
+    E = c.cfg.experiments
+    if E.correlation:
+        section["correlation"] = c.cached(
+            "correlation",
+            lambda: {
+                **ev.component_correlation(
+                    make_circuit(c.analysis, c.cfg, "sample", 4),
+                    make_circuit(c.analysis, c.cfg, "topk", 4),
+                    c.x_test[: E.correlation_images],
+                    c.fig("correlation"),
+                ),
+                "model": c.analysis.spec.name,
+            },
+            ("correlation",),
+            c.analysis.files,
+        )
+
+
+def _classification_section(c: _Leaf, section: dict[str, Any]) -> None:
+    """The class-aware circuits of the main model (labelled data and a class-conditional prior only)."""
+    E = c.cfg.experiments
+    if E.classification and c.splits.num_classes > 1 and c.main.prior.num_classes > 1:
+        section["classification"] = c.cached(
+            "classification",
+            lambda: classification_experiment(c.run, c.cfg, c.splits, c.leaf, c.main, c.circuits, c.fig),
+            ("classification", "classification_calibration", "class_samples"),
+            c.inputs,
+            params={**c.params, "classification": dataclasses.asdict(E)},
+        )
+        if "skipped" not in section["classification"]:
+            section["figures"].update({k: str(c.fig(k)) for k in ("classification_calibration", "class_samples")})
+
+
+# The experiments in report order; each writes its part of the section when it is enabled.
+_EXPERIMENTS: tuple[Callable[[_Leaf, dict[str, Any]], None], ...] = (
+    _usage_section,
+    _inpainting_section,
+    _samples_section,
+    _correlation_section,
+    _classification_section,
+)
+
+
+def _relative_figures(section: dict[str, Any], root: Path) -> None:
+    """Figure paths relative to the run folder: report.json stays true when the folder is moved or copied."""
+    section["figures"] = {k: os.path.relpath(v, root) for k, v in section["figures"].items()}
+    for part in section.values():
+        if isinstance(part, dict) and isinstance(part.get("figure"), str):
+            part["figure"] = os.path.relpath(part["figure"], root)
+
+
 def run_experiments(
     run: RunDir,
     cfg: RunConfig,
@@ -72,98 +232,13 @@ def run_experiments(
 
     ``built``: model name -> (source model, its circuit files by selection key).
     """
-    E = cfg.experiments
     (main, circuits), analysis = built[cfg.main.name], built[cfg.analysis.name][0]
-    inputs = (
-        main.files
-        + tuple(run.root.glob(f"{leaf}/{main.spec.name}/circuits/*"))
-        + tuple(run.root.glob(f"{leaf}/baselines/*"))
-    )  # an experiment is redone when one of these changes
+    context = _Leaf(run, cfg, splits, leaf, main, circuits, analysis, showcase_models(circuits, baselines))
     rows = [r for r in report["models"] if r.get("leaf") == leaf]
-    fig = lambda name: run.figure(f"{leaf}-{name}.png")  # noqa: E731
-    section: dict[str, Any] = {"leaf": leaf, "results": rows, "figures": {}}
-    section["figures"]["bpd_vs_params"] = str(
-        ev.plot_bpd_vs_params(rows, fig("bpd_vs_params"), title=f"{cfg.dataset}, {leaf} pixels")
-    )
-    section["figures"]["bpd_vs_N"] = str(ev.plot_bpd_vs_N(rows, fig("bpd_vs_N"), title=f"{cfg.dataset}, {leaf} pixels"))
-    if any(r.get("test_bpd_quantiles") for r in rows):
-        section["figures"]["bpd_tails"] = str(
-            plot_bpd_tails(rows, fig("bpd_tails"), title=f"{cfg.dataset}, {leaf} pixels")
-        )
-    models = showcase_models(circuits, baselines)
-    # the classification keys are read by the classification stage alone: results cached before them stay valid
-    own = {k: v for k, v in dataclasses.asdict(E).items() if not k.startswith("classification")}
-    params = {
-        "experiments": own,
-        "seed": cfg.seed,
-        "main": cfg.main.name,
-        "analysis": cfg.analysis.name,
-        "max_usage_space": cfg.max_usage_space,
-    }  # a change redoes the experiments
-    if E.usage and analysis.info["latent_space"] <= cfg.max_usage_space:
-        section["latent_usage"] = run.cached(
-            "usage",
-            f"{leaf}/latent_usage",
-            lambda: _usage(run, cfg, splits, analysis, fig("latent_usage")),
-            outputs=(fig("latent_usage"),),
-            depends=analysis.files,
-            params=params,
-        )
-    x_test = to_model_space(splits.test_x, leaf, splits.levels, _gen(cfg)).flatten(1)
-    if E.inpainting:
-        section["inpainting"] = run.cached(
-            "inpainting",
-            f"{leaf}/inpainting",
-            lambda: _inpainting(cfg, splits, leaf, models, x_test, fig("inpainting")),
-            outputs=(fig("inpainting"),),
-            depends=inputs,
-            params=params,
-        )
-        section["figures"]["inpainting"] = str(fig("inpainting"))
-    if E.samples:
-        section["class_balance"] = run.cached(
-            "samples",
-            f"{leaf}/class_balance",
-            lambda: _samples(run, cfg, splits, leaf, models, fig),
-            outputs=(fig("samples"), fig("class_balance")),
-            depends=inputs,
-            params=params,
-        )
-        section["figures"]["samples"] = str(fig("samples"))
-    if E.correlation:
-        section["correlation"] = run.cached(
-            "correlation",
-            f"{leaf}/correlation",
-            lambda: {
-                **ev.component_correlation(
-                    make_circuit(analysis, cfg, "sample", 4),
-                    make_circuit(analysis, cfg, "topk", 4),
-                    x_test[: E.correlation_images],
-                    fig("correlation"),
-                ),
-                "model": analysis.spec.name,
-            },
-            outputs=(fig("correlation"),),
-            depends=analysis.files,
-            params=params,
-        )
-    if E.classification and splits.num_classes > 1 and main.prior.num_classes > 1:
-        outputs = tuple(fig(k) for k in ("classification", "classification_calibration", "class_samples"))
-        section["classification"] = run.cached(
-            "classification",
-            f"{leaf}/classification",
-            lambda: classification_experiment(run, cfg, splits, leaf, main, circuits, fig),
-            outputs=outputs,
-            depends=inputs,
-            params={**params, "classification": dataclasses.asdict(E)},
-        )
-        if "skipped" not in section["classification"]:
-            section["figures"].update({k: str(fig(k)) for k in ("classification_calibration", "class_samples")})
-    # relative to the run folder: report.json stays true when the folder is moved or copied
-    section["figures"] = {k: os.path.relpath(v, run.root) for k, v in section["figures"].items()}
-    for part in section.values():
-        if isinstance(part, dict) and isinstance(part.get("figure"), str):
-            part["figure"] = os.path.relpath(part["figure"], run.root)
+    section: dict[str, Any] = {"leaf": leaf, "results": rows, "figures": _bpd_figures(context, rows)}
+    for experiment in _EXPERIMENTS:
+        experiment(context, section)
+    _relative_figures(section, run.root)
     return section
 
 

@@ -18,6 +18,7 @@ from vq2pc.evaluate.density import BPD_FORMAT, bpd_fields, test_bpd
 from vq2pc.latents.selection import Selection, select
 from vq2pc.models.priors import prior_config, train_prior
 from vq2pc.models.quantizers.vq import perplexity
+from vq2pc.models.train_config import TrainResult
 from vq2pc.models.vqvae import VQVAE, VQVAEConfig, encode_images, train_vqvae
 from vq2pc.pipeline.config import ModelSpec, RunConfig
 from vq2pc.pipeline.rows import ResultRow
@@ -60,23 +61,13 @@ class SourceModel:
 def build_source_model(run: RunDir, cfg: RunConfig, splits: DataSplits, leaf: str, spec: ModelSpec) -> SourceModel:
     """Train (or resume, or load) the VQ-VAE and the prior of ``spec`` for ``leaf`` pixels; with
     ``spec.vqvae_from`` the VQ-VAE is that model's (trained here if it is not yet)."""
-    vq_cfg = VQVAEConfig(
-        image_shape=splits.image_shape,
-        levels=splits.levels,
-        leaf=leaf,
-        latent_hw=tuple(spec.latent_hw),
-        K=spec.K,
-        D=spec.D,
-        hidden=spec.hidden,
-        res_blocks=spec.res_blocks,
-        beta=spec.beta,
-        quantizer=spec.quantizer,
-        quantizer_opts=dict(spec.quantizer_opts),
-    )
     train_cfg = replace(cfg.vqvae_train, seed=cfg.seed, device=cfg.device)
     vqvae_file = run.path(leaf, spec.vqvae_from or spec.name, "vqvae.pt")
     vqvae, vq_res = train_vqvae(
-        splits, vq_cfg, train_cfg, checkpoint=run.checkpoint("vqvae", leaf, spec.vqvae_from or spec.name, "vqvae.pt")
+        splits,
+        _vqvae_config(splits, leaf, spec),
+        train_cfg,
+        checkpoint=run.checkpoint("vqvae", leaf, spec.vqvae_from or spec.name, "vqvae.pt"),
     )
     codes = {s: encode_images(vqvae, getattr(splits, f"{s}_x"), cfg.seed) for s in ("train", "val", "test")}
     labeled = splits.num_classes > 1
@@ -99,7 +90,35 @@ def build_source_model(run: RunDir, cfg: RunConfig, splits: DataSplits, leaf: st
         splits.val_y if labeled else None,
         checkpoint=run.checkpoint("prior", leaf, spec.name, prior_file, after=(vqvae_file,)),
     )
-    info = {
+    info = _source_info(spec, vqvae, vq_res, prior, pr_res, codes)
+    return SourceModel(
+        leaf, spec, vqvae, prior, codes["train"], info, files=(vqvae_file, run.path(leaf, spec.name, prior_file))
+    )
+
+
+def _vqvae_config(splits: DataSplits, leaf: str, spec: ModelSpec) -> VQVAEConfig:
+    """The VQ-VAE of ``spec`` for ``leaf`` pixels of ``splits``' images."""
+    return VQVAEConfig(
+        image_shape=splits.image_shape,
+        levels=splits.levels,
+        leaf=leaf,
+        latent_hw=tuple(spec.latent_hw),
+        K=spec.K,
+        D=spec.D,
+        hidden=spec.hidden,
+        res_blocks=spec.res_blocks,
+        beta=spec.beta,
+        quantizer=spec.quantizer,
+        quantizer_opts=dict(spec.quantizer_opts),
+    )
+
+
+def _source_info(
+    spec: ModelSpec, vqvae: VQVAE, vq_res: TrainResult, prior: Prior, pr_res: TrainResult, codes: dict[str, Tensor]
+) -> dict[str, Any]:
+    """The report's ``sources`` entry of a source model: sizes, training summaries and code statistics
+    (``codes``: the ``[n, h, w]`` codes of each split)."""
+    return {
         "prior": spec.prior,
         "prior_params": prior.num_params,
         "prior_seconds": round(pr_res.seconds, 2),
@@ -115,9 +134,6 @@ def build_source_model(run: RunDir, cfg: RunConfig, splits: DataSplits, leaf: st
         "distinct_train_codes": int(torch.unique(codes["train"].flatten(1), dim=0).shape[0]),
         "latent_space": spec.K ** (spec.latent_hw[0] * spec.latent_hw[1]),
     }
-    return SourceModel(
-        leaf, spec, vqvae, prior, codes["train"], info, files=(vqvae_file, run.path(leaf, spec.name, prior_file))
-    )
 
 
 def _prior_file(spec: ModelSpec) -> str:
