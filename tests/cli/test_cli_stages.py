@@ -81,74 +81,43 @@ def test_distill_with_mismatched_prior_is_one_line_error(
     assert not (tmp_path / "c.safetensors").exists()
 
 
+def _train_transformer(
+    vqvae: str, out: Path, capsys: pytest.CaptureFixture[str], *options: str
+) -> tuple[int, str, str]:
+    """`train-prior --prior transformer` on the session's VQ-VAE, written to ``out``."""
+    return run_cli(
+        ["train-prior", *DATA, "--vqvae", vqvae, "--prior", "transformer", *options, "--out", str(out)], capsys
+    )
+
+
 def test_transformer_prior_trains_distills_and_reports_usage(
     stages: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """`train-prior --prior transformer`; `distill` and `usage` load either prior from its checkpoint."""
     run_stage(stages, "train-vqvae", capsys)
     vqvae, prior = str(stages["files"]["vqvae"]), tmp_path / "tf.pt"
-    code, out, err = run_cli(
-        [
-            "train-prior",
-            *DATA,
-            "--epochs",
-            "1",
-            "--vqvae",
-            vqvae,
-            "--prior",
-            "transformer",
-            "--hidden",
-            "8",
-            "--layers",
-            "1",
-            "--heads",
-            "2",
-            "--out",
-            str(prior),
-        ],
-        capsys,
+    code, out, err = _train_transformer(
+        vqvae, prior, capsys, "--epochs", "1", "--hidden", "8", "--layers", "1", "--heads", "2"
     )
     assert code == 0, err
     assert last_json(out)["prior"] == "transformer"
     assert load_checkpoint(prior, "transformer-prior")["meta"]["config"]["heads"] == 2
+    beam = ["--strategy", "beam", "--components", "20", "--starts", "1"]
     code, out, err = run_cli(
-        [
-            "distill",
-            "--vqvae",
-            vqvae,
-            "--prior",
-            str(prior),
-            "--strategy",
-            "beam",
-            "--components",
-            "20",
-            "--starts",
-            "1",
-            "--out",
-            str(tmp_path / "c.safetensors"),
-        ],
-        capsys,
+        ["distill", "--vqvae", vqvae, "--prior", str(prior), *beam, "--out", str(tmp_path / "c.safetensors")], capsys
     )
     assert code == 0, err
     assert 0 < last_json(out)["N"] <= 20
     code, out, err = run_cli(["usage", "--prior", str(prior), "--out", str(tmp_path / "u.png")], capsys)
     assert code == 0 and last_json(out)["space_size"] == 256, err
-    code, out, err = run_cli(
-        [
-            "train-prior",
-            *DATA,
-            "--vqvae",
-            vqvae,
-            "--prior",
-            "transformer",
-            "--hidden",
-            "10",
-            "--heads",
-            "4",
-            "--out",
-            str(tmp_path / "bad.pt"),
-        ],
-        capsys,
+
+
+def test_transformer_width_must_be_a_multiple_of_heads(
+    stages: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run_stage(stages, "train-vqvae", capsys)
+    code, _, err = _train_transformer(
+        str(stages["files"]["vqvae"]), tmp_path / "bad.pt", capsys, "--hidden", "10", "--heads", "4"
     )
     assert code == 1 and "multiple of heads" in err and len(err.strip().splitlines()) == 1
 

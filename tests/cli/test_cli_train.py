@@ -40,84 +40,49 @@ def test_train_vqvae_with_gmvq_quantizer_and_options(tmp_path: Path, capsys: pyt
     assert code == 1 and "KEY=VALUE" in err and not (tmp_path / "h.pt").exists()
 
 
+def _finetune(
+    stages: dict[str, Any], out: Path, capsys: pytest.CaptureFixture[str], *options: str
+) -> tuple[int, str, str]:
+    """`vq2pc finetune` of the session's VQ-VAE and prior with ``options``, written to ``out``."""
+    run_stage(stages, "train-prior", capsys)
+    files = stages["files"]
+    models = ["--vqvae", str(files["vqvae"]), "--prior", str(files["prior"])]
+    return run_cli(["finetune", *models, *DATA, *options, "--out", str(out)], capsys)
+
+
 def test_finetune_verb_improves_validation_and_writes_a_circuit(
     stages: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    run_stage(stages, "train-prior", capsys)
-    files, out = stages["files"], tmp_path / "ft.safetensors"
-    code, stdout, err = run_cli(
-        [
-            "finetune",
-            "--vqvae",
-            str(files["vqvae"]),
-            "--prior",
-            str(files["prior"]),
-            *DATA,
-            "-N",
-            "12",
-            "--epochs",
-            "2",
-            "--lr",
-            "3e-3",
-            "--schedule",
-            "cosine",
-            "--batch-size",
-            "25",
-            "--top-k",
-            "2",
-            "--out",
-            str(out),
-        ],
-        capsys,
-    )
+    out = tmp_path / "ft.safetensors"
+    options = ["-N", "12", "--epochs", "2", "--lr", "3e-3", "--schedule", "cosine", "--batch-size", "25"]
+    code, stdout, err = _finetune(stages, out, capsys, *options, "--top-k", "2")
     assert code == 0, err
     result = last_json(stdout)
     circuit = MixtureCircuit.load(out)
     assert result["N"] == len(circuit) == 12 and circuit.meta["finetune"]["best_epoch"] == result["best_epoch"]
     assert result["settings"]["schedule"] == circuit.meta["finetune"]["schedule"] == "cosine"
     assert result["best_val_log_prob"] >= result["start_val_log_prob"] and result["epochs_run"] >= 1
-    code, _, err = run_cli(
-        [
-            "finetune",
-            "--vqvae",
-            str(files["vqvae"]),
-            "--prior",
-            str(files["prior"]),
-            *DATA,
-            "--grad-components",
-            "random",
-            "--subset",
-            "0",
-            "--out",
-            str(tmp_path / "bad.safetensors"),
-        ],
-        capsys,
-    )
+
+
+def test_finetune_verb_refuses_bad_settings_in_one_line(
+    stages: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "bad.safetensors"
+    code, _, err = _finetune(stages, out, capsys, "--grad-components", "random", "--subset", "0")
     assert code != 0 and "fine-tuning" in err and len(err.strip().splitlines()) == 1
-    assert not (tmp_path / "bad.safetensors").exists()
-    code, stdout, err = run_cli(
-        [
-            "finetune",
-            "--vqvae",
-            str(files["vqvae"]),
-            "--prior",
-            str(files["prior"]),
-            *DATA,
-            "--N",
-            "12",
-            "--epochs",
-            "1",
-            "--batch-size",
-            "50",
-            "--discretized",
-            "--out",
-            str(tmp_path / "d.safetensors"),
-        ],
-        capsys,
+    assert not out.exists()
+
+
+def test_finetune_verb_discretized_writes_integer_level_leaves(
+    stages: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "d.safetensors"
+    code, stdout, err = _finetune(
+        stages, out, capsys, "--N", "12", "--epochs", "1", "--batch-size", "50", "--discretized"
     )
     assert code == 0, err
     assert last_json(stdout)["settings"]["discretized"] == 17
-    assert MixtureCircuit.load(tmp_path / "d.safetensors").leaf.kind == "discretized-gaussian"
+    assert MixtureCircuit.load(out).leaf.kind == "discretized-gaussian"
 
 
 def test_discretized_distill_evaluates_sample_and_inpaint_on_levels(
