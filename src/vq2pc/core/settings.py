@@ -148,7 +148,8 @@ def _line(err: Any, where: str, cls: type) -> str:
         known = sorted(getattr(_type_at(cls, loc[:-1]), "__pydantic_fields__", {}))
         return _joined(_path(where, loc[:-1]), f"unknown key {loc[-1]!r}; known: {known}")
     if kind == "missing" and loc and isinstance(loc[-1], int):  # a fixed-length tuple given too few items
-        return f"{_path(where, loc[:-1])} must have {len(typing.get_args(_type_at(cls, loc[:-1])))} items{got}"
+        size, given = len(typing.get_args(_type_at(cls, loc[:-1]))), list(err["input"])
+        return f"{_path(where, loc[:-1])} must have {size} items, got {given!r}"
     if kind == "too_long":
         return f"{path} must have at most {ctx['max_length']} items, got {ctx['actual_length']}"
     if kind == "too_short":
