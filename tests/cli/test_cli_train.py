@@ -93,7 +93,7 @@ def test_finetune_verb_improves_validation_and_writes_a_circuit(
         ],
         capsys,
     )
-    assert code != 0 and "fine-tuning" in err and len(err.strip().splitlines()) == 1
+    assert code != 0 and "subset must be >= 1, got 0" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "bad.safetensors").exists()
     code, stdout, err = run_cli(
         [

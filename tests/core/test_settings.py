@@ -64,7 +64,7 @@ def test_construction_and_replace_are_checked_like_loading() -> None:
         Outer(rate=-1.0, flag="no")
     with pytest.raises(ConfigError, match=r"^inner must be a mapping, got 3$"):
         Outer(inner=3)
-    with pytest.raises(ConfigError, match="^rate > 1 needs flag: false$"):
+    with pytest.raises(ConfigError, match=r"^rate > 1 needs flag: false$"):
         dataclasses.replace(Outer(flag=False, rate=3.0), flag=True)
 
 

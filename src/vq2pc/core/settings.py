@@ -99,14 +99,20 @@ def parse(cls: type[T], data: Any, where: str = "config") -> T:
     The data is validated as JSON: nested mappings become the nested settings classes and lists become
     tuples where a field is one, while each value keeps its strict type."""
     try:
-        return TypeAdapter(cls).validate_json(json.dumps(data, default=str))
+        return _adapter(cls).validate_json(json.dumps(data, default=str))
     except ValidationError as exc:
         raise ConfigError(problems(exc, where, cls)) from None
 
 
 def dump(obj: Any) -> Any:
     """A settings object as plain YAML/JSON values (tuples as lists), fields in declaration order."""
-    return TypeAdapter(type(obj)).dump_python(obj, mode="json")
+    return _adapter(type(obj)).dump_python(obj, mode="json")
+
+
+@functools.cache
+def _adapter(cls: type) -> TypeAdapter:
+    """One validator per settings class, built on first use."""
+    return TypeAdapter(cls)
 
 
 _NEEDS = {
