@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 
 from vq2pc.cli.options import RUN, add_parser, out_option, setting
 from vq2pc.core.devices import check_device
@@ -84,8 +85,8 @@ def _run(args: argparse.Namespace) -> int:
         "limit": args.limit,
     }
     cfg = load_config(args.config, overrides)
-    if args.seeds:
-        cfg.experiments.usage_seeds = list(args.seeds)
+    if args.seeds:  # checked like the config's own value
+        cfg = replace(cfg, experiments=replace(cfg.experiments, usage_seeds=list(args.seeds)))
     check_device(cfg.device)  # the config's device too, before a run folder exists
     if args.amp and not cfg.device.startswith("cuda"):
         raise ValueError(f"--amp {args.amp} needs a CUDA device (--device cuda); the run is on {cfg.device!r}")

@@ -87,7 +87,7 @@ def settings(cls: type[T]) -> type[T]:
         try:
             init(self, *args, **kwargs)
         except ValidationError as exc:
-            raise ConfigError(problems(exc, "", type(self))) from None
+            raise ConfigError(_problems(exc, "", type(self))) from None
 
     cls.__init__ = __init__  # type: ignore[misc]
     return cls
@@ -101,7 +101,7 @@ def parse(cls: type[T], data: Any, where: str = "config") -> T:
     try:
         return _adapter(cls).validate_json(json.dumps(data, default=str))
     except ValidationError as exc:
-        raise ConfigError(problems(exc, where, cls)) from None
+        raise ConfigError(_problems(exc, where, cls)) from None
 
 
 def dump(obj: Any) -> Any:
@@ -135,7 +135,7 @@ _BOUNDS = {"greater_than": ("gt", ">"), "greater_than_equal": ("ge", ">="), "les
 _BOUNDS |= {"less_than_equal": ("le", "<=")}
 
 
-def problems(exc: ValidationError, where: str, cls: type) -> list[str]:
+def _problems(exc: ValidationError, where: str, cls: type) -> list[str]:
     """One line per error of ``exc`` (raised validating ``cls``), each naming its setting's path."""
     return [_line(err, where, cls) for err in exc.errors()]
 
