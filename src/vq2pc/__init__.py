@@ -53,7 +53,7 @@ _EXPORTS = {
     "distill": "vq2pc.circuit.distill",
     "MixtureCircuit": "vq2pc.circuit.mixture",
     "ExactModel": "vq2pc.circuit.exact",
-    "FineTuneConfig": "vq2pc.circuit.finetune",
+    "FineTuneConfig": "vq2pc.circuit.finetune_config",
     "finetune_distill": "vq2pc.circuit.finetune",
     "EMConfig": "vq2pc.circuit.refine",
     "em_refine": "vq2pc.circuit.refine",

@@ -156,8 +156,12 @@ def test_categorical_finetuned_circuit_sums_to_one() -> None:
     ],
 )
 def test_bad_settings_are_one_clear_error(bad: dict) -> None:
-    with pytest.raises(ValueError, match="fine-tuning"):
+    """One line naming the setting and the value given (the ranges are declared on the fields)."""
+    ((name, value),) = bad.items()
+    with pytest.raises(ValueError) as info:
         FineTuneConfig(**bad)
+    assert str(info.value).startswith(f"{name} must be ") and str(info.value).endswith(f"got {value!r}")
+    assert "\n" not in str(info.value)
 
 
 @pytest.mark.parametrize("clip", [None, 0.5])

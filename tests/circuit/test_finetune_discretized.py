@@ -67,5 +67,5 @@ def test_discretized_finetuning_raises_the_discrete_likelihood() -> None:
     v = digits.train_x.flatten(1).float()
     assert float(after.log_prob(v).mean()) > float(before.log_prob(v).mean()) + 1.0
     assert res.best_val_log_prob > res.start_val_log_prob
-    with pytest.raises(ValueError, match="discretized must be a number of levels"):
+    with pytest.raises(ValueError, match="discretized must be >= 2, got 1"):
         FineTuneConfig(discretized=1)

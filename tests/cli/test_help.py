@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import typing
 
 import pytest
 
@@ -14,7 +15,7 @@ from vq2pc.cli import build_parser, main
 from vq2pc.cli.finetune import finetune_config
 from vq2pc.cli.options import FLAGS, HelpFormatter, train_config
 from vq2pc.cli.train import _quantizer_opts
-from vq2pc.pipeline.config import ExperimentSpec, ModelSpec, RunConfig
+from vq2pc.pipeline.config import CircuitSpec, ExperimentSpec, ModelSpec, RunConfig
 
 PARSER = build_parser()
 VERBS: dict[str, argparse.ArgumentParser] = next(
@@ -43,7 +44,8 @@ def test_every_option_names_its_default_once(verb: str) -> None:
         text = _help_line(parser, action)
         flag = "/".join(action.option_strings) or action.dest
         assert text.lower().count("default") <= 1, f"{verb} {flag}: {text!r}"
-        if action.option_strings and not action.required and _meaningful(action.default):
+        switch = isinstance(action, argparse._StoreConstAction)  # store_true/false: its presence is the setting
+        if action.option_strings and not action.required and not switch and _meaningful(action.default):
             assert "default" in text.lower() and str(action.default) in text, f"{verb} {flag}: {text!r}"
 
 
@@ -81,7 +83,7 @@ def test_training_defaults_are_the_run_configs() -> None:
     a = PARSER.parse_args(["train-vqvae"])
     assert train_config(a) == dataclasses.replace(run.vqvae_train, seed=run.seed, device=run.device)
     assert (a.dataset, a.seed, a.device, a.leaf) == (run.dataset, run.seed, run.device, run.leaves[0])
-    assert (tuple(a.grid), a.K, a.D, a.hidden, a.res_blocks, a.beta, a.quantizer) == (
+    assert (a.latent_hw, a.K, a.D, a.hidden, a.res_blocks, a.beta, a.quantizer) == (
         model.latent_hw,
         model.K,
         model.D,
@@ -94,7 +96,7 @@ def test_training_defaults_are_the_run_configs() -> None:
     assert _quantizer_opts(PARSER.parse_args(["train-vqvae", "--quantizer", "gumbel"])) == {}
     a = PARSER.parse_args(["train-prior", "--vqvae", "v"])
     assert train_config(a) == dataclasses.replace(run.prior_train, seed=run.seed, device=run.device)
-    assert (a.prior, a.hidden, a.layers, a.heads) == (
+    assert (a.prior, a.prior_hidden, a.prior_layers, a.prior_heads) == (
         model.prior,
         model.prior_hidden,
         model.prior_layers,
@@ -105,7 +107,7 @@ def test_training_defaults_are_the_run_configs() -> None:
 def test_selection_finetune_and_refine_defaults_are_the_run_configs() -> None:
     run, model = RunConfig(), ModelSpec()
     a = PARSER.parse_args(["distill", "--vqvae", "v", "--prior", "p"])
-    assert (a.starts, a.beam_score, a.beam_search, a.max_space, a.std_min) == (
+    assert (a.starts, a.beam_score, a.beam_search, a.max_exhaustive, a.std_min) == (
         model.starts,
         model.beam_score,
         model.beam_search,
@@ -116,9 +118,50 @@ def test_selection_finetune_and_refine_defaults_are_the_run_configs() -> None:
     assert a.N == PARSER.parse_args(["distill", "--vqvae", "v", "--prior", "p"]).N == max(model.N)
     assert finetune_config(a) == FineTuneConfig(seed=run.seed, device=run.device)
     a = PARSER.parse_args(["refine", "c", "--out", "r"])
-    assert (a.iterations, a.leaves, a.prior_strength) == (model.em_iterations, model.em_leaves, model.em_prior_strength)
-    assert PARSER.parse_args(["evaluate", "c"]).draws == ExperimentSpec().bpd_draws
-    assert PARSER.parse_args(["usage", "--prior", "p"]).max_space == run.max_usage_space
+    assert (a.em_iterations, a.em_leaves, a.em_prior_strength) == (
+        model.em_iterations,
+        model.em_leaves,
+        model.em_prior_strength,
+    )
+    assert PARSER.parse_args(["evaluate", "c"]).bpd_draws == ExperimentSpec().bpd_draws
+    assert PARSER.parse_args(["usage", "--prior", "p"]).max_usage_space == run.max_usage_space
+
+
+RUN, MODEL = RunConfig(), ModelSpec()
+SOURCES: dict[str, tuple[object, ...]] = {  # verb -> the configs whose settings its stage reads in `vq2pc run`
+    "train-vqvae": (RUN, RUN.vqvae_train, MODEL),
+    "train-prior": (RUN, RUN.prior_train, MODEL),
+    "train-baseline": (RUN, RUN.baseline_train, CircuitSpec()),
+    "distill": (RUN, MODEL),
+    "finetune": (RUN, MODEL, FineTuneConfig()),
+    "evaluate": (RUN, ExperimentSpec()),
+    "usage": (RUN,),
+    "refine": (RUN, MODEL),
+}
+
+
+def _choices(annotation: object) -> list[object] | None:
+    """The values of a ``Literal`` field (also under ``| None`` or ``Annotated``), else None."""
+    for tp in (annotation, *typing.get_args(annotation)):
+        if typing.get_origin(tp) is typing.Literal:
+            return list(typing.get_args(tp))
+    return None
+
+
+@pytest.mark.parametrize("verb", sorted(VERBS))
+def test_a_flag_of_a_config_field_has_the_fields_default_and_choices(verb: str) -> None:
+    """Each flag made from a config field parses to the default of the config the verb's stage reads, and
+    offers exactly the field's choices: a verb's default cannot disagree with the config's."""
+    mapped = [a for a in VERBS[verb]._actions if hasattr(a, "setting")]
+    assert len(mapped) >= len(SOURCES.get(verb, ())), verb  # every listed config gives this verb flags
+    for action in mapped:
+        owner, name = action.setting
+        assert any(owner == s and type(owner) is type(s) for s in SOURCES.get(verb, (RUN,))), (verb, name)
+        field = type(owner).__pydantic_fields__[name]
+        assert action.default == getattr(owner, name), (verb, action.option_strings)
+        others = [o for o in VERBS[verb]._actions if o.dest == action.dest and o is not action]
+        assert all(o.default is argparse.SUPPRESS for o in others), (verb, name)  # hidden spellings keep it
+        assert action.choices == _choices(field.annotation), (verb, action.option_strings)
 
 
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:

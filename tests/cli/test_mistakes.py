@@ -12,21 +12,21 @@ run
   config K: "many"                     config.models[0].K must be an integer, got 'many'
   config N: ["16"]                     config.models[0].N[0] must be an integer, got '16'
   config vqvae_train.epochs: 1.5       config.vqvae_train.epochs must be an integer, got 1.5
-  config prior_train.lr: -1            config.prior_train: lr must be a positive number, got -1.0
-  config latent_hw: [2]                config.models[0].latent_hw must be a list of 2 integers, got [2]
-  config device: gpu0                  config: device 'gpu0' is not a torch device; use cpu, cuda, cuda:N or mps
-  config typo key                      config: unknown key(s) ['stratgies'] in config.models[0]; known: [...]
+  config prior_train.lr: -1            config.prior_train.lr must be > 0, got -1
+  config latent_hw: [2]                config.models[0].latent_hw must have 2 items, got [2]
+  config device: gpu0                  config.device: 'gpu0' is not a torch device; use cpu, cuda, cuda:N or mps
+  config typo key                      config.models[0]: unknown key 'stratgies'; known: [...]
   config not YAML                      config bad.yaml is not valid YAML: ...
   --config missing.yaml                config file not found: missing.yaml
-  --limit 0                            config: limit must be an integer >= 1, got 0
+  --limit 0                            config.limit must be >= 1, got 0
   --seed -1                            --seed must be >= 0, got -1
   --out an existing file               cannot write junk.txt: it is a file, not a folder
   --out in an unwritable folder        cannot write /sys/run: Permission denied (/sys)
   --force bogus                        argument --force: invalid choice: 'bogus' (choose from ...) (see vq2pc run --help)
   dataset fails to load                the loader's message; no run folder is left behind
 train-vqvae
-  --epochs 0 / --batch-size 0          epochs must be an integer >= 1, got 0 / batch_size must be an integer >= 1, got 0
-  --lr -1 / --patience -1              lr must be a positive number, got -1.0 / patience must be an integer >= 0, got -1
+  --epochs 0 / --batch-size 0          epochs must be >= 1, got 0 / batch_size must be >= 1, got 0
+  --lr -1 / --patience -1              lr must be > 0, got -1.0 / patience must be >= 0, got -1
   --epochs 1.5                         argument --epochs: invalid int value: '1.5' (see vq2pc train-vqvae --help)
   --K 0                                VQ-VAE K must be >= 1, got 0
   --grid 3 3 on 8x8 images             latent grid 3x3 is not reachable from a 8x8 image by halving; reachable grids: ...
@@ -121,20 +121,21 @@ CASES: list[tuple[str, str, str]] = [
     ("run", "--config k_many.yaml --out R", "config.models[0].K must be an integer, got 'many'"),
     ("run", "--config n_strings.yaml --out R", "config.models[0].N[0] must be an integer, got '16'"),
     ("run", "--config epochs_float.yaml --out R", "config.vqvae_train.epochs must be an integer, got 1.5"),
-    ("run", "--config lr_negative.yaml --out R", "config.prior_train: lr must be a positive number"),
-    ("run", "--config grid_short.yaml --out R", "latent_hw must be a list of 2 integers"),
-    ("run", "--config device_bad.yaml --out R", "device 'gpu0' is not a torch device"),
-    ("run", "--config typo.yaml --out R", "unknown key(s) ['stratgies']"),
+    ("run", "--config lr_negative.yaml --out R", "config.prior_train.lr must be > 0, got -1"),
+    ("run", "--config grid_short.yaml --out R", "config.models[0].latent_hw must have 2 items, got [2]"),
+    ("run", "--config device_bad.yaml --out R", "config.device: 'gpu0' is not a torch device"),
+    ("run", "--config typo.yaml --out R", "config.models[0]: unknown key 'stratgies'; known: ["),
     ("run", "--config not_yaml.yaml --out R", "not_yaml.yaml is not valid YAML"),
     ("run", "--config missing.yaml --out R", "config file not found: missing.yaml"),
-    ("run", "--limit 0 --out R", "limit must be an integer >= 1, got 0"),
+    ("run", "--limit 0 --out R", "config.limit must be >= 1, got 0"),
     ("run", "--seed -1 --out R", "--seed must be >= 0, got -1"),
     ("run", "--out junk.txt", "cannot write junk.txt: it is a file, not a folder"),
     ("run", "--force bogus --out R", "argument --force: invalid choice: 'bogus'"),
-    ("train-vqvae", "--epochs 0 --out v.pt", "epochs must be an integer >= 1, got 0"),
-    ("train-vqvae", "--batch-size 0 --out v.pt", "batch_size must be an integer >= 1, got 0"),
-    ("train-vqvae", "--lr -1 --out v.pt", "lr must be a positive number, got -1.0"),
-    ("train-vqvae", "--patience -1 --out v.pt", "patience must be an integer >= 0, got -1"),
+    ("train-vqvae", "--epochs 0 --out v.pt", "epochs must be >= 1, got 0"),
+    ("train-vqvae", "--batch-size 0 --out v.pt", "batch_size must be >= 1, got 0"),
+    ("train-vqvae", "--lr -1 --out v.pt", "lr must be > 0, got -1.0"),
+    ("train-vqvae", "--patience -1 --out v.pt", "patience must be >= 0, got -1"),
+    ("train-vqvae", "--epochs 0 --lr -1 --out v.pt", "epochs must be >= 1, got 0; lr must be > 0, got -1.0"),
     ("train-vqvae", "--epochs 1.5 --out v.pt", "argument --epochs: invalid int value: '1.5'"),
     ("train-vqvae", "--K 0 --limit 20 --out v.pt", "VQ-VAE K must be >= 1, got 0"),
     ("train-vqvae", "--grid 3 3 --limit 20 --out v.pt", "latent grid 3x3 is not reachable"),
@@ -143,7 +144,7 @@ CASES: list[tuple[str, str, str]] = [
     ("train-vqvae", "--device meta --out v.pt", "device type 'meta' is not supported"),
     ("train-prior", "--vqvae missing.pt --out p.pt", "checkpoint not found: missing.pt"),
     ("train-prior", "--vqvae prior.pt --limit 20 --out p.pt", "prior.pt is not a vq2pc vqvae checkpoint"),
-    ("train-prior", "--vqvae vq.pt --lr -1 --out p.pt", "lr must be a positive number"),
+    ("train-prior", "--vqvae vq.pt --lr -1 --out p.pt", "lr must be > 0, got -1.0"),
     ("distill", "--vqvae vq.pt --prior prior3.pt --out c2.safetensors", "--prior (K=3, grid (2, 2)) does not match"),
     (
         "distill",
@@ -290,7 +291,7 @@ def test_mistake_through_the_script(
 @pytest.mark.slow
 def test_debug_shows_the_traceback(script_runs: dict[str, tuple[int, str]]) -> None:
     code, err = script_runs["--debug train-vqvae --epochs 0"]
-    assert code != 0 and "Traceback" in err and "epochs must be an integer >= 1" in err
+    assert code != 0 and "Traceback" in err and "epochs must be >= 1, got 0" in err
 
 
 def test_debug_after_the_verb_raises(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:

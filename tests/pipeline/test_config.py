@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from vq2pc.models.quantizers import make_quantizer
 from vq2pc.pipeline.config import config_to_dict, load_config
@@ -30,17 +31,20 @@ from vq2pc.pipeline.config import config_to_dict, load_config
         ),
         ({"models": [{"name": "b", "vqvae_from": "b"}]}, "vqvae_from 'b' must name another model"),
         ({"models": [{"name": "m", "strategies": ["sample"], "extra_N": {"beam": [64]}}]}, "extra_N names 'beam'"),
-        ({"models": [{"name": "m", "strategies": ["sample"], "extra_N": {"sample": [0]}}]}, r"extra_N\['sample'\]"),
+        (
+            {"models": [{"name": "m", "strategies": ["sample"], "extra_N": {"sample": [0]}}]},
+            r"config\.models\[0\]\.extra_N\.sample\[0\] must be >= 1, got 0",
+        ),
         ({"models": [{"name": "m", "extra_N": [64]}]}, "extra_N must be a mapping"),
         ({"baselines": {"cm_batch_size": 0}}, "cm_batch_size"),
-        ({"baselines": {"cm_recipe": "conv"}}, r"cm_recipe must be one of \['mlp', 'paper'\]"),
+        ({"baselines": {"cm_recipe": "conv"}}, r"config\.baselines\.cm_recipe must be 'mlp' or 'paper', got 'conv'"),
         ({"baselines": {"cm_channels": 16}}, r"\['cm_channels'\] apply to cm_recipe: paper only"),
-        ({"baselines": {"cm_recipe": "paper", "cm_refresh": 0}}, "cm_refresh must be an integer >= 1"),
+        ({"baselines": {"cm_recipe": "paper", "cm_refresh": 0}}, r"config\.baselines\.cm_refresh must be >= 1, got 0"),
         ({"baselines": {"cm_recipe": "paper", "cm_points": 1000}}, "cm_points is the paper recipe's Sobol grid"),
         ({"baselines": {"cm_recipe": "paper", "cm_points": 64, "cm_top_k": 65}}, r"cm_top_k must be <= cm_points"),
         (
             {"models": [{"name": "m", "ft_strategies": ["sample"], "ft_std_max": [0.1, -1]}]},
-            "ft_std_max must be a list",
+            r"config\.models\[0\]\.ft_std_max\[1\] must be > 0, got -1",
         ),
         ({"models": [{"name": "m", "ft_std_max": [0.1]}]}, "ft_std_max needs ft_strategies"),
         (
@@ -95,9 +99,12 @@ def test_bad_yaml_file_names_the_key(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "path", sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml")), ids=lambda p: p.name
 )
-def test_every_shipped_config_loads_and_builds_its_quantizers(path: Path) -> None:
+def test_every_shipped_config_loads_and_builds_its_quantizers(path: Path, tmp_path: Path) -> None:
     cfg = load_config(path)
     assert cfg.models
+    saved = tmp_path / "config.yaml"  # what a run folder keeps: it loads back to the same settings
+    saved.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    assert load_config(saved) == cfg
     for spec in cfg.models:  # unknown quantizer options fail here, not an hour into a run
         quantizer = make_quantizer(spec.quantizer, spec.K, spec.D, spec.beta, **spec.quantizer_opts)
         assert quantizer.codebook.shape == (spec.K, spec.D)
@@ -121,3 +128,14 @@ def test_classification_fractions_must_lie_strictly_between_0_and_1() -> None:
     with pytest.raises(ValueError, match="classification_fractions"):
         load_config(None, {"experiments": {"classification_fractions": [0.5, 1.0]}})
     assert load_config(None).experiments.classification
+
+
+def test_every_problem_of_a_config_is_one_line_naming_its_path() -> None:
+    with pytest.raises(ValueError) as info:
+        load_config(None, {"seed": -1, "models": [{"name": "m", "K": 0, "N": [16, "x"]}], "prior_train": {"lr": 0}})
+    assert str(info.value).splitlines() == [
+        "config.seed must be >= 0, got -1",
+        "config.models[0].K must be >= 1, got 0",
+        "config.models[0].N[1] must be an integer, got 'x'",
+        "config.prior_train.lr must be > 0, got 0",
+    ]

@@ -18,7 +18,7 @@ def _rows() -> list[ResultRow]:
 
 
 def _made(leaf: str = "gaussian", **spec) -> list[tuple[str, int, float | None]]:
-    model = ModelSpec(name="m", ft_strategies=["sample", "beam"], **spec)
+    model = ModelSpec(name="m", N=[256, 4096], ft_strategies=["sample", "beam"], **spec)
     out = ft_sources(SimpleNamespace(spec=model, leaf=leaf), _rows())
     return [(job.row.selection, job.row.requested_N, job.std_max) for job in out]
 

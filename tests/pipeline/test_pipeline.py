@@ -271,7 +271,7 @@ def test_std_floor_reaches_every_circuit_and_names_its_rows(tmp_path: Path) -> N
         experiments=dataclasses.replace(
             cfg.experiments, inpainting=True, inpainting_images=2, inpainting_eval_images=5
         ),
-    ).validate()
+    )
     report = run_pipeline(cfg, tmp_path)
     rows = [r for r in report["models"] if r["selection"] in ("exhaustive", "topk")]
     assert rows and all(r["std_floor"] == 0.05 and r["name"].endswith("σ≥0.05") for r in rows)
@@ -288,7 +288,7 @@ def test_a_transformer_twin_shares_the_vqvae_and_is_compared(tmp_path: Path) -> 
     cfg = tiny_config(["gaussian"], N=[12], full=False)
     model = dataclasses.replace(cfg.models[0], strategies=["sample", "beam"])
     twin = dataclasses.replace(model, name="m-tf", vqvae_from="m", prior="transformer", prior_hidden=8, prior_heads=2)
-    report = run_pipeline(dataclasses.replace(cfg, models=[model, twin]).validate(), tmp_path)
+    report = run_pipeline(dataclasses.replace(cfg, models=[model, twin]), tmp_path)
     assert not (tmp_path / "gaussian" / "m-tf" / "vqvae.pt").exists()
     assert (tmp_path / "gaussian" / "m-tf" / "prior-transformer.pt").is_file()
     src = {s["model"]: s for s in report["sources"]}
@@ -317,7 +317,7 @@ def test_a_selection_shortfall_is_a_note_not_a_failed_run(tmp_path: Path, monkey
     cfg = tiny_config(["gaussian"], full=False)
     cfg = dataclasses.replace(
         cfg, models=[dataclasses.replace(cfg.models[0], strategies=["sample", "topk"], N=[8, 32])]
-    ).validate()
+    )
     report = run_pipeline(cfg, tmp_path)
     made = {(r["selection"], r["N"]) for r in report["models"]}
     assert ("sample", 8) in made and ("topk", 32) in made and ("sample", 32) not in made

@@ -21,11 +21,11 @@ from vq2pc.pipeline import run_pipeline
 def test_a_changed_setting_recomputes_only_what_reads_it(tmp_path: Path) -> None:
     cfg = tiny_config(["gaussian"], full=False)
     model = dataclasses.replace(cfg.models[0], strategies=["sample", "topk"], N=[8])
-    cfg = dataclasses.replace(cfg, models=[model]).validate()
+    cfg = dataclasses.replace(cfg, models=[model])
     first = run_pipeline(cfg, tmp_path)
     circuits = mtimes(tmp_path, "gaussian/m/circuits/*.safetensors")
     checkpoints = mtimes(tmp_path, "gaussian/m/*.pt")
-    prior_weighted = dataclasses.replace(cfg, models=[dataclasses.replace(model, weights="prior")]).validate()
+    prior_weighted = dataclasses.replace(cfg, models=[dataclasses.replace(model, weights="prior")])
     second = run_pipeline(prior_weighted, tmp_path)
     assert mtimes(tmp_path, "gaussian/m/*.pt") == checkpoints  # training does not read `weights`
     now = mtimes(tmp_path, "gaussian/m/circuits/*.safetensors")
@@ -53,12 +53,12 @@ def test_beam_score_and_search_recompute_only_the_dmbs_rows(tmp_path: Path) -> N
         beam_score="marginal",
         finetune=dataclasses.replace(cfg.models[0].finetune, epochs=1),
     )
-    cfg = dataclasses.replace(cfg, models=[model]).validate()
+    cfg = dataclasses.replace(cfg, models=[model])
     first = run_pipeline(cfg, tmp_path)
     before = mtimes(tmp_path, "gaussian/m/circuits/*.safetensors")
     assert run_pipeline(cfg, tmp_path)["models"] == first["models"]
     assert mtimes(tmp_path, "gaussian/m/circuits/*.safetensors") == before
-    literal = dataclasses.replace(cfg, models=[dataclasses.replace(model, beam_score="class")]).validate()
+    literal = dataclasses.replace(cfg, models=[dataclasses.replace(model, beam_score="class")])
     second = run_pipeline(literal, tmp_path)
     now = mtimes(tmp_path, "gaussian/m/circuits/*.safetensors")
     assert all(now[k] == before[k] for k in now if "/sample-" in k)
@@ -66,7 +66,7 @@ def test_beam_score_and_search_recompute_only_the_dmbs_rows(tmp_path: Path) -> N
     scores = {r["name"]: r.get("beam_score") for r in second["models"]}
     assert scores["DMBS m"] == scores["DMBS m+FT"] == "class" and scores["DMRS m"] is None
     sampled = dataclasses.replace(literal, models=[dataclasses.replace(literal.models[0], beam_search="stochastic")])
-    third = run_pipeline(sampled.validate(), tmp_path)
+    third = run_pipeline(sampled, tmp_path)
     last = mtimes(tmp_path, "gaussian/m/circuits/*.safetensors")
     assert all(last[k] == now[k] for k in last if "/sample-" in k) and all(
         last[k] > now[k] for k in last if "/beam-" in k
@@ -88,11 +88,11 @@ def test_ft_std_max_adds_capped_ft_rows_beside_the_uncapped_ones(tmp_path: Path)
         ft_strategies=["sample"],
         finetune=dataclasses.replace(cfg.models[0].finetune, epochs=1),
     )
-    cfg = dataclasses.replace(cfg, models=[model]).validate()
+    cfg = dataclasses.replace(cfg, models=[model])
     run_pipeline(cfg, tmp_path)
     before = mtimes(tmp_path, "gaussian/m/circuits/*.safetensors")
     capped = dataclasses.replace(model, ft_std_max=[0.05], ft_std_max_N=[20])  # N = 10 gets no capped row
-    out = run_pipeline(dataclasses.replace(cfg, models=[capped]).validate(), tmp_path)
+    out = run_pipeline(dataclasses.replace(cfg, models=[capped]), tmp_path)
     now = mtimes(tmp_path, "gaussian/m/circuits/*.safetensors")
     assert all(now[k] == before[k] for k in before)
     assert set(now) - set(before) == {"gaussian/m/circuits/sample-N20-ft-cap0.05.safetensors"}
@@ -160,7 +160,7 @@ def test_cm_batch_size_trains_the_cm_alone_with_its_own_batch(tmp_path: Path, mo
         monkeypatch.setattr(stage, name, spy)
     cfg = tiny_config(["gaussian"], full=False)
     cfg = dataclasses.replace(cfg, baselines=dataclasses.replace(cfg.baselines, cm=True, einet=True, cm_batch_size=16))
-    run_pipeline(cfg.validate(), tmp_path)
+    run_pipeline(cfg, tmp_path)
     assert (
         seen == {"train_cm": 16, "train_einet": cfg.baseline_train.batch_size} and cfg.baseline_train.batch_size != 16
     )
@@ -180,7 +180,7 @@ def test_cm_recipe_paper_trains_and_compiles_its_own_grid(tmp_path: Path) -> Non
             cfg.baselines, cm=True, einet=False, cm_recipe="paper", cm_channels=4, cm_refresh=2
         ),
     )
-    out = run_pipeline(cfg.validate(), tmp_path)
+    out = run_pipeline(cfg, tmp_path)
     row = next(r for r in out["models"] if r["family"] == "CM")
     model = ContinuousMixture.load((tmp_path / row["circuit_file"]).with_name("cm.pt"))
     circuit = MixtureCircuit.load(tmp_path / row["circuit_file"])
@@ -197,7 +197,6 @@ def test_two_jobs_train_the_baselines_beside_and_give_the_same_report(tmp_path: 
     cfg = tiny_config(["gaussian"], full=False)
     model = dataclasses.replace(cfg.models[0], strategies=["sample"], ft_strategies=["sample"], N=[4, 8])
     cfg = dataclasses.replace(cfg, models=[model], baselines=dataclasses.replace(cfg.baselines, einet=True, cm=True))
-    cfg = cfg.validate()
     one = run_pipeline(cfg, tmp_path / "one")
     two = run_pipeline(cfg, tmp_path / "two", jobs=2)
     assert "[vq2pc helper] gaussian baselines: done" in (tmp_path / "two" / "helper.log").read_text()
@@ -229,7 +228,7 @@ def test_the_second_process_fine_tunes_the_rows_it_takes(tmp_path: Path) -> None
 
     cfg = tiny_config(["gaussian"], full=False)
     model = dataclasses.replace(cfg.models[0], strategies=["sample"], ft_strategies=["sample"], N=[4, 8])
-    cfg = dataclasses.replace(cfg, models=[model]).validate()
+    cfg = dataclasses.replace(cfg, models=[model])
     first = {r["name"] + str(r["N"]): r["test_bpd"] for r in run_pipeline(cfg, tmp_path)["models"]}
     threads = torch.get_num_threads()
     run = RunDir(tmp_path, {"distill"})

@@ -1,19 +1,23 @@
 """The structure of a libcirkit circuit baseline (:class:`EiNetConfig`): region graph, layer kind, units,
-pixel leaves; checked on construction."""
+pixel leaves; checked on construction (:mod:`vq2pc.core.settings`)."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from typing import Annotated, Literal, get_args
 
-from vq2pc.baselines.regions import REGION_GRAPHS
+from pydantic import Field, model_validator
 
-__all__ = ["EiNetConfig", "SUM_PRODUCT_LAYERS"]
+from vq2pc.baselines.regions import RegionGraph
+from vq2pc.core.settings import AsTuple, Count, Levels, Natural, Positive, settings
 
-SUM_PRODUCT_LAYERS = ("tucker", "cp", "cp-t")
+__all__ = ["EiNetConfig", "SUM_PRODUCT_LAYERS", "SumProduct"]
+
+SumProduct = Literal["tucker", "cp", "cp-t"]
+SUM_PRODUCT_LAYERS: tuple[str, ...] = get_args(SumProduct)
 
 
-@dataclass
+@settings
 class EiNetConfig:
     """Structure of a libcirkit circuit over an image.
 
@@ -24,41 +28,26 @@ class EiNetConfig:
     model rebuilds the same structure).
     """
 
-    image_shape: tuple[int, int, int]
-    leaf: str = "gaussian"
-    levels: int = 256
-    pieces: tuple[int, ...] = (4,)
-    num_input_units: int = 10
-    num_sum_units: int = 10
-    sum_product: str = "tucker"
-    min_std: float = 1e-3
-    max_std: float = 1.0
-    seed: int = 0  # parameter initialization (train_einet sets it to the training seed)
-    region_graph: str = "poon-domingos"
-    tree: tuple[int, ...] | None = None  # chow-liu-tree: parent of each variable (-1: the root)
+    image_shape: Annotated[tuple[Count, Count, Count], AsTuple]
+    leaf: Literal["gaussian", "categorical"] = "gaussian"
+    levels: Levels = 256
+    pieces: Annotated[tuple[Count, ...], AsTuple, Field(min_length=1)] = Field((4,), description="pieces per axis")
+    num_input_units: Count = 10
+    num_sum_units: Count = 10
+    sum_product: SumProduct = "tucker"
+    min_std: Positive = 1e-3
+    max_std: Positive = 1.0
+    seed: Natural = 0  # parameter initialization (train_einet sets it to the training seed)
+    region_graph: RegionGraph = "poon-domingos"
+    tree: Annotated[tuple[int, ...], AsTuple] | None = None  # chow-liu-tree: parent of each variable (-1: the root)
 
-    def __post_init__(self) -> None:
-        self.image_shape = tuple(int(s) for s in self.image_shape)  # type: ignore[assignment]
-        self.pieces = tuple(int(p) for p in self.pieces)
-        self.tree = None if self.tree is None else tuple(int(t) for t in self.tree)
-        if len(self.image_shape) != 3 or min(self.image_shape) < 1:
-            raise ValueError(f"image_shape must be (C, H, W) with positive sizes, got {self.image_shape}")
-        if self.leaf not in ("gaussian", "categorical"):
-            raise ValueError(f"EiNet leaf must be 'gaussian' or 'categorical', got {self.leaf!r}")
-        if self.levels < 2:
-            raise ValueError(f"levels must be >= 2, got {self.levels}")
-        if not self.pieces or min(self.pieces) < 1:
-            raise ValueError(f"pieces must be positive piece counts per axis, got {self.pieces}")
-        if min(self.num_input_units, self.num_sum_units) < 1:
-            raise ValueError("num_input_units and num_sum_units must be >= 1")
-        if self.sum_product not in SUM_PRODUCT_LAYERS:
-            raise ValueError(f"sum_product must be one of {SUM_PRODUCT_LAYERS}, got {self.sum_product!r}")
-        if not 0 < self.min_std < self.max_std:
-            raise ValueError(f"need 0 < min_std < max_std, got {self.min_std}, {self.max_std}")
-        if self.region_graph not in REGION_GRAPHS:
-            raise ValueError(f"region_graph must be one of {REGION_GRAPHS}, got {self.region_graph!r}")
+    @model_validator(mode="after")
+    def _agree(self) -> EiNetConfig:
+        if not self.min_std < self.max_std:
+            raise ValueError(f"need min_std < max_std, got {self.min_std}, {self.max_std}")
         if self.tree is not None and (len(self.tree) != self.num_variables or sorted(self.tree).count(-1) != 1):
             raise ValueError(f"tree must give one parent per variable ({self.num_variables}) with one root (-1)")
+        return self
 
     @property
     def num_variables(self) -> int:

@@ -10,16 +10,17 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 from torch import Tensor
 
 from vq2pc.circuit.cirkit import require_cirkit
 
-__all__ = ["REGION_GRAPHS", "region_graph", "learn_tree"]
+__all__ = ["REGION_GRAPHS", "RegionGraph", "region_graph", "learn_tree"]
 
-REGION_GRAPHS = ("poon-domingos", "quad-graph", "quad-tree-2", "quad-tree-4", "chow-liu-tree")
+RegionGraph = Literal["poon-domingos", "quad-graph", "quad-tree-2", "quad-tree-4", "chow-liu-tree"]
+REGION_GRAPHS: tuple[str, ...] = get_args(RegionGraph)
 
 
 def region_graph(

@@ -37,8 +37,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -46,15 +45,15 @@ import torch
 from torch import Tensor, nn
 
 from vq2pc.circuit.distill import decode_leaf
+from vq2pc.circuit.finetune_config import FineTuneConfig
 from vq2pc.circuit.mixture import MixtureCircuit
 from vq2pc.core.distributed import all_reduce_max_, all_reduce_sum, shard_range
 from vq2pc.core.leaf_ops import cap_std, component_log_likelihoods
 from vq2pc.core.leaves import Leaf, discretize
 from vq2pc.core.random import step_seed
-from vq2pc.core.validate import is_positive_number
 from vq2pc.data.datasets import DataSplits
 from vq2pc.latents.selection import Selection
-from vq2pc.models.train import SCHEDULES, TrainConfig, completed_steps, dequantize_once, fit, step_dequantizer
+from vq2pc.models.train import TrainConfig, completed_steps, dequantize_once, fit, step_dequantizer
 
 __all__ = [
     "FineTuneConfig",
@@ -67,7 +66,6 @@ __all__ = [
     "cap_text",
 ]
 
-COMPONENT_MODES = ("posterior", "random")
 CAP_MARK = " σ<"
 """Marks a row fine-tuned under ``std_max``: "DMRS+FT σ<0.125" (its file key: "…-ft-cap0.125")."""
 
@@ -75,75 +73,6 @@ CAP_MARK = " σ<"
 def cap_text(std_max: float | None) -> str:
     """``std_max`` as row names and file keys write it ("0.125"); "" when there is no cap."""
     return "" if std_max is None else f"{std_max:g}"
-
-
-@dataclass
-class FineTuneConfig:
-    """Settings of :func:`finetune` (see the module docstring for ``components``).
-
-    The defaults are the recipe of the MNIST configs (``configs/mnist-ft-2h-cpu.yaml``, docs/NOTES.md):
-    each image's top-1 component gets gradients, Adam at 1e-3 decaying (cosine) to 0 over 12 epochs,
-    the best validation epoch kept. Those configs also clip gradients (``clip: 300``, Gaussian MNIST
-    pixels) and refresh less often above N = 4096 (``refresh_N``); both stay off by default."""
-
-    epochs: int = 12
-    patience: int = 12  # epochs without a better validation likelihood before stopping (= epochs: the cosine
-    #   rate's last epochs often win back a dip)
-    lr: float = 1e-3
-    schedule: str = "cosine"  # constant | cosine (the learning rate decays to 0 over ``epochs`` epochs, per step)
-    batch_size: int = 64
-    components: str = "posterior"  # posterior | random
-    top_k: int = 1  # posterior: components per image that get gradients
-    refresh: int = 100  # posterior: steps between re-decodes of all N components (to pick the top-k), counted
-    #   from each epoch's start (its first steps use the decode that validated the epoch before)
-    refresh_N: int | None = None  # above this N the interval grows ∝ N (refresh·N/refresh_N steps): the same
-    #   re-decode cost per step as at refresh_N; None: `refresh` at every N (docs/NOTES.md, "Refreshing the picks")
-    subset: int = 256  # random: components per step
-    clip: float | None = None  # max global gradient norm per step (None: no clipping)
-    learn_weights: bool = True  # train the mixture weights jointly (else keep the selection's)
-    std_max: float | None = None  # Gaussian leaves: cap every std smoothly below this (core.leaf_ops.cap_std), in
-    #   training and in the circuit: sharper components and class-balanced samples at a cost in BPD (docs/NOTES.md)
-    discretized: int | None = None  # Gaussian leaves: train and build the exact discrete mixture, each leaf its
-    #   L-level twin (core.leaves.discretize, L = this); data are integer levels, not dequantized
-    train_limit: int | None = None  # first images of the training split used (None: all)
-    val_limit: int | None = None  # first images of the validation split used for early stopping
-    seed: int = 0
-    device: str = "cpu"
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        if self.components not in COMPONENT_MODES:
-            raise ValueError(f"fine-tuning components must be one of {list(COMPONENT_MODES)}, got {self.components!r}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"fine-tuning schedule must be one of {list(SCHEDULES)}, got {self.schedule!r}")
-        ints = {
-            "epochs": self.epochs,
-            "batch_size": self.batch_size,
-            "top_k": self.top_k,
-            "refresh": self.refresh,
-            "subset": self.subset,
-        }
-        if self.refresh_N is not None:
-            ints["refresh_N"] = self.refresh_N
-        bad = {k: v for k, v in ints.items() if not isinstance(v, int) or isinstance(v, bool) or v < 1}
-        if bad or not isinstance(self.patience, int) or self.patience < 0:
-            raise ValueError(
-                f"fine-tuning needs positive integers for {sorted(ints)} and patience >= 0; got {bad or self.patience}"
-            )
-        if not is_positive_number(self.lr):
-            raise ValueError(f"fine-tuning lr must be a positive number, got {self.lr!r}")
-        d = self.discretized
-        if d is not None and (isinstance(d, bool) or not isinstance(d, int) or d < 2):
-            raise ValueError(f"fine-tuning discretized must be a number of levels >= 2 or None, got {d!r}")
-        for name in ("clip", "std_max"):
-            if getattr(self, name) is not None and not is_positive_number(getattr(self, name)):
-                raise ValueError(f"fine-tuning {name} must be a positive number or None, got {getattr(self, name)!r}")
-
-    def for_N(self, N: int) -> FineTuneConfig:
-        """These settings for a mixture of ``N`` components: ``refresh_N`` resolved into ``refresh``."""
-        if self.refresh_N is None or N <= self.refresh_N:
-            return replace(self, refresh_N=None)
-        return replace(self, refresh=math.ceil(self.refresh * N / self.refresh_N), refresh_N=None)
 
 
 @dataclass

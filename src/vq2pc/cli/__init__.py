@@ -17,6 +17,7 @@ import torch
 from vq2pc.core.devices import check_device
 from vq2pc.core.distributed import init_from_env, shutdown
 from vq2pc.core.files import check_writable
+from vq2pc.core.settings import ConfigError
 
 # Modules that define verbs, in the order their verbs appear in --help.
 _VERB_MODULES = ["run", "train", "baseline", "finetune", "circuit", "classes", "refine", "export", "codec"]
@@ -108,6 +109,8 @@ def _one_line(exc: BaseException, command: str) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         where = f": {exc.filename}" if exc.filename else ""
         text = f"{exc.strerror}{where}"
+    elif isinstance(exc, ConfigError):
+        text = "; ".join(exc.problems)
     elif isinstance(exc, (ValueError, FileNotFoundError, FloatingPointError, ModuleNotFoundError)):
         text = str(exc)
     else:

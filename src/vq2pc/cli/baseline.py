@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 from pathlib import Path
 
-from vq2pc.baselines.einet import SUM_PRODUCT_LAYERS
-from vq2pc.baselines.regions import REGION_GRAPHS
-from vq2pc.cli.options import RUN, add_parser, data_options, out_option, train_config, train_options
+from vq2pc.cli.options import RUN, add_parser, data_options, out_option, setting, train_config, train_options
 from vq2pc.data.datasets import load_dataset
 from vq2pc.pipeline.baselines import fit_circuit
 from vq2pc.pipeline.config import CircuitSpec
@@ -32,19 +29,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     data_options(p)
     train_options(p, RUN.baseline_train)
-    p.add_argument(
-        "--region-graph",
-        default=_SPEC.region_graph,
-        choices=REGION_GRAPHS,
-        help="structure: quad-graph / quad-tree-N (libcirkit's image templates), chow-liu-tree (HCLT, "
-        "learned from the training images), poon-domingos (EiNet)",
-    )
-    p.add_argument(
-        "--sum-product", default=_SPEC.sum_product, choices=SUM_PRODUCT_LAYERS, help="sum-product layer kind"
-    )
-    p.add_argument("--units", type=int, default=_SPEC.units, help="input units per pixel and sum units per layer")
+    for name in ("region_graph", "sum_product", "units"):
+        setting(p, _SPEC, name)
     p.add_argument("--leaf", default="categorical", choices=("categorical", "gaussian"), help="pixel leaves")
-    p.add_argument("--max-seconds", type=float, help="stop training after this wall time, keeping the best weights")
+    setting(p, RUN.baseline_train, "max_seconds")
     p.add_argument("--bpd-draws", type=int, default=1, help="dequantization draws of the Gaussian test BPD")
     out_option(p, "directory to write the checkpoint and the result row into", default="runs/baselines")
     p.set_defaults(func=cmd_train_baseline)
@@ -53,7 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def cmd_train_baseline(args: argparse.Namespace) -> int:
     """Train, score and print the result row (without its training history) as JSON."""
     spec = CircuitSpec(region_graph=args.region_graph, sum_product=args.sum_product, units=args.units)
-    train = dataclasses.replace(train_config(args), max_seconds=args.max_seconds)
+    train = train_config(args, max_seconds=args.max_seconds)
     splits = load_dataset(args.dataset, args.data_dir, seed=args.seed, limit=args.limit)
     row = fit_circuit(splits, spec, args.leaf, train, Path(args.out), bpd_draws=args.bpd_draws)
     print(json.dumps({k: v for k, v in row.items() if k not in ("history", "test_bpd_quantiles")}))

@@ -3,18 +3,20 @@
 A concept has one spelling in every verb that takes it: ``--components/-N`` (mixture size),
 ``--num-samples/-n`` (samples), ``--std-min/--std-max`` (Gaussian std bounds), ``--out`` (the path the
 verb writes: a run directory for ``run``, the one file other verbs write), ``--seed``, ``--device``,
-``--dataset``, ``--data-dir``, ``--limit``. Their defaults are read from the dataclasses of
-:mod:`vq2pc.pipeline.config` (``RunConfig``, ``ModelSpec``, the ``TrainConfig`` s), so a verb and
-``vq2pc run`` start from the same settings. Older spellings still parse, hidden from ``--help``.
+``--dataset``, ``--data-dir``, ``--limit``. Older spellings still parse, hidden from ``--help``.
+
+A flag that sets a config field is made by :func:`setting` from the field's declaration
+(:mod:`vq2pc.core.settings`): its default is the value in the config the verb's stage reads in ``vq2pc run``
+(``RunConfig``, ``ModelSpec``, the ``TrainConfig`` s, ``FineTuneConfig``), its type and choices are the
+field's, its help is the field's description. A verb's default cannot disagree with the config's.
 """
 
 from __future__ import annotations
 
 import argparse
+import typing
 from typing import Any
 
-from vq2pc.data.datasets import DATASET_NAMES
-from vq2pc.latents.selection import BEAM_SCORES, BEAM_SEARCHES
 from vq2pc.models.train import TrainConfig
 from vq2pc.pipeline.config import ExperimentSpec, ModelSpec, RunConfig
 
@@ -39,13 +41,15 @@ FLAGS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 
 class HelpFormatter(argparse.HelpFormatter):
     """Appends ``(default: X)`` to an option's help once: not when the help already names its default,
-    and not for defaults that say nothing (None, False, a suppressed option)."""
+    not for defaults that say nothing (None, False, a suppressed option), not for switches."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         if "default" in text.lower() or not action.option_strings or action.required:
             return text
         if any(action.default is v for v in (None, False, argparse.SUPPRESS)) or action.default == []:
+            return text
+        if isinstance(action, argparse._StoreConstAction):  # a switch (store_true/false): its presence is the setting
             return text
         return f"{text} (default: %(default)s)"
 
@@ -70,6 +74,51 @@ def out_option(p: argparse.ArgumentParser, what: str, **kwargs: Any) -> argparse
     return option(p, "out", help=what, **kwargs)
 
 
+def setting(
+    p: argparse.ArgumentParser, owner: Any, name: str, *flags: str, concept: str | None = None, **kwargs: Any
+) -> argparse.Action:
+    """The flag of config field ``name``: default ``owner.name``, the field's type, choices and description.
+
+    ``flags`` default to ``--name`` (underscores as dashes); ``concept`` (or a ``name`` in :data:`FLAGS`)
+    takes that concept's flags and destination. ``kwargs`` go to ``add_argument`` over the derived ones
+    (e.g. ``help`` with more to say). Unless ``kwargs`` replace the default, the action records
+    ``(owner, name)`` as ``action.setting`` (tests/cli/test_help.py checks every one)."""
+    info = type(owner).__pydantic_fields__[name]
+    derived = {"default": getattr(owner, name), "help": (info.description or name).replace("%", "%%")}
+    derived |= _parsing(info.annotation, derived["default"])
+    if flags and "choices" not in derived and "action" not in derived:  # the value's name: the flag's, not the field's
+        derived["metavar"] = flags[0].lstrip("-").replace("-", "_").upper()
+    derived |= kwargs
+    concept = concept or (name if not flags and name in FLAGS else None)
+    if concept:
+        action = option(p, concept, **derived)
+    else:
+        action = p.add_argument(*(flags or (f"--{name.replace('_', '-')}",)), dest=name, **derived)
+    if "default" not in kwargs:
+        action.setting = (owner, name)  # type: ignore[attr-defined]
+    return action
+
+
+def _parsing(annotation: Any, default: Any) -> dict[str, Any]:
+    """argparse's ``type`` / ``choices`` / ``nargs`` / ``action`` for a field of type ``annotation``."""
+    tp = _bare(annotation)
+    if type(None) in typing.get_args(tp):  # X | None: the flag gives an X
+        tp = _bare(next(a for a in typing.get_args(tp) if a is not type(None)))
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Literal:
+        return {"choices": list(args), "type": type(args[0])}
+    if origin in (list, tuple):
+        return {"nargs": len(args) if origin is tuple and Ellipsis not in args else "+", "type": _bare(args[0])}
+    if tp is bool:
+        return {"action": "store_false" if default else "store_true"}
+    return {"type": tp}
+
+
+def _bare(tp: Any) -> Any:
+    """``int`` of ``Annotated[int, ...]``; any other type as it is."""
+    return typing.get_args(tp)[0] if typing.get_origin(tp) is typing.Annotated else tp
+
+
 def components_option(p: argparse.ArgumentParser, extra: str = "") -> argparse.Action:
     """``--components/-N``: the number N of mixture components (default: the default run's largest N)."""
     return option(p, "N", type=int, default=max(MODEL.N), metavar="N", help=f"mixture components N{extra}")
@@ -77,58 +126,33 @@ def components_option(p: argparse.ArgumentParser, extra: str = "") -> argparse.A
 
 def data_options(p: argparse.ArgumentParser) -> None:
     """Dataset, its directory, a cap on the splits, the seed and the device (defaults: ``RunConfig``'s)."""
-    option(p, "dataset", default=RUN.dataset, choices=DATASET_NAMES, help="dataset")
-    option(p, "data_dir", help="directory with the dataset files (default: $VQ2PC_DATA, else ~/.cache/vq2pc)")
-    option(p, "limit", type=int, help="cap every split at this many images")
+    for name in ("dataset", "data_dir", "limit"):
+        setting(p, RUN, name)
     seed_device_options(p)
 
 
 def seed_device_options(p: argparse.ArgumentParser, seeds: str = "split, initialization, noise") -> None:
     """``--seed`` (``seeds``: what it seeds) and ``--device``."""
-    option(p, "seed", type=int, default=RUN.seed, help=f"random seed ({seeds})")
-    option(p, "device", default=RUN.device, help="torch device, e.g. cpu or cuda")
+    setting(p, RUN, "seed", help=f"random seed ({seeds})")
+    setting(p, RUN, "device")
+
+
+TRAIN_FLAGS = ("epochs", "patience", "lr", "batch_size", "amp", "compile")
+"""The ``TrainConfig`` fields a training verb takes as flags."""
 
 
 def train_options(p: argparse.ArgumentParser, defaults: TrainConfig) -> None:
     """A trainer's settings; ``defaults`` is the ``RunConfig`` section this verb's stage reads in ``vq2pc run``."""
-    p.add_argument("--epochs", type=int, default=defaults.epochs, help="maximum epochs")
-    p.add_argument(
-        "--patience", type=int, default=defaults.patience, help="early-stopping patience (epochs without improvement)"
-    )
-    p.add_argument("--lr", type=float, default=defaults.lr, help="Adam learning rate")
-    p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="mini-batch size")
-    p.add_argument(
-        "--amp", choices=["bf16", "fp16"], help="mixed-precision training (autocast) on CUDA; refused on CPU"
-    )
-    p.add_argument("--compile", action="store_true", help="torch.compile the training step")
+    for name in TRAIN_FLAGS:
+        setting(p, defaults, name)
 
 
-def train_config(a: argparse.Namespace) -> TrainConfig:
-    return TrainConfig(
-        epochs=a.epochs,
-        patience=a.patience,
-        lr=a.lr,
-        batch_size=a.batch_size,
-        seed=a.seed,
-        device=a.device,
-        amp=a.amp,
-        compile=a.compile,
-    )
+def train_config(a: argparse.Namespace, **extra: Any) -> TrainConfig:
+    """The training settings of parsed :func:`train_options` (+ ``--seed``, ``--device``, ``extra``)."""
+    return TrainConfig(**{name: getattr(a, name) for name in TRAIN_FLAGS}, seed=a.seed, device=a.device, **extra)
 
 
 def beam_options(p: argparse.ArgumentParser) -> None:
     """DMBS options shared by the verbs that select latents (defaults: ``ModelSpec``'s)."""
-    p.add_argument("--starts", type=int, default=MODEL.starts, help="beam: starting tokens per class")
-    p.add_argument(
-        "--beam-score",
-        default=MODEL.beam_score,
-        choices=list(BEAM_SCORES),
-        help="beam: rank a class's searches by p(z|c) (Algorithm 1) or by the class marginal p(z)",
-    )
-    p.add_argument(
-        "--beam-search",
-        default=MODEL.beam_search,
-        choices=list(BEAM_SEARCHES),
-        help="beam: keep the best B beams per position (Algorithm 2) or sample them without "
-        "replacement (Gumbel-top-k: more diverse latents within a class)",
-    )
+    for name in ("starts", "beam_score", "beam_search"):
+        setting(p, MODEL, name)

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from vq2pc.circuit.mixture import MixtureCircuit
 from vq2pc.circuit.refine import EMConfig, em_refine
-from vq2pc.cli.options import MODEL, add_parser, data_options, option, out_option
+from vq2pc.cli.options import MODEL, add_parser, data_options, option, out_option, setting
 from vq2pc.data.datasets import DataSplits, bpd, load_dataset, to_model_space
 
 _EM = EMConfig()
@@ -27,21 +27,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("circuit", help="circuit file written by MixtureCircuit.save (.safetensors)")
     data_options(p)
-    p.add_argument("--iterations", type=int, default=MODEL.em_iterations, help="maximum EM iterations")
-    p.add_argument(
-        "--leaves",
-        action=argparse.BooleanOptionalAction,
-        default=MODEL.em_leaves,
-        help="also refine the leaf parameters",
-    )
+    setting(p, MODEL, "em_iterations", "--iterations")
+    setting(p, MODEL, "em_leaves", "--leaves", action=argparse.BooleanOptionalAction)
     p.add_argument("--no-weights", action="store_true", help="keep the mixture weights fixed")
-    p.add_argument(
-        "--prior-strength",
-        type=float,
-        default=MODEL.em_prior_strength,
-        help="Dirichlet pseudo-count per component (1 = ML); the leaves get max(a - 1, 0) "
-        "pseudo-observations of their initial (decoder) leaf",
-    )
+    setting(p, MODEL, "em_prior_strength", "--prior-strength")
     p.add_argument(
         "--smoothing", type=float, default=_EM.smoothing, help="pseudo-count per level of categorical/Bernoulli leaves"
     )
@@ -68,10 +57,10 @@ def _model_space(v: Tensor, kind: str, levels: int, g: torch.Generator, device: 
 
 def cmd_refine(args: argparse.Namespace) -> int:
     cfg = EMConfig(
-        iterations=args.iterations,
+        iterations=args.em_iterations,
         weights=not args.no_weights,
-        leaves=args.leaves,
-        prior_strength=args.prior_strength,
+        leaves=args.em_leaves,
+        prior_strength=args.em_prior_strength,
         smoothing=args.smoothing,
         min_std=args.std_min,
         max_std=args.std_max,

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 
-from vq2pc.cli.options import RUN, add_parser, option, out_option
+from vq2pc.cli.options import RUN, add_parser, out_option, setting
 from vq2pc.core.devices import check_device
 from vq2pc.core.distributed import init_from_env
-from vq2pc.data.datasets import DATASET_NAMES
 from vq2pc.pipeline import STAGES, run_pipeline
 from vq2pc.pipeline.config import load_config
 
@@ -15,10 +15,16 @@ _TRAIN_CONFIGS = ("vqvae_train", "prior_train", "baseline_train")
 
 
 def _speed_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--amp", choices=["bf16", "fp16"], help="mixed-precision training (autocast) on CUDA; refused on CPU"
-    )
-    p.add_argument("--compile", action="store_true", help="torch.compile the training step")
+    """``--amp`` and ``--compile`` for every training stage of the run (the config's when not given)."""
+    setting(p, RUN.vqvae_train, "amp", default=None)
+    setting(p, RUN.vqvae_train, "compile", default=False)
+
+
+def _help(name: str) -> str:
+    """The help of a flag that overrides ``RunConfig`` field ``name``: its description and the config's default."""
+    text = type(RUN).__pydantic_fields__[name].description or name
+    value = getattr(RUN, name)
+    return text if "default" in text or value is None else f"{text} (default: the config's, {value})"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -36,12 +42,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("--config", help="YAML config (see configs/); default: the quick digits run")
-    option(p, "dataset", choices=DATASET_NAMES, help=f"dataset (default: the config's, {RUN.dataset})")
-    option(p, "data_dir", help="directory with the dataset files (default: $VQ2PC_DATA, else ~/.cache/vq2pc)")
+    for name in ("dataset", "data_dir", "device", "seed", "limit"):  # overrides of the config's settings
+        setting(p, RUN, name, default=None, help=_help(name))
     out_option(p, "run directory to write (and to resume)", default="runs/latest")
-    option(p, "device", help=f"torch device, e.g. cpu or cuda (default: the config's, {RUN.device})")
-    option(p, "seed", type=int, help=f"random seed (default: the config's, {RUN.seed})")
-    option(p, "limit", type=int, help="cap every data split at this many images (quick experiments)")
     p.add_argument(
         "--seeds",
         type=int,
@@ -82,8 +85,8 @@ def _run(args: argparse.Namespace) -> int:
         "limit": args.limit,
     }
     cfg = load_config(args.config, overrides)
-    if args.seeds:
-        cfg.experiments.usage_seeds = list(args.seeds)
+    if args.seeds:  # checked like the config's own value
+        cfg = replace(cfg, experiments=replace(cfg.experiments, usage_seeds=list(args.seeds)))
     check_device(cfg.device)  # the config's device too, before a run folder exists
     if args.amp and not cfg.device.startswith("cuda"):
         raise ValueError(f"--amp {args.amp} needs a CUDA device (--device cuda); the run is on {cfg.device!r}")

@@ -20,18 +20,18 @@ from vq2pc.cli.options import (
     beam_options,
     components_option,
     data_options,
-    option,
     out_option,
     seed_device_options,
+    setting,
     train_config,
     train_options,
 )
 from vq2pc.core.distributed import is_main
 from vq2pc.core.leaves import LEAF_KINDS
 from vq2pc.data.datasets import DataSplits, load_dataset
-from vq2pc.latents.selection import STRATEGIES, WEIGHTS, select
-from vq2pc.models.priors import PRIOR_NAMES, load_prior, prior_config, train_prior
-from vq2pc.models.quantizers import QUANTIZER_NAMES, make_quantizer
+from vq2pc.latents.selection import STRATEGIES, select
+from vq2pc.models.priors import load_prior, prior_config, train_prior
+from vq2pc.models.quantizers import make_quantizer
 from vq2pc.models.vqvae import VQVAE, VQVAEConfig, encode_images, train_vqvae
 
 
@@ -51,23 +51,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prior", required=True, help="prior checkpoint")
     p.add_argument("--strategy", default="beam", choices=[s for s in STRATEGIES if s != "data"], help="selection")
     components_option(p, " (ignored by exhaustive)")
-    p.add_argument(
-        "--weights",
+    setting(
+        p,
+        MODEL,
+        "weights",
         default=None,
-        choices=WEIGHTS,
         help=f"mixture weights (default: prior for exhaustive, {MODEL.weights} otherwise)",
     )
     beam_options(p)
-    p.add_argument(
-        "--max-space", type=int, default=RUN.max_exhaustive, help="refuse exhaustive selection above this size"
-    )
-    option(
-        p,
-        "std_min",
-        type=float,
-        default=MODEL.std_floor,
-        help="Gaussian leaves: raise decoded stds below this to it (bounds the cost of unseen strokes)",
-    )
+    setting(p, RUN, "max_exhaustive", "--max-space", help="refuse exhaustive selection above this size")
+    setting(p, MODEL, "std_floor", concept="std_min")
     p.add_argument(
         "--discretized",
         action="store_true",
@@ -83,7 +76,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "for `vq2pc classify` and `--class`",
     )
     p.set_defaults(func=_distill)
+    _register_inspection(sub)
 
+
+def _register_inspection(sub: argparse._SubParsersAction) -> None:
+    """``evaluate`` (a circuit's test BPD) and ``usage`` (a prior's latent-space usage)."""
     p = add_parser(
         sub,
         "evaluate",
@@ -92,7 +89,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     data_options(p)
     p.add_argument("circuit", help="circuit file (.safetensors)")
-    p.add_argument("--draws", type=int, default=EXPERIMENTS.bpd_draws, help="dequantization draws (continuous leaves)")
+    setting(p, EXPERIMENTS, "bpd_draws", "--draws")
     p.set_defaults(func=_evaluate)
 
     p = add_parser(
@@ -102,8 +99,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Enumerate p(z) over the whole latent space and plot its sorted CDF.",
     )
     p.add_argument("--prior", required=True, help="prior checkpoint")
-    option(p, "device", default=RUN.device, help="torch device, e.g. cpu or cuda")
-    p.add_argument("--max-space", type=int, default=RUN.max_usage_space, help="refuse spaces larger than this")
+    setting(p, RUN, "device")
+    setting(p, RUN, "max_usage_space", "--max-space", help="refuse spaces larger than this")
     out_option(p, "figure file to write (.png)", default="usage.png")
     p.set_defaults(func=_usage)
 
@@ -118,23 +115,9 @@ def _register_training(sub: argparse._SubParsersAction) -> None:
     )
     data_options(p), train_options(p, RUN.vqvae_train)
     p.add_argument("--leaf", default=RUN.leaves[0], choices=list(LEAF_KINDS), help="pixel model")
-    p.add_argument("--grid", type=int, nargs=2, default=list(MODEL.latent_hw), metavar=("H", "W"), help="latent grid")
-    p.add_argument("--K", type=int, default=MODEL.K, help="codebook size")
-    p.add_argument("--D", type=int, default=MODEL.D, help="codeword length")
-    p.add_argument("--hidden", type=int, default=MODEL.hidden, help="channels of the conv nets")
-    p.add_argument("--res-blocks", type=int, default=MODEL.res_blocks, help="residual blocks at the latent level")
-    p.add_argument(
-        "--quantizer",
-        default=MODEL.quantizer,
-        choices=list(QUANTIZER_NAMES),
-        help="vq (paper Eq. 6), ema, gumbel or gmvq (GM-VQ with the ALBO); see README 'Quantizers'",
-    )
-    p.add_argument(
-        "--beta",
-        type=float,
-        default=MODEL.beta,
-        help="commitment weight (vq, ema); KL weight (gumbel); latent-alignment weight (gmvq)",
-    )
+    setting(p, MODEL, "latent_hw", "--grid", metavar=("H", "W"))
+    for name in ("K", "D", "hidden", "res_blocks", "quantizer", "beta"):
+        setting(p, MODEL, name)
     default_opts = " ".join(f"{k}={str(v).lower()}" for k, v in MODEL.quantizer_opts.items())
     p.add_argument(
         "--quantizer-opt",
@@ -155,17 +138,9 @@ def _register_training(sub: argparse._SubParsersAction) -> None:
     )
     data_options(p), train_options(p, RUN.prior_train)
     p.add_argument("--vqvae", required=True, help="VQ-VAE checkpoint")
-    p.add_argument(
-        "--prior",
-        default=MODEL.prior,
-        choices=list(PRIOR_NAMES),
-        help="gated PixelCNN, or causal Transformer with a key/value cache",
-    )
-    p.add_argument("--hidden", type=int, default=MODEL.prior_hidden, help="PixelCNN channels / Transformer width")
-    p.add_argument("--layers", type=int, default=MODEL.prior_layers, help="gated PixelCNN layers / Transformer blocks")
-    p.add_argument(
-        "--heads", type=int, default=MODEL.prior_heads, help="Transformer attention heads (--hidden must be a multiple)"
-    )
+    setting(p, MODEL, "prior")
+    for name, flag in (("prior_hidden", "--hidden"), ("prior_layers", "--layers"), ("prior_heads", "--heads")):
+        setting(p, MODEL, name, flag)
     p.add_argument("--unlabeled", action="store_true", help="ignore labels (C = 1)")
     out_option(p, "checkpoint file to write (and to resume from)", default="prior.pt")
     p.set_defaults(func=_train_prior)
@@ -185,7 +160,7 @@ def _train_vqvae(a: argparse.Namespace) -> int:
         image_shape=splits.image_shape,
         levels=splits.levels,
         leaf=a.leaf,
-        latent_hw=tuple(a.grid),
+        latent_hw=tuple(a.latent_hw),
         K=a.K,
         D=a.D,
         hidden=a.hidden,
@@ -227,7 +202,13 @@ def _train_prior(a: argparse.Namespace) -> int:
     vqvae = VQVAE.load(a.vqvae, device=a.device)
     labeled = splits.num_classes > 1 and not a.unlabeled
     cfg = prior_config(
-        a.prior, vqvae.K, vqvae.latent_hw, splits.num_classes if labeled else 1, a.hidden, a.layers, a.heads
+        a.prior,
+        vqvae.K,
+        vqvae.latent_hw,
+        splits.num_classes if labeled else 1,
+        a.prior_hidden,
+        a.prior_layers,
+        a.prior_heads,
     )
     prior, res = train_prior(
         encode_images(vqvae, splits.train_x, a.seed),
@@ -271,7 +252,7 @@ def _distill(a: argparse.Namespace) -> int:
         beam_score=a.beam_score,
         beam_search=a.beam_search,
         generator=torch.Generator().manual_seed(a.seed),
-        max_space=a.max_space,
+        max_space=a.max_exhaustive,
         device=a.device,
         classes=a.classes,
     )
@@ -316,7 +297,7 @@ def _evaluate(a: argparse.Namespace) -> int:
         splits.test_x,
         circuit.leaf.data_kind,
         splits.levels,
-        draws=a.draws,
+        draws=a.bpd_draws,
         generator=torch.Generator().manual_seed(a.seed),
     )
     discrete = {"test_bpd_discrete": bpd["discrete"]} if "discrete" in bpd else {}
@@ -333,6 +314,6 @@ def _usage(a: argparse.Namespace) -> int:
     from vq2pc.latents.enumerate import enumerate_log_prior
 
     prior = load_prior(a.prior, device=a.device)
-    res = latent_usage(enumerate_log_prior(prior, device=a.device, max_space=a.max_space), Path(a.out))
+    res = latent_usage(enumerate_log_prior(prior, device=a.device, max_space=a.max_usage_space), Path(a.out))
     print(json.dumps({k: v for k, v in res.items() if not isinstance(v, (list, dict))}))
     return 0

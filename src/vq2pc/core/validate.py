@@ -26,13 +26,7 @@ __all__ = [
     "check_images",
     "rows",
     "observed_mask",
-    "is_positive_number",
 ]
-
-
-def is_positive_number(v: Any) -> bool:
-    """Whether ``v`` is a finite number > 0 (an int or float, not a bool): the check of every such setting."""
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
 
 
 def check_finite(name: str, t: Tensor) -> None:

@@ -7,14 +7,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Literal, Sequence, get_args
 
 import torch
+from pydantic import Field
 from torch import Tensor
 
 from vq2pc.core.checkpoint import load_checkpoint
 from vq2pc.core.random import step_seed
-from vq2pc.core.validate import is_positive_number
+from vq2pc.core.settings import Count, Natural, Positive, settings
 from vq2pc.data.datasets import to_model_space
 
 __all__ = [
@@ -28,38 +29,33 @@ __all__ = [
 ]
 
 Batch = tuple[Tensor, ...]
-SCHEDULES = ("constant", "cosine")
+Schedule = Literal["constant", "cosine"]
+SCHEDULES: tuple[str, ...] = get_args(Schedule)
 
 
-@dataclass
+@settings
 class TrainConfig:
-    """Optimization settings shared by every trainer."""
+    """Optimization settings shared by every trainer (impossible values fail when the config is built,
+    not an epoch into training)."""
 
-    epochs: int = 30
-    patience: int = 15
-    lr: float = 1e-3
-    batch_size: int = 128
-    seed: int = 0
+    epochs: Count = Field(30, description="maximum epochs")
+    patience: Natural = Field(15, description="early-stopping patience (epochs without improvement)")
+    lr: Positive = Field(1e-3, description="Adam learning rate")
+    batch_size: Count = Field(128, description="mini-batch size")
+    seed: Natural = 0
     device: str = "cpu"
     progress: bool = True
-    max_seconds: float | None = None  # stop (keeping the best weights) after this wall time
-    amp: str | None = None  # "bf16" or "fp16": autocast on CUDA (refused on other devices)
-    compile: bool = False  # torch.compile the training step
-    schedule: str = "constant"  # constant | cosine (the learning rate decays to 0 over ``epochs`` epochs, per step)
-    clip: float | None = None  # max global gradient norm per step (None: no clipping)
-
-    def __post_init__(self) -> None:
-        """Impossible settings fail here, when the config is built, not an epoch into training."""
-        for name, low in (("epochs", 1), ("patience", 0), ("batch_size", 1)):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {list(SCHEDULES)}, got {self.schedule!r}")
-        for name in ("lr", "max_seconds", "clip"):
-            value = getattr(self, name)
-            if (value is not None or name == "lr") and not is_positive_number(value):
-                raise ValueError(f"{name} must be a positive number, got {value!r}")
+    max_seconds: Positive | None = Field(
+        None, description="stop training after this wall time, keeping the best weights"
+    )
+    amp: Literal["bf16", "fp16"] | None = Field(
+        None, description="mixed-precision training (autocast) on CUDA; refused on CPU"
+    )
+    compile: bool = Field(False, description="torch.compile the training step")
+    schedule: Schedule = Field(
+        "constant", description="learning rate: constant, or cosine decay to 0 over the epochs (per step)"
+    )
+    clip: Positive | None = Field(None, description="clip each step's gradient to this global norm")
 
 
 @dataclass

@@ -1,36 +1,31 @@
-"""Run configuration: dataclasses loaded from YAML (``configs/*.yaml``).
+"""Run configuration: settings classes loaded from YAML (``configs/*.yaml``).
 
-A run trains one VQ-VAE + prior per entry of ``models`` and per pixel leaf in
-``leaves``, distills circuits with every strategy × N of that entry, and runs
-the experiments switched on in ``experiments``. Unknown keys are an error
-(a typo must not silently fall back to a default).
+A run trains one VQ-VAE + prior per entry of ``models`` (:class:`~vq2pc.pipeline.model_spec.ModelSpec`)
+and per pixel leaf in ``leaves``, distills circuits with every strategy × N of that entry, and runs
+the experiments switched on in ``experiments``. Every setting is declared once, on its field (type,
+range, choices, help text; :mod:`vq2pc.core.settings`); the YAML loader, the error messages and the
+command line's flags are read from these declarations. Unknown keys are an error (a typo must not
+silently fall back to a default).
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import Field, model_validator
 
-from vq2pc.baselines.einet import SUM_PRODUCT_LAYERS
-from vq2pc.baselines.regions import REGION_GRAPHS
-from vq2pc.circuit.finetune import FineTuneConfig
+from vq2pc.baselines.cm import CM_RECIPES
+from vq2pc.baselines.einet_config import SumProduct
+from vq2pc.baselines.regions import RegionGraph
+from vq2pc.circuit.finetune_config import FineTuneConfig
 from vq2pc.core.leaves import LEAF_KINDS
-from vq2pc.core.validate import is_positive_number
-from vq2pc.latents.selection import BEAM_SCORES, BEAM_SEARCHES, STRATEGIES, WEIGHTS
+from vq2pc.core.settings import Count, Device, Natural, dump, parse, settings
+from vq2pc.data.datasets import DATASET_NAMES
 from vq2pc.models.train import TrainConfig
-from vq2pc.pipeline.config_checks import (
-    check_cm_recipe,
-    check_counts,
-    check_device_name,
-    check_extra_N,
-    check_ft_N,
-    check_prior,
-)
-from vq2pc.pipeline.typed_yaml import build_dataclass, plain
+from vq2pc.pipeline.model_spec import VQVAE_KEYS, ModelSpec
 
 __all__ = [
     "ModelSpec",
@@ -43,125 +38,98 @@ __all__ = [
     "DEFAULT_CONFIG",
 ]
 
-
-@dataclass
-class ModelSpec:
-    """One source VQ-VAE (+ its prior) and the circuits distilled from it."""
-
-    name: str = "2x2"
-    group: str | None = None  # series name in plots/tables (default: name); e.g. one "2x2" line over several K
-    latent_hw: tuple[int, int] = (2, 2)
-    K: int = 16
-    D: int = 16
-    hidden: int = 32
-    res_blocks: int = 1
-    beta: float = 0.25
-    quantizer: str = "ema"  # vq (paper Eq. 6) | ema (codebook as moving cluster means)
-    quantizer_opts: dict[str, Any] = field(default_factory=lambda: {"kmeans_init": True})
-    vqvae_from: str | None = None  # reuse this model's trained VQ-VAE (its VQ-VAE keys must equal ours): compare priors
-    prior: str = "pixelcnn"  # pixelcnn | transformer (vq2pc.models.priors)
-    prior_hidden: int = 64  # PixelCNN channels / Transformer width
-    prior_layers: int = 4  # gated PixelCNN layers / Transformer blocks
-    prior_heads: int = 4  # Transformer attention heads (prior_hidden must be a multiple)
-    strategies: list[str] = field(default_factory=lambda: ["exhaustive", "sample", "beam", "topk", "data"])
-    N: list[int] = field(default_factory=lambda: [16, 64, 256, 1024])
-    extra_N: dict[str, list[int]] = field(default_factory=dict)  # more N for one strategy, e.g. {sample: [16384]}
-    weights: str = "uniform"  # mixture weights of the non-exhaustive strategies: uniform (Eq. 2) | prior
-    starts: int = 10  # DMBS: starting tokens per class (s)
-    beam_score: str = "class"  # DMBS: class c's searches rank by p(z_≤i | c) (Algorithm 1) | marginal: p(z_≤i)
-    beam_search: str = (
-        "deterministic"  # DMBS: keep the best B beams (Algorithm 2) | stochastic: sample them (Gumbel-top-k)
-    )
-    em_strategies: list[str] = field(
-        default_factory=lambda: ["sample"]
-    )  # also refine these strategies' circuits by EM (+EM rows)
-    em_iterations: int = 5
-    em_leaves: bool = True  # EM on the leaf parameters too, not only the weights
-    em_prior_strength: float = 2.0  # Dirichlet pseudo-count (and decoder-leaf pseudo-observations), see refine.py
-    em_train_limit: int | None = 10000  # training images used by EM
-    std_floor: float | None = (
-        None  # Gaussian leaves: raise decoded stds below this (every circuit and ExM of the model)
-    )
-    ft_strategies: list[str] = field(default_factory=list)  # also fine-tune these strategies' circuits (+FT rows)
-    ft_N: dict[str, list[int]] = field(
-        default_factory=dict
-    )  # +FT rows only at these N of a strategy (one not named: every N)
-    finetune: FineTuneConfig = field(
-        default_factory=FineTuneConfig
-    )  # settings of the +FT rows (device, seed: the run's)
-    ft_std_max: list[float] = field(default_factory=list)  # more +FT rows of Gaussian leaves, stds capped below each
-    ft_std_max_N: list[int] | None = None  # the N of those capped rows (None: every N of the +FT rows)
-    ft_std_max_strategies: list[str] | None = None  # the selections given capped rows (None: every ft_strategies one)
+Fraction = Annotated[float, Field(gt=0, lt=1)]
 
 
-VQVAE_KEYS = ("latent_hw", "K", "D", "hidden", "res_blocks", "beta", "quantizer", "quantizer_opts")
-"""The ModelSpec keys that make its VQ-VAE (equal for a model and its ``vqvae_from``)."""
-
-
-@dataclass
+@settings
 class CircuitSpec:
     """A libcirkit circuit baseline beside the EiNets: its region graph, layer kind and width."""
 
-    region_graph: str = "quad-graph"  # quad-graph | quad-tree-2 | quad-tree-4 | chow-liu-tree (HCLT) | poon-domingos
-    sum_product: str = "cp"  # cp | cp-t | tucker
-    units: int = 64  # input units per pixel and sum units per layer
-
-    def __post_init__(self) -> None:
-        if self.region_graph not in REGION_GRAPHS:
-            raise ValueError(f"region_graph must be one of {list(REGION_GRAPHS)}, got {self.region_graph!r}")
-        if self.sum_product not in SUM_PRODUCT_LAYERS:
-            raise ValueError(f"sum_product must be one of {list(SUM_PRODUCT_LAYERS)}, got {self.sum_product!r}")
-        if isinstance(self.units, bool) or not isinstance(self.units, int) or self.units < 1:
-            raise ValueError(f"units must be an integer >= 1, got {self.units!r}")
+    region_graph: RegionGraph = Field(
+        "quad-graph",
+        description="structure: quad-graph / quad-tree-N (libcirkit's image templates), chow-liu-tree (HCLT, "
+        "learned from the training images), poon-domingos (EiNet)",
+    )
+    sum_product: SumProduct = Field("cp", description="sum-product layer kind")
+    units: Count = Field(64, description="input units per pixel and sum units per layer")
 
 
-@dataclass
+@settings
 class BaselineSpec:
-    """The paper's baselines, trained on the same data and splits."""
+    """The paper's baselines, trained on the same data and splits.
+
+    The CM's recipe (``cm_recipe``, None: mlp): mlp, an MLP decoder (``cm_hidden``) on ``cm_train_points``
+    fresh points per step; paper, the distillation paper's code: a convolutional decoder (``cm_channels``)
+    over a fixed grid of ``cm_points`` Sobol points, trained on each image's ``cm_top_k`` grid points by a
+    posterior re-decoded every ``cm_refresh`` steps (:mod:`vq2pc.baselines.cm`; docs/NOTES.md, "The CM's
+    recipe"). The paper recipe's settings left None take ``CMConfig``'s defaults."""
 
     einet: bool = True
-    einet_pieces: list[int] = field(default_factory=lambda: [2, 4])
-    einet_inputs: list[int] = field(default_factory=lambda: [5])
-    circuits: list[CircuitSpec] = field(default_factory=list)  # the field's circuits: QuadGraph, HCLT, ...
+    einet_pieces: list[Count] = field(default_factory=lambda: [2, 4])
+    einet_inputs: list[Count] = field(default_factory=lambda: [5])
+    circuits: list[CircuitSpec] = Field(default_factory=list, description="the field's circuits: QuadGraph, HCLT, ...")
     cm: bool = True
-    cm_latent_dim: int = 16
-    cm_hidden: int = 64
-    cm_train_points: int = 512
-    cm_points: int = 4096  # integration points of the compiled circuit (paper: 2^14)
-    # The CM's training batch (None: baseline_train's). A CM step decodes its integration points once for
-    # the whole batch, so a step's cost barely grows with the batch and larger batches make epochs cheaper.
-    cm_batch_size: int | None = None
-    # The CM's recipe (None: mlp). mlp: an MLP decoder (cm_hidden) on cm_train_points fresh points per step;
-    # paper: the distillation paper's code: a convolutional decoder (cm_channels) over a fixed grid of
-    # cm_points Sobol points, trained on each image's cm_top_k grid points by a posterior re-decoded every
-    # cm_refresh steps (vq2pc.baselines.cm; docs/NOTES.md, "The CM's recipe"). None: CMConfig's defaults.
-    cm_recipe: str | None = None
-    cm_channels: int | None = None
-    cm_refresh: int | None = None
-    cm_top_k: int | None = None
+    cm_latent_dim: Count = 16
+    cm_hidden: Count = 64
+    cm_train_points: Count = 512
+    cm_points: Count = Field(4096, description="integration points of the compiled circuit (paper: 2^14)")
+    cm_batch_size: Count | None = Field(
+        None,
+        description="the CM's training batch (None: baseline_train's); a CM step decodes its integration points "
+        "once for the whole batch, so larger batches make epochs cheaper",
+    )
+    cm_recipe: Literal[CM_RECIPES] | None = None  # type: ignore[valid-type]
+    cm_channels: Count | None = None
+    cm_refresh: Count | None = None
+    cm_top_k: Count | None = None
+
+    @model_validator(mode="after")
+    def _agree(self) -> BaselineSpec:
+        """The paper recipe's settings are given only with it; its grid is a power of 2 of at least top-k points."""
+        paper_only = [k for k in ("cm_channels", "cm_refresh", "cm_top_k") if getattr(self, k) is not None]
+        if self.cm_recipe != "paper" and paper_only:
+            raise ValueError(f"{paper_only} apply to cm_recipe: paper only (cm_recipe is {self.cm_recipe or 'mlp'!r})")
+        if self.cm_recipe == "paper" and self.cm_points & (self.cm_points - 1):
+            raise ValueError(f"cm_points is the paper recipe's Sobol grid, a power of 2; got {self.cm_points}")
+        if self.cm_recipe == "paper" and self.cm_top_k is not None and self.cm_top_k > self.cm_points:
+            raise ValueError(f"cm_top_k must be <= cm_points ({self.cm_points}), got {self.cm_top_k}")
+        return self
 
 
-@dataclass
+@settings
 class ExperimentSpec:
     """Which experiments run, and their sizes."""
 
-    analysis_model: str | None = None  # model of Fig. 1 (usage) and Fig. 6 (correlation); default: main_model
+    analysis_model: str | None = Field(
+        None, description="model of Fig. 1 (usage) and Fig. 6 (correlation); default: main_model"
+    )
     usage: bool = True
-    usage_seeds: list[int] = field(default_factory=list)  # extra training seeds: Fig. 1 as mean ± std over models
+    usage_seeds: list[Natural] = Field(
+        default_factory=list, description="extra training seeds: Fig. 1 as mean ± std over models"
+    )
     inpainting: bool = True
-    inpainting_images: int = 8
-    inpainting_eval_images: int = 500
+    inpainting_images: Count = 8
+    inpainting_eval_images: Count = 500
     samples: bool = True
-    num_samples: int = 1000  # paper: 10,000
-    classifier_epochs: int | None = None  # epochs of the sample classifier (None: baseline_train's)
+    num_samples: Count = Field(1000, description="samples drawn from each model (paper: 10,000)")
+    classifier_epochs: Count | None = Field(
+        None, description="epochs of the sample classifier (None: baseline_train's)"
+    )
     correlation: bool = True
-    correlation_images: int = 297
-    bpd_draws: int = 3  # dequantization draws for continuous test BPD
-    bpd_discrete: bool = True  # Gaussian rows: also the exact discrete BPD of the discretized twin (test_bpd_discrete;
-    #   one extra pass over the test set, its tables cost S·L·N tail evaluations: docs/NOTES.md "Discretized leaves")
-    classification: bool = True  # class-aware circuits: accuracy, calibration with missing pixels (labeled data only)
-    classification_images: int = 500  # test images it uses
-    classification_fractions: list[float] = field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])  # random missing
+    correlation_images: Count = 297
+    bpd_draws: Count = Field(3, description="dequantization draws (continuous leaves)")
+    bpd_discrete: bool = Field(
+        True,
+        description="Gaussian rows: also the exact discrete BPD of the discretized twin (one extra pass over "
+        'the test set, its tables cost S·L·N tail evaluations: docs/NOTES.md "Discretized leaves")',
+    )
+    classification: bool = Field(
+        True, description="class-aware circuits: accuracy, calibration with missing pixels (labeled data only)"
+    )
+    classification_images: Count = Field(500, description="test images the classification experiment uses")
+    classification_fractions: list[Fraction] = Field(
+        default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9], description="fractions of random missing pixels"
+    )
 
 
 def default_model() -> ModelSpec:
@@ -181,7 +149,7 @@ def transformer_twin() -> ModelSpec:
     )
 
 
-@dataclass
+@settings
 class RunConfig:
     """Everything a ``vq2pc run`` needs; see ``configs/`` for annotated examples."""
 
@@ -189,19 +157,29 @@ class RunConfig:
         "Quick default: digits, 2x2 latent grid (K=16), every experiment at toy scale, "
         "paper-faithful and fine-tuned (+FT) distillation."
     )
-    dataset: str = "digits"
-    data_dir: str | None = None
-    limit: int | None = None  # cap every split (quick experiments)
-    test_limit: int | None = None  # cap the test split for expensive evaluations (e.g. ExM K=96)
-    seed: int = 0
-    device: str = "cpu"
-    leaves: list[str] = field(default_factory=lambda: ["gaussian", "categorical"])
-    models: list[ModelSpec] = field(default_factory=lambda: [default_model(), transformer_twin()])
-    main_model: str | None = None  # model used for the experiments; default: the first
-    max_exhaustive: int = 2**22  # largest latent space distilled exhaustively (ExM)
-    max_usage_space: int = 2**27  # largest latent space enumerated for Fig. 1 (96^4 ≈ 2^26.3)
-    max_materialize: int = 2**27  # ExM with more leaf parameters than this is streamed (ExactModel), not stored
-    exact_test_limit: int | None = None  # test images for a streamed ExM (its BPD costs K^{HW} decodes per draw)
+    dataset: Literal[DATASET_NAMES] = Field("digits", description="dataset")  # type: ignore[valid-type]
+    data_dir: str | None = Field(
+        None, description="directory with the dataset files (default: $VQ2PC_DATA, else ~/.cache/vq2pc)"
+    )
+    limit: Count | None = Field(None, description="cap every split at this many images")
+    test_limit: Count | None = Field(None, description="cap the test split for expensive evaluations (e.g. ExM K=96)")
+    seed: Natural = Field(0, description="random seed")
+    device: Device = Field("cpu", description="torch device, e.g. cpu or cuda")
+    leaves: list[Literal[tuple(LEAF_KINDS)]] = field(  # type: ignore[misc]
+        default_factory=lambda: ["gaussian", "categorical"]
+    )
+    models: Annotated[list[ModelSpec], Field(min_length=1)] = field(
+        default_factory=lambda: [default_model(), transformer_twin()]
+    )
+    main_model: str | None = Field(None, description="model used for the experiments; default: the first")
+    max_exhaustive: Count = Field(2**22, description="largest latent space distilled exhaustively (ExM)")
+    max_usage_space: Count = Field(2**27, description="largest latent space enumerated for Fig. 1 (96^4 ≈ 2^26.3)")
+    max_materialize: Count = Field(
+        2**27, description="ExM with more leaf parameters than this is streamed (ExactModel), not stored"
+    )
+    exact_test_limit: Count | None = Field(
+        None, description="test images for a streamed ExM (its BPD costs K^{HW} decodes per draw)"
+    )
     vqvae_train: TrainConfig = field(
         default_factory=lambda: TrainConfig(epochs=60, patience=10, lr=2e-3, batch_size=64)
     )
@@ -212,102 +190,20 @@ class RunConfig:
     baselines: BaselineSpec = field(default_factory=BaselineSpec)
     experiments: ExperimentSpec = field(default_factory=ExperimentSpec)
 
-    def validate(self) -> RunConfig:
-        check_device_name(self.device)
-        check_counts(
-            self,
-            ("limit", "test_limit", "exact_test_limit", "max_exhaustive", "max_usage_space", "max_materialize"),
-            "config",
-        )
-        check_counts(self, ("seed",), "config", low=0)
-        if any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in self.experiments.usage_seeds):
-            raise ValueError(
-                f"config: experiments.usage_seeds must be integers >= 0, got {self.experiments.usage_seeds}"
-            )
-        check_counts(
-            self.experiments,
-            (
-                "inpainting_images",
-                "inpainting_eval_images",
-                "num_samples",
-                "correlation_images",
-                "bpd_draws",
-                "classification_images",
-            ),
-            "config.experiments",
-        )
-        if not all(0.0 < f < 1.0 for f in self.experiments.classification_fractions):
-            raise ValueError(
-                "config.experiments: classification_fractions must lie in (0, 1), got "
-                f"{self.experiments.classification_fractions}"
-            )
-        check_counts(
-            self.baselines,
-            ("cm_latent_dim", "cm_hidden", "cm_train_points", "cm_points", "cm_batch_size"),
-            "config.baselines",
-        )
-        check_cm_recipe(self.baselines)
-        for leaf in self.leaves:
-            if leaf not in LEAF_KINDS:
-                raise ValueError(f"config: unknown leaf {leaf!r}; expected one of {list(LEAF_KINDS)}")
+    @model_validator(mode="after")
+    def _agree(self) -> RunConfig:
+        """Model names are distinct and every name given exists; shared VQ-VAEs agree; caps need Gaussian leaves."""
         names = [m.name for m in self.models]
-        if not names or len(set(names)) != len(names):
-            raise ValueError(f"config: models need distinct names, got {names}")
-        for m in self.models:
-            bad = [s for s in m.strategies if s not in STRATEGIES]
-            if bad:
-                raise ValueError(f"config: model {m.name!r} has unknown strategies {bad}; expected {list(STRATEGIES)}")
-            if m.K < 1 or any(n < 1 for n in m.N):
-                raise ValueError(f"config: model {m.name!r} needs K >= 1 and every N >= 1")
-            check_extra_N(m)
-            check_counts(
-                m,
-                ("D", "hidden", "prior_hidden", "prior_layers", "starts", "em_train_limit"),
-                f"config: model {m.name!r}",
-            )
-            check_counts(m, ("res_blocks", "em_iterations"), f"config: model {m.name!r}", low=0)
-            if min(m.latent_hw) < 1 or m.beta < 0:
-                raise ValueError(f"config: model {m.name!r} needs a positive latent_hw and beta >= 0")
-            for key in ("em_strategies", "ft_strategies"):
-                bad = [s for s in getattr(m, key) if s not in STRATEGIES]
-                if bad:
-                    raise ValueError(f"config: model {m.name!r} has unknown {key} {bad}; expected {list(STRATEGIES)}")
-            if m.weights not in WEIGHTS:
-                raise ValueError(f"config: model {m.name!r} weights must be one of {list(WEIGHTS)}, got {m.weights!r}")
-            for key, allowed in (("beam_score", BEAM_SCORES), ("beam_search", BEAM_SEARCHES)):
-                if getattr(m, key) not in allowed:
-                    raise ValueError(
-                        f"config: model {m.name!r} {key} must be one of {list(allowed)}, got {getattr(m, key)!r}"
-                    )
-            check_prior(m)
-            self._check_vqvae_from(m)
-            if m.std_floor is not None and not (isinstance(m.std_floor, (int, float)) and 0 < m.std_floor < math.inf):
-                raise ValueError(f"config: model {m.name!r} std_floor must be a positive number, got {m.std_floor!r}")
-            check_ft_N(m)
-            self._check_ft_std_max(m)
-        for key in ("main_model", "analysis_model"):
-            value = getattr(self, key) if key == "main_model" else self.experiments.analysis_model
+        if len(set(names)) != len(names):
+            raise ValueError(f"models need distinct names, got {names}")
+        for key, value in (("main_model", self.main_model), ("analysis_model", self.experiments.analysis_model)):
             if value is not None and value not in names:
-                raise ValueError(f"config: {key} {value!r} is not one of {names}")
+                raise ValueError(f"{key} {value!r} is not one of {names}")
+        for m in self.models:
+            self._check_vqvae_from(m)
+            if m.ft_std_max and "gaussian" not in self.leaves:
+                raise ValueError(f"model {m.name!r} ft_std_max caps Gaussian stds; leaves are {self.leaves}")
         return self
-
-    def _check_ft_std_max(self, m: ModelSpec) -> None:
-        caps = m.ft_std_max
-        if not isinstance(caps, list) or not all(map(is_positive_number, caps)):
-            raise ValueError(f"config: model {m.name!r} ft_std_max must be a list of positive numbers, got {caps!r}")
-        if caps and not m.ft_strategies:
-            raise ValueError(f"config: model {m.name!r} ft_std_max needs ft_strategies (the circuits to fine-tune)")
-        only = m.ft_std_max_N
-        if only is not None and not (isinstance(only, list) and all(isinstance(n, int) and n > 0 for n in only)):
-            raise ValueError(f"config: model {m.name!r} ft_std_max_N must be a list of positive integers, got {only!r}")
-        which = m.ft_std_max_strategies
-        if which is not None and not (isinstance(which, list) and set(map(str, which)) <= set(m.ft_strategies)):
-            raise ValueError(
-                f"config: model {m.name!r} ft_std_max_strategies must be a list of ft_strategies "
-                f"({m.ft_strategies}), got {which!r}"
-            )
-        if caps and "gaussian" not in self.leaves:
-            raise ValueError(f"config: model {m.name!r} ft_std_max caps Gaussian stds; leaves are {self.leaves}")
 
     def _check_vqvae_from(self, m: ModelSpec) -> None:
         if m.vqvae_from is None:
@@ -315,12 +211,11 @@ class RunConfig:
         source = next((s for s in self.models if s.name == m.vqvae_from and s is not m), None)
         if source is None or source.vqvae_from is not None:
             raise ValueError(
-                f"config: model {m.name!r} vqvae_from {m.vqvae_from!r} must name another model that "
-                "trains its own VQ-VAE"
+                f"model {m.name!r} vqvae_from {m.vqvae_from!r} must name another model that trains its own VQ-VAE"
             )
-        differ = [k for k in VQVAE_KEYS if plain(getattr(m, k)) != plain(getattr(source, k))]
+        differ = [k for k in VQVAE_KEYS if getattr(m, k) != getattr(source, k)]
         if differ:
-            raise ValueError(f"config: model {m.name!r} shares the VQ-VAE of {source.name!r} but differs in {differ}")
+            raise ValueError(f"model {m.name!r} shares the VQ-VAE of {source.name!r} but differs in {differ}")
 
     @property
     def main(self) -> ModelSpec:
@@ -334,7 +229,8 @@ class RunConfig:
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
-    """Load a YAML config (or the defaults when ``path`` is None) and apply top-level ``overrides``."""
+    """Load a YAML config (or the defaults when ``path`` is None) and apply top-level ``overrides``; each
+    invalid setting is one line of the :class:`~vq2pc.core.settings.ConfigError` raised."""
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -344,13 +240,15 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
             raise ValueError(f"config {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"config {path} must be a mapping of settings, got {type(data).__name__}")
     data.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    return build_dataclass(RunConfig, data, "config").validate()
+    return parse(RunConfig, data, "config")
 
 
 def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
     """A plain dict (YAML/JSON-able) of ``cfg``."""
-    return plain(asdict(cfg))
+    return dump(cfg)
 
 
 DEFAULT_CONFIG = RunConfig()
