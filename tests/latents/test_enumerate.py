@@ -80,3 +80,23 @@ def test_sharded_enumeration_equals_unsharded(tmp_path) -> None:
     for r in range(2):
         torch.testing.assert_close(torch.load(tmp_path / f"rank{r}.pt"), ref, atol=1e-5, rtol=0)
         torch.testing.assert_close(torch.load(tmp_path / f"k1rank{r}.pt"), torch.zeros(1), atol=1e-6, rtol=0)
+
+
+def test_enumeration_is_reused_until_the_prior_changes() -> None:
+    """The memo returns the same numbers without calling the prior again, and recomputes after a weight update."""
+    from vq2pc.latents import enumerate as en
+
+    prior = make_prior()
+    first = en.enumerate_log_prior(prior, progress=False)
+    calls = []
+    original = prior.next_log_probs_all_classes
+    prior.next_log_probs_all_classes = lambda *a, **k: calls.append(1) or original(*a, **k)  # type: ignore[method-assign]
+    again = en.enumerate_log_prior(prior, progress=False)
+    assert torch.equal(first, again) and not calls
+    with torch.inference_mode():  # callers get a copy
+        again.zero_()
+    assert torch.equal(en.enumerate_log_prior(prior, progress=False), first)
+    with torch.no_grad():
+        next(prior.parameters()).add_(0.5)
+    changed = en.enumerate_log_prior(prior, progress=False)
+    assert calls and not torch.equal(changed, first)

@@ -22,6 +22,9 @@ assembles the whole vector on every rank.
 
 from __future__ import annotations
 
+import weakref
+from typing import Any
+
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -151,6 +154,40 @@ def enumerate_log_prior(
         raise ValueError(f"batch_size and frontier_rows must be >= 1, got {batch_size}, {frontier_rows}")
     if device is not None:
         prior.to(device)
+    if space > MEMO_SPACE or not isinstance(prior, torch.nn.Module):
+        return _enumerate(prior, space, per_class, batch_size, frontier_rows, progress, sharded)
+    key, memos = _memo_key(prior), _MEMO.setdefault(prior, {})
+    memo = memos.get(per_class)
+    if memo is None or memo[0] != key:
+        memo = key, _enumerate(prior, space, per_class, batch_size, frontier_rows, progress, sharded)
+        memos[per_class] = memo
+    return memo[1].clone()
+
+
+MEMO_SPACE = 2**22
+"""Latent spaces up to this size keep their last enumeration per prior and kind (``_MEMO``), reused while the prior's
+weights are unchanged (same tensor versions and device): the pipeline asks for ``p(z)`` of one prior from ExM,
+top-k selection at every N, latent usage and the class weights."""
+_MEMO: weakref.WeakKeyDictionary[Any, dict[bool, tuple[tuple[Any, ...], Tensor]]] = weakref.WeakKeyDictionary()
+
+
+def _memo_key(prior: torch.nn.Module) -> tuple[Any, ...]:
+    """What an enumeration depends on besides the prior's identity: its tensors' in-place versions and device."""
+    tensors = [*prior.parameters(), *prior.buffers()]
+    return (str(prior_device(prior)), tuple((id(t), t._version) for t in tensors))
+
+
+def _enumerate(
+    prior: Prior,
+    space: int,
+    per_class: bool,
+    batch_size: int,
+    frontier_rows: int,
+    progress: bool,
+    sharded: bool | None,
+) -> Tensor:
+    """The enumeration itself (see :func:`enumerate_log_prior`)."""
+    h, w = prior.latent_hw
     dev = prior_device(prior)
     was_training = prior.training
     prior.eval()
