@@ -29,6 +29,7 @@ _EXPORTS = {
     # class-aware circuits
     "ClassMixture": "vq2pc.circuit.classes",
     "class_weights": "vq2pc.circuit.class_weights",
+    "fit_class_weights": "vq2pc.circuit.class_fit",
     "load_circuit": "vq2pc.circuit.classes",
     "VQVAE": "vq2pc.models.vqvae",
     "VQVAEConfig": "vq2pc.models.vqvae",

@@ -21,6 +21,7 @@ from vq2pc.core.checkpoint import CheckpointError, load_checkpoint
 from vq2pc.data import load_dataset
 from vq2pc.evaluate.density import test_bpd
 from vq2pc.pipeline import run_pipeline
+from vq2pc.pipeline.classification import FITTED
 from vq2pc.pipeline.config import load_config
 
 pytestmark = pytest.mark.slow
@@ -123,6 +124,12 @@ def test_classification_experiment_of_the_class_aware_rows(full_run: dict[str, A
     for per in [*section["circuit"].values(), *section["cnn_circuit"].values(), section["cnn_mean"]]:
         assert set(per) == masks and all(0.0 <= m["accuracy"] <= 1.0 and m["ece"] >= 0.0 for m in per.values())
     assert section["images"] == 40 and section["hidden_fraction"]["left"] == 0.5
+    prior_rows = [name for name in section["circuit"] if not name.endswith(FITTED)]
+    assert set(section["class_fit"]) == {name + FITTED for name in prior_rows} and set(section["cnn_circuit"]) == set(
+        prior_rows
+    )
+    alphas = full_run["cfg"].experiments.classification_fit_alphas
+    assert all(f["alpha"] in alphas and f["iterations"] == 1 for f in section["class_fit"].values())
     for name in ("classification", "classification_calibration", "class_samples"):
         assert (full_run["out"] / "figures" / f"{leaf}-{name}.png").stat().st_size > 0
     assert "## Classification with missing pixels" in (full_run["out"] / "report.md").read_text()

@@ -92,7 +92,14 @@ def class_weights(
     * ``base_log_weights [N]``: keep this class marginal (e.g. a fine-tuned or EM-refined circuit's own
       weights, whose components are the same ``z_n``): ``w_{n,c} = w_n · p(c | z_n)`` with ``p(c | z_n)``
       from the prior, so the circuit's ``p̂(x)`` is unchanged and only the class is added.
+
+    Class weights fitted to labeled images (``w_n`` kept, ``p(c | n)`` by EM: calibrated class posteriors)
+    come from :func:`~vq2pc.circuit.class_fit.fit_class_weights` instead.
     """
+    if weights == "labels":
+        raise ValueError(
+            "class weights 'labels' are fitted to labeled images: use vq2pc.circuit.class_fit.fit_class_weights"
+        )
     if weights not in CLASS_WEIGHTS:
         raise ValueError(f"class weights must be one of {CLASS_WEIGHTS}, got {weights!r}")
     n = len(selection)

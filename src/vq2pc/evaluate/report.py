@@ -218,7 +218,15 @@ def _classification(cl: dict) -> list[str]:
         for name, per in [*(cl.get("circuit") or {}).items(), ("CNN, mean imputation", cl.get("cnn_mean") or {})]
     ]
     lines += ["Expected calibration error (15 bins) / label NLL (nats per image):", ""]
-    return lines + _table(["classifier"] + [f"{m}: ECE / NLL" for m in shown], calib)
+    lines += _table(["classifier"] + [f"{m}: ECE / NLL" for m in shown], calib)
+    fits = [
+        [name, f.get("alpha"), f.get("iterations"), f.get("train_images"), min(f["val_nll"].values())]
+        for name, f in (cl.get("class_fit") or {}).items()
+    ]
+    if not fits:
+        return lines
+    lines += ["Class weights fitted to the training labels (pseudo-count chosen by validation label NLL):", ""]
+    return lines + _table(["classifier", "alpha", "EM iterations", "training images", "validation NLL"], fits)
 
 
 def _correlation(c: dict) -> list[str]:

@@ -3,7 +3,10 @@
 For the largest DMRS, DMBS and ExM circuit of the main model and their +FT twins (where present),
 the class weights come from the prior over the same latents (``w_{n,c} = w_n · p(c | z_n)``, so each
 row keeps its own ``p̂(x)`` and only gains the class; for ExM that is exactly ``p(c) p(z | c)``), and
-:mod:`vq2pc.evaluate.classification` measures them beside the report's CNN.
+:mod:`vq2pc.evaluate.classification` measures them beside the report's CNN. Each circuit is measured a
+second time with ``p(c | n)`` fitted to the training labels (:mod:`vq2pc.circuit.class_fit`, ``w_n`` kept;
+the Dirichlet pseudo-count and EM iterations chosen by validation label NLL): the row ``"<label>, fitted
+p(c|n)"``.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Any
 
 import torch
 
+from vq2pc.circuit.class_fit import ClassFit, choose_class_fit
 from vq2pc.circuit.class_weights import class_weights
 from vq2pc.circuit.classes import ClassMixture
 from vq2pc.circuit.distill import decode_leaf
@@ -30,7 +34,10 @@ from vq2pc.pipeline.config import RunConfig
 from vq2pc.pipeline.models import FAMILY, SourceModel, make_selection
 from vq2pc.pipeline.rundir import Models, RunDir
 
-__all__ = ["class_rows", "classification_experiment", "shared_classifier"]
+__all__ = ["FITTED", "class_rows", "classification_experiment", "shared_classifier"]
+
+FITTED = ", fitted p(c|n)"
+"""Suffix of the rows whose class weights are fitted to the training labels."""
 
 STRATEGIES = ("sample", "beam", "exhaustive")
 _KEY = re.compile(r"^(?P<strategy>[a-z]+)(?:-N(?P<N>\d+))?(?:-floor[^-]+)?(?P<ft>-ft)?$")
@@ -83,6 +90,43 @@ def _class_models(src: SourceModel, cfg: RunConfig, circuits: Models) -> dict[st
     return {label: loader(*spec) for label, spec in class_rows(circuits).items()}
 
 
+@dataclass(frozen=True)
+class _Labeled:
+    """Labeled images in model space the fitted class weights are chosen with: ``train`` and ``val``,
+    each ``(x [B, S], y [B])``."""
+
+    train: tuple[torch.Tensor, torch.Tensor]
+    val: tuple[torch.Tensor, torch.Tensor]
+
+
+def _fit_summary(fit: ClassFit, images: int) -> dict[str, Any]:
+    """The report's record of a fit: the chosen pseudo-count and iterations, the training images, and the
+    validation label NLL of every candidate."""
+    nll = {f"alpha={a:g}, iterations={i}": round(v, 5) for (a, i), v in fit.val_nll.items()}
+    return {"alpha": fit.alpha, "iterations": fit.iterations, "train_images": images, "val_nll": nll}
+
+
+def _fitted_models(
+    cfg: RunConfig, circuits: Models, data: _Labeled, num_classes: int, fits: dict[str, Any]
+) -> dict[str, Callable[[], ClassMixture]]:
+    """Loaders of the circuits with ``p(c | n)`` fitted to ``data`` (by the prior rows' label; each fit's
+    summary lands in ``fits`` when it is made)."""
+    E = cfg.experiments
+
+    def loader(label: str, key: str) -> Callable[[], ClassMixture]:
+        def load() -> ClassMixture:
+            circuit = circuits[key]
+            fit = choose_class_fit(
+                circuit, data.train, data.val, num_classes, E.classification_fit_alphas, E.classification_fit_iterations
+            )
+            fits[label + FITTED] = _fit_summary(fit, len(data.train[1]))
+            return ClassMixture(circuit, fit.log_weights)
+
+        return load
+
+    return {label: loader(label, key) for label, (key, _, _) in class_rows(circuits).items()}
+
+
 def _same_components(src: SourceModel, selection: Selection, circuit: Any, k: int = 8) -> bool:
     """Whether the first ``k`` selected latents decode to the circuit's first ``k`` components (a distilled,
     not fine-tuned, circuit), so the class weights of ``selection`` belong to this circuit."""
@@ -126,13 +170,24 @@ def _measure(
     shape = tuple(splits.image_shape)
     for label, load in loaders.items():
         model = load()
+        fitted = label.endswith(FITTED)  # its prior row's p̂(x): the same imputation; class samples shown once
         part, posts = ec.classification_metrics(
-            {label: model}, test.x, test.labels, test.masks, leaf, splits.levels, shape, classifier, train_mean
+            {label: model},
+            test.x,
+            test.labels,
+            test.masks,
+            leaf,
+            splits.levels,
+            shape,
+            None if fitted else classifier,
+            train_mean,
         )
-        for k in ("circuit", "cnn_circuit"):
-            results[k].update(part[k])
-        results["cnn_mean"], results["hidden_fraction"] = part["cnn_mean"], part["hidden_fraction"]
+        results["circuit"].update(part["circuit"])
         full.update(posts)
+        if fitted:
+            continue
+        results["cnn_circuit"].update(part["cnn_circuit"])
+        results["cnn_mean"], results["hidden_fraction"] = part["cnn_mean"], part["hidden_fraction"]
         panels[label] = ec.class_panels(
             model,
             *test.shown,
@@ -162,10 +217,19 @@ def classification_experiment(
     masks = ec.classification_masks(tuple(splits.image_shape), n, tuple(E.classification_fractions), generator=gen)
     test = _TestImages(x, splits.test_y[:n], masks)
     classifier, cnn_accuracy = shared_classifier(run, cfg, splits)
-    train_unit = to_unit(to_model_space(splits.train_x, leaf, splits.levels, gen).flatten(1), leaf, splits.levels)
-    loaders = _class_models(src, cfg, circuits)
-    if not loaders:
+    train = to_model_space(splits.train_x, leaf, splits.levels, gen).flatten(1)
+    train_unit = to_unit(train, leaf, splits.levels)
+    prior_rows = _class_models(src, cfg, circuits)
+    if not prior_rows:
         return {"skipped": "no DMRS, DMBS or ExM circuit to classify with"}
+    fit_n = min(E.classification_fit_images or len(train), len(train))
+    val = to_model_space(splits.val_x, leaf, splits.levels, gen).flatten(1)
+    data = _Labeled((train[:fit_n], splits.train_y[:fit_n]), (val, splits.val_y))
+    fits: dict[str, Any] = {}
+    fitted_rows = _fitted_models(cfg, circuits, data, src.prior.num_classes, fits)
+    loaders = {
+        k: v for label in prior_rows for k, v in ((label, prior_rows[label]), (label + FITTED, fitted_rows[label]))
+    }
     results, full, panels = _measure(loaders, test, splits, leaf, classifier, train_unit.mean(0), cfg.seed)
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     ec.plot_classification(results, fig("classification"), title=f"{cfg.dataset}, {leaf} pixels, {n} test images")
@@ -180,6 +244,9 @@ def classification_experiment(
         "cnn_test_accuracy": cnn_accuracy,
         "seconds": round(seconds, 2),
         "cpu_seconds": round(cpu, 2),
-        "class_weights": "w_{n,c} = w_n p(c | z_n) from the prior (each row's own p(x) kept)",
+        "class_weights": "w_{n,c} = w_n p(c | z_n) from the prior (each row's own p(x) kept); rows "
+        f"'{FITTED.lstrip(', ')}': p(c | n) fitted by EM to {fit_n} training labels, w_n kept (same p(x)), "
+        "the Dirichlet pseudo-count alpha chosen by validation label NLL",
+        "class_fit": fits,
         "figure": str(fig("classification")),
     }

@@ -22,7 +22,7 @@ from vq2pc.baselines.einet_config import SumProduct
 from vq2pc.baselines.regions import RegionGraph
 from vq2pc.circuit.finetune_config import FineTuneConfig
 from vq2pc.core.leaves import LEAF_KINDS
-from vq2pc.core.settings import Count, Device, Natural, dump, parse, settings
+from vq2pc.core.settings import Count, Device, Natural, Positive, dump, parse, settings
 from vq2pc.data.datasets import DATASET_NAMES
 from vq2pc.models.train import TrainConfig
 from vq2pc.pipeline.model_spec import VQVAE_KEYS, ModelSpec
@@ -129,6 +129,18 @@ class ExperimentSpec:
     classification_images: Count = Field(500, description="test images the classification experiment uses")
     classification_fractions: list[Fraction] = Field(
         default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9], description="fractions of random missing pixels"
+    )
+    classification_fit_images: Count | None = Field(
+        None,
+        description="training images the label-fitted class weights p(c | n) are fitted to (None: all); "
+        'each circuit is also measured with them (docs/NOTES.md "Class-aware circuits")',
+    )
+    classification_fit_alphas: Annotated[list[Positive], Field(min_length=1)] = Field(
+        default_factory=lambda: [0.01, 0.1, 0.3, 1.0],
+        description="Dirichlet pseudo-counts tried for the fitted p(c | n); the least validation label NLL wins",
+    )
+    classification_fit_iterations: Annotated[list[Count], Field(min_length=1)] = Field(
+        default_factory=lambda: [1], description="EM iteration counts tried for the fitted p(c | n) (from uniform)"
     )
 
 
