@@ -175,6 +175,7 @@ def tiny_config(leaves: list[str], epochs: int = 1, N: list[int] | None = None, 
         samples=full,
         correlation=full,
         classification=full,
+        classification_fit=full,
         classification_images=40,
         classification_fractions=[0.5],
     )

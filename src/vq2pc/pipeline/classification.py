@@ -226,10 +226,12 @@ def classification_experiment(
     val = to_model_space(splits.val_x, leaf, splits.levels, gen).flatten(1)
     data = _Labeled((train[:fit_n], splits.train_y[:fit_n]), (val, splits.val_y))
     fits: dict[str, Any] = {}
-    fitted_rows = _fitted_models(cfg, circuits, data, src.prior.num_classes, fits)
-    loaders = {
-        k: v for label in prior_rows for k, v in ((label, prior_rows[label]), (label + FITTED, fitted_rows[label]))
-    }
+    loaders = dict(prior_rows)
+    if E.classification_fit:
+        fitted = _fitted_models(cfg, circuits, data, src.prior.num_classes, fits)
+        loaders = {
+            k: v for label in prior_rows for k, v in ((label, prior_rows[label]), (label + FITTED, fitted[label]))
+        }
     results, full, panels = _measure(loaders, test, splits, leaf, classifier, train_unit.mean(0), cfg.seed)
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     ec.plot_classification(results, fig("classification"), title=f"{cfg.dataset}, {leaf} pixels, {n} test images")

@@ -130,6 +130,11 @@ class ExperimentSpec:
     classification_fractions: list[Fraction] = Field(
         default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9], description="fractions of random missing pixels"
     )
+    classification_fit: bool = Field(
+        False,
+        description="also measure each circuit with its class weights p(c | n) fitted to the training labels "
+        "(EM, pseudo-count chosen on validation; costs a pass over the training images per circuit)",
+    )
     classification_fit_images: Count | None = Field(
         None,
         description="training images the label-fitted class weights p(c | n) are fitted to (None: all); "
