@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import math
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from pydantic import Field, model_validator
@@ -279,10 +279,10 @@ def em_refine(
     ``objective`` per iteration and the ``returned_iteration``) and ``history``:
     the mean training log-likelihood per iteration, ``history[0]`` before any update and
     ``history[k]`` after ``k`` updates. Stops early when the penalized objective improves
-    by less than ``cfg.tol``. Raises ``ValueError`` for bad data (wrong ``S``,
+    by less than ``cfg.tol``. Raises ``ValueError`` for bad settings or data (wrong ``S``,
     values outside the leaf's support, NaN, rows with zero probability). ``cfg=None`` means ``EMConfig()``.
     """
-    cfg = EMConfig() if cfg is None else cfg
+    cfg = EMConfig() if cfg is None else replace(cfg)  # checked again: a settings object can be changed
     if cfg.leaves and isinstance(circuit.leaf, Discretized):
         raise ValueError(
             f"EM has no closed-form update of {circuit.leaf.kind} leaves: refine the weights only "
