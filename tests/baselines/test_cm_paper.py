@@ -150,10 +150,10 @@ def test_mlp_checkpoints_keep_their_old_config_record(digits):
 @pytest.mark.parametrize(
     "kw, match",
     [
-        ({"recipe": "conv"}, "recipe must be one of"),
-        ({"points": 100}, "points must be a power of 2"),
+        ({"recipe": "conv"}, "recipe must be 'mlp' or 'paper', got 'conv'"),
+        ({"points": 100}, "points: must be a power of 2"),
         ({"top_k": 65}, "top_k must be <= points"),
-        ({"refresh": 0}, "refresh must be an integer >= 1"),
+        ({"refresh": 0}, "refresh must be >= 1, got 0"),
         ({"feature_hw": (3, 3)}, "not reachable"),
         ({"feature_hw": (8, 8)}, "smaller than the image"),
         ({"min_std": 0.01}, "VQ-VAE's Gaussian head"),

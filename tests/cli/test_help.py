@@ -11,6 +11,7 @@ import pytest
 
 from vq2pc import __version__
 from vq2pc.circuit.finetune import FineTuneConfig
+from vq2pc.circuit.refine import EMConfig
 from vq2pc.cli import build_parser, main
 from vq2pc.cli.finetune import finetune_config
 from vq2pc.cli.options import FLAGS, HelpFormatter, train_config
@@ -131,12 +132,12 @@ RUN, MODEL = RunConfig(), ModelSpec()
 SOURCES: dict[str, tuple[object, ...]] = {  # verb -> the configs whose settings its stage reads in `vq2pc run`
     "train-vqvae": (RUN, RUN.vqvae_train, MODEL),
     "train-prior": (RUN, RUN.prior_train, MODEL),
-    "train-baseline": (RUN, RUN.baseline_train, CircuitSpec()),
+    "train-baseline": (RUN, RUN.baseline_train, CircuitSpec(), ExperimentSpec()),
     "distill": (RUN, MODEL),
     "finetune": (RUN, MODEL, FineTuneConfig()),
     "evaluate": (RUN, ExperimentSpec()),
     "usage": (RUN,),
-    "refine": (RUN, MODEL),
+    "refine": (RUN, MODEL, EMConfig()),
 }
 
 

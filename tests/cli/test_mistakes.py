@@ -28,7 +28,7 @@ train-vqvae
   --epochs 0 / --batch-size 0          epochs must be >= 1, got 0 / batch_size must be >= 1, got 0
   --lr -1 / --patience -1              lr must be > 0, got -1.0 / patience must be >= 0, got -1
   --epochs 1.5                         argument --epochs: invalid int value: '1.5' (see vq2pc train-vqvae --help)
-  --K 0                                VQ-VAE K must be >= 1, got 0
+  --K 0                                K must be >= 1, got 0
   --grid 3 3 on 8x8 images             latent grid 3x3 is not reachable from a 8x8 image by halving; reachable grids: ...
   --quantizer-opt foo                  --quantizer-opt expects KEY=VALUE, got 'foo'
   --out under a file                   cannot write junk.txt/v.pt: junk.txt is a file, not a folder
@@ -59,9 +59,9 @@ inpaint
   --images not a .npy                  cannot read images file junk.txt: not a numeric .npy array (...)
   --show 0                             --show must be >= 1 (images in the figure), got 0
 refine
-  --iterations -1                      iterations must be an integer >= 0, got -1
-  --batch-size 0                       batch_size must be a positive integer, got 0
-  --std-min 2                          max_std must be finite and >= min_std=2.0, got 1.0
+  --iterations -1                      iterations must be >= 0, got -1
+  --batch-size 0                       batch_size must be >= 1, got 0
+  --std-min 2                          max_std must be >= min_std=2.0, got 1.0
   a write refused deep inside          Permission denied: r.safetensors
 export
   --format onnx                        argument --format: invalid choice: 'onnx' (choose from 'cirkit', 'npz') (...)
@@ -137,7 +137,7 @@ CASES: list[tuple[str, str, str]] = [
     ("train-vqvae", "--patience -1 --out v.pt", "patience must be >= 0, got -1"),
     ("train-vqvae", "--epochs 0 --lr -1 --out v.pt", "epochs must be >= 1, got 0; lr must be > 0, got -1.0"),
     ("train-vqvae", "--epochs 1.5 --out v.pt", "argument --epochs: invalid int value: '1.5'"),
-    ("train-vqvae", "--K 0 --limit 20 --out v.pt", "VQ-VAE K must be >= 1, got 0"),
+    ("train-vqvae", "--K 0 --limit 20 --out v.pt", "K must be >= 1, got 0"),
     ("train-vqvae", "--grid 3 3 --limit 20 --out v.pt", "latent grid 3x3 is not reachable"),
     ("train-vqvae", "--quantizer-opt foo --limit 20 --out v.pt", "--quantizer-opt expects KEY=VALUE, got 'foo'"),
     ("train-vqvae", "--out junk.txt/v.pt", "junk.txt is a file, not a folder"),
@@ -176,9 +176,9 @@ CASES: list[tuple[str, str, str]] = [
     ("inpaint", "c.safetensors --images bad.npy --out i.png", "images have shape (4, 1, 3, 3); expected [n, 1, 8, 8]"),
     ("inpaint", "c.safetensors --images junk.txt --out i.png", "cannot read images file junk.txt"),
     ("inpaint", "c.safetensors --images img.npy --show 0 --out i.png", "--show must be >= 1"),
-    ("refine", "c.safetensors --iterations -1 --limit 20 --out r.safetensors", "iterations must be an integer >= 0"),
-    ("refine", "c.safetensors --batch-size 0 --limit 20 --out r.safetensors", "batch_size must be a positive integer"),
-    ("refine", "c.safetensors --std-min 2 --limit 20 --out r.safetensors", "max_std must be finite and >= min_std"),
+    ("refine", "c.safetensors --iterations -1 --limit 20 --out r.safetensors", "iterations must be >= 0"),
+    ("refine", "c.safetensors --batch-size 0 --limit 20 --out r.safetensors", "batch_size must be >= 1"),
+    ("refine", "c.safetensors --std-min 2 --limit 20 --out r.safetensors", "max_std must be >= min_std"),
     ("export", "c.safetensors --format onnx --out x.npz", "argument --format: invalid choice: 'onnx'"),
     ("export", "junk.txt --format npz --out x.npz", "junk.txt is not a readable vq2pc circuit"),
 ]

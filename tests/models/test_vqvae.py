@@ -148,7 +148,7 @@ def test_bad_inputs_raise_clear_errors(digits: DataSplits) -> None:
         model.decode(torch.full((1, 2, 2), 8))
     with pytest.raises(ValueError, match="codes must have shape"):
         model.decode(torch.zeros(1, 4))
-    with pytest.raises(ValueError, match="unknown leaf"):
+    with pytest.raises(ValueError, match="leaf must be 'gaussian', 'categorical' or 'bernoulli', got 'poisson'"):
         _cfg("poisson")
     with pytest.raises(ValueError, match="does not match"):
         train_vqvae(digits, _cfg(levels=256), TrainConfig(epochs=1, progress=False))

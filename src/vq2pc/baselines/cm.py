@@ -32,12 +32,13 @@ first points at initialization), so a component's leaves do not depend on the ba
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Callable
+from typing import Annotated, Callable, Literal, get_args
 
 import numpy as np
 import torch
+from pydantic import AfterValidator, model_validator
 from scipy.stats import norm, qmc
 from torch import Tensor, nn
 
@@ -49,6 +50,7 @@ from vq2pc.core.devices import flush_denormals
 from vq2pc.core.leaf_ops import component_log_likelihoods
 from vq2pc.core.leaves import Categorical, Gaussian, Leaf
 from vq2pc.core.random import step_seed
+from vq2pc.core.settings import AsTuple, Count, Levels, Natural, Positive, settings
 from vq2pc.core.validate import rows
 from vq2pc.data.datasets import DataSplits, check_fits
 from vq2pc.models.nets import (
@@ -65,10 +67,22 @@ from vq2pc.models.train import TrainConfig, TrainResult, completed_steps, dequan
 
 __all__ = ["CMConfig", "ContinuousMixture", "sobol_normal", "train_cm", "compile_cm", "CM_RECIPES"]
 
-CM_RECIPES = ("mlp", "paper")
+Recipe = Literal["mlp", "paper"]
+CM_RECIPES: tuple[str, ...] = get_args(Recipe)
 
 
-@dataclass
+def _power_of_two(n: int, name: str = "") -> int:
+    """``n``, unless it is not a power of 2 (a Sobol sequence's length)."""
+    if int(n) < 1 or int(n) & (int(n) - 1):
+        raise ValueError(f"{name + ' ' if name else ''}must be a power of 2 (Sobol points), got {n}")
+    return n
+
+
+SobolPoints = Annotated[int, AfterValidator(_power_of_two)]
+"""A number of Sobol points: a power of 2."""
+
+
+@settings
 class CMConfig:
     """A continuous mixture: latent size, decoder and how it trains (``recipe``, see the module docstring).
 
@@ -77,57 +91,41 @@ class CMConfig:
     ``points`` Sobol points (``grid_seed``), trained on each image's ``top_k`` grid points by a posterior
     refreshed every ``refresh`` steps (the paper code: top 1, re-scored every step)."""
 
-    image_shape: tuple[int, int, int]
-    leaf: str = "gaussian"
-    levels: int = 256
-    latent_dim: int = 16
-    hidden: int = 64
-    train_points: int = 2**10
-    min_std: float = 1e-3
-    max_std: float = 1.0
-    recipe: str = "mlp"  # mlp | paper
-    channels: int = 32  # paper: channels of the convolutional decoder
-    feature_hw: tuple[int, int] = (4, 4)  # paper: the linear layer's map, upsampled by transposed convs to H×W
-    res_blocks: int = 1  # paper: residual blocks at feature_hw
-    points: int = 2**14  # paper: the fixed grid (= the compiled circuit's components)
-    grid_seed: int = 0  # paper: seed of the grid's scrambled Sobol sequence
-    refresh: int = 100  # paper: training steps between re-decodes of the whole grid (to find the top-k)
-    top_k: int = 1  # paper: grid points per image that get gradients
+    image_shape: Annotated[tuple[Count, Count, Count], AsTuple]
+    leaf: Literal["gaussian", "categorical"] = "gaussian"
+    levels: Levels = 256
+    latent_dim: Count = 16
+    hidden: Count = 64
+    train_points: SobolPoints = 2**10
+    min_std: Positive = 1e-3
+    max_std: Positive = 1.0
+    recipe: Recipe = "mlp"
+    channels: Count = 32  # paper: channels of the convolutional decoder
+    # paper: the linear layer's map, upsampled by transposed convs to H×W
+    feature_hw: Annotated[tuple[Count, Count], AsTuple] = (4, 4)
+    res_blocks: Natural = 1  # paper: residual blocks at feature_hw
+    points: SobolPoints = 2**14  # paper: the fixed grid (= the compiled circuit's components)
+    grid_seed: Natural = 0  # paper: seed of the grid's scrambled Sobol sequence
+    refresh: Count = 100  # paper: training steps between re-decodes of the whole grid (to find the top-k)
+    top_k: Count = 1  # paper: grid points per image that get gradients
 
-    def __post_init__(self) -> None:
-        self.image_shape = tuple(int(s) for s in self.image_shape)  # type: ignore[assignment]
-        self.feature_hw = tuple(int(s) for s in self.feature_hw)  # type: ignore[assignment]
-        if len(self.image_shape) != 3 or min(self.image_shape) < 1:
-            raise ValueError(f"image_shape must be (C, H, W) with positive sizes, got {self.image_shape}")
-        if self.leaf not in ("gaussian", "categorical"):
-            raise ValueError(f"CM leaf must be 'gaussian' or 'categorical', got {self.leaf!r}")
-        if self.levels < 2 or self.latent_dim < 1 or self.hidden < 1:
-            raise ValueError("levels must be >= 2, latent_dim and hidden >= 1")
-        _check_power_of_two(self.train_points, "train_points")
-        if not 0 < self.min_std < self.max_std:
-            raise ValueError(f"need 0 < min_std < max_std, got {self.min_std}, {self.max_std}")
-        if self.recipe not in CM_RECIPES:
-            raise ValueError(f"CM recipe must be one of {list(CM_RECIPES)}, got {self.recipe!r}")
-        if self.recipe == "paper":
-            self._check_paper()
-
-    def _check_paper(self) -> None:
-        for name, low in (("channels", 1), ("res_blocks", 0), ("refresh", 1), ("top_k", 1), ("grid_seed", 0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"CM (paper recipe) {name} must be an integer >= {low}, got {value!r}")
-        _check_power_of_two(self.points, "points")
+    @model_validator(mode="after")
+    def _agree(self) -> CMConfig:
+        """The std range is not empty; the paper recipe's grid, head and feature map fit together."""
+        if not self.min_std < self.max_std:
+            raise ValueError(f"need min_std < max_std, got {self.min_std}, {self.max_std}")
+        if self.recipe != "paper":
+            return self
         if self.top_k > self.points:
-            raise ValueError(f"CM (paper recipe) top_k must be <= points ({self.points}), got {self.top_k}")
+            raise ValueError(f"the paper recipe's top_k must be <= points ({self.points}), got {self.top_k}")
         if (self.min_std, self.max_std) != (STD_MIN, STD_MAX):
             raise ValueError(
-                f"CM (paper recipe) uses the VQ-VAE's Gaussian head, stds in [{STD_MIN:g}, {STD_MAX:g}]; "
+                f"the paper recipe uses the VQ-VAE's Gaussian head, stds in [{STD_MIN:g}, {STD_MAX:g}]; "
                 f"got min_std={self.min_std:g}, max_std={self.max_std:g}"
             )
-        if len(self.feature_hw) != 2:
-            raise ValueError(f"CM (paper recipe) feature_hw must be (h, w), got {self.feature_hw}")
         if num_downsamplings(self.image_shape[1:], self.feature_hw) < 1:  # raises if H×W is not reached by doubling
-            raise ValueError(f"CM (paper recipe) feature_hw must be smaller than the image, got {self.feature_hw}")
+            raise ValueError(f"the paper recipe's feature_hw must be smaller than the image, got {self.feature_hw}")
+        return self
 
     @property
     def num_variables(self) -> int:
@@ -143,14 +141,9 @@ class CMConfig:
 PAPER_FIELDS = ("recipe", "channels", "feature_hw", "res_blocks", "points", "grid_seed", "refresh", "top_k")
 
 
-def _check_power_of_two(n: int, name: str) -> None:
-    if int(n) < 1 or int(n) & (int(n) - 1):
-        raise ValueError(f"{name} must be a power of 2 (Sobol points), got {n}")
-
-
 def sobol_normal(num_points: int, dim: int, seed: int | np.random.Generator | None = None) -> Tensor:
     """``[num_points, dim]`` float32 randomized-QMC standard-normal points (scrambled Sobol + Φ⁻¹)."""
-    _check_power_of_two(num_points, "num_points")
+    _power_of_two(num_points, "num_points")
     u = qmc.Sobol(d=dim, scramble=True, seed=seed).random_base2(m=int(num_points).bit_length() - 1)
     eps = np.finfo(np.float32).eps
     return torch.from_numpy(norm.ppf(np.clip(u, eps, 1.0 - eps))).float()

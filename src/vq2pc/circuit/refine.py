@@ -38,15 +38,17 @@ from __future__ import annotations
 
 import math
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
+from pydantic import Field, model_validator
 from torch import Tensor
 
 from vq2pc.circuit.io import prepare_input
 from vq2pc.circuit.kernels import categorical_table, categorical_view
 from vq2pc.circuit.mixture import MixtureCircuit
 from vq2pc.core.leaves import Bernoulli, Categorical, Discretized, Gaussian, Leaf
+from vq2pc.core.settings import Count, Natural, NonNegative, Positive, settings
 
 __all__ = [
     "EMPTY_MASS",
@@ -67,53 +69,30 @@ LOGIT_CLAMP = 30.0
 """Bernoulli logits are kept in ``[-LOGIT_CLAMP, LOGIT_CLAMP]`` (circuits need finite logits)."""
 
 
-@dataclass
+@settings
 class EMConfig:
-    """Settings of :func:`em_refine` (see the module docstring for the maths).
+    """Settings of :func:`em_refine` (see the module docstring for the maths): ``prior_strength`` is the
+    Dirichlet pseudo-count ``a`` per component for the weights, and the leaves get ``κ = max(a - 1, 0)``
+    pseudo-observations from their initial (decoder) leaf; ``tol`` applies to the mean penalized objective
+    (the mean train log-likelihood when ``prior_strength = 1`` and ``smoothing = 0``)."""
 
-    Attributes:
-        iterations: maximum number of EM updates (``>= 0``).
-        weights: M-step for the mixture weights.
-        leaves: M-step for the leaf parameters too.
-        prior_strength: Dirichlet pseudo-count ``a`` per component for the weights; the leaves
-            get ``κ = max(a - 1, 0)`` pseudo-observations from their initial (decoder) leaf.
-        smoothing: ``α``, extra pseudo-count per level of categorical/Bernoulli leaves
-            (``0`` = maximum likelihood, may give zero probabilities).
-        min_std, max_std: Gaussian std clamp (the decoder's range).
-        batch_size: rows per E-step batch.
-        tol: stop when the mean penalized objective (the mean train log-likelihood when
-            ``prior_strength = 1`` and ``smoothing = 0``) improves by less than this.
-    """
+    iterations: Natural = Field(10, description="maximum number of EM updates")
+    weights: bool = Field(True, description="M-step for the mixture weights")
+    leaves: bool = Field(False, description="M-step for the leaf parameters too")
+    prior_strength: NonNegative = Field(1.0, description="Dirichlet pseudo-count per component (1 = ML)")
+    smoothing: NonNegative = Field(
+        1e-2, description="pseudo-count per level of categorical/Bernoulli leaves (0 = ML, may give zeros)"
+    )
+    min_std: Positive = Field(1e-3, description="Gaussian std floor")
+    max_std: Positive = Field(1.0, description="Gaussian std ceiling")
+    batch_size: Count = Field(1024, description="rows per E-step batch")
+    tol: NonNegative = Field(1e-6, description="stop when the mean objective improves by less")
 
-    iterations: int = 10
-    weights: bool = True
-    leaves: bool = False
-    prior_strength: float = 1.0
-    smoothing: float = 1e-2
-    min_std: float = 1e-3
-    max_std: float = 1.0
-    batch_size: int = 1024
-    tol: float = 1e-6
-
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> None:
-        """Raise ``ValueError`` naming the first bad setting."""
-        if int(self.iterations) != self.iterations or self.iterations < 0:
-            raise ValueError(f"iterations must be an integer >= 0, got {self.iterations}")
-        if not (math.isfinite(self.prior_strength) and self.prior_strength >= 0):
-            raise ValueError(f"prior_strength must be finite and >= 0, got {self.prior_strength}")
-        if not (math.isfinite(self.smoothing) and self.smoothing >= 0):
-            raise ValueError(f"smoothing must be finite and >= 0, got {self.smoothing}")
-        if not (math.isfinite(self.min_std) and self.min_std > 0):
-            raise ValueError(f"min_std must be > 0, got {self.min_std}")
-        if not (math.isfinite(self.max_std) and self.max_std >= self.min_std):
-            raise ValueError(f"max_std must be finite and >= min_std={self.min_std}, got {self.max_std}")
-        if int(self.batch_size) != self.batch_size or self.batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {self.batch_size}")
-        if not self.tol >= 0:
-            raise ValueError(f"tol must be >= 0, got {self.tol}")
+    @model_validator(mode="after")
+    def _agree(self) -> EMConfig:
+        if not self.max_std >= self.min_std:
+            raise ValueError(f"max_std must be >= min_std={self.min_std}, got {self.max_std}")
+        return self
 
 
 @dataclass
@@ -303,8 +282,7 @@ def em_refine(
     by less than ``cfg.tol``. Raises ``ValueError`` for bad settings or data (wrong ``S``,
     values outside the leaf's support, NaN, rows with zero probability). ``cfg=None`` means ``EMConfig()``.
     """
-    cfg = EMConfig() if cfg is None else cfg
-    cfg.validate()
+    cfg = EMConfig() if cfg is None else replace(cfg)  # checked again: a settings object can be changed
     if cfg.leaves and isinstance(circuit.leaf, Discretized):
         raise ValueError(
             f"EM has no closed-form update of {circuit.leaf.kind} leaves: refine the weights only "

@@ -6,7 +6,17 @@ import argparse
 import json
 from pathlib import Path
 
-from vq2pc.cli.options import RUN, add_parser, data_options, out_option, setting, train_config, train_options
+from vq2pc.baselines.einet_config import EiNetConfig
+from vq2pc.cli.options import (
+    EXPERIMENTS,
+    RUN,
+    add_parser,
+    data_options,
+    out_option,
+    setting,
+    train_config,
+    train_options,
+)
 from vq2pc.data.datasets import load_dataset
 from vq2pc.pipeline.baselines import fit_circuit
 from vq2pc.pipeline.config import CircuitSpec
@@ -31,9 +41,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train_options(p, RUN.baseline_train)
     for name in ("region_graph", "sum_product", "units"):
         setting(p, _SPEC, name)
-    p.add_argument("--leaf", default="categorical", choices=("categorical", "gaussian"), help="pixel leaves")
+    # categorical by default, not the EiNet's gaussian: its discrete BPD compares with the published circuits
+    setting(p, EiNetConfig, "leaf", default="categorical", help="pixel leaves")
     setting(p, RUN.baseline_train, "max_seconds")
-    p.add_argument("--bpd-draws", type=int, default=1, help="dequantization draws of the Gaussian test BPD")
+    setting(p, EXPERIMENTS, "bpd_draws")
     out_option(p, "directory to write the checkpoint and the result row into", default="runs/baselines")
     p.set_defaults(func=cmd_train_baseline)
 

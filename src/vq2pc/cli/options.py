@@ -79,12 +79,14 @@ def setting(
 ) -> argparse.Action:
     """The flag of config field ``name``: default ``owner.name``, the field's type, choices and description.
 
-    ``flags`` default to ``--name`` (underscores as dashes); ``concept`` (or a ``name`` in :data:`FLAGS`)
-    takes that concept's flags and destination. ``kwargs`` go to ``add_argument`` over the derived ones
-    (e.g. ``help`` with more to say). Unless ``kwargs`` replace the default, the action records
-    ``(owner, name)`` as ``action.setting`` (tests/cli/test_help.py checks every one)."""
-    info = type(owner).__pydantic_fields__[name]
-    derived = {"default": getattr(owner, name), "help": (info.description or name).replace("%", "%%")}
+    ``owner`` is a settings object, or a settings class (then the default is the field's). ``flags``
+    default to ``--name`` (underscores as dashes); ``concept`` (or a ``name`` in :data:`FLAGS`) takes that
+    concept's flags and destination. ``kwargs`` go to ``add_argument`` over the derived ones (e.g. ``help``
+    with more to say). Unless ``kwargs`` replace the default, the action records ``(owner, name)`` as
+    ``action.setting`` (tests/cli/test_help.py checks every one)."""
+    info = (owner if isinstance(owner, type) else type(owner)).__pydantic_fields__[name]
+    default = info.get_default(call_default_factory=True) if isinstance(owner, type) else getattr(owner, name)
+    derived = {"default": default, "help": (info.description or name).replace("%", "%%")}
     derived |= _parsing(info.annotation, derived["default"])
     if flags and "choices" not in derived and "action" not in derived:  # the value's name: the flag's, not the field's
         derived["metavar"] = flags[0].lstrip("-").replace("-", "_").upper()

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from vq2pc.circuit.mixture import MixtureCircuit
 from vq2pc.circuit.refine import EMConfig, em_refine
-from vq2pc.cli.options import MODEL, add_parser, data_options, option, out_option, setting
+from vq2pc.cli.options import MODEL, add_parser, data_options, out_option, setting
 from vq2pc.data.datasets import DataSplits, bpd, load_dataset, to_model_space
 
 _EM = EMConfig()
@@ -29,15 +29,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     data_options(p)
     setting(p, MODEL, "em_iterations", "--iterations")
     setting(p, MODEL, "em_leaves", "--leaves", action=argparse.BooleanOptionalAction)
-    p.add_argument("--no-weights", action="store_true", help="keep the mixture weights fixed")
+    setting(p, _EM, "weights", "--no-weights", help="keep the mixture weights fixed")
     setting(p, MODEL, "em_prior_strength", "--prior-strength")
-    p.add_argument(
-        "--smoothing", type=float, default=_EM.smoothing, help="pseudo-count per level of categorical/Bernoulli leaves"
-    )
-    option(p, "std_min", type=float, default=_EM.min_std, help="Gaussian std floor")
-    option(p, "std_max", type=float, default=_EM.max_std, help="Gaussian std ceiling")
-    p.add_argument("--batch-size", type=int, default=_EM.batch_size, help="rows per E-step batch")
-    p.add_argument("--tol", type=float, default=_EM.tol, help="stop when the mean objective improves by less")
+    setting(p, _EM, "smoothing")
+    setting(p, _EM, "min_std", concept="std_min")
+    setting(p, _EM, "max_std", concept="std_max")
+    for name in ("batch_size", "tol"):
+        setting(p, _EM, name)
     p.add_argument("--progress", action="store_true", help="print every iteration to stderr")
     out_option(p, "refined circuit file to write (.safetensors)", required=True)
     p.set_defaults(func=cmd_refine)
@@ -58,7 +56,7 @@ def _model_space(v: Tensor, kind: str, levels: int, g: torch.Generator, device: 
 def cmd_refine(args: argparse.Namespace) -> int:
     cfg = EMConfig(
         iterations=args.em_iterations,
-        weights=not args.no_weights,
+        weights=args.weights,
         leaves=args.em_leaves,
         prior_strength=args.em_prior_strength,
         smoothing=args.smoothing,

@@ -1,7 +1,8 @@
 """Typed settings: the one place that says what a valid setting is.
 
-Every config class (``TrainConfig``, ``FineTuneConfig``, ``EiNetConfig``, ``RunConfig`` and its sections)
-is a :func:`settings` class: a pydantic dataclass whose fields declare their type, range (``Count``,
+Every config class (``TrainConfig``, ``FineTuneConfig``, ``EiNetConfig``, ``RunConfig`` and its sections,
+the model architectures ``VQVAEConfig``, ``PriorConfig``, ``TransformerPriorConfig``, ``CMConfig``, and
+``EMConfig``) is a :func:`settings` class: a pydantic dataclass whose fields declare their type, range (``Count``,
 ``Positive``, ...), choices (``Literal``) and help text (``Field(description=...)``), with the rules that
 tie fields together in one ``model_validator`` per class. From these declarations come
 
@@ -35,6 +36,7 @@ __all__ = [
     "Natural",
     "Levels",
     "Positive",
+    "NonNegative",
     "Device",
     "AsTuple",
 ]
@@ -49,6 +51,8 @@ Levels = Annotated[int, Field(ge=2)]
 """A number of pixel levels (>= 2)."""
 Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 """A finite number > 0 (a learning rate, a std, a time limit)."""
+NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+"""A finite number >= 0 (a pseudo-count, a tolerance)."""
 
 
 def _torch_device(name: str) -> str:

@@ -10,15 +10,17 @@ distilled circuit is built from.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
+from pydantic import model_validator
 from torch import Tensor, nn
 
 from vq2pc.core.checkpoint import SavableModel
-from vq2pc.core.leaves import Leaf, check_leaf_kind
+from vq2pc.core.leaves import LEAF_KINDS, Leaf
+from vq2pc.core.settings import AsTuple, Count, Levels, Natural, NonNegative, settings
 from vq2pc.data.datasets import (
     DataSplits,
     check_fits,
@@ -40,36 +42,27 @@ from vq2pc.models.train import TrainConfig, TrainResult, completed_steps, dequan
 __all__ = ["VQVAEConfig", "VQVAE", "train_vqvae", "encode_images"]
 
 
-@dataclass
+@settings
 class VQVAEConfig:
     """Architecture of a VQ-VAE. ``quantizer_opts`` go to :func:`vq2pc.models.quantizers.make_quantizer`."""
 
-    image_shape: tuple[int, int, int]
-    levels: int
-    leaf: str = "gaussian"
-    latent_hw: tuple[int, int] = (2, 2)
-    K: int = 16
-    D: int = 16
-    hidden: int = 64
-    res_blocks: int = 2
-    beta: float = 0.25
-    quantizer: str = "vq"
+    image_shape: Annotated[tuple[Count, Count, Count], AsTuple]
+    levels: Levels
+    leaf: Literal[tuple(LEAF_KINDS)] = "gaussian"  # type: ignore[valid-type]
+    latent_hw: Annotated[tuple[Count, Count], AsTuple] = (2, 2)
+    K: Count = 16
+    D: Count = 16
+    hidden: Count = 64
+    res_blocks: Natural = 2
+    beta: NonNegative = 0.25
+    quantizer: Literal[QUANTIZER_NAMES] = "vq"  # type: ignore[valid-type]
     quantizer_opts: dict[str, Any] = field(default_factory=dict)
 
-    def __post_init__(self) -> None:
-        self.image_shape = tuple(int(s) for s in self.image_shape)
-        self.latent_hw = tuple(int(s) for s in self.latent_hw)
-        if len(self.image_shape) != 3 or min(self.image_shape) < 1:
-            raise ValueError(f"image_shape must be (C, H, W) with positive sizes, got {self.image_shape}")
-        if len(self.latent_hw) != 2:
-            raise ValueError(f"latent_hw must be (h, w), got {self.latent_hw}")
-        check_leaf_kind(self.leaf)
-        if self.quantizer not in QUANTIZER_NAMES:
-            raise ValueError(f"unknown quantizer {self.quantizer!r}; expected one of {list(QUANTIZER_NAMES)}")
-        for name, low in (("levels", 2), ("K", 1), ("D", 1), ("hidden", 1), ("res_blocks", 0), ("beta", 0)):
-            if getattr(self, name) < low:
-                raise ValueError(f"VQ-VAE {name} must be >= {low}, got {getattr(self, name)}")
+    @model_validator(mode="after")
+    def _agree(self) -> VQVAEConfig:
+        """The latent grid is reached from the image by halvings."""
         num_downsamplings(self.image_shape[1:], self.latent_hw)  # raises if the grid is unreachable
+        return self
 
     @property
     def num_variables(self) -> int:

@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, model_validator
 
 from vq2pc.circuit.finetune_config import FineTuneConfig
-from vq2pc.core.settings import AsTuple, Count, Natural, Positive, settings
+from vq2pc.core.settings import AsTuple, Count, Natural, NonNegative, Positive, settings
 from vq2pc.latents.selection import BEAM_SCORES, BEAM_SEARCHES, STRATEGIES, WEIGHTS
 from vq2pc.models.priors import PRIOR_NAMES, prior_config
 from vq2pc.models.quantizers import QUANTIZER_NAMES
@@ -33,7 +33,7 @@ class ModelSpec:
     D: Count = Field(16, description="codeword length")
     hidden: Count = Field(32, description="channels of the conv nets")
     res_blocks: Natural = Field(1, description="residual blocks at the latent level")
-    beta: Annotated[float, Field(ge=0)] = Field(
+    beta: NonNegative = Field(
         0.25, description="commitment weight (vq, ema); KL weight (gumbel); latent-alignment weight (gmvq)"
     )
     quantizer: Literal[QUANTIZER_NAMES] = Field(  # type: ignore[valid-type]

@@ -18,34 +18,28 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vq2pc.core.settings import AsTuple, Count, settings
 from vq2pc.models.priors.base import AutoregressivePrior, fit_prior
 from vq2pc.models.train import TrainConfig, TrainResult
 
 __all__ = ["PriorConfig", "PixelCNNPrior", "train_prior"]
 
 
-@dataclass
+@settings
 class PriorConfig:
     """Prior hyper-parameters: ``K`` codes on a ``latent_hw`` grid, ``num_classes`` classes."""
 
-    K: int
-    latent_hw: tuple[int, int]
-    num_classes: int = 1
-    hidden: int = 64
-    layers: int = 4
-
-    def __post_init__(self) -> None:
-        self.latent_hw = (int(self.latent_hw[0]), int(self.latent_hw[1]))
-        for name in ("K", "num_classes", "hidden", "layers"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"PriorConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if min(self.latent_hw) < 1:
-            raise ValueError(f"PriorConfig.latent_hw must be positive, got {self.latent_hw}")
+    K: Count
+    latent_hw: Annotated[tuple[Count, Count], AsTuple]
+    num_classes: Count = 1
+    hidden: Count = 64
+    layers: Count = 4
 
 
 class _GatedLayer(nn.Module):

@@ -19,37 +19,36 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
+from pydantic import model_validator
 from torch import Tensor, nn
 
+from vq2pc.core.settings import AsTuple, Count, settings
 from vq2pc.models.priors.base import AutoregressivePrior, fit_prior
 from vq2pc.models.train import TrainConfig, TrainResult
 
 __all__ = ["TransformerPriorConfig", "TransformerPrior", "train_transformer_prior"]
 
 
-@dataclass
+@settings
 class TransformerPriorConfig:
     """``K`` codes on a ``latent_hw`` grid, ``num_classes`` classes; width ``d_model``, ``layers`` blocks of ``heads`` heads."""
 
-    K: int
-    latent_hw: tuple[int, int]
-    num_classes: int = 1
-    d_model: int = 64
-    layers: int = 2
-    heads: int = 4
+    K: Count
+    latent_hw: Annotated[tuple[Count, Count], AsTuple]
+    num_classes: Count = 1
+    d_model: Count = 64
+    layers: Count = 2
+    heads: Count = 4
 
-    def __post_init__(self) -> None:
-        self.latent_hw = (int(self.latent_hw[0]), int(self.latent_hw[1]))
-        for name in ("K", "num_classes", "d_model", "layers", "heads"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"TransformerPriorConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if min(self.latent_hw) < 1:
-            raise ValueError(f"TransformerPriorConfig.latent_hw must be positive, got {self.latent_hw}")
+    @model_validator(mode="after")
+    def _agree(self) -> TransformerPriorConfig:
         if self.d_model % self.heads:
-            raise ValueError(f"TransformerPriorConfig.d_model={self.d_model} must be a multiple of heads={self.heads}")
+            raise ValueError(f"d_model={self.d_model} must be a multiple of heads={self.heads}")
+        return self
 
 
 KV = tuple[Tensor, Tensor]  # one layer's key and value cache, each [rows, heads, P, d/heads]
