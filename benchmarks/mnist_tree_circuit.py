@@ -3,7 +3,8 @@
 Builds a :class:`~vq2pc.circuit.tree.TreeCircuit` by latent variable distillation and fine-tunes it by EM
 (:mod:`vq2pc.circuit.tree_fit`), then prints ONE JSON line: source, K, grid, train/val/test sizes, the
 chosen leaf pseudo-count, val BPD at distillation and after EM, test BPD (8-bit levels, −log2 p(x) / 784),
-free parameters, distill_seconds, fit_seconds, EM iterations, threads and the load average.
+free parameters, distill_seconds, fit_seconds (wall), cpu_seconds (this process's CPU time for the whole
+build, fit and scoring: comparable across loads), EM iterations, threads and the load average.
 
 Latent sources (``--source``): ``encoded`` (the run folder's VQ-VAE codes of the training images),
 ``prior`` (codes from the run folder's prior, images from the decoder: ``--prior-samples`` pairs),
@@ -30,19 +31,21 @@ from torch import Tensor
 from vq2pc.circuit.tree import TreeCircuit
 from vq2pc.circuit.tree_fit import (
     Smoothing,
+    TreeFitResult,
+    adam_fit,
     bpd,
     complete_counts,
     distill_tree,
     em_fit,
-    encoded_pairs,
     m_step,
-    prior_pairs,
     smoothing,
+    source_pairs,
 )
 from vq2pc.circuit.tree_kmeans import patch_kmeans_codes
 from vq2pc.circuit.tree_structure import patch_owner
 from vq2pc.data.datasets import load_dataset
 from vq2pc.models.priors import load_prior
+from vq2pc.models.train import TrainConfig
 from vq2pc.models.vqvae import VQVAE
 
 
@@ -65,6 +68,8 @@ def _args() -> argparse.Namespace:
     p.add_argument("--patience", type=int, default=1)
     p.add_argument("--max-seconds", type=float, default=None, help="EM time cap")
     p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--fit", choices=("em", "adam"), default="em", help="fine-tuning: MAP-EM or Adam (train.fit)")
+    p.add_argument("--lr", type=float, default=0.03, help="Adam learning rate (--fit adam)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="save the fitted circuit here (.safetensors)")
     return p.parse_args()
@@ -81,15 +86,9 @@ def _pairs(
     if a.run is None:
         raise SystemExit(f"--source {a.source} needs a run folder with vqvae.pt")
     vqvae = VQVAE.load(Path(a.run) / "vqvae.pt")
-    parts = []
-    if a.source in ("encoded", "mixed"):
-        parts.append(encoded_pairs(vqvae, train_x))
-    if a.source in ("prior", "mixed"):
-        priors = sorted(Path(a.run).glob("prior*.pt"))
-        if not priors:
-            raise SystemExit(f"no prior*.pt in {a.run}")
-        parts.append(prior_pairs(vqvae, load_prior(priors[0]), a.prior_samples, gen))
-    codes, images = (torch.cat(t) for t in zip(*parts))
+    priors = sorted(Path(a.run).glob("prior*.pt"))
+    prior = load_prior(priors[0]) if priors and a.source != "encoded" else None
+    codes, images = source_pairs(a.source, vqvae, train_x, prior, a.prior_samples, gen)
     return codes, images, vqvae.cfg.K, tuple(vqvae.cfg.latent_hw)
 
 
@@ -110,13 +109,28 @@ def _pick_alpha(
     return best
 
 
+def _fine_tune(a: argparse.Namespace, c: TreeCircuit, train: Tensor, val: Tensor, prior: Smoothing) -> TreeFitResult:
+    """EM, or Adam for ``--em-iterations`` epochs (its history rewritten as EM's: BPD per epoch)."""
+    if a.fit == "em":
+        return em_fit(c, train, val, prior, a.em_iterations, a.patience, a.batch_size, a.max_seconds)
+    cfg = TrainConfig(
+        epochs=a.em_iterations, patience=a.patience, lr=a.lr, batch_size=a.batch_size, max_seconds=a.max_seconds,
+        progress=False,
+    )  # fmt: skip
+    r = adam_fit(c, train, val, cfg)
+    to_bpd = 1 / math.log(2)
+    rows = [{"train_bpd": math.nan, "val_bpd": r.start_val_loss * to_bpd}]
+    rows += [{"train_bpd": h["train"] * to_bpd, "val_bpd": h["val"] * to_bpd} for h in r.history]
+    return TreeFitResult(rows, r.best_epoch, r.seconds)
+
+
 def main() -> None:
     a = _args()
     torch.manual_seed(a.seed)
     gen = torch.Generator().manual_seed(a.seed)
     d = load_dataset(a.dataset, a.data_dir, seed=a.seed)
     train, val, test = d.train_x[: a.train_limit], d.val_x[: a.val_limit], d.test_x[: a.test_limit]
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     codes, images, K, grid = _pairs(a, train, d.levels, gen)
 
     def prior(alpha: float) -> Smoothing:  # pseudo-counts centred on the training pixels' marginals
@@ -126,10 +140,7 @@ def main() -> None:
     alpha = _pick_alpha(a, c, (codes, images), val, prior)
     distill_seconds = time.perf_counter() - start
     val_init = bpd(c, val)
-    result = em_fit(
-        c, train, val, prior(alpha), a.em_iterations, a.patience, a.batch_size,
-        a.max_seconds,
-    )  # fmt: skip
+    result = _fine_tune(a, c, train, val, prior(alpha))
     if a.out:
         c.save(a.out)
     row = {
@@ -138,6 +149,7 @@ def main() -> None:
         "val_bpd_init": round(val_init, 4), "val_bpd": round(result.best_val_bpd, 4),
         "test_bpd": round(bpd(c, test), 4), "train_bpd": round(result.history[result.best_iteration]["train_bpd"], 4),
         "params": c.num_params, "distill_seconds": round(distill_seconds, 1), "fit_seconds": round(result.seconds, 1),
+        "cpu_seconds": round(time.process_time() - cpu_start, 1),
         "em_iterations": len(result.history) - 1, "best_iteration": result.best_iteration,
         "depth": len(c.tree.levels) - 1, "threads": torch.get_num_threads(),
         "load_avg": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else math.nan,

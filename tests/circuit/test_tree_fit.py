@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import itertools
 import math
+from pathlib import Path
 
 import torch
 
-from vq2pc.circuit.tree_fit import Smoothing, bpd, distill_tree, em_fit, smoothing
+from vq2pc.circuit.tree_fit import Smoothing, adam_fit, bpd, distill_tree, em_fit, smoothing
+from vq2pc.circuit.tree_kmeans import patch_kmeans_codes
 from vq2pc.circuit.tree_structure import chow_liu, mutual_information, patch_owner
+from vq2pc.models.train import TrainConfig
 
 
 def test_patch_owner_partitions_pixels_by_position() -> None:
@@ -76,3 +79,32 @@ def test_em_lowers_training_nll_and_keeps_the_best_validation_iteration() -> Non
     assert abs(train[0] - start) < 1e-6 and train[-1] < train[0] - 0.05
     assert all(b <= a + 1e-3 for a, b in itertools.pairwise(train))  # MAP-EM: the NLL (≈) never rises
     assert abs(bpd(c, images[200:]) - result.best_val_bpd) < 1e-6
+
+
+def test_adam_route_lowers_validation_nll_and_resumes(tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(3)
+    images = (torch.rand(240, 1, 4, 4, generator=g) < torch.linspace(0.1, 0.9, 16).view(1, 1, 4, 4)).long()
+    images[::2] = 1 - images[::2]
+    codes = torch.randint(0, 3, (240, 4), generator=g)
+    c = distill_tree(codes[:160], images[:160], 3, 2, (1, 4, 4), (2, 2), smoothing(images[:160], 2))
+    cfg = TrainConfig(epochs=3, patience=3, lr=0.05, batch_size=32, progress=False)
+    result = adam_fit(c, images[:160], images[160:], cfg, tmp_path / "tree.pt")
+    assert result.best_val_loss < result.start_val_loss - 0.02
+    assert abs(bpd(c, images[160:]) * math.log(2) - result.best_val_loss) < 1e-5
+    again = adam_fit(c, images[:160], images[160:], cfg, tmp_path / "tree.pt")  # finished: returns at once
+    assert again.epochs_run == result.epochs_run and again.best_val_loss == result.best_val_loss
+
+
+def test_patch_kmeans_finds_each_positions_clusters() -> None:
+    g = torch.Generator().manual_seed(4)
+    owner = patch_owner((1, 3, 4), (1, 2))  # two patches of 6 pixels
+    truth = torch.randint(0, 3, (200, 2), generator=g)  # each image: one of 3 patterns per patch
+    patterns = torch.tensor([[0, 0, 0, 0, 0, 0], [7, 7, 7, 0, 0, 0], [0, 7, 0, 7, 0, 7]])
+    images = torch.zeros(200, 12, dtype=torch.long)
+    images[:, owner == 0], images[:, owner == 1] = patterns[truth[:, 0]], patterns[truth[:, 1]]
+    images = (images + torch.randint(0, 2, images.shape, generator=g)).clamp_max(7)  # noise
+    codes, centroids = patch_kmeans_codes(images, owner, 3, 8, iterations=10, generator=g)
+    assert codes.shape == (200, 2) and centroids.shape == (2, 3, 6)
+    for j in range(2):  # the partition is the truth's up to a relabelling
+        pairs = set(zip(codes[:, j].tolist(), truth[:, j].tolist()))
+        assert len(pairs) == 3 and len({a for a, _ in pairs}) == 3

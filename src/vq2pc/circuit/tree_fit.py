@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,6 +29,7 @@ from vq2pc.circuit.tree_io import TreeParams
 from vq2pc.circuit.tree_structure import chow_liu, mutual_information, patch_owner
 from vq2pc.core import validate
 from vq2pc.core.random import categorical
+from vq2pc.models.train import TrainConfig, TrainResult, fit
 from vq2pc.models.vqvae import VQVAE, encode_images
 
 __all__ = [
@@ -35,12 +37,15 @@ __all__ = [
     "TreeFitResult",
     "encoded_pairs",
     "prior_pairs",
+    "SOURCES",
+    "source_pairs",
     "smoothing",
     "complete_counts",
     "m_step",
     "distill_tree",
     "bpd",
     "em_fit",
+    "adam_fit",
 ]
 
 
@@ -88,6 +93,30 @@ def prior_pairs(
         codes.append(z.reshape(z.shape[0], -1).cpu())
         images.append(vqvae.decode(z.to(next(vqvae.parameters()).device)).sample(generator).long().cpu())
     return torch.cat(codes), torch.cat(images)
+
+
+SOURCES = ("encoded", "prior", "mixed")
+
+
+def source_pairs(
+    source: str,
+    vqvae: VQVAE,
+    images: Tensor,
+    prior: Any = None,
+    prior_samples: int = 20000,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The complete data of a latent source (:data:`SOURCES`): ``encoded`` (``images`` with their codes),
+    ``prior`` (``prior_samples`` pairs from the prior and the decoder) or ``mixed`` (both, concatenated)."""
+    if source not in SOURCES:
+        raise ValueError(f"source must be one of {list(SOURCES)}, got {source!r}")
+    if source != "encoded" and prior is None:
+        raise ValueError(f"source {source!r} needs a prior")
+    parts = [encoded_pairs(vqvae, images)] if source != "prior" else []
+    if source != "encoded":
+        parts.append(prior_pairs(vqvae, prior, prior_samples, generator))
+    codes, pixels = zip(*parts)
+    return torch.cat(codes), torch.cat(pixels)
 
 
 def complete_counts(circuit: TreeCircuit, codes: Tensor, images: Tensor, chunk: int = 2048) -> TreeParams:
@@ -170,7 +199,7 @@ def _expected_counts(circuit: TreeCircuit, v: Tensor, batch_size: int) -> tuple[
     totals = [torch.zeros_like(t) for t in base]
     loglik = 0.0
     for i in range(0, v.shape[0], batch_size):
-        params = TreeParams(*(t.clone().requires_grad_() for t in base))
+        params = TreeParams(*(t.detach().requires_grad_() for t in base))  # fresh leaves, shared storage
         ll = circuit(v[i : i + batch_size].to(base.root.device), None, params).sum()
         for total, g in zip(totals, torch.autograd.grad(ll, params)):
             total += g
@@ -211,6 +240,22 @@ def em_fit(
     circuit.set_log_params(best)
     result.seconds = time.perf_counter() - start
     return result
+
+
+def adam_fit(
+    circuit: TreeCircuit, train: Tensor, val: Tensor, cfg: TrainConfig, checkpoint: str | Path | None = None
+) -> TrainResult:
+    """The gradient route: Adam on the exact ``−log p(x) / S`` (nats per variable) over the stored logits
+    (normalized by ``log_softmax``), by :func:`vq2pc.models.train.fit` (early stopping on ``val``,
+    checkpoint and resume, DDP); plain maximum likelihood, no pseudo-counts."""
+    s = circuit.num_variables
+
+    def loss_fn(m: torch.nn.Module, batch: tuple[Tensor, ...]) -> Tensor:
+        return -m(batch[0]).mean() / s
+
+    data = (_levels(train, circuit.levels),), (_levels(val, circuit.levels),)
+    meta = {"K": circuit.K, "levels": circuit.levels, "parent": circuit.tree.parent.tolist()}
+    return fit(circuit, loss_fn, *data, cfg, checkpoint, kind="tree-circuit", meta=meta, desc="tree", score_start=True)
 
 
 def _record(it: int, loglik: float, v: Tensor, circuit: TreeCircuit, val: Tensor, start: float) -> dict[str, float]:

@@ -19,7 +19,7 @@ from vq2pc.core.distributed import init_from_env, shutdown
 from vq2pc.core.files import check_writable
 
 # Modules that define verbs, in the order their verbs appear in --help.
-_VERB_MODULES = ["run", "train", "baseline", "finetune", "circuit", "classes", "refine", "export", "codec"]
+_VERB_MODULES = ["run", "train", "baseline", "finetune", "circuit", "classes", "refine", "tree", "export", "codec"]
 
 
 def version() -> str:
@@ -81,6 +81,7 @@ _OOM_HINT = {
     "inpaint": "pass fewer images",
     "classify": "pass fewer images",
     "refine": "lower --batch-size or --limit",
+    "distill-tree": "lower --batch-size or --limit",
     "export": "use a smaller circuit",
     "compress": "lower --rows",
     "decompress": "lower --threads",
