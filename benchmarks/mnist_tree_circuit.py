@@ -124,6 +124,11 @@ def _fine_tune(a: argparse.Namespace, c: TreeCircuit, train: Tensor, val: Tensor
     return TreeFitResult(rows, r.best_epoch, r.seconds)
 
 
+def _rounded(v: float) -> float | None:
+    """``v`` to 4 decimals; None (JSON null) for NaN (Adam's start has no training BPD)."""
+    return round(v, 4) if math.isfinite(v) else None
+
+
 def main() -> None:
     a = _args()
     torch.manual_seed(a.seed)
@@ -147,7 +152,7 @@ def main() -> None:
         "source": a.source, "K": K, "grid": list(grid), "n_train": len(train), "n_pairs": len(codes),
         "n_val": len(val), "n_test": len(test), "alpha_leaf": alpha, "alpha_edge": a.alpha_edge,
         "val_bpd_init": round(val_init, 4), "val_bpd": round(result.best_val_bpd, 4),
-        "test_bpd": round(bpd(c, test), 4), "train_bpd": round(result.history[result.best_iteration]["train_bpd"], 4),
+        "test_bpd": round(bpd(c, test), 4), "train_bpd": _rounded(result.history[result.best_iteration]["train_bpd"]),
         "params": c.num_params, "distill_seconds": round(distill_seconds, 1), "fit_seconds": round(result.seconds, 1),
         "cpu_seconds": round(time.process_time() - cpu_start, 1),
         "em_iterations": len(result.history) - 1, "best_iteration": result.best_iteration,
