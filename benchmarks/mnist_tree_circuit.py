@@ -21,6 +21,7 @@ import argparse
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -112,7 +113,10 @@ def _pick_alpha(
 def _fine_tune(a: argparse.Namespace, c: TreeCircuit, train: Tensor, val: Tensor, prior: Smoothing) -> TreeFitResult:
     """EM, or Adam for ``--em-iterations`` epochs (its history rewritten as EM's: BPD per epoch)."""
     if a.fit == "em":
-        return em_fit(c, train, val, prior, a.em_iterations, a.patience, a.batch_size, a.max_seconds)
+        return em_fit(
+            c, train, val, prior, a.em_iterations, a.patience, a.batch_size, a.max_seconds,
+            log=lambda row: print(json.dumps(row), file=sys.stderr, flush=True),
+        )  # fmt: skip
     cfg = TrainConfig(
         epochs=a.em_iterations, patience=a.patience, lr=a.lr, batch_size=a.batch_size, max_seconds=a.max_seconds,
         progress=False,

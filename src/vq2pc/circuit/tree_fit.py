@@ -19,7 +19,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -216,9 +216,11 @@ def em_fit(
     patience: int = 1,
     batch_size: int = 256,
     max_seconds: float | None = None,
+    log: Callable[[dict[str, float]], None] | None = None,
 ) -> TreeFitResult:
     """Full-batch MAP-EM on ``train [n, S]`` levels, early-stopped on ``val`` BPD (stops after ``patience``
-    iterations without a better one, or past ``max_seconds``); ``circuit`` ends with the best parameters."""
+    iterations without a better one, or past ``max_seconds``); ``circuit`` ends with the best parameters.
+    ``log`` (optional) receives each history row as it is made."""
     if not (isinstance(iterations, int) and iterations >= 0 and isinstance(patience, int) and patience >= 1):
         raise ValueError(f"need iterations >= 0 and patience >= 1, got {iterations}, {patience}")
     if max_seconds is not None and not validate.is_positive_number(max_seconds):
@@ -228,12 +230,16 @@ def em_fit(
     best = TreeParams(*(t.detach().clone() for t in circuit.log_params()))
     counts, loglik = _expected_counts(circuit, v, batch_size)
     result.history.append(_record(0, loglik, v, circuit, val, start))
+    if log is not None:
+        log(result.history[-1])
     for it in range(1, iterations + 1):
         if it - result.best_iteration > patience or (max_seconds and time.perf_counter() - start > max_seconds):
             break
         circuit.set_log_params(m_step(counts, prior))
         counts, loglik = _expected_counts(circuit, v, batch_size)
         result.history.append(_record(it, loglik, v, circuit, val, start))
+        if log is not None:
+            log(result.history[-1])
         if result.history[-1]["val_bpd"] < result.best_val_bpd:
             result.best_iteration = it
             best = TreeParams(*(t.detach().clone() for t in circuit.log_params()))
