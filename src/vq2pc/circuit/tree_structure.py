@@ -97,11 +97,11 @@ def patch_owner(image_shape: tuple[int, int, int], latent_hw: tuple[int, int]) -
 def mutual_information(codes: Tensor, K: int, pairs_per_chunk: int | None = None) -> Tensor:
     """Plug-in mutual information (nats) of every pair of positions: ``codes [n, M]`` in ``0..K-1`` ->
     ``[M, M]`` (symmetric, 0 on the diagonal). Pair counts are formed ``pairs_per_chunk`` pairs at a time
-    (default: at most ~2²⁴ counts in memory)."""
+    (default: at most ~2²⁴ counts and ~2²² pair indices in memory)."""
     n, m = codes.shape
     codes = codes.long()
     i, j = torch.triu_indices(m, m, offset=1)
-    chunk = pairs_per_chunk or max(1, (1 << 24) // (K * K))
+    chunk = pairs_per_chunk or max(1, min((1 << 24) // (K * K), (1 << 22) // max(n, 1)))
     marg = torch.stack([torch.bincount(codes[:, a], minlength=K) for a in range(m)]).double() / n  # [M, K]
     mi = torch.zeros(m, m, dtype=torch.float64)
     for lo in range(0, i.numel(), chunk):
