@@ -195,3 +195,20 @@ def test_field_circuits_step_prints_a_line_per_structure() -> None:
     lines = [json.loads(line) for line in out.stdout.splitlines()]
     assert [line["region_graph"] for line in lines] == ["quad-graph", "chow-liu-tree"]
     assert all(line["num_params"] > 0 and line["seconds_per_step"] > 0 for line in lines) and "tree_seconds" in lines[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fit", ["em", "adam"])
+def test_mnist_tree_circuit_prints_its_line(fit: str) -> None:
+    args = ["--dataset", "digits", "--source", "kmeans", "--K", "4", "--grid", "2", "2", "--fit", fit]
+    sizes = ["--train-limit", "100", "--val-limit", "50", "--test-limit", "50", "--em-iterations", "2"]
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "mnist_tree_circuit.py"), *args, *sizes],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
+    (line,) = [json.loads(s) for s in out.stdout.splitlines()]
+    assert {"val_bpd_init", "val_bpd", "test_bpd", "params", "cpu_seconds", "alpha_leaf"} <= set(line)
+    assert line["K"] == 4 and line["grid"] == [2, 2] and line["val_bpd"] <= line["val_bpd_init"] + 1e-9

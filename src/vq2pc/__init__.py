@@ -54,6 +54,8 @@ _EXPORTS = {
     "distill": "vq2pc.circuit.distill",
     "MixtureCircuit": "vq2pc.circuit.mixture",
     "ExactModel": "vq2pc.circuit.exact",
+    "TreeCircuit": "vq2pc.circuit.tree",
+    "distill_tree": "vq2pc.circuit.tree_fit",
     "FineTuneConfig": "vq2pc.circuit.finetune_config",
     "finetune_distill": "vq2pc.circuit.finetune",
     "EMConfig": "vq2pc.circuit.refine",

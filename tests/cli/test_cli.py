@@ -22,6 +22,7 @@ VERBS = [
     "inpaint",
     "classify",
     "refine",
+    "distill-tree",
     "export",
     "compress",
     "decompress",

@@ -1,10 +1,11 @@
 """Stage 4 of the flow: the product. :class:`MixtureCircuit` and its kernels and streaming
-reductions, the file format and input validation, distillation (plain, exact ExM, fine-tuned),
+reductions, :class:`TreeCircuit` (a tree over the latent grid with patch-local leaves), the file format and input validation, distillation (plain, exact ExM, fine-tuned),
 EM refinement, and export to libcirkit / npz.
 
 May import: :mod:`vq2pc.core`, :mod:`vq2pc.data`, :mod:`vq2pc.models`, :mod:`vq2pc.latents`.
 """
 
 from vq2pc.circuit.mixture import MixtureCircuit
+from vq2pc.circuit.tree import TreeCircuit
 
-__all__ = ["MixtureCircuit"]
+__all__ = ["MixtureCircuit", "TreeCircuit"]

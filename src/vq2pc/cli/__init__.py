@@ -20,7 +20,7 @@ from vq2pc.core.files import check_writable
 from vq2pc.core.settings import ConfigError
 
 # Modules that define verbs, in the order their verbs appear in --help.
-_VERB_MODULES = ["run", "train", "baseline", "finetune", "circuit", "classes", "refine", "export", "codec"]
+_VERB_MODULES = ["run", "train", "baseline", "finetune", "circuit", "classes", "refine", "tree", "export", "codec"]
 
 
 def version() -> str:
@@ -82,6 +82,7 @@ _OOM_HINT = {
     "inpaint": "pass fewer images",
     "classify": "pass fewer images",
     "refine": "lower --batch-size or --limit",
+    "distill-tree": "lower --batch-size or --limit",
     "export": "use a smaller circuit",
     "compress": "lower --rows",
     "decompress": "lower --threads",

@@ -1,0 +1,170 @@
+"""A deep distilled circuit on discrete MNIST: a tree over a latent grid with patch-local leaves.
+
+Builds a :class:`~vq2pc.circuit.tree.TreeCircuit` by latent variable distillation and fine-tunes it by EM
+(:mod:`vq2pc.circuit.tree_fit`), then prints ONE JSON line: source, K, grid, train/val/test sizes, the
+chosen leaf pseudo-count, val BPD at distillation and after EM, test BPD (8-bit levels, −log2 p(x) / 784),
+free parameters, distill_seconds, fit_seconds (wall), cpu_seconds (this process's CPU time for the whole
+build, fit and scoring: comparable across loads), EM iterations, threads and the load average.
+
+Latent sources (``--source``): ``encoded`` (the run folder's VQ-VAE codes of the training images),
+``prior`` (codes from the run folder's prior, images from the decoder: ``--prior-samples`` pairs),
+``mixed`` (both), ``kmeans`` (k-means per patch position on a ``--grid`` of its own, ``--K`` centroids;
+no run folder needed). The leaf pseudo-count is picked on validation among ``--alpha-leaf`` values.
+
+    python benchmarks/mnist_tree_circuit.py RUN/categorical/4x4 --data-dir DIR --train-limit 10000 \\
+        --val-limit 2000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from vq2pc.circuit.tree import TreeCircuit
+from vq2pc.circuit.tree_fit import (
+    Smoothing,
+    TreeFitResult,
+    adam_fit,
+    bpd,
+    complete_counts,
+    distill_tree,
+    em_fit,
+    m_step,
+    smoothing,
+    source_pairs,
+)
+from vq2pc.circuit.tree_kmeans import patch_kmeans_codes
+from vq2pc.circuit.tree_structure import patch_owner
+from vq2pc.data.datasets import load_dataset
+from vq2pc.models.priors import load_prior
+from vq2pc.models.train import TrainConfig
+from vq2pc.models.vqvae import VQVAE
+
+
+def _args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("run", nargs="?", help="folder with vqvae.pt (and prior*.pt for --source prior/mixed)")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--dataset", default="mnist")
+    p.add_argument("--source", choices=("encoded", "prior", "mixed", "kmeans"), default="encoded")
+    p.add_argument("--K", type=int, default=256, help="k-means centroids per position (--source kmeans)")
+    p.add_argument("--grid", type=int, nargs=2, default=(7, 7), help="latent grid (--source kmeans)")
+    p.add_argument("--kmeans-iterations", type=int, default=10)
+    p.add_argument("--prior-samples", type=int, default=20000)
+    p.add_argument("--train-limit", type=int, default=None)
+    p.add_argument("--val-limit", type=int, default=None)
+    p.add_argument("--test-limit", type=int, default=None)
+    p.add_argument("--alpha-leaf", type=float, nargs="+", default=[0.01, 0.1, 1.0])
+    p.add_argument("--alpha-edge", type=float, default=0.1)
+    p.add_argument("--em-iterations", type=int, default=10)
+    p.add_argument("--patience", type=int, default=1)
+    p.add_argument("--max-seconds", type=float, default=None, help="EM time cap")
+    p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--fit", choices=("em", "adam"), default="em", help="fine-tuning: MAP-EM or Adam (train.fit)")
+    p.add_argument("--lr", type=float, default=0.03, help="Adam learning rate (--fit adam)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="save the fitted circuit here (.safetensors)")
+    return p.parse_args()
+
+
+def _pairs(
+    a: argparse.Namespace, train_x: Tensor, levels: int, gen: torch.Generator
+) -> tuple[Tensor, Tensor, int, tuple]:
+    """``(codes [n, M], images [n, S], K, grid)`` from the chosen latent source."""
+    if a.source == "kmeans":
+        owner = patch_owner(tuple(train_x.shape[1:]), tuple(a.grid))
+        codes, _ = patch_kmeans_codes(train_x, owner, a.K, levels, a.kmeans_iterations, gen)
+        return codes, train_x.reshape(len(train_x), -1).long(), a.K, tuple(a.grid)
+    if a.run is None:
+        raise SystemExit(f"--source {a.source} needs a run folder with vqvae.pt")
+    vqvae = VQVAE.load(Path(a.run) / "vqvae.pt")
+    priors = sorted(Path(a.run).glob("prior*.pt"))
+    prior = load_prior(priors[0]) if priors and a.source != "encoded" else None
+    codes, images = source_pairs(a.source, vqvae, train_x, prior, a.prior_samples, gen)
+    return codes, images, vqvae.cfg.K, tuple(vqvae.cfg.latent_hw)
+
+
+def _pick_alpha(
+    a: argparse.Namespace,
+    c: TreeCircuit,
+    pairs: tuple[Tensor, Tensor],
+    val: Tensor,
+    prior: Callable[[float], Smoothing],
+) -> float:
+    """The leaf pseudo-count with the best validation BPD at distillation; ``c`` is left with it."""
+    counts, scores = complete_counts(c, *pairs), {}
+    for alpha in a.alpha_leaf:
+        c.set_log_params(m_step(counts, prior(alpha)))
+        scores[alpha] = bpd(c, val)
+    best = min(scores, key=scores.__getitem__)
+    c.set_log_params(m_step(counts, prior(best)))
+    return best
+
+
+def _fine_tune(a: argparse.Namespace, c: TreeCircuit, train: Tensor, val: Tensor, prior: Smoothing) -> TreeFitResult:
+    """EM, or Adam for ``--em-iterations`` epochs (its history rewritten as EM's: BPD per epoch)."""
+    if a.fit == "em":
+        return em_fit(
+            c, train, val, prior, a.em_iterations, a.patience, a.batch_size, a.max_seconds,
+            log=lambda row: print(json.dumps(row), file=sys.stderr, flush=True),
+        )  # fmt: skip
+    cfg = TrainConfig(
+        epochs=a.em_iterations, patience=a.patience, lr=a.lr, batch_size=a.batch_size, max_seconds=a.max_seconds,
+        progress=False,
+    )  # fmt: skip
+    r = adam_fit(c, train, val, cfg)
+    to_bpd = 1 / math.log(2)
+    rows = [{"train_bpd": math.nan, "val_bpd": r.start_val_loss * to_bpd}]
+    rows += [{"train_bpd": h["train"] * to_bpd, "val_bpd": h["val"] * to_bpd} for h in r.history]
+    return TreeFitResult(rows, r.best_epoch, r.seconds)
+
+
+def _rounded(v: float) -> float | None:
+    """``v`` to 4 decimals; None (JSON null) for NaN (Adam's start has no training BPD)."""
+    return round(v, 4) if math.isfinite(v) else None
+
+
+def main() -> None:
+    a = _args()
+    torch.manual_seed(a.seed)
+    gen = torch.Generator().manual_seed(a.seed)
+    d = load_dataset(a.dataset, a.data_dir, seed=a.seed)
+    train, val, test = d.train_x[: a.train_limit], d.val_x[: a.val_limit], d.test_x[: a.test_limit]
+    start, cpu_start = time.perf_counter(), time.process_time()
+    codes, images, K, grid = _pairs(a, train, d.levels, gen)
+
+    def prior(alpha: float) -> Smoothing:  # pseudo-counts centred on the training pixels' marginals
+        return smoothing(train, d.levels, alpha, a.alpha_edge)
+
+    c = distill_tree(codes, images, K, d.levels, d.image_shape, grid, prior(a.alpha_leaf[0]), {"source": a.source})
+    alpha = _pick_alpha(a, c, (codes, images), val, prior)
+    distill_seconds = time.perf_counter() - start
+    val_init = bpd(c, val)
+    result = _fine_tune(a, c, train, val, prior(alpha))
+    if a.out:
+        c.save(a.out)
+    row = {
+        "source": a.source, "K": K, "grid": list(grid), "n_train": len(train), "n_pairs": len(codes),
+        "n_val": len(val), "n_test": len(test), "alpha_leaf": alpha, "alpha_edge": a.alpha_edge,
+        "val_bpd_init": round(val_init, 4), "val_bpd": round(result.best_val_bpd, 4),
+        "test_bpd": round(bpd(c, test), 4), "train_bpd": _rounded(result.history[result.best_iteration]["train_bpd"]),
+        "params": c.num_params, "distill_seconds": round(distill_seconds, 1), "fit_seconds": round(result.seconds, 1),
+        "cpu_seconds": round(time.process_time() - cpu_start, 1),
+        "em_iterations": len(result.history) - 1, "best_iteration": result.best_iteration,
+        "depth": len(c.tree.levels) - 1, "threads": torch.get_num_threads(),
+        "load_avg": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else math.nan,
+    }  # fmt: skip
+    print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""Tree structure and latent variable distillation: patch partition, Chow-Liu, counted tables, EM."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from pathlib import Path
+
+import torch
+
+from vq2pc.circuit.tree_fit import Smoothing, adam_fit, bpd, distill_tree, em_fit, smoothing
+from vq2pc.circuit.tree_kmeans import patch_kmeans_codes
+from vq2pc.circuit.tree_structure import chow_liu, mutual_information, patch_owner
+from vq2pc.models.train import TrainConfig
+
+
+def test_patch_owner_partitions_pixels_by_position() -> None:
+    owner = patch_owner((1, 28, 28), (4, 4))
+    assert torch.bincount(owner).tolist() == [49] * 16
+    assert owner.view(28, 28)[6, 7].item() == 1 and owner.view(28, 28)[7, 6].item() == 4
+    assert patch_owner((2, 3, 5), (2, 2)).tolist() == [0, 0, 0, 1, 1, 0, 0, 0, 1, 1, 2, 2, 2, 3, 3] * 2
+
+
+def test_mutual_information_and_chow_liu_recover_a_chain() -> None:
+    g = torch.Generator().manual_seed(0)
+    n, K = 4000, 3
+    z = [torch.randint(0, K, (n,), generator=g)]
+    for _ in range(4):  # a Markov chain 0 - 1 - 2 - 3 - 4, each copying its predecessor 80% of the time
+        keep = torch.rand(n, generator=g) < 0.8
+        z.append(torch.where(keep, z[-1], torch.randint(0, K, (n,), generator=g)))
+    codes = torch.stack([z[0], z[3], z[1], z[4], z[2]], 1)  # positions shuffled: chain = 0, 2, 4, 1, 3
+    mi = mutual_information(codes, K, pairs_per_chunk=3)
+    joint = torch.bincount(codes[:, 0] * K + codes[:, 2], minlength=K * K).double().view(K, K) / n
+    pa, pb = joint.sum(1), joint.sum(0)
+    brute = sum(joint[a, b] * math.log(joint[a, b] / (pa[a] * pb[b])) for a in range(K) for b in range(K))
+    assert abs(float(mi[0, 2]) - brute) < 1e-9 and torch.equal(mi, mi.T)
+    parent = chow_liu(mi)
+    edges = {frozenset((c, int(p))) for c, p in enumerate(parent.tolist()) if p >= 0}
+    assert edges == {frozenset(e) for e in [(0, 2), (2, 4), (4, 1), (1, 3)]}
+    assert parent[4] == -1  # the chain's centre is the root
+
+
+def test_distilled_tables_are_the_smoothed_counted_frequencies() -> None:
+    g = torch.Generator().manual_seed(1)
+    codes = torch.randint(0, 2, (50, 4), generator=g)  # a 2x2 grid, K = 2
+    images = torch.randint(0, 3, (50, 1, 2, 4), generator=g)  # 2x4 images, L = 3: 2 pixels a patch
+    prior = Smoothing(0.1 + torch.rand(8, 3, generator=g), 0.5)
+    c = distill_tree(codes, images, 2, 3, (1, 2, 4), (2, 2), prior)
+    v, owner, leaves = images.reshape(50, 8), c.owner, c.log_params().leaves.exp().detach()
+    for i, lv, k in itertools.product(range(8), range(3), range(2)):
+        with_k = codes[:, owner[i]] == k
+        expected = ((v[with_k, i] == lv).sum() + prior.leaf[i, lv]) / (with_k.sum() + prior.leaf[i].sum())
+        assert abs(float(leaves[i, lv, k] - expected)) < 1e-6
+    root, edges = (t.exp().detach() for t in c.log_params()[:2])
+    assert torch.allclose(root, (torch.bincount(codes[:, c.tree.root], minlength=2) + 0.5) / 51, atol=1e-6)
+    child = int(c.tree.children[0])
+    a, b = codes[:, c.tree.parent[child]], codes[:, child]
+    table = torch.bincount(a * 2 + b, minlength=4).view(2, 2).float() + 0.5
+    assert torch.allclose(edges[0], table / table.sum(1, keepdim=True), atol=1e-6)
+
+
+def test_smoothing_centres_on_the_pixel_marginal() -> None:
+    images = torch.tensor([[0, 2], [0, 2], [0, 1]])
+    s = smoothing(images, 3, leaf=2.0, edge=0.3)
+    assert torch.allclose(s.leaf[0], 2.0 * 3 * torch.tensor([4.0, 1, 1]) / 6)
+    assert s.edge == 0.3
+
+
+def test_em_lowers_training_nll_and_keeps_the_best_validation_iteration() -> None:
+    g = torch.Generator().manual_seed(2)
+    images = (torch.rand(300, 1, 4, 4, generator=g) < torch.linspace(0.1, 0.9, 16).view(1, 1, 4, 4)).long()
+    images[::2] = 1 - images[::2]  # two clusters of images
+    codes = torch.randint(0, 3, (300, 4), generator=g)  # uninformative codes: EM must find the structure
+    prior = smoothing(images[:200], 2, leaf=0.1, edge=0.1)
+    c = distill_tree(codes[:200], images[:200], 3, 2, (1, 4, 4), (2, 2), prior)
+    start = bpd(c, images[:200])
+    result = em_fit(c, images[:200], images[200:], prior, iterations=6, patience=6, batch_size=64)
+    train = [h["train_bpd"] for h in result.history]
+    assert abs(train[0] - start) < 1e-6 and train[-1] < train[0] - 0.05
+    assert all(b <= a + 1e-3 for a, b in itertools.pairwise(train))  # MAP-EM: the NLL (≈) never rises
+    assert abs(bpd(c, images[200:]) - result.best_val_bpd) < 1e-6
+
+
+def test_adam_route_lowers_validation_nll_and_resumes(tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(3)
+    images = (torch.rand(240, 1, 4, 4, generator=g) < torch.linspace(0.1, 0.9, 16).view(1, 1, 4, 4)).long()
+    images[::2] = 1 - images[::2]
+    codes = torch.randint(0, 3, (240, 4), generator=g)
+    c = distill_tree(codes[:160], images[:160], 3, 2, (1, 4, 4), (2, 2), smoothing(images[:160], 2))
+    cfg = TrainConfig(epochs=3, patience=3, lr=0.05, batch_size=32, progress=False)
+    result = adam_fit(c, images[:160], images[160:], cfg, tmp_path / "tree.pt")
+    assert result.best_val_loss < result.start_val_loss - 0.02
+    assert abs(bpd(c, images[160:]) * math.log(2) - result.best_val_loss) < 1e-5
+    again = adam_fit(c, images[:160], images[160:], cfg, tmp_path / "tree.pt")  # finished: returns at once
+    assert again.epochs_run == result.epochs_run and again.best_val_loss == result.best_val_loss
+
+
+def test_patch_kmeans_finds_each_positions_clusters() -> None:
+    g = torch.Generator().manual_seed(4)
+    owner = patch_owner((1, 3, 4), (1, 2))  # two patches of 6 pixels
+    truth = torch.randint(0, 3, (200, 2), generator=g)  # each image: one of 3 patterns per patch
+    patterns = torch.tensor([[0, 0, 0, 0, 0, 0], [7, 7, 7, 0, 0, 0], [0, 7, 0, 7, 0, 7]])
+    images = torch.zeros(200, 12, dtype=torch.long)
+    images[:, owner == 0], images[:, owner == 1] = patterns[truth[:, 0]], patterns[truth[:, 1]]
+    images = (images + torch.randint(0, 2, images.shape, generator=g)).clamp_max(7)  # noise
+    codes, centroids = patch_kmeans_codes(images, owner, 3, 8, iterations=10, generator=g)
+    assert codes.shape == (200, 2) and centroids.shape == (2, 3, 6)
+    for j in range(2):  # the partition is the truth's up to a relabelling
+        pairs = set(zip(codes[:, j].tolist(), truth[:, j].tolist()))
+        assert len(pairs) == 3 and len({a for a, _ in pairs}) == 3
