@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,8 @@ from vq2pc.data.datasets import DataSplits, load_dataset
 from vq2pc.latents.selection import STRATEGIES, select
 from vq2pc.models.priors import load_prior, prior_config, train_prior
 from vq2pc.models.quantizers import make_quantizer
-from vq2pc.models.vqvae import VQVAE, VQVAEConfig, encode_images, train_vqvae
+from vq2pc.models.vqvae import VQVAE, encode_images, train_vqvae
+from vq2pc.pipeline.models import vqvae_config
 
 
 def _splits(a: argparse.Namespace) -> DataSplits:
@@ -156,10 +158,8 @@ def _quantizer_opts(a: argparse.Namespace) -> dict[str, Any]:
 def _train_vqvae(a: argparse.Namespace) -> int:
     train_cfg = train_config(a)  # impossible settings fail before any data work
     splits = _splits(a)
-    cfg = VQVAEConfig(
-        image_shape=splits.image_shape,
-        levels=splits.levels,
-        leaf=a.leaf,
+    spec = dataclasses.replace(
+        MODEL,
         latent_hw=tuple(a.latent_hw),
         K=a.K,
         D=a.D,
@@ -169,6 +169,7 @@ def _train_vqvae(a: argparse.Namespace) -> int:
         quantizer=a.quantizer,
         quantizer_opts=_quantizer_opts(a),
     )
+    cfg = vqvae_config(splits, a.leaf, spec)
     make_quantizer(cfg.quantizer, cfg.K, cfg.D, cfg.beta, **cfg.quantizer_opts)  # bad options fail before any data work
     model, res = train_vqvae(splits, cfg, train_cfg, checkpoint=a.out)
     if is_main():

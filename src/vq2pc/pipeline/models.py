@@ -65,7 +65,7 @@ def build_source_model(run: RunDir, cfg: RunConfig, splits: DataSplits, leaf: st
     vqvae_file = run.path(leaf, spec.vqvae_from or spec.name, "vqvae.pt")
     vqvae, vq_res = train_vqvae(
         splits,
-        _vqvae_config(splits, leaf, spec),
+        vqvae_config(splits, leaf, spec),
         train_cfg,
         checkpoint=run.checkpoint("vqvae", leaf, spec.vqvae_from or spec.name, "vqvae.pt"),
     )
@@ -96,8 +96,8 @@ def build_source_model(run: RunDir, cfg: RunConfig, splits: DataSplits, leaf: st
     )
 
 
-def _vqvae_config(splits: DataSplits, leaf: str, spec: ModelSpec) -> VQVAEConfig:
-    """The VQ-VAE of ``spec`` for ``leaf`` pixels of ``splits``' images."""
+def vqvae_config(splits: DataSplits, leaf: str, spec: ModelSpec) -> VQVAEConfig:
+    """The VQ-VAE of ``spec`` for ``leaf`` pixels of ``splits``' images (the run's and ``train-vqvae``'s)."""
     return VQVAEConfig(
         image_shape=splits.image_shape,
         levels=splits.levels,
