@@ -6,6 +6,7 @@ import itertools
 import math
 from pathlib import Path
 
+import pytest
 import torch
 
 from vq2pc.circuit.tree_fit import Smoothing, adam_fit, bpd, distill_tree, em_fit, smoothing
@@ -74,7 +75,9 @@ def test_em_lowers_training_nll_and_keeps_the_best_validation_iteration() -> Non
     prior = smoothing(images[:200], 2, leaf=0.1, edge=0.1)
     c = distill_tree(codes[:200], images[:200], 3, 2, (1, 4, 4), (2, 2), prior)
     start = bpd(c, images[:200])
-    result = em_fit(c, images[:200], images[200:], prior, iterations=6, patience=6, batch_size=64)
+    with pytest.raises(ValueError, match="max_seconds must be a positive number"):
+        em_fit(c, images[:200], images[200:], prior, iterations=6, max_seconds=0.0)
+    result = em_fit(c, images[:200], images[200:], prior, iterations=6, patience=6, batch_size=64, max_seconds=600)
     train = [h["train_bpd"] for h in result.history]
     assert abs(train[0] - start) < 1e-6 and train[-1] < train[0] - 0.05
     assert all(b <= a + 1e-3 for a, b in itertools.pairwise(train))  # MAP-EM: the NLL (≈) never rises

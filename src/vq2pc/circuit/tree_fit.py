@@ -223,7 +223,7 @@ def em_fit(
     ``log`` (optional) receives each history row as it is made."""
     if not (isinstance(iterations, int) and iterations >= 0 and isinstance(patience, int) and patience >= 1):
         raise ValueError(f"need iterations >= 0 and patience >= 1, got {iterations}, {patience}")
-    if max_seconds is not None and not validate.is_positive_number(max_seconds):
+    if max_seconds is not None and not _positive(max_seconds):
         raise ValueError(f"max_seconds must be a positive number, got {max_seconds!r}")
     v = _levels(train, circuit.levels)
     start, result = time.perf_counter(), TreeFitResult()
@@ -280,3 +280,8 @@ def _levels(images: Tensor, levels: int) -> Tensor:
     v = images.reshape(images.shape[0], -1).cpu()
     validate.check_levels(v, levels, "images")
     return v.long()
+
+
+def _positive(value: object) -> bool:
+    """A finite number > 0 (not a bool)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
