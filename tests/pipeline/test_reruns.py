@@ -266,7 +266,8 @@ def test_a_failed_second_process_is_one_clear_error(tmp_path: Path) -> None:
     from vq2pc.pipeline.helper import HelperProcess
     from vq2pc.pipeline.rundir import RunDir
 
-    cfg = dataclasses.replace(tiny_config(["gaussian"], full=False), dataset="no-such-dataset")
+    cfg = tiny_config(["gaussian"], full=False)
+    object.__setattr__(cfg, "dataset", "no-such-dataset")  # past validation: the second process must fail itself
     run = RunDir(tmp_path)
     helper = HelperProcess(cfg, run)
     try:

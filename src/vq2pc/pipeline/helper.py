@@ -136,10 +136,13 @@ class HelperProcess:
 
 def _helper_job(cfg: RunConfig, root: str, force: list[str], threads: int, log: str, ch: _Channels) -> None:
     torch.set_num_threads(threads)
-    quiet = {k: replace(getattr(cfg, k), progress=False) for k in ("vqvae_train", "prior_train", "baseline_train")}
-    cfg = replace(cfg, **quiet, models=[replace(m, finetune=replace(m.finetune, progress=False)) for m in cfg.models])
     with open(log, "a", encoding="utf-8") as out, redirect_stdout(out), redirect_stderr(out):
         try:
+            quiet = {
+                k: replace(getattr(cfg, k), progress=False) for k in ("vqvae_train", "prior_train", "baseline_train")
+            }
+            models = [replace(m, finetune=replace(m.finetune, progress=False)) for m in cfg.models]
+            cfg = replace(cfg, **quiet, models=models)
             splits = load_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seed, limit=cfg.limit)
             run = RunDir(Path(root), set(force))
             for leaf in cfg.leaves:
