@@ -6,14 +6,11 @@ import argparse
 import dataclasses
 import json
 
-import torch
-
 from vq2pc.circuit.finetune import FineTuneConfig, finetune_distill
 from vq2pc.cli.options import MODEL, add_parser, beam_options, components_option, data_options, out_option, setting
-from vq2pc.cli.train import _splits
+from vq2pc.cli.train import _check_pair, _selection, _splits
 from vq2pc.core.distributed import is_main
 from vq2pc.data.datasets import check_fits
-from vq2pc.latents.selection import select
 from vq2pc.models.priors import load_prior
 from vq2pc.models.vqvae import VQVAE
 
@@ -75,27 +72,14 @@ def finetune_config(a: argparse.Namespace) -> FineTuneConfig:
 def _finetune(a: argparse.Namespace) -> int:
     cfg = finetune_config(a)
     vqvae, prior = VQVAE.load(a.vqvae, device=a.device), load_prior(a.prior, device=a.device)
-    if (vqvae.cfg.K, tuple(vqvae.cfg.latent_hw)) != (prior.K, tuple(prior.latent_hw)):
-        raise ValueError(
-            f"--prior (K={prior.K}, grid {prior.latent_hw}) does not match --vqvae "
-            f"(K={vqvae.cfg.K}, grid {vqvae.cfg.latent_hw})"
-        )
+    _check_pair(prior, vqvae)
     if a.discretized:
         if vqvae.cfg.leaf != "gaussian":
             raise ValueError(f"--discretized needs a Gaussian VQ-VAE; this one has {vqvae.cfg.leaf} leaves")
         cfg = dataclasses.replace(cfg, discretized=vqvae.cfg.levels)
     splits = _splits(a)
     check_fits(vqvae.cfg.image_shape, vqvae.cfg.levels, splits, "--vqvae")
-    sel = select(
-        prior,
-        a.strategy,
-        a.N,
-        starts=a.starts,
-        beam_score=a.beam_score,
-        beam_search=a.beam_search,
-        generator=torch.Generator().manual_seed(a.seed),
-        device=a.device,
-    )
+    sel = _selection(prior, a)
     meta = {"image_shape": list(vqvae.cfg.image_shape), "levels": vqvae.cfg.levels, "leaf": vqvae.cfg.leaf}
     circuit, res = finetune_distill(vqvae, sel, splits, cfg, weights=a.weights, meta=meta)
     circuit.save(a.out)

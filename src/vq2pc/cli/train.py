@@ -30,7 +30,7 @@ from vq2pc.cli.options import (
 from vq2pc.core.distributed import is_main
 from vq2pc.core.leaves import LEAF_KINDS
 from vq2pc.data.datasets import DataSplits, load_dataset
-from vq2pc.latents.selection import STRATEGIES, select
+from vq2pc.latents.selection import STRATEGIES, Selection, select
 from vq2pc.models.priors import load_prior, prior_config, train_prior
 from vq2pc.models.quantizers import make_quantizer
 from vq2pc.models.vqvae import VQVAE, encode_images, train_vqvae
@@ -240,23 +240,8 @@ def _distill(a: argparse.Namespace) -> int:
     check_std_floor(a.std_min, vqvae.cfg.leaf)
     if a.discretized and vqvae.cfg.leaf != "gaussian":
         raise ValueError(f"--discretized needs a Gaussian VQ-VAE; this one has {vqvae.cfg.leaf} leaves")
-    if (vqvae.cfg.K, tuple(vqvae.cfg.latent_hw)) != (prior.K, tuple(prior.latent_hw)):
-        raise ValueError(
-            f"--prior (K={prior.K}, grid {prior.latent_hw}) does not match --vqvae "
-            f"(K={vqvae.cfg.K}, grid {vqvae.cfg.latent_hw})"
-        )
-    sel = select(
-        prior,
-        a.strategy,
-        a.N,
-        starts=a.starts,
-        beam_score=a.beam_score,
-        beam_search=a.beam_search,
-        generator=torch.Generator().manual_seed(a.seed),
-        max_space=a.max_exhaustive,
-        device=a.device,
-        classes=a.classes,
-    )
+    _check_pair(prior, vqvae)
+    sel = _selection(prior, a, max_space=a.max_exhaustive, classes=a.classes)
     weights = a.weights or ("prior" if a.strategy == "exhaustive" else MODEL.weights)
     meta = {"image_shape": list(vqvae.cfg.image_shape), "levels": vqvae.cfg.levels, "leaf": vqvae.cfg.leaf}
     circuit = distill(
@@ -318,3 +303,27 @@ def _usage(a: argparse.Namespace) -> int:
     res = latent_usage(enumerate_log_prior(prior, device=a.device, max_space=a.max_usage_space), Path(a.out))
     print(json.dumps({k: v for k, v in res.items() if not isinstance(v, (list, dict))}))
     return 0
+
+
+def _check_pair(prior: Any, vqvae: VQVAE) -> None:
+    """One clear error when ``--prior`` was trained over another codebook or grid than ``--vqvae``."""
+    if (vqvae.cfg.K, tuple(vqvae.cfg.latent_hw)) != (prior.K, tuple(prior.latent_hw)):
+        raise ValueError(
+            f"--prior (K={prior.K}, grid {prior.latent_hw}) does not match --vqvae "
+            f"(K={vqvae.cfg.K}, grid {vqvae.cfg.latent_hw})"
+        )
+
+
+def _selection(prior: Any, a: argparse.Namespace, **extra: Any) -> Selection:
+    """The latents a verb's selection flags ask for (``extra``: further ``select`` options, e.g. ``max_space``)."""
+    return select(
+        prior,
+        a.strategy,
+        a.N,
+        starts=a.starts,
+        beam_score=a.beam_score,
+        beam_search=a.beam_search,
+        generator=torch.Generator().manual_seed(a.seed),
+        device=a.device,
+        **extra,
+    )
