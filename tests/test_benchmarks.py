@@ -14,14 +14,14 @@ ROOT = Path(__file__).resolve().parents[1]
 KEYS = {"query", "leaf", "N", "B", "S", "seconds", "fraction_of_matmul", "speedup_vs_slow", "peak_rss_mib"}
 
 
+def _benchmark(script: str, *args: str, timeout: int = 120) -> subprocess.CompletedProcess[str]:
+    """Run ``benchmarks/<script>`` with ``args`` in a fresh interpreter (it must exit 0)."""
+    command = [sys.executable, str(ROOT / "benchmarks" / script), *args]
+    return subprocess.run(command, capture_output=True, text=True, check=True, timeout=timeout)
+
+
 def _run(*args: str) -> list[dict]:
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "circuit_queries.py"), *args, "--repeat", "1"],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=120,
-    )
+    out = _benchmark("circuit_queries.py", *args, "--repeat", "1")
     return [json.loads(line) for line in out.stdout.splitlines()]
 
 
@@ -46,24 +46,18 @@ def test_circuit_queries_on_mnist_images() -> None:
 @pytest.mark.slow
 @needs_mnist
 def test_exact_bpd_counts_one_pass_of_decodes_after_the_loop_swap() -> None:
-    out = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "benchmarks" / "exact_bpd.py"),
-            "--data-dir",
-            str(MNIST_DIR),
-            "--K",
-            "2",
-            "--n-test",
-            "40",
-            "--batch-size",
-            "20",
-            "--draws",
-            "2",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
+    out = _benchmark(
+        "exact_bpd.py",
+        "--data-dir",
+        str(MNIST_DIR),
+        "--K",
+        "2",
+        "--n-test",
+        "40",
+        "--batch-size",
+        "20",
+        "--draws",
+        "2",
         timeout=300,
     )
     before, after, draws = (json.loads(line) for line in out.stdout.splitlines())
@@ -76,27 +70,20 @@ def test_exact_bpd_counts_one_pass_of_decodes_after_the_loop_swap() -> None:
 
 
 def test_discretized_logprob_prints_every_case_and_skips_large_tables() -> None:
-    out = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "benchmarks" / "discretized_logprob.py"),
-            "--N",
-            "32",
-            "64",
-            "--B",
-            "8",
-            "--S",
-            "12",
-            "--levels",
-            "8",
-            "--cat-max-N",
-            "32",
-            "--same-process",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=120,
+    out = _benchmark(
+        "discretized_logprob.py",
+        "--N",
+        "32",
+        "64",
+        "--B",
+        "8",
+        "--S",
+        "12",
+        "--levels",
+        "8",
+        "--cat-max-N",
+        "32",
+        "--same-process",
     )
     lines = [json.loads(line) for line in out.stdout.splitlines()]
     assert [(line["leaf"], line["N"]) for line in lines] == [
@@ -108,27 +95,8 @@ def test_discretized_logprob_prints_every_case_and_skips_large_tables() -> None:
 
 def test_codec_throughput_prints_its_json_line() -> None:
     pytest.importorskip("constriction")
-    out = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "benchmarks" / "codec_throughput.py"),
-            "--N",
-            "32",
-            "--S",
-            "20",
-            "--L",
-            "8",
-            "--images",
-            "40",
-            "--rows",
-            "16",
-            "--threads",
-            "1",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=120,
+    out = _benchmark(
+        "codec_throughput.py", "--N", "32", "--S", "20", "--L", "8", "--images", "40", "--rows", "16", "--threads", "1"
     )
     line = json.loads(out.stdout.strip().splitlines()[-1])
     assert {"encode_images_per_s", "decode_images_per_s", "threads", "bits_per_pixel", "model_bpd"} <= set(line)
@@ -138,27 +106,8 @@ def test_codec_throughput_prints_its_json_line() -> None:
 
 @pytest.mark.parametrize("leaf", ["gaussian", "categorical"])
 def test_class_posterior_benchmark_prints_its_line(leaf: str) -> None:
-    out = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "benchmarks" / "class_posterior.py"),
-            "--N",
-            "64",
-            "--B",
-            "16",
-            "--S",
-            "20",
-            "--levels",
-            "8",
-            "--leaf",
-            leaf,
-            "--repeat",
-            "1",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=120,
+    out = _benchmark(
+        "class_posterior.py", "--N", "64", "--B", "16", "--S", "20", "--levels", "8", "--leaf", leaf, "--repeat", "1"
     )
     line = json.loads(out.stdout.strip().splitlines()[-1])
     assert {"log_prob_s", "class_posterior_s", "ratio", "recomputed_rows"} <= set(line) and line["leaf"] == leaf
@@ -167,30 +116,23 @@ def test_class_posterior_benchmark_prints_its_line(leaf: str) -> None:
 
 def test_field_circuits_step_prints_a_line_per_structure() -> None:
     pytest.importorskip("cirkit")
-    out = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "benchmarks" / "field_circuits_step.py"),
-            "--dataset",
-            "digits",
-            "--graphs",
-            "quad-graph",
-            "chow-liu-tree",
-            "--units",
-            "2",
-            "--batch",
-            "16",
-            "--steps",
-            "1",
-            "--limit",
-            "100",
-            "--threads",
-            "1",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=120,
+    out = _benchmark(
+        "field_circuits_step.py",
+        "--dataset",
+        "digits",
+        "--graphs",
+        "quad-graph",
+        "chow-liu-tree",
+        "--units",
+        "2",
+        "--batch",
+        "16",
+        "--steps",
+        "1",
+        "--limit",
+        "100",
+        "--threads",
+        "1",
     )
     lines = [json.loads(line) for line in out.stdout.splitlines()]
     assert [line["region_graph"] for line in lines] == ["quad-graph", "chow-liu-tree"]
@@ -202,13 +144,7 @@ def test_field_circuits_step_prints_a_line_per_structure() -> None:
 def test_mnist_tree_circuit_prints_its_line(fit: str) -> None:
     args = ["--dataset", "digits", "--source", "kmeans", "--K", "4", "--grid", "2", "2", "--fit", fit]
     sizes = ["--train-limit", "100", "--val-limit", "50", "--test-limit", "50", "--em-iterations", "2"]
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "mnist_tree_circuit.py"), *args, *sizes],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=120,
-    )
+    out = _benchmark("mnist_tree_circuit.py", *args, *sizes)
     (line,) = [json.loads(s) for s in out.stdout.splitlines()]
     assert {"val_bpd_init", "val_bpd", "test_bpd", "params", "cpu_seconds", "alpha_leaf"} <= set(line)
     assert line["K"] == 4 and line["grid"] == [2, 2] and line["val_bpd"] <= line["val_bpd_init"] + 1e-9
