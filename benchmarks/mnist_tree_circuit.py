@@ -18,6 +18,7 @@ no run folder needed). The leaf pseudo-count is picked on validation among ``--a
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -42,9 +43,9 @@ from vq2pc.circuit.tree_fit import (
     smoothing,
     source_pairs,
 )
-from vq2pc.circuit.tree_kmeans import patch_kmeans_codes
-from vq2pc.circuit.tree_structure import patch_owner
+from vq2pc.circuit.tree_kmeans import kmeans_pairs
 from vq2pc.data.datasets import load_dataset
+from vq2pc.evaluate.density import save_per_image
 from vq2pc.models.priors import load_prior
 from vq2pc.models.train import TrainConfig
 from vq2pc.models.vqvae import VQVAE
@@ -59,12 +60,21 @@ def _args() -> argparse.Namespace:
     p.add_argument("--K", type=int, default=256, help="k-means centroids per position (--source kmeans)")
     p.add_argument("--grid", type=int, nargs=2, default=(7, 7), help="latent grid (--source kmeans)")
     p.add_argument("--kmeans-iterations", type=int, default=10)
+    p.add_argument("--context", type=int, default=0, help="k-means windows: pixels around each patch (--source kmeans)")
+    p.add_argument("--context-weight", type=float, default=1.0, help="scale of the context pixels in k-means")
     p.add_argument("--prior-samples", type=int, default=20000)
     p.add_argument("--train-limit", type=int, default=None)
     p.add_argument("--val-limit", type=int, default=None)
     p.add_argument("--test-limit", type=int, default=None)
     p.add_argument("--alpha-leaf", type=float, nargs="+", default=[0.01, 0.1, 1.0])
     p.add_argument("--alpha-edge", type=float, default=0.1)
+    p.add_argument(
+        "--leaf-bins",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="tied leaves: level bins per state, picked on validation (0: untied)",
+    )
     p.add_argument("--em-iterations", type=int, default=10)
     p.add_argument("--patience", type=int, default=1)
     p.add_argument("--max-seconds", type=float, default=None, help="EM time cap")
@@ -73,6 +83,7 @@ def _args() -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=0.03, help="Adam learning rate (--fit adam)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="save the fitted circuit here (.safetensors)")
+    p.add_argument("--per-image", default=None, help="save each test image's BPD here (.npy, paired_bpd.py)")
     return p.parse_args()
 
 
@@ -81,9 +92,11 @@ def _pairs(
 ) -> tuple[Tensor, Tensor, int, tuple]:
     """``(codes [n, M], images [n, S], K, grid)`` from the chosen latent source."""
     if a.source == "kmeans":
-        owner = patch_owner(tuple(train_x.shape[1:]), tuple(a.grid))
-        codes, _ = patch_kmeans_codes(train_x, owner, a.K, levels, a.kmeans_iterations, gen)
-        return codes, train_x.reshape(len(train_x), -1).long(), a.K, tuple(a.grid)
+        grid = (int(a.grid[0]), int(a.grid[1]))
+        codes, images = kmeans_pairs(
+            train_x, grid, a.K, levels, gen, a.kmeans_iterations, context=a.context, context_weight=a.context_weight
+        )
+        return codes, images, a.K, grid
     if a.run is None:
         raise SystemExit(f"--source {a.source} needs a run folder with vqvae.pt")
     vqvae = VQVAE.load(Path(a.run) / "vqvae.pt")
@@ -98,15 +111,16 @@ def _pick_alpha(
     c: TreeCircuit,
     pairs: tuple[Tensor, Tensor],
     val: Tensor,
-    prior: Callable[[float], Smoothing],
-) -> float:
-    """The leaf pseudo-count with the best validation BPD at distillation; ``c`` is left with it."""
+    prior: Callable[[float, int], Smoothing],
+) -> tuple[float, int]:
+    """The leaf pseudo-count and bins with the best validation BPD at distillation; ``c`` is left with them."""
     counts, scores = complete_counts(c, *pairs), {}
-    for alpha in a.alpha_leaf:
-        c.set_log_params(m_step(counts, prior(alpha)))
-        scores[alpha] = bpd(c, val)
+    for choice in itertools.product(a.alpha_leaf, a.leaf_bins):
+        c.set_log_params(m_step(counts, prior(*choice)))
+        scores[choice] = bpd(c, val)
+        print(json.dumps({"alpha_leaf": choice[0], "leaf_bins": choice[1], "val_bpd": scores[choice]}), file=sys.stderr)
     best = min(scores, key=scores.__getitem__)
-    c.set_log_params(m_step(counts, prior(best)))
+    c.set_log_params(m_step(counts, prior(*best)))
     return best
 
 
@@ -142,21 +156,25 @@ def main() -> None:
     start, cpu_start = time.perf_counter(), time.process_time()
     codes, images, K, grid = _pairs(a, train, d.levels, gen)
 
-    def prior(alpha: float) -> Smoothing:  # pseudo-counts centred on the training pixels' marginals
-        return smoothing(train, d.levels, alpha, a.alpha_edge)
+    def prior(alpha: float, bins: int = 0) -> Smoothing:  # pseudo-counts centred on the pixels' marginals
+        return smoothing(train, d.levels, alpha, a.alpha_edge, bins or None)
 
     c = distill_tree(codes, images, K, d.levels, d.image_shape, grid, prior(a.alpha_leaf[0]), {"source": a.source})
-    alpha = _pick_alpha(a, c, (codes, images), val, prior)
+    alpha, bins = _pick_alpha(a, c, (codes, images), val, prior)
+    c.meta["leaf_bins"] = bins or d.levels
     distill_seconds = time.perf_counter() - start
     val_init = bpd(c, val)
-    result = _fine_tune(a, c, train, val, prior(alpha))
+    result = _fine_tune(a, c, train, val, prior(alpha, bins))
     if a.out:
         c.save(a.out)
+    test_bpd = -c.log_prob(test.reshape(len(test), -1).float()).double() / (c.num_variables * math.log(2))
+    if a.per_image:
+        save_per_image(a.per_image, test_bpd)
     row = {
-        "source": a.source, "K": K, "grid": list(grid), "n_train": len(train), "n_pairs": len(codes),
-        "n_val": len(val), "n_test": len(test), "alpha_leaf": alpha, "alpha_edge": a.alpha_edge,
+        "source": a.source, "context": a.context, "context_weight": a.context_weight, "K": K, "grid": list(grid), "n_train": len(train), "n_pairs": len(codes),
+        "n_val": len(val), "n_test": len(test), "alpha_leaf": alpha, "leaf_bins": bins, "alpha_edge": a.alpha_edge,
         "val_bpd_init": round(val_init, 4), "val_bpd": round(result.best_val_bpd, 4),
-        "test_bpd": round(bpd(c, test), 4), "train_bpd": _rounded(result.history[result.best_iteration]["train_bpd"]),
+        "test_bpd": round(float(test_bpd.mean()), 4), "train_bpd": _rounded(result.history[result.best_iteration]["train_bpd"]),
         "params": c.num_params, "distill_seconds": round(distill_seconds, 1), "fit_seconds": round(result.seconds, 1),
         "cpu_seconds": round(time.process_time() - cpu_start, 1),
         "em_iterations": len(result.history) - 1, "best_iteration": result.best_iteration,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 
+import numpy as np
 import pytest
 import torch
 from scipy import stats
@@ -160,3 +161,5 @@ def test_train_baseline_verb_writes_and_prints_its_row(tmp_path, capsys):
     assert row["family"] == "QuadTree" and row["num_params"] > 0 and row["train_epochs"] == 1
     assert 0 < row["test_bpd"] < 10 and 0 < row["val_bpd"] < 10
     assert json.loads((tmp_path / "quad-tree-4-cp-2.json").read_text())["test_bpd"] == row["test_bpd"]
+    per_image = np.load(tmp_path / "quad-tree-4-cp-2.test_bpd.npy")  # one BPD per test image, same mean
+    assert per_image.shape == (row["test_images"],) and per_image.mean() == pytest.approx(row["test_bpd"], rel=1e-9)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from vq2pc.circuit.tree_fit import Smoothing, adam_fit, bpd, distill_tree, em_fit, smoothing
-from vq2pc.circuit.tree_kmeans import patch_kmeans_codes
+from vq2pc.circuit.tree_kmeans import _patches, patch_kmeans_codes
 from vq2pc.circuit.tree_structure import chow_liu, mutual_information, patch_owner
 from vq2pc.models.train import TrainConfig
 
@@ -60,6 +60,30 @@ def test_distilled_tables_are_the_smoothed_counted_frequencies() -> None:
     assert torch.allclose(edges[0], table / table.sum(1, keepdim=True), atol=1e-6)
 
 
+def test_tied_leaves_are_the_tied_maximum_of_the_complete_counts() -> None:
+    g = torch.Generator().manual_seed(4)
+    codes = torch.randint(0, 3, (80, 2), generator=g)  # a 1x2 grid, K = 3
+    images = torch.randint(0, 6, (80, 1, 2, 2), generator=g)  # L = 6 in bins {0,1,2} and {3,4,5}
+    prior = Smoothing(0.1 + torch.rand(4, 6, generator=g), 0.5, bins=2)
+    c = distill_tree(codes, images, 3, 6, (1, 2, 2), (1, 2), prior)
+    c.meta["leaf_bins"] = 2
+    leaves = c.log_params().leaves.exp().detach().double()  # [S, L, K]
+    assert torch.allclose(leaves.sum(1), torch.ones(4, 3, dtype=torch.float64), atol=1e-6)
+    v, owner = images.reshape(80, 4), c.owner
+    counts = torch.zeros(4, 6, 3, dtype=torch.float64)
+    for i, lv, k in itertools.product(range(4), range(6), range(3)):
+        counts[i, lv, k] = ((v[:, i] == lv) & (codes[:, owner[i]] == k)).sum()
+    for i, lv, k in itertools.product(range(4), range(6), range(3)):
+        b = slice(0, 3) if lv < 3 else slice(3, 6)
+        beta = (counts[i, b, k] + prior.leaf[i, b]).sum() / (counts[i, :, k] + prior.leaf[i]).sum()
+        split = counts[i].sum(1) + prior.leaf[i]
+        assert abs(float(leaves[i, lv, k] - beta * split[lv] / split[b].sum())) < 1e-6
+    assert c.num_params == 2 + 1 * 3 * 2 + 4 * 3 * 1 + 4 * 4
+    untied = distill_tree(codes, images, 3, 6, (1, 2, 2), (1, 2), Smoothing(prior.leaf, 0.5, bins=6))
+    plain = distill_tree(codes, images, 3, 6, (1, 2, 2), (1, 2), Smoothing(prior.leaf, 0.5))
+    assert torch.allclose(untied.log_params().leaves, plain.log_params().leaves)
+
+
 def test_smoothing_centres_on_the_pixel_marginal() -> None:
     images = torch.tensor([[0, 2], [0, 2], [0, 1]])
     s = smoothing(images, 3, leaf=2.0, edge=0.3)
@@ -82,6 +106,20 @@ def test_em_lowers_training_nll_and_keeps_the_best_validation_iteration() -> Non
     assert abs(train[0] - start) < 1e-6 and train[-1] < train[0] - 0.05
     assert all(b <= a + 1e-3 for a, b in itertools.pairwise(train))  # MAP-EM: the NLL (≈) never rises
     assert abs(bpd(c, images[200:]) - result.best_val_bpd) < 1e-6
+
+
+def test_em_with_tied_leaves_never_raises_the_training_nll() -> None:
+    g = torch.Generator().manual_seed(5)
+    images = torch.randint(0, 8, (200, 1, 4, 4), generator=g)
+    images[::2] = (images[::2] * torch.linspace(0, 1, 16).view(1, 1, 4, 4)).long()  # two kinds of images
+    codes = torch.randint(0, 3, (200, 4), generator=g)
+    prior = smoothing(images, 8, leaf=0.1, edge=0.1, bins=4)
+    c = distill_tree(codes, images, 3, 8, (1, 4, 4), (2, 2), prior)
+    result = em_fit(c, images, images[:50], prior, iterations=5, patience=5, batch_size=64)
+    train = [h["train_bpd"] for h in result.history]
+    assert train[-1] < train[0] - 0.01 and all(b <= a + 1e-4 for a, b in itertools.pairwise(train))
+    tied = c.log_params().leaves.exp()
+    assert torch.allclose(tied[:, 0] / tied[:, 1], (tied[:, 0] / tied[:, 1])[:, :1].expand(-1, 3), rtol=1e-4)
 
 
 def test_adam_route_lowers_validation_nll_and_resumes(tmp_path: Path) -> None:
@@ -111,3 +149,19 @@ def test_patch_kmeans_finds_each_positions_clusters() -> None:
     for j in range(2):  # the partition is the truth's up to a relabelling
         pairs = set(zip(codes[:, j].tolist(), truth[:, j].tolist()))
         assert len(pairs) == 3 and len({a for a, _ in pairs}) == 3
+
+
+def test_context_windows_widen_each_patch_by_its_neighbours() -> None:
+    owner = patch_owner((1, 4, 4), (2, 2))  # four 2x2 patches
+    images = torch.arange(16).view(1, 1, 4, 4).expand(3, 1, 4, 4).clone()
+    x = _patches(images, owner, 16, context=1, context_weight=0.5)  # [M, n, P]: 3x3 windows
+    assert x.shape == (4, 3, 9)
+    first = {round(float(v) * 15, 3) for v in x[0, 0]}  # window of the top-left patch: rows 0-2, cols 0-2
+    assert first == {0, 1, 5, 4, 2 * 0.5, 6 * 0.5, 8 * 0.5, 9 * 0.5, 10 * 0.5}
+    plain = _patches(images, owner, 16)
+    assert plain.shape == (4, 3, 4) and sorted((plain[3, 0] * 15).round().tolist()) == [10, 11, 14, 15]
+    g = torch.Generator().manual_seed(6)
+    codes, _ = patch_kmeans_codes(images, owner, 1, 16, iterations=2, generator=g, context=1)
+    assert codes.shape == (3, 4)
+    with pytest.raises(ValueError, match="context windows need images shaped"):
+        patch_kmeans_codes(images.view(3, 16), owner, 1, 16, context=1)

@@ -40,3 +40,21 @@ def test_distill_tree_names_a_missing_prior(run_dir: Path, tmp_path: Path, capsy
     argv = ["distill-tree", str(run_dir), *DATA, "--source", "prior", "--out", str(tmp_path / "t.safetensors")]
     code, _, err = run_cli(argv, capsys)
     assert code == 1 and "no prior" in err and not (tmp_path / "t.safetensors").exists()
+
+
+def test_distill_tree_from_kmeans_latents_with_tied_leaves(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "tree.safetensors"
+    argv = ["distill-tree", *DATA, "--source", "kmeans", "--grid", "4", "4", "--K", "6", "--context", "1"]
+    code, stdout, err = run_cli([*argv, "--leaf-bins", "4", "--iterations", "2", "--out", str(out)], capsys)
+    assert code == 0, err
+    row = last_json(stdout)
+    assert row["grid"] == [4, 4] and row["K"] == 6 and row["leaf_bins"] == 4
+    c = TreeCircuit.load(out)
+    assert c.num_params == row["params"] == 5 + 15 * 6 * 5 + 64 * 6 * 3 + 64 * (17 - 4)
+    leaves = c.log_params().leaves.exp()  # tied: levels 0 and 1 share a bin, their ratio is one per pixel
+    assert torch.allclose(leaves[:, 0] / leaves[:, 1], (leaves[:, 0] / leaves[:, 1])[:, :1].expand(-1, 6), rtol=1e-4)
+
+
+def test_distill_tree_needs_a_run_folder_for_vqvae_latents(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run_cli(["distill-tree", *DATA, "--out", str(tmp_path / "t.safetensors")], capsys)
+    assert code == 1 and "needs a run folder" in err and not (tmp_path / "t.safetensors").exists()

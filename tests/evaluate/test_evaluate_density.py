@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -34,6 +36,25 @@ def test_single_gaussian_matches_hand_computation() -> None:
     assert res["mean"] == pytest.approx(sum(expected) / 2, rel=1e-5)
     assert res["std"] == pytest.approx(abs(expected[0] - expected[1]) / 2, rel=1e-3, abs=1e-7)
     assert res["draws"] == 2 and res["n_images"] == 40
+    assert float(res["per_image"].mean()) == pytest.approx(res["mean"], rel=1e-9) and res["per_image"].shape == (40,)
+
+
+def test_paired_difference_and_per_image_files(tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(8)
+    b = 1 + torch.rand(5000, generator=g, dtype=torch.float64)
+    a = b - 0.01 + 0.05 * torch.randn(5000, generator=g, dtype=torch.float64)  # A is 0.01 lower on average
+    row = density.paired_difference(a, b)
+    d = a - b
+    half = 1.96 * float(d.std()) / math.sqrt(5000)
+    assert row["difference"] == pytest.approx(float(d.mean())) and row["ci95"][1] - row["ci95"][0] == pytest.approx(
+        2 * half
+    )
+    assert row["ci95"][0] < -0.01 < row["ci95"][1] < 0 and row["a_lower_fraction"] == float((d < 0).double().mean())
+    with pytest.raises(ValueError, match="equal-length"):
+        density.paired_difference(a, b[:10])
+    path = density.save_per_image(tmp_path / "a.test_bpd.npy", a)
+    assert path.name == "a.test_bpd.npy" and sorted(p.name for p in tmp_path.iterdir()) == ["a.test_bpd.npy"]
+    assert torch.equal(torch.from_numpy(np.load(path)), a)
 
 
 def test_per_image_quantiles_equal_a_direct_computation() -> None:

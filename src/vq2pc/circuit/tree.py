@@ -82,9 +82,13 @@ class TreeCircuit(nn.Module):
 
     @property
     def num_params(self) -> int:
-        """Free parameters (each distribution's ``n`` probabilities count ``n − 1``)."""
+        """Free parameters (each distribution's ``n`` probabilities count ``n − 1``); with tied leaves
+        (``meta["leaf_bins"]``, see :func:`vq2pc.circuit.tree_fit.m_step`) ``bins − 1`` per (variable,
+        state) plus ``L − bins`` per variable."""
         s, m, k, lv = self.num_variables, self.tree.num_nodes, self.K, self.levels
-        return (k - 1) + (m - 1) * k * (k - 1) + s * k * (lv - 1)
+        bins = int(self.meta.get("leaf_bins") or lv)
+        leaves = s * k * (lv - 1) if bins >= lv else s * k * (bins - 1) + s * (lv - bins)
+        return (k - 1) + (m - 1) * k * (k - 1) + leaves
 
     def log_params(self) -> TreeParams:
         """The normalized log-parameters (differentiable functions of the stored logits)."""

@@ -52,13 +52,16 @@ __all__ = [
 @dataclass
 class Smoothing:
     """Dirichlet pseudo-counts: ``leaf [S, L]`` added to every ``(variable, state)`` leaf's level counts;
-    ``edge`` added to every entry of the root and edge tables."""
+    ``edge`` added to every entry of the root and edge tables. ``bins`` (optional) ties the leaves: each
+    state keeps only the probabilities of ``bins`` equal-width bins of levels, and the split of a bin into
+    its levels is one per variable, shared by all states."""
 
     leaf: Tensor
     edge: float
+    bins: int | None = None
 
 
-def smoothing(images: Tensor, levels: int, leaf: float = 1.0, edge: float = 0.1) -> Smoothing:
+def smoothing(images: Tensor, levels: int, leaf: float = 1.0, edge: float = 0.1, bins: int | None = None) -> Smoothing:
     """Pseudo-counts ``leaf · L · m_i(l)`` with ``m_i`` variable ``i``'s Laplace-smoothed level histogram in
     ``images [n, S]`` (a prior centred on the pixel's marginal, not on uniform levels: MNIST's rare
     grey levels stay rare), and ``edge`` per root/edge entry."""
@@ -68,7 +71,7 @@ def smoothing(images: Tensor, levels: int, leaf: float = 1.0, edge: float = 0.1)
         0, (torch.arange(s) * levels + v).reshape(-1), torch.ones(v.numel(), dtype=torch.float64)
     )
     marginal = (hist.view(s, levels) + 1) / (v.shape[0] + levels)
-    return Smoothing((leaf * levels * marginal).float(), float(edge))
+    return Smoothing((leaf * levels * marginal).float(), float(edge), bins)
 
 
 def encoded_pairs(vqvae: VQVAE, images: Tensor, batch_size: int = 1024) -> tuple[Tensor, Tensor]:
@@ -141,12 +144,28 @@ def m_step(counts: TreeParams, prior: Smoothing) -> TreeParams:
     """Normalized log-parameters from (expected) counts plus the pseudo-counts ``prior``."""
     root = counts.root.double() + prior.edge
     edges = counts.edges.double() + prior.edge
-    leaves = counts.leaves + prior.leaf.to(counts.leaves)[:, :, None]
     return TreeParams(
         (root / root.sum()).log().float(),
         (edges / edges.sum(2, keepdim=True)).log().float(),
-        (leaves / leaves.sum(1, keepdim=True)).log().float(),
+        _leaf_log_probs(counts.leaves.double(), prior.leaf.to(counts.leaves).double(), prior.bins).float(),
     )
+
+
+def _leaf_log_probs(counts: Tensor, prior: Tensor, bins: int | None) -> Tensor:
+    """``log θ [S, L, K]`` from level counts ``[S, L, K]`` and pseudo-counts ``prior [S, L]``: one
+    categorical per (variable, state), or with ``bins`` the tied form ``θ_{i,l,k} = β_{i,b(l),k} ·
+    γ_{i,l}`` (bin ``b(l) = ⌊l·bins/L⌋`` per state, the split ``γ`` inside a bin per variable) — the exact
+    M-step of that parameterization, since the complete-data likelihood factorizes over ``β`` and ``γ``."""
+    s, levels, k = counts.shape
+    leaves = counts + prior[:, :, None]
+    if bins is None or bins >= levels:
+        return (leaves / leaves.sum(1, keepdim=True)).log()
+    bin_of = torch.arange(levels, device=counts.device) * bins // levels
+    per_bin = leaves.new_zeros(s, bins, k).index_add_(1, bin_of, leaves)  # [S, bins, K]
+    split = counts.sum(2) + prior  # [S, L]
+    split_total = split.new_zeros(s, bins).index_add_(1, bin_of, split)
+    log_beta = (per_bin / per_bin.sum(1, keepdim=True)).log()[:, bin_of]  # [S, L, K]
+    return log_beta + (split / split_total[:, bin_of]).log()[:, :, None]
 
 
 def distill_tree(

@@ -1,4 +1,4 @@
-"""``vq2pc distill-tree``: a deep distilled circuit (a tree over the latent grid) from a run folder's VQ-VAE."""
+"""``vq2pc distill-tree``: a deep distilled circuit (a tree over a latent grid with patch-local leaves)."""
 
 from __future__ import annotations
 
@@ -9,12 +9,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from vq2pc.circuit.tree_fit import SOURCES, bpd, distill_tree, em_fit, smoothing, source_pairs
+from vq2pc.circuit.tree_kmeans import kmeans_pairs
 from vq2pc.cli.options import add_parser, data_options, out_option
-from vq2pc.data.datasets import check_fits, load_dataset
+from vq2pc.data.datasets import DataSplits, check_fits, load_dataset
 from vq2pc.models.priors import load_prior
 from vq2pc.models.vqvae import VQVAE
+
+ALL_SOURCES = (*SOURCES, "kmeans")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -22,23 +26,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = add_parser(
         subparsers,
         "distill-tree",
-        help="a tree circuit over a VQ-VAE's latent grid with patch-local leaves (latent variable distillation + EM); "
+        help="a tree circuit over a latent grid with patch-local leaves (latent variable distillation + EM); "
         "prints JSON",
-        description="Latent variable distillation: the VQ-VAE's codes (or the prior's samples) make the data complete; "
-        "a Chow-Liu tree over the latent positions and per-patch categorical leaves are counted in closed form, then "
-        "fine-tuned by EM on the training images, early-stopped on validation BPD. The result is an exact circuit over "
-        "all K^{HW} latent grids (vq2pc.TreeCircuit).",
+        description="Latent variable distillation: latents for the training images — a VQ-VAE's codes, the prior's "
+        "samples, or k-means codes of each patch (no VQ-VAE needed) — make the data complete; a Chow-Liu tree over "
+        "the latent positions and per-patch categorical leaves are counted in closed form, then fine-tuned by EM on "
+        "the training images, early-stopped on validation BPD. The result is an exact circuit over all K^{HW} latent "
+        "grids (vq2pc.TreeCircuit).",
     )
-    p.add_argument(
-        "run", help="folder with vqvae.pt (and prior*.pt for --source prior / mixed), e.g. RUN/categorical/4x4"
-    )
+    p.add_argument("run", nargs="?", help="folder with vqvae.pt (and prior*.pt for --source prior / mixed)")
     data_options(p)
-    p.add_argument("--source", choices=SOURCES, default="encoded", help="where the latents come from")
+    p.add_argument("--source", choices=ALL_SOURCES, default="encoded", help="where the latents come from")
     p.add_argument(
         "--prior-samples", type=int, default=20000, help="pairs drawn from the prior (--source prior / mixed)"
     )
+    p.add_argument("--grid", type=int, nargs=2, default=(7, 7), help="latent grid h w (--source kmeans)")
+    p.add_argument("--K", type=int, default=128, help="states per latent (--source kmeans)")
+    p.add_argument("--context", type=int, default=0, help="k-means windows: pixels around each patch (kmeans)")
+    p.add_argument("--context-weight", type=float, default=1.0, help="scale of those context pixels (kmeans)")
     p.add_argument("--alpha-leaf", type=float, default=0.1, help="leaf pseudo-count (× L × the pixel's marginal)")
     p.add_argument("--alpha-edge", type=float, default=0.1, help="pseudo-count per root / edge table entry")
+    p.add_argument(
+        "--leaf-bins", type=int, default=0, help="tied leaves: level bins per state, the split inside a bin per "
+        "pixel (0: one categorical per pixel and state)",
+    )  # fmt: skip
     p.add_argument("--iterations", type=int, default=10, help="maximum EM iterations (0: the distilled circuit)")
     p.add_argument("--patience", type=int, default=1, help="EM iterations without a better validation BPD")
     p.add_argument("--batch-size", type=int, default=512, help="rows per E-step batch")
@@ -53,19 +64,34 @@ def _prior(run: Path, device: str) -> Any:
     return load_prior(found[0], device=device)
 
 
-def cmd_distill_tree(a: argparse.Namespace) -> int:
+def _pairs(a: argparse.Namespace, splits: DataSplits) -> tuple[Tensor, Tensor, int, tuple[int, int]]:
+    """``(codes [n, M], levels [n, S], K, grid)`` of the chosen latent source."""
+    gen = torch.Generator().manual_seed(a.seed)
+    if a.source == "kmeans":
+        grid = (int(a.grid[0]), int(a.grid[1]))
+        codes, images = kmeans_pairs(
+            splits.train_x, grid, a.K, splits.levels, gen, context=a.context, context_weight=a.context_weight
+        )
+        return codes, images, a.K, grid
+    if a.run is None:
+        raise ValueError(f"--source {a.source} needs a run folder with vqvae.pt (or use --source kmeans)")
     run = Path(a.run)
     vqvae = VQVAE.load(run / "vqvae.pt", device=a.device)
-    splits = load_dataset(a.dataset, a.data_dir, seed=a.seed, limit=a.limit)
     check_fits(vqvae.cfg.image_shape, vqvae.cfg.levels, splits, f"the VQ-VAE of {run}")
-    start = time.perf_counter()
     prior = _prior(run, a.device) if a.source != "encoded" else None
-    gen = torch.Generator().manual_seed(a.seed)
     codes, images = source_pairs(a.source, vqvae, splits.train_x, prior, a.prior_samples, gen)
-    smooth = smoothing(splits.train_x, splits.levels, a.alpha_leaf, a.alpha_edge)
-    meta = {"source": a.source, "dataset": splits.name}
-    c = distill_tree(codes, images, vqvae.K, splits.levels, splits.image_shape, vqvae.latent_hw, smooth, meta)
-    c = c.to(a.device)
+    return codes, images, vqvae.K, vqvae.latent_hw
+
+
+def cmd_distill_tree(a: argparse.Namespace) -> int:
+    if a.leaf_bins < 0 or a.context < 0:
+        raise ValueError(f"--leaf-bins and --context must be >= 0, got {a.leaf_bins} and {a.context}")
+    splits = load_dataset(a.dataset, a.data_dir, seed=a.seed, limit=a.limit)
+    start = time.perf_counter()
+    codes, images, K, grid = _pairs(a, splits)
+    smooth = smoothing(splits.train_x, splits.levels, a.alpha_leaf, a.alpha_edge, a.leaf_bins or None)
+    meta = {"source": a.source, "dataset": splits.name, "leaf_bins": a.leaf_bins or splits.levels}
+    c = distill_tree(codes, images, K, splits.levels, splits.image_shape, grid, smooth, meta).to(a.device)
     val_init = bpd(c, splits.val_x)
     fitted = em_fit(c, splits.train_x, splits.val_x, smooth, a.iterations, a.patience, a.batch_size)
     path = c.save(a.out)
@@ -73,7 +99,8 @@ def cmd_distill_tree(a: argparse.Namespace) -> int:
         "out": str(path),
         "source": a.source,
         "K": c.K,
-        "grid": list(vqvae.latent_hw),
+        "grid": list(grid),
+        "leaf_bins": a.leaf_bins or splits.levels,
         "params": c.num_params,
         "val_bpd_distilled": val_init,
         "val_bpd": fitted.best_val_bpd,

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from vq2pc.core.distributed import gather_rows, shard_range
+from vq2pc.core.files import atomic_write
 from vq2pc.data.datasets import bpd, to_model_space
 from vq2pc.evaluate.common import (
     DensityModel,
@@ -36,6 +37,8 @@ from vq2pc.evaluate.plots import family_style, new_figure, save_figure, styled
 __all__ = [
     "test_bpd",
     "discrete_twin",
+    "save_per_image",
+    "paired_difference",
     "plot_bpd_tails",
     "bpd_quantiles",
     "bpd_fields",
@@ -108,8 +111,9 @@ def test_bpd(
     ``data.to_model_space`` and averages ``data.bpd`` over images; the draws are scored in one
     :func:`model_log_prob` call (``[draws·n, S]`` rows), so the exact model decodes each latent once
     for all draws; the result is
-    ``{"mean", "std", "per_draw": [draws], "draws", "n_images"}`` (std over draws,
-    0 for discrete leaves which use a single draw).
+    ``{"mean", "std", "per_draw": [draws], "draws", "n_images", "per_image"}`` (std over draws, 0 for
+    discrete leaves which use a single draw; ``per_image`` a float64 ``[n]`` tensor, each image's BPD
+    averaged over the draws, for paired comparisons), plus the per-image quantiles.
     """
     check_images(v_test, "v_test")
     check_leaf_kind(leaf_kind, levels)
@@ -138,8 +142,39 @@ def test_bpd(
         "per_draw": per_draw,
         "draws": draws,
         "n_images": n,
+        "per_image": per_image,
         **bpd_quantiles(per_image),
         **extra,
+    }
+
+
+def save_per_image(path: str | Path, per_image: Tensor) -> Path:
+    """Write per-image BPDs ``[n]`` as a float64 ``.npy`` file, atomically (paired comparisons read it)."""
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.save would append ".npy" to the temporary name
+            np.save(f, per_image.double().cpu().numpy())
+
+    return atomic_write(path, write)
+
+
+def paired_difference(a: Tensor, b: Tensor) -> dict[str, float]:
+    """Paired per-image comparison of two models' BPDs ``a [n]`` and ``b [n]`` on the same images:
+    the mean difference ``a − b`` with its 95% interval (normal approximation, ``1.96·sd/√n``; fine for
+    thousands of images) and the fraction of images where ``a`` is lower."""
+    a, b = a.double().reshape(-1), b.double().reshape(-1)
+    if a.shape != b.shape or a.numel() < 2:
+        raise ValueError(f"need two equal-length sets of at least 2 per-image BPDs, got {a.numel()} and {b.numel()}")
+    d = a - b
+    half = 1.96 * float(d.std()) / math.sqrt(d.numel())
+    mean = float(d.mean())
+    return {
+        "n": d.numel(),
+        "mean_a": float(a.mean()),
+        "mean_b": float(b.mean()),
+        "difference": mean,
+        "ci95": [mean - half, mean + half],
+        "a_lower_fraction": float((d < 0).double().mean()),
     }
 
 

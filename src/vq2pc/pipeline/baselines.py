@@ -20,7 +20,7 @@ from vq2pc.circuit.cirkit import require_cirkit
 from vq2pc.circuit.mixture import MixtureCircuit
 from vq2pc.core.files import write_json
 from vq2pc.data.datasets import DataSplits
-from vq2pc.evaluate.density import BPD_FORMAT, bpd_fields, test_bpd
+from vq2pc.evaluate.density import BPD_FORMAT, bpd_fields, save_per_image, test_bpd
 from vq2pc.models.train import TrainConfig, TrainResult
 from vq2pc.pipeline.config import BaselineSpec, CircuitSpec, RunConfig
 from vq2pc.pipeline.models import score_test
@@ -263,5 +263,6 @@ def fit_circuit(
         "batch_size": train.batch_size,
         "history": res.history,
     }
+    save_per_image(out / f"{key}.test_bpd.npy", test["per_image"])
     write_json(out / f"{key}.json", row)
     return row
