@@ -81,7 +81,8 @@ def _args() -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--fit", choices=("em", "adam"), default="em", help="fine-tuning: MAP-EM or Adam (train.fit)")
     p.add_argument("--lr", type=float, default=0.03, help="Adam learning rate (--fit adam)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of k-means and EM")
+    p.add_argument("--data-seed", type=int, default=0, help="seed of the train/validation split")
     p.add_argument("--out", default=None, help="save the fitted circuit here (.safetensors)")
     p.add_argument("--per-image", default=None, help="save each test image's BPD here (.npy, paired_bpd.py)")
     return p.parse_args()
@@ -151,7 +152,7 @@ def main() -> None:
     a = _args()
     torch.manual_seed(a.seed)
     gen = torch.Generator().manual_seed(a.seed)
-    d = load_dataset(a.dataset, a.data_dir, seed=a.seed)
+    d = load_dataset(a.dataset, a.data_dir, seed=a.data_seed)
     train, val, test = d.train_x[: a.train_limit], d.val_x[: a.val_limit], d.test_x[: a.test_limit]
     start, cpu_start = time.perf_counter(), time.process_time()
     codes, images, K, grid = _pairs(a, train, d.levels, gen)
@@ -172,7 +173,7 @@ def main() -> None:
         save_per_image(a.per_image, test_bpd)
     row = {
         "source": a.source, "context": a.context, "context_weight": a.context_weight, "K": K, "grid": list(grid), "n_train": len(train), "n_pairs": len(codes),
-        "n_val": len(val), "n_test": len(test), "alpha_leaf": alpha, "leaf_bins": bins, "alpha_edge": a.alpha_edge,
+        "n_val": len(val), "n_test": len(test), "seed": a.seed, "data_seed": a.data_seed, "alpha_leaf": alpha, "leaf_bins": bins, "alpha_edge": a.alpha_edge,
         "val_bpd_init": round(val_init, 4), "val_bpd": round(result.best_val_bpd, 4),
         "test_bpd": round(float(test_bpd.mean()), 4), "train_bpd": _rounded(result.history[result.best_iteration]["train_bpd"]),
         "params": c.num_params, "distill_seconds": round(distill_seconds, 1), "fit_seconds": round(result.seconds, 1),

@@ -148,3 +148,21 @@ def test_mnist_tree_circuit_prints_its_line(fit: str) -> None:
     (line,) = [json.loads(s) for s in out.stdout.splitlines()]
     assert {"val_bpd_init", "val_bpd", "test_bpd", "params", "cpu_seconds", "alpha_leaf"} <= set(line)
     assert line["K"] == 4 and line["grid"] == [2, 2] and line["val_bpd"] <= line["val_bpd_init"] + 1e-9
+
+
+@pytest.mark.slow
+def test_tree_seeds_their_mixture_and_paired_differences(tmp_path: Path) -> None:
+    base = ["--dataset", "digits", "--source", "kmeans", "--K", "4", "--grid", "4", "4", "--context", "1"]
+    sizes = ["--train-limit", "100", "--val-limit", "50", "--em-iterations", "1", "--leaf-bins", "0", "8"]
+    for seed in ("0", "1"):
+        files = ["--out", str(tmp_path / f"t{seed}.safetensors"), "--per-image", str(tmp_path / f"t{seed}.npy")]
+        _benchmark("mnist_tree_circuit.py", *base, *sizes, "--seed", seed, *files)
+    trees = [str(tmp_path / f"t{seed}.safetensors") for seed in ("0", "1")]
+    out = _benchmark("tree_ensemble.py", *trees, "--dataset", "digits", "--against", str(tmp_path / "t1.npy"))
+    row = json.loads(out.stdout)
+    # Jensen: -log((p0 + p1) / 2) <= the mean of -log p_t on every image, so on their mean too
+    assert row["trees"] == 2 and row["mixture_test_bpd"] <= row["test_bpd_mean"] + 1e-4
+    assert abs(row["paired_vs_baseline"][1]["difference"]) < 1e-6  # tree 1 against its own per-image file
+    paired = json.loads(_benchmark("paired_bpd.py", str(tmp_path / "t0.npy"), str(tmp_path / "t1.npy")).stdout)
+    assert paired["mean_a"] == pytest.approx(row["test_bpd"][0], abs=1e-4)
+    assert paired["difference"] == pytest.approx(row["paired_vs_baseline"][0]["difference"], abs=1e-4)
