@@ -15,9 +15,9 @@ from vq2pc.core.checkpoint import CheckpointError
 PARENT = torch.tensor([1, -1, 1, 2])  # a 4-node tree of depth 2 rooted at node 1
 
 
-def _circuit(owner: torch.Tensor, K: int = 3, L: int = 3, seed: int = 0) -> TreeCircuit:
+def _circuit(owner: torch.Tensor, K: int = 3, L: int = 3, seed: int = 0, parent: torch.Tensor = PARENT) -> TreeCircuit:
     torch.manual_seed(seed)
-    c = TreeCircuit(PARENT, owner, K, L).double()
+    c = TreeCircuit(parent, owner, K, L).double()
     with torch.no_grad():
         for p in c.parameters():
             p.normal_(0, 1.5)
@@ -38,6 +38,14 @@ def _brute_joint(c: TreeCircuit, x: torch.Tensor) -> torch.Tensor:
     ].sum(1)
     leaf = p[2][torch.arange(c.num_variables), x.long()[:, None, :], zs[:, c.owner][None]]  # [B, G, S]
     return lp + leaf.sum(-1)
+
+
+def test_a_wider_deeper_tree_equals_enumeration() -> None:
+    parent = torch.tensor([1, -1, 1, 2, 0, 4])  # levels [1], [0, 2], [4, 3], [5]: parents in both slots
+    c = _circuit(torch.tensor([0, 1, 2, 3, 4, 5, 5]), K=2, L=2, seed=2, parent=parent)
+    x = _all_images(7, 2)
+    assert torch.allclose(c.log_prob(x), torch.logsumexp(_brute_joint(c, x), 1), atol=1e-10)
+    assert abs(float(torch.logsumexp(c.log_prob(x), 0))) < 1e-12
 
 
 def test_normalized_over_every_image() -> None:

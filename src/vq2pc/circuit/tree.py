@@ -126,17 +126,22 @@ class TreeCircuit(nn.Module):
         return out.view(b, m, self.K)
 
     def upward(self, ll: Tensor, params: TreeParams) -> tuple[Tensor, Tensor]:
-        """Upward pass: ``(log p(x) [B], up [B, M, K])`` with ``up[:, j, k] = log p(x_subtree(j) | z_j = k)``."""
+        """Upward pass: ``(log p(x) [B], up [B, M, K])`` with ``up[:, j, k] = log p(x_subtree(j) | z_j = k)``.
+
+        The leaf terms are split by level once (one gather; its backward one scatter), each level's
+        incoming messages are summed into a tensor of its own size, and the edges are split by level:
+        no step touches the whole ``[B, M, K]`` tensor, so a deep tree costs what its nodes cost."""
         t = self.tree
-        inc = torch.zeros_like(ll)
-        for d in range(len(t.levels) - 1, 0, -1):
-            nodes, parents, (a, b) = t.levels[d], t.level_parents[d], t.edge_slices[d]
-            u = ll[:, nodes] + inc[:, nodes]  # [B, n, K]
+        parts = ll[:, t.order].split(t.level_sizes, dim=1)  # [B, n_d, K] per level
+        edges = params.edges.exp().split(t.level_sizes[1:], dim=0)  # [n_d, K, K] into each level d >= 1
+        ups: list[Tensor] = list(parts)
+        for d in range(len(parts) - 1, 0, -1):
+            u = ups[d]  # [B, n, K]: its children's messages already added
             top = u.amax(-1, keepdim=True)
-            msg = torch.einsum("bnc,npc->bnp", (u - top).exp(), params.edges[a:b].exp()).log() + top
-            inc = inc.index_add(1, parents, msg)
-        up = ll + inc
-        return torch.logsumexp(params.root + up[:, t.root], -1), up
+            msg = torch.einsum("bnc,npc->bnp", (u - top).exp(), edges[d - 1]).log() + top
+            ups[d - 1] = ups[d - 1] + torch.zeros_like(ups[d - 1]).index_add(1, t.parent_slots[d], msg)
+        up = torch.cat(ups, 1)[:, t.inverse]
+        return torch.logsumexp(params.root + ups[0][:, 0], -1), up
 
     def forward(self, x: Tensor, weights: Tensor | None = None, params: TreeParams | None = None) -> Tensor:
         """``log p(x)`` ``[B]`` of validated levels ``x [B, S]`` (long), differentiable (training)."""

@@ -28,7 +28,9 @@ class LatentTree:
     ``parent [M]`` (long, ``-1`` at the root). Edges are numbered by their child in level order, so the
     edges into level ``d`` are the contiguous slice ``edge_slices[d]`` and ``children[e]`` is edge ``e``'s
     child. ``levels[d]`` holds the nodes at depth ``d`` (``levels[0] = [root]``), ``level_parents[d]``
-    their parents (``d ≥ 1``).
+    their parents (``d ≥ 1``) and ``parent_slots[d]`` those parents' positions within ``levels[d − 1]``.
+    ``order [M]`` lists the nodes level by level (``levels`` concatenated) and ``inverse [M]`` is each
+    node's position in ``order``.
     """
 
     parent: Tensor
@@ -37,6 +39,13 @@ class LatentTree:
     level_parents: tuple[Tensor, ...]
     edge_slices: tuple[tuple[int, int], ...]
     children: Tensor
+    order: Tensor
+    inverse: Tensor
+    parent_slots: tuple[Tensor, ...]
+
+    @property
+    def level_sizes(self) -> list[int]:
+        return [int(lv.numel()) for lv in self.levels]
 
     @property
     def num_nodes(self) -> int:
@@ -61,13 +70,21 @@ class LatentTree:
         if sum(len(lv) for lv in levels) != m:
             raise ValueError(f"parent is not a tree: some nodes do not reach the root ({parent.tolist()})")
         bounds = [0, *torch.tensor([len(lv) for lv in levels[1:]]).cumsum(0).tolist()]
+        order = torch.tensor([node for lv in levels for node in lv], dtype=torch.long)
+        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(m))
+        starts = [0, *itertools.accumulate(len(lv) for lv in levels)]
+        level_parents = tuple(parent[torch.tensor(lv)] for lv in levels)
         return cls(
             parent=parent,
             root=roots[0],
             levels=tuple(torch.tensor(lv) for lv in levels),
-            level_parents=tuple(parent[torch.tensor(lv)] for lv in levels),
+            level_parents=level_parents,
             edge_slices=((0, 0), *itertools.pairwise(bounds)),
             children=torch.tensor([c for lv in levels[1:] for c in lv], dtype=torch.long),
+            order=order,
+            inverse=inverse,
+            parent_slots=(torch.zeros(0, dtype=torch.long),)
+            + tuple(inverse[level_parents[d]] - starts[d - 1] for d in range(1, len(levels))),
         )
 
     def to(self, device: torch.device | str) -> LatentTree:
@@ -78,6 +95,9 @@ class LatentTree:
             tuple(t.to(device) for t in self.level_parents),
             self.edge_slices,
             self.children.to(device),
+            self.order.to(device),
+            self.inverse.to(device),
+            tuple(t.to(device) for t in self.parent_slots),
         )
 
 

@@ -155,17 +155,6 @@ def default_model() -> ModelSpec:
     return ModelSpec(ft_strategies=["sample"], finetune=FineTuneConfig(epochs=3, patience=3, lr=3e-3, refresh=10))
 
 
-def transformer_twin() -> ModelSpec:
-    """The default run's second model: the first one's VQ-VAE with a Transformer prior (PixelCNN vs Transformer)."""
-    return ModelSpec(
-        name="2x2-tf",
-        vqvae_from="2x2",
-        prior="transformer",
-        strategies=["exhaustive", "sample", "beam"],
-        em_strategies=[],
-    )
-
-
 @settings
 class RunConfig:
     """Everything a ``vq2pc run`` needs; see ``configs/`` for annotated examples."""
@@ -186,7 +175,7 @@ class RunConfig:
         default_factory=lambda: ["gaussian", "categorical"]
     )
     models: Annotated[list[ModelSpec], Field(min_length=1)] = field(
-        default_factory=lambda: [default_model(), transformer_twin()]
+        default_factory=lambda: [default_model()]
     )
     main_model: str | None = Field(None, description="model used for the experiments; default: the first")
     max_exhaustive: Count = Field(2**22, description="largest latent space distilled exhaustively (ExM)")
