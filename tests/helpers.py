@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import torch
+from scipy.stats import chi2
 
 from vq2pc.baselines.cm import CMConfig
 from vq2pc.circuit.finetune import FineTuneConfig
@@ -149,6 +150,18 @@ def tiny_cm_paper(image_shape: tuple[int, ...], levels: int, **kw: Any) -> CMCon
     ``kw`` overrides its settings."""
     small = {"latent_dim": 3, "channels": 4, "feature_hw": (2, 2), "points": 64, "refresh": 2}
     return CMConfig(image_shape, **{"leaf": "gaussian", "levels": levels, "recipe": "paper", **small, **kw})
+
+
+def assert_sample_frequencies(model: Any, levels: int, s: int, seed: int, n: int = 20000) -> None:
+    """``n`` unconditional draws ``[n, S]`` of ``model`` over every ``levels^S`` image pass a chi-square test
+    against ``exp(model.log_prob)`` at level 0.001."""
+    draws = model.sample(n, generator=torch.Generator().manual_seed(seed))
+    assert draws.shape == (n, s)
+    xs = torch.tensor(list(itertools.product(range(levels), repeat=s)), dtype=torch.float32)
+    p = model.log_prob(xs).double().exp()
+    counts = (draws[:, None, :] == xs[None]).all(-1).sum(0).double()
+    stat = ((counts - n * p) ** 2 / (n * p)).sum().item()
+    assert stat < chi2.ppf(0.999, len(xs) - 1), stat
 
 
 def start_python(args: list[str], cwd: Path | None = None) -> subprocess.Popen:
