@@ -3,15 +3,25 @@
 import dataclasses
 import itertools
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from scipy.stats import chi2
 
+from vq2pc.baselines.cm import CMConfig
 from vq2pc.circuit.finetune import FineTuneConfig
+from vq2pc.core.checkpoint import load_checkpoint
+from vq2pc.data.datasets import DataSplits
 from vq2pc.models.priors.pixelcnn import PixelCNNPrior, PriorConfig
 from vq2pc.models.priors.transformer import TransformerPrior, TransformerPriorConfig
 from vq2pc.models.train import TrainConfig
+from vq2pc.models.vqvae import VQVAE, VQVAEConfig, train_vqvae
 from vq2pc.pipeline.config import BaselineSpec, ExperimentSpec, ModelSpec, RunConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,6 +136,62 @@ def spawn_ranks(fn, world: int, *args, timeout: float = 600.0) -> None:
             for p in ctx.processes:
                 p.kill()
             raise TimeoutError(f"distributed test ranks still running after {timeout:.0f} s")
+
+
+def tiny_vqvae(splits: DataSplits, epochs: int) -> VQVAE:
+    """A Gaussian VQ-VAE (2×2 grid, K = 8, D = 4, 8 channels) trained ``epochs`` epochs on ``splits``."""
+    arch = {"latent_hw": (2, 2), "K": 8, "D": 4, "hidden": 8, "res_blocks": 0}
+    cfg = VQVAEConfig(image_shape=splits.image_shape, levels=splits.levels, leaf="gaussian", **arch)
+    return train_vqvae(splits, cfg, TrainConfig(epochs=epochs, batch_size=64, lr=3e-3, progress=False))[0]
+
+
+def tiny_cm_paper(image_shape: tuple[int, ...], levels: int, **kw: Any) -> CMConfig:
+    """A Gaussian continuous mixture of the paper recipe small enough for tests (64 grid points, 4 channels);
+    ``kw`` overrides its settings."""
+    small = {"latent_dim": 3, "channels": 4, "feature_hw": (2, 2), "points": 64, "refresh": 2}
+    return CMConfig(image_shape, **{"leaf": "gaussian", "levels": levels, "recipe": "paper", **small, **kw})
+
+
+def assert_sample_frequencies(model: Any, levels: int, s: int, seed: int, n: int = 20000) -> None:
+    """``n`` unconditional draws ``[n, S]`` of ``model`` over every ``levels^S`` image pass a chi-square test
+    against ``exp(model.log_prob)`` at level 0.001."""
+    draws = model.sample(n, generator=torch.Generator().manual_seed(seed))
+    assert draws.shape == (n, s)
+    xs = torch.tensor(list(itertools.product(range(levels), repeat=s)), dtype=torch.float32)
+    p = model.log_prob(xs).double().exp()
+    counts = (draws[:, None, :] == xs[None]).all(-1).sum(0).double()
+    stat = ((counts - n * p) ** 2 / (n * p)).sum().item()
+    assert stat < chi2.ppf(0.999, len(xs) - 1), stat
+
+
+def start_python(args: list[str], cwd: Path | None = None) -> subprocess.Popen:
+    """``python *args`` in a process of its own on one thread (stderr kept for the failure message)."""
+    return subprocess.Popen(
+        [sys.executable, *args],
+        cwd=cwd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+
+
+def finish(proc: subprocess.Popen) -> None:
+    """Wait for ``proc`` (at most 10 minutes); it must succeed."""
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
+
+
+def kill_during(proc: subprocess.Popen, checkpoint: Path, kind: str) -> int:
+    """SIGKILL ``proc`` as soon as ``checkpoint`` holds a finished epoch; returns the epochs it holds."""
+    deadline = time.monotonic() + 300
+    while not checkpoint.exists():
+        assert proc.poll() is None, f"the run ended before writing {checkpoint}: {proc.stderr.read()}"
+        assert time.monotonic() < deadline, f"no {checkpoint} after 300 s"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    return int(load_checkpoint(checkpoint, kind)["train_state"]["epoch"])
 
 
 def synthetic_codes(n: int, K: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

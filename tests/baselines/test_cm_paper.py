@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from helpers import tiny_cm_paper
 
 from vq2pc.baselines.cm import CMConfig, ContinuousMixture, compile_cm, sobol_normal, train_cm
 from vq2pc.baselines.cm_paper import GridLoss
@@ -33,17 +34,7 @@ def digits():
 
 
 def _cfg(digits, **kw) -> CMConfig:
-    base = dict(
-        leaf="gaussian",
-        levels=digits.levels,
-        latent_dim=3,
-        recipe="paper",
-        channels=4,
-        feature_hw=(2, 2),
-        points=64,
-        refresh=2,
-    )
-    return CMConfig(digits.image_shape, **{**base, **kw})
+    return tiny_cm_paper(digits.image_shape, digits.levels, **kw)
 
 
 def _model(cfg: CMConfig, seed: int = 0) -> ContinuousMixture:

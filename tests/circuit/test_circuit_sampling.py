@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import itertools
-
 import torch
+from helpers import assert_sample_frequencies
 
 from vq2pc.circuit import MixtureCircuit
 from vq2pc.core.leaves import Categorical, Gaussian
@@ -13,15 +12,7 @@ from vq2pc.core.leaves import Categorical, Gaussian
 def test_unconditional_sample_frequencies_match_probabilities() -> None:
     g = torch.Generator().manual_seed(0)
     c = MixtureCircuit(Categorical(2 * torch.randn(4, 2, 3, generator=g)), torch.randn(4, generator=g))
-    n = 20000
-    draws = c.sample(n, generator=torch.Generator().manual_seed(1))
-    assert draws.shape == (n, 2)
-    xs = torch.tensor(list(itertools.product(range(3), repeat=2)), dtype=torch.float32)
-    p = c.log_prob(xs).double().exp()
-    counts = (draws[:, None, :] == xs[None]).all(-1).sum(0).double()
-    chi2 = ((counts - n * p) ** 2 / (n * p)).sum().item()
-    # 8 degrees of freedom: P(chi2 > 26.1) = 0.001
-    assert chi2 < 26.1, chi2
+    assert_sample_frequencies(c, levels=3, s=2, seed=1)
 
 
 def test_conditional_samples_keep_observed_and_match_conditional_mean() -> None:

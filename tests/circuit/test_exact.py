@@ -6,8 +6,7 @@ import itertools
 
 import pytest
 import torch
-from helpers import make_prior
-from scipy.stats import chi2
+from helpers import assert_sample_frequencies, make_prior
 
 from vq2pc.circuit import MixtureCircuit
 from vq2pc.circuit.distill import decode_leaf, distill
@@ -178,14 +177,7 @@ def test_unconditional_sample_frequencies_match_exact_probabilities() -> None:
     tiny_prior.set_class_prior(torch.tensor([0, 0, 0, 1]))
     vqvae = make_vqvae("categorical", image_shape=(1, 2, 2), latent_hw=(1, 1), K=4, levels=2, seed=7)
     exact = ExactModel(vqvae, tiny_prior, chunk=3)
-    n = 20000
-    draws = exact.sample(n, generator=torch.Generator().manual_seed(9))
-    assert draws.shape == (n, 4)
-    xs = torch.tensor(list(itertools.product(range(2), repeat=4)), dtype=torch.float32)
-    p = exact.log_prob(xs).double().exp()
-    counts = (draws[:, None, :] == xs[None]).all(-1).sum(0).double()
-    stat = ((counts - n * p) ** 2 / (n * p)).sum().item()
-    assert stat < chi2.ppf(0.999, len(xs) - 1), stat
+    assert_sample_frequencies(exact, levels=2, s=4, seed=9)
 
 
 def test_unconditional_gaussian_sample_mean_matches_exact_mean(prior: PixelCNNPrior) -> None:

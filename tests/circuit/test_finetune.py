@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from helpers import tiny_vqvae
 
 from vq2pc.circuit.distill import distill
 from vq2pc.circuit.finetune import (
@@ -19,7 +20,12 @@ from vq2pc.circuit.finetune import (
 from vq2pc.data.datasets import DataSplits, load_dataset, to_model_space
 from vq2pc.latents.selection import Selection
 from vq2pc.models.train import TrainConfig, fit
-from vq2pc.models.vqvae import VQVAE, VQVAEConfig, train_vqvae
+from vq2pc.models.vqvae import VQVAE, VQVAEConfig
+
+TINY_CATEGORICAL = VQVAEConfig(
+    image_shape=(1, 2, 2), levels=3, leaf="categorical", latent_hw=(1, 1), K=3, D=2, hidden=4, res_blocks=0
+)
+"""A VQ-VAE over 1×2×2 images with 3 levels (81 images in all)."""
 
 
 def _selection(codes: torch.Tensor) -> Selection:
@@ -33,18 +39,7 @@ def digits() -> DataSplits:
 
 @pytest.fixture(scope="module")
 def vqvae(digits: DataSplits) -> VQVAE:
-    cfg = VQVAEConfig(
-        image_shape=digits.image_shape,
-        levels=digits.levels,
-        leaf="gaussian",
-        latent_hw=(2, 2),
-        K=8,
-        D=4,
-        hidden=8,
-        res_blocks=0,
-    )
-    model, _ = train_vqvae(digits, cfg, TrainConfig(epochs=3, batch_size=64, lr=3e-3, progress=False))
-    return model
+    return tiny_vqvae(digits, epochs=3)
 
 
 def _train_log_lik(circuit, digits: DataSplits) -> float:
@@ -108,10 +103,7 @@ def test_cosine_schedule_decays_the_learning_rate_to_zero(vqvae: VQVAE, digits: 
 def test_categorical_finetuned_circuit_sums_to_one() -> None:
     """A tiny categorical model (1x2x2 images, L = 3): the fine-tuned circuit sums to 1 over all 81 images."""
     torch.manual_seed(0)
-    cfg = VQVAEConfig(
-        image_shape=(1, 2, 2), levels=3, leaf="categorical", latent_hw=(1, 1), K=3, D=2, hidden=4, res_blocks=0
-    )
-    model = VQVAE(cfg).eval()
+    model = VQVAE(TINY_CATEGORICAL).eval()
     g = torch.Generator().manual_seed(1)
     v = torch.randint(0, 3, (60, 1, 2, 2), generator=g, dtype=torch.uint8)
     splits = DataSplits(
@@ -225,15 +217,12 @@ def test_std_max_caps_every_std_in_training_and_in_the_circuit(vqvae: VQVAE, dig
 
 
 def test_std_max_on_categorical_leaves_is_one_clear_error() -> None:
-    cfg = VQVAEConfig(
-        image_shape=(1, 2, 2), levels=3, leaf="categorical", latent_hw=(1, 1), K=3, D=2, hidden=4, res_blocks=0
-    )
     v = torch.randint(0, 3, (30, 1, 2, 2), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
     y = torch.zeros(10, dtype=torch.long)
     splits = DataSplits("tiny", 3, (1, 2, 2), 1, v[:10], y, v[10:20], y, v[20:], y)
     with pytest.raises(ValueError, match="std_max applies to Gaussian leaves only"):
         finetune_distill(
-            VQVAE(cfg).eval(),
+            VQVAE(TINY_CATEGORICAL).eval(),
             _selection(torch.arange(3).view(3, 1, 1)),
             splits,
             FineTuneConfig(epochs=1, std_max=0.1, progress=False),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import tiny_vqvae
 
 from vq2pc.circuit.distill import distill
 from vq2pc.circuit.finetune import FineTuneConfig, finetune_distill
@@ -11,8 +12,6 @@ from vq2pc.core.discretized import component_sums
 from vq2pc.core.leaves import DiscretizedGaussian
 from vq2pc.data.datasets import load_dataset
 from vq2pc.latents.selection import Selection
-from vq2pc.models.train import TrainConfig
-from vq2pc.models.vqvae import VQVAEConfig, train_vqvae
 
 
 def test_component_sums_equal_the_broadcast_sum_with_the_same_gradients() -> None:
@@ -35,17 +34,7 @@ def test_component_sums_equal_the_broadcast_sum_with_the_same_gradients() -> Non
 
 def test_discretized_finetuning_raises_the_discrete_likelihood() -> None:
     digits = load_dataset("digits", seed=0, limit=300)
-    cfg = VQVAEConfig(
-        image_shape=digits.image_shape,
-        levels=digits.levels,
-        leaf="gaussian",
-        latent_hw=(2, 2),
-        K=8,
-        D=4,
-        hidden=8,
-        res_blocks=0,
-    )
-    vqvae, _ = train_vqvae(digits, cfg, TrainConfig(epochs=2, batch_size=64, lr=3e-3, progress=False))
+    vqvae = tiny_vqvae(digits, epochs=2)
     codes = torch.unique(
         torch.randint(0, 8, (16, 2, 2), generator=torch.Generator().manual_seed(0)),
         dim=0,

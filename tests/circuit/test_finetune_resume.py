@@ -3,17 +3,14 @@ same parameters, mixture weights and validation scores, bit for bit, as an unint
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import finish, kill_during, start_python
 
-from vq2pc.core.checkpoint import CheckpointError, load_checkpoint
+from vq2pc.core.checkpoint import CheckpointError
 from vq2pc.models.vqvae import VQVAE, VQVAEConfig
 
 pytestmark = pytest.mark.slow
@@ -39,18 +36,7 @@ torch.save({{"decoder": res.decoder.state_dict(), "log_weights": res.log_weights
 
 
 def _start(folder: Path, name: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-c", SCRIPT, str(folder), name],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-
-
-def _finish(proc: subprocess.Popen) -> None:
-    _, err = proc.communicate(timeout=600)
-    assert proc.returncode == 0, err
+    return start_python(["-c", SCRIPT, str(folder), name])
 
 
 @pytest.fixture(scope="module")
@@ -68,18 +54,11 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_killed_finetuning_resumes_to_the_same_numbers(folder: Path) -> None:
     straight, killed = _start(folder, "straight"), _start(folder, "killed")
-    ckpt, deadline = folder / "killed.pt", time.monotonic() + 300
-    while not ckpt.exists():
-        assert killed.poll() is None, f"the run ended before writing its checkpoint: {killed.stderr.read()}"
-        assert time.monotonic() < deadline, "no checkpoint after 300 s"
-        time.sleep(0.01)
-    killed.send_signal(signal.SIGKILL)
-    killed.wait(timeout=60)
-    epochs = int(load_checkpoint(ckpt, "finetune")["train_state"]["epoch"])
+    epochs = kill_during(killed, folder / "killed.pt", "finetune")
     assert 1 <= epochs < EPOCHS, "the kill did not land during fine-tuning"
     assert not (folder / "killed.out").exists()
-    _finish(_start(folder, "killed"))
-    _finish(straight)
+    finish(_start(folder, "killed"))
+    finish(straight)
     a, b = torch.load(folder / "straight.out"), torch.load(folder / "killed.out")
     assert a["best"] == b["best"] and a["best"][2] >= 1 and a["best"][3] == EPOCHS
     assert a["history"] == b["history"]  # training losses, validation log-likelihoods (so BPDs) and learning rates

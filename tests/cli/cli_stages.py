@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 from test_cli import DATA, last_json, run_cli
+
+
+def distill_argv(files: dict[str, Path], out: Path, *options: str) -> list[str]:
+    """``distill`` of the session's VQ-VAE and prior (``files``) with ``options``, writing ``out``."""
+    return ["distill", "--vqvae", str(files["vqvae"]), "--prior", str(files["prior"]), *options, "--out", str(out)]
 
 
 @pytest.fixture(scope="session")
@@ -49,18 +55,7 @@ def stages(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             "--out",
             str(files["prior"]),
         ],
-        "distill": [
-            "distill",
-            "--vqvae",
-            str(files["vqvae"]),
-            "--prior",
-            str(files["prior"]),
-            "--strategy",
-            "exhaustive",
-            "--classes",
-            "--out",
-            str(files["circuit"]),
-        ],
+        "distill": distill_argv(files, files["circuit"], "--strategy", "exhaustive", "--classes"),
         "evaluate": ["evaluate", str(files["circuit"]), *DATA, "--draws", "2"],
         "usage": ["usage", "--prior", str(files["prior"]), "--out", str(files["usage"])],
     }

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from cli_stages import EXPECTED_KEYS, run_stage
+from cli_stages import EXPECTED_KEYS, distill_argv, run_stage
 from test_cli import DATA, last_json, run_cli
 
 from vq2pc.circuit import MixtureCircuit
@@ -153,37 +153,9 @@ def test_distill_std_floor_raises_small_stds(
 ) -> None:
     run_stage(stages, "train-prior", capsys)
     files, out_path = stages["files"], tmp_path / "floored.safetensors"
-    code, _, err = run_cli(
-        [
-            "distill",
-            "--vqvae",
-            str(files["vqvae"]),
-            "--prior",
-            str(files["prior"]),
-            "--strategy",
-            "exhaustive",
-            "--std-min",
-            "0.05",
-            "--out",
-            str(out_path),
-        ],
-        capsys,
-    )
+    code, _, err = run_cli(distill_argv(files, out_path, "--strategy", "exhaustive", "--std-min", "0.05"), capsys)
     assert code == 0, err
     floored = MixtureCircuit.load(out_path)
     assert floored.meta["std_floor"] == 0.05 and float(floored.leaf.scale.min()) >= 0.05
-    code, _, err = run_cli(
-        [
-            "distill",
-            "--vqvae",
-            str(files["vqvae"]),
-            "--prior",
-            str(files["prior"]),
-            "--std-min",
-            "-1",
-            "--out",
-            str(tmp_path / "bad.safetensors"),
-        ],
-        capsys,
-    )
+    code, _, err = run_cli(distill_argv(files, tmp_path / "bad.safetensors", "--std-min", "-1"), capsys)
     assert code == 1 and "std_floor must be a positive" in err and not (tmp_path / "bad.safetensors").exists()

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from cli_stages import run_stage
+from cli_stages import distill_argv, run_stage
 from test_cli import DATA, last_json, run_cli
 
 from vq2pc.circuit import MixtureCircuit
@@ -93,21 +93,7 @@ def test_discretized_distill_evaluates_sample_and_inpaint_on_levels(
     assert gauss["test_bpd_discrete"] < gauss["test_bpd"]
     out_file = tmp_path / "d.safetensors"
     files = stages["files"]
-    code, out, err = run_cli(
-        [
-            "distill",
-            "--vqvae",
-            str(files["vqvae"]),
-            "--prior",
-            str(files["prior"]),
-            "--strategy",
-            "exhaustive",
-            "--discretized",
-            "--out",
-            str(out_file),
-        ],
-        capsys,
-    )
+    code, out, err = run_cli(distill_argv(files, out_file, "--strategy", "exhaustive", "--discretized"), capsys)
     assert code == 0, err
     assert MixtureCircuit.load(out_file).leaf.kind == "discretized-gaussian"
     code, out, err = run_cli(["evaluate", str(out_file), *DATA], capsys)

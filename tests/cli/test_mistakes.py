@@ -74,8 +74,6 @@ export
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -83,6 +81,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from helpers import start_python
 
 from vq2pc.circuit.mixture import MixtureCircuit
 from vq2pc.cli import main
@@ -263,17 +262,7 @@ def script_runs(workdir: Path) -> dict[str, tuple[int, str]]:
     """Every ``SUBPROCESS`` case plus one ``--debug`` run, started at once (the imports dominate): argv -> (code, stderr)."""
     before = listing(workdir)
     argvs = [[verb, *args.split()] for verb, args, _ in SUBPROCESS] + [["--debug", "train-vqvae", "--epochs", "0"]]
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "vq2pc", *argv],
-            cwd=workdir,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-            env={**os.environ, "OMP_NUM_THREADS": "1"},
-        )
-        for argv in argvs
-    ]
+    procs = [start_python(["-m", "vq2pc", *argv], cwd=workdir) for argv in argvs]
     results = {" ".join(argv): (p.wait(timeout=600), p.stderr.read()) for argv, p in zip(argvs, procs)}
     assert listing(workdir) == before  # no process left a file behind
     return results

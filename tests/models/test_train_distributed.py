@@ -7,10 +7,11 @@ from __future__ import annotations
 import os
 from dataclasses import replace
 from pathlib import Path
+from typing import Any, Callable
 
 import pytest
 import torch
-from helpers import spawn_ranks
+from helpers import spawn_ranks, tiny_cm_paper
 
 from vq2pc.baselines.cm import CMConfig, train_cm
 from vq2pc.data import load_dataset
@@ -71,6 +72,12 @@ def _ddp_epoch(rank: int, out: str) -> None:
     )
 
 
+def _ranks(per_rank: Callable[[int, str], None], tmp_path: Path, name: str) -> list[Any]:
+    """What ``per_rank(rank, folder)`` saved as ``{name}{rank}.pt`` on each of 2 gloo ranks."""
+    spawn_ranks(per_rank, 2, str(tmp_path))
+    return [torch.load(tmp_path / f"{name}{r}.pt") for r in range(2)]
+
+
 def _close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
     for k in a:
         if a[k].is_floating_point():
@@ -86,8 +93,7 @@ def test_one_ddp_epoch_of_vqvae_prior_and_cm_equals_one_process(tmp_path: Path) 
     process. With k-means init and dead-code replacement the ranks hold identical weights."""
     torch.set_num_threads(1)
     ref = _train_both()
-    spawn_ranks(_ddp_epoch, 2, str(tmp_path))
-    got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    got = _ranks(_ddp_epoch, tmp_path, "rank")
     for g in got:
         for part in ("vqvae", "prior", "cm"):
             _close(ref[part], g[part])
@@ -117,9 +123,7 @@ def test_one_ddp_epoch_of_the_einet_equals_one_process(tmp_path: Path) -> None:
     pytest.importorskip("cirkit")
     torch.set_num_threads(1)
     ref, history = _einet()
-    spawn_ranks(_ddp_einet, 2, str(tmp_path))
-    for r in range(2):
-        got, got_history = torch.load(tmp_path / f"einet{r}.pt")
+    for got, got_history in _ranks(_ddp_einet, tmp_path, "einet"):
         _close(ref, got)
         assert got_history[0]["train"] == pytest.approx(history[0]["train"], abs=1e-5)
         assert got_history[0]["val"] == pytest.approx(history[0]["val"], abs=1e-5)
@@ -165,9 +169,8 @@ def test_killed_rank_resumes_from_the_last_checkpoint(tmp_path: Path) -> None:
         spawn_ranks(_killed, 2, str(tmp_path))
     ck = torch.load(tmp_path / "prior.pt", weights_only=True)
     assert ck["train_state"]["epoch"] == 1  # the first epoch's checkpoint survived the kill
-    spawn_ranks(_resumed, 2, str(tmp_path))
-    for r in range(2):
-        _close(ref, torch.load(tmp_path / f"rank{r}.pt"))
+    for got in _ranks(_resumed, tmp_path, "rank"):
+        _close(ref, got)
 
 
 def test_amp_is_refused_off_cuda() -> None:
@@ -177,17 +180,7 @@ def test_amp_is_refused_off_cuda() -> None:
         fit(model, _nll_per_latent, (z, c), (z, c), replace(TCFG, amp="bf16"))
 
 
-CM_PAPER_CFG = CMConfig(
-    image_shape=(1, 8, 8),
-    leaf="gaussian",
-    levels=17,
-    latent_dim=3,
-    recipe="paper",
-    channels=4,
-    feature_hw=(2, 2),
-    points=64,
-    refresh=2,
-)
+CM_PAPER_CFG = tiny_cm_paper((1, 8, 8), 17)
 
 
 def _cm_paper() -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -204,8 +197,6 @@ def test_ddp_cm_paper_recipe_equals_one_process(tmp_path: Path) -> None:
     two epochs over 2 gloo ranks equal one process: parameters and losses within 1e-5."""
     torch.set_num_threads(1)
     ref, ref_loss = _cm_paper()
-    spawn_ranks(_ddp_cm_paper, 2, str(tmp_path))
-    for r in range(2):
-        got, loss = torch.load(tmp_path / f"rank{r}.pt")
+    for got, loss in _ranks(_ddp_cm_paper, tmp_path, "rank"):
         _close(ref, got)
         torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-6)

@@ -5,17 +5,12 @@ tiny digits config (64 images per split, K=4 on a 2x2 grid, 8 channels, no basel
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-
-from vq2pc.core.checkpoint import load_checkpoint
+from helpers import finish, kill_during, start_python
 
 pytestmark = pytest.mark.slow
 
@@ -43,19 +38,7 @@ prior_train: {{epochs: {EPOCHS}, patience: {EPOCHS}, lr: 0.002, batch_size: 16, 
 
 
 def start(root: Path, out: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "vq2pc", "run", "--config", "tiny.yaml", "--out", out],
-        cwd=root,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-
-
-def finish(proc: subprocess.Popen) -> None:
-    _, err = proc.communicate(timeout=600)
-    assert proc.returncode == 0, err
+    return start_python(["-m", "vq2pc", "run", "--config", "tiny.yaml", "--out", out], cwd=root)
 
 
 def numbers(root: Path, out: str) -> dict[str, Any]:
@@ -69,19 +52,6 @@ def numbers(root: Path, out: str) -> dict[str, Any]:
         return v.replace(f"{out}/", "OUT/") if isinstance(v, str) else v
 
     return strip(json.loads((root / out / "report.json").read_text()))
-
-
-def kill_during(proc: subprocess.Popen, checkpoint: Path, kind: str) -> int:
-    """SIGKILL ``proc`` as soon as ``checkpoint`` holds a finished epoch; returns the epochs it holds."""
-    deadline = time.monotonic() + 300
-    while not checkpoint.exists():
-        assert proc.poll() is None, f"the run ended before writing {checkpoint}: {proc.stderr.read()}"
-        assert time.monotonic() < deadline, f"no {checkpoint} after 300 s"
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=60)
-    state = load_checkpoint(checkpoint, kind)["train_state"]
-    return int(state["epoch"])
 
 
 @pytest.fixture(scope="module")

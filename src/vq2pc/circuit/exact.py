@@ -26,9 +26,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from vq2pc.circuit.distill import check_std_floor, decode_leaf
-from vq2pc.circuit.io import check_sample_args, prepare_input
+from vq2pc.circuit.io import prepare_input
 from vq2pc.circuit.mixture import MixtureCircuit
-from vq2pc.circuit.queries import Block, posterior_draw, posterior_mean
+from vq2pc.circuit.queries import Block, Sampler, posterior_draw, posterior_mean
 from vq2pc.circuit.streaming import Scratch, logsumexp_
 from vq2pc.core.distributed import (
     all_reduce_logsumexp,
@@ -48,7 +48,7 @@ _COPIES = 3
 """Bytes of one decoded chunk ≈ ``_COPIES`` × its leaf parameters (decoder output, leaf, kernel tables)."""
 
 
-class ExactModel:
+class ExactModel(Sampler):
     """The exact mixture over every latent, queried by streaming over chunks of latents.
 
     Args:
@@ -242,31 +242,19 @@ class ExactModel:
         )
 
     @torch.no_grad()
-    def sample(
-        self,
-        n: int | None = None,
-        *,
-        x: Tensor | None = None,
-        mask: Tensor | None = None,
-        generator: torch.Generator | None = None,
-    ) -> Tensor:
-        """Exact samples ``[n, S]``; with ``x``/``mask``, one draw from p(x_u | x_o) per row, x_o kept.
+    def _draw(self, n: int, generator: torch.Generator | None) -> Tensor:
+        """``[n, S]`` ancestral: ``c ~ p(c)``, ``z ~ p(z | c)`` (:meth:`~vq2pc.core.protocols.Prior.sample`),
+        ``x ~ p(x | z)``."""
+        log_pc = self.prior.class_log_prior.float()
+        c = (log_pc + gumbel_noise((n, log_pc.shape[0]), generator, self.device)).argmax(1)
+        parts = []
+        for a in range(0, n, self._rows):
+            z = self.prior.sample(c[a : a + self._rows], generator)
+            parts.append(decode_leaf(self.vqvae, z, std_floor=self.std_floor).sample(generator))
+        return torch.cat(parts)
 
-        Unconditional: ``c ~ p(c)``, ``z ~ p(z | c)`` (ancestral, :meth:`~vq2pc.core.protocols.Prior.sample`),
-        ``x ~ p(x | z)``. Conditional: ``z`` by a streaming Gumbel-max over the posterior scores,
-        then its leaf on x_u (same semantics as :meth:`MixtureCircuit.sample`; without ``mask``
-        every entry is redrawn from the leaf of a posterior latent).
-        """
-        if x is None:
-            count = check_sample_args(n, x, mask)
-            log_pc = self.prior.class_log_prior.float()
-            c = (log_pc + gumbel_noise((count, log_pc.shape[0]), generator, self.device)).argmax(1)
-            parts = []
-            for a in range(0, count, self._rows):
-                z = self.prior.sample(c[a : a + self._rows], generator)
-                parts.append(decode_leaf(self.vqvae, z, std_floor=self.std_floor).sample(generator))
-            return torch.cat(parts)
-        xp, mp = self._prepare(x, mask)
-        check_sample_args(n, x, mask, rows=xp.shape[0])
-        draw = self._sample_leaves(self._posterior_draw(xp, mp, generator), generator)
-        return draw if mp is None else torch.where(mp, xp, draw)
+    @torch.no_grad()
+    def _draw_given(self, x: Tensor, mask: Tensor | None, generator: torch.Generator | None) -> Tensor:
+        """``[B, S]``: ``z`` by a streaming Gumbel-max over the posterior scores, then its leaf (the semantics of
+        :meth:`MixtureCircuit.sample`)."""
+        return self._sample_leaves(self._posterior_draw(x, mask, generator), generator)

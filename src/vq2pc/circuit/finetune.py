@@ -212,20 +212,14 @@ class _Mixture(nn.Module):
         return subset_nll(leaf, x, log_w).mean()
 
 
+_FIT_KEYS = ("epochs", "lr", "batch_size", "seed", "device", "progress", "schedule", "clip")
+"""The settings of fine-tuning that :func:`~vq2pc.models.train.fit` takes as they are."""
+
+
 def _train_config(cfg: FineTuneConfig) -> TrainConfig:
     """The :func:`~vq2pc.models.train.fit` settings of fine-tuning: ``patience`` epochs may fail to beat
     the best before the next failure stops training."""
-    return TrainConfig(
-        epochs=cfg.epochs,
-        patience=cfg.patience + 1,
-        lr=cfg.lr,
-        batch_size=cfg.batch_size,
-        seed=cfg.seed,
-        device=cfg.device,
-        progress=cfg.progress,
-        schedule=cfg.schedule,
-        clip=cfg.clip,
-    )
+    return TrainConfig(**{key: getattr(cfg, key) for key in _FIT_KEYS}, patience=cfg.patience + 1)
 
 
 def _meta(cfg: FineTuneConfig, codes: Tensor, log_weights: Tensor) -> dict[str, Any]:

@@ -59,6 +59,7 @@ __all__ = [
     "Kernel",
     "GaussianKernel",
     "BernoulliKernel",
+    "GatherKernel",
     "CategoricalKernel",
     "make_kernel",
     "SAFE_RATIO",
@@ -109,6 +110,12 @@ class Kernel:
 
         ``x [B, S]`` must be valid on observed entries. The result is a view of
         ``scratch``'s ``"scores"`` buffer (valid until the next call with the same scratch)."""
+        return self._loglik(x, mask, n0, n1, bias, scratch or Scratch())
+
+    def _loglik(
+        self, x: Tensor, mask: Tensor | None, n0: int, n1: int, bias: Tensor | None, scratch: Scratch
+    ) -> Tensor:
+        """:meth:`loglik` into a given scratch: each kernel's own."""
         raise NotImplementedError
 
 
@@ -182,16 +189,9 @@ class GaussianKernel(Kernel):
         feats = self._features(xc, m, scratch.take("feats", (xc.shape[0], width), xc.dtype, xc.device))
         return _product(bias, feats, w[n0:n1, :width], scratch, name)
 
-    def loglik(
-        self,
-        x: Tensor,
-        mask: Tensor | None,
-        n0: int,
-        n1: int,
-        bias: Tensor | None = None,
-        scratch: Scratch | None = None,
+    def _loglik(
+        self, x: Tensor, mask: Tensor | None, n0: int, n1: int, bias: Tensor | None, scratch: Scratch
     ) -> Tensor:
-        scratch = scratch or Scratch()
         xc = x - self.shift
         m = None if mask is None else mask.to(x.dtype)
         b32 = self.const32[n0:n1] if mask is None else torch.zeros_like(self.const32[n0:n1])
@@ -247,16 +247,9 @@ class BernoulliKernel(Kernel):
     def fill_value(self) -> Tensor:
         return torch.zeros(self.s, dtype=self.dtype, device=self.w.device)
 
-    def loglik(
-        self,
-        x: Tensor,
-        mask: Tensor | None,
-        n0: int,
-        n1: int,
-        bias: Tensor | None = None,
-        scratch: Scratch | None = None,
+    def _loglik(
+        self, x: Tensor, mask: Tensor | None, n0: int, n1: int, bias: Tensor | None, scratch: Scratch
     ) -> Tensor:
-        scratch = scratch or Scratch()
         feats = scratch.take("feats", (x.shape[0], 2 * self.s), x.dtype, x.device)
         torch.sub(1.0, x, out=feats[:, self.s :])
         feats[:, : self.s].copy_(x)
@@ -265,24 +258,9 @@ class BernoulliKernel(Kernel):
         return _product(bias, feats, self.w[n0:n1], scratch)
 
 
-class CategoricalKernel(Kernel):
-    """``embedding_bag`` sums over a ``[S·L, N]`` table (see module docstring)."""
-
-    slices_components = False
-
-    def __init__(self, table: Tensor, num_levels: int) -> None:
-        self.table = table  # [S·L, N], contiguous
-        self.levels = num_levels
-        self.s = table.shape[0] // num_levels
-
-    def row_bytes(self) -> int:
-        return 8 * 3 * self.s
-
-    def cell_bytes(self) -> int:
-        return 12
-
-    def fill_value(self) -> Tensor:
-        return torch.zeros(self.s, dtype=self.table.dtype, device=self.table.device)
+class GatherKernel(Kernel):
+    """``embedding_bag`` sums over ``[P·L, n]`` blocks of a log-probability table, ``PIXEL_BLOCK`` pixels at a
+    time (the categorical and discretized kernels; see module docstring)."""
 
     # Tiles of the gather-sum: PIXEL_BLOCK pixels' table slices (PIXEL_BLOCK·L·N floats: 16 MiB at
     # L=256, N=1024, within the L3 cache) against row blocks whose [rows, N] partial sum is TILE_BYTES
@@ -292,23 +270,50 @@ class CategoricalKernel(Kernel):
     # 0.88–2.0 s; one embedding_bag over all S pixels 1.1–1.3 s.
     PIXEL_BLOCK = 16
     TILE_BYTES = 16 << 20
+    s: int
+    levels: int
 
-    def loglik(
-        self,
-        x: Tensor,
-        mask: Tensor | None,
-        n0: int,
-        n1: int,
-        bias: Tensor | None = None,
-        scratch: Scratch | None = None,
+    def params(self) -> Tensor:
+        """A tensor of the kernel's parameters: its dtype and device are the tables'."""
+        raise NotImplementedError
+
+    def row_bytes(self) -> int:
+        return 8 * 3 * self.s
+
+    def cell_bytes(self) -> int:
+        return 12
+
+    def fill_value(self) -> Tensor:
+        return torch.zeros(self.s, dtype=self.params().dtype, device=self.params().device)
+
+    def _tiling(self, x: Tensor, columns: int) -> tuple[Tensor, Tensor, int]:
+        """``x``'s levels ``[B, S]`` (long), each block pixel's first table row ``[PIXEL_BLOCK]`` and the rows per
+        tile for ``columns`` output columns."""
+        offsets = torch.arange(self.PIXEL_BLOCK, device=x.device) * self.levels
+        return x.long(), offsets, max(1, self.TILE_BYTES // (max(1, columns) * self.params().element_size()))
+
+
+class CategoricalKernel(GatherKernel):
+    """``embedding_bag`` sums over a ``[S·L, N]`` table (see module docstring)."""
+
+    slices_components = False
+
+    def __init__(self, table: Tensor, num_levels: int) -> None:
+        self.table = table  # [S·L, N], contiguous
+        self.levels = num_levels
+        self.s = table.shape[0] // num_levels
+
+    def params(self) -> Tensor:
+        return self.table
+
+    def _loglik(
+        self, x: Tensor, mask: Tensor | None, n0: int, n1: int, bias: Tensor | None, scratch: Scratch
     ) -> Tensor:
         n = self.table.shape[1]
         if (n0, n1) != (0, n):
             raise ValueError("the categorical kernel evaluates all components at once")
-        out = (scratch or Scratch()).take("scores", (x.shape[0], n), self.table.dtype, x.device)
-        offsets = torch.arange(self.PIXEL_BLOCK, device=x.device) * self.levels
-        idx = x.long()  # [B, S] levels
-        row_block = max(1, self.TILE_BYTES // (n * self.table.element_size()))
+        out = scratch.take("scores", (x.shape[0], n), self.table.dtype, x.device)
+        idx, offsets, row_block = self._tiling(x, n)
         for r0 in range(0, x.shape[0], row_block):
             rows = slice(r0, r0 + row_block)
             acc = out[rows].zero_() if bias is None else out[rows].copy_(bias.expand_as(out[rows]))

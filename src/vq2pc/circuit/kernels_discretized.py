@@ -5,10 +5,9 @@ two parameters per pixel and component, so the full ``[S·L, N]`` table never ex
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
-from vq2pc.circuit.kernels import CategoricalKernel, Kernel, _bag_sum
+from vq2pc.circuit.kernels import GatherKernel, _bag_sum
 from vq2pc.circuit.streaming import Scratch
 from vq2pc.core.discretized import table_block
 from vq2pc.core.leaves import Discretized
@@ -16,15 +15,13 @@ from vq2pc.core.leaves import Discretized
 __all__ = ["DiscretizedKernel"]
 
 
-class DiscretizedKernel(Kernel):
+class DiscretizedKernel(GatherKernel):
     """``embedding_bag`` sums over ``[P·L, n]`` tables built per call (see module docstring)."""
 
     # The gather-sum tiles as CategoricalKernel's; each pixel's [L, BUILD_COLUMNS] slice of the table is built
     # by one table_block call, whose dozen temporaries (1 MiB each) stay in the L2 cache. CPU time per
     # table cell, 1 thread (S=16, L=256, N=1024): Gaussian 20 ns with one pixel per call, 53 ns with 8
     # (8 MiB temporaries); logistic 9 / 26 ns; 128..1024 columns per call differ by under 15%.
-    PIXEL_BLOCK = CategoricalKernel.PIXEL_BLOCK
-    TILE_BYTES = CategoricalKernel.TILE_BYTES
     BUILD_COLUMNS = 1024
 
     def __init__(self, leaf: Discretized) -> None:
@@ -32,17 +29,11 @@ class DiscretizedKernel(Kernel):
         self.scale = leaf.scale.T.contiguous()
         self.levels, self.cdf, self.s = leaf.levels, leaf.cdf, int(leaf.loc.shape[1])
 
-    def row_bytes(self) -> int:
-        return 8 * 3 * self.s
-
-    def cell_bytes(self) -> int:
-        return 12
+    def params(self) -> Tensor:
+        return self.loc
 
     def column_bytes(self) -> int:
         return self.PIXEL_BLOCK * self.levels * self.loc.element_size()  # the [P·L, n] table buffer
-
-    def fill_value(self) -> Tensor:
-        return torch.zeros(self.s, dtype=self.loc.dtype, device=self.loc.device)
 
     def _build(self, table: Tensor, p0: int, p1: int, n0: int, n1: int, keep: Tensor | None) -> None:
         """Rows ``(i - p0)·L + v`` of ``table [(p1-p0)·L, n1-n0]`` for the observed pixels ``p0 ≤ i < p1``."""
@@ -56,24 +47,15 @@ class DiscretizedKernel(Kernel):
                     self.loc[i : i + 1, c0:c1], self.scale[i : i + 1, c0:c1], self.levels, self.cdf
                 )
 
-    def loglik(
-        self,
-        x: Tensor,
-        mask: Tensor | None,
-        n0: int,
-        n1: int,
-        bias: Tensor | None = None,
-        scratch: Scratch | None = None,
+    def _loglik(
+        self, x: Tensor, mask: Tensor | None, n0: int, n1: int, bias: Tensor | None, scratch: Scratch
     ) -> Tensor:
-        scratch = scratch or Scratch()
         out = scratch.take("scores", (x.shape[0], n1 - n0), self.loc.dtype, x.device)
         if bias is None:
             out.zero_()
         else:
             out.copy_(bias.expand_as(out))
-        offsets = torch.arange(self.PIXEL_BLOCK, device=x.device) * self.levels
-        idx = x.long()  # [B, S] levels
-        row_block = max(1, self.TILE_BYTES // (max(1, n1 - n0) * self.loc.element_size()))
+        idx, offsets, row_block = self._tiling(x, n1 - n0)
         for p0 in range(0, self.s, self.PIXEL_BLOCK):
             p1 = min(self.s, p0 + self.PIXEL_BLOCK)
             keep = None if mask is None else mask[:, p0:p1]

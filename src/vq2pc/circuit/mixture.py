@@ -29,13 +29,12 @@ import torch
 from torch import Tensor
 
 from vq2pc.circuit.io import (
-    check_sample_args,
     prepare_input,
     read_circuit,
     write_circuit,
 )
 from vq2pc.circuit.kernels import make_kernel, normalized_categorical
-from vq2pc.circuit.queries import Block, log_marginal, posterior_draw, posterior_mean
+from vq2pc.circuit.queries import Block, Sampler, log_marginal, posterior_draw, posterior_mean
 from vq2pc.circuit.streaming import RunningArgmax, Scratch, logsumexp_
 from vq2pc.core.checkpoint import CheckpointError
 from vq2pc.core.leaves import Categorical, Leaf, discretize, leaf_from_tensors
@@ -48,7 +47,7 @@ Blocks = list[tuple[int, int]]
 BlockFn = Callable[[Tensor, "Tensor | None", Blocks, Scratch], Tensor]
 
 
-class MixtureCircuit:
+class MixtureCircuit(Sampler):
     """A mixture of ``N`` fully factorized components over ``S`` variables.
 
     Args:
@@ -274,34 +273,20 @@ class MixtureCircuit:
         step = max(1, int(self.memory_budget_mib * _MIB // per_row))
         return torch.cat([fn(self.leaf[idx[i : i + step]]) for i in range(0, len(idx), step)])
 
-    def sample(
-        self,
-        n: int | None = None,
-        *,
-        x: Tensor | None = None,
-        mask: Tensor | None = None,
-        generator: torch.Generator | None = None,
-    ) -> Tensor:
-        """Exact samples ``[n, S]``; with ``x``/``mask``, one draw from p(x_u | x_o) per row, x_o kept.
+    def _draw(self, n: int, generator: torch.Generator | None) -> Tensor:
+        """``[n, S]``: components by inverse CDF of the weights (float64), then the leaf."""
+        cdf = torch.cumsum(self.log_weights.double().exp(), 0)
+        u = uniform((n,), generator, self.device, torch.float64) * cdf[-1]
+        idx = torch.searchsorted(cdf, u, right=True).clamp_max(len(self) - 1)
+        return self._row_apply_leaf(idx, lambda lf: lf.sample(generator))
 
-        Unconditional: components by inverse CDF of the weights (float64), then the leaf.
-        Conditional: component by Gumbel-max over the posterior scores, then its leaf on x_u.
-        """
-        if x is None:
-            count = check_sample_args(n, x, mask)
-            cdf = torch.cumsum(self.log_weights.double().exp(), 0)
-            u = uniform((count,), generator, self.device, torch.float64) * cdf[-1]
-            idx = torch.searchsorted(cdf, u, right=True).clamp_max(len(self) - 1)
-            return self._row_apply_leaf(idx, lambda lf: lf.sample(generator))
-        xp, mp = self._prepare(x, mask)
-        check_sample_args(n, x, mask, rows=xp.shape[0])
+    def _draw_given(self, x: Tensor, mask: Tensor | None, generator: torch.Generator | None) -> Tensor:
+        """``[B, S]``: a component per row by Gumbel-max over the posterior scores, then its leaf."""
 
         def draw_component(xb: Tensor, mb: Tensor | None, cols: Blocks, scratch: Scratch) -> Tensor:
             return posterior_draw(self._score_blocks(xb, mb, cols, scratch), generator, scratch)
 
-        idx = self._row_map(xp, mp, draw_component)
-        draw = self._row_apply_leaf(idx, lambda lf: lf.sample(generator))
-        return draw if mp is None else torch.where(mp, xp, draw)
+        return self._row_apply_leaf(self._row_map(x, mask, draw_component), lambda lf: lf.sample(generator))
 
     def map(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """``[B, S]`` exact MAP of the joint over (component, x_u) given x_o; x_o kept.

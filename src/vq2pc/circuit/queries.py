@@ -15,9 +15,10 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor
 
+from vq2pc.circuit.io import check_sample_args
 from vq2pc.circuit.streaming import RunningArgmax, Scratch, SoftmaxWeightedSum, add_gumbel_, logsumexp_
 
-__all__ = ["Block", "log_marginal", "posterior_mean", "posterior_draw"]
+__all__ = ["Block", "log_marginal", "posterior_mean", "posterior_draw", "Sampler"]
 
 Block = tuple[int, Tensor, Callable[[], Tensor]]
 
@@ -45,3 +46,37 @@ def posterior_draw(blocks: Iterable[Block], generator: torch.Generator | None, s
     for n0, s, _ in blocks:
         best.add(add_gumbel_(s, generator, scratch), n0)
     return best.result()
+
+
+class Sampler:
+    """``sample(n, x=, mask=)`` of every exact model (mixture, exact mixture, tree): the argument checks and the
+    observed entries kept here, the draws in :meth:`_draw` / :meth:`_draw_given` of each model."""
+
+    def _prepare(self, x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """Validated ``x [B, S]`` and its mask ``[B, S]`` (nonzero = observed) or None."""
+        raise NotImplementedError
+
+    def _draw(self, n: int, generator: torch.Generator | None) -> Tensor:
+        """``[n, S]`` unconditional draws."""
+        raise NotImplementedError
+
+    def _draw_given(self, x: Tensor, mask: Tensor | None, generator: torch.Generator | None) -> Tensor:
+        """``[B, S]`` one draw of every entry per row of the prepared ``x``, given its observed entries."""
+        raise NotImplementedError
+
+    def sample(
+        self,
+        n: int | None = None,
+        *,
+        x: Tensor | None = None,
+        mask: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Exact samples ``[n, S]``; with ``x``/``mask``, one draw from p(x_u | x_o) per row, x_o kept (without
+        ``mask`` every entry is redrawn given the whole row)."""
+        if x is None:
+            return self._draw(check_sample_args(n, x, mask), generator)
+        xp, mp = self._prepare(x, mask)
+        check_sample_args(n, x, mask, rows=xp.shape[0])
+        draw = self._draw_given(xp, mp, generator)
+        return draw if mp is None else torch.where(mp.bool(), xp, draw)

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vq2pc.circuit.io import check_sample_args
+from vq2pc.circuit.queries import Sampler
 from vq2pc.circuit.tree_io import TreeFile, TreeParams, read_tree, write_tree
 from vq2pc.circuit.tree_structure import LatentTree
 from vq2pc.core import validate
@@ -41,7 +41,7 @@ from vq2pc.core.random import categorical
 __all__ = ["TreeCircuit", "TreeParams"]
 
 
-class TreeCircuit(nn.Module):
+class TreeCircuit(nn.Module, Sampler):
     """Tree circuit over ``M`` latent positions (see the module docstring).
 
     Args:
@@ -193,31 +193,29 @@ class TreeCircuit(nn.Module):
         cond = (q[:, self.owner] * means).sum(-1)
         return torch.where(w.bool(), xl.to(cond.dtype), cond) if w is not None else xl.to(cond.dtype)
 
+    _prepare = prepare
+
     @torch.no_grad()
-    def sample(
-        self,
-        n: int | None = None,
-        *,
-        x: Tensor | None = None,
-        mask: Tensor | None = None,
-        generator: torch.Generator | None = None,
-    ) -> Tensor:
-        """Exact samples ``[n, S]`` (float levels): unconditional (``n``), or one per row of ``x`` given its
-        observed entries (``mask``; observed entries are kept): top-down ancestral sampling of ``z`` from
-        ``p(z | x_obs)``, then every unobserved variable from its patch's leaf."""
+    def _draw(self, n: int, generator: torch.Generator | None) -> Tensor:
+        """``[n, S]`` (float levels): top-down ancestral sampling of ``z``, then every variable from its patch's
+        leaf."""
         params = _detached(self.log_params())
-        if x is None:
-            n = check_sample_args(n, None, mask)
-            up = torch.zeros(n, self.tree.num_nodes, self.K, device=self.owner.device, dtype=params.root.dtype)
-            xl, w = None, None
-        else:
-            xl, w = self.prepare(x, mask)
-            check_sample_args(n, x, mask, xl.shape[0])
-            up = self.upward(self.leaf_log_likelihoods(xl, w, params.leaves), params)[1]
-        z = self._draw_latents(up, params, generator)  # [n, M]
-        probs = params.leaves.exp().transpose(1, 2)[torch.arange(self.num_variables), z[:, self.owner]]  # [n,S,L]
-        draw = categorical(probs, generator).to(params.root.dtype)
-        return draw if w is None else torch.where(w.bool(), xl.to(draw.dtype), draw)
+        up = torch.zeros(n, self.tree.num_nodes, self.K, device=self.owner.device, dtype=params.root.dtype)
+        return self._draw_from(up, params, generator)
+
+    @torch.no_grad()
+    def _draw_given(self, x: Tensor, mask: Tensor | None, generator: torch.Generator | None) -> Tensor:
+        """``[B, S]`` (float levels) given the prepared levels ``x`` and weights ``mask``: top-down sampling of
+        ``z`` from ``p(z | x_obs)``, then every variable from its patch's leaf."""
+        params = _detached(self.log_params())
+        up = self.upward(self.leaf_log_likelihoods(x, mask, params.leaves), params)[1]
+        return self._draw_from(up, params, generator)
+
+    def _draw_from(self, up: Tensor, params: TreeParams, generator: torch.Generator | None) -> Tensor:
+        """``[B, S]``: ``z`` drawn given the upward values ``up [B, M, K]``, then each variable from its leaf."""
+        z = self._draw_latents(up, params, generator)  # [B, M]
+        probs = params.leaves.exp().transpose(1, 2)[torch.arange(self.num_variables), z[:, self.owner]]  # [B,S,L]
+        return categorical(probs, generator).to(params.root.dtype)
 
     def _draw_latents(self, up: Tensor, params: TreeParams, generator: torch.Generator | None) -> Tensor:
         """Top-down draw of ``z [B, M]`` from ``p(z | x_obs)`` given the upward values ``up [B, M, K]``."""

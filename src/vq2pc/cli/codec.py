@@ -11,15 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vq2pc.circuit.codec import (
-    DEFAULT_ROWS,
-    dataset_images,
-    decode,
-    encode,
-    load_compressed,
-    read_header,
-    save_compressed,
-)
+from vq2pc.circuit import codec
 from vq2pc.circuit.mixture import MixtureCircuit
 from vq2pc.cli.options import add_parser, option, out_option
 from vq2pc.core.files import atomic_write
@@ -42,7 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     option(p, "data_dir", help="directory with the dataset files (default: $VQ2PC_DATA, else ~/.cache/vq2pc)")
     p.add_argument("--split", choices=["train", "val", "test"], default="test", help="dataset split")
     option(p, "limit", type=int, help="only the first LIMIT images")
-    p.add_argument("--rows", type=int, default=DEFAULT_ROWS, help="images per block (the random-access unit)")
+    p.add_argument("--rows", type=int, default=codec.DEFAULT_ROWS, help="images per block (the random-access unit)")
     _shared(p)
     out_option(p, "compressed file to write (.vq2pc)", required=True)
     p.set_defaults(func=cmd_compress)
@@ -74,7 +66,7 @@ def _images(args: argparse.Namespace, c: MixtureCircuit) -> torch.Tensor:
     if args.dataset:
         splits = load_dataset(args.dataset, args.data_dir)
         v = {"train": splits.train_x, "val": splits.val_x, "test": splits.test_x}[args.split][: args.limit]
-        return dataset_images(c, v, splits.levels)
+        return codec.dataset_images(c, v, splits.levels)
     if not Path(args.images).is_file():
         raise FileNotFoundError(f"images file not found: {args.images}")
     try:
@@ -90,9 +82,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
     c = MixtureCircuit.load(args.circuit)
     x = _images(args, c)
     t0 = time.perf_counter()
-    data = encode(c, x, rows=args.rows, threads=args.threads, progress=not args.no_progress)
+    data = codec.encode(c, x, rows=args.rows, threads=args.threads, progress=not args.no_progress)
     seconds = time.perf_counter() - t0
-    save_compressed(args.out, data)
+    codec.save_compressed(args.out, data)
     n, s = int(x.shape[0]), c.num_variables
     log_p = torch.cat([c.log_prob(x[i : i + 1024].reshape(-1, s).float()) for i in range(0, n, 1024)])
     print(
@@ -118,15 +110,15 @@ def _save_npy(path: Path, y: np.ndarray) -> None:
 
 def cmd_decompress(args: argparse.Namespace) -> int:
     c = MixtureCircuit.load(args.circuit)
-    data = load_compressed(args.compressed)
+    data = codec.load_compressed(args.compressed)
     indices = args.index
     if args.images_range:
         a, sep, b = args.images_range.partition(":")
         if not sep or not a.strip().isdigit() or not b.strip().isdigit() or int(a) >= int(b):
             raise ValueError(f"--images-range must be A:B with 0 <= A < B, got {args.images_range!r}")
-        indices = range(int(a), min(int(b), read_header(data).count))
+        indices = range(int(a), min(int(b), codec.read_header(data).count))
     t0 = time.perf_counter()
-    y = decode(c, data, indices=indices, threads=args.threads, progress=not args.no_progress)
+    y = codec.decode(c, data, indices=indices, threads=args.threads, progress=not args.no_progress)
     seconds = time.perf_counter() - t0
     atomic_write(args.out, lambda p: _save_npy(p, y))
     print(

@@ -34,7 +34,11 @@ from vq2pc.latents.selection import STRATEGIES, Selection, select
 from vq2pc.models.priors import load_prior, prior_config, train_prior
 from vq2pc.models.quantizers import make_quantizer
 from vq2pc.models.vqvae import VQVAE, encode_images, train_vqvae
+from vq2pc.pipeline.model_spec import VQVAE_KEYS
 from vq2pc.pipeline.models import vqvae_config
+
+_FLAG_KEYS = tuple(k for k in VQVAE_KEYS if k not in ("latent_hw", "quantizer_opts"))
+"""The VQ-VAE settings that are one plain flag each of ``train-vqvae`` (``--grid`` and ``--quantizer-opt`` are not)."""
 
 
 def _splits(a: argparse.Namespace) -> DataSplits:
@@ -118,7 +122,7 @@ def _register_training(sub: argparse._SubParsersAction) -> None:
     data_options(p), train_options(p, RUN.vqvae_train)
     p.add_argument("--leaf", default=RUN.leaves[0], choices=list(LEAF_KINDS), help="pixel model")
     setting(p, MODEL, "latent_hw", "--grid", metavar=("H", "W"))
-    for name in ("K", "D", "hidden", "res_blocks", "quantizer", "beta"):
+    for name in _FLAG_KEYS:
         setting(p, MODEL, name)
     default_opts = " ".join(f"{k}={str(v).lower()}" for k, v in MODEL.quantizer_opts.items())
     p.add_argument(
@@ -158,17 +162,8 @@ def _quantizer_opts(a: argparse.Namespace) -> dict[str, Any]:
 def _train_vqvae(a: argparse.Namespace) -> int:
     train_cfg = train_config(a)  # impossible settings fail before any data work
     splits = _splits(a)
-    spec = dataclasses.replace(
-        MODEL,
-        latent_hw=tuple(a.latent_hw),
-        K=a.K,
-        D=a.D,
-        hidden=a.hidden,
-        res_blocks=a.res_blocks,
-        beta=a.beta,
-        quantizer=a.quantizer,
-        quantizer_opts=_quantizer_opts(a),
-    )
+    flags = {key: getattr(a, key) for key in _FLAG_KEYS}
+    spec = dataclasses.replace(MODEL, latent_hw=tuple(a.latent_hw), quantizer_opts=_quantizer_opts(a), **flags)
     cfg = vqvae_config(splits, a.leaf, spec)
     make_quantizer(cfg.quantizer, cfg.K, cfg.D, cfg.beta, **cfg.quantizer_opts)  # bad options fail before any data work
     model, res = train_vqvae(splits, cfg, train_cfg, checkpoint=a.out)

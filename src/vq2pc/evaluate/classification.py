@@ -29,15 +29,7 @@ from vq2pc.core.random import uniform
 from vq2pc.data.masks import make_mask
 from vq2pc.evaluate.classifier import SmallCNN
 from vq2pc.evaluate.common import to_unit
-from vq2pc.evaluate.plots import (
-    clean_axes,
-    hidden_pixels,
-    new_figure,
-    save_figure,
-    styled,
-    tile_rgb,
-    to_rgb,
-)
+from vq2pc.evaluate.plots import clean_axes, hidden_pixels, new_figure, save_figure, styled, tile_rgb, to_rgb
 
 __all__ = [
     "MISSING_FRACTIONS",

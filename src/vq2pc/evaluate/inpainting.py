@@ -32,15 +32,7 @@ from vq2pc.evaluate.common import (
     to_unit,
 )
 from vq2pc.evaluate.density import model_log_prob
-from vq2pc.evaluate.plots import (
-    clean_axes,
-    hidden_pixels,
-    new_figure,
-    save_figure,
-    styled,
-    tile_rgb,
-    to_rgb,
-)
+from vq2pc.evaluate.plots import clean_axes, hidden_pixels, new_figure, save_figure, styled, tile_rgb, to_rgb
 
 __all__ = [
     "inpainting_metrics",

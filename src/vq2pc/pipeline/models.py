@@ -21,6 +21,7 @@ from vq2pc.models.quantizers.vq import perplexity
 from vq2pc.models.train_config import TrainResult
 from vq2pc.models.vqvae import VQVAE, VQVAEConfig, encode_images, train_vqvae
 from vq2pc.pipeline.config import ModelSpec, RunConfig
+from vq2pc.pipeline.model_spec import VQVAE_KEYS
 from vq2pc.pipeline.rows import ResultRow
 from vq2pc.pipeline.rundir import RunDir
 
@@ -98,19 +99,9 @@ def build_source_model(run: RunDir, cfg: RunConfig, splits: DataSplits, leaf: st
 
 def vqvae_config(splits: DataSplits, leaf: str, spec: ModelSpec) -> VQVAEConfig:
     """The VQ-VAE of ``spec`` for ``leaf`` pixels of ``splits``' images (the run's and ``train-vqvae``'s)."""
-    return VQVAEConfig(
-        image_shape=splits.image_shape,
-        levels=splits.levels,
-        leaf=leaf,
-        latent_hw=tuple(spec.latent_hw),
-        K=spec.K,
-        D=spec.D,
-        hidden=spec.hidden,
-        res_blocks=spec.res_blocks,
-        beta=spec.beta,
-        quantizer=spec.quantizer,
-        quantizer_opts=dict(spec.quantizer_opts),
-    )
+    keys = {key: getattr(spec, key) for key in VQVAE_KEYS}
+    keys.update(latent_hw=tuple(spec.latent_hw), quantizer_opts=dict(spec.quantizer_opts))
+    return VQVAEConfig(image_shape=splits.image_shape, levels=splits.levels, leaf=leaf, **keys)
 
 
 def _source_info(

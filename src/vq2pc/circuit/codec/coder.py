@@ -170,41 +170,33 @@ def _run(
     run all pixels on it with their own ``P_i`` (no synchronization per pixel)."""
     threads = max(1, min(threads or torch.get_num_threads(), len(blocks)))
     shares = [blocks[t::threads] for t in range(threads)]
-    prev = torch.get_num_threads()
+    per_group = max(1, STATE_BUDGET // (rows * tables.num_components * 16))  # w (float64) + 2 float32 buffers
     bar = tqdm(total=len(blocks) * tables.num_pixels, desc=desc, unit="px", disable=not progress, leave=False)
+
+    def work(share: list[int]) -> None:
+        """One worker: its blocks in groups whose state fits ``STATE_BUDGET``, all pixels per group."""
+        upd_np = np.empty((tables.levels, tables.num_components), dtype=np.float32)
+        gemm_np = np.empty_like(upd_np)
+        upd, gemm = torch.from_numpy(upd_np), torch.from_numpy(gemm_np)  # pixel i's tables, refilled in place
+        for g in range(0, len(share), per_group):
+            states = {b: BlockState(log_weights, rows, counts[b]) for b in share[g : g + per_group]}
+            for i in range(tables.num_pixels):
+                prob_tables(tables, i, upd_np, gemm_np)
+                for b, state in states.items():
+                    state.update(upd, step(b, i, state.predict(gemm)))
+                bar.update(len(states))
+
+    prev = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         if threads == 1:
-            _work(tables, log_weights, shares[0], counts, rows, step, bar)
+            work(shares[0])
         else:
             with ThreadPoolExecutor(threads, initializer=torch.set_num_threads, initargs=(1,)) as pool:
-                list(pool.map(lambda share: _work(tables, log_weights, share, counts, rows, step, bar), shares))
+                list(pool.map(work, shares))
     finally:
         torch.set_num_threads(prev)
         bar.close()
-
-
-def _work(
-    tables: PixelTables,
-    log_weights: torch.Tensor,
-    blocks: list[int],
-    counts: list[int],
-    rows: int,
-    step: Step,
-    bar: tqdm,
-) -> None:
-    """One worker: its blocks in groups whose state fits ``STATE_BUDGET``, all pixels per group."""
-    per_group = max(1, STATE_BUDGET // (rows * tables.num_components * 16))  # w (float64) + 2 float32 buffers
-    upd_np = np.empty((tables.levels, tables.num_components), dtype=np.float32)
-    gemm_np = np.empty_like(upd_np)
-    upd, gemm = torch.from_numpy(upd_np), torch.from_numpy(gemm_np)  # pixel i's tables, refilled in place
-    for g in range(0, len(blocks), per_group):
-        states = {b: BlockState(log_weights, rows, counts[b]) for b in blocks[g : g + per_group]}
-        for i in range(tables.num_pixels):
-            prob_tables(tables, i, upd_np, gemm_np)
-            for b, state in states.items():
-                state.update(upd, step(b, i, state.predict(gemm)))
-            bar.update(len(states))
 
 
 _DIGESTS: weakref.WeakKeyDictionary[MixtureCircuit, tuple[tuple, str]] = weakref.WeakKeyDictionary()
