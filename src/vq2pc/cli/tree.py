@@ -30,7 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "prints JSON",
         description="Latent variable distillation: latents for the training images — a VQ-VAE's codes, the prior's "
         "samples, or k-means codes of each patch (no VQ-VAE needed) — make the data complete; a Chow-Liu tree over "
-        "the latent positions and per-patch categorical leaves are counted in closed form, then fine-tuned by EM on "
+        "the latent positions and categorical leaves for each patch are counted in closed form, then fine-tuned by EM on "
         "the training images, early-stopped on validation BPD. The result is an exact circuit over all K^{HW} latent "
         "grids (vq2pc.TreeCircuit).",
     )
