@@ -174,9 +174,7 @@ class RunConfig:
     leaves: list[Literal[tuple(LEAF_KINDS)]] = field(  # type: ignore[misc]
         default_factory=lambda: ["gaussian", "categorical"]
     )
-    models: Annotated[list[ModelSpec], Field(min_length=1)] = field(
-        default_factory=lambda: [default_model()]
-    )
+    models: Annotated[list[ModelSpec], Field(min_length=1)] = field(default_factory=lambda: [default_model()])
     main_model: str | None = Field(None, description="model used for the experiments; default: the first")
     max_exhaustive: Count = Field(2**22, description="largest latent space distilled exhaustively (ExM)")
     max_usage_space: Count = Field(2**27, description="largest latent space enumerated for Fig. 1 (96^4 ≈ 2^26.3)")
