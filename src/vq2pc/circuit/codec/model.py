@@ -26,7 +26,8 @@ it are refused.
 the per-image state is one whose result IEEE 754 fixes (gather, multiply, divide, max, comparisons,
 casts), so it does not depend on vector width, loop tails or thread splits; the only transcendental
 function, ``exp`` of the leaf table, is numpy's (single-threaded, and measured to give an element the
-same value wherever it lies in the array). The predictive products are float32 MKL ``sgemm``
+same value wherever it lies in the array); the bin sums of the table are one torch sum over the ``W``
+levels of a fixed-shape array, per pixel, on one thread. The predictive products are float32 MKL ``sgemm``
 with a multiple of ``CHUNK = 16`` rows (zero rows pad them), run with one MKL thread (the caller sets it;
 parallelism is over blocks), each on inputs that only the block's own state and the pixel's table fix
 (which rows, which bins, which active columns), so the result depends only on the block's own
