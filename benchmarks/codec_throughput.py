@@ -1,13 +1,12 @@
 """Throughput of the circuit codec (``vq2pc.circuit.codec``): encode and decode images/s on one JSON line.
 
 A random categorical circuit (``N`` components, ``S`` pixels, ``L`` levels; logits ~ scale·N(0, 1),
-normalized) codes ``B`` images sampled from it. The codec codes each pixel as its bin of ``W = ⌈√L⌉``
-levels and then its level in the bin: per block of ``R`` images and pixel, products ``[R, N] × [N, B]`` and
-``[rows, N] × [N, W]`` per occurring bin, over the components still active in the block (posterior ≥ 2⁻⁵⁰
-of the leader), which for images drawn from a random circuit are few after some pixels — so this
-measures a favourable case. ``dense_gflops`` reports the flops of one dense ``[R, N] × [N, L]`` product
-per block and pixel (``2·B·S·N·L`` in all, 1.6·10¹² at N = 4096, S = 784, L = 256, B = 1000) divided by
-the time: a yardstick, not the work done.
+normalized) codes ``B`` images sampled from it. The dense cost of the exact conditionals is one
+``[R, N] × [N, L]`` product per block of ``R`` images and pixel, ``2·B·S·N·L`` flops in all
+(1.6·10¹² at N = 4096, S = 784, L = 256, B = 1000); the codec runs the product over the components
+still active in the block (posterior ≥ 2⁻⁵⁰ of the leader), which for images drawn from a random
+circuit is few after some pixels — so this measures a favourable case. ``dense_gflops`` reports the
+dense flop count divided by the time (an upper bound on what a dense product would need).
 
     python benchmarks/codec_throughput.py --N 4096 --S 784 --L 256 --images 1000 --threads 2
 """

@@ -12,7 +12,7 @@ import torch
 from vq2pc import Bernoulli, Categorical, Gaussian, MixtureCircuit, compress, decompress
 from vq2pc.circuit.codec import CodecError, decode, encode, read_header
 from vq2pc.circuit.codec.format import unpack
-from vq2pc.circuit.codec.model import BlockState, PixelProducts, bits_bound, level_bins, pixel_tables
+from vq2pc.circuit.codec.model import bits_bound
 
 pytest.importorskip("constriction")
 
@@ -171,45 +171,3 @@ def test_changing_the_circuit_in_place_is_noticed() -> None:
     c.leaf.logits[0, 0].add_(0.5)  # the table itself (the leaf's logits are a view of it)
     with pytest.raises(CodecError, match="another circuit"):
         decode(c, data)
-
-
-@pytest.mark.parametrize("levels", [2, 3, 16, 17, 256, 257])
-def test_level_bins_cover_the_levels(levels: int) -> None:
-    width, bins = level_bins(levels)
-    assert (bins - 1) * width < levels <= bins * width and width * width >= levels and (width - 1) ** 2 < levels
-
-
-def test_bin_and_level_conditionals_multiply_to_the_mixture_conditional() -> None:
-    """p(bin | x_<i) · p(level | bin, x_<i) from the state equals p̂(x_i | x_<i) computed in float64; images with
-    equal prefixes share one row of the state."""
-    c = _circuit(40, 6, 17, seed=12)  # 17 levels: 4 bins of 5, the last with 2
-    g = torch.Generator().manual_seed(13)
-    x = c.sample(4, generator=g).long()
-    x[1] = x[0]
-    x[2, :3] = x[0, :3]  # image 2 shares the first 3 pixels of images 0 and 1
-    lp, log_w = c.leaf.logits.double(), c.log_weights.double()  # [N, S, L] normalized, [N]
-    tabs, state = PixelProducts(17, 40), BlockState(c.log_weights, 4)
-    for i in range(6):
-        prefix = log_w[:, None] + lp[:, torch.arange(i)[None, :], x[:, :i]].sum(2)  # [N, 4]
-        want = torch.logsumexp(prefix + lp[:, i, x[:, i]], 0) - torch.logsumexp(prefix, 0)  # [4] log p̂(x_i | x_<i)
-        tabs.fill(pixel_tables(c), i)
-        bins, within = (x[:, i] // 5).numpy(), (x[:, i] % 5).numpy()
-        p_bin, p_lev = state.predict_bins(tabs), state.predict_levels(tabs, bins)
-        rows = np.arange(4)
-        got = p_bin[rows, bins] / p_bin.sum(1) * p_lev[rows, within] / p_lev.sum(1)
-        np.testing.assert_allclose(np.log(got), want.numpy(), rtol=0, atol=1e-5)
-        state.update(tabs.update, x[:, i].numpy())
-        assert state.w.shape[0] == len({tuple(r) for r in x[:, : i + 1].tolist()})  # one row per distinct prefix
-
-
-def test_repeated_images_round_trip_at_minus_log2_p() -> None:
-    """A block of repeated images and shared prefixes (L = 256: 16 bins of 16) decodes bit-exactly at -log2 p̂."""
-    c = _circuit(32, 48, 256, seed=10)
-    g = torch.Generator().manual_seed(11)
-    x = c.sample(4, generator=g).long().repeat(5, 1)  # 20 images, each 5 times
-    x[4:8, 30:] = c.sample(4, generator=g).long()[:, 30:]  # the same 30-pixel prefixes, then others
-    data = encode(c, x, rows=16)
-    assert np.array_equal(decode(c, data), x.numpy())
-    info = _info_bits(c, x)
-    bits = 8 * int(unpack(data)[1][-1])
-    assert info - 1 <= bits <= info + bits_bound(20 * 48, 256) + 2 * 64

@@ -2,25 +2,24 @@
 
 Each block of ``rows`` images is one range-coded stream (constriction's ``RangeEncoder``, 32-bit
 words, 24-bit probabilities), pixel-major: pixel 0 of every image of the block, then pixel 1, ...
-The conditional of each pixel comes from :mod:`vq2pc.circuit.codec.model`, coded as two symbols: the
-pixel's bin of ``W = ⌈√L⌉`` levels, then its level in the bin. A block is the unit of random access:
-decoding image ``k`` decodes its block, which costs little more than decoding ``k`` alone would (the
-products are padded to 16 rows for determinism, and images with equal prefixes share a state); and a
-block's stream ends once (about 32–64 bits), not once per image.
+The conditional of each pixel comes from :mod:`vq2pc.circuit.codec.model` (one ``[R, N] × [N, L]``
+product per block and pixel). A block is the unit of random access: decoding image ``k`` decodes its
+block, which costs the same as decoding ``k`` alone would, since the product always has ``R`` rows
+(padded) for determinism; and a block's stream ends once (about 32–64 bits), not once per image.
 
 **Why encoder and decoder agree.** Both run :func:`_run`: the same blocks, the same per-block
-operations in the same order, pixel by pixel, on the same float64 state (see the model module), and
-hand the same float64 arrays to constriction. constriction quantizes it with its lazy categorical
+operations in the same order, pixel by pixel, on the same float32 state (see the model module), and
+hand the same float64 array to constriction. constriction quantizes it with its lazy categorical
 model (``perfect=False``): the left cumulative of level ``l`` is ``⌊C_l · s⌋ + l`` with ``C_l`` the
 sequential float sum of the first ``l`` probabilities and ``s = (2^24 − L) / ΣP`` — a fixed sequence
 of IEEE operations in compiled code, so identical inputs give identical integer CDFs on every
 platform, and every level has at least 1/2^24 (any value is codable).
 
-**Code length.** That quantization gives every symbol of a ``K``-symbol alphabet ``q_l ≥ p_l (1 − K/2^24)``,
-and the range coder (64-bit state, ≥ 2^32 after renormalization) loses at most ``−log2(1 − 2^−8)`` bits per
-symbol to integer truncation; the bin's and the level's conditionals multiply to ``p̂(x_i | x_<i)``, so a
-block costs at most ``Σ −log2 p̂(x_i | x_<i) + n·((B + W)/2^24 + 2·2^−8)/ln 2`` bits (``n`` pixels,
-:func:`model.bits_bound`) plus its final words (≤ 64 bits), and typically far less than the bound. The file adds a header (about 400 bytes) and 12 bytes of index per block.
+**Code length.** That quantization gives every level ``q_l ≥ p_l (1 − L/2^24)``, and the range coder
+(64-bit state, ≥ 2^32 after renormalization) loses at most ``−log2(1 − 2^−8)`` bits per symbol to
+integer truncation; so a block costs at most ``Σ −log2 p̂(x_i | x_<i) + n·(L/2^24 + 2^−8)/ln 2``
+bits (``n`` symbols, :func:`model.bits_bound`) plus its final words (≤ 64 bits), and typically far less
+than the bound. The file adds a header (about 400 bytes) and 12 bytes of index per block.
 """
 
 from __future__ import annotations
@@ -37,15 +36,7 @@ import torch
 from tqdm.auto import tqdm
 
 from vq2pc.circuit.codec.format import Header, block_words, pack, unpack
-from vq2pc.circuit.codec.model import (
-    BlockState,
-    CodecError,
-    PixelProducts,
-    PixelTables,
-    circuit_digest,
-    level_bins,
-    pixel_tables,
-)
+from vq2pc.circuit.codec.model import BlockState, CodecError, PixelTables, circuit_digest, pixel_tables, prob_tables
 from vq2pc.circuit.mixture import MixtureCircuit
 from vq2pc.core import validate
 from vq2pc.core.files import atomic_write
@@ -58,9 +49,7 @@ DEFAULT_ROWS = 64
 STATE_BUDGET = 256 << 20
 """Bytes of posterior state held at once (blocks are processed in groups that fit)."""
 
-Step = Callable[[int, int, np.ndarray, np.ndarray | None], np.ndarray]
-"""``step(block, pixel, probs, bins)``: code one symbol per image of the block and return them — the bins
-(``bins`` None, ``probs [count, B]``), then the levels in them (``probs [count, W]``)."""
+Step = Callable[[int, int, np.ndarray], np.ndarray]
 
 
 def _constriction() -> ModuleType:
@@ -91,13 +80,10 @@ def encode(
     constriction = _constriction()
     coders = [constriction.stream.queue.RangeEncoder() for _ in counts]
     family = constriction.stream.model.Categorical(perfect=False)
-    width = level_bins(tables.levels)[0]
 
-    def step(b: int, i: int, probs: np.ndarray, bins: np.ndarray | None) -> np.ndarray:
-        pixel = x[b * rows : b * rows + counts[b], i]
-        sym = pixel // width if bins is None else pixel % width
-        if probs.shape[1] > 1:  # a single bin is not coded
-            coders[b].encode(sym, family, probs)
+    def step(b: int, i: int, probs: np.ndarray) -> np.ndarray:
+        sym = x[b * rows : b * rows + counts[b], i]
+        coders[b].encode(sym, family, probs)
         return sym
 
     _run(tables, circuit.log_weights, list(range(len(counts))), counts, rows, step, threads, progress, "compress")
@@ -134,13 +120,10 @@ def decode(
     decoders = {b: constriction.stream.queue.RangeDecoder(words[b]) for b in blocks}
     out = {b: np.zeros((counts[b], tables.num_pixels), dtype=np.int32) for b in blocks}
     family = constriction.stream.model.Categorical(perfect=False)
-    width = level_bins(tables.levels)[0]
 
-    def step(b: int, i: int, probs: np.ndarray, bins: np.ndarray | None) -> np.ndarray:
-        sym = decoders[b].decode(family, probs) if probs.shape[1] > 1 else np.zeros(len(probs), dtype=np.int32)
-        if bins is not None:
-            out[b][:, i] = bins * width + sym
-        return sym
+    def step(b: int, i: int, probs: np.ndarray) -> np.ndarray:
+        out[b][:, i] = decoders[b].decode(family, probs)
+        return out[b][:, i]
 
     _run(tables, circuit.log_weights, blocks, counts, header.rows, step, threads, progress, "decompress")
     flat = np.concatenate([out[b] for b in blocks])  # the decoded blocks' images, in block order
@@ -187,20 +170,20 @@ def _run(
     run all pixels on it with their own ``P_i`` (no synchronization per pixel)."""
     threads = max(1, min(threads or torch.get_num_threads(), len(blocks)))
     shares = [blocks[t::threads] for t in range(threads)]
-    per_group = max(1, STATE_BUDGET // (rows * tables.num_components * 8))  # w (float64)
+    per_group = max(1, STATE_BUDGET // (rows * tables.num_components * 16))  # w (float64) + 2 float32 buffers
     bar = tqdm(total=len(blocks) * tables.num_pixels, desc=desc, unit="px", disable=not progress, leave=False)
 
     def work(share: list[int]) -> None:
         """One worker: its blocks in groups whose state fits ``STATE_BUDGET``, all pixels per group."""
-        tabs = PixelProducts(tables.levels, tables.num_components)  # pixel i's tables, refilled in place
+        upd_np = np.empty((tables.levels, tables.num_components), dtype=np.float32)
+        gemm_np = np.empty_like(upd_np)
+        upd, gemm = torch.from_numpy(upd_np), torch.from_numpy(gemm_np)  # pixel i's tables, refilled in place
         for g in range(0, len(share), per_group):
-            states = {b: BlockState(log_weights, counts[b]) for b in share[g : g + per_group]}
+            states = {b: BlockState(log_weights, rows, counts[b]) for b in share[g : g + per_group]}
             for i in range(tables.num_pixels):
-                tabs.fill(tables, i)
+                prob_tables(tables, i, upd_np, gemm_np)
                 for b, state in states.items():
-                    bins = step(b, i, state.predict_bins(tabs), None)
-                    within = step(b, i, state.predict_levels(tabs, bins), bins)
-                    state.update(tabs.update, bins * tabs.width + within)
+                    state.update(upd, step(b, i, state.predict(gemm)))
                 bar.update(len(states))
 
     prev = torch.get_num_threads()

@@ -25,9 +25,9 @@ from vq2pc.circuit.codec.model import CUTOFF, FLOOR, GEMM_CLAMP, LOG_CLAMP, Code
 __all__ = ["MAGIC", "VERSION", "Header", "pack", "unpack"]
 
 MAGIC = b"VQ2PCZ\x00\x01"
-VERSION = 2
+VERSION = 1
 _FIXED = struct.Struct("<8sHHI")
-CODER = "constriction.stream.queue.RangeEncoder/u32 words/Categorical(perfect=False)/24-bit/bin x//W, then x%W"
+CODER = "constriction.stream.queue.RangeEncoder/u32 words/Categorical(perfect=False)/24-bit"
 
 
 @dataclass(frozen=True)
