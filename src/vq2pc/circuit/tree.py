@@ -139,7 +139,7 @@ class TreeCircuit(nn.Module, Sampler):
             u = ups[d]  # [B, n, K]: its children's messages already added
             top = u.amax(-1, keepdim=True)
             msg = torch.einsum("bnc,npc->bnp", (u - top).exp(), edges[d - 1]).log() + top
-            ups[d - 1] = ups[d - 1] + torch.zeros_like(ups[d - 1]).index_add(1, t.parent_slots[d], msg)
+            ups[d - 1] = ups[d - 1].index_add(1, t.parent_slots[d], msg)  # out of place: a new level tensor
         up = torch.cat(ups, 1)[:, t.inverse]
         return torch.logsumexp(params.root + ups[0][:, 0], -1), up
 

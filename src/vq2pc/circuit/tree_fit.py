@@ -187,6 +187,7 @@ def distill_tree(
         raise ValueError(f"codes must lie in [0, {K - 1}]")
     parent = chow_liu(mutual_information(codes, K))
     info = {"image_shape": list(image_shape), "latent_hw": list(latent_hw), "levels": levels, **(meta or {})}
+    info["leaf_bins"] = min(prior.bins or levels, levels)  # read by TreeCircuit.num_params
     circuit = TreeCircuit(parent, patch_owner(image_shape, latent_hw), K, levels, meta=info)
     circuit.set_log_params(m_step(complete_counts(circuit, codes, images), prior))
     return circuit

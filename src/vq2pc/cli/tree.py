@@ -90,7 +90,7 @@ def cmd_distill_tree(a: argparse.Namespace) -> int:
     start = time.perf_counter()
     codes, images, K, grid = _pairs(a, splits)
     smooth = smoothing(splits.train_x, splits.levels, a.alpha_leaf, a.alpha_edge, a.leaf_bins or None)
-    meta = {"source": a.source, "dataset": splits.name, "leaf_bins": a.leaf_bins or splits.levels}
+    meta = {"source": a.source, "dataset": splits.name}
     c = distill_tree(codes, images, K, splits.levels, splits.image_shape, grid, smooth, meta).to(a.device)
     val_init = bpd(c, splits.val_x)
     fitted = em_fit(c, splits.train_x, splits.val_x, smooth, a.iterations, a.patience, a.batch_size)
