@@ -62,6 +62,9 @@ def _args() -> argparse.Namespace:
     p.add_argument("--kmeans-iterations", type=int, default=10)
     p.add_argument("--context", type=int, default=0, help="k-means windows: pixels around each patch (--source kmeans)")
     p.add_argument("--context-weight", type=float, default=1.0, help="scale of the context pixels in k-means")
+    p.add_argument(
+        "--shift", type=int, default=0, help="grid shifted by this many pixels (--source kmeans; see patch_owner)"
+    )
     p.add_argument("--prior-samples", type=int, default=20000)
     p.add_argument("--train-limit", type=int, default=None)
     p.add_argument("--val-limit", type=int, default=None)
@@ -95,7 +98,15 @@ def _pairs(
     if a.source == "kmeans":
         grid = (int(a.grid[0]), int(a.grid[1]))
         codes, images = kmeans_pairs(
-            train_x, grid, a.K, levels, gen, a.kmeans_iterations, context=a.context, context_weight=a.context_weight
+            train_x,
+            grid,
+            a.K,
+            levels,
+            gen,
+            a.kmeans_iterations,
+            context=a.context,
+            context_weight=a.context_weight,
+            shift=a.shift,
         )
         return codes, images, a.K, grid
     if a.run is None:
@@ -160,7 +171,11 @@ def main() -> None:
     def prior(alpha: float, bins: int = 0) -> Smoothing:  # pseudo-counts centred on the pixels' marginals
         return smoothing(train, d.levels, alpha, a.alpha_edge, bins or None)
 
-    c = distill_tree(codes, images, K, d.levels, d.image_shape, grid, prior(a.alpha_leaf[0]), {"source": a.source})
+    if a.shift and a.source != "kmeans":
+        raise SystemExit("--shift needs --source kmeans (a VQ-VAE's codes have the VQ-VAE's own grid)")
+    c = distill_tree(
+        codes, images, K, d.levels, d.image_shape, grid, prior(a.alpha_leaf[0]), {"source": a.source}, a.shift
+    )
     alpha, bins = _pick_alpha(a, c, (codes, images), val, prior)
     c.meta["leaf_bins"] = bins or d.levels
     distill_seconds = time.perf_counter() - start
@@ -172,7 +187,7 @@ def main() -> None:
     if a.per_image:
         save_per_image(a.per_image, test_bpd)
     row = {
-        "source": a.source, "context": a.context, "context_weight": a.context_weight, "K": K, "grid": list(grid), "n_train": len(train), "n_pairs": len(codes),
+        "source": a.source, "context": a.context, "context_weight": a.context_weight, "shift": a.shift, "K": K, "grid": list(grid), "n_train": len(train), "n_pairs": len(codes),
         "n_val": len(val), "n_test": len(test), "seed": a.seed, "data_seed": a.data_seed, "alpha_leaf": alpha, "leaf_bins": bins, "alpha_edge": a.alpha_edge,
         "val_bpd_init": round(val_init, 4), "val_bpd": round(result.best_val_bpd, 4),
         "test_bpd": round(float(test_bpd.mean()), 4), "train_bpd": _rounded(result.history[result.best_iteration]["train_bpd"]),

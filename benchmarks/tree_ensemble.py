@@ -1,11 +1,13 @@
-"""Tree circuits of several seeds, their uniform mixture, and paired differences, on the MNIST test set.
+"""Tree circuits of several seeds, their mixture, and paired differences, on the MNIST test set.
 
-Loads tree circuits (``.safetensors`` from ``mnist_tree_circuit.py --out``), scores every test image with
-each, and prints ONE JSON line: each tree's test BPD, their mean ± std over seeds, the test BPD of the
-uniform mixture ``p(x) = (1/T) Σ_t p_t(x)`` (a sum node over the trees: still a smooth, decomposable
-circuit, with the trees' parameters added up), and, with ``--against FILE.npy`` (a baseline's per-image
-test BPDs, e.g. ``vq2pc train-baseline``'s ``OUT/<key>.test_bpd.npy``), the paired difference of every
-tree and of the mixture against it with its 95% interval.
+Loads tree circuits (``.safetensors`` from ``mnist_tree_circuit.py --out``), scores every validation
+(the first ``--val-limit``) and test image with each, and prints ONE JSON line: each tree's validation
+and test BPD, their mean ± std over seeds, the BPDs of their mixture ``p(x) = Σ_t π_t p_t(x)``
+(:class:`~vq2pc.circuit.tree_mixture.TreeMixture`: a sum node over the trees, still a smooth, decomposable
+circuit, with the trees' parameters added up; ``π`` uniform, or with ``--fit-weights`` fitted on the
+validation images), and, with ``--against FILE.npy`` (a baseline's per-image test BPDs, e.g.
+``vq2pc train-baseline``'s ``OUT/<key>.test_bpd.npy``), the paired difference of every tree and of the
+mixture against it with its 95% interval. ``--out`` writes the mixture (one file).
 
     python benchmarks/tree_ensemble.py seed0.safetensors seed1.safetensors seed2.safetensors \\
         --data-dir DIR --against runs/field/quad-graph-cp-64.test_bpd.npy
@@ -22,6 +24,7 @@ import numpy as np
 import torch
 
 from vq2pc.circuit.tree import TreeCircuit
+from vq2pc.circuit.tree_mixture import TreeMixture, fit_weights
 from vq2pc.data.datasets import load_dataset
 from vq2pc.evaluate.density import paired_difference
 
@@ -32,23 +35,35 @@ def main() -> None:
     p.add_argument("--data-dir", default=None)
     p.add_argument("--dataset", default="mnist")
     p.add_argument("--against", default=None, help="per-image test BPDs of a baseline (.npy)")
+    p.add_argument("--val-limit", type=int, default=2000, help="validation images scored (the first ones)")
+    p.add_argument("--fit-weights", action="store_true", help="fit the mixture weights on those validation images")
+    p.add_argument("--out", default=None, help="write the mixture here (.safetensors)")
     a = p.parse_args()
-    test = load_dataset(a.dataset, a.data_dir).test_x
-    x = test.reshape(len(test), -1).float()
+    d = load_dataset(a.dataset, a.data_dir)
+    x, val = (v.reshape(len(v), -1).float() for v in (d.test_x, d.val_x[: a.val_limit]))
     circuits = [TreeCircuit.load(path) for path in a.trees]
-    lls = torch.stack([c.log_prob(x).double() for c in circuits])  # [T, n] nats
+    log_w = fit_weights(circuits, val) if a.fit_weights else None
+    mix = TreeMixture(circuits, log_w)
+    lls = mix.component_log_probs(x).double()  # [T, n] nats
     scale = x.shape[1] * math.log(2)
     per_tree = -lls / scale  # [T, n] BPD
-    mixture = -(torch.logsumexp(lls, 0) - math.log(len(circuits))) / scale
+    mixture = -torch.logsumexp(mix.log_weights.double()[:, None] + lls, 0) / scale
+    val_bpd = -mix.component_log_probs(val).double().mean(1) / scale
     means = [float(b.mean()) for b in per_tree]
     row = {
         "trees": len(circuits),
         "test_bpd": [round(m, 4) for m in means],
+        "val_bpd": [round(float(v), 4) for v in val_bpd],
         "test_bpd_mean": round(statistics.mean(means), 4),
         "test_bpd_std": round(statistics.stdev(means), 4) if len(means) > 1 else 0.0,
+        "weights": [round(float(w), 4) for w in mix.log_weights.exp()],
+        "mixture_val_bpd": round(float(-mix.log_prob(val).double().mean() / scale), 4),
         "mixture_test_bpd": round(float(mixture.mean()), 4),
         "params_each": [c.num_params for c in circuits],
+        "params_mixture": mix.num_params,
     }
+    if a.out:
+        mix.save(a.out)
     if a.against:
         base = torch.from_numpy(np.load(a.against))
         row["paired_vs_baseline"] = [_paired(b, base) for b in per_tree]

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 from helpers import MNIST_DIR, needs_mnist
 
+from vq2pc.circuit.tree_mixture import TreeMixture
+
 ROOT = Path(__file__).resolve().parents[1]
 KEYS = {"query", "leaf", "N", "B", "S", "seconds", "fraction_of_matmul", "speedup_vs_slow", "peak_rss_mib"}
 
@@ -166,3 +168,10 @@ def test_tree_seeds_their_mixture_and_paired_differences(tmp_path: Path) -> None
     paired = json.loads(_benchmark("paired_bpd.py", str(tmp_path / "t0.npy"), str(tmp_path / "t1.npy")).stdout)
     assert paired["mean_a"] == pytest.approx(row["test_bpd"][0], abs=1e-4)
     assert paired["difference"] == pytest.approx(row["paired_vs_baseline"][0]["difference"], abs=1e-4)
+    mix_file = tmp_path / "mix.safetensors"
+    fitted = json.loads(
+        _benchmark("tree_ensemble.py", *trees, "--dataset", "digits", "--fit-weights", "--out", str(mix_file)).stdout
+    )
+    assert fitted["mixture_val_bpd"] <= row["mixture_val_bpd"] + 1e-4  # the weights maximize validation likelihood
+    assert sum(fitted["weights"]) == pytest.approx(1, abs=1e-3)
+    assert TreeMixture.load(mix_file).num_params == fitted["params_mixture"] == sum(row["params_each"]) + 1

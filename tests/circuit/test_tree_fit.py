@@ -22,6 +22,15 @@ def test_patch_owner_partitions_pixels_by_position() -> None:
     assert patch_owner((2, 3, 5), (2, 2)).tolist() == [0, 0, 0, 1, 1, 0, 0, 0, 1, 1, 2, 2, 2, 3, 3] * 2
 
 
+def test_a_shifted_grid_moves_the_patch_borders_between_the_unshifted_ones() -> None:
+    plain, shifted = patch_owner((1, 6, 6), (3, 3)).view(6, 6), patch_owner((1, 6, 6), (4, 4), shift=1).view(6, 6)
+    assert plain[0].tolist() == [0, 0, 1, 1, 2, 2]
+    assert shifted[0].tolist() == [0, 1, 1, 2, 2, 3] and shifted[:, 0].tolist() == [0, 4, 4, 8, 8, 12]
+    assert torch.bincount(shifted.flatten()).view(4, 4)[0].tolist() == [1, 2, 2, 1]
+    with pytest.raises(ValueError, match="empty"):
+        patch_owner((1, 2, 2), (2, 2), shift=3)  # the first row of patches would hold only padding
+
+
 def test_mutual_information_and_chow_liu_recover_a_chain() -> None:
     g = torch.Generator().manual_seed(0)
     n, K = 4000, 3

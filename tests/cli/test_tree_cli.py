@@ -58,3 +58,14 @@ def test_distill_tree_from_kmeans_latents_with_tied_leaves(tmp_path: Path, capsy
 def test_distill_tree_needs_a_run_folder_for_vqvae_latents(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run_cli(["distill-tree", *DATA, "--out", str(tmp_path / "t.safetensors")], capsys)
     assert code == 1 and "needs a run folder" in err and not (tmp_path / "t.safetensors").exists()
+
+
+def test_distill_tree_on_a_shifted_kmeans_grid(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "tree.safetensors"
+    argv = ["distill-tree", *DATA, "--source", "kmeans", "--grid", "5", "5", "--shift", "1", "--K", "4"]
+    code, stdout, err = run_cli([*argv, "--iterations", "1", "--out", str(out)], capsys)
+    assert code == 0, err
+    c = TreeCircuit.load(out)  # 8x8 digits: rows of 1, 2, 2, 2, 1 pixels
+    assert c.meta["shift"] == 1 and torch.bincount(c.owner).view(5, 5)[0].tolist() == [1, 2, 2, 2, 1]
+    code, _, err = run_cli(["distill-tree", *DATA, "--shift", "1", "--out", str(tmp_path / "t.safetensors")], capsys)
+    assert code == 1 and "--shift needs --source kmeans" in err and not (tmp_path / "t.safetensors").exists()

@@ -66,11 +66,12 @@ class TreeCircuit(nn.Module, Sampler):
         if K < 1 or levels < 2:
             raise ValueError(f"need K >= 1 and levels >= 2, got K={K}, levels={levels}")
         self.K, self.levels, self.meta = int(K), int(levels), dict(meta or {})
-        perm = torch.argsort(owner, stable=True)
-        starts = torch.cumsum(torch.bincount(owner, minlength=m), 0) - torch.bincount(owner, minlength=m)
+        slot = self.tree.inverse[owner]  # each variable's patch in level order
+        perm = torch.argsort(slot, stable=True)
+        sizes = torch.bincount(slot, minlength=m)
         self.register_buffer("owner", owner)
-        self.register_buffer("perm", perm)  # variables in patch order
-        self.register_buffer("starts", starts)  # [M] first entry of each patch in that order
+        self.register_buffer("perm", perm)  # variables in patch order, patches in level order
+        self.register_buffer("starts", torch.cumsum(sizes, 0) - sizes)  # [M] first entry of each patch
         self.root_logits = nn.Parameter(torch.zeros(K))
         self.edge_logits = nn.Parameter(torch.zeros(m - 1, K, K))
         self.leaf_logits = nn.Parameter(torch.zeros(owner.numel(), levels, K))
@@ -115,8 +116,9 @@ class TreeCircuit(nn.Module, Sampler):
 
     # --- passes --------------------------------------------------------------------------------------
     def leaf_log_likelihoods(self, x: Tensor, weights: Tensor | None, leaves: Tensor) -> Tensor:
-        """``log p(x_patch(j) | z_j = k)`` ``[B, M, K]`` of levels ``x [B, S]`` (long); ``weights [B, S]``
-        (0 for unobserved variables, else 1; None: all observed)."""
+        """``log p(x_patch(j) | z_j = k)`` ``[B, M, K]`` of levels ``x [B, S]`` (long), positions ``j`` in
+        level order (``tree.order``: what :meth:`upward` takes); ``weights [B, S]`` (0 for unobserved
+        variables, else 1; None: all observed)."""
         b, s = x.shape
         m, lv = self.tree.num_nodes, self.levels
         rows = (self.perm * lv + x[:, self.perm]).reshape(-1)  # [B·S] rows of the [S·L, K] table
@@ -125,22 +127,22 @@ class TreeCircuit(nn.Module, Sampler):
         out = F.embedding_bag(rows, leaves.reshape(s * lv, self.K), offsets, mode="sum", per_sample_weights=w)
         return out.view(b, m, self.K)
 
-    def upward(self, ll: Tensor, params: TreeParams) -> tuple[Tensor, Tensor]:
-        """Upward pass: ``(log p(x) [B], up [B, M, K])`` with ``up[:, j, k] = log p(x_subtree(j) | z_j = k)``.
+    def upward(self, ll: Tensor, params: TreeParams, with_up: bool = False) -> tuple[Tensor, Tensor | None]:
+        """Upward pass over leaf terms ``ll [B, M, K]`` in level order: ``(log p(x) [B], up)``; with
+        ``with_up``, ``up [B, M, K]`` (node order) holds ``log p(x_subtree(j) | z_j = k)``, else None.
 
-        The leaf terms are split by level once (one gather; its backward one scatter), each level's
-        incoming messages are summed into a tensor of its own size, and the edges are split by level:
-        no step touches the whole ``[B, M, K]`` tensor, so a deep tree costs what its nodes cost."""
+        The leaf terms are split by level (views: they come in level order), each level's incoming messages
+        are summed into a tensor of its own size, and the edges are split by level: no step touches the
+        whole ``[B, M, K]`` tensor, so a deep tree costs what its nodes cost."""
         t = self.tree
-        parts = ll[:, t.order].split(t.level_sizes, dim=1)  # [B, n_d, K] per level
+        ups: list[Tensor] = list(ll.split(t.level_sizes, dim=1))  # [B, n_d, K] per level
         edges = params.edges.exp().split(t.level_sizes[1:], dim=0)  # [n_d, K, K] into each level d >= 1
-        ups: list[Tensor] = list(parts)
-        for d in range(len(parts) - 1, 0, -1):
+        for d in range(len(ups) - 1, 0, -1):
             u = ups[d]  # [B, n, K]: its children's messages already added
             top = u.amax(-1, keepdim=True)
             msg = torch.einsum("bnc,npc->bnp", (u - top).exp(), edges[d - 1]).log() + top
             ups[d - 1] = ups[d - 1].index_add(1, t.parent_slots[d], msg)  # out of place: a new level tensor
-        up = torch.cat(ups, 1)[:, t.inverse]
+        up = torch.cat(ups, 1)[:, t.inverse] if with_up else None
         return torch.logsumexp(params.root + ups[0][:, 0], -1), up
 
     def forward(self, x: Tensor, weights: Tensor | None = None, params: TreeParams | None = None) -> Tensor:
@@ -180,7 +182,7 @@ class TreeCircuit(nn.Module, Sampler):
         with torch.enable_grad():
             ll = self.leaf_log_likelihoods(x, w, params.leaves).detach().requires_grad_()
             (grad,) = torch.autograd.grad(self.upward(ll, params)[0].sum(), ll)
-        return grad
+        return grad[:, self.tree.inverse]
 
     @torch.no_grad()
     def conditional_mean(self, x: Tensor, mask: Tensor) -> Tensor:
@@ -208,7 +210,7 @@ class TreeCircuit(nn.Module, Sampler):
         """``[B, S]`` (float levels) given the prepared levels ``x`` and weights ``mask``: top-down sampling of
         ``z`` from ``p(z | x_obs)``, then every variable from its patch's leaf."""
         params = _detached(self.log_params())
-        up = self.upward(self.leaf_log_likelihoods(x, mask, params.leaves), params)[1]
+        up = self.upward(self.leaf_log_likelihoods(x, mask, params.leaves), params, with_up=True)[1]
         return self._draw_from(up, params, generator)
 
     def _draw_from(self, up: Tensor, params: TreeParams, generator: torch.Generator | None) -> Tensor:
@@ -229,18 +231,31 @@ class TreeCircuit(nn.Module, Sampler):
         return z
 
     # --- files ---------------------------------------------------------------------------------------
+    def to_file(self) -> TreeFile:
+        """The structure, parameters and meta as a :class:`~vq2pc.circuit.tree_io.TreeFile`."""
+        return TreeFile(self.tree.parent, self.owner, _detached(self.log_params()), self.meta)
+
+    @classmethod
+    def from_file(cls, f: TreeFile) -> TreeCircuit:
+        """A circuit on the CPU from a :class:`~vq2pc.circuit.tree_io.TreeFile` (ValueError if inconsistent)."""
+        try:
+            circuit = cls(f.parent, f.owner, int(f.params.root.numel()), int(f.params.leaves.shape[1]), meta=f.meta)
+        except IndexError as exc:
+            raise ValueError(str(exc)) from None
+        circuit.set_log_params(f.params)
+        return circuit
+
     def save(self, path: str | Path) -> Path:
         """Write one ``.safetensors`` file (:mod:`vq2pc.circuit.tree_io`), atomically."""
-        return write_tree(path, TreeFile(self.tree.parent, self.owner, _detached(self.log_params()), self.meta))
+        return write_tree(path, self.to_file())
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device | None = None) -> TreeCircuit:
         """Load a circuit written by :meth:`save`; :class:`~vq2pc.core.checkpoint.CheckpointError` for bad files."""
         f = read_tree(path)
         try:
-            circuit = cls(f.parent, f.owner, int(f.params.root.numel()), int(f.params.leaves.shape[1]), meta=f.meta)
-            circuit.set_log_params(f.params)
-        except (ValueError, IndexError) as exc:
+            circuit = cls.from_file(f)
+        except ValueError as exc:
             raise CheckpointError(f"{path}: invalid tree circuit contents: {exc}") from None
         return circuit.to(device or "cpu")
 

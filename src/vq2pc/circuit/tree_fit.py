@@ -177,8 +177,10 @@ def distill_tree(
     latent_hw: tuple[int, int],
     prior: Smoothing,
     meta: dict[str, Any] | None = None,
+    shift: int = 0,
 ) -> TreeCircuit:
-    """Latent variable distillation: the Chow-Liu tree of ``codes [n, M]`` (``M = h·w``, row-major) and the
+    """Latent variable distillation: the Chow-Liu tree of ``codes [n, M]`` (``M = h·w``, row-major, on the
+    grid shifted by ``shift`` pixels: :func:`~vq2pc.circuit.tree_structure.patch_owner`) and the
     closed-form (smoothed) maximum-likelihood parameters of the complete data ``(codes, images [n, S])``."""
     codes = codes.reshape(codes.shape[0], -1).long().cpu()
     if codes.shape[1] != latent_hw[0] * latent_hw[1] or codes.shape[0] != images.shape[0]:
@@ -186,9 +188,10 @@ def distill_tree(
     if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= K):
         raise ValueError(f"codes must lie in [0, {K - 1}]")
     parent = chow_liu(mutual_information(codes, K))
-    info = {"image_shape": list(image_shape), "latent_hw": list(latent_hw), "levels": levels, **(meta or {})}
+    info = {"image_shape": list(image_shape), "latent_hw": list(latent_hw), "shift": shift, "levels": levels}
+    info.update(meta or {})
     info["leaf_bins"] = min(prior.bins or levels, levels)  # read by TreeCircuit.num_params
-    circuit = TreeCircuit(parent, patch_owner(image_shape, latent_hw), K, levels, meta=info)
+    circuit = TreeCircuit(parent, patch_owner(image_shape, latent_hw, shift), K, levels, meta=info)
     circuit.set_log_params(m_step(complete_counts(circuit, codes, images), prior))
     return circuit
 

@@ -109,10 +109,12 @@ def kmeans_pairs(
     iterations: int = 10,
     context: int = 0,
     context_weight: float = 1.0,
+    shift: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """The complete data of the k-means source: ``(codes [n, h·w], levels [n, S])`` of raw images
-    ``[n, C, H, W]`` on a ``latent_hw`` grid of patches (:func:`patch_kmeans_codes`)."""
-    owner = patch_owner(tuple(images.shape[1:]), latent_hw)
+    ``[n, C, H, W]`` on a ``latent_hw`` grid of patches, shifted by ``shift`` pixels
+    (:func:`~vq2pc.circuit.tree_structure.patch_owner`, :func:`patch_kmeans_codes`)."""
+    owner = patch_owner(tuple(images.shape[1:]), latent_hw, shift)
     codes, _ = patch_kmeans_codes(
         images, owner, K, levels, iterations, generator, context=context, context_weight=context_weight
     )

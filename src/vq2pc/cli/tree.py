@@ -44,6 +44,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--K", type=int, default=128, help="states per latent (--source kmeans)")
     p.add_argument("--context", type=int, default=0, help="k-means windows: pixels around each patch (kmeans)")
     p.add_argument("--context-weight", type=float, default=1.0, help="scale of those context pixels (kmeans)")
+    p.add_argument(
+        "--shift", type=int, default=0, help="lay the k-means grid over the image padded by this many pixels at the "
+        "top and left: with 15 15 and 1, 2x2 patches whose borders fall between those of 14 14 (kmeans)",
+    )  # fmt: skip
     p.add_argument("--alpha-leaf", type=float, default=0.1, help="leaf pseudo-count (× L × the pixel's marginal)")
     p.add_argument("--alpha-edge", type=float, default=0.1, help="pseudo-count per root / edge table entry")
     p.add_argument(
@@ -70,8 +74,9 @@ def _pairs(a: argparse.Namespace, splits: DataSplits) -> tuple[Tensor, Tensor, i
     if a.source == "kmeans":
         grid = (int(a.grid[0]), int(a.grid[1]))
         codes, images = kmeans_pairs(
-            splits.train_x, grid, a.K, splits.levels, gen, context=a.context, context_weight=a.context_weight
-        )
+            splits.train_x, grid, a.K, splits.levels, gen, context=a.context, context_weight=a.context_weight,
+            shift=a.shift,
+        )  # fmt: skip
         return codes, images, a.K, grid
     if a.run is None:
         raise ValueError(f"--source {a.source} needs a run folder with vqvae.pt (or use --source kmeans)")
@@ -84,14 +89,16 @@ def _pairs(a: argparse.Namespace, splits: DataSplits) -> tuple[Tensor, Tensor, i
 
 
 def cmd_distill_tree(a: argparse.Namespace) -> int:
-    if a.leaf_bins < 0 or a.context < 0:
-        raise ValueError(f"--leaf-bins and --context must be >= 0, got {a.leaf_bins} and {a.context}")
+    if min(a.leaf_bins, a.context, a.shift) < 0:
+        raise ValueError(f"--leaf-bins, --context and --shift must be >= 0, got {a.leaf_bins}, {a.context}, {a.shift}")
+    if a.shift and a.source != "kmeans":
+        raise ValueError("--shift needs --source kmeans (a VQ-VAE's codes keep the VQ-VAE's own grid)")
     splits = load_dataset(a.dataset, a.data_dir, seed=a.seed, limit=a.limit)
     start = time.perf_counter()
     codes, images, K, grid = _pairs(a, splits)
     smooth = smoothing(splits.train_x, splits.levels, a.alpha_leaf, a.alpha_edge, a.leaf_bins or None)
     meta = {"source": a.source, "dataset": splits.name}
-    c = distill_tree(codes, images, K, splits.levels, splits.image_shape, grid, smooth, meta).to(a.device)
+    c = distill_tree(codes, images, K, splits.levels, splits.image_shape, grid, smooth, meta, a.shift).to(a.device)
     val_init = bpd(c, splits.val_x)
     fitted = em_fit(c, splits.train_x, splits.val_x, smooth, a.iterations, a.patience, a.batch_size)
     path = c.save(a.out)
