@@ -204,6 +204,7 @@ class BlockState:
         if self._live is not None:
             self.w.mul_(self._live)
         self.count = count
+        self._w_np = self.w.numpy()  # the same memory
         self._rows = torch.empty(rows, w.shape[0], dtype=torch.float32)
         self._w32 = torch.empty(rows, w.shape[0], dtype=torch.float32)
         self._idx = torch.zeros(rows, dtype=torch.long)
@@ -214,7 +215,7 @@ class BlockState:
         One float32 product over the components at or above ``CUTOFF`` (the others as 0); over those
         columns only when they are at most ``COMPACT_FRACTION`` of ``N``. ``threshold_`` zeroes entries
         below ``CUTOFF`` whatever float32 made of them (subnormal or 0), so the product's inputs are fixed."""
-        idx = (self.w.amax(0) >= CUTOFF).nonzero().squeeze(1)
+        idx = torch.from_numpy(np.flatnonzero((self._w_np >= CUTOFF).any(0)))  # columns with a row >= CUTOFF
         if idx.numel() <= COMPACT_FRACTION * self.w.shape[1]:
             w32 = torch.nn.functional.threshold_(self.w.index_select(1, idx).float(), CUTOFF, 0.0)
             probs = torch.mm(w32, gemm.index_select(1, idx).T)
@@ -225,9 +226,13 @@ class BlockState:
 
     def update(self, p: Tensor, symbols: np.ndarray) -> None:
         """``π ← π ⊙ P_i[x_i]`` (``p = update table [L, N]``), rescaled to a leader of 1 and floored."""
-        self._idx[: self.count] = torch.from_numpy(np.asarray(symbols, dtype=np.int64))
-        torch.index_select(p, 0, self._idx, out=self._rows)
-        self.w.mul_(self._rows)
+        sym = np.asarray(symbols, dtype=np.int64)
+        if sym.min() == sym.max():  # one level in every image: one row of factors, broadcast (padding rows stay 0)
+            self.w.mul_(p[int(sym[0])])
+        else:
+            self._idx[: self.count] = torch.from_numpy(sym)
+            torch.index_select(p, 0, self._idx, out=self._rows)
+            self.w.mul_(self._rows)
         self.w.div_(self.w.amax(1, keepdim=True).clamp_min_(FLOOR))  # a real row's leader is >= e^-87
         self.w[: self.count].clamp_min_(FLOOR)
         if self._live is not None:
