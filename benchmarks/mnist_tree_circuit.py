@@ -63,7 +63,11 @@ def _args() -> argparse.Namespace:
     p.add_argument("--context", type=int, default=0, help="k-means windows: pixels around each patch (--source kmeans)")
     p.add_argument("--context-weight", type=float, default=1.0, help="scale of the context pixels in k-means")
     p.add_argument(
-        "--shift", type=int, default=0, help="grid shifted by this many pixels (--source kmeans; see patch_owner)"
+        "--shift",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="grid shifted by SY [SX] pixels (--source kmeans; patch_owner)",
     )
     p.add_argument("--prior-samples", type=int, default=20000)
     p.add_argument("--train-limit", type=int, default=None)
@@ -106,7 +110,7 @@ def _pairs(
             a.kmeans_iterations,
             context=a.context,
             context_weight=a.context_weight,
-            shift=a.shift,
+            shift=_shift(a),
         )
         return codes, images, a.K, grid
     if a.run is None:
@@ -116,6 +120,13 @@ def _pairs(
     prior = load_prior(priors[0]) if priors and a.source != "encoded" else None
     codes, images = source_pairs(a.source, vqvae, train_x, prior, a.prior_samples, gen)
     return codes, images, vqvae.cfg.K, tuple(vqvae.cfg.latent_hw)
+
+
+def _shift(a: argparse.Namespace) -> tuple[int, int]:
+    """``--shift SY [SX]`` as ``(SY, SX)`` (one value: both)."""
+    if len(a.shift) > 2:
+        raise SystemExit(f"--shift takes one or two values, got {a.shift}")
+    return (a.shift[0], a.shift[-1])
 
 
 def _pick_alpha(
@@ -171,10 +182,10 @@ def main() -> None:
     def prior(alpha: float, bins: int = 0) -> Smoothing:  # pseudo-counts centred on the pixels' marginals
         return smoothing(train, d.levels, alpha, a.alpha_edge, bins or None)
 
-    if a.shift and a.source != "kmeans":
+    if any(a.shift) and a.source != "kmeans":
         raise SystemExit("--shift needs --source kmeans (a VQ-VAE's codes have the VQ-VAE's own grid)")
     c = distill_tree(
-        codes, images, K, d.levels, d.image_shape, grid, prior(a.alpha_leaf[0]), {"source": a.source}, a.shift
+        codes, images, K, d.levels, d.image_shape, grid, prior(a.alpha_leaf[0]), {"source": a.source}, _shift(a)
     )
     alpha, bins = _pick_alpha(a, c, (codes, images), val, prior)
     c.meta["leaf_bins"] = bins or d.levels
@@ -187,7 +198,7 @@ def main() -> None:
     if a.per_image:
         save_per_image(a.per_image, test_bpd)
     row = {
-        "source": a.source, "context": a.context, "context_weight": a.context_weight, "shift": a.shift, "K": K, "grid": list(grid), "n_train": len(train), "n_pairs": len(codes),
+        "source": a.source, "context": a.context, "context_weight": a.context_weight, "shift": list(_shift(a)), "K": K, "grid": list(grid), "n_train": len(train), "n_pairs": len(codes),
         "n_val": len(val), "n_test": len(test), "seed": a.seed, "data_seed": a.data_seed, "alpha_leaf": alpha, "leaf_bins": bins, "alpha_edge": a.alpha_edge,
         "val_bpd_init": round(val_init, 4), "val_bpd": round(result.best_val_bpd, 4),
         "test_bpd": round(float(test_bpd.mean()), 4), "train_bpd": _rounded(result.history[result.best_iteration]["train_bpd"]),

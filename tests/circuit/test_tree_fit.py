@@ -27,6 +27,8 @@ def test_a_shifted_grid_moves_the_patch_borders_between_the_unshifted_ones() -> 
     assert plain[0].tolist() == [0, 0, 1, 1, 2, 2]
     assert shifted[0].tolist() == [0, 1, 1, 2, 2, 3] and shifted[:, 0].tolist() == [0, 4, 4, 8, 8, 12]
     assert torch.bincount(shifted.flatten()).view(4, 4)[0].tolist() == [1, 2, 2, 1]
+    rows_only = patch_owner((1, 6, 6), (4, 3), shift=(1, 0)).view(6, 6)
+    assert rows_only[:, 0].tolist() == [0, 3, 3, 6, 6, 9] and rows_only[0].tolist() == [0, 0, 1, 1, 2, 2]
     with pytest.raises(ValueError, match="empty"):
         patch_owner((1, 2, 2), (2, 2), shift=3)  # the first row of patches would hold only padding
 

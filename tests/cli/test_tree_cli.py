@@ -65,7 +65,8 @@ def test_distill_tree_on_a_shifted_kmeans_grid(tmp_path: Path, capsys: pytest.Ca
     argv = ["distill-tree", *DATA, "--source", "kmeans", "--grid", "5", "5", "--shift", "1", "--K", "4"]
     code, stdout, err = run_cli([*argv, "--iterations", "1", "--out", str(out)], capsys)
     assert code == 0, err
+    assert last_json(stdout)["grid"] == [5, 5]
     c = TreeCircuit.load(out)  # 8x8 digits: rows of 1, 2, 2, 2, 1 pixels
-    assert c.meta["shift"] == 1 and torch.bincount(c.owner).view(5, 5)[0].tolist() == [1, 2, 2, 2, 1]
+    assert c.meta["shift"] == [1, 1] and torch.bincount(c.owner).view(5, 5)[0].tolist() == [1, 2, 2, 2, 1]
     code, _, err = run_cli(["distill-tree", *DATA, "--shift", "1", "--out", str(tmp_path / "t.safetensors")], capsys)
     assert code == 1 and "--shift needs --source kmeans" in err and not (tmp_path / "t.safetensors").exists()

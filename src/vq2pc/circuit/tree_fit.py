@@ -177,7 +177,7 @@ def distill_tree(
     latent_hw: tuple[int, int],
     prior: Smoothing,
     meta: dict[str, Any] | None = None,
-    shift: int = 0,
+    shift: int | tuple[int, int] = 0,
 ) -> TreeCircuit:
     """Latent variable distillation: the Chow-Liu tree of ``codes [n, M]`` (``M = h·w``, row-major, on the
     grid shifted by ``shift`` pixels: :func:`~vq2pc.circuit.tree_structure.patch_owner`) and the
@@ -188,7 +188,8 @@ def distill_tree(
     if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= K):
         raise ValueError(f"codes must lie in [0, {K - 1}]")
     parent = chow_liu(mutual_information(codes, K))
-    info = {"image_shape": list(image_shape), "latent_hw": list(latent_hw), "shift": shift, "levels": levels}
+    info = {"image_shape": list(image_shape), "latent_hw": list(latent_hw), "levels": levels}
+    info["shift"] = [shift, shift] if isinstance(shift, int) else [int(v) for v in shift]
     info.update(meta or {})
     info["leaf_bins"] = min(prior.bins or levels, levels)  # read by TreeCircuit.num_params
     circuit = TreeCircuit(parent, patch_owner(image_shape, latent_hw, shift), K, levels, meta=info)

@@ -109,7 +109,7 @@ def kmeans_pairs(
     iterations: int = 10,
     context: int = 0,
     context_weight: float = 1.0,
-    shift: int = 0,
+    shift: int | tuple[int, int] = 0,
 ) -> tuple[Tensor, Tensor]:
     """The complete data of the k-means source: ``(codes [n, h·w], levels [n, S])`` of raw images
     ``[n, C, H, W]`` on a ``latent_hw`` grid of patches, shifted by ``shift`` pixels

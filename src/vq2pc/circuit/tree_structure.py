@@ -101,20 +101,23 @@ class LatentTree:
         )
 
 
-def patch_owner(image_shape: tuple[int, int, int], latent_hw: tuple[int, int], shift: int = 0) -> Tensor:
+def patch_owner(
+    image_shape: tuple[int, int, int], latent_hw: tuple[int, int], shift: int | tuple[int, int] = 0
+) -> Tensor:
     """``[S]`` (long): the latent position ``r·w + c`` of every variable of a ``[C, H, W]`` image (C, H, W
-    order), pixel ``(y, x)`` in position ``(⌊(y+s)·h/(H+s)⌋, ⌊(x+s)·w/(W+s)⌋)``: ``h×w`` patches of (nearly)
-    equal size (7×7 pixels for a 28×28 image on a 4×4 grid) laid over the image padded by ``shift = s``
-    pixels at the top and the left (a 15×15 grid with ``s = 1`` on 28×28 pixels: 2×2 patches whose borders
-    fall between those of the unshifted 14×14 grid, 1-pixel rows and columns at the edges). Every channel
-    of a pixel has the pixel's position."""
+    order), pixel ``(y, x)`` in position ``(⌊(y+a)·h/(H+a)⌋, ⌊(x+b)·w/(W+b)⌋)``: ``h×w`` patches of (nearly)
+    equal size (7×7 pixels for a 28×28 image on a 4×4 grid) laid over the image padded by ``shift = (a, b)``
+    pixels at the top and the left (one int: both). On 28×28 pixels a 15×15 grid with shift 1 has 2×2
+    patches whose borders fall between those of the unshifted 14×14 grid, and 1-pixel rows and columns at
+    the edges. Every channel of a pixel has the pixel's position."""
     C, H, W = (int(v) for v in image_shape)
     h, w = (int(v) for v in latent_hw)
+    a, b = (int(shift), int(shift)) if isinstance(shift, int) else (int(shift[0]), int(shift[1]))
     if not (1 <= h <= H and 1 <= w <= W) or C < 1:
         raise ValueError(f"latent grid {h}x{w} does not fit images of shape {image_shape} (need 1 <= h <= H, w <= W)")
-    rows = (torch.arange(H) + shift) * h // (H + shift)
-    cols = (torch.arange(W) + shift) * w // (W + shift)
-    if shift < 0 or rows.unique().numel() != h or cols.unique().numel() != w:
+    rows = (torch.arange(H) + a) * h // (H + a)
+    cols = (torch.arange(W) + b) * w // (W + b)
+    if min(a, b) < 0 or rows.unique().numel() != h or cols.unique().numel() != w:
         raise ValueError(f"shift {shift} leaves patches of the {h}x{w} grid empty on {H}x{W} images")
     return (rows[:, None] * w + cols[None, :]).reshape(1, H * W).expand(C, H * W).reshape(-1).clone()
 

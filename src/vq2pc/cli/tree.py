@@ -45,9 +45,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--context", type=int, default=0, help="k-means windows: pixels around each patch (kmeans)")
     p.add_argument("--context-weight", type=float, default=1.0, help="scale of those context pixels (kmeans)")
     p.add_argument(
-        "--shift", type=int, default=0, help="lay the k-means grid over the image padded by this many pixels at the "
-        "top and left: with 15 15 and 1, 2x2 patches whose borders fall between those of 14 14 (kmeans)",
-    )  # fmt: skip
+        "--shift",
+        type=int,
+        nargs="+",
+        default=[0],
+        metavar="S",
+        help="lay the k-means grid over the image padded "
+        "by SY [SX] pixels at the top and left: --grid 15 15 --shift 1 gives 2x2 patches whose borders fall between "
+        "those of --grid 14 14 (kmeans)",
+    )
     p.add_argument("--alpha-leaf", type=float, default=0.1, help="leaf pseudo-count (× L × the pixel's marginal)")
     p.add_argument("--alpha-edge", type=float, default=0.1, help="pseudo-count per root / edge table entry")
     p.add_argument(
@@ -89,9 +95,10 @@ def _pairs(a: argparse.Namespace, splits: DataSplits) -> tuple[Tensor, Tensor, i
 
 
 def cmd_distill_tree(a: argparse.Namespace) -> int:
-    if min(a.leaf_bins, a.context, a.shift) < 0:
-        raise ValueError(f"--leaf-bins, --context and --shift must be >= 0, got {a.leaf_bins}, {a.context}, {a.shift}")
-    if a.shift and a.source != "kmeans":
+    if min(a.leaf_bins, a.context, *a.shift) < 0 or len(a.shift) > 2:
+        raise ValueError(f"need --leaf-bins, --context >= 0 and one or two --shift values >= 0, got {a.shift}")
+    a.shift = (a.shift[0], a.shift[-1])
+    if any(a.shift) and a.source != "kmeans":
         raise ValueError("--shift needs --source kmeans (a VQ-VAE's codes keep the VQ-VAE's own grid)")
     splits = load_dataset(a.dataset, a.data_dir, seed=a.seed, limit=a.limit)
     start = time.perf_counter()
