@@ -44,6 +44,7 @@ from vq2pc.circuit.tree_fit import (
     source_pairs,
 )
 from vq2pc.circuit.tree_kmeans import kmeans_pairs
+from vq2pc.circuit.tree_structure import grid_shift
 from vq2pc.data.datasets import load_dataset
 from vq2pc.evaluate.density import save_per_image
 from vq2pc.models.priors import load_prior
@@ -110,7 +111,7 @@ def _pairs(
             a.kmeans_iterations,
             context=a.context,
             context_weight=a.context_weight,
-            shift=_shift(a),
+            shift=grid_shift(a.shift),
         )
         return codes, images, a.K, grid
     if a.run is None:
@@ -120,13 +121,6 @@ def _pairs(
     prior = load_prior(priors[0]) if priors and a.source != "encoded" else None
     codes, images = source_pairs(a.source, vqvae, train_x, prior, a.prior_samples, gen)
     return codes, images, vqvae.cfg.K, tuple(vqvae.cfg.latent_hw)
-
-
-def _shift(a: argparse.Namespace) -> tuple[int, int]:
-    """``--shift SY [SX]`` as ``(SY, SX)`` (one value: both)."""
-    if len(a.shift) > 2:
-        raise SystemExit(f"--shift takes one or two values, got {a.shift}")
-    return (a.shift[0], a.shift[-1])
 
 
 def _pick_alpha(
@@ -185,7 +179,15 @@ def main() -> None:
     if any(a.shift) and a.source != "kmeans":
         raise SystemExit("--shift needs --source kmeans (a VQ-VAE's codes have the VQ-VAE's own grid)")
     c = distill_tree(
-        codes, images, K, d.levels, d.image_shape, grid, prior(a.alpha_leaf[0]), {"source": a.source}, _shift(a)
+        codes,
+        images,
+        K,
+        d.levels,
+        d.image_shape,
+        grid,
+        prior(a.alpha_leaf[0]),
+        {"source": a.source},
+        grid_shift(a.shift),
     )
     alpha, bins = _pick_alpha(a, c, (codes, images), val, prior)
     c.meta["leaf_bins"] = bins or d.levels
@@ -198,7 +200,7 @@ def main() -> None:
     if a.per_image:
         save_per_image(a.per_image, test_bpd)
     row = {
-        "source": a.source, "context": a.context, "context_weight": a.context_weight, "shift": list(_shift(a)), "K": K, "grid": list(grid), "n_train": len(train), "n_pairs": len(codes),
+        "source": a.source, "context": a.context, "context_weight": a.context_weight, "shift": list(grid_shift(a.shift)), "K": K, "grid": list(grid), "n_train": len(train), "n_pairs": len(codes),
         "n_val": len(val), "n_test": len(test), "seed": a.seed, "data_seed": a.data_seed, "alpha_leaf": alpha, "leaf_bins": bins, "alpha_edge": a.alpha_edge,
         "val_bpd_init": round(val_init, 4), "val_bpd": round(result.best_val_bpd, 4),
         "test_bpd": round(float(test_bpd.mean()), 4), "train_bpd": _rounded(result.history[result.best_iteration]["train_bpd"]),

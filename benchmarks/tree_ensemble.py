@@ -42,13 +42,14 @@ def main() -> None:
     d = load_dataset(a.dataset, a.data_dir)
     x, val = (v.reshape(len(v), -1).float() for v in (d.test_x, d.val_x[: a.val_limit]))
     circuits = [TreeCircuit.load(path) for path in a.trees]
-    log_w = fit_weights(circuits, val) if a.fit_weights else None
-    mix = TreeMixture(circuits, log_w)
+    val_lls = TreeMixture(circuits).component_log_probs(val).double()  # [T, n_val] nats, scored once
+    mix = TreeMixture(circuits, fit_weights(val_lls) if a.fit_weights else None)
     lls = mix.component_log_probs(x).double()  # [T, n] nats
     scale = x.shape[1] * math.log(2)
     per_tree = -lls / scale  # [T, n] BPD
-    mixture = -torch.logsumexp(mix.log_weights.double()[:, None] + lls, 0) / scale
-    val_bpd = -mix.component_log_probs(val).double().mean(1) / scale
+    log_w = mix.log_weights.double()[:, None]
+    mixture = -torch.logsumexp(log_w + lls, 0) / scale
+    val_bpd = -val_lls.mean(1) / scale
     means = [float(b.mean()) for b in per_tree]
     row = {
         "trees": len(circuits),
@@ -57,7 +58,7 @@ def main() -> None:
         "test_bpd_mean": round(statistics.mean(means), 4),
         "test_bpd_std": round(statistics.stdev(means), 4) if len(means) > 1 else 0.0,
         "weights": [round(float(w), 4) for w in mix.log_weights.exp()],
-        "mixture_val_bpd": round(float(-mix.log_prob(val).double().mean() / scale), 4),
+        "mixture_val_bpd": round(float(-torch.logsumexp(log_w + val_lls, 0).mean() / scale), 4),
         "mixture_test_bpd": round(float(mixture.mean()), 4),
         "params_each": [c.num_params for c in circuits],
         "params_mixture": mix.num_params,

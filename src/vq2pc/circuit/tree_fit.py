@@ -26,7 +26,7 @@ from torch import Tensor
 
 from vq2pc.circuit.tree import TreeCircuit
 from vq2pc.circuit.tree_io import TreeParams
-from vq2pc.circuit.tree_structure import chow_liu, mutual_information, patch_owner
+from vq2pc.circuit.tree_structure import chow_liu, grid_shift, mutual_information, patch_owner
 from vq2pc.core import validate
 from vq2pc.core.random import categorical
 from vq2pc.models.train import TrainConfig, TrainResult, fit
@@ -189,7 +189,7 @@ def distill_tree(
         raise ValueError(f"codes must lie in [0, {K - 1}]")
     parent = chow_liu(mutual_information(codes, K))
     info = {"image_shape": list(image_shape), "latent_hw": list(latent_hw), "levels": levels}
-    info["shift"] = [shift, shift] if isinstance(shift, int) else [int(v) for v in shift]
+    info["shift"] = list(grid_shift(shift))
     info.update(meta or {})
     info["leaf_bins"] = min(prior.bins or levels, levels)  # read by TreeCircuit.num_params
     circuit = TreeCircuit(parent, patch_owner(image_shape, latent_hw, shift), K, levels, meta=info)

@@ -15,7 +15,7 @@ mixture (:mod:`vq2pc.circuit.tree_io`).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -24,7 +24,6 @@ from torch import Tensor, nn
 from vq2pc.circuit.queries import Sampler
 from vq2pc.circuit.tree import TreeCircuit
 from vq2pc.circuit.tree_io import read_tree_mixture, write_tree_mixture
-from vq2pc.core import validate
 from vq2pc.core.checkpoint import CheckpointError
 from vq2pc.core.random import categorical
 
@@ -98,18 +97,27 @@ class TreeMixture(nn.Module, Sampler):
 
     @torch.no_grad()
     def _draw(self, n: int, generator: torch.Generator | None) -> Tensor:
-        """``[n, S]``: a component per row from ``π``, then that component's draw."""
+        """``[n, S]``: a component per row from ``π``, then that component's draws for its rows."""
         which = categorical(self.log_weights.exp().expand(n, -1), generator)
-        draws = torch.stack([c._draw(n, generator) for c in self.components])  # [C, n, S]
-        return draws[which, torch.arange(n, device=which.device)]
+        return self._by_component(which, lambda c, rows: c._draw(int(rows.sum()), generator))
 
     @torch.no_grad()
     def _draw_given(self, x: Tensor, mask: Tensor | None, generator: torch.Generator | None) -> Tensor:
-        """``[B, S]``: a component per row from ``p(c | x_obs)``, then that component's conditional draw."""
+        """``[B, S]``: a component per row from ``p(c | x_obs)``, then that component's conditional draws."""
         logp = torch.stack([c(x, mask) for c in self.components])  # [C, B]
         which = categorical((self.log_weights[:, None] + logp).softmax(0).T, generator)
-        draws = torch.stack([c._draw_given(x, mask, generator) for c in self.components])  # [C, B, S]
-        return draws[which, torch.arange(x.shape[0], device=which.device)]
+        return self._by_component(
+            which, lambda c, rows: c._draw_given(x[rows], None if mask is None else mask[rows], generator)
+        )
+
+    def _by_component(self, which: Tensor, draw: Callable[[TreeCircuit, Tensor], Tensor]) -> Tensor:
+        """``[B, S]``: rows ``which == c`` filled by ``draw(component c, those rows' mask)``."""
+        out = torch.empty(which.numel(), self.num_variables, dtype=self.log_weights.dtype, device=which.device)
+        for k, c in enumerate(self.components):
+            rows = which == k
+            if rows.any():
+                out[rows] = draw(c, rows).to(out.dtype)
+        return out
 
     def save(self, path: str | Path) -> Path:
         """Write one ``.safetensors`` file (:func:`~vq2pc.circuit.tree_io.write_tree_mixture`), atomically."""
@@ -128,18 +136,21 @@ class TreeMixture(nn.Module, Sampler):
         return f"C={self.num_components}, S={self.num_variables}, L={self.levels}"
 
 
-def fit_weights(components: Sequence[TreeCircuit], x: Tensor, iterations: int = 100, tol: float = 1e-7) -> Tensor:
-    """Log weights ``[C]`` maximizing ``Σ_n log Σ_c π_c p_c(x_n)`` on images ``x [n, S]`` with the components
+def fit_weights(log_probs: Tensor, iterations: int = 100, tol: float = 1e-7) -> Tensor:
+    """Log weights ``[C]`` maximizing ``Σ_n log Σ_c π_c p_c(x_n)`` given the components' log-likelihoods
+    ``log_probs [C, n]`` of held-out images (:meth:`TreeMixture.component_log_probs`), the components
     fixed: EM on ``π`` alone (``π ← mean_n p(c | x_n)``) from uniform, until the mean log-likelihood gains
     less than ``tol`` nats."""
-    x = validate.rows(x, components[0].num_variables)
-    logp = torch.stack([c.log_prob(x.float()) for c in components]).double()  # [C, n]
-    log_w = torch.full((len(components),), -math.log(len(components)), dtype=torch.float64)
+    if log_probs.dim() != 2 or log_probs.shape[1] == 0:
+        raise ValueError(f"log_probs must be [C, n] with n >= 1, got shape {tuple(log_probs.shape)}")
+    logp = log_probs.double()
+    c, n = logp.shape
+    log_w = torch.full((c,), -math.log(c), dtype=torch.float64, device=logp.device)
     last = -math.inf
     for _ in range(iterations):
         joint = log_w[:, None] + logp
         total = float(torch.logsumexp(joint, 0).mean())
         if total - last < tol:
             break
-        last, log_w = total, torch.logsumexp(joint.log_softmax(0), 1) - math.log(x.shape[0])
+        last, log_w = total, torch.logsumexp(joint.log_softmax(0), 1) - math.log(n)
     return log_w.float()

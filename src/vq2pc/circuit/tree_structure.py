@@ -13,12 +13,13 @@ from __future__ import annotations
 import itertools
 import math
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-__all__ = ["LatentTree", "patch_owner", "mutual_information", "chow_liu"]
+__all__ = ["LatentTree", "grid_shift", "patch_owner", "mutual_information", "chow_liu"]
 
 
 @dataclass(frozen=True)
@@ -101,8 +102,16 @@ class LatentTree:
         )
 
 
+def grid_shift(shift: int | Sequence[int]) -> tuple[int, int]:
+    """A grid shift as ``(rows, columns)`` pixels: one value shifts both; each must be ``>= 0``."""
+    values = [int(shift)] if isinstance(shift, int) else [int(v) for v in shift]
+    if not 1 <= len(values) <= 2 or min(values) < 0:
+        raise ValueError(f"a grid shift is one or two values >= 0, got {shift}")
+    return values[0], values[-1]
+
+
 def patch_owner(
-    image_shape: tuple[int, int, int], latent_hw: tuple[int, int], shift: int | tuple[int, int] = 0
+    image_shape: tuple[int, int, int], latent_hw: tuple[int, int], shift: int | Sequence[int] = 0
 ) -> Tensor:
     """``[S]`` (long): the latent position ``r·w + c`` of every variable of a ``[C, H, W]`` image (C, H, W
     order), pixel ``(y, x)`` in position ``(⌊(y+a)·h/(H+a)⌋, ⌊(x+b)·w/(W+b)⌋)``: ``h×w`` patches of (nearly)
@@ -112,12 +121,12 @@ def patch_owner(
     the edges. Every channel of a pixel has the pixel's position."""
     C, H, W = (int(v) for v in image_shape)
     h, w = (int(v) for v in latent_hw)
-    a, b = (int(shift), int(shift)) if isinstance(shift, int) else (int(shift[0]), int(shift[1]))
+    a, b = grid_shift(shift)
     if not (1 <= h <= H and 1 <= w <= W) or C < 1:
         raise ValueError(f"latent grid {h}x{w} does not fit images of shape {image_shape} (need 1 <= h <= H, w <= W)")
     rows = (torch.arange(H) + a) * h // (H + a)
     cols = (torch.arange(W) + b) * w // (W + b)
-    if min(a, b) < 0 or rows.unique().numel() != h or cols.unique().numel() != w:
+    if rows.unique().numel() != h or cols.unique().numel() != w:
         raise ValueError(f"shift {shift} leaves patches of the {h}x{w} grid empty on {H}x{W} images")
     return (rows[:, None] * w + cols[None, :]).reshape(1, H * W).expand(C, H * W).reshape(-1).clone()
 

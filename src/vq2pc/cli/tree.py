@@ -13,6 +13,7 @@ from torch import Tensor
 
 from vq2pc.circuit.tree_fit import SOURCES, bpd, distill_tree, em_fit, smoothing, source_pairs
 from vq2pc.circuit.tree_kmeans import kmeans_pairs
+from vq2pc.circuit.tree_structure import grid_shift
 from vq2pc.cli.options import add_parser, data_options, out_option
 from vq2pc.data.datasets import DataSplits, check_fits, load_dataset
 from vq2pc.models.priors import load_prior
@@ -95,9 +96,9 @@ def _pairs(a: argparse.Namespace, splits: DataSplits) -> tuple[Tensor, Tensor, i
 
 
 def cmd_distill_tree(a: argparse.Namespace) -> int:
-    if min(a.leaf_bins, a.context, *a.shift) < 0 or len(a.shift) > 2:
-        raise ValueError(f"need --leaf-bins, --context >= 0 and one or two --shift values >= 0, got {a.shift}")
-    a.shift = (a.shift[0], a.shift[-1])
+    if min(a.leaf_bins, a.context) < 0:
+        raise ValueError(f"--leaf-bins and --context must be >= 0, got {a.leaf_bins} and {a.context}")
+    a.shift = grid_shift(a.shift)
     if any(a.shift) and a.source != "kmeans":
         raise ValueError("--shift needs --source kmeans (a VQ-VAE's codes keep the VQ-VAE's own grid)")
     splits = load_dataset(a.dataset, a.data_dir, seed=a.seed, limit=a.limit)
