@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import MNIST_DIR, needs_mnist
 
+from vq2pc.circuit.classes import ClassMixture
+from vq2pc.circuit.distill import decode_leaf
+from vq2pc.circuit.mixture import MixtureCircuit
 from vq2pc.circuit.tree_mixture import TreeMixture
+from vq2pc.data.datasets import load_dataset
+from vq2pc.models.vqvae import VQVAE, VQVAEConfig, encode_images
 
 ROOT = Path(__file__).resolve().parents[1]
 KEYS = {"query", "leaf", "N", "B", "S", "seconds", "fraction_of_matmul", "speedup_vs_slow", "peak_rss_mib"}
@@ -175,3 +182,40 @@ def test_tree_seeds_their_mixture_and_paired_differences(tmp_path: Path) -> None
     assert fitted["mixture_val_bpd"] <= row["mixture_val_bpd"] + 1e-4  # the weights maximize validation likelihood
     assert sum(fitted["weights"]) == pytest.approx(1, abs=1e-3)
     assert TreeMixture.load(mix_file).num_params == fitted["params_mixture"] == sum(row["params_each"]) + 1
+
+
+def test_class_data_components_equals_the_class_mixture_of_the_same_components(tmp_path: Path) -> None:
+    """The streamed per-class reduction gives the label NLL and accuracy of ``ClassMixture`` built over the
+    same encoded training images (weights: own label smoothed by eps, uniform over n)."""
+    splits = load_dataset("digits", None, seed=0)
+    cfg = VQVAEConfig(
+        image_shape=splits.image_shape,
+        levels=splits.levels,
+        leaf="categorical",
+        latent_hw=(2, 2),
+        K=8,
+        D=4,
+        hidden=8,
+        res_blocks=0,
+    )
+    vq = VQVAE(cfg).eval()
+    vq.save(tmp_path / "vqvae.pt")
+    n, v, eps = 60, 40, 0.1
+    args = ["--dataset", "digits", "--data-dir", str(tmp_path), "--N", str(n), "--val-limit", str(v), "--chunk", "25"]
+    row = json.loads(
+        _benchmark("class_data_components.py", str(tmp_path / "vqvae.pt"), *args, "--eps", str(eps)).stdout
+    )
+    idx = torch.randperm(len(splits.train_x), generator=torch.Generator().manual_seed(0))[:n]
+    leaf = decode_leaf(vq, encode_images(vq, splits.train_x[idx]))
+    labels = splits.train_y[idx]
+    w = torch.full((n, 10), eps / 9, dtype=torch.float64)
+    w[torch.arange(n), labels] = 1 - eps
+    mix = ClassMixture(MixtureCircuit(leaf, torch.full((n,), -math.log(n))), w.log() - math.log(n))
+    xv, yv = splits.val_x[:v].flatten(1), splits.val_y[:v]
+    observed = torch.rand(xv.shape, generator=torch.Generator().manual_seed(1)) >= 0.5
+    for mask, pixels in ((None, "full"), (observed, "random 50%")):
+        log_post = mix.class_posterior(xv, mask=mask)
+        expected_nll = -log_post[torch.arange(v), yv].mean().item()
+        (got,) = [r for r in row["rows"] if r["pixels"] == pixels]
+        assert got["nll"] == pytest.approx(expected_nll, abs=2e-4)
+        assert got["accuracy"] == pytest.approx((log_post.argmax(1) == yv).double().mean().item(), abs=1e-4)
