@@ -6,9 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import MNIST_DIR, needs_mnist
 from test_cli import DATA, last_json, run_cli
 
 from vq2pc.circuit import TreeCircuit
+from vq2pc.circuit.tree_mixture import TreeMixture
 from vq2pc.models.priors.pixelcnn import PixelCNNPrior, PriorConfig
 from vq2pc.models.vqvae import VQVAE, VQVAEConfig
 
@@ -70,3 +72,46 @@ def test_distill_tree_on_a_shifted_kmeans_grid(tmp_path: Path, capsys: pytest.Ca
     assert c.meta["shift"] == [1, 1] and torch.bincount(c.owner).view(5, 5)[0].tolist() == [1, 2, 2, 2, 1]
     code, _, err = run_cli(["distill-tree", *DATA, "--shift", "1", "--out", str(tmp_path / "t.safetensors")], capsys)
     assert code == 1 and "--shift needs --source kmeans" in err and not (tmp_path / "t.safetensors").exists()
+
+
+def _kmeans_tree(out: Path, seed: str, capsys: pytest.CaptureFixture[str], grid: str = "4") -> None:
+    argv = ["distill-tree", *DATA, "--source", "kmeans", "--grid", grid, grid, "--K", "3", "--iterations", "1"]
+    code, _, err = run_cli([*argv, "--seed", seed, "--out", str(out)], capsys)
+    assert code == 0, err
+
+
+def test_mix_trees_fits_weights_that_beat_uniform_on_validation(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    trees = [tmp_path / "t4.safetensors", tmp_path / "t8.safetensors"]
+    _kmeans_tree(trees[0], "0", capsys)
+    _kmeans_tree(trees[1], "1", capsys, grid="8")
+    rows = {}
+    for how in ("uniform", "fitted"):
+        out = tmp_path / f"{how}.safetensors"
+        argv = ["mix-trees", *map(str, trees), *DATA, "--out", str(out)]
+        code, stdout, err = run_cli(argv + (["--fit-weights"] if how == "fitted" else []), capsys)
+        assert code == 0, err
+        rows[how] = last_json(stdout)
+        mix = TreeMixture.load(out)
+        assert mix.num_params == rows[how]["params"]
+        assert mix.log_weights.exp().tolist() == pytest.approx(rows[how]["weights"], abs=1e-4)
+    assert rows["uniform"]["weights"] == [0.5, 0.5]
+    assert rows["fitted"]["val_bpd"] <= rows["uniform"]["val_bpd"] + 1e-6
+    # Jensen: the uniform mixture is no worse than the mean of its trees' BPDs
+    assert rows["uniform"]["val_bpd"] <= sum(rows["uniform"]["val_bpd_each"]) / 2 + 1e-4
+
+
+def test_mix_trees_names_a_missing_tree(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "mix.safetensors"
+    code, _, err = run_cli(["mix-trees", str(tmp_path / "none.safetensors"), *DATA, "--out", str(out)], capsys)
+    assert code == 1 and "tree circuit not found" in err and not out.exists()
+
+
+@needs_mnist
+def test_mix_trees_names_a_tree_made_for_other_data(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tree, out = tmp_path / "t.safetensors", tmp_path / "mix.safetensors"
+    _kmeans_tree(tree, "0", capsys)  # digits: 64 pixels, 17 levels
+    argv = ["mix-trees", str(tree), "--dataset", "mnist", "--data-dir", str(MNIST_DIR.parent), "--limit", "50"]
+    code, _, err = run_cli([*argv, "--out", str(out)], capsys)
+    assert code == 1 and "does not fit the data 'mnist'" in err and not out.exists()

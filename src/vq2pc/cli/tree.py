@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -11,8 +12,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from vq2pc.circuit.tree import TreeCircuit
 from vq2pc.circuit.tree_fit import SOURCES, bpd, distill_tree, em_fit, smoothing, source_pairs
 from vq2pc.circuit.tree_kmeans import kmeans_pairs
+from vq2pc.circuit.tree_mixture import TreeMixture, fit_weights
 from vq2pc.circuit.tree_structure import grid_shift
 from vq2pc.cli.options import add_parser, data_options, out_option
 from vq2pc.data.datasets import DataSplits, check_fits, load_dataset
@@ -66,6 +69,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=512, help="rows per E-step batch")
     out_option(p, "tree circuit file to write (.safetensors)", required=True)
     p.set_defaults(func=cmd_distill_tree)
+    m = add_parser(
+        subparsers,
+        "mix-trees",
+        help="a mixture of tree circuits (a sum node over them), weights uniform or fitted on validation; prints JSON",
+        description="Mix tree circuits written by distill-tree into one exact circuit (vq2pc.TreeMixture): "
+        "p(x) = sum_t w_t p_t(x). Trees fitted independently (seeds, shifted grids, pixel-level and patch "
+        "grids) mix well; --fit-weights fits w on the validation images with the trees fixed (a concave "
+        "problem). Prints each tree's and the mixture's validation and test BPD.",
+    )
+    m.add_argument("trees", nargs="+", help="tree circuit files (.safetensors from distill-tree)")
+    data_options(m)
+    m.add_argument("--fit-weights", action="store_true", help="fit the weights on the validation images")
+    m.add_argument("--val-limit", type=int, default=None, help="score only the first this many validation images")
+    out_option(m, "tree mixture file to write (.safetensors)", required=True)
+    m.set_defaults(func=cmd_mix_trees)
 
 
 def _prior(run: Path, device: str) -> Any:
@@ -123,6 +141,42 @@ def cmd_distill_tree(a: argparse.Namespace) -> int:
         "em_iterations": len(fitted.history) - 1,
         "best_iteration": fitted.best_iteration,
         "seconds": round(time.perf_counter() - start, 2),
+    }
+    print(json.dumps(report))
+    return 0
+
+
+def cmd_mix_trees(a: argparse.Namespace) -> int:
+    for path in a.trees:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"tree circuit not found: {path}")
+    if a.val_limit is not None and a.val_limit < 1:
+        raise ValueError(f"--val-limit must be >= 1, got {a.val_limit}")
+    splits = load_dataset(a.dataset, a.data_dir, seed=a.seed, limit=a.limit)
+    trees = [TreeCircuit.load(path, a.device) for path in a.trees]
+    val = splits.val_x[: a.val_limit]
+    S, L = math.prod(splits.image_shape), splits.levels
+    for path, tree in zip(a.trees, trees, strict=True):
+        if (tree.num_variables, tree.levels) != (S, L):
+            raise ValueError(
+                f"{path}: a tree over {tree.num_variables} variables with {tree.levels} levels does not fit the data "
+                f"{splits.name!r} ({S} pixels, L={L})"
+            )
+    mix = TreeMixture(trees).to(a.device)
+    val_lls = mix.component_log_probs(val.reshape(len(val), -1).float().to(a.device)).double()  # [T, n] nats
+    if a.fit_weights:
+        mix = TreeMixture(trees, fit_weights(val_lls).float()).to(a.device)
+    scale = S * math.log(2)
+    test_lp = mix.log_prob(splits.test_x.reshape(len(splits.test_x), -1).float().to(a.device))  # [n] nats
+    path = mix.save(a.out)
+    report = {
+        "out": str(path),
+        "trees": len(trees),
+        "weights": [round(float(w), 4) for w in mix.log_weights.exp()],
+        "val_bpd_each": [round(float(v), 4) for v in -val_lls.mean(1) / scale],
+        "val_bpd": float(-torch.logsumexp(mix.log_weights.double()[:, None].cpu() + val_lls.cpu(), 0).mean() / scale),
+        "test_bpd": float(-test_lp.double().mean() / scale),
+        "params": mix.num_params,
     }
     print(json.dumps(report))
     return 0
