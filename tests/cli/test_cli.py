@@ -23,6 +23,7 @@ VERBS = [
     "classify",
     "refine",
     "distill-tree",
+    "mix-trees",
     "export",
     "compress",
     "decompress",
