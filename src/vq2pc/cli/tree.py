@@ -147,6 +147,8 @@ def cmd_distill_tree(a: argparse.Namespace) -> int:
 
 
 def cmd_mix_trees(a: argparse.Namespace) -> int:
+    """Load the trees, check they fit the data, score validation once ([T, n] log-likelihoods), fit or keep
+    uniform weights, write the mixture, print its and each tree's BPDs."""
     for path in a.trees:
         if not Path(path).is_file():
             raise FileNotFoundError(f"tree circuit not found: {path}")
