@@ -188,16 +188,8 @@ def test_class_data_components_equals_the_class_mixture_of_the_same_components(t
     """The streamed per-class reduction gives the label NLL and accuracy of ``ClassMixture`` built over the
     same encoded training images (weights: own label smoothed by eps, uniform over n)."""
     splits = load_dataset("digits", None, seed=0)
-    cfg = VQVAEConfig(
-        image_shape=splits.image_shape,
-        levels=splits.levels,
-        leaf="categorical",
-        latent_hw=(2, 2),
-        K=8,
-        D=4,
-        hidden=8,
-        res_blocks=0,
-    )
+    arch = {"latent_hw": (2, 2), "K": 8, "D": 4, "hidden": 8, "res_blocks": 0}
+    cfg = VQVAEConfig(image_shape=splits.image_shape, levels=splits.levels, leaf="categorical", **arch)
     vq = VQVAE(cfg).eval()
     vq.save(tmp_path / "vqvae.pt")
     n, v, eps = 60, 40, 0.1

@@ -156,15 +156,14 @@ def cmd_mix_trees(a: argparse.Namespace) -> int:
         raise ValueError(f"--val-limit must be >= 1, got {a.val_limit}")
     splits = load_dataset(a.dataset, a.data_dir, seed=a.seed, limit=a.limit)
     trees = [TreeCircuit.load(path, a.device) for path in a.trees]
-    val = splits.val_x[: a.val_limit]
+    mix = TreeMixture(trees).to(a.device)  # refuses trees of different shapes
     S, L = math.prod(splits.image_shape), splits.levels
-    for path, tree in zip(a.trees, trees, strict=True):
-        if (tree.num_variables, tree.levels) != (S, L):
-            raise ValueError(
-                f"{path}: a tree over {tree.num_variables} variables with {tree.levels} levels does not fit the data "
-                f"{splits.name!r} ({S} pixels, L={L})"
-            )
-    mix = TreeMixture(trees).to(a.device)
+    if (mix.num_variables, mix.levels) != (S, L):
+        raise ValueError(
+            f"{a.trees[0]}: a tree over {mix.num_variables} variables with {mix.levels} levels does not fit the "
+            f"data {splits.name!r} ({S} pixels, L={L})"
+        )
+    val = splits.val_x[: a.val_limit]
     val_lls = mix.component_log_probs(val.reshape(len(val), -1).float().to(a.device)).double()  # [T, n] nats
     if a.fit_weights:
         mix = TreeMixture(trees, fit_weights(val_lls).float()).to(a.device)
