@@ -102,8 +102,11 @@ def free_port() -> int:
 def _rank_entry(rank: int, world: int, port: int, fn, args: tuple) -> None:
     import datetime
     import os
+    import sys
 
     import torch.distributed as dist
+
+    from vq2pc.core.distributed import shutdown
 
     torch.set_num_threads(1)
     os.environ.update(
@@ -112,8 +115,16 @@ def _rank_entry(rank: int, world: int, port: int, fn, args: tuple) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=300))
     try:
         fn(rank, *args)
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    shutdown(wait=True)
+    # A rank's results are on disk by now. Leave without interpreter finalization: gloo's worker threads
+    # can abort the process while Python tears down (an exit-time race of the library, not of the code
+    # under test), which would fail a test whose ranks all finished.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def spawn_ranks(fn, world: int, *args, timeout: float = 600.0) -> None:

@@ -136,7 +136,9 @@ def main(argv: list[str] | None = None) -> int:
         _check_arguments(args)
         if getattr(args, "device", None):  # under torchrun: the process group, and this rank's cuda:<LOCAL_RANK>
             args.device = init_from_env(args.device)
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        shutdown(wait=True)
+        return code
     except KeyboardInterrupt:
         print(
             f"vq2pc {args.command}: interrupted (checkpoints written so far are kept; re-run to resume)",

@@ -86,9 +86,13 @@ def init_from_env(device: str = "cpu", timeout_s: float = 1800.0) -> str:
     return device
 
 
-def shutdown() -> None:
-    """Destroy the process group, if one was started."""
+def shutdown(wait: bool = False) -> None:
+    """Destroy the process group, if one was started. ``wait``: first wait for every rank (after a
+    success, so that no rank tears its connections down while another still talks to it; never after
+    a failure, where the other ranks may never arrive)."""
     if dist.is_available() and dist.is_initialized():
+        if wait:
+            dist.barrier()
         dist.destroy_process_group()
 
 
