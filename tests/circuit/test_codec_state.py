@@ -1,54 +1,76 @@
-"""The codec's block state: its shortcuts give the very bits of the plain formulas they replace."""
+"""The codec's block state: one row per class of images with equal pixels so far, and a prediction that is
+the mixture's, deterministic, whichever product (sparse or dense) runs."""
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
+from vq2pc.circuit.codec import model
 from vq2pc.circuit.codec.model import CUTOFF, FLOOR, GEMM_CLAMP, BlockState
 
 
-def _state(rows: int, count: int, n: int, seed: int) -> BlockState:
-    """A block state whose rows have leaders 1 and spreads from 2^-10 to 2^-300: some columns fall below CUTOFF
-    in every row, some in a few."""
+def _tables(levels: int, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(update [L, N], gemm_t [N, L])`` with factors from e^-80 to 1."""
     g = torch.Generator().manual_seed(seed)
-    st = BlockState(torch.zeros(n), rows, count)
-    spread = torch.rand(count, 1, generator=g, dtype=torch.float64) * 290 + 10
-    w = torch.exp2(-torch.rand(count, n, generator=g, dtype=torch.float64) * spread)
-    st.w[:count] = w / w.amax(1, keepdim=True)
+    p = torch.exp(-torch.rand(levels, n, generator=g) * 80)
+    return p, p.T.contiguous().clamp_min(GEMM_CLAMP)
+
+
+def _per_image_state(log_w: torch.Tensor, p: torch.Tensor, pixels: np.ndarray) -> torch.Tensor:
+    """One image's posterior row after ``pixels``: ``w ⊙ Π P[x_j]``, rescaled by the reciprocal of its leader
+    and floored after each pixel (the update's defining formula)."""
+    w = torch.exp(log_w.double() - log_w.max()).clamp_min(FLOOR)
+    for sym in pixels:
+        w = w * p[int(sym)].double()
+        w = (w * (1.0 / w.max())).clamp_min(FLOOR)
+    return w
+
+
+def test_images_with_equal_prefixes_share_a_row_equal_to_their_own_posterior() -> None:
+    p, _ = _tables(4, 300, seed=0)
+    log_w = torch.randn(300, generator=torch.Generator().manual_seed(1))
+    x = np.array([[0, 1, 2, 2], [0, 1, 2, 3], [0, 1, 3, 3], [0, 1, 2, 2], [1, 1, 1, 1], [0, 1, 3, 3]])
+    st = BlockState(log_w, len(x))
+    classes = [2, 2, 3, 4]  # classes after each pixel
+    for i in range(x.shape[1]):
+        st.update(p, x[:, i])
+        assert len(st.w) == classes[i]
+        for r in range(len(x)):
+            assert torch.equal(st.w[st._group[r]], _per_image_state(log_w, p, x[r, : i + 1]))
+    assert st._group[0] == st._group[3] and st._group[2] == st._group[5] and len(set(st._group)) == 4
+
+
+def _reference(w: torch.Tensor, gemm_t: torch.Tensor) -> torch.Tensor:
+    """``Σ_n w_n P[n, l]`` in float64 over the components at or above ``CUTOFF``."""
+    return torch.where(w >= CUTOFF, w, 0.0) @ gemm_t.double()
+
+
+def _spread_state(n: int, rows: int, spread: float, seed: int) -> BlockState:
+    """A state of ``rows`` classes with leaders 1 and entries down to ``2^-spread``."""
+    g = torch.Generator().manual_seed(seed)
+    st = BlockState(torch.zeros(n), rows)
+    w = torch.exp2(-torch.rand(rows, n, generator=g, dtype=torch.float64) * spread)
+    st.w = w / w.amax(1, keepdim=True)
+    st._group = np.arange(rows)
     return st
 
 
-def _update_reference(w: torch.Tensor, p: torch.Tensor, symbols: np.ndarray, count: int) -> torch.Tensor:
-    """``w ⊙ P[x]`` with a row gather, rescaled to leaders of 1 and floored (the update's defining formula)."""
-    out = w.clone()
-    out[:count] *= p[torch.from_numpy(symbols.astype(np.int64))].double()
-    out /= out.amax(1, keepdim=True).clamp_min(FLOOR)
-    out[:count] = out[:count].clamp_min(FLOOR)
-    return out
+def test_both_products_give_the_mixture_deterministically(monkeypatch: pytest.MonkeyPatch) -> None:
+    _, gemm_t = _tables(7, 400, seed=2)
+    calls = {"sparse": 0, "dense": 0}
+    for name in calls:
+        orig = getattr(model, f"_{name}_product")
 
+        def counted(*a, _orig=orig, _name=name):
+            calls[_name] += 1
+            return _orig(*a)
 
-def test_update_with_one_level_everywhere_equals_the_row_gather() -> None:
-    g = torch.Generator().manual_seed(0)
-    p = torch.exp(-torch.rand(5, 300, generator=g) * 80)  # [L, N] update factors in [e^-80, 1]
-    for symbols, count in [(np.full(16, 3), 16), (np.full(11, 2), 11), (np.array([1] * 15 + [4]), 16)]:
-        st = _state(16, count, 300, seed=count)
-        expected = _update_reference(st.w, p, symbols[:count], count)
-        st.update(p, symbols[:count])
-        assert torch.equal(st.w, expected) and bool((st.w[count:] == 0).all())
-
-
-def test_predict_uses_the_columns_whose_largest_weight_reaches_cutoff() -> None:
-    g = torch.Generator().manual_seed(1)
-    gemm = torch.exp(-torch.rand(7, 400, generator=g) * 40).clamp_min(GEMM_CLAMP)  # [L, N]
-    for count, cut in [(16, 0.1), (12, 0.9)]:  # most columns left (dense product) or few (compact)
-        st = _state(16, count, 400, seed=7)
-        dead = torch.rand(400, generator=g) < cut
-        st.w[:, dead] = st.w[:, dead] * 2.0**-60  # below CUTOFF in every row: left out of the product
-        idx = (st.w.amax(0) >= CUTOFF).nonzero().squeeze(1)
-        w32 = torch.nn.functional.threshold(st.w.float(), CUTOFF, 0.0)
-        if idx.numel() <= 200:
-            expected = torch.mm(w32[:, idx].contiguous(), gemm[:, idx].contiguous().T)
-        else:
-            expected = torch.mm(w32, gemm.T)
-        assert np.array_equal(st.predict(gemm), expected[:count].double().numpy())
+        monkeypatch.setattr(model, f"_{name}_product", counted)
+    for spread in (40.0, 3000.0):  # every component active (dense product) / a few per row (sparse)
+        st = _spread_state(400, 20, spread, seed=3)
+        got = st.predict(gemm_t)
+        torch.testing.assert_close(torch.from_numpy(got), _reference(st.w, gemm_t), rtol=2e-6, atol=0)
+        assert np.array_equal(_spread_state(400, 20, spread, seed=3).predict(gemm_t), got)
+    assert calls == {"sparse": 2, "dense": 2}

@@ -2,13 +2,13 @@
 
 Each block of ``rows`` images is one range-coded stream (constriction's ``RangeEncoder``, 32-bit
 words, 24-bit probabilities), pixel-major: pixel 0 of every image of the block, then pixel 1, ...
-The conditional of each pixel comes from :mod:`vq2pc.circuit.codec.model` (one ``[R, N] × [N, L]``
-product per block and pixel). A block is the unit of random access: decoding image ``k`` decodes its
-block, which costs the same as decoding ``k`` alone would, since the product always has ``R`` rows
-(padded) for determinism; and a block's stream ends once (about 32–64 bits), not once per image.
+The conditional of each pixel comes from :mod:`vq2pc.circuit.codec.model` (one product per block and
+pixel over the block's classes of images with equal pixels so far). A block is the unit of random
+access: decoding image ``k`` decodes its block; a block's stream ends once (about 32–64 bits), not once
+per image.
 
 **Why encoder and decoder agree.** Both run :func:`_run`: the same blocks, the same per-block
-operations in the same order, pixel by pixel, on the same float32 state (see the model module), and
+operations in the same order, pixel by pixel, on the same state (see the model module), and
 hand the same float64 array to constriction. constriction quantizes it with its lazy categorical
 model (``perfect=False``): the left cumulative of level ``l`` is ``⌊C_l · s⌋ + l`` with ``C_l`` the
 sequential float sum of the first ``l`` probabilities and ``s = (2^24 − L) / ΣP`` — a fixed sequence
@@ -45,7 +45,7 @@ from vq2pc.data.datasets import to_model_space
 __all__ = ["DEFAULT_ROWS", "dataset_images", "decode", "encode", "load_compressed", "read_header", "save_compressed"]
 
 DEFAULT_ROWS = 64
-"""Images per block (the random-access unit); at least 16, below which MKL's product changes path."""
+"""Images per block (the random-access unit): a stream ends once per block (~32–64 bits)."""
 STATE_BUDGET = 256 << 20
 """Bytes of posterior state held at once (blocks are processed in groups that fit)."""
 
@@ -70,8 +70,8 @@ def encode(
     progress: bool = False,
 ) -> bytes:
     """The compressed file for ``images`` (``[B, S]`` or ``[B, *image_shape]`` integer levels)."""
-    if not isinstance(rows, int) or rows < 16:
-        raise ValueError(f"rows must be an integer >= 16 (images per block), got {rows!r}")
+    if not isinstance(rows, int) or isinstance(rows, bool) or rows < 1:
+        raise ValueError(f"rows must be a positive integer (images per block), got {rows!r}")
     tables = pixel_tables(circuit)
     x, shape = _images(images, tables.num_pixels, tables.levels, circuit)
     digest = _identity(circuit, tables)
@@ -170,20 +170,19 @@ def _run(
     run all pixels on it with their own ``P_i`` (no synchronization per pixel)."""
     threads = max(1, min(threads or torch.get_num_threads(), len(blocks)))
     shares = [blocks[t::threads] for t in range(threads)]
-    per_group = max(1, STATE_BUDGET // (rows * tables.num_components * 16))  # w (float64) + 2 float32 buffers
+    per_group = max(1, STATE_BUDGET // (rows * tables.num_components * 8))  # at most [rows, N] float64 a block
     bar = tqdm(total=len(blocks) * tables.num_pixels, desc=desc, unit="px", disable=not progress, leave=False)
 
     def work(share: list[int]) -> None:
         """One worker: its blocks in groups whose state fits ``STATE_BUDGET``, all pixels per group."""
-        upd_np = np.empty((tables.levels, tables.num_components), dtype=np.float32)
-        gemm_np = np.empty_like(upd_np)
-        upd, gemm = torch.from_numpy(upd_np), torch.from_numpy(gemm_np)  # pixel i's tables, refilled in place
+        upd_np = np.empty((tables.levels, tables.num_components), dtype=np.float32)  # pixel i's tables, refilled
+        upd, gemm_t = torch.from_numpy(upd_np), torch.empty(tables.num_components, tables.levels)
         for g in range(0, len(share), per_group):
-            states = {b: BlockState(log_weights, rows, counts[b]) for b in share[g : g + per_group]}
+            states = {b: BlockState(log_weights, counts[b]) for b in share[g : g + per_group]}
             for i in range(tables.num_pixels):
-                prob_tables(tables, i, upd_np, gemm_np)
+                prob_tables(tables, i, upd_np, gemm_t)
                 for b, state in states.items():
-                    state.update(upd, step(b, i, state.predict(gemm)))
+                    state.update(upd, step(b, i, state.predict(gemm_t)))
                 bar.update(len(states))
 
     prev = torch.get_num_threads()

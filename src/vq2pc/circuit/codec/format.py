@@ -25,7 +25,7 @@ from vq2pc.circuit.codec.model import CUTOFF, FLOOR, GEMM_CLAMP, LOG_CLAMP, Code
 __all__ = ["MAGIC", "VERSION", "Header", "pack", "unpack"]
 
 MAGIC = b"VQ2PCZ\x00\x01"
-VERSION = 1
+VERSION = 2
 _FIXED = struct.Struct("<8sHHI")
 CODER = "constriction.stream.queue.RangeEncoder/u32 words/Categorical(perfect=False)/24-bit"
 

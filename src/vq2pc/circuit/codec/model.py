@@ -2,8 +2,10 @@
 
 For ``p̂(x) = Σ_n w_n Π_i p(x_i | θ_n)`` the conditional of pixel ``i`` given the pixels before it is
 ``Σ_n π_n^{(i)} p(x_i | θ_n)`` with the posterior ``π^{(i)} ∝ w_n Π_{j<i} p(x_j | θ_n)``. Per pixel and per
-block of ``R`` images: ``probs [R, L] = π [R, N] @ P_iᵀ`` (one matrix product, ``P_i [L, N]`` the pixel's
-probability table), then ``π ← π ⊙ P_i[x_i]`` (a row gather) and a renormalization.
+block of images: ``probs [u, L] = π [u, N] @ P_i [N, L]`` over the block's ``u`` classes of images with
+equal pixels so far (one product, ``P_i`` the pixel's probability table; each posterior row keeps only the
+components at or above ``CUTOFF`` of its leader, as a sparse matrix when few are), then
+``π ← π ⊙ P_i[x_i]`` (a row gather) and a renormalization.
 
 **Leaves.** The codec needs one thing from a leaf: the log-probability table of pixel ``i``,
 ``[L, N]`` (:class:`PixelTables`). Categorical circuits give row block ``i·L : (i+1)·L`` of the circuit's
@@ -17,18 +19,16 @@ it are refused.
 the per-image state is one whose result IEEE 754 fixes (gather, multiply, divide, max, comparisons,
 casts), so it does not depend on vector width, loop tails or thread splits; the only transcendental
 function, ``exp`` of the leaf table, is numpy's (single-threaded, and measured to give an element the
-same value wherever it lies in the array). The predictive product is float32 MKL ``sgemm`` with
-exactly ``R`` rows (a block is always padded to ``R``), run with one MKL thread (the caller sets it;
-parallelism is over blocks), so its result depends only on the block's own contents: measured, the
-rows of a product with ``R ≥ 16`` rows do not depend on ``R``, on their position or on 1 vs 2
-threads, while a 1-, 2- or 7-row product takes other paths (hence ``rows ≥ 16``). All product terms
-are normal float32 numbers (``CUTOFF``, ``GEMM_CLAMP``) and the state never nears float64's subnormal
-range (``FLOOR``, ``LOG_CLAMP``), so flush-to-zero settings cannot change a result either. Same
-machine and library builds: identical; across CPUs or MKL versions (whose ``sgemm`` kernels may sum in
-another order) identity is best effort, not guaranteed.
+same value wherever it lies in an array). The predictive product runs on one thread (the caller sets it; parallelism is over blocks), and
+which product runs (sparse or dense, its shape and columns) is decided from the state alone, so the
+encoder and the decoder run the same product on the same inputs. All product terms are normal float32 numbers
+(``CUTOFF``, ``GEMM_CLAMP``) and the state never nears float64's subnormal range (``FLOOR``,
+``LOG_CLAMP``), so flush-to-zero settings cannot change a result either. Same machine and library
+builds: identical; across CPUs or library versions (whose kernels may sum in another order) identity
+is best effort, not guaranteed.
 
-**Accuracy.** The state is the exact posterior in linear space (float64, rescaled so that its leader
-is exactly 1 after every pixel; the leaf factors are float32 ``exp`` of the float32 table). The
+**Accuracy.** The state is the exact posterior in linear space (float64, rescaled by the reciprocal of
+its leader after every pixel, so the leader is 1 up to one rounding; the leaf factors are float32 ``exp`` of the float32 table). The
 prediction leaves out components below ``CUTOFF`` (``2⁻⁵⁰``) of the leader and raises leaf
 probabilities below ``GEMM_CLAMP`` (``2⁻⁶⁹``) to it; each changes the coded probability of the
 observed level by a factor within ``1 ± N·2⁻⁵⁰ / p̂(x_i | x_<i)`` — nothing measurable unless the
@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
@@ -66,6 +67,10 @@ __all__ = [
     "pixel_tables",
 ]
 
+# The sparse product uses torch's CSR tensors, which warn once that they are in beta; the codec relies only on
+# their product with a dense matrix (tested bit for bit against its definition).
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
+
 FLOOR = 2.0**-500
 """Smallest posterior weight kept in the float64 state (relative to the leader, which is 1): far below anything
 that can matter (a component there would need to beat the leader by 500 bits), high enough that the state never
@@ -78,7 +83,10 @@ GEMM_CLAMP = 2.0**-69
 """Leaf probabilities in the predictive product are clamped below at this value, so every product term
 ``CUTOFF · GEMM_CLAMP ≥ 2^-119`` is a normal float32 (flush-to-zero settings cannot change a sum)."""
 COMPACT_FRACTION = 0.5
-"""The product runs over the active columns only when at most this fraction of the ``N`` is active."""
+"""A dense product runs over the active columns only when at most this fraction of the ``N`` is active."""
+SPARSE_COST = 6
+"""A sparse product's cost per stored entry, in entries of a dense product (measured on one core: a
+``[64, 4096] × [4096, 256]`` sgemm takes ~6.5 ns per row and component, a CSR product 30–50 ns per entry)."""
 
 
 class CodecError(ValueError):
@@ -180,63 +188,93 @@ def circuit_digest(tables: PixelTables, log_weights: Tensor, kind: str) -> str:
     return h.hexdigest()
 
 
-def prob_tables(tables: PixelTables, i: int, update: np.ndarray, gemm: np.ndarray) -> None:
-    """Fill pixel ``i``'s tables (``[L, N]`` float32): ``update = exp(max(log_table(i), LOG_CLAMP))`` with
-    numpy's exp (it gives an element the same value wherever it lies in an array), ``gemm = max(update,
-    GEMM_CLAMP)``."""
+def prob_tables(tables: PixelTables, i: int, update: np.ndarray, gemm_t: Tensor) -> None:
+    """Fill pixel ``i``'s tables: ``update [L, N] = exp(max(log_table(i), LOG_CLAMP))`` with numpy's exp
+    (it gives an element the same value wherever it lies in an array) and ``gemm_t [N, L] = max(updateᵀ,
+    GEMM_CLAMP)``, the product's operand, components as rows (a compact or sparse product reads whole rows)."""
     np.exp(np.maximum(tables.log_table(i), np.float32(LOG_CLAMP)), out=update)
-    np.maximum(update, np.float32(GEMM_CLAMP), out=gemm)
+    gemm_t.copy_(torch.from_numpy(update).T).clamp_min_(GEMM_CLAMP)
 
 
 class BlockState:
-    """The posterior of one block of ``R`` images (rows beyond ``count`` are padding, weight 0).
+    """The posterior of one block of ``count`` images, one row per class of images with equal pixels so far.
 
-    ``w [R, N]`` float64, largest entry per real row exactly 1, entries in ``[FLOOR, 1]`` (0 for components
-    of weight 0): the exact posterior up to float64 rounding of the float32 leaf probabilities' products.
+    Images whose pixels so far are equal have the same posterior, bit for bit (same factors, same
+    operations), so the state keeps one row per class: ``w [u, N]`` float64, ``_group [count]`` the class of
+    each image. All images share one class until their pixels differ (MNIST's top rows), and the prediction
+    and the update run once per class. Each row's largest entry is 1 up to one rounding, entries lie in
+    ``[FLOOR, 1]`` (0 for components of weight 0): the exact posterior up to float64 rounding of the float32 leaf
+    probabilities' products.
     """
 
-    def __init__(self, log_weights: Tensor, rows: int, count: int) -> None:
+    def __init__(self, log_weights: Tensor, count: int) -> None:
         w = torch.exp(log_weights.detach().cpu().double() - log_weights.max().item())
-        self.w = torch.zeros(rows, w.shape[0], dtype=torch.float64)  # [R, N]; padding rows stay 0
-        self.w[:count] = w.clamp_min(FLOOR)
         # Components of weight 0 (log weight -inf) have no mass in p̂: the floor must not revive them.
         self._live = None if bool((w > 0).all()) else (w > 0).double()  # [N]
+        self.w = w.clamp_min(FLOOR).unsqueeze(0)  # [u = 1, N]
         if self._live is not None:
             self.w.mul_(self._live)
         self.count = count
-        self._w_np = self.w.numpy()  # the same memory
-        self._rows = torch.empty(rows, w.shape[0], dtype=torch.float32)
-        self._w32 = torch.empty(rows, w.shape[0], dtype=torch.float32)
-        self._idx = torch.zeros(rows, dtype=torch.long)
+        self._group = np.zeros(count, dtype=np.int64)  # [count] class of each image
 
-    def predict(self, gemm: Tensor) -> np.ndarray:
-        """``[count, L]`` float64 mixture probabilities (unnormalized) of the current pixel (``gemm [L, N]``).
+    def predict(self, gemm_t: Tensor) -> np.ndarray:
+        """``[count, L]`` float64 mixture probabilities (unnormalized) of the current pixel (``gemm_t [N, L]``).
 
-        One float32 product over the components at or above ``CUTOFF`` (the others as 0); over those
-        columns only when they are at most ``COMPACT_FRACTION`` of ``N``. ``threshold_`` zeroes entries
-        below ``CUTOFF`` whatever float32 made of them (subnormal or 0), so the product's inputs are fixed."""
-        idx = torch.from_numpy(np.flatnonzero((self._w_np >= CUTOFF).any(0)))  # columns with a row >= CUTOFF
-        if idx.numel() <= COMPACT_FRACTION * self.w.shape[1]:
-            w32 = torch.nn.functional.threshold_(self.w.index_select(1, idx).float(), CUTOFF, 0.0)
-            probs = torch.mm(w32, gemm.index_select(1, idx).T)
+        Per class, one float32 product over the components at or above ``CUTOFF`` (the others as 0): a
+        sparse one (each row its own components) when that is cheaper by ``SPARSE_COST``, else a dense one
+        over the union of those columns (all ``N`` when they are more than ``COMPACT_FRACTION``). The path
+        depends on the state alone, so encoder and decoder compute the same bits."""
+        w = self.w.numpy()  # [u, N]
+        active = w >= CUTOFF
+        cols = np.flatnonzero(active.any(0))
+        n = w.shape[1]
+        width = len(cols) if len(cols) <= COMPACT_FRACTION * n else n
+        if np.count_nonzero(active) * SPARSE_COST < len(w) * width:
+            probs = _sparse_product(w, active, gemm_t)
         else:
-            torch.nn.functional.threshold_(self._w32.copy_(self.w), CUTOFF, 0.0)
-            probs = torch.mm(self._w32, gemm.T)
-        return probs[: self.count].double().numpy()
+            probs = _dense_product(w, cols if width < n else None, gemm_t)
+        return probs.double().numpy()[self._group]
 
     def update(self, p: Tensor, symbols: np.ndarray) -> None:
-        """``π ← π ⊙ P_i[x_i]`` (``p = update table [L, N]``), rescaled to a leader of 1 and floored."""
+        """``π ← π ⊙ P_i[x_i]`` (``p = update table [L, N]``) per class, splitting the classes whose images
+        differ at this pixel; rescaled by the reciprocal of the leader and floored."""
         sym = np.asarray(symbols, dtype=np.int64)
-        if sym.min() == sym.max():  # one level in every image: one row of factors, broadcast (padding rows stay 0)
-            self.w.mul_(p[int(sym[0])])
+        _, first, inv = np.unique((self._group << 32) | sym, return_index=True, return_inverse=True)
+        if len(first) == len(self.w):  # no class splits (each has one level): class c stays row c
+            levels = torch.from_numpy(sym[first])
+            self.w.mul_(p[levels[0]] if len(first) == 1 else p.index_select(0, levels))
         else:
-            self._idx[: self.count] = torch.from_numpy(sym)
-            torch.index_select(p, 0, self._idx, out=self._rows)
-            self.w.mul_(self._rows)
-        self.w.div_(self.w.amax(1, keepdim=True).clamp_min_(FLOOR))  # a real row's leader is >= e^-87
-        self.w[: self.count].clamp_min_(FLOOR)
+            parent, levels = torch.from_numpy(self._group[first]), torch.from_numpy(sym[first])
+            self.w = self.w.index_select(0, parent).mul_(p.index_select(0, levels))
+            self._group = inv.reshape(-1)
+        self.w.mul_(self.w.amax(1, keepdim=True).reciprocal_())  # a row's leader is >= FLOOR · e^-87 > 0
+        self.w.clamp_min_(FLOOR)
         if self._live is not None:
             self.w.mul_(self._live)
+
+
+def _dense_product(w: np.ndarray, cols: np.ndarray | None, gemm_t: Tensor) -> Tensor:
+    """``[u, L]``: ``w32 [u, N] @ gemm_t`` over ``cols`` (all when ``None``), entries below ``CUTOFF`` as 0
+    (whatever float32 made of them: subnormal or 0)."""
+    w32 = torch.from_numpy(w if cols is None else w[:, cols]).float()
+    torch.nn.functional.threshold_(w32, CUTOFF, 0.0)
+    g = gemm_t if cols is None else gemm_t.index_select(0, torch.from_numpy(cols))
+    return torch.mm(w32, g)
+
+
+def _sparse_product(w: np.ndarray, active: np.ndarray, gemm_t: Tensor) -> Tensor:
+    """``[u, L]``: each row's components at or above ``CUTOFF`` (a CSR matrix, float32) times ``gemm_t``."""
+    flat = np.flatnonzero(active)  # row-major: row r's entries lie in [r·N, (r+1)·N)
+    crow = np.searchsorted(flat, np.arange(len(w) + 1, dtype=np.int64) * w.shape[1])
+    values = torch.from_numpy(w.ravel()[flat].astype(np.float32))
+    csr = torch.sparse_csr_tensor(
+        torch.from_numpy(crow),
+        torch.from_numpy(flat % w.shape[1]),
+        values,
+        (len(w), w.shape[1]),
+        check_invariants=False,
+    )
+    return torch.mm(csr, gemm_t)
 
 
 def bits_bound(num_symbols: int, levels: int) -> float:
