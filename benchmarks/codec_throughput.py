@@ -1,12 +1,12 @@
 """Throughput of the circuit codec (``vq2pc.circuit.codec``): encode and decode images/s on one JSON line.
 
 A random categorical circuit (``N`` components, ``S`` pixels, ``L`` levels; logits ~ scale·N(0, 1),
-normalized) codes ``B`` images sampled from it. The dense cost of the exact conditionals is one
-``[R, N] × [N, L]`` product per block of ``R`` images and pixel, ``2·B·S·N·L`` flops in all
-(1.6·10¹² at N = 4096, S = 784, L = 256, B = 1000); the codec runs the product over the components
-still active in the block (posterior ≥ 2⁻⁵⁰ of the leader), which for images drawn from a random
-circuit is few after some pixels — so this measures a favourable case. ``dense_gflops`` reports the
-dense flop count divided by the time (an upper bound on what a dense product would need).
+normalized) codes ``B`` images sampled from it. A dense predictive product would be one ``[R, N] × [N, L]``
+product per block of ``R`` images and pixel, ``2·B·S·N·L`` flops in all (1.6·10¹² at N = 4096, S = 784,
+L = 256, B = 1000); the codec multiplies only the components still active in each posterior row (≥ 2⁻⁵⁰
+of the leader; one row per class of images with equal pixels so far), which for images drawn from a
+random circuit are few after some pixels — a favourable case. ``dense_gflops`` reports the dense flop
+count divided by the time (what a dense product would need to keep up).
 
     python benchmarks/codec_throughput.py --N 4096 --S 784 --L 256 --images 1000 --threads 2
 """

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from vq2pc import Bernoulli, Categorical, Gaussian, MixtureCircuit, compress, decompress
+from vq2pc.core.leaves import DiscretizedGaussian, DiscretizedLogistic
 from vq2pc.circuit.codec import CodecError, decode, encode, read_header
 from vq2pc.circuit.codec.format import unpack
 from vq2pc.circuit.codec.model import bits_bound
@@ -161,6 +162,24 @@ def test_a_leaf_with_pixel_log_tables_plugs_in(digits: tuple[MixtureCircuit, tor
     assert np.array_equal(decode(fake, other), decode(c, data))
     assert unpack(other)[1].tolist() == unpack(data)[1].tolist()  # the same code words, block by block
     assert other[-200:] == data[-200:]
+
+
+@pytest.mark.parametrize("leaf", [DiscretizedGaussian, DiscretizedLogistic])
+def test_discretized_circuits_round_trip_at_their_code_length(leaf: type) -> None:
+    """Discretized leaves (two numbers per pixel and component) code through their per-pixel level tables:
+    bit-exact, at ``-log2 p̂(x)`` within the coder's bound."""
+    g = torch.Generator().manual_seed(11)
+    c = MixtureCircuit(
+        leaf(torch.rand(12, 64, generator=g), 0.02 + 0.2 * torch.rand(12, 64, generator=g), 256), torch.zeros(12)
+    )
+    x = c.sample(24, generator=torch.Generator().manual_seed(12)).long()
+    data = encode(c, x, rows=16)
+    assert np.array_equal(decode(c, data), x.numpy().astype(np.uint8))
+    comp = c.leaf.map(torch.Tensor.double).log_prob(x[:, None, :]).sum(-1)  # [B, N], float64, no kernels
+    info = float((-torch.logsumexp(comp + c.log_weights.double(), 1)).sum()) / math.log(2)
+    header, offsets, _, _ = unpack(data)
+    bits = 8 * int(offsets[-1])
+    assert info - 1 <= bits <= info + bits_bound(x.numel(), 256) + 64 * header.num_blocks
 
 
 def test_changing_the_circuit_in_place_is_noticed() -> None:

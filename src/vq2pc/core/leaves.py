@@ -290,6 +290,12 @@ class Discretized(Leaf):
     def log_prob(self, x: Tensor) -> Tensor:
         return disc.level_log_prob(x, self.loc, self.scale, self.levels, self.cdf)
 
+    def pixel_log_table(self, i: int) -> Tensor:
+        """``[L, N]`` log-probabilities of every level at pixel ``i`` (``mean, scale [N, S]``): what the codec
+        codes with."""
+        v = torch.arange(self.levels, dtype=self.loc.dtype, device=self.loc.device).unsqueeze(1)  # [L, 1]
+        return disc.level_log_prob(v, self.loc[:, i], self.scale[:, i], self.levels, self.cdf)
+
     def sample(self, generator: torch.Generator | None = None) -> Tensor:
         """A continuous draw ``μ + s·F⁻¹(u)``, binned: exactly ``P`` (the end bins take the tails)."""
         tiny = torch.finfo(self.loc.dtype).tiny
