@@ -17,6 +17,7 @@ from vq2pc.circuit.distill import decode_leaf
 from vq2pc.circuit.mixture import MixtureCircuit
 from vq2pc.circuit.tree_mixture import TreeMixture
 from vq2pc.data.datasets import load_dataset
+from vq2pc.evaluate.classification import classification_masks
 from vq2pc.models.vqvae import VQVAE, VQVAEConfig, encode_images
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -184,19 +185,19 @@ def test_tree_seeds_their_mixture_and_paired_differences(tmp_path: Path) -> None
     assert TreeMixture.load(mix_file).num_params == fitted["params_mixture"] == sum(row["params_each"]) + 1
 
 
-def test_class_data_components_equals_the_class_mixture_of_the_same_components(tmp_path: Path) -> None:
-    """The streamed per-class reduction gives the label NLL and accuracy of ``ClassMixture`` built over the
-    same encoded training images (weights: own label smoothed by eps, uniform over n)."""
+def test_class_data_components_equals_the_table_class_mixture_of_the_same_components(tmp_path: Path) -> None:
+    """The benchmark's decoder-head circuit classifies as ``ClassMixture`` over the same encoded training
+    images held as a categorical table (weights: own label smoothed by eps, uniform over n): the same label
+    NLL and accuracy, from full images and with half the pixels hidden."""
     splits = load_dataset("digits", None, seed=0)
     arch = {"latent_hw": (2, 2), "K": 8, "D": 4, "hidden": 8, "res_blocks": 0}
     cfg = VQVAEConfig(image_shape=splits.image_shape, levels=splits.levels, leaf="categorical", **arch)
     vq = VQVAE(cfg).eval()
     vq.save(tmp_path / "vqvae.pt")
     n, v, eps = 60, 40, 0.1
-    args = ["--dataset", "digits", "--data-dir", str(tmp_path), "--N", str(n), "--val-limit", str(v), "--chunk", "25"]
-    row = json.loads(
-        _benchmark("class_data_components.py", str(tmp_path / "vqvae.pt"), *args, "--eps", str(eps)).stdout
-    )
+    args = ["--dataset", "digits", "--data-dir", str(tmp_path), "--N", str(n), "--limit", str(v)]
+    args += ["--fractions", "0.5", "--regions", "--eps", str(eps)]
+    row = json.loads(_benchmark("class_data_components.py", str(tmp_path / "vqvae.pt"), *args).stdout)
     idx = torch.randperm(len(splits.train_x), generator=torch.Generator().manual_seed(0))[:n]
     leaf = decode_leaf(vq, encode_images(vq, splits.train_x[idx]))
     labels = splits.train_y[idx]
@@ -204,10 +205,9 @@ def test_class_data_components_equals_the_class_mixture_of_the_same_components(t
     w[torch.arange(n), labels] = 1 - eps
     mix = ClassMixture(MixtureCircuit(leaf, torch.full((n,), -math.log(n))), w.log() - math.log(n))
     xv, yv = splits.val_x[:v].flatten(1), splits.val_y[:v]
-    observed = torch.rand(xv.shape, generator=torch.Generator().manual_seed(1)) >= 0.5
-    for mask, pixels in ((None, "full"), (observed, "random 50%")):
+    masks = classification_masks(splits.image_shape, v, (0.5,), (), torch.Generator().manual_seed(1))
+    for pixels, mask in masks.items():
         log_post = mix.class_posterior(xv, mask=mask)
-        expected_nll = -log_post[torch.arange(v), yv].mean().item()
-        (got,) = [r for r in row["rows"] if r["pixels"] == pixels]
-        assert got["nll"] == pytest.approx(expected_nll, abs=2e-4)
+        got = row["results"]["circuit"][f"eps={eps}"][pixels]
+        assert got["nll"] == pytest.approx(-log_post[torch.arange(v), yv].mean().item(), abs=2e-4)
         assert got["accuracy"] == pytest.approx((log_post.argmax(1) == yv).double().mean().item(), abs=1e-4)

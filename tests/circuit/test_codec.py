@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from vq2pc import Bernoulli, Categorical, Gaussian, MixtureCircuit, compress, decompress
-from vq2pc.core.leaves import DiscretizedGaussian, DiscretizedLogistic
 from vq2pc.circuit.codec import CodecError, decode, encode, read_header
 from vq2pc.circuit.codec.format import unpack
 from vq2pc.circuit.codec.model import bits_bound
+from vq2pc.core.leaves import DiscretizedGaussian, DiscretizedLogistic
 
 pytest.importorskip("constriction")
 

@@ -15,11 +15,12 @@ import torch
 
 from vq2pc.circuit.kernels import categorical_table, categorical_view
 from vq2pc.circuit.mixture import MixtureCircuit
+from vq2pc.core.head_leaf import HeadCategorical
 from vq2pc.core.leaves import Categorical, Leaf, discretize, leaf_from_tensors
 from vq2pc.core.protocols import Decoder, LeafDecoder, Prior
 from vq2pc.latents.selection import Selection
 
-__all__ = ["distill", "decode_leaf", "check_std_floor"]
+__all__ = ["distill", "decode_leaf", "decode_head_leaf", "check_std_floor"]
 
 
 def check_std_floor(std_floor: float | None, leaf_kind: str) -> None:
@@ -61,6 +62,31 @@ def decode_leaf(
     if std_floor is not None:
         tensors["std"] = tensors["std"].clamp_min(std_floor)
     return leaf_from_tensors(first.kind, tensors)
+
+
+@torch.no_grad()
+def decode_head_leaf(vqvae: Any, codes: torch.Tensor, batch_size: int = 512) -> HeadCategorical:
+    """The categorical leaves of codes ``[N, h, w]`` as a :class:`~vq2pc.core.head_leaf.HeadCategorical`: the
+    decoder's features before its head convolution (``H`` per pixel) and the head itself, not the ``[N, S, L]``
+    table (``H = 32`` against ``L = 256`` on MNIST). Needs a one-channel categorical VQ-VAE whose head is a
+    stride-1 convolution with "same" padding."""
+    head = vqvae.decoder.head
+    k = head.kernel_size[0] if isinstance(head, torch.nn.Conv2d) else 0
+    if vqvae.cfg.leaf != "categorical" or vqvae.cfg.image_shape[0] != 1:
+        raise ValueError(f"head leaves need a one-channel categorical VQ-VAE, got {vqvae.cfg.leaf!r} leaves")
+    if not (k % 2 == 1 and head.kernel_size == (k, k) and head.stride == (1, 1) and head.padding == (k // 2, k // 2)):
+        raise ValueError(f"head leaves need a stride-1 'same' convolution as the decoder's head, got {head}")
+    vqvae.eval()
+    device = next(vqvae.parameters()).device
+    body, features = vqvae.decoder.net[:-1], None
+    for i in range(0, codes.shape[0], batch_size):  # written in place: no second copy of the features
+        part = body(vqvae.quantizer.embed(codes[i : i + batch_size].to(device).long())).float()
+        if features is None:
+            features = part.new_empty(codes.shape[0], *part.shape[1:])
+        features[i : i + part.shape[0]] = part
+    if features is None:
+        raise ValueError("no codes to decode")
+    return HeadCategorical(features, head.weight.detach().float(), head.bias.detach().float())
 
 
 def _categorical_leaf(first: Categorical, rest: Iterable[Categorical], n: int) -> Categorical:

@@ -26,6 +26,7 @@ from torch import Tensor
 from vq2pc.core import validate
 from vq2pc.core.checkpoint import CheckpointError
 from vq2pc.core.files import atomic_write
+from vq2pc.core.head_leaf import HeadCategorical  # noqa: F401  (registers its leaf kind)
 from vq2pc.core.leaves import CIRCUIT_LEAF_KINDS, Leaf
 
 __all__ = [
@@ -94,7 +95,8 @@ def read_circuit(
     except (KeyError, ValueError) as exc:
         raise CheckpointError(f"{path}: bad circuit metadata: {exc}") from None
     leaf_tensors = {k[len("leaf.") :]: v for k, v in tensors.items() if k.startswith("leaf.")}
-    shapes = {tuple(t.shape[:2]) for t in leaf_tensors.values()}
+    names = getattr(CIRCUIT_LEAF_KINDS[kind], "batch_tensors", None) or tuple(leaf_tensors)  # shaped [N, S, ...]
+    shapes = {tuple(t.shape[:2]) for name, t in leaf_tensors.items() if name in names}
     if shapes != {(n, s)} or tuple(tensors["log_weights"].shape) != (n,):
         raise CheckpointError(f"{path}: tensor shapes do not match the metadata N={n}, S={s}")
     return kind, leaf_tensors, tensors["log_weights"], meta, levels

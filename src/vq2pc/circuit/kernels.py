@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vq2pc.circuit.streaming import Scratch
+from vq2pc.core.head_leaf import HeadCategorical
 from vq2pc.core.leaves import Bernoulli, Categorical, Discretized, Gaussian, Leaf
 
 __all__ = [
@@ -379,6 +380,10 @@ def make_kernel(leaf: Leaf, log_weights: Tensor) -> tuple[Leaf, Kernel]:
         from vq2pc.circuit.kernels_discretized import DiscretizedKernel  # it builds on this module's kernels
 
         return leaf, DiscretizedKernel(leaf)
+    if isinstance(leaf, HeadCategorical):
+        from vq2pc.circuit.kernels_head import HeadKernel  # it builds on this module's kernels
+
+        return leaf, HeadKernel(leaf)
     raise ValueError(
         f"unsupported leaf type {type(leaf).__name__}; expected Gaussian, Categorical, Bernoulli or a discretized leaf"
     )

@@ -339,7 +339,7 @@ CIRCUIT_LEAF_KINDS: dict[str, type[Leaf]] = {
     DiscretizedLogistic.kind: DiscretizedLogistic,
 }
 """Every leaf kind a circuit may hold (its file format reads it): the heads and the discretized leaves,
-which a circuit gets from a Gaussian head (:func:`discretize`)."""
+which a circuit gets from a Gaussian head (:func:`discretize`); :mod:`vq2pc.core.head_leaf` adds its own."""
 
 
 def check_leaf_kind(kind: str) -> str:
@@ -358,6 +358,8 @@ def leaf_from_tensors(kind: str, tensors: dict[str, Tensor], levels: int = 0) ->
     names = {"gaussian": ("mean", "std"), "categorical": ("logits",), "bernoulli": ("logits",)}.get(
         kind, ("mean", "scale")
     )
+    if hasattr(cls, "from_tensors"):  # a leaf that names its own tensors
+        return cls.from_tensors(tensors)
     missing = [n for n in names if n not in tensors]
     if missing:
         raise ValueError(f"{kind} leaf needs tensors {list(names)}; missing {missing}")

@@ -143,11 +143,13 @@ def classification_metrics(
     classifier: SmallCNN | None = None,
     fill_unit: Tensor | None = None,
     batch_size: int = 500,
+    impute: bool = True,
 ) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """Numbers of every model (and of the CNN) per mask, and the full-image log-posteriors ``[B, C]`` by name.
 
     ``x_model [B, S]``: test images in model space; ``labels [B]``; ``masks``: name -> ``[B, S]`` or None;
-    ``fill_unit [S]``: the CNN's mean imputation in ``[0, 1]`` (default: the test images' mean).
+    ``fill_unit [S]``: the CNN's mean imputation in ``[0, 1]`` (default: the test images' mean); ``impute``:
+    also the CNN on each circuit's conditional-mean imputation (one more pass per model and mask).
     Returns ``({"circuit": {model: {mask: metrics}}, "cnn_mean": {mask: metrics},
     "cnn_circuit": {model: {mask: metrics}}, "hidden_fraction": {mask: f}}, posteriors)``.
     """
@@ -178,7 +180,7 @@ def classification_metrics(
             out["circuit"][name][key] = calibration(post, labels)
             if key == "full":
                 full[name] = post
-            if classifier is None:
+            if classifier is None or not impute:
                 continue
             if mask is None:  # nothing to impute: the CNN on the full images
                 out["cnn_circuit"][name][key] = out["cnn_mean"][key]
