@@ -24,7 +24,13 @@ import torch
 from vq2pc import ClassMixture, MixtureCircuit
 from vq2pc.circuit.distill import decode_head_leaf
 from vq2pc.data.datasets import load_dataset
-from vq2pc.evaluate.classification import MISSING_FRACTIONS, REGIONS, classification_masks, classification_metrics
+from vq2pc.evaluate.classification import (
+    MISSING_FRACTIONS,
+    REGIONS,
+    classification_masks,
+    classification_metrics,
+    plot_classification,
+)
 from vq2pc.evaluate.classifier import load_classifier
 from vq2pc.models.vqvae import VQVAE, encode_images
 
@@ -47,6 +53,7 @@ def main() -> None:
     p.add_argument("--fractions", type=float, nargs="*", default=list(MISSING_FRACTIONS), help="random masks")
     p.add_argument("--regions", nargs="*", default=list(REGIONS), help="structured masks")
     p.add_argument("--classifier", default=None, help="the run's CNN (classifier.pt): mean imputation beside")
+    p.add_argument("--figure", default=None, help="also plot accuracy per mask into this .png")
     a = p.parse_args()
     t0 = time.time()
     splits = load_dataset(a.dataset, a.data_dir, seed=0)
@@ -70,6 +77,9 @@ def main() -> None:
     for per_mask in out["circuit"].values():
         for metrics in per_mask.values():
             metrics.pop("reliability")
+    if a.figure:
+        title = f"{len(idx):,} labelled training images as components ({a.split})"
+        plot_classification(out, a.figure, title)
     print(
         json.dumps(
             {

@@ -196,8 +196,9 @@ def test_class_data_components_equals_the_table_class_mixture_of_the_same_compon
     vq.save(tmp_path / "vqvae.pt")
     n, v, eps = 60, 40, 0.1
     args = ["--dataset", "digits", "--data-dir", str(tmp_path), "--N", str(n), "--limit", str(v)]
-    args += ["--fractions", "0.5", "--regions", "--eps", str(eps)]
+    args += ["--fractions", "0.5", "--regions", "--eps", str(eps), "--figure", str(tmp_path / "acc.png")]
     row = json.loads(_benchmark("class_data_components.py", str(tmp_path / "vqvae.pt"), *args).stdout)
+    assert (tmp_path / "acc.png").stat().st_size > 0
     idx = torch.randperm(len(splits.train_x), generator=torch.Generator().manual_seed(0))[:n]
     leaf = decode_leaf(vq, encode_images(vq, splits.train_x[idx]))
     labels = splits.train_y[idx]
