@@ -79,6 +79,16 @@ def test_save_load_round_trip_and_class_posterior_is_bayes(tmp_path: Path) -> No
     torch.testing.assert_close(cm.class_posterior(x).double(), bayes, rtol=0, atol=1e-10)
 
 
+def test_export_writes_the_categorical_table(tmp_path: Path) -> None:
+    from vq2pc.circuit.export_npz import export_npz, from_npz
+
+    c = MixtureCircuit(_leaf(seed=8), torch.randn(6, generator=torch.Generator().manual_seed(9), dtype=torch.float64))
+    back = from_npz(export_npz(c, tmp_path / "head.npz"))
+    x = _images(6, 3)[::11]
+    assert back.leaf.kind == "categorical"
+    torch.testing.assert_close(back.log_prob(x).double(), c.log_prob(x), rtol=0, atol=1e-9)
+
+
 def test_pixel_tables_and_compression_round_trip() -> None:
     pytest.importorskip("constriction")
     from vq2pc.circuit.codec import decode, encode

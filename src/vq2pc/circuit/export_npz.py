@@ -16,6 +16,7 @@ from vq2pc.circuit.kernels import normalized_categorical
 from vq2pc.circuit.mixture import MixtureCircuit
 from vq2pc.core.checkpoint import CheckpointError
 from vq2pc.core.files import atomic_write
+from vq2pc.core.head_leaf import HeadCategorical
 from vq2pc.core.leaves import LEAF_KINDS, Leaf, leaf_from_tensors
 
 __all__ = ["NPZ_FORMAT", "NPZ_VERSION", "export_npz", "from_npz", "exportable"]
@@ -25,11 +26,14 @@ NPZ_VERSION = 1
 
 
 def exportable(circuit: Any) -> MixtureCircuit:
-    """``circuit`` itself, or a class-aware circuit's class marginal."""
+    """``circuit`` itself, or a class-aware circuit's class marginal; decoder-head leaves as the categorical
+    table they stand for (``[N, S, L]``: materialized)."""
     if isinstance(circuit, ClassMixture) and isinstance(circuit.model, MixtureCircuit):
-        return circuit.model
+        circuit = circuit.model
     if not isinstance(circuit, MixtureCircuit):
         raise ValueError(f"expected a MixtureCircuit, got {type(circuit).__name__}")
+    if isinstance(circuit.leaf, HeadCategorical):
+        return MixtureCircuit(circuit.leaf.categorical(), circuit.log_weights, meta=circuit.meta)
     if circuit.leaf.kind not in LEAF_KINDS:
         raise ValueError(
             f"{circuit.leaf.kind} leaves are not exported (libcirkit has no such input layer); "
