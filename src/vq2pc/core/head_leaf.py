@@ -112,18 +112,19 @@ class HeadCategorical(Leaf):
         out = F.conv2d(features, self.weight, self.bias, padding=self.weight.shape[-1] // 2)  # [n, L, h, w]
         return out.flatten(2).transpose(1, 2)
 
+    def _over_logits(self, fn: Callable[[Tensor], Tensor]) -> Tensor:
+        """``fn`` of the logits ``[n, S, L]`` of consecutive chunks of components, concatenated on dim 0."""
+        s = self.features.shape[2] * self.features.shape[3]
+        step = max(1, CHUNK_ELEMENTS // max(1, s * self.num_levels))
+        parts = [fn(self.logits(f)) for f in self.features.split(step)]
+        return torch.cat(parts) if parts else self.features.new_zeros(0, s)
+
     def _chunks(self, fn: Callable[[Categorical], Tensor]) -> Tensor:
         """``fn`` of the categorical leaves of consecutive chunks of components, concatenated on dim 0."""
-        step = max(1, CHUNK_ELEMENTS // max(1, self.num_variables * self.num_levels))
-        parts = [fn(Categorical(self.logits(f))) for f in self.features.split(step)]
-        return torch.cat(parts) if parts else self.log_norm.new_zeros(self.batch_shape)
+        return self._over_logits(lambda z: fn(Categorical(z)))
 
     def _log_norms(self) -> Tensor:
-        step = max(1, CHUNK_ELEMENTS // max(1, self.features.shape[2] * self.features.shape[3] * self.num_levels))
-        parts = [torch.logsumexp(self.logits(f), -1) for f in self.features.split(step)]
-        return (
-            torch.cat(parts) if parts else self.features.new_zeros(0, self.features.shape[2] * self.features.shape[3])
-        )
+        return self._over_logits(lambda z: torch.logsumexp(z, -1))
 
     def categorical(self) -> Categorical:
         """The same leaves as a :class:`Categorical` (``[N, S, L]``: materializes the whole table)."""
