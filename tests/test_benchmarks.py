@@ -13,9 +13,10 @@ import torch
 from helpers import MNIST_DIR, needs_mnist
 
 from vq2pc.circuit.classes import ClassMixture
-from vq2pc.circuit.distill import decode_leaf
+from vq2pc.circuit.distill import decode_head_leaf, decode_leaf
 from vq2pc.circuit.mixture import MixtureCircuit
 from vq2pc.circuit.tree_mixture import TreeMixture
+from vq2pc.core.head_leaf import HeadCategorical
 from vq2pc.data.datasets import load_dataset
 from vq2pc.evaluate.classification import classification_masks
 from vq2pc.models.vqvae import VQVAE, VQVAEConfig, encode_images
@@ -185,10 +186,14 @@ def test_tree_seeds_their_mixture_and_paired_differences(tmp_path: Path) -> None
     assert TreeMixture.load(mix_file).num_params == fitted["params_mixture"] == sum(row["params_each"]) + 1
 
 
-def test_class_data_components_equals_the_table_class_mixture_of_the_same_components(tmp_path: Path) -> None:
+@pytest.mark.parametrize("shifts", [0, 1])
+def test_class_data_components_equals_the_table_class_mixture_of_the_same_components(
+    tmp_path: Path, shifts: int
+) -> None:
     """The benchmark's decoder-head circuit classifies as ``ClassMixture`` over the same encoded training
     images held as a categorical table (weights: own label smoothed by eps, uniform over n): the same label
-    NLL and accuracy, from full images and with half the pixels hidden."""
+    NLL and accuracy, from full images and with half the pixels hidden. With ``--shifts 1`` the table holds
+    every decoded feature map shifted by each of the 9 offsets (rows clamped: borders repeated)."""
     splits = load_dataset("digits", None, seed=0)
     arch = {"latent_hw": (2, 2), "K": 8, "D": 4, "hidden": 8, "res_blocks": 0}
     cfg = VQVAEConfig(image_shape=splits.image_shape, levels=splits.levels, leaf="categorical", **arch)
@@ -197,14 +202,25 @@ def test_class_data_components_equals_the_table_class_mixture_of_the_same_compon
     n, v, eps = 60, 40, 0.1
     args = ["--dataset", "digits", "--data-dir", str(tmp_path), "--N", str(n), "--limit", str(v)]
     args += ["--fractions", "0.5", "--regions", "--eps", str(eps), "--figure", str(tmp_path / "acc.png")]
+    args += ["--shifts", str(shifts)]
     row = json.loads(_benchmark("class_data_components.py", str(tmp_path / "vqvae.pt"), *args).stdout)
     assert (tmp_path / "acc.png").stat().st_size > 0
     idx = torch.randperm(len(splits.train_x), generator=torch.Generator().manual_seed(0))[:n]
-    leaf = decode_leaf(vq, encode_images(vq, splits.train_x[idx]))
-    labels = splits.train_y[idx]
-    w = torch.full((n, 10), eps / 9, dtype=torch.float64)
-    w[torch.arange(n), labels] = 1 - eps
-    mix = ClassMixture(MixtureCircuit(leaf, torch.full((n,), -math.log(n))), w.log() - math.log(n))
+    codes = encode_images(vq, splits.train_x[idx])
+    if shifts:
+        head = decode_head_leaf(vq, codes)
+        rows, cols = torch.arange(8), torch.arange(8)
+        offsets = [(0, 0)] + [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx]
+        maps = [head.features[:, :, (rows - dy).clamp(0, 7)][..., (cols - dx).clamp(0, 7)] for dy, dx in offsets]
+        leaf = HeadCategorical(torch.cat(maps), head.weight, head.bias).categorical()
+    else:
+        leaf = decode_leaf(vq, codes)
+    labels = splits.train_y[idx].repeat(9 if shifts else 1)
+    m = labels.shape[0]
+    assert row["components"] == m
+    w = torch.full((m, 10), eps / 9, dtype=torch.float64)
+    w[torch.arange(m), labels] = 1 - eps
+    mix = ClassMixture(MixtureCircuit(leaf, torch.full((m,), -math.log(m))), w.log() - math.log(m))
     xv, yv = splits.val_x[:v].flatten(1), splits.val_y[:v]
     masks = classification_masks(splits.image_shape, v, (0.5,), (), torch.Generator().manual_seed(1))
     for pixels, mask in masks.items():

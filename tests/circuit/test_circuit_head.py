@@ -13,6 +13,7 @@ from vq2pc import ClassMixture, MixtureCircuit
 from vq2pc.circuit.distill import decode_head_leaf
 from vq2pc.circuit.kernels_head import HeadKernel
 from vq2pc.core.head_leaf import HeadCategorical
+from vq2pc.core.warps import affine_warps, shift_warps
 from vq2pc.models.vqvae import VQVAE, VQVAEConfig
 
 
@@ -113,3 +114,32 @@ def test_decoded_head_leaves_are_the_vqvaes_categorical_leaves() -> None:
     gauss = VQVAE(VQVAEConfig(image_shape=(1, 8, 8), levels=5, leaf="gaussian", latent_hw=(2, 2), K=6, D=3, hidden=4))
     with pytest.raises(ValueError, match="one-channel categorical VQ-VAE"):
         decode_head_leaf(gauss, codes)
+
+
+def test_warped_copies_are_the_components_of_their_warped_features(tmp_path: Path) -> None:
+    """A leaf with warps equals the plain leaf of every warped feature map (warp-major order) on every query,
+    sums to 1 over all images, and survives save/load."""
+    leaf = _leaf(n=4, seed=7)
+    maps = affine_warps(leaf.grid, [*shift_warps(1)[:3], (25.0, 1.1, 0.0, 0.0)], torch.float64)
+    warped = HeadCategorical(leaf.features, leaf.weight, leaf.bias, warps=maps)
+    plain = HeadCategorical(
+        torch.cat([(leaf.features.flatten(2) @ t).view_as(leaf.features) for t in maps]), leaf.weight, leaf.bias
+    )
+    assert warped.batch_shape == (16, 6) and warped.features.shape[0] == 4
+    torch.testing.assert_close(warped.log_norm, plain.log_norm, rtol=0, atol=1e-12)
+    log_w = torch.randn(16, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    c, ref = MixtureCircuit(warped, log_w), MixtureCircuit(plain, log_w)
+    x = _images(6, 3)
+    assert math.isclose(float(torch.logsumexp(c.log_prob(x), 0)), 0.0, abs_tol=1e-10)
+    mask = torch.rand(x.shape, generator=torch.Generator().manual_seed(9)) < 0.6
+    torch.testing.assert_close(c.log_prob(x, mask=mask), ref.log_prob(x, mask=mask), rtol=0, atol=1e-10)
+    torch.testing.assert_close(HeadKernel(warped).loglik(x, None, 3, 13), HeadKernel(plain).loglik(x, None, 3, 13))
+    for i in range(6):
+        torch.testing.assert_close(warped.pixel_log_table(i), plain.pixel_log_table(i), rtol=0, atol=1e-12)
+    rows = torch.tensor([1, 6, 15])
+    torch.testing.assert_close(warped[rows].features, plain.features[rows], rtol=0, atol=1e-12)
+    torch.testing.assert_close(warped.mean(), plain.mean(), rtol=0, atol=1e-12)
+    back = MixtureCircuit.load(c.save(tmp_path / "warped.safetensors"))
+    assert back.leaf.num_warps == 4 and torch.equal(back.log_prob(x[::9]), c.log_prob(x[::9]))
+    with pytest.raises(ValueError, match=r"warps must have shape \[D, S, S\]"):
+        HeadCategorical(leaf.features, leaf.weight, leaf.bias, warps=maps[:, :5])

@@ -366,7 +366,7 @@ def train_einet(
         checkpoint=checkpoint,
         kind="einet",
         meta={"config": asdict(cfg)},
-        desc="einet",
+        desc="einet" if cfg.region_graph == "poon-domingos" else cfg.region_graph,
         prepare=step_dequantizer(cfg.leaf, cfg.levels, train_cfg.seed, first),
     )
     return model, result

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import torch
 
@@ -18,6 +18,7 @@ from vq2pc.circuit.mixture import MixtureCircuit
 from vq2pc.core.head_leaf import HeadCategorical
 from vq2pc.core.leaves import Categorical, Leaf, discretize, leaf_from_tensors
 from vq2pc.core.protocols import Decoder, LeafDecoder, Prior
+from vq2pc.core.warps import Warp, affine_warps
 from vq2pc.latents.selection import Selection
 
 __all__ = ["distill", "decode_leaf", "decode_head_leaf", "check_std_floor"]
@@ -65,11 +66,14 @@ def decode_leaf(
 
 
 @torch.no_grad()
-def decode_head_leaf(vqvae: Any, codes: torch.Tensor, batch_size: int = 512) -> HeadCategorical:
+def decode_head_leaf(
+    vqvae: Any, codes: torch.Tensor, batch_size: int = 512, warps: Sequence[Warp] | None = None
+) -> HeadCategorical:
     """The categorical leaves of codes ``[N, h, w]`` as a :class:`~vq2pc.core.head_leaf.HeadCategorical`: the
     decoder's features before its head convolution (``H`` per pixel) and the head itself, not the ``[N, S, L]``
     table (``H = 32`` against ``L = 256`` on MNIST). Needs a one-channel categorical VQ-VAE whose head is a
-    stride-1 convolution with "same" padding."""
+    stride-1 convolution with "same" padding. ``warps`` (:mod:`vq2pc.core.warps`; the identity is not
+    implied) make ``D·N`` components: every decoded map under every warp."""
     head = vqvae.decoder.head
     k = head.kernel_size[0] if isinstance(head, torch.nn.Conv2d) else 0
     if vqvae.cfg.leaf != "categorical" or vqvae.cfg.image_shape[0] != 1:
@@ -86,7 +90,8 @@ def decode_head_leaf(vqvae: Any, codes: torch.Tensor, batch_size: int = 512) -> 
         features[i : i + part.shape[0]] = part
     if features is None:
         raise ValueError("no codes to decode")
-    return HeadCategorical(features, head.weight.detach().float(), head.bias.detach().float())
+    maps = None if warps is None else affine_warps(tuple(features.shape[2:]), warps).to(features.device)
+    return HeadCategorical(features, head.weight.detach().float(), head.bias.detach().float(), warps=maps)
 
 
 def _categorical_leaf(first: Categorical, rest: Iterable[Categorical], n: int) -> Categorical:

@@ -8,7 +8,8 @@ For images ``x [B, S]`` (levels) with mask ``m [B, S]`` and components with feat
 with ``C_b [H·k², S]`` the head weight's columns ``W[x[b, s]]`` of the observed pixels and ``fold`` the
 adjoint of the convolution's ``unfold``: the image side ``G = fold(C) [B, H·S]`` is built once per batch
 and every component block costs one ``[B, H·S] × [H·S, n]`` product plus one ``[B, S] × [S, n]`` for the
-normalizers (unobserved pixels contribute ``log 1 = 0`` exactly, as in every kernel).
+normalizers (unobserved pixels contribute ``log 1 = 0`` exactly, as in every kernel). With warps ``T_d``
+component ``d·N + n`` has features ``f_n T_d``, and its block takes ``G T_dᵀ`` instead of ``G``.
 """
 
 from __future__ import annotations
@@ -29,14 +30,15 @@ class HeadKernel(Kernel):
 
     def __init__(self, leaf: HeadCategorical) -> None:
         self.features = leaf.features.flatten(1)  # [N, H·S] (a view when contiguous)
-        self.log_norm = leaf.log_norm  # [N, S]
+        self.warps = leaf.warps  # [D, S, S] or None
+        self.log_norm = leaf.log_norm  # [D·N, S]
         self.columns = leaf.weight.flatten(1)  # [L, H·k²] in unfold's (channel, tap) order
         self.bias = leaf.bias
         self.grid, self.k = leaf.grid, int(leaf.weight.shape[-1])
         self.s = leaf.num_variables
 
     def row_bytes(self) -> int:
-        per_row = self.columns.shape[1] * self.s + self.features.shape[1] + 2 * self.s  # C, G, mask, levels
+        per_row = self.columns.shape[1] * self.s + 2 * self.features.shape[1] + 2 * self.s  # C, G, G T_dᵀ, mask, levels
         return per_row * self.features.element_size()
 
     def fill_value(self) -> Tensor:
@@ -59,7 +61,11 @@ class HeadKernel(Kernel):
     ) -> Tensor:
         g, const, m = self.image_side(x, mask)
         out = scratch.take("scores", (x.shape[0], n1 - n0), self.features.dtype, x.device)
-        torch.mm(g, self.features[n0:n1].T, out=out)
+        n = self.features.shape[0]
+        for d in range(n0 // n, (n1 - 1) // n + 1):  # the warps this block of components spans
+            lo, hi = max(n0, d * n), min(n1, (d + 1) * n)
+            gd = g if self.warps is None else (g.view(-1, self.s) @ self.warps[d].T).view_as(g)
+            torch.mm(gd, self.features[lo - d * n : hi - d * n].T, out=out[:, lo - n0 : hi - n0])
         if m is None:
             out -= self.log_norm[n0:n1].sum(1)
         else:
