@@ -21,8 +21,7 @@ Strategies (``select(prior, strategy, N, ...)``):
   max_space``, otherwise a deterministic beam search of width ``N`` on ``p(z)`` (approximate;
   ``info["exact"]`` says which).
 * ``data`` (beyond the paper): the distinct codes the encoder assigned to the training set
-  (``codes_from_data``), most frequent first, codes of equal count in random order (``generator``);
-  ``log_prior`` holds the log empirical frequency.
+  (``codes_from_data``), most frequent first; ``log_prior`` holds the log empirical frequency.
 """
 
 from __future__ import annotations
@@ -183,17 +182,14 @@ def _root(prior: Prior) -> tuple[Tensor, Tensor]:
     )
 
 
-def _select_data(
-    prior: Prior, N: int | None, codes_from_data: Tensor | None, generator: torch.Generator | None
-) -> tuple[Tensor, Tensor]:
+def _select_data(prior: Prior, N: int | None, codes_from_data: Tensor | None) -> tuple[Tensor, Tensor]:
     if codes_from_data is None:
         raise ValueError("strategy 'data' needs codes_from_data [n,h,w] (the encoder's training-set codes)")
     codes = check_codes(codes_from_data, prior.K, prior.latent_hw, "codes_from_data").to(prior_device(prior))
     if codes.shape[0] == 0:
         raise ValueError("codes_from_data is empty")
     unique, counts = torch.unique(codes.flatten(1), dim=0, return_counts=True)
-    shuffled = torch.randperm(counts.shape[0], generator=generator).to(counts.device)  # ties: random, not lexicographic
-    order = shuffled[torch.sort(counts[shuffled], descending=True, stable=True).indices]
+    order = torch.sort(counts, descending=True, stable=True).indices
     if N is not None and not 1 <= int(N) <= unique.shape[0]:
         raise ValueError(f"N={N} must be in [1, {unique.shape[0]}] (distinct codes in codes_from_data)")
     keep = order[: unique.shape[0] if N is None else int(N)]
@@ -223,7 +219,7 @@ def _dispatch(
         log_prior = enumerate_log_prior(prior, batch_size=batch_size, progress=False, max_space=max_space)
         codes = index_to_codes(torch.arange(space, device=prior_device(prior)), prior.K, h, w)
     elif strategy == "data":
-        codes, log_prior = _select_data(prior, N, codes_from_data, generator)
+        codes, log_prior = _select_data(prior, N, codes_from_data)
     else:
         N = _check_n(N, space)
         if strategy == "sample":
