@@ -9,7 +9,8 @@ every component warped copies (:mod:`vq2pc.core.warps`: each integer shift withi
 A degrees about the centre; the copies keep the label), D·N components from the same N stored maps. Images are
 classified by its exact
 ``class_posterior`` from full images and under the report's masks (random pixels missing, structured
-regions), beside the run's CNN with mean imputation (``--classifier``). Prints ONE JSON line: accuracy, ECE
+regions), beside the run's CNN with mean imputation (``--classifier``); ``--save`` keeps the circuit for
+``vq2pc classify``. Prints ONE JSON line: accuracy, ECE
 and label NLL per mask, and the wall time.
 
     python benchmarks/class_data_components.py RUN/categorical/4x4/vqvae.pt --data-dir DIR --N 50000 \\
@@ -61,6 +62,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--regions", nargs="*", default=list(REGIONS), help="structured masks")
     p.add_argument("--classifier", default=None, help="the run's CNN (classifier.pt): mean imputation beside")
     p.add_argument("--figure", default=None, help="also plot accuracy per mask into this .png")
+    p.add_argument("--save", default=None, help="also save the circuit of the first --eps here (`vq2pc classify`)")
     return p.parse_args()
 
 
@@ -83,6 +85,8 @@ def main() -> None:
     circuit = MixtureCircuit(leaf, torch.zeros(leaf.num_components))
     labels = splits.train_y[idx].repeat(leaf.num_warps)  # warp-major: copy d of image n is component d·N + n
     models = {f"eps={e}": ClassMixture(circuit, label_weights(labels, classes, e)) for e in a.eps}
+    if a.save:
+        models[f"eps={a.eps[0]}"].save(a.save)
     cnn = load_classifier(a.classifier) if a.classifier else None
     out, _ = classification_metrics(
         models, x.float(), y, masks, "categorical", splits.levels, splits.image_shape, cnn, impute=False

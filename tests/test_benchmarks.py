@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from helpers import MNIST_DIR, needs_mnist
@@ -202,7 +203,7 @@ def test_class_data_components_equals_the_table_class_mixture_of_the_same_compon
     n, v, eps = 60, 40, 0.1
     args = ["--dataset", "digits", "--data-dir", str(tmp_path), "--N", str(n), "--limit", str(v)]
     args += ["--fractions", "0.5", "--regions", "--eps", str(eps), "--figure", str(tmp_path / "acc.png")]
-    args += ["--shifts", str(shifts)]
+    args += ["--shifts", str(shifts), "--save", str(tmp_path / "classes.pt")]
     row = json.loads(_benchmark("class_data_components.py", str(tmp_path / "vqvae.pt"), *args).stdout)
     assert (tmp_path / "acc.png").stat().st_size > 0
     idx = torch.randperm(len(splits.train_x), generator=torch.Generator().manual_seed(0))[:n]
@@ -228,3 +229,10 @@ def test_class_data_components_equals_the_table_class_mixture_of_the_same_compon
         got = row["results"]["circuit"][f"eps={eps}"][pixels]
         assert got["nll"] == pytest.approx(-log_post[torch.arange(v), yv].mean().item(), abs=2e-4)
         assert got["accuracy"] == pytest.approx((log_post.argmax(1) == yv).double().mean().item(), abs=1e-4)
+    # the saved circuit answers `vq2pc classify` with the same posteriors (half the pixels hidden)
+    np.save(tmp_path / "x.npy", xv.reshape(v, *splits.image_shape).numpy())
+    np.save(tmp_path / "mask.npy", mask.numpy())
+    cmd = [sys.executable, "-m", "vq2pc", "classify", str(tmp_path / "classes.pt"), "--images", str(tmp_path / "x.npy")]
+    out = subprocess.run([*cmd, "--mask", str(tmp_path / "mask.npy")], capture_output=True, text=True, check=True)
+    probs = torch.tensor(json.loads(out.stdout)["probabilities"], dtype=torch.float64)
+    torch.testing.assert_close(probs, log_post.double().exp(), atol=2e-5, rtol=0)

@@ -160,6 +160,23 @@ def test_plots_write_pngs(tmp_path) -> None:
     assert not list(tmp_path.glob("*.tmp"))
 
 
+def test_lines_split_the_models_of_a_group_except_the_exact_model() -> None:
+    """Two VQ-VAEs of one group (2x2 at K = 16 and 32): DMRS gets a line per model, ExM one line over K."""
+    rows = [
+        {"family": f, "group": "2x2", "model": f"2x2-K{k}", "K": k, "N": n, "test_bpd": 4.0}
+        for f, n in (("ExM", None), ("DMRS", 256), ("DMRS", 1024))
+        for k in (16, 32)
+    ]
+    for r in rows[:2]:
+        r["N"] = r["K"] ** 4
+    series = density._series(rows, "N")
+    assert list(series) == [("ExM", "2x2"), ("DMRS", "2x2-K16"), ("DMRS", "2x2-K32")]
+    assert [r["N"] for r in series["ExM", "2x2"]] == [16**4, 32**4]
+    assert all(r["model"] == "2x2-K32" for r in series["DMRS", "2x2-K32"])
+    one_model = [r for r in rows if r["model"] == "2x2-K16"]
+    assert list(density._series(one_model, "N")) == [("ExM", "2x2"), ("DMRS", "2x2")]
+
+
 def test_plot_rows_are_validated(tmp_path) -> None:
     with pytest.raises(ValueError, match="lacks keys"):
         plot_bpd_vs_params([{"name": "x", "family": "DMRS", "test_bpd": 1.0}], tmp_path / "a.png")

@@ -232,18 +232,30 @@ def _check_rows(rows: Sequence[dict], need: Sequence[str]) -> list[dict]:
 
 
 def _series(rows: list[dict], x_key: str) -> dict[tuple[str, str], list[dict]]:
-    """Rows grouped by (family, group), families in FAMILY_ORDER, each series sorted by ``x_key``."""
+    """Rows grouped into lines, families in FAMILY_ORDER, each line sorted by ``x_key``.
+
+    A line is a (family, group): ExM's line runs over the codebook sizes K of its group (Fig. 2). Where a
+    group holds several models of another family (DMRS of a 2x2 VQ-VAE at K = 16 and at K = 32), each model
+    gets its own line, named by the model."""
+    models: dict[tuple[str, str], set[str]] = {}
+    for r in rows:
+        models.setdefault((r["family"], str(r.get("group", ""))), set()).add(str(r.get("model", "")))
+
+    def line(r: dict) -> tuple[str, str]:
+        family, group = r["family"], str(r.get("group", ""))
+        return (family, str(r["model"])) if family != "ExM" and len(models[family, group]) > 1 else (family, group)
+
     order = {f: i for i, f in enumerate(FAMILY_ORDER)}
-    keys = sorted({(r["family"], str(r.get("group", ""))) for r in rows}, key=lambda k: (order.get(k[0], 99), k))
-    return {
-        k: sorted([r for r in rows if (r["family"], str(r.get("group", ""))) == k], key=lambda r: r[x_key])
-        for k in keys
-    }
+    keys = sorted({line(r) for r in rows}, key=lambda k: (order.get(k[0], 99), k))
+    return {k: sorted([r for r in rows if line(r) == k], key=lambda r: r[x_key]) for k in keys}
 
 
 def _draw_series(ax, series: dict[tuple[str, str], list[dict]], x_key: str, annotate_k: bool) -> None:
+    seen: dict[str, int] = {}  # lines drawn per family: a family's second model is dashed, its third dotted
     for (family, group), rs in series.items():
         color, marker, trained = family_style(family)
+        dash = ("-", "--", ":", "-.")[min(seen.setdefault(family, 0), 3)]
+        seen[family] += 1
         trained = bool(rs[0].get("trained", trained))
         xs = np.array([float(r[x_key]) for r in rs])
         ys = np.array([float(r["test_bpd"]) for r in rs])
@@ -257,7 +269,7 @@ def _draw_series(ax, series: dict[tuple[str, str], list[dict]], x_key: str, anno
             marker=marker,
             ms=6,
             lw=1.2,
-            ls="-" if len(rs) > 1 else "none",
+            ls=dash if len(rs) > 1 else "none",
             mfc=color if trained else "none",
             mew=1.5,
             capsize=2,
