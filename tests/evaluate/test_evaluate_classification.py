@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import matplotlib.image as mpimg
 import torch
 
 from vq2pc.circuit.classes import ClassMixture
@@ -51,6 +52,14 @@ def test_metrics_agree_with_the_posterior_and_figures_are_written(tmp_path) -> N
     assert 0.85 < out["hidden_fraction"]["random 90%"] < 0.95 and out["hidden_fraction"]["left"] == 0.5
     assert set(full) == {"DMRS", "CNN"} and full["DMRS"].shape == (40, 2)
     assert ec.plot_classification(out, tmp_path / "a.png").stat().st_size > 0
+    keep = ("full", "random 30%", "random 90%")
+    random_only = {
+        "hidden_fraction": {k: out["hidden_fraction"][k] for k in keep},
+        "cnn_mean": {k: out["cnn_mean"][k] for k in keep},
+        **{part: {"DMRS": {k: out[part]["DMRS"][k] for k in keep}} for part in ("circuit", "cnn_circuit")},
+    }
+    one_panel = ec.plot_classification(random_only, tmp_path / "c.png")  # no regions: one panel, narrower
+    assert 0 < mpimg.imread(one_panel).shape[1] < mpimg.imread(tmp_path / "a.png").shape[1]
     assert ec.plot_calibration(full, labels, tmp_path / "b.png").stat().st_size > 0
     panels = ec.class_panels(model, x[:2], masks["left"][:2], "gaussian", 256, SHAPE, per_class=3)
     assert len(panels) == 2 * (3 + 1 + 4)

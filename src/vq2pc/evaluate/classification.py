@@ -208,12 +208,13 @@ def _series(results: dict[str, Any]) -> list[tuple[str, dict[str, Any], str, str
 
 @styled
 def plot_classification(results: dict[str, Any], out_png: str | Path, title: str = "") -> Path:
-    """Accuracy versus the fraction of random missing pixels (left) and per hidden region (right)."""
+    """Accuracy versus the fraction of random missing pixels (left) and per hidden region (right; left out
+    where no region was measured)."""
     frac = results["hidden_fraction"]
     curves = [k for k in frac if k == "full" or k.startswith("random")]
     regions = [k for k in frac if k not in curves]
-    fig = new_figure(11, 4.2)
-    ax, bx = fig.subplots(1, 2, width_ratios=(1.3, 1))
+    fig = new_figure(11 if regions else 6.4, 4.2)
+    ax, bx = fig.subplots(1, 2, width_ratios=(1.3, 1)) if regions else (fig.subplots(), None)
     series = _series(results)
     width = 0.8 / max(1, len(series))
     for j, (label, per, color, style, marker, alpha) in enumerate(series):
@@ -226,10 +227,14 @@ def plot_classification(results: dict[str, Any], out_png: str | Path, title: str
             label=label,
             ms=4,
         )
+        if bx is None:
+            continue
         bars = [per[k]["accuracy"] for k in regions]
         bx.bar(np.arange(len(regions)) + (j - len(series) / 2 + 0.5) * width, bars, width, color=color, alpha=alpha)
     ax.set(xlabel="fraction of pixels missing (random)", ylabel="test accuracy", ylim=(0, 1.02), title=title)
     ax.legend(fontsize=7)
+    if bx is None:
+        return save_figure(fig, out_png)
     bx.set_xticks(range(len(regions)), [f"{r} hidden" for r in regions], rotation=20)
     bx.set(ylabel="test accuracy", ylim=(0, 1.02), title="inpainting regions hidden")
     return save_figure(fig, out_png)
