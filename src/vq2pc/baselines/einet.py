@@ -67,7 +67,7 @@ from torch import Tensor, nn
 
 from vq2pc.baselines.einet_config import SUM_PRODUCT_LAYERS, EiNetConfig
 from vq2pc.baselines.regions import learn_tree, region_graph
-from vq2pc.circuit.cirkit import UNCLAMPED_SEMIRING, require_cirkit
+from vq2pc.circuit.cirkit import UNCLAMPED_SEMIRING, FoldedEvaluator, require_cirkit
 from vq2pc.core.checkpoint import SavableModel
 from vq2pc.core.discretized import level_log_prob
 from vq2pc.core.validate import check_finite, check_levels, observed_mask, rows
@@ -136,6 +136,7 @@ class EiNet(SavableModel, nn.Module):
         super().__init__()
         self.cfg = cfg
         self.circuit = _build_circuit(cfg)
+        self.evaluator = FoldedEvaluator(self.circuit)
 
     @property
     def num_params(self) -> int:
@@ -190,7 +191,7 @@ class EiNet(SavableModel, nn.Module):
                 out = out + probes[layer]
             return out
 
-        return self.circuit.evaluate(x, module_fn=layer_fn)[0, :, 0]  # (O, B, K) -> (B,)
+        return self.evaluator(x, layer_fn)[0, :, 0]  # (O, B, K) -> (B,)
 
     # --- queries --------------------------------------------------------------------
     def log_prob(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -287,7 +288,7 @@ class EiNet(SavableModel, nn.Module):
             return layer(*inputs)
 
         with torch.enable_grad():
-            root = self.circuit.evaluate(torch.zeros(m, self.cfg.num_variables, device=self.device), module_fn=layer_fn)
+            root = self.evaluator(torch.zeros(m, self.cfg.num_variables, device=self.device), layer_fn)
             chosen = torch.autograd.grad(root.sum(), list(probes.values()))
         out = torch.empty(m, self.cfg.num_variables, device=self.device)
         with torch.no_grad():

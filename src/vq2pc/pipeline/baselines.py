@@ -237,8 +237,10 @@ def fit_circuit(
 ) -> dict[str, Any]:
     """Train one libcirkit circuit baseline outside a run (``vq2pc train-baseline``), resumable from
     ``out/<key>.pt``; score it on the validation and test splits with the report's :func:`test_bpd` and
-    write the row to ``out/<key>.json``. Returns the row."""
+    write the row to ``out/<key>.json``; ``key`` names the structure (``quad-graph-cp-64``), plus ``-gaussian``
+    for Gaussian leaves and ``-seed<n>`` for a seed other than 0, so one folder holds them all. Returns the row."""
     key, name, family, ecfg = _circuit_spec(spec, splits, leaf)
+    key += ("-gaussian" if leaf == "gaussian" else "") + (f"-seed{train.seed}" if train.seed else "")
     out.mkdir(parents=True, exist_ok=True)
     model, res = train_einet(splits, ecfg, train, checkpoint=out / f"{key}.pt")
     model.eval()
