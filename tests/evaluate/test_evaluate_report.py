@@ -26,6 +26,7 @@ def _report(run_dir) -> dict:
                 "num_params": 5000,
                 "test_bpd": 3.71,
                 "test_bpd_std": 0.01,
+                "val_bpd": 3.75,
             },
             {"name": "DMRS N=64", "family": "DMRS", "N": 64, "num_params": 8256, "test_bpd": 4.2, "test_bpd_std": 0.02},
             {"name": "ExM K=16", "family": "ExM", "N": 65536, "num_params": 8.4e6, "test_bpd": 3.9},
@@ -77,6 +78,7 @@ def test_report_lists_figures_rows_and_sections(tmp_path) -> None:
     order = [text.index(f"| {n} |") for n in ("ExM K=16", "DMRS N=16", "DMRS N=64", "EiNet I=5")]
     assert order == sorted(order)
     assert "4.2000 ± 0.0200" in text and "97.50%" in text and "1.609" in text
+    assert "| val BPD |" in text and "| 3.7100 ± 0.0100 | 3.7500 |" in text  # a baseline's validation BPD
     assert "0.93" in text and "0.31" in text and "5% of the space" in text
     assert "| DMRS N=64 | 4.5 / 0.03 | 4.7 / — |" in text
     assert "ExM evaluated on a 1000-image test subset." in text

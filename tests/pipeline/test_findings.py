@@ -42,6 +42,17 @@ def test_baselines_are_compared_with_the_best_distilled_and_fine_tuned_circuits(
     assert "2.9400 BPD is better than the best distilled model DMRS 4x4 (N=4096) 4.6000" in text
 
 
+def test_a_baseline_sweep_is_represented_by_its_best_on_validation_not_on_test() -> None:
+    rows = [
+        _row("DMRS+FT", 4096, 2.87),
+        {**_row("EiNet", 10, 2.94, val_bpd=2.99), "name": "EiNet (PD 4, I=10)"},
+        {**_row("EiNet", 40, 2.90, val_bpd=3.01), "name": "EiNet (PD 4, I=40)"},  # lower on test, not on validation
+    ]
+    text = "\n".join(findings({"models": rows}))
+    assert "best EiNet (best of 2 on validation) EiNet (PD 4, I=10) 2.9400 BPD is worse" in text
+    assert "I=40" not in text
+
+
 def test_each_fine_tuned_row_is_compared_with_the_row_it_refines() -> None:
     """A +FT row, capped ("+FT σ<c") or not, is set against its paper-faithful twin at the same N."""
     rows = [

@@ -91,6 +91,7 @@ def _results(results: list[dict]) -> list[str]:
 
     rows = []
     discrete = any(r.get("test_bpd_discrete") is not None for r in results)
+    val = any(r.get("val_bpd") is not None for r in results)  # baselines: their sweeps are chosen on validation
     for r in sorted(results, key=key):
         bpd, std = r.get("test_bpd"), r.get("test_bpd_std")
         shown = f"{bpd:.4f} ± {std:.4f}" if isinstance(bpd, float) and isinstance(std, float) else _fmt(bpd)
@@ -114,6 +115,8 @@ def _results(results: list[dict]) -> list[str]:
         )
         if discrete:
             rows[-1].insert(5, None if r.get("test_bpd_discrete") is None else f"{r['test_bpd_discrete']:.4f}")
+        if val:
+            rows[-1].insert(5, None if r.get("val_bpd") is None else f"{r['val_bpd']:.4f}")
     head = [
         "model",
         "selection",
@@ -126,6 +129,8 @@ def _results(results: list[dict]) -> list[str]:
     ]
     if discrete:  # Gaussian rows: the exact discrete BPD of the discretized twin (comparable with discrete MNIST)
         head.insert(5, "discrete BPD")
+    if val:
+        head.insert(5, "val BPD")
     return ["## Results", ""] + _table(head, rows)
 
 

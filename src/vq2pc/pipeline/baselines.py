@@ -23,7 +23,7 @@ from vq2pc.data.datasets import DataSplits
 from vq2pc.evaluate.density import BPD_FORMAT, bpd_fields, save_per_image, test_bpd
 from vq2pc.models.train import TrainConfig, TrainResult
 from vq2pc.pipeline.config import BaselineSpec, CircuitSpec, RunConfig
-from vq2pc.pipeline.models import score_test
+from vq2pc.pipeline.models import score_test, score_val
 from vq2pc.pipeline.rows import ResultRow
 from vq2pc.pipeline.rundir import RunDir, settings_key
 
@@ -34,10 +34,12 @@ def _bpd_row(
     run: RunDir, cfg: RunConfig, splits: DataSplits, leaf: str, key: str, model: Any, depends: Path, **fields: Any
 ) -> ResultRow:
     test_x = splits.test_x[: cfg.test_limit] if cfg.test_limit else splits.test_x
+    val_x = splits.val_x[: cfg.test_limit] if cfg.test_limit else splits.val_x
 
     def compute() -> dict[str, Any]:
         bpd = score_test(cfg, model, test_x, leaf, splits.levels)
-        return ResultRow.build(**fields, leaf=leaf, **bpd_fields(bpd), test_images=len(test_x)).to_dict()
+        val = score_val(cfg, model, val_x, leaf, splits.levels)
+        return ResultRow.build(**fields, leaf=leaf, **bpd_fields(bpd), val_bpd=val, test_images=len(test_x)).to_dict()
 
     params = {
         "baselines": settings_key(cfg.baselines),
@@ -47,6 +49,7 @@ def _bpd_row(
         "bpd_draws": cfg.experiments.bpd_draws,
         "bpd_format": BPD_FORMAT,
         "bpd_discrete": cfg.experiments.bpd_discrete,
+        "val_bpd": True,
     }
     return ResultRow.from_dict(
         run.cached("baselines", f"{leaf}/baselines/{key}", compute, depends=(depends,), params=params)

@@ -80,10 +80,12 @@ def _baselines(rows: list[ResultRow], leaf: str) -> list[str]:
         for family in ("CM", "EiNet", "QuadGraph", "QuadTree", "HCLT"):
             fam = _by(rows, family)
             if fam:
-                top = min(fam, key=lambda r: r.test_bpd)
+                on_val = all(r.val_bpd is not None for r in fam)  # a sweep's best is chosen on validation
+                top = min(fam, key=lambda r: r.val_bpd if on_val else r.test_bpd)
                 rel = "better" if top.test_bpd < best.test_bpd else "worse"
+                chosen = f" (best of {len(fam)} on validation)" if on_val and len(fam) > 1 else ""
                 notes.append(
-                    f"[{leaf}] best {family} {top.name} {top.test_bpd:.4f} BPD is {rel} than the best "
+                    f"[{leaf}] best {family}{chosen} {top.name} {top.test_bpd:.4f} BPD is {rel} than the best "
                     f"{kind} {best.name} (N={best.N}) {best.test_bpd:.4f}."
                 )
     return notes

@@ -145,6 +145,12 @@ def score_test(cfg: RunConfig, model: Any, test_x: Tensor, leaf: str, levels: in
     )
 
 
+def score_val(cfg: RunConfig, model: Any, val_x: Tensor, leaf: str, levels: int) -> float:
+    """Mean validation BPD of ``model`` with the run's draws and seed (no quantiles, no discrete twin)."""
+    gen = torch.Generator().manual_seed(cfg.seed)
+    return test_bpd(model, val_x, leaf, levels, draws=cfg.experiments.bpd_draws, discrete=False, generator=gen)["mean"]
+
+
 def circuit_row(name: str, family: str, circuit: MixtureCircuit, bpd: dict[str, float], **fields: Any) -> ResultRow:
     """One entry of report.json's ``models`` list: ``circuit``'s size, its :func:`test_bpd` and ``fields``."""
     return ResultRow.build(

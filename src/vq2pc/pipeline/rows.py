@@ -25,6 +25,7 @@ class ResultRow:
     test_bpd: float  # mean over dequantization draws
     num_params: int | None = None
     test_bpd_std: float | None = None  # over draws
+    val_bpd: float | None = None  # mean over the validation split (baselines: a family's best is chosen on it)
     test_bpd_median: float | None = None  # per-image quantiles
     test_bpd_p90: float | None = None
     test_bpd_p99: float | None = None
