@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from vq2pc.baselines.cm import (
     sobol_normal,
     train_cm,
 )
+from vq2pc.core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from vq2pc.data import load_dataset, to_model_space
 from vq2pc.models.train import TrainConfig
 
@@ -170,6 +172,13 @@ def test_einet_trains_resumes_and_round_trips(cirkit, einet_mod, digits, tmp_pat
     loaded = einet_mod.EiNet.load(ck)
     assert torch.allclose(loaded.log_prob(x_val[:5]), model.log_prob(x_val[:5]))
     assert torch.allclose(again.log_prob(x_val[:5]), model.log_prob(x_val[:5]))
+    # a checkpoint from before a setting existed (at its None default) resumes; another setting is refused
+    saved = load_checkpoint(ck, "einet")
+    del saved["meta"]["config"]["pic_net_dim"]
+    save_checkpoint(ck, "einet", {k: v for k, v in saved.items() if k != "format"})
+    assert einet_mod.train_einet(digits, cfg, FAST, checkpoint=ck)[1].epochs_run == 2
+    with pytest.raises(CheckpointError, match=r"differs in \['max_std'\]"):
+        einet_mod.train_einet(digits, replace(cfg, max_std=0.9), FAST, checkpoint=ck)
 
 
 def test_einet_rejects_bad_input(cirkit, einet_mod):

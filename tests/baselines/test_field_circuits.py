@@ -102,6 +102,27 @@ def test_folded_evaluator_equals_libcirkit_evaluation(region_graph, leaf):
             assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_pic_normalizes_samples_exactly_and_only_with_cp_layers():
+    """A probabilistic integral circuit (libcirkit's pc2qpc over QuadGraph): exact over all 2^8 images, its
+    samples follow its probabilities, its nets are the parameters, and Tucker layers are refused."""
+    cfg = einet.EiNetConfig(
+        (1, 2, 4), leaf="categorical", levels=2, region_graph="quad-graph", sum_product="cp", num_input_units=4,
+        num_sum_units=4, pic_net_dim=16, seed=1,
+    )  # fmt: skip
+    model = einet.EiNet(cfg)
+    lp = model.log_prob(_all_images(2, 8)).detach().double()
+    assert torch.logsumexp(lp, 0).item() == pytest.approx(0.0, abs=1e-5) and lp.std() > 0.05
+    assert all("net" in name for name, _ in model.circuit.named_parameters())
+    n = 20000
+    draws = model.sample(n, generator=torch.Generator().manual_seed(0))
+    counts = torch.bincount((draws.long() * 2 ** torch.arange(7, -1, -1)).sum(1), minlength=256).double()
+    probs = lp.exp() / lp.exp().sum()
+    assert (probs * n).min() > 5  # every cell holds enough mass for the chi-square test
+    assert stats.chisquare(counts.numpy(), (probs * n).numpy()).pvalue > 1e-3
+    with pytest.raises(ValueError, match="PIC"):
+        einet.EiNetConfig((1, 2, 4), leaf="categorical", levels=2, sum_product="tucker", pic_net_dim=16)
+
+
 def test_field_circuit_marginal_equals_brute_force_sum():
     cfg = einet.EiNetConfig(
         (1, 2, 2),

@@ -105,7 +105,9 @@ def _build_circuit(cfg: EiNetConfig) -> nn.Module:
         input_factory = functools.partial(GaussianLayer, mean_factory=mean_factory, stddev_factory=std_factory)
     else:
         input_factory = functools.partial(CategoricalLayer, num_categories=cfg.levels)
-    weights = parameterization_to_factory(Parameterization(activation="softmax", initialization="normal"))
+    # a PIC's nets give normalized sum weights themselves (and mixing weights must feed their mixing node)
+    activation = "none" if cfg.pic_net_dim else "softmax"
+    weights = parameterization_to_factory(Parameterization(activation=activation, initialization="normal"))
     symbolic = region_graph(cfg.region_graph, cfg.image_shape, cfg.deltas(), cfg.tree).build_circuit(
         input_factory=input_factory,
         sum_product=cfg.sum_product,
@@ -122,7 +124,12 @@ def _build_circuit(cfg: EiNetConfig) -> nn.Module:
         PipelineContext(backend="torch", semiring=UNCLAMPED_SEMIRING, fold=True, optimize=False) as ctx,
     ):
         torch.manual_seed(cfg.seed)
-        return ctx.compile(symbolic)
+        circuit = ctx.compile(symbolic)
+        if cfg.pic_net_dim:
+            from cirkit.backend.torch.parameters.pic import pc2qpc
+
+            pc2qpc(circuit, integration_method="trapezoidal", net_dim=cfg.pic_net_dim)
+        return circuit
 
 
 class EiNet(SavableModel, nn.Module):

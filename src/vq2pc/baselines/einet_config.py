@@ -26,6 +26,11 @@ class EiNetConfig:
     image templates) or ``chow-liu-tree`` (HCLT: the Chow–Liu tree of the training pixels, learned by
     :func:`train_einet` and kept in ``tree`` as each variable's parent, -1 at the root, so a saved
     model rebuilds the same structure).
+
+    ``pic_net_dim``: a probabilistic integral circuit (Gala et al., NeurIPS 2024) in its quadrature form, as
+    in libcirkit's tutorial notebook: every layer's parameter tensor is the output of a small net evaluated
+    at trapezoidal quadrature points (one per unit), sum weights normalized by the quadrature, and the nets'
+    weights are what is trained.
     """
 
     image_shape: Annotated[tuple[Count, Count, Count], AsTuple]
@@ -40,11 +45,16 @@ class EiNetConfig:
     seed: Natural = 0  # parameter initialization (train_einet sets it to the training seed)
     region_graph: RegionGraph = "poon-domingos"
     tree: Annotated[tuple[int, ...], AsTuple] | None = None  # chow-liu-tree: parent of each variable (-1: the root)
+    pic_net_dim: Count | None = None  # a PIC: every parameter tensor made by a net of this width (libcirkit's pc2qpc)
 
     @model_validator(mode="after")
     def _agree(self) -> EiNetConfig:
         if not self.min_std < self.max_std:
             raise ValueError(f"need min_std < max_std, got {self.min_std}, {self.max_std}")
+        if self.pic_net_dim is not None and self.sum_product != "cp":
+            raise ValueError(
+                f"a PIC (pic_net_dim) needs sum_product 'cp' (libcirkit's pc2qpc), got {self.sum_product!r}"
+            )
         if self.tree is not None and (len(self.tree) != self.num_variables or sorted(self.tree).count(-1) != 1):
             raise ValueError(f"tree must give one parent per variable ({self.num_variables}) with one root (-1)")
         return self

@@ -41,7 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     data_options(p)
     train_options(p, RUN.baseline_train)
-    for name in ("region_graph", "sum_product", "units"):
+    for name in ("region_graph", "sum_product", "units", "pic_net_dim"):
         setting(p, _SPEC, name)
     # categorical by default, not the EiNet's gaussian: its discrete BPD compares with the published circuits
     setting(p, EiNetConfig, "leaf", default="categorical", help="pixel leaves")
@@ -53,7 +53,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def cmd_train_baseline(args: argparse.Namespace) -> int:
     """Train, score and print the result row (without its training history) as JSON."""
-    spec = CircuitSpec(region_graph=args.region_graph, sum_product=args.sum_product, units=args.units)
+    spec = CircuitSpec(
+        region_graph=args.region_graph, sum_product=args.sum_product, units=args.units, pic_net_dim=args.pic_net_dim
+    )
     train = train_config(args, max_seconds=args.max_seconds)
     splits = load_dataset(args.dataset, args.data_dir, seed=args.seed, limit=args.limit)
     row = fit_circuit(splits, spec, args.leaf, train, Path(args.out), bpd_draws=args.bpd_draws)

@@ -83,10 +83,11 @@ def evaluate_loss(model: nn.Module, loss_fn: LossFn, data: Sequence[Tensor], bat
 
 
 def _check_resumable(ck: dict[str, Any], path: str | Path, meta: dict[str, Any] | None) -> None:
-    """Refuse to resume from a checkpoint written for another model configuration."""
+    """Refuse to resume from a checkpoint written for another model configuration. A setting one side
+    lacks counts as None (a field added since, at its None default, is the same configuration)."""
     old, new = (ck.get("meta") or {}).get("config"), (meta or {}).get("config")
-    if old is not None and new is not None and old != new:
-        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    diff = [] if old is None or new is None else sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if diff:
         raise CheckpointError(
             f"{path} was written for another configuration (differs in {diff}); "
             "delete it or re-run with --force to train from scratch"

@@ -136,11 +136,13 @@ def _circuit_spec(c: CircuitSpec, splits: DataSplits, leaf: str) -> tuple[str, s
         sum_product=c.sum_product,
         num_input_units=c.units,
         num_sum_units=c.units,
+        pic_net_dim=c.pic_net_dim,
     )
+    pic = f"-pic{c.pic_net_dim}" if c.pic_net_dim else ""
     return (
-        f"{c.region_graph}-{c.sum_product}-{c.units}",
-        f"{family} ({c.sum_product.upper()}, {c.units})",
-        family,
+        f"{c.region_graph}-{c.sum_product}-{c.units}{pic}",
+        f"{family} ({c.sum_product.upper()}, {c.units}{', PIC' if pic else ''})",
+        "PIC" if pic else family,
         config,
     )
 

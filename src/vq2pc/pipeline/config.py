@@ -52,6 +52,11 @@ class CircuitSpec:
     )
     sum_product: SumProduct = Field("cp", description="sum-product layer kind")
     units: Count = Field(64, description="input units per pixel and sum units per layer")
+    pic_net_dim: Count | None = Field(
+        None,
+        description="a probabilistic integral circuit: every parameter tensor made by a net of this width "
+        "(libcirkit's pc2qpc, trapezoidal quadrature; CP layers)",
+    )
 
 
 @settings

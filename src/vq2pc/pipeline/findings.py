@@ -67,7 +67,7 @@ def _beam_vs_sample(rows: list[ResultRow], leaf: str) -> list[str]:
 
 
 def _baselines(rows: list[ResultRow], leaf: str) -> list[str]:
-    """The best of each baseline family (CM, EiNet, QuadGraph, QuadTree, HCLT) against the best paper-faithful and the best fine-tuned distilled circuit."""
+    """The best of each baseline family (CM, EiNet, QuadGraph, QuadTree, HCLT, PIC) against the best paper-faithful and the best fine-tuned distilled circuit."""
     kinds = {
         "distilled model": [r for r in rows if r.family in (*_DISTILLED, "ExM")],
         "fine-tuned distilled model": [r for r in rows if r.variant.startswith("+FT")],
@@ -77,7 +77,7 @@ def _baselines(rows: list[ResultRow], leaf: str) -> list[str]:
         if not distilled:
             continue
         best = min(distilled, key=lambda r: r.test_bpd)
-        for family in ("CM", "EiNet", "QuadGraph", "QuadTree", "HCLT"):
+        for family in ("CM", "EiNet", "QuadGraph", "QuadTree", "HCLT", "PIC"):
             fam = _by(rows, family)
             if fam:
                 on_val = all(r.val_bpd is not None for r in fam)  # a sweep's best is chosen on validation
