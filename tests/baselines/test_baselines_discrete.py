@@ -40,6 +40,10 @@ def test_einet_twin_normalizes_marginalizes_and_bounds_the_dequantized_bpd() -> 
         marg = twin.log_prob(images, mask).double().reshape(levels, levels, levels, levels)[:, 0, :, 0]
         ref = torch.logsumexp(lp.reshape(levels, levels, levels, levels), (1, 3))
         assert torch.allclose(marg, ref, atol=1e-5)
+        many = images.repeat(3, 1)  # more rows than one chunk of the twin: the same values, row by row
+        assert torch.allclose(twin.log_prob(many).double(), lp.repeat(3), atol=1e-6)
+        masks = torch.rand(many.shape, generator=torch.Generator().manual_seed(1)) < 0.5
+        assert torch.allclose(twin.log_prob(many, masks)[:256], twin.log_prob(images, masks[:256]), atol=1e-6)
         draws = 2000  # E_u over each image's bin: the dequantized log-density is below log P(v) − S log L
         x = (
             images.repeat(draws, 1) + torch.rand(draws * len(images), 4, generator=torch.Generator().manual_seed(0))

@@ -65,6 +65,10 @@ FAMILY_ORDER = (
     "DMData+FT",
     "CM",
     "EiNet",
+    "QuadGraph",
+    "QuadTree",
+    "HCLT",
+    "PIC",
 )
 
 

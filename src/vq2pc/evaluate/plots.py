@@ -68,6 +68,7 @@ FAMILY_STYLE: dict[str, tuple[str, str, bool]] = {
     "QuadGraph": ("tab:cyan", "h", True),
     "QuadTree": ("tab:blue", "h", True),
     "HCLT": ("black", "X", True),
+    "PIC": ("teal", "h", True),
 }
 _FALLBACK_COLORS = ["tab:red", "tab:pink", "tab:cyan", "black"]
 
