@@ -1,12 +1,13 @@
 """Cost of the field's circuits on MNIST: parameters and seconds per training step (Adam, categorical pixels).
 
-Prints one JSON line per structure: region_graph, sum_product, units, num_params, batch, seconds_per_step,
-seconds_per_epoch (50,000 training images), threads; for chow-liu-tree also tree_seconds (learning the
+Prints one JSON line per structure: region_graph, sum_product, units, pic_net_dim, num_params, batch,
+seconds_per_step, seconds_per_epoch (50,000 training images), threads; for chow-liu-tree also tree_seconds (learning the
 Chow–Liu tree from the training images). The cost depends on the structure, not on trained weights, so an
 initialised circuit is timed on real MNIST batches after one warm-up step.
 
     python benchmarks/field_circuits_step.py --data-dir DIR                       # QuadGraph CP 64, HCLT CP 64
     python benchmarks/field_circuits_step.py --data-dir DIR --graphs quad-graph --units 32 --steps 5
+    python benchmarks/field_circuits_step.py --data-dir DIR --graphs quad-graph --pic-net-dim 256   # the PIC
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ def main() -> None:
     ap.add_argument("--graphs", nargs="+", default=["quad-graph", "chow-liu-tree"])
     ap.add_argument("--sum-product", default="cp")
     ap.add_argument("--units", type=int, default=64)
+    ap.add_argument("--pic-net-dim", type=int, help="time each structure as a PIC with nets of this width")
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--limit", type=int, help="cap every split (a quick check)")
@@ -68,6 +70,7 @@ def main() -> None:
             sum_product=args.sum_product,
             num_input_units=args.units,
             num_sum_units=args.units,
+            pic_net_dim=args.pic_net_dim,
         )
         model = EiNet(cfg)
         step = _time_steps(model, x, min(args.batch, len(x) // (args.steps + 1)), args.steps)
@@ -75,6 +78,7 @@ def main() -> None:
             "region_graph": graph,
             "sum_product": args.sum_product,
             "units": args.units,
+            "pic_net_dim": args.pic_net_dim,
             "num_params": model.num_params,
             "batch": args.batch,
             "seconds_per_step": round(step, 3),

@@ -148,6 +148,10 @@ def test_field_circuits_step_prints_a_line_per_structure() -> None:
     )
     lines = [json.loads(line) for line in out.stdout.splitlines()]
     assert [line["region_graph"] for line in lines] == ["quad-graph", "chow-liu-tree"]
+    pic = _benchmark("field_circuits_step.py", "--dataset", "digits", "--graphs", "quad-graph", "--units", "2",
+                     "--pic-net-dim", "8", "--batch", "16", "--steps", "1", "--limit", "100", "--threads", "1")  # fmt: skip
+    (line,) = [json.loads(line) for line in pic.stdout.splitlines()]
+    assert line["pic_net_dim"] == 8 and line["num_params"] > 0 and line["seconds_per_step"] > 0
     assert all(line["num_params"] > 0 and line["seconds_per_step"] > 0 for line in lines) and "tree_seconds" in lines[1]
 
 
