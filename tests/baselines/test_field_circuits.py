@@ -143,7 +143,7 @@ def test_field_circuit_marginal_equals_brute_force_sum():
     assert got.item() == pytest.approx(want.item(), rel=1e-5)
 
 
-def test_hclt_learns_its_tree_trains_and_reloads_the_same_structure(tmp_path):
+def test_hclt_learns_its_tree_trains_and_reloads_the_same_structure(tmp_path, monkeypatch):
     digits = load_dataset("digits", limit=150)
     cfg = einet.EiNetConfig(
         digits.image_shape,
@@ -169,6 +169,8 @@ def test_hclt_learns_its_tree_trains_and_reloads_the_same_structure(tmp_path):
     assert result.epochs_run == 2 and -model.log_prob(x).mean().item() < before - 1.0
     loaded = einet.EiNet.load(ck)
     assert loaded.cfg.tree == model.cfg.tree
+    monkeypatch.setattr(einet, "learn_tree", lambda *a, **k: pytest.fail("a resume learned the tree again"))
+    assert einet.train_einet(digits, cfg, FAST, checkpoint=ck)[0].cfg.tree == model.cfg.tree
     assert torch.allclose(loaded.log_prob(x[:5]), model.log_prob(x[:5]))
 
 

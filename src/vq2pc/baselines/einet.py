@@ -68,7 +68,7 @@ from torch import Tensor, nn
 from vq2pc.baselines.einet_config import SUM_PRODUCT_LAYERS, EiNetConfig
 from vq2pc.baselines.regions import learn_tree, region_graph
 from vq2pc.circuit.cirkit import UNCLAMPED_SEMIRING, FoldedEvaluator, require_cirkit
-from vq2pc.core.checkpoint import SavableModel
+from vq2pc.core.checkpoint import SavableModel, load_checkpoint
 from vq2pc.core.discretized import level_log_prob
 from vq2pc.core.validate import check_finite, check_levels, observed_mask, rows
 from vq2pc.data.datasets import DataSplits, check_fits
@@ -356,6 +356,15 @@ def _nll_loss(model: nn.Module, batch: tuple[Tensor, ...]) -> Tensor:
     return -model.log_prob(x).mean() / x.shape[1]
 
 
+def _resumed_tree(checkpoint: str | Path | None) -> tuple[int, ...] | None:
+    """The Chow–Liu tree an interrupted HCLT run learned (its checkpoint's config): a resume does not learn
+    it again (minutes on MNIST)."""
+    if checkpoint is None or not Path(checkpoint).exists():
+        return None
+    tree = (load_checkpoint(checkpoint, "einet").get("meta") or {}).get("config", {}).get("tree")
+    return None if tree is None else tuple(tree)
+
+
 def train_einet(
     splits: DataSplits, cfg: EiNetConfig, train_cfg: TrainConfig, checkpoint: str | Path | None = None
 ) -> tuple[EiNet, TrainResult]:
@@ -365,7 +374,7 @@ def train_einet(
     check_fits(cfg.image_shape, cfg.levels, splits)
     cfg = replace(cfg, seed=train_cfg.seed)
     if cfg.region_graph == "chow-liu-tree" and cfg.tree is None:
-        cfg = replace(cfg, tree=learn_tree(splits.train_x, cfg.leaf, cfg.levels))
+        cfg = replace(cfg, tree=_resumed_tree(checkpoint) or learn_tree(splits.train_x, cfg.leaf, cfg.levels))
     model = EiNet(cfg)
     first = completed_steps(checkpoint, "einet", len(splits.train_x), train_cfg.batch_size)
     val = (dequantize_once(splits.val_x, cfg.leaf, cfg.levels, train_cfg.seed),)
