@@ -33,9 +33,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Train one libcirkit circuit by maximum likelihood on the same splits as `vq2pc run` and score "
             "its validation and test BPD the way the report does. The training resumes from OUT/<key>.pt "
-            "after an interruption; the result row is written to OUT/<key>.json and printed as JSON (key: the "
-            "structure, e.g. quad-graph-cp-64, then -gaussian for Gaussian leaves and -seed<n> for a seed other "
-            "than 0). Gaussian leaves also report the exact discrete BPD of their discretized twin. "
+            "after an interruption; the result row is written to OUT/<key>.json and printed as JSON (the key names "
+            "the structure, with a suffix for Gaussian leaves and one for a seed other than 0). Gaussian leaves "
+            "also report the exact discrete BPD of their discretized twin. "
             "Categorical pixels give a discrete BPD comparable with the published MNIST circuits."
         ),
     )
