@@ -10,6 +10,9 @@ Latent sources (``--source``): ``encoded`` (the run folder's VQ-VAE codes of the
 ``prior`` (codes from the run folder's prior, images from the decoder: ``--prior-samples`` pairs),
 ``mixed`` (both), ``kmeans`` (k-means per patch position on a ``--grid`` of its own, ``--K`` centroids;
 no run folder needed). The leaf pseudo-count is picked on validation among ``--alpha-leaf`` values.
+``--leaf gaussian`` fits Gaussian leaves on dequantized pixels (:class:`~vq2pc.circuit.tree.GaussianTreeCircuit`): its BPDs are
+the paper's continuous metric (``−log2 p(x) / 784 + 8``, test: 3 dequantization draws) and the line adds
+``test_bpd_discrete``, the exact BPD of its discretized twin.
 
     python benchmarks/mnist_tree_circuit.py RUN/categorical/4x4 --data-dir DIR --train-limit 10000 \\
         --val-limit 2000
@@ -39,6 +42,7 @@ from vq2pc.circuit.tree_fit import (
     complete_counts,
     distill_tree,
     em_fit,
+    image_bpd,
     m_step,
     smoothing,
     source_pairs,
@@ -83,6 +87,8 @@ def _args() -> argparse.Namespace:
         default=[0],
         help="tied leaves: level bins per state, picked on validation (0: untied)",
     )
+    p.add_argument("--leaf", choices=("categorical", "gaussian"), default="categorical", help="pixel leaves")
+    p.add_argument("--std-min", type=float, default=1e-3, help="std floor of Gaussian leaves (pixels in [0, 1))")
     p.add_argument("--em-iterations", type=int, default=10)
     p.add_argument("--patience", type=int, default=1)
     p.add_argument("--max-seconds", type=float, default=None, help="EM time cap")
@@ -133,11 +139,11 @@ def _pick_alpha(
     """The leaf pseudo-count and bins with the best validation BPD at distillation; ``c`` is left with them."""
     counts, scores = complete_counts(c, *pairs), {}
     for choice in itertools.product(a.alpha_leaf, a.leaf_bins):
-        c.set_log_params(m_step(counts, prior(*choice)))
+        c.set_log_params(m_step(counts, prior(*choice), c.std_min))
         scores[choice] = bpd(c, val)
         print(json.dumps({"alpha_leaf": choice[0], "leaf_bins": choice[1], "val_bpd": scores[choice]}), file=sys.stderr)
     best = min(scores, key=scores.__getitem__)
-    c.set_log_params(m_step(counts, prior(*best)))
+    c.set_log_params(m_step(counts, prior(*best), c.std_min))
     return best
 
 
@@ -146,7 +152,7 @@ def _fine_tune(a: argparse.Namespace, c: TreeCircuit, train: Tensor, val: Tensor
     if a.fit == "em":
         return em_fit(
             c, train, val, prior, a.em_iterations, a.patience, a.batch_size, a.max_seconds,
-            log=lambda row: print(json.dumps(row), file=sys.stderr, flush=True),
+            log=lambda row: print(json.dumps(row), file=sys.stderr, flush=True), seed=a.seed,
         )  # fmt: skip
     cfg = TrainConfig(
         epochs=a.em_iterations, patience=a.patience, lr=a.lr, batch_size=a.batch_size, max_seconds=a.max_seconds,
@@ -178,6 +184,9 @@ def main() -> None:
 
     if any(a.shift) and a.source != "kmeans":
         raise SystemExit("--shift needs --source kmeans (a VQ-VAE's codes have the VQ-VAE's own grid)")
+    gaussian = a.leaf == "gaussian"
+    if gaussian and (any(a.leaf_bins) or a.fit != "em"):
+        raise SystemExit("--leaf gaussian takes untied leaves (--leaf-bins 0) and --fit em")
     c = distill_tree(
         codes,
         images,
@@ -188,19 +197,22 @@ def main() -> None:
         prior(a.alpha_leaf[0]),
         {"source": a.source},
         grid_shift(a.shift),
+        a.std_min if gaussian else None,
     )
     alpha, bins = _pick_alpha(a, c, (codes, images), val, prior)
-    c.meta["leaf_bins"] = bins or d.levels
+    if not gaussian:
+        c.meta["leaf_bins"] = bins or d.levels
     distill_seconds = time.perf_counter() - start
     val_init = bpd(c, val)
     result = _fine_tune(a, c, train, val, prior(alpha, bins))
     if a.out:
         c.save(a.out)
-    test_bpd = -c.log_prob(test.reshape(len(test), -1).float()).double() / (c.num_variables * math.log(2))
+    test_bpd = image_bpd(c, test, draws=3 if gaussian else 1)
     if a.per_image:
         save_per_image(a.per_image, test_bpd)
+    extra = {"std_min": a.std_min, "test_bpd_discrete": round(bpd(c.discretized(), test), 4)} if gaussian else {}
     row = {
-        "source": a.source, "context": a.context, "context_weight": a.context_weight, "shift": list(grid_shift(a.shift)), "K": K, "grid": list(grid), "n_train": len(train), "n_pairs": len(codes),
+        "leaf": a.leaf, "source": a.source, "context": a.context, "context_weight": a.context_weight, "shift": list(grid_shift(a.shift)), "K": K, "grid": list(grid), "n_train": len(train), "n_pairs": len(codes),
         "n_val": len(val), "n_test": len(test), "seed": a.seed, "data_seed": a.data_seed, "alpha_leaf": alpha, "leaf_bins": bins, "alpha_edge": a.alpha_edge,
         "val_bpd_init": round(val_init, 4), "val_bpd": round(result.best_val_bpd, 4),
         "test_bpd": round(float(test_bpd.mean()), 4), "train_bpd": _rounded(result.history[result.best_iteration]["train_bpd"]),
@@ -208,7 +220,7 @@ def main() -> None:
         "cpu_seconds": round(time.process_time() - cpu_start, 1),
         "em_iterations": len(result.history) - 1, "best_iteration": result.best_iteration,
         "depth": len(c.tree.levels) - 1, "threads": torch.get_num_threads(),
-        "load_avg": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else math.nan,
+        "load_avg": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else math.nan, **extra,
     }  # fmt: skip
     print(json.dumps(row), flush=True)
 

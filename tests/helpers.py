@@ -271,3 +271,12 @@ def tiny_config(leaves: list[str], epochs: int = 1, N: list[int] | None = None, 
 
 def mtimes(root: Path, pattern: str) -> dict[str, int]:
     return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in sorted(root.glob(pattern))}
+
+
+def tree_latent_grids(c: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every latent grid of a tree circuit ``c`` by enumeration: ``(z [G, M], log p(z) [G])``, ``G = K^M``."""
+    root, edges, _ = (t.detach() for t in c.log_params())
+    zs = torch.tensor(list(itertools.product(range(c.K), repeat=c.tree.num_nodes)))
+    t = c.tree
+    child_terms = edges[torch.arange(t.children.numel()), zs[:, t.parent[t.children]], zs[:, t.children]]
+    return zs, root[zs[:, t.root]] + child_terms.sum(1)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import tree_latent_grids
 
 from vq2pc.circuit.tree import TreeCircuit
 from vq2pc.core.checkpoint import CheckpointError
@@ -30,13 +31,9 @@ def _all_images(S: int, L: int) -> torch.Tensor:
 
 def _brute_joint(c: TreeCircuit, x: torch.Tensor) -> torch.Tensor:
     """log p(x, z) ``[B, K^M]`` for every latent grid z, by enumeration."""
-    p = [t.detach() for t in c.log_params()]
-    zs = torch.tensor(list(itertools.product(range(c.K), repeat=c.tree.num_nodes)))  # [G, M]
-    t = c.tree
-    lp = p[0][zs[:, t.root]] + p[1][
-        torch.arange(t.children.numel()), zs[:, t.parent[t.children]], zs[:, t.children]
-    ].sum(1)
-    leaf = p[2][torch.arange(c.num_variables), x.long()[:, None, :], zs[:, c.owner][None]]  # [B, G, S]
+    zs, lp = tree_latent_grids(c)  # [G, M], [G]
+    leaves = c.log_params().leaves.detach()
+    leaf = leaves[torch.arange(c.num_variables), x.long()[:, None, :], zs[:, c.owner][None]]  # [B, G, S]
     return lp + leaf.sum(-1)
 
 

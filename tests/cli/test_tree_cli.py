@@ -115,3 +115,22 @@ def test_mix_trees_names_a_tree_made_for_other_data(tmp_path: Path, capsys: pyte
     argv = ["mix-trees", str(tree), "--dataset", "mnist", "--data-dir", str(MNIST_DIR.parent), "--limit", "50"]
     code, _, err = run_cli([*argv, "--out", str(out)], capsys)
     assert code == 1 and "does not fit the data 'mnist'" in err and not out.exists()
+
+
+def test_distill_tree_with_gaussian_leaves_reports_its_discrete_twin(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "gauss.safetensors"
+    argv = ["distill-tree", *DATA, "--source", "kmeans", "--grid", "4", "4", "--K", "4", "--leaf", "gaussian"]
+    code, stdout, err = run_cli([*argv, "--alpha-leaf", "0.001", "--iterations", "2", "--out", str(out)], capsys)
+    assert code == 0, err
+    row = last_json(stdout)
+    c = TreeCircuit.load(out)
+    assert (
+        c.std_min == 1e-3 and row["leaf"] == "gaussian" and c.num_params == row["params"] == 3 + 15 * 4 * 3 + 2 * 64 * 4
+    )
+    assert row["test_bpd_discrete"] <= row["test_bpd"]  # binning a density never costs bits (Jensen)
+    code, _, err = run_cli(["mix-trees", str(out), *DATA, "--out", str(tmp_path / "mix.safetensors")], capsys)
+    assert code == 1 and "Gaussian leaves" in err and not (tmp_path / "mix.safetensors").exists()
+    code, _, err = run_cli([*argv, "--leaf-bins", "4", "--out", str(tmp_path / "t.safetensors")], capsys)
+    assert code == 1 and "--leaf gaussian needs" in err and not (tmp_path / "t.safetensors").exists()

@@ -20,10 +20,15 @@ Parameters (``nn.Parameter`` log-probabilities, normalized by ``log_softmax`` wh
 ``edges [E, K, K]`` (``E = M − 1``, edge ``e`` from ``parent(children[e])`` to ``children[e]``, row =
 parent state) and ``leaves [S, L, K]`` (``log θ_{i, l, k}``, normalized over ``l``). Built by latent
 variable distillation and fitted by :mod:`vq2pc.circuit.tree_fit`; files by :mod:`vq2pc.circuit.tree_io`.
+
+:class:`GaussianTreeCircuit` is the same tree with Gaussian leaves ``N(x_i; μ_{i,k}, σ_{i,k}²)`` on
+dequantized pixels (``leaves [S, 2, K]`` = ``(μ, log σ)``; per-variable terms summed into patches by
+``index_add``); its :meth:`~GaussianTreeCircuit.discretized` twin is a categorical ``TreeCircuit``.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +41,11 @@ from vq2pc.circuit.tree_io import TreeFile, TreeParams, read_tree, write_tree
 from vq2pc.circuit.tree_structure import LatentTree
 from vq2pc.core import validate
 from vq2pc.core.checkpoint import CheckpointError
-from vq2pc.core.random import categorical
+from vq2pc.core.discretized import level_log_prob
+from vq2pc.core.leaves import LOG_2PI
+from vq2pc.core.random import categorical, normal
 
-__all__ = ["TreeCircuit", "TreeParams"]
+__all__ = ["TreeCircuit", "GaussianTreeCircuit", "TreeParams"]
 
 
 class TreeCircuit(nn.Module, Sampler):
@@ -74,7 +81,13 @@ class TreeCircuit(nn.Module, Sampler):
         self.register_buffer("starts", torch.cumsum(sizes, 0) - sizes)  # [M] first entry of each patch
         self.root_logits = nn.Parameter(torch.zeros(K))
         self.edge_logits = nn.Parameter(torch.zeros(m - 1, K, K))
-        self.leaf_logits = nn.Parameter(torch.zeros(owner.numel(), levels, K))
+        self.leaf_logits = nn.Parameter(torch.zeros(owner.numel(), self._leaf_rows(), K))
+
+    std_min: float | None = None  # categorical leaves; a Gaussian-leaf tree's std floor
+
+    def _leaf_rows(self) -> int:
+        """Rows per (variable, state) in the leaf table: the ``L`` level log-probabilities."""
+        return self.levels
 
     # --- parameters ----------------------------------------------------------------------------------
     @property
@@ -96,8 +109,11 @@ class TreeCircuit(nn.Module, Sampler):
         return TreeParams(
             torch.log_softmax(self.root_logits, 0),
             torch.log_softmax(self.edge_logits, 2),
-            torch.log_softmax(self.leaf_logits, 1),
+            self._leaf_params(),
         )
+
+    def _leaf_params(self) -> Tensor:
+        return torch.log_softmax(self.leaf_logits, 1)
 
     @torch.no_grad()
     def set_log_params(self, params: TreeParams) -> None:
@@ -156,11 +172,17 @@ class TreeCircuit(nn.Module, Sampler):
         ``[B, S]`` (float, 0 = unobserved) or None."""
         x = validate.rows(x, self.num_variables).to(self.owner.device)
         if mask is None:
-            validate.check_levels(x, self.levels, "x")
-            return x.long(), None
+            self._check_data(x, "x")
+            return self._data(x), None
         mask = validate.observed_mask(mask, x.shape[0], self.num_variables).to(x.device)
-        validate.check_levels(x[mask], self.levels, "x (observed entries)")
-        return torch.where(mask, x, torch.zeros_like(x)).long(), mask.to(self.leaf_logits.dtype)
+        self._check_data(x[mask], "x (observed entries)")
+        return self._data(torch.where(mask, x, torch.zeros_like(x))), mask.to(self.leaf_logits.dtype)
+
+    def _check_data(self, x: Tensor, name: str) -> None:
+        validate.check_levels(x, self.levels, name)
+
+    def _data(self, x: Tensor) -> Tensor:
+        return x.long()
 
     @torch.no_grad()
     def log_prob(self, x: Tensor, mask: Tensor | None = None, batch_size: int = 256) -> Tensor:
@@ -190,10 +212,13 @@ class TreeCircuit(nn.Module, Sampler):
         xl, w = self.prepare(x, mask)
         params = _detached(self.log_params())
         q = self._posterior(xl, w, params)  # [B, M, K]
-        levels = torch.arange(self.levels, device=xl.device, dtype=params.leaves.dtype)
-        means = torch.einsum("slk,l->sk", params.leaves.exp(), levels)  # [S, K]
-        cond = (q[:, self.owner] * means).sum(-1)
+        cond = (q[:, self.owner] * self._leaf_means(params.leaves)).sum(-1)
         return torch.where(w.bool(), xl.to(cond.dtype), cond) if w is not None else xl.to(cond.dtype)
+
+    def _leaf_means(self, leaves: Tensor) -> Tensor:
+        """``E[x_i | z_owner(i) = k]`` ``[S, K]``."""
+        levels = torch.arange(self.levels, device=leaves.device, dtype=leaves.dtype)
+        return torch.einsum("slk,l->sk", leaves.exp(), levels)
 
     _prepare = prepare
 
@@ -216,8 +241,12 @@ class TreeCircuit(nn.Module, Sampler):
     def _draw_from(self, up: Tensor, params: TreeParams, generator: torch.Generator | None) -> Tensor:
         """``[B, S]``: ``z`` drawn given the upward values ``up [B, M, K]``, then each variable from its leaf."""
         z = self._draw_latents(up, params, generator)  # [B, M]
-        probs = params.leaves.exp().transpose(1, 2)[torch.arange(self.num_variables), z[:, self.owner]]  # [B,S,L]
-        return categorical(probs, generator).to(params.root.dtype)
+        return self._draw_leaves(z[:, self.owner], params.leaves, generator).to(params.root.dtype)
+
+    def _draw_leaves(self, states: Tensor, leaves: Tensor, generator: torch.Generator | None) -> Tensor:
+        """``[B, S]``: each variable drawn from its leaf given its position's state ``states [B, S]``."""
+        probs = leaves.exp().transpose(1, 2)[torch.arange(self.num_variables), states]  # [B, S, L]
+        return categorical(probs, generator)
 
     def _draw_latents(self, up: Tensor, params: TreeParams, generator: torch.Generator | None) -> Tensor:
         """Top-down draw of ``z [B, M]`` from ``p(z | x_obs)`` given the upward values ``up [B, M, K]``."""
@@ -239,9 +268,15 @@ class TreeCircuit(nn.Module, Sampler):
     def from_file(cls, f: TreeFile) -> TreeCircuit:
         """A circuit on the CPU from a :class:`~vq2pc.circuit.tree_io.TreeFile` (ValueError if inconsistent)."""
         try:
-            circuit = cls(f.parent, f.owner, int(f.params.root.numel()), int(f.params.leaves.shape[1]), meta=f.meta)
-        except IndexError as exc:
-            raise ValueError(str(exc)) from None
+            if f.meta.get("leaf") == "gaussian":
+                std_min, levels = float(f.meta["std_min"]), int(f.meta["levels"])
+                circuit = GaussianTreeCircuit(f.parent, f.owner, int(f.params.root.numel()), levels, std_min=std_min)
+                circuit.meta = dict(f.meta)
+            else:
+                levels = int(f.params.leaves.shape[1])
+                circuit = TreeCircuit(f.parent, f.owner, int(f.params.root.numel()), levels, meta=f.meta)
+        except (IndexError, KeyError, TypeError) as exc:
+            raise ValueError(f"{type(exc).__name__}: {exc}") from None
         circuit.set_log_params(f.params)
         return circuit
 
@@ -261,6 +296,89 @@ class TreeCircuit(nn.Module, Sampler):
 
     def extra_repr(self) -> str:
         return f"M={self.tree.num_nodes}, K={self.K}, S={self.num_variables}, L={self.levels}"
+
+
+class GaussianTreeCircuit(TreeCircuit):
+    """A tree circuit with Gaussian leaves on dequantized pixels ``x ∈ [0, 1)`` (``(v + u) / L``):
+    ``p(x_i | z_owner(i) = k) = N(x_i; μ_{i,k}, σ_{i,k}²)``, ``σ ≥ std_min``. The leaf table
+    ``leaves [S, 2, K]`` holds ``(μ, log σ)``; everything above the leaves is :class:`TreeCircuit`'s.
+    :meth:`discretized` is the exact discrete twin (each Gaussian binned over the ``L`` levels, open end bins).
+    """
+
+    def __init__(
+        self,
+        parent: Tensor,
+        owner: Tensor,
+        K: int,
+        levels: int,
+        *,
+        std_min: float = 1e-3,
+        meta: dict[str, Any] | None = None,
+    ) -> None:
+        if not 0 < std_min < 1:
+            raise ValueError(f"std_min must lie in (0, 1), got {std_min!r}")
+        super().__init__(parent, owner, K, levels, meta={**(meta or {}), "leaf": "gaussian", "std_min": std_min})
+        self.std_min = float(std_min)
+        self.meta["levels"] = self.levels
+        self.register_buffer("slot", self.tree.inverse[self.owner])  # [S] each variable's patch in level order
+        with torch.no_grad():
+            self.leaf_logits[:, 0] = 0.5
+
+    def _leaf_rows(self) -> int:
+        return 2
+
+    @property
+    def num_params(self) -> int:
+        k, m = self.K, self.tree.num_nodes
+        return (k - 1) + (m - 1) * k * (k - 1) + 2 * self.num_variables * k
+
+    def _leaf_params(self) -> Tensor:
+        mean, log_std = self.leaf_logits.unbind(1)
+        return torch.stack((mean, log_std.clamp_min(math.log(self.std_min))), 1)
+
+    def _check_data(self, x: Tensor, name: str) -> None:
+        validate.check_finite(name, x)
+
+    def _data(self, x: Tensor) -> Tensor:
+        return x.to(self.leaf_logits.dtype)
+
+    def variable_log_likelihoods(self, x: Tensor, leaves: Tensor) -> Tensor:
+        """``log N(x_i; μ_{i,k}, σ_{i,k}²)`` ``[B, S, K]`` of ``x [B, S]``."""
+        mean, log_std = leaves.unbind(1)  # [S, K] each
+        z = (x[:, :, None] - mean) * torch.exp(-log_std)
+        return -0.5 * z * z - log_std - 0.5 * LOG_2PI
+
+    def patch_sums(self, ll: Tensor, weights: Tensor | None) -> Tensor:
+        """Per-variable terms ``ll [B, S, K]`` (times ``weights [B, S]``) summed over each patch ->
+        ``[B, M, K]`` in level order."""
+        if weights is not None:
+            ll = ll * weights[:, :, None]
+        return ll.new_zeros(ll.shape[0], self.tree.num_nodes, self.K).index_add_(1, self.slot, ll)
+
+    def leaf_log_likelihoods(self, x: Tensor, weights: Tensor | None, leaves: Tensor) -> Tensor:
+        return self.patch_sums(self.variable_log_likelihoods(x, leaves), weights)
+
+    def _leaf_means(self, leaves: Tensor) -> Tensor:
+        return leaves[:, 0]
+
+    def _draw_leaves(self, states: Tensor, leaves: Tensor, generator: torch.Generator | None) -> Tensor:
+        rows = torch.arange(self.num_variables, device=states.device)
+        mean, std = leaves[:, 0][rows, states], leaves[:, 1].exp()[rows, states]  # [B, S]
+        return mean + std * normal(tuple(mean.shape), generator, mean.device, mean.dtype)
+
+    @torch.no_grad()
+    def discretized(self) -> TreeCircuit:
+        """The exact categorical twin over ``L`` levels: ``P(v_i | k) = Φ((v+1)/L; μ, σ) − Φ(v/L; μ, σ)``
+        with open end bins (never a higher BPD than the dequantized one: Jensen). Same tree and latents."""
+        p = _detached(self.log_params())
+        mean, log_std = p.leaves.unbind(1)
+        v = torch.arange(self.levels, device=mean.device, dtype=mean.dtype)[:, None, None]  # [L, 1, 1]
+        table = level_log_prob(v, mean, log_std.exp(), self.levels, "gaussian").permute(1, 0, 2)  # [S, L, K]
+        meta = {k: val for k, val in self.meta.items() if k not in ("leaf", "std_min")}
+        twin = TreeCircuit(self.tree.parent, self.owner, self.K, self.levels, meta={**meta, "twin_of": "gaussian"})
+        twin = twin.to(device=mean.device, dtype=mean.dtype)
+        twin.set_log_params(TreeParams(p.root, p.edges, table.contiguous()))
+        return twin
 
 
 def _detached(params: TreeParams) -> TreeParams:

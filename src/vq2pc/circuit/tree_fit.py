@@ -24,7 +24,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from vq2pc.circuit.tree import TreeCircuit
+from vq2pc.circuit import tree_fit_gaussian as gauss
+from vq2pc.circuit.tree import GaussianTreeCircuit, TreeCircuit
 from vq2pc.circuit.tree_io import TreeParams
 from vq2pc.circuit.tree_structure import chow_liu, grid_shift, mutual_information, patch_owner
 from vq2pc.core import validate
@@ -44,6 +45,7 @@ __all__ = [
     "m_step",
     "distill_tree",
     "bpd",
+    "image_bpd",
     "em_fit",
     "adam_fit",
 ]
@@ -125,13 +127,16 @@ def source_pairs(
 def complete_counts(circuit: TreeCircuit, codes: Tensor, images: Tensor, chunk: int = 2048) -> TreeParams:
     """Counts of complete data (as float tensors shaped like :class:`TreeParams`): ``root [K]``,
     ``edges [E, K, K]`` (parent state, child state) and ``leaves [S, L, K]`` (variable, level, its
-    position's code) from ``codes [n, M]`` and ``images [n, S]``."""
+    position's code) from ``codes [n, M]`` and ``images [n, S]`` (levels); Gaussian leaves: their
+    statistics ``[S, 3, K]`` (:func:`~vq2pc.circuit.tree_fit_gaussian.complete_stats`)."""
     t, K, L = circuit.tree, circuit.K, circuit.levels
     codes, v = codes.long().cpu(), _levels(images, L)
     s, e = v.shape[1], t.children.numel()
     root = torch.bincount(codes[:, t.root], minlength=K).float()
     pair = torch.arange(e) * K * K + codes[:, t.parent[t.children]] * K + codes[:, t.children]  # [n, E]
     edges = torch.bincount(pair.reshape(-1), minlength=e * K * K).float().view(e, K, K)
+    if isinstance(circuit, GaussianTreeCircuit):  # leaves: statistics [S, 3, K] (tree_fit_gaussian)
+        return TreeParams(root, edges, gauss.complete_stats(circuit, codes, v))
     leaves = torch.zeros(s * L * K)
     owner = circuit.owner.cpu()
     for i in range(0, v.shape[0], chunk):
@@ -140,15 +145,17 @@ def complete_counts(circuit: TreeCircuit, codes: Tensor, images: Tensor, chunk: 
     return TreeParams(root, edges, leaves.view(s, L, K))
 
 
-def m_step(counts: TreeParams, prior: Smoothing) -> TreeParams:
-    """Normalized log-parameters from (expected) counts plus the pseudo-counts ``prior``."""
+def m_step(counts: TreeParams, prior: Smoothing, std_min: float | None = None) -> TreeParams:
+    """Normalized log-parameters from (expected) counts plus the pseudo-counts ``prior``; with ``std_min``
+    (a Gaussian-leaf tree's) the leaves are Gaussian, from statistics ``[S, 3, K]``."""
     root = counts.root.double() + prior.edge
     edges = counts.edges.double() + prior.edge
-    return TreeParams(
-        (root / root.sum()).log().float(),
-        (edges / edges.sum(2, keepdim=True)).log().float(),
-        _leaf_log_probs(counts.leaves.double(), prior.leaf.to(counts.leaves).double(), prior.bins).float(),
-    )
+    leaf_prior = prior.leaf.to(counts.leaves.device).double()
+    if std_min is None:
+        leaves = _leaf_log_probs(counts.leaves.double(), leaf_prior, prior.bins).float()
+    else:
+        leaves = gauss.gaussian_leaves(counts.leaves, leaf_prior, leaf_prior.shape[1], std_min)
+    return TreeParams((root / root.sum()).log().float(), (edges / edges.sum(2, keepdim=True)).log().float(), leaves)
 
 
 def _leaf_log_probs(counts: Tensor, prior: Tensor, bins: int | None) -> Tensor:
@@ -178,10 +185,12 @@ def distill_tree(
     prior: Smoothing,
     meta: dict[str, Any] | None = None,
     shift: int | tuple[int, int] = 0,
+    std_min: float | None = None,
 ) -> TreeCircuit:
     """Latent variable distillation: the Chow-Liu tree of ``codes [n, M]`` (``M = h·w``, row-major, on the
     grid shifted by ``shift`` pixels: :func:`~vq2pc.circuit.tree_structure.patch_owner`) and the
-    closed-form (smoothed) maximum-likelihood parameters of the complete data ``(codes, images [n, S])``."""
+    closed-form (smoothed) maximum-likelihood parameters of the complete data ``(codes, images [n, S])``.
+    ``std_min`` (a float): Gaussian leaves with that std floor (a :class:`GaussianTreeCircuit`)."""
     codes = codes.reshape(codes.shape[0], -1).long().cpu()
     if codes.shape[1] != latent_hw[0] * latent_hw[1] or codes.shape[0] != images.shape[0]:
         raise ValueError(f"codes {tuple(codes.shape)} do not match {images.shape[0]} images on a {latent_hw} grid")
@@ -191,16 +200,38 @@ def distill_tree(
     info = {"image_shape": list(image_shape), "latent_hw": list(latent_hw), "levels": levels}
     info["shift"] = list(grid_shift(shift))
     info.update(meta or {})
-    info["leaf_bins"] = min(prior.bins or levels, levels)  # read by TreeCircuit.num_params
-    circuit = TreeCircuit(parent, patch_owner(image_shape, latent_hw, shift), K, levels, meta=info)
-    circuit.set_log_params(m_step(complete_counts(circuit, codes, images), prior))
+    owner = patch_owner(image_shape, latent_hw, shift)
+    if std_min is None:
+        info["leaf_bins"] = min(prior.bins or levels, levels)  # read by TreeCircuit.num_params
+        circuit = TreeCircuit(parent, owner, K, levels, meta=info)
+    else:
+        circuit = GaussianTreeCircuit(parent, owner, K, levels, std_min=std_min, meta=info)
+    circuit.set_log_params(m_step(complete_counts(circuit, codes, images), prior, circuit.std_min))
     return circuit
 
 
 def bpd(circuit: TreeCircuit, images: Tensor, batch_size: int = 256) -> float:
-    """Mean bits per variable ``−log2 p(x) / S`` of raw images ``[n, S]`` or ``[n, C, H, W]`` (levels)."""
-    lp = circuit.log_prob(images.reshape(images.shape[0], -1).float(), batch_size=batch_size)
-    return float(-lp.double().mean() / (circuit.num_variables * math.log(2)))
+    """Mean bits per variable of raw images ``[n, S]`` or ``[n, C, H, W]`` (levels): ``−log2 p(x) / S``;
+    Gaussian leaves: on one fixed dequantization draw, ``+ log2 L`` (:func:`image_bpd`)."""
+    return float(image_bpd(circuit, images, batch_size=batch_size).mean())
+
+
+def image_bpd(circuit: TreeCircuit, images: Tensor, draws: int = 1, seed: int = 0, batch_size: int = 256) -> Tensor:
+    """Each image's BPD ``[n]`` (float64) of raw images (levels): ``−log2 P(v) / S`` (categorical leaves),
+    or the mean over ``draws`` uniform dequantization draws of ``−log2 p(x) / S + log2 L`` (Gaussian)."""
+    v = _levels(images, circuit.levels)
+    if not isinstance(circuit, GaussianTreeCircuit):
+        return _bits(circuit, circuit.log_prob(v.float(), batch_size=batch_size).double())
+    parts = [
+        circuit.log_prob(gauss.dequantized(v, circuit.levels, seed, d), batch_size=batch_size) for d in range(draws)
+    ]
+    return _bits(circuit, torch.stack(parts).double()).mean(0)
+
+
+def _bits(circuit: TreeCircuit, log_prob: Tensor) -> Tensor:
+    """Bits per variable of log-likelihoods in nats (plus ``log2 L`` for a density on dequantized pixels)."""
+    offset = math.log2(circuit.levels) if isinstance(circuit, GaussianTreeCircuit) else 0.0
+    return -log_prob / (circuit.num_variables * math.log(2)) + offset
 
 
 @dataclass
@@ -218,15 +249,21 @@ class TreeFitResult:
 
 
 def _expected_counts(circuit: TreeCircuit, v: Tensor, batch_size: int) -> tuple[TreeParams, float]:
-    """E-step over ``v [n, S]`` (long): expected counts and the summed ``log p(x)`` (nats)."""
+    """E-step over ``v [n, S]`` (long levels; Gaussian leaves: dequantized floats): expected counts (leaf
+    statistics for Gaussian leaves) and the summed ``log p(x)`` (nats)."""
     base = TreeParams(*(t.detach() for t in circuit.log_params()))
-    totals = [torch.zeros_like(t) for t in base]
+    gaussian = isinstance(circuit, GaussianTreeCircuit)
+    totals: list[Tensor] | None = None
     loglik = 0.0
     for i in range(0, v.shape[0], batch_size):
         params = TreeParams(*(t.detach().requires_grad_() for t in base))  # fresh leaves, shared storage
-        ll = circuit(v[i : i + batch_size].to(base.root.device), None, params).sum()
-        for total, g in zip(totals, torch.autograd.grad(ll, params)):
-            total += g
+        x = v[i : i + batch_size].to(base.root.device)
+        if gaussian:
+            grads, ll = gauss.expected_stats(circuit, x, params)
+        else:
+            ll = circuit(x, None, params).sum()
+            grads = torch.autograd.grad(ll, params)
+        totals = [g.clone() for g in grads] if totals is None else [t + g for t, g in zip(totals, grads)]
         loglik += float(ll.detach())
     return TreeParams(*totals), loglik
 
@@ -241,26 +278,33 @@ def em_fit(
     batch_size: int = 256,
     max_seconds: float | None = None,
     log: Callable[[dict[str, float]], None] | None = None,
+    seed: int = 0,
 ) -> TreeFitResult:
     """Full-batch MAP-EM on ``train [n, S]`` levels, early-stopped on ``val`` BPD (stops after ``patience``
     iterations without a better one, or past ``max_seconds``); ``circuit`` ends with the best parameters.
-    ``log`` (optional) receives each history row as it is made."""
+    ``log`` (optional) receives each history row as it is made. Gaussian leaves: iteration ``t``'s E-step
+    sees dequantization draw ``t`` of ``seed`` (fresh noise each iteration, the same on a rerun)."""
     if not (isinstance(iterations, int) and iterations >= 0 and isinstance(patience, int) and patience >= 1):
         raise ValueError(f"need iterations >= 0 and patience >= 1, got {iterations}, {patience}")
     if max_seconds is not None and not _positive(max_seconds):
         raise ValueError(f"max_seconds must be a positive number, got {max_seconds!r}")
     v = _levels(train, circuit.levels)
+    gaussian = isinstance(circuit, GaussianTreeCircuit)
+
+    def e_step(it: int) -> tuple[TreeParams, float]:
+        return _expected_counts(circuit, gauss.dequantized(v, circuit.levels, seed, it) if gaussian else v, batch_size)
+
     start, result = time.perf_counter(), TreeFitResult()
     best = TreeParams(*(t.detach().clone() for t in circuit.log_params()))
-    counts, loglik = _expected_counts(circuit, v, batch_size)
+    counts, loglik = e_step(0)
     result.history.append(_record(0, loglik, v, circuit, val, start))
     if log is not None:
         log(result.history[-1])
     for it in range(1, iterations + 1):
         if it - result.best_iteration > patience or (max_seconds and time.perf_counter() - start > max_seconds):
             break
-        circuit.set_log_params(m_step(counts, prior))
-        counts, loglik = _expected_counts(circuit, v, batch_size)
+        circuit.set_log_params(m_step(counts, prior, circuit.std_min))
+        counts, loglik = e_step(it)
         result.history.append(_record(it, loglik, v, circuit, val, start))
         if log is not None:
             log(result.history[-1])
@@ -277,7 +321,9 @@ def adam_fit(
 ) -> TrainResult:
     """The gradient route: Adam on the exact ``−log p(x) / S`` (nats per variable) over the stored logits
     (normalized by ``log_softmax``), by :func:`vq2pc.models.train.fit` (early stopping on ``val``,
-    checkpoint and resume, DDP); plain maximum likelihood, no pseudo-counts."""
+    checkpoint and resume, DDP); plain maximum likelihood, no pseudo-counts. Categorical leaves only."""
+    if isinstance(circuit, GaussianTreeCircuit):
+        raise ValueError("adam_fit fits categorical leaves; fit a Gaussian-leaf tree with em_fit")
     s = circuit.num_variables
 
     def loss_fn(m: torch.nn.Module, batch: tuple[Tensor, ...]) -> Tensor:
@@ -290,7 +336,7 @@ def adam_fit(
 
 def _record(it: int, loglik: float, v: Tensor, circuit: TreeCircuit, val: Tensor, start: float) -> dict[str, float]:
     """One history row: the train BPD of the parameters that produced ``loglik``, their val BPD, wall time."""
-    train_bpd = -loglik / (v.numel() * math.log(2))
+    train_bpd = float(_bits(circuit, torch.tensor(loglik / v.shape[0], dtype=torch.float64)))
     return {
         "iteration": it,
         "train_bpd": train_bpd,

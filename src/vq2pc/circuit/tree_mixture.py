@@ -45,6 +45,8 @@ class TreeMixture(nn.Module, Sampler):
         shapes = {(c.num_variables, c.levels) for c in components}
         if len(shapes) != 1:
             raise ValueError(f"components must share the variables and levels (S, L); got {sorted(shapes)}")
+        if len({c.std_min is None for c in components}) != 1:
+            raise ValueError("components must share the leaf kind: categorical and Gaussian-leaf trees do not mix")
         self.components = nn.ModuleList(components)
         weights = torch.zeros(len(components)) if log_weights is None else torch.as_tensor(log_weights)
         weights = weights if weights.is_floating_point() else weights.float()

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from vq2pc.circuit.tree import TreeCircuit
-from vq2pc.circuit.tree_fit import SOURCES, bpd, distill_tree, em_fit, smoothing, source_pairs
+from vq2pc.circuit.tree_fit import SOURCES, bpd, distill_tree, em_fit, image_bpd, smoothing, source_pairs
 from vq2pc.circuit.tree_kmeans import kmeans_pairs
 from vq2pc.circuit.tree_mixture import TreeMixture, fit_weights
 from vq2pc.circuit.tree_structure import grid_shift
@@ -36,7 +36,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "samples, or k-means codes of each patch (no VQ-VAE needed) — make the data complete; a Chow-Liu tree over "
         "the latent positions and categorical leaves for each patch are counted in closed form, then fine-tuned by EM on "
         "the training images, early-stopped on validation BPD. The result is an exact circuit over all K^{HW} latent "
-        "grids (vq2pc.TreeCircuit).",
+        "grids (vq2pc.TreeCircuit). With --leaf gaussian the leaves are Gaussians on dequantized pixels: its BPDs are "
+        "continuous (the paper's metric, test over 3 dequantization draws) and the report adds the exact discrete "
+        "BPD of its discretized twin.",
     )
     p.add_argument("run", nargs="?", help="folder with vqvae.pt (and prior*.pt for --source prior / mixed)")
     data_options(p)
@@ -64,11 +66,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--leaf-bins", type=int, default=0, help="tied leaves: level bins per state, the split inside a bin per "
         "pixel (0: one categorical per pixel and state)",
     )  # fmt: skip
+    p.add_argument("--leaf", choices=("categorical", "gaussian"), default="categorical", help="pixel leaves")
+    p.add_argument("--std-min", type=float, default=1e-3, help="std floor of Gaussian leaves (pixels scaled to [0, 1))")
     p.add_argument("--iterations", type=int, default=10, help="maximum EM iterations (0: the distilled circuit)")
     p.add_argument("--patience", type=int, default=1, help="EM iterations without a better validation BPD")
     p.add_argument("--batch-size", type=int, default=512, help="rows per E-step batch")
     out_option(p, "tree circuit file to write (.safetensors)", required=True)
     p.set_defaults(func=cmd_distill_tree)
+    _register_mix(subparsers)
+
+
+def _register_mix(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``mix-trees`` verb."""
     m = add_parser(
         subparsers,
         "mix-trees",
@@ -119,29 +128,37 @@ def cmd_distill_tree(a: argparse.Namespace) -> int:
     a.shift = grid_shift(a.shift)
     if any(a.shift) and a.source != "kmeans":
         raise ValueError("--shift needs --source kmeans (a VQ-VAE's codes keep the VQ-VAE's own grid)")
+    gaussian = a.leaf == "gaussian"
+    if gaussian and (a.leaf_bins or not 0 < a.std_min < 1):
+        raise ValueError(f"--leaf gaussian needs --leaf-bins 0 and --std-min in (0, 1), got {a.leaf_bins}, {a.std_min}")
     splits = load_dataset(a.dataset, a.data_dir, seed=a.seed, limit=a.limit)
     start = time.perf_counter()
     codes, images, K, grid = _pairs(a, splits)
     smooth = smoothing(splits.train_x, splits.levels, a.alpha_leaf, a.alpha_edge, a.leaf_bins or None)
     meta = {"source": a.source, "dataset": splits.name}
-    c = distill_tree(codes, images, K, splits.levels, splits.image_shape, grid, smooth, meta, a.shift).to(a.device)
+    std_min = a.std_min if gaussian else None
+    c = distill_tree(codes, images, K, splits.levels, splits.image_shape, grid, smooth, meta, a.shift, std_min)
+    c = c.to(a.device)
     val_init = bpd(c, splits.val_x)
-    fitted = em_fit(c, splits.train_x, splits.val_x, smooth, a.iterations, a.patience, a.batch_size)
+    fitted = em_fit(c, splits.train_x, splits.val_x, smooth, a.iterations, a.patience, a.batch_size, seed=a.seed)
     path = c.save(a.out)
     report = {
         "out": str(path),
+        "leaf": a.leaf,
         "source": a.source,
         "K": c.K,
         "grid": list(grid),
-        "leaf_bins": a.leaf_bins or splits.levels,
+        "leaf_bins": None if gaussian else a.leaf_bins or splits.levels,
         "params": c.num_params,
         "val_bpd_distilled": val_init,
         "val_bpd": fitted.best_val_bpd,
-        "test_bpd": bpd(c, splits.test_x),
+        "test_bpd": float(image_bpd(c, splits.test_x, draws=3 if gaussian else 1).mean()),
         "em_iterations": len(fitted.history) - 1,
         "best_iteration": fitted.best_iteration,
         "seconds": round(time.perf_counter() - start, 2),
     }
+    if gaussian:
+        report["test_bpd_discrete"] = bpd(c.discretized(), splits.test_x)
     print(json.dumps(report))
     return 0
 
@@ -156,6 +173,9 @@ def cmd_mix_trees(a: argparse.Namespace) -> int:
         raise ValueError(f"--val-limit must be >= 1, got {a.val_limit}")
     splits = load_dataset(a.dataset, a.data_dir, seed=a.seed, limit=a.limit)
     trees = [TreeCircuit.load(path, a.device) for path in a.trees]
+    for path, tree in zip(a.trees, trees):
+        if tree.std_min is not None:
+            raise ValueError(f"{path}: mix-trees mixes categorical-leaf trees; this one has Gaussian leaves")
     mix = TreeMixture(trees).to(a.device)  # refuses trees of different shapes
     S, L = math.prod(splits.image_shape), splits.levels
     if (mix.num_variables, mix.levels) != (S, L):
