@@ -89,6 +89,7 @@ def _args() -> argparse.Namespace:
     )
     p.add_argument("--leaf", choices=("categorical", "gaussian"), default="categorical", help="pixel leaves")
     p.add_argument("--std-min", type=float, default=1e-3, help="std floor of Gaussian leaves (pixels in [0, 1))")
+    p.add_argument("--leaf-floor", type=float, default=0.0, help="uniform share mixed into each Gaussian leaf")
     p.add_argument("--em-iterations", type=int, default=10)
     p.add_argument("--patience", type=int, default=1)
     p.add_argument("--max-seconds", type=float, default=None, help="EM time cap")
@@ -198,6 +199,7 @@ def main() -> None:
         {"source": a.source},
         grid_shift(a.shift),
         a.std_min if gaussian else None,
+        a.leaf_floor,
     )
     alpha, bins = _pick_alpha(a, c, (codes, images), val, prior)
     if not gaussian:
@@ -210,7 +212,11 @@ def main() -> None:
     test_bpd = image_bpd(c, test, draws=3 if gaussian else 1)
     if a.per_image:
         save_per_image(a.per_image, test_bpd)
-    extra = {"std_min": a.std_min, "test_bpd_discrete": round(bpd(c.discretized(), test), 4)} if gaussian else {}
+    extra = (
+        {"std_min": a.std_min, "leaf_floor": a.leaf_floor, "test_bpd_discrete": round(bpd(c.discretized(), test), 4)}
+        if gaussian
+        else {}
+    )
     row = {
         "leaf": a.leaf, "source": a.source, "context": a.context, "context_weight": a.context_weight, "shift": list(grid_shift(a.shift)), "K": K, "grid": list(grid), "n_train": len(train), "n_pairs": len(codes),
         "n_val": len(val), "n_test": len(test), "seed": a.seed, "data_seed": a.data_seed, "alpha_leaf": alpha, "leaf_bins": bins, "alpha_edge": a.alpha_edge,

@@ -55,7 +55,7 @@ _EXPORTS = {
     "MixtureCircuit": "vq2pc.circuit.mixture",
     "ExactModel": "vq2pc.circuit.exact",
     "TreeCircuit": "vq2pc.circuit.tree",
-    "GaussianTreeCircuit": "vq2pc.circuit.tree",
+    "GaussianTreeCircuit": "vq2pc.circuit.tree_gaussian",
     "TreeMixture": "vq2pc.circuit.tree_mixture",
     "distill_tree": "vq2pc.circuit.tree_fit",
     "FineTuneConfig": "vq2pc.circuit.finetune_config",

@@ -12,8 +12,9 @@ import torch
 from helpers import tree_latent_grids
 
 from vq2pc.circuit import tree_fit_gaussian as gauss
-from vq2pc.circuit.tree import GaussianTreeCircuit, TreeCircuit
+from vq2pc.circuit.tree import TreeCircuit
 from vq2pc.circuit.tree_fit import bpd, distill_tree, em_fit, image_bpd, m_step, smoothing
+from vq2pc.circuit.tree_gaussian import GaussianTreeCircuit
 from vq2pc.circuit.tree_io import TreeParams
 from vq2pc.core.leaves import Gaussian
 
@@ -21,9 +22,9 @@ PARENT = torch.tensor([1, -1, 1, 2])  # 4 positions, depth 2, rooted at 1
 OWNER = torch.tensor([0, 0, 1, 2, 2, 3])  # patches of 2, 1, 2 and 1 variables
 
 
-def _circuit(K: int = 2, L: int = 4, seed: int = 0) -> GaussianTreeCircuit:
+def _circuit(K: int = 2, L: int = 4, seed: int = 0, floor: float = 0.0) -> GaussianTreeCircuit:
     torch.manual_seed(seed)
-    c = GaussianTreeCircuit(PARENT, OWNER, K, L, std_min=1e-3).double()
+    c = GaussianTreeCircuit(PARENT, OWNER, K, L, std_min=1e-3, floor=floor).double()
     with torch.no_grad():
         c.root_logits.normal_(0, 1.5)
         c.edge_logits.normal_(0, 1.5)
@@ -38,13 +39,16 @@ def _brute_joint(c: GaussianTreeCircuit, x: torch.Tensor, mask: torch.Tensor | N
     leaves = c.log_params().leaves.detach()
     rows, states = torch.arange(c.num_variables), zs[:, c.owner]  # [S], [G, S]
     leaf = Gaussian(leaves[:, 0][rows, states], leaves[:, 1].exp()[rows, states]).log_prob(x[:, None, :])  # [B,G,S]
+    if c.floor:  # every x here lies in [0, 1]: the uniform density is 1
+        leaf = torch.logaddexp(leaf + math.log1p(-c.floor), torch.tensor(math.log(c.floor), dtype=leaf.dtype))
     if mask is not None:
         leaf = leaf * mask
     return lp + leaf.sum(-1)
 
 
-def test_log_prob_and_marginals_equal_enumeration_over_latent_grids() -> None:
-    c = _circuit()
+@pytest.mark.parametrize("floor", [0.0, 0.05])
+def test_log_prob_and_marginals_equal_enumeration_over_latent_grids(floor: float) -> None:
+    c = _circuit(floor=floor)
     x = torch.rand(7, 6, dtype=torch.float64)
     assert torch.allclose(c.log_prob(x), torch.logsumexp(_brute_joint(c, x), 1), atol=1e-10)
     mask = torch.tensor([True, False, True, True, False, False])
@@ -53,8 +57,9 @@ def test_log_prob_and_marginals_equal_enumeration_over_latent_grids() -> None:
     assert torch.allclose(c.log_prob(hidden_garbage, mask), brute, atol=1e-10)
 
 
-def test_discretized_twin_is_normalized_and_bins_each_gaussian() -> None:
-    c = _circuit(K=2, L=3, seed=1)
+@pytest.mark.parametrize("floor", [0.0, 0.05])
+def test_discretized_twin_is_normalized_and_bins_each_gaussian(floor: float) -> None:
+    c = _circuit(K=2, L=3, seed=1, floor=floor)
     twin = c.discretized()
     images = torch.tensor(list(itertools.product(range(3), repeat=6)), dtype=torch.float64)  # all 729
     assert isinstance(twin, TreeCircuit) and not isinstance(twin, GaussianTreeCircuit)
@@ -63,12 +68,13 @@ def test_discretized_twin_is_normalized_and_bins_each_gaussian() -> None:
     mean, log_std = c.log_params().leaves.detach().unbind(1)
     d = torch.distributions.Normal(mean, log_std.exp())
     edges = torch.tensor([-math.inf, 1 / 3, 2 / 3, math.inf], dtype=torch.float64)[:, None, None]
-    mass = (d.cdf(edges[1:]) - d.cdf(edges[:-1])).permute(1, 0, 2)  # [S, L, K]
+    mass = (1 - floor) * (d.cdf(edges[1:]) - d.cdf(edges[:-1])).permute(1, 0, 2) + floor / 3  # [S, L, K]
     assert torch.allclose(twin.log_params().leaves.exp(), mass, atol=1e-9)
 
 
-def test_expected_statistics_equal_brute_force_posteriors() -> None:
-    c = _circuit(seed=2)
+@pytest.mark.parametrize("floor", [0.0, 0.05])
+def test_expected_statistics_equal_brute_force_posteriors(floor: float) -> None:
+    c = _circuit(seed=2, floor=floor)
     x = torch.rand(5, 6, dtype=torch.float64)
     params = TreeParams(*(t.detach().requires_grad_() for t in c.log_params()))
     grads, loglik = gauss.expected_stats(c, x, params)
@@ -76,6 +82,8 @@ def test_expected_statistics_equal_brute_force_posteriors() -> None:
     post = (joint - torch.logsumexp(joint, 1, keepdim=True)).exp()
     zs = torch.tensor(list(itertools.product(range(c.K), repeat=4)))
     q = torch.einsum("bg,gsk->bsk", post, torch.nn.functional.one_hot(zs[:, c.owner], c.K).double())  # [B, S, K]
+    g = c.gaussian_log_terms(x, c.log_params().leaves.detach())  # the Gaussian's share of each floored leaf
+    q = q * (g + math.log1p(-floor) - c.floored(g, x)).exp()
     want = torch.stack((q.sum(0), torch.einsum("bsk,bs->sk", q, x), torch.einsum("bsk,bs->sk", q, x * x)), 1)
     assert torch.allclose(grads.leaves, want, atol=1e-10)
     assert torch.allclose(grads.root, torch.einsum("bg,gk->k", post, torch.nn.functional.one_hot(zs[:, 1], 2).double()))
@@ -139,11 +147,12 @@ def test_em_statistics_give_the_closed_form_m_step_at_a_fixed_draw() -> None:
     assert float(c.log_prob(x).sum()) > before  # one EM step on fixed data raises its likelihood
 
 
-def test_save_load_round_trip_and_samples(tmp_path: Path) -> None:
-    c = _circuit(seed=3).float()
+@pytest.mark.parametrize("floor", [0.0, 0.2])
+def test_save_load_round_trip_and_samples(tmp_path: Path, floor: float) -> None:
+    c = _circuit(seed=3, floor=floor).float()
     path = c.save(tmp_path / "g.safetensors")
     back = TreeCircuit.load(path)
-    assert isinstance(back, GaussianTreeCircuit) and back.std_min == c.std_min and back.levels == c.levels
+    assert isinstance(back, GaussianTreeCircuit) and (back.std_min, back.floor, back.levels) == (c.std_min, floor, 4)
     x = torch.rand(4, 6)
     assert torch.allclose(back.log_prob(x), c.log_prob(x))
     g = torch.Generator().manual_seed(0)
@@ -158,7 +167,7 @@ def test_save_load_round_trip_and_samples(tmp_path: Path) -> None:
 
 def test_bad_input_gets_one_clear_error() -> None:
     c = _circuit()
-    with pytest.raises(ValueError, match="std_min"):
+    with pytest.raises(ValueError, match="std_min in"):
         GaussianTreeCircuit(PARENT, OWNER, 2, 4, std_min=0.0)
     with pytest.raises(ValueError, match="NaN or inf"):
         c.log_prob(torch.full((1, 6), float("nan"), dtype=torch.float64))

@@ -6,7 +6,8 @@ May import: :mod:`vq2pc.core`, :mod:`vq2pc.data`, :mod:`vq2pc.models`, :mod:`vq2
 """
 
 from vq2pc.circuit.mixture import MixtureCircuit
-from vq2pc.circuit.tree import GaussianTreeCircuit, TreeCircuit
+from vq2pc.circuit.tree import TreeCircuit
+from vq2pc.circuit.tree_gaussian import GaussianTreeCircuit
 from vq2pc.circuit.tree_mixture import TreeMixture
 
 __all__ = ["MixtureCircuit", "TreeCircuit", "GaussianTreeCircuit", "TreeMixture"]

@@ -21,14 +21,12 @@ Parameters (``nn.Parameter`` log-probabilities, normalized by ``log_softmax`` wh
 parent state) and ``leaves [S, L, K]`` (``log θ_{i, l, k}``, normalized over ``l``). Built by latent
 variable distillation and fitted by :mod:`vq2pc.circuit.tree_fit`; files by :mod:`vq2pc.circuit.tree_io`.
 
-:class:`GaussianTreeCircuit` is the same tree with Gaussian leaves ``N(x_i; μ_{i,k}, σ_{i,k}²)`` on
-dequantized pixels (``leaves [S, 2, K]`` = ``(μ, log σ)``; per-variable terms summed into patches by
-``index_add``); its :meth:`~GaussianTreeCircuit.discretized` twin is a categorical ``TreeCircuit``.
+:class:`~vq2pc.circuit.tree_gaussian.GaussianTreeCircuit` is the same tree with Gaussian leaves; a file's
+``meta["leaf"]`` names its class in :data:`LEAF_CLASSES`.
 """
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -41,11 +39,9 @@ from vq2pc.circuit.tree_io import TreeFile, TreeParams, read_tree, write_tree
 from vq2pc.circuit.tree_structure import LatentTree
 from vq2pc.core import validate
 from vq2pc.core.checkpoint import CheckpointError
-from vq2pc.core.discretized import level_log_prob
-from vq2pc.core.leaves import LOG_2PI
-from vq2pc.core.random import categorical, normal
+from vq2pc.core.random import categorical
 
-__all__ = ["TreeCircuit", "GaussianTreeCircuit", "TreeParams"]
+__all__ = ["TreeCircuit", "TreeParams", "LEAF_CLASSES", "detached"]
 
 
 class TreeCircuit(nn.Module, Sampler):
@@ -198,7 +194,7 @@ class TreeCircuit(nn.Module, Sampler):
     def posterior(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """``p(z_j = k | x_obs)`` ``[B, M, K]``: the exact posterior marginal of every latent."""
         x, w = self.prepare(x, mask)
-        return self._posterior(x, w, _detached(self.log_params()))
+        return self._posterior(x, w, detached(self.log_params()))
 
     def _posterior(self, x: Tensor, w: Tensor | None, params: TreeParams) -> Tensor:
         with torch.enable_grad():
@@ -210,7 +206,7 @@ class TreeCircuit(nn.Module, Sampler):
     def conditional_mean(self, x: Tensor, mask: Tensor) -> Tensor:
         """``E[x_i | x_obs]`` ``[B, S]`` for unobserved variables; observed ones keep their values."""
         xl, w = self.prepare(x, mask)
-        params = _detached(self.log_params())
+        params = detached(self.log_params())
         q = self._posterior(xl, w, params)  # [B, M, K]
         cond = (q[:, self.owner] * self._leaf_means(params.leaves)).sum(-1)
         return torch.where(w.bool(), xl.to(cond.dtype), cond) if w is not None else xl.to(cond.dtype)
@@ -226,7 +222,7 @@ class TreeCircuit(nn.Module, Sampler):
     def _draw(self, n: int, generator: torch.Generator | None) -> Tensor:
         """``[n, S]`` (float levels): top-down ancestral sampling of ``z``, then every variable from its patch's
         leaf."""
-        params = _detached(self.log_params())
+        params = detached(self.log_params())
         up = torch.zeros(n, self.tree.num_nodes, self.K, device=self.owner.device, dtype=params.root.dtype)
         return self._draw_from(up, params, generator)
 
@@ -234,7 +230,7 @@ class TreeCircuit(nn.Module, Sampler):
     def _draw_given(self, x: Tensor, mask: Tensor | None, generator: torch.Generator | None) -> Tensor:
         """``[B, S]`` (float levels) given the prepared levels ``x`` and weights ``mask``: top-down sampling of
         ``z`` from ``p(z | x_obs)``, then every variable from its patch's leaf."""
-        params = _detached(self.log_params())
+        params = detached(self.log_params())
         up = self.upward(self.leaf_log_likelihoods(x, mask, params.leaves), params, with_up=True)[1]
         return self._draw_from(up, params, generator)
 
@@ -262,23 +258,25 @@ class TreeCircuit(nn.Module, Sampler):
     # --- files ---------------------------------------------------------------------------------------
     def to_file(self) -> TreeFile:
         """The structure, parameters and meta as a :class:`~vq2pc.circuit.tree_io.TreeFile`."""
-        return TreeFile(self.tree.parent, self.owner, _detached(self.log_params()), self.meta)
+        return TreeFile(self.tree.parent, self.owner, detached(self.log_params()), self.meta)
 
     @classmethod
     def from_file(cls, f: TreeFile) -> TreeCircuit:
         """A circuit on the CPU from a :class:`~vq2pc.circuit.tree_io.TreeFile` (ValueError if inconsistent)."""
         try:
-            if f.meta.get("leaf") == "gaussian":
-                std_min, levels = float(f.meta["std_min"]), int(f.meta["levels"])
-                circuit = GaussianTreeCircuit(f.parent, f.owner, int(f.params.root.numel()), levels, std_min=std_min)
-                circuit.meta = dict(f.meta)
-            else:
-                levels = int(f.params.leaves.shape[1])
-                circuit = TreeCircuit(f.parent, f.owner, int(f.params.root.numel()), levels, meta=f.meta)
+            kind = f.meta.get("leaf", "categorical")
+            if kind not in LEAF_CLASSES:
+                raise ValueError(f"unknown leaf kind {kind!r} (known: {sorted(LEAF_CLASSES)})")
+            circuit = LEAF_CLASSES[kind].from_meta(f.parent, f.owner, int(f.params.root.numel()), f)
         except (IndexError, KeyError, TypeError) as exc:
             raise ValueError(f"{type(exc).__name__}: {exc}") from None
         circuit.set_log_params(f.params)
         return circuit
+
+    @classmethod
+    def from_meta(cls, parent: Tensor, owner: Tensor, K: int, f: TreeFile) -> TreeCircuit:
+        """An empty circuit of the shape a file describes (its leaf settings read from ``f.meta``)."""
+        return cls(parent, owner, K, int(f.params.leaves.shape[1]), meta=f.meta)
 
     def save(self, path: str | Path) -> Path:
         """Write one ``.safetensors`` file (:mod:`vq2pc.circuit.tree_io`), atomically."""
@@ -298,88 +296,9 @@ class TreeCircuit(nn.Module, Sampler):
         return f"M={self.tree.num_nodes}, K={self.K}, S={self.num_variables}, L={self.levels}"
 
 
-class GaussianTreeCircuit(TreeCircuit):
-    """A tree circuit with Gaussian leaves on dequantized pixels ``x ∈ [0, 1)`` (``(v + u) / L``):
-    ``p(x_i | z_owner(i) = k) = N(x_i; μ_{i,k}, σ_{i,k}²)``, ``σ ≥ std_min``. The leaf table
-    ``leaves [S, 2, K]`` holds ``(μ, log σ)``; everything above the leaves is :class:`TreeCircuit`'s.
-    :meth:`discretized` is the exact discrete twin (each Gaussian binned over the ``L`` levels, open end bins).
-    """
-
-    def __init__(
-        self,
-        parent: Tensor,
-        owner: Tensor,
-        K: int,
-        levels: int,
-        *,
-        std_min: float = 1e-3,
-        meta: dict[str, Any] | None = None,
-    ) -> None:
-        if not 0 < std_min < 1:
-            raise ValueError(f"std_min must lie in (0, 1), got {std_min!r}")
-        super().__init__(parent, owner, K, levels, meta={**(meta or {}), "leaf": "gaussian", "std_min": std_min})
-        self.std_min = float(std_min)
-        self.meta["levels"] = self.levels
-        self.register_buffer("slot", self.tree.inverse[self.owner])  # [S] each variable's patch in level order
-        with torch.no_grad():
-            self.leaf_logits[:, 0] = 0.5
-
-    def _leaf_rows(self) -> int:
-        return 2
-
-    @property
-    def num_params(self) -> int:
-        k, m = self.K, self.tree.num_nodes
-        return (k - 1) + (m - 1) * k * (k - 1) + 2 * self.num_variables * k
-
-    def _leaf_params(self) -> Tensor:
-        mean, log_std = self.leaf_logits.unbind(1)
-        return torch.stack((mean, log_std.clamp_min(math.log(self.std_min))), 1)
-
-    def _check_data(self, x: Tensor, name: str) -> None:
-        validate.check_finite(name, x)
-
-    def _data(self, x: Tensor) -> Tensor:
-        return x.to(self.leaf_logits.dtype)
-
-    def variable_log_likelihoods(self, x: Tensor, leaves: Tensor) -> Tensor:
-        """``log N(x_i; μ_{i,k}, σ_{i,k}²)`` ``[B, S, K]`` of ``x [B, S]``."""
-        mean, log_std = leaves.unbind(1)  # [S, K] each
-        z = (x[:, :, None] - mean) * torch.exp(-log_std)
-        return -0.5 * z * z - log_std - 0.5 * LOG_2PI
-
-    def patch_sums(self, ll: Tensor, weights: Tensor | None) -> Tensor:
-        """Per-variable terms ``ll [B, S, K]`` (times ``weights [B, S]``) summed over each patch ->
-        ``[B, M, K]`` in level order."""
-        if weights is not None:
-            ll = ll * weights[:, :, None]
-        return ll.new_zeros(ll.shape[0], self.tree.num_nodes, self.K).index_add_(1, self.slot, ll)
-
-    def leaf_log_likelihoods(self, x: Tensor, weights: Tensor | None, leaves: Tensor) -> Tensor:
-        return self.patch_sums(self.variable_log_likelihoods(x, leaves), weights)
-
-    def _leaf_means(self, leaves: Tensor) -> Tensor:
-        return leaves[:, 0]
-
-    def _draw_leaves(self, states: Tensor, leaves: Tensor, generator: torch.Generator | None) -> Tensor:
-        rows = torch.arange(self.num_variables, device=states.device)
-        mean, std = leaves[:, 0][rows, states], leaves[:, 1].exp()[rows, states]  # [B, S]
-        return mean + std * normal(tuple(mean.shape), generator, mean.device, mean.dtype)
-
-    @torch.no_grad()
-    def discretized(self) -> TreeCircuit:
-        """The exact categorical twin over ``L`` levels: ``P(v_i | k) = Φ((v+1)/L; μ, σ) − Φ(v/L; μ, σ)``
-        with open end bins (never a higher BPD than the dequantized one: Jensen). Same tree and latents."""
-        p = _detached(self.log_params())
-        mean, log_std = p.leaves.unbind(1)
-        v = torch.arange(self.levels, device=mean.device, dtype=mean.dtype)[:, None, None]  # [L, 1, 1]
-        table = level_log_prob(v, mean, log_std.exp(), self.levels, "gaussian").permute(1, 0, 2)  # [S, L, K]
-        meta = {k: val for k, val in self.meta.items() if k not in ("leaf", "std_min")}
-        twin = TreeCircuit(self.tree.parent, self.owner, self.K, self.levels, meta={**meta, "twin_of": "gaussian"})
-        twin = twin.to(device=mean.device, dtype=mean.dtype)
-        twin.set_log_params(TreeParams(p.root, p.edges, table.contiguous()))
-        return twin
-
-
-def _detached(params: TreeParams) -> TreeParams:
+def detached(params: TreeParams) -> TreeParams:
+    """``params`` without their autograd history."""
     return TreeParams(*(t.detach() for t in params))
+
+
+LEAF_CLASSES: dict[str, type[TreeCircuit]] = {"categorical": TreeCircuit}  # meta["leaf"] -> class (files)

@@ -25,7 +25,8 @@ import torch
 from torch import Tensor
 
 from vq2pc.circuit import tree_fit_gaussian as gauss
-from vq2pc.circuit.tree import GaussianTreeCircuit, TreeCircuit
+from vq2pc.circuit.tree import TreeCircuit
+from vq2pc.circuit.tree_gaussian import GaussianTreeCircuit
 from vq2pc.circuit.tree_io import TreeParams
 from vq2pc.circuit.tree_structure import chow_liu, grid_shift, mutual_information, patch_owner
 from vq2pc.core import validate
@@ -186,11 +187,13 @@ def distill_tree(
     meta: dict[str, Any] | None = None,
     shift: int | tuple[int, int] = 0,
     std_min: float | None = None,
+    floor: float = 0.0,
 ) -> TreeCircuit:
     """Latent variable distillation: the Chow-Liu tree of ``codes [n, M]`` (``M = h·w``, row-major, on the
     grid shifted by ``shift`` pixels: :func:`~vq2pc.circuit.tree_structure.patch_owner`) and the
     closed-form (smoothed) maximum-likelihood parameters of the complete data ``(codes, images [n, S])``.
-    ``std_min`` (a float): Gaussian leaves with that std floor (a :class:`GaussianTreeCircuit`)."""
+    ``std_min`` (a float): Gaussian leaves with that std floor and a uniform ``floor`` mixed in (a
+    :class:`~vq2pc.circuit.tree_gaussian.GaussianTreeCircuit`)."""
     codes = codes.reshape(codes.shape[0], -1).long().cpu()
     if codes.shape[1] != latent_hw[0] * latent_hw[1] or codes.shape[0] != images.shape[0]:
         raise ValueError(f"codes {tuple(codes.shape)} do not match {images.shape[0]} images on a {latent_hw} grid")
@@ -205,7 +208,7 @@ def distill_tree(
         info["leaf_bins"] = min(prior.bins or levels, levels)  # read by TreeCircuit.num_params
         circuit = TreeCircuit(parent, owner, K, levels, meta=info)
     else:
-        circuit = GaussianTreeCircuit(parent, owner, K, levels, std_min=std_min, meta=info)
+        circuit = GaussianTreeCircuit(parent, owner, K, levels, std_min=std_min, floor=floor, meta=info)
     circuit.set_log_params(m_step(complete_counts(circuit, codes, images), prior, circuit.std_min))
     return circuit
 

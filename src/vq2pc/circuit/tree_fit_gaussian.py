@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from vq2pc.circuit.tree import GaussianTreeCircuit
+from vq2pc.circuit.tree_gaussian import GaussianTreeCircuit
 from vq2pc.circuit.tree_io import TreeParams
 from vq2pc.core.random import step_seed, uniform
 
@@ -54,10 +54,11 @@ def gaussian_leaves(stats: Tensor, prior: Tensor, levels: int, std_min: float) -
 def expected_stats(circuit: GaussianTreeCircuit, x: Tensor, params: TreeParams) -> tuple[TreeParams, Tensor]:
     """E-step on one batch ``x [B, S]`` (dequantized): gradients of ``Σ log p(x)`` with respect to
     ``params`` (``root``, ``edges`` with ``requires_grad``) as the counts, the leaf statistics ``[S, 3, K]``
-    (float64) in ``leaves``, and ``Σ log p(x)`` (a 0-d tensor)."""
-    ll = circuit.variable_log_likelihoods(x, params.leaves.detach()).requires_grad_()
-    loglik = circuit.upward(circuit.patch_sums(ll, None), params)[0].sum()
-    g_root, g_edges, q = torch.autograd.grad(loglik, (params.root, params.edges, ll))  # q [B, S, K]
+    (float64) in ``leaves``, and ``Σ log p(x)`` (a 0-d tensor). ``q``, the gradient with respect to the Gaussian
+    terms, is each pixel's posterior over its state times (with a floor) the Gaussian's share of the leaf."""
+    g = circuit.gaussian_log_terms(x, params.leaves.detach()).requires_grad_()
+    loglik = circuit.upward(circuit.patch_sums(circuit.floored(g, x), None), params)[0].sum()
+    g_root, g_edges, q = torch.autograd.grad(loglik, (params.root, params.edges, g))  # q [B, S, K]
     stats = torch.stack((q.sum(0), torch.einsum("bsk,bs->sk", q, x), torch.einsum("bsk,bs->sk", q, x * x)), 1)
     return TreeParams(g_root, g_edges, stats.double()), loglik.detach()
 

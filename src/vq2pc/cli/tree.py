@@ -68,6 +68,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     p.add_argument("--leaf", choices=("categorical", "gaussian"), default="categorical", help="pixel leaves")
     p.add_argument("--std-min", type=float, default=1e-3, help="std floor of Gaussian leaves (pixels scaled to [0, 1))")
+    p.add_argument(
+        "--leaf-floor", type=float, default=0.0, help="share of a uniform density mixed into each Gaussian leaf "
+        "(caps the cost of a pixel no state expects)",
+    )  # fmt: skip
     p.add_argument("--iterations", type=int, default=10, help="maximum EM iterations (0: the distilled circuit)")
     p.add_argument("--patience", type=int, default=1, help="EM iterations without a better validation BPD")
     p.add_argument("--batch-size", type=int, default=512, help="rows per E-step batch")
@@ -129,15 +133,20 @@ def cmd_distill_tree(a: argparse.Namespace) -> int:
     if any(a.shift) and a.source != "kmeans":
         raise ValueError("--shift needs --source kmeans (a VQ-VAE's codes keep the VQ-VAE's own grid)")
     gaussian = a.leaf == "gaussian"
-    if gaussian and (a.leaf_bins or not 0 < a.std_min < 1):
-        raise ValueError(f"--leaf gaussian needs --leaf-bins 0 and --std-min in (0, 1), got {a.leaf_bins}, {a.std_min}")
+    if gaussian and (a.leaf_bins or not 0 < a.std_min < 1 or not 0 <= a.leaf_floor < 1):
+        raise ValueError(
+            f"--leaf gaussian needs --leaf-bins 0, --std-min in (0, 1) and --leaf-floor in [0, 1), got "
+            f"{a.leaf_bins}, {a.std_min}, {a.leaf_floor}"
+        )
     splits = load_dataset(a.dataset, a.data_dir, seed=a.seed, limit=a.limit)
     start = time.perf_counter()
     codes, images, K, grid = _pairs(a, splits)
     smooth = smoothing(splits.train_x, splits.levels, a.alpha_leaf, a.alpha_edge, a.leaf_bins or None)
     meta = {"source": a.source, "dataset": splits.name}
     std_min = a.std_min if gaussian else None
-    c = distill_tree(codes, images, K, splits.levels, splits.image_shape, grid, smooth, meta, a.shift, std_min)
+    c = distill_tree(
+        codes, images, K, splits.levels, splits.image_shape, grid, smooth, meta, a.shift, std_min, a.leaf_floor
+    )
     c = c.to(a.device)
     val_init = bpd(c, splits.val_x)
     fitted = em_fit(c, splits.train_x, splits.val_x, smooth, a.iterations, a.patience, a.batch_size, seed=a.seed)
