@@ -166,6 +166,15 @@ def test_mnist_tree_circuit_prints_its_line(fit: str) -> None:
     assert line["K"] == 4 and line["grid"] == [2, 2] and line["val_bpd"] <= line["val_bpd_init"] + 1e-9
 
 
+def test_mnist_tree_circuit_with_gaussian_leaves_prints_its_discrete_twin() -> None:
+    args = ["--dataset", "digits", "--source", "kmeans", "--K", "4", "--grid", "2", "2", "--leaf", "gaussian"]
+    sizes = ["--train-limit", "100", "--val-limit", "50", "--test-limit", "50", "--em-iterations", "2"]
+    out = _benchmark("mnist_tree_circuit.py", *args, *sizes, "--alpha-leaf", "1e-6", "--leaf-floor", "0.001")
+    (line,) = [json.loads(s) for s in out.stdout.splitlines()]
+    assert line["leaf"] == "gaussian" and line["leaf_floor"] == 0.001 and line["params"] == 3 + 3 * 4 * 3 + 2 * 64 * 4
+    assert line["test_bpd_discrete"] <= line["test_bpd"]  # binning a density never costs bits (Jensen)
+
+
 @pytest.mark.slow
 def test_tree_seeds_their_mixture_and_paired_differences(tmp_path: Path) -> None:
     base = ["--dataset", "digits", "--source", "kmeans", "--K", "4", "--grid", "4", "4", "--context", "1"]
