@@ -266,7 +266,11 @@ def _expected_counts(circuit: TreeCircuit, v: Tensor, batch_size: int) -> tuple[
         else:
             ll = circuit(x, None, params).sum()
             grads = torch.autograd.grad(ll, params)
-        totals = [g.clone() for g in grads] if totals is None else [t + g for t, g in zip(totals, grads)]
+        if totals is None:
+            totals = [g.clone() for g in grads]
+        else:
+            for total, g in zip(totals, grads):
+                total += g  # in place: a categorical leaf table is S·L·K
         loglik += float(ll.detach())
     return TreeParams(*totals), loglik
 
