@@ -57,6 +57,8 @@ class TreeCircuit(nn.Module, Sampler):
     ``[B, C, H, W]`` integer levels; masks are bool of the same shape (or ``[S]``), True = observed.
     """
 
+    std_min: float | None = None  # None: categorical leaves (a Gaussian-leaf tree's std floor otherwise)
+
     def __init__(
         self, parent: Tensor, owner: Tensor, K: int, levels: int, *, meta: dict[str, Any] | None = None
     ) -> None:
@@ -78,8 +80,6 @@ class TreeCircuit(nn.Module, Sampler):
         self.root_logits = nn.Parameter(torch.zeros(K))
         self.edge_logits = nn.Parameter(torch.zeros(m - 1, K, K))
         self.leaf_logits = nn.Parameter(torch.zeros(owner.numel(), self._leaf_rows(), K))
-
-    std_min: float | None = None  # categorical leaves; a Gaussian-leaf tree's std floor
 
     def _leaf_rows(self) -> int:
         """Rows per (variable, state) in the leaf table: the ``L`` level log-probabilities."""
