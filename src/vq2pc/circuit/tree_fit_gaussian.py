@@ -5,7 +5,7 @@ The leaves' sufficient statistics per (variable ``i``, state ``k``) are ``[S, 3,
 ``Σ q x²``. From complete data (codes and integer levels) they are exact expectations under the uniform
 dequantization ``x = (v + u) / L``: ``E[x] = (v + ½) / L``, ``E[x²] = E[x]² + 1 / (12 L²)`` — no noise
 drawn. In EM the posterior ``q`` of the owner's state is the gradient of ``log p(x)`` with respect to the
-per-variable leaf terms, on one dequantization draw of the training images per iteration. The M-step adds
+per-variable Gaussian terms, on one dequantization draw of the training images per iteration. The M-step adds
 pseudo-observations distributed like the pixel's marginal (the categorical leaves' Dirichlet prior
 :class:`~vq2pc.circuit.tree_fit.Smoothing` read as ``Σ_l α_{i,l}`` observations at the bin centres),
 then takes moments, with ``σ ≥ std_min``.
@@ -18,7 +18,8 @@ from torch import Tensor
 
 from vq2pc.circuit.tree_gaussian import GaussianTreeCircuit
 from vq2pc.circuit.tree_io import TreeParams
-from vq2pc.core.random import step_seed, uniform
+from vq2pc.core.random import step_seed
+from vq2pc.data.datasets import to_model_space
 
 __all__ = ["complete_stats", "gaussian_leaves", "expected_stats", "dequantized"]
 
@@ -64,6 +65,6 @@ def expected_stats(circuit: GaussianTreeCircuit, x: Tensor, params: TreeParams) 
 
 
 def dequantized(v: Tensor, levels: int, seed: int, draw: int) -> Tensor:
-    """``(v + u) / L`` for levels ``v`` (any shape), ``u`` from draw ``draw`` of ``seed`` (reproducible)."""
-    gen = torch.Generator().manual_seed(step_seed(seed, draw))
-    return (v.float() + uniform(tuple(v.shape), gen, "cpu")) / levels
+    """``(v + u) / L`` for levels ``v`` (any shape; :func:`~vq2pc.data.datasets.to_model_space`), ``u`` from
+    draw ``draw`` of ``seed`` (reproducible)."""
+    return to_model_space(v, "gaussian", levels, torch.Generator().manual_seed(step_seed(seed, draw)))
